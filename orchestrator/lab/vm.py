@@ -1,0 +1,171 @@
+"""Starting and stopping one lab VM: a QEMU process booting OVMF -> GRUB (from its own ESP) -> the root disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.errors import LabError
+from orchestrator.lab import sh
+from orchestrator.lab.qmp import qmp_call
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    role: str
+    directory: Path  # per-VM state: overlay, UEFI vars, QMP socket, serial log, pid file
+    base_image: Path
+    esp_image: Path
+    ssh_port: int
+    memory_mib: int = 1536
+    cpus: int = 2
+    accel: str = "tcg"
+    fw_cfg: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def overlay(self) -> Path:
+        return self.directory / "root.qcow2"
+
+    @property
+    def vars_file(self) -> Path:
+        return self.directory / "OVMF_VARS.fd"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.directory / "serial.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "qemu.pid"
+
+
+def qemu_argv(spec: VMSpec) -> list[str]:
+    accel = "tcg,thread=multi" if spec.accel == "tcg" else spec.accel
+    argv = [
+        "qemu-system-x86_64",
+        "-name", f"{spec.name},debug-threads=on",
+        "-machine", "q35", "-accel", accel, "-cpu", "max" if spec.accel == "tcg" else "host",
+        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={spec.vars_file}",
+        "-drive", f"if=none,id=root,format=qcow2,file={spec.overlay},discard=unmap",
+        "-device", "virtio-blk-pci,drive=root,bootindex=1",
+        "-drive", f"if=none,id=esp,format=raw,readonly=on,file={spec.esp_image}",
+        "-device", "virtio-blk-pci,drive=esp,bootindex=0",
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-device", "virtio-rng-pci",
+        # the unit's hardware watchdog: systemd pets it; a hung boot stops petting and the VM resets
+        "-device", "i6300esb", "-action", "watchdog=reset",
+        "-serial", f"file:{spec.serial_log}",
+        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-pidfile", str(spec.pidfile), "-daemonize",
+    ]
+    for name, path in sorted(spec.fw_cfg.items()):
+        argv += ["-fw_cfg", f"name=opt/rt-tune/{name},file={path}"]
+    return argv
+
+
+def prepare_disks(spec: VMSpec, *, pristine: bool) -> None:
+    """Create the VM's copy-on-write overlay (and UEFI vars) if absent, or anew when `pristine`."""
+    spec.directory.mkdir(parents=True, exist_ok=True)
+    if pristine or not spec.overlay.exists():
+        spec.overlay.unlink(missing_ok=True)
+        sh.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", spec.base_image, spec.overlay])
+    if pristine or not spec.vars_file.exists():
+        spec.vars_file.write_bytes(OVMF_VARS.read_bytes())
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(preferred: int, taken: set[int], span: int = 200) -> int:
+    """The preferred port if free, else the next free one; a clear error when none is."""
+    for port in range(preferred, preferred + span):
+        if port not in taken and port_is_free(port):
+            return port
+    raise LabError(f"no free TCP port on 127.0.0.1 in {preferred}-{preferred + span - 1} for the lab's SSH forwards")
+
+
+def start(spec: VMSpec) -> int:
+    """Start QEMU daemonized; return its pid. Errors QEMU reports before daemonizing become LabError."""
+    spec.serial_log.unlink(missing_ok=True)
+    spec.qmp_socket.unlink(missing_ok=True)
+    spec.pidfile.unlink(missing_ok=True)
+    proc = subprocess.run(qemu_argv(spec), capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        if "hostfwd" in err or "host forwarding" in err:
+            raise LabError(f"{spec.name}: port {spec.ssh_port} on 127.0.0.1 is busy: {err}")
+        raise LabError(f"{spec.name}: QEMU failed to start: {err}")
+    return int(spec.pidfile.read_text().strip())
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def is_our_qemu(pid: int, spec_dir: Path) -> bool:
+    """Guard against pid reuse: the process must be a QEMU whose argv names this VM's directory."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and b"qemu-system" in cmd[0] and any(os.fsencode(spec_dir) in a for a in cmd)
+
+
+def stop(spec: VMSpec, pid: int | None, grace: float = 5.0) -> None:
+    """Stop the VM for certain: QMP quit, then SIGTERM, then SIGKILL. Never leaves a QEMU behind."""
+    if pid and pid_alive(pid) and not is_our_qemu(pid, spec.directory):
+        return  # the pid was reused by something else: the VM is long gone
+    if pid_alive(pid):
+        try:
+            qmp_call(spec.qmp_socket, "quit", timeout=3)
+        except LabError:
+            pass
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and pid_alive(pid):
+            try:
+                os.kill(pid, sig)  # type: ignore[arg-type]
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not pid_alive(pid):
+            break
+    if pid_alive(pid):
+        raise LabError(f"{spec.name}: QEMU pid {pid} survived SIGKILL")
+    spec.qmp_socket.unlink(missing_ok=True)
+    spec.pidfile.unlink(missing_ok=True)
