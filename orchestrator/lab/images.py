@@ -207,6 +207,8 @@ def _configure_common(tree: Path) -> str:
     _chroot(tree, "useradd", "--create-home", "--shell", "/bin/bash", "--groups", "sudo", "tuner", log=log)
     _chroot(tree, "usermod", "--password", "*", "tuner", log=log)  # no password, not locked: key login only
     _chroot(tree, "systemctl", "enable", "systemd-networkd.service", "rt-lab-provision.service", log=log)
+    # nothing a robot unit needs at boot, and slow under emulation
+    _chroot(tree, "systemctl", "mask", "e2scrub_reap.service", "e2scrub_all.timer", log=log)
     (tree / "boot/grub").mkdir(parents=True, exist_ok=True)
     _chroot(tree, "grub-editenv", "/boot/grub/grubenv", "create", log=log)
     for d in (tree / "usr/lib/grub").iterdir():

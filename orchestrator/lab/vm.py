@@ -53,7 +53,8 @@ class VMSpec:
 
 
 def qemu_argv(spec: VMSpec) -> list[str]:
-    accel = "tcg,thread=multi" if spec.accel == "tcg" else spec.accel
+    # tb-size bounds the translation cache (QEMU defaults to 1 GiB per VM): one unit stays within 3 GiB
+    accel = "tcg,thread=multi,tb-size=128" if spec.accel == "tcg" else spec.accel
     argv = [
         "qemu-system-x86_64",
         "-name", f"{spec.name},debug-threads=on",

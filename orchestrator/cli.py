@@ -1,0 +1,216 @@
+"""The `tune` command: parses arguments and prints. All work happens in the core; errors map to exit codes here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import TuneError
+from orchestrator.events import Event
+from orchestrator.paths import Paths, default_inventory
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+class Progress:
+    """Renders events for people: a line per step on stderr (so --json stdout stays clean)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def __call__(self, event: Event) -> None:
+        if self.quiet:
+            return
+        step = ""
+        if event.total:
+            step = f"[{int(event.done or 0)}/{int(event.total)}] "
+        err_console.print(f"[dim]{event.subject}[/dim] {step}{event.message}", highlight=False)
+
+
+def emit(data: Any, as_json: bool, human: Any = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif human is not None:
+        out_console.print(human)
+    else:
+        out_console.print(data)
+
+
+def _paths() -> Paths:
+    return Paths.from_env()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rt-tune")
+def cli() -> None:
+    """rt-tune: tune real-time KVM units, measure every change, keep only what helps."""
+
+
+# ---- lab -----------------------------------------------------------------------------------------------
+@cli.group()
+def lab() -> None:
+    """The rehearsal lab: robot units made of real Debian VMs (host VM + guest VM) on this machine."""
+
+
+def _lab(as_json: bool):
+    from orchestrator.lab.lab import Lab
+
+    return Lab(_paths(), events=Progress())
+
+
+@lab.command("up")
+@click.option("--units", default=1, show_default=True, help="How many units (host VM + guest VM each).")
+@click.option("--host-only", is_flag=True, help="Units without a guest VM (saves memory).")
+@click.option("--timeout", "boot_timeout", default=300.0, show_default=True, help="Seconds to wait for SSH.")
+@click.option("--json", "as_json", is_flag=True)
+def lab_up(units: int, host_only: bool, boot_timeout: float, as_json: bool) -> None:
+    """Build (or reuse) the images, boot the VMs, write the inventory."""
+    the_lab = _lab(as_json)
+    state = the_lab.up(units, host_only=host_only, boot_timeout=boot_timeout)
+    data = {"inventory": str(the_lab.paths.lab_inventory), **json.loads(state.model_dump_json())}
+    emit(data, as_json, f"lab is up; inventory: {the_lab.paths.lab_inventory}")
+
+
+@lab.command("down")
+@click.option("--json", "as_json", is_flag=True)
+def lab_down(as_json: bool) -> None:
+    """Stop every lab VM; no QEMU process is left behind."""
+    stopped = _lab(as_json).down()
+    emit({"stopped": stopped}, as_json, f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def lab_status(as_json: bool) -> None:
+    """Each VM: running, QEMU status, SSH port and whether SSH answers."""
+    rows = _lab(as_json).status()
+    table = Table("VM", "unit", "role", "running", "QEMU", "SSH", "port", "pid")
+    for r in rows:
+        table.add_row(r.name, r.unit, r.role, str(r.running), r.qemu_status or "-", str(r.ssh), str(r.ssh_port),
+                      str(r.pid or "-"))
+    emit([r.model_dump() for r in rows], as_json, table if rows else "no lab (run `tune lab up`)")
+
+
+@lab.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("--user", default="root", show_default=True)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def lab_ssh(name: str, user: str, command: tuple[str, ...]) -> None:
+    """Open a shell (or run COMMAND) on lab VM NAME, host key checked."""
+    argv = _lab(False).ssh_argv(name, list(command), user=user)
+    os.execvp(argv[0], argv)
+
+
+@lab.command("reset")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+def lab_reset(names: tuple[str, ...], as_json: bool) -> None:
+    """Return VMs (default: all) to their pristine disks and boot them again."""
+    state = _lab(as_json).reset(list(names) or None)
+    emit(json.loads(state.model_dump_json()), as_json, "reset to pristine disks and booted")
+
+
+@lab.command("power-cycle")
+@click.argument("name")
+@click.option("--no-wait", is_flag=True, help="Return right after the reset, do not wait for SSH.")
+@click.option("--json", "as_json", is_flag=True)
+def lab_power_cycle(name: str, no_wait: bool, as_json: bool) -> None:
+    """Hard-reset VM NAME through QMP, like pulling a unit's power."""
+    boot_id = _lab(as_json).power_cycle(name, wait=not no_wait)
+    emit({"name": name, "boot_id": boot_id}, as_json, f"{name} power-cycled" + (f"; boot_id {boot_id}" if boot_id else ""))
+
+
+@lab.command("start")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def lab_start(name: str, as_json: bool) -> None:
+    """Start a stopped or killed VM again on its current disks."""
+    _lab(as_json).start(name)
+    emit({"name": name, "started": True}, as_json, f"{name} is up")
+
+
+@lab.command("kill")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def lab_kill(name: str, as_json: bool) -> None:
+    """Kill VM NAME at once (fault injection: a unit that lost power)."""
+    _lab(as_json).kill(name)
+    emit({"name": name, "killed": True}, as_json, f"{name} killed")
+
+
+# ---- facts and apply -----------------------------------------------------------------------------------
+def _inventory_path(given: str | None) -> Path:
+    return Path(given) if given else default_inventory(_paths())
+
+
+@cli.command("facts")
+@click.argument("target")
+@click.option("--inventory", "-i", "inventory_file", default=None, help="Inventory file (default: the lab's).")
+@click.option("--json", "as_json", is_flag=True)
+def facts_cmd(target: str, inventory_file: str | None, as_json: bool) -> None:
+    """Basic facts of UNIT.host or UNIT.guest: kernel, arch, CPUs, /proc/cmdline, boot_id."""
+    from orchestrator.facts import gather_basic
+    from orchestrator.inventory import load_inventory, split_target
+    from orchestrator.transport import SSHTransport
+
+    inv = load_inventory(_inventory_path(inventory_file))
+    unit, role = split_target(target)
+    with SSHTransport(inv.endpoint(unit, role)) as t:
+        f = gather_basic(t, target)
+    emit(f.model_dump(), as_json, _facts_table([f]))
+
+
+def _facts_table(rows: list) -> Table:
+    table = Table("target", "fact", "value", show_lines=False)
+    for f in rows:
+        for key, value in (("hostname", f.hostname), ("kernel", f.kernel_release), ("arch", f.arch),
+                           ("CPUs online", ",".join(map(str, f.cpus_online))), ("/proc/cmdline", f.cmdline),
+                           ("boot_id", f.boot_id)):
+            table.add_row(f.target if key == "hostname" else "", key, value)
+    return table
+
+
+@cli.command("apply")
+@click.argument("profile")
+@click.option("--inventory", "-i", "inventory_file", default=None, help="Inventory file (default: the lab's).")
+@click.option("--unit", "units", multiple=True, help="Units to apply to (default: all in the inventory).")
+@click.option("--json", "as_json", is_flag=True)
+def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
+    """Apply PROFILE (e.g. rt-profile) to units. Against the local lab, boots it first when needed.
+
+    The apply engine is issue #4; until it lands this connects to every unit's host and guest and prints
+    their facts (kernel, arch, CPUs, /proc/cmdline, boot_id), which is what the engine plans from.
+    """
+    from orchestrator.apply import show_units
+
+    paths = _paths()
+    inv_path = _inventory_path(inventory_file)
+    result = show_units(paths, inv_path, list(units), events=Progress(quiet=False))
+    emit(result.model_dump(), as_json, _facts_table([f for u in result.units for f in u.facts]))
+    if not as_json:
+        err_console.print(f"profile {profile!r}: the apply engine is not built yet (issue #4); facts shown above.")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; nothing was left running")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except TuneError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)

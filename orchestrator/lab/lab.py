@@ -1,0 +1,404 @@
+"""The lab as a whole: units of (host VM, guest VM), their keys, ports, state file and inventory.
+
+`Lab.up` builds or reuses the cached images, gives each VM a copy-on-write overlay, boots them through
+UEFI and GRUB, waits until SSH answers with the host key the lab generated for that VM, and writes the
+inventory `tune` uses by default. The harness keeps QMP control of every VM (power-cycle, pause, kill).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from orchestrator.errors import LabError, TransportError
+from orchestrator.events import Event, EventSink, discard
+from orchestrator.facts import BOOT_ID
+from orchestrator.lab import deps, images, vm
+from orchestrator.lab.qmp import qmp_call
+from orchestrator.paths import Paths
+from orchestrator.transport import Endpoint, SSHTransport
+from orchestrator.yamlio import dump_yaml
+
+FIRST_SSH_PORT = 2230
+ROLE_MEMORY_MIB = {"host": 1536, "guest": 1024}  # one unit in <= 3 GiB with QEMU's own overhead
+ROLE_CPUS = {"host": 2, "guest": 2}
+QEMU_SERVICE = "rt-guest-vm.service"
+
+
+class VMRecord(BaseModel):
+    name: str
+    unit: str
+    role: str
+    ssh_port: int
+    pid: int | None = None
+    memory_mib: int
+    cpus: int
+
+
+class LabState(BaseModel):
+    image_dir: str
+    arch: str = "amd64"
+    accel: str = "tcg"
+    vms: list[VMRecord]
+
+
+class VMStatus(BaseModel):
+    name: str
+    unit: str
+    role: str
+    running: bool
+    qemu_status: str | None  # QMP query-status: running, paused, ...
+    ssh: bool
+    ssh_port: int
+    pid: int | None
+
+
+class Lab:
+    def __init__(self, paths: Paths, events: EventSink = discard) -> None:
+        self.paths = paths
+        self.dir = paths.lab
+        self.events = events
+
+    # ---- files ---------------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    @property
+    def client_key(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    def host_key(self, name: str) -> Path:
+        return self.dir / "hostkeys" / name
+
+    def load_state(self) -> LabState | None:
+        if not self.state_file.exists():
+            return None
+        return LabState.model_validate_json(self.state_file.read_text())
+
+    def _save_state(self, state: LabState) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(state.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+
+    def spec(self, state: LabState, rec: VMRecord) -> vm.VMSpec:
+        image_dir = Path(state.image_dir)
+        vmdir = self.dir / "vms" / rec.name
+        return vm.VMSpec(
+            name=rec.name, role=rec.role, directory=vmdir,
+            base_image=image_dir / f"root-{rec.role}.raw", esp_image=image_dir / "esp.img",
+            ssh_port=rec.ssh_port, memory_mib=rec.memory_mib, cpus=rec.cpus, accel=state.accel,
+            fw_cfg={"host_key": self.host_key(rec.name), "authorized_keys": Path(f"{self.client_key}.pub"),
+                    "hostname": vmdir / "hostname"},
+        )
+
+    def record(self, state: LabState, name: str) -> VMRecord:
+        for rec in state.vms:
+            if rec.name == name:
+                return rec
+        raise LabError(f"no lab VM named {name!r}; VMs: {', '.join(r.name for r in state.vms)}")
+
+    def endpoint(self, rec: VMRecord, user: str = "root") -> Endpoint:
+        return Endpoint(host="127.0.0.1", port=rec.ssh_port, user=user, key_file=str(self.client_key),
+                        known_hosts=str(self.known_hosts), become=user != "root")
+
+    # ---- keys ----------------------------------------------------------------------------------------
+    def _keygen(self, path: Path, comment: str) -> None:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                           check=True, capture_output=True)
+
+    def _write_known_hosts(self, state: LabState) -> None:
+        lines = []
+        for rec in state.vms:
+            kind, blob = Path(f"{self.host_key(rec.name)}.pub").read_text().split()[:2]
+            lines.append(f"[127.0.0.1]:{rec.ssh_port} {kind} {blob}\n")
+        self.known_hosts.write_text("".join(lines))
+
+    # ---- up / down -----------------------------------------------------------------------------------
+    def up(self, units: int = 1, *, host_only: bool = False, boot_timeout: float = 300.0,
+           accel: str = "tcg") -> LabState:
+        """Boot the lab (building images if needed); VMs already running are left as they are."""
+        deps.check()
+        if units < 1:
+            raise LabError("a lab needs at least one unit")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        recipe = images.ImageRecipe.default("amd64")
+        image_set = images.ensure_images(recipe, self.paths.cache, self.events)
+        old = self.load_state()
+        running = {r.name: r for r in (old.vms if old else []) if self._alive(old, r)} if old else {}
+        self._keygen(self.client_key, "rt-tune-lab")
+        roles = ("host",) if host_only else ("host", "guest")
+        wanted = [(f"lab{u}", role) for u in range(1, units + 1) for role in roles]
+        taken = {r.ssh_port for r in running.values()}
+        recs: list[VMRecord] = []
+        for unit, role in wanted:
+            name = f"{unit}-{role}"
+            if name in running:
+                recs.append(running[name])
+                continue
+            port = vm.pick_port(FIRST_SSH_PORT + len(recs), taken)
+            taken.add(port)
+            recs.append(VMRecord(name=name, unit=unit, role=role, ssh_port=port,
+                                 memory_mib=ROLE_MEMORY_MIB[role], cpus=ROLE_CPUS[role]))
+        for name, rec in running.items():  # VMs beyond what was asked stay in the state (and running)
+            if name not in {r.name for r in recs}:
+                recs.append(rec)
+        state = LabState(image_dir=str(image_set.directory), arch=image_set.arch, accel=accel, vms=recs)
+        if old and old.image_dir != state.image_dir and running:
+            raise LabError("the lab is running on older images; `tune lab down` first, then `tune lab up`")
+        for rec in recs:
+            self._keygen(self.host_key(rec.name), rec.name)
+        started: list[VMRecord] = []
+        try:
+            for rec in recs:
+                if rec.name in running:
+                    continue
+                spec = self.spec(state, rec)
+                vm.prepare_disks(spec, pristine=False)
+                (spec.directory / "hostname").write_text(rec.name)
+                rec.pid = self._start(spec, rec, taken)
+                started.append(rec)
+                self._write_known_hosts(state)
+                self._save_state(state)
+            self._write_known_hosts(state)
+            self._save_state(state)
+            self.wait_ssh(state, [r.name for r in started], boot_timeout)
+        except BaseException:
+            # Ctrl-C or a failure while booting: leave nothing running that this call started
+            for rec in started:
+                vm.stop(self.spec(state, rec), rec.pid)
+                rec.pid = None
+            self._save_state(state)
+            raise
+        self.write_inventory(state)
+        return state
+
+    def _start(self, spec: vm.VMSpec, rec: VMRecord, taken: set[int]) -> int:
+        for _attempt in range(5):
+            try:
+                pid = vm.start(spec)
+                self.events(Event("lab.vm.started", rec.name, f"QEMU pid {pid}, SSH on 127.0.0.1:{rec.ssh_port}"))
+                return pid
+            except LabError as exc:
+                if "busy" not in str(exc):
+                    raise
+                # lost a race for the port between probing and QEMU binding it: take the next one
+                rec.ssh_port = vm.pick_port(rec.ssh_port + 1, taken)
+                taken.add(rec.ssh_port)
+                spec = vm.VMSpec(**{**spec.__dict__, "ssh_port": rec.ssh_port})
+        raise LabError(f"{rec.name}: could not find a free port for SSH")
+
+    def _alive(self, state: LabState | None, rec: VMRecord) -> bool:
+        if state is None or not vm.pid_alive(rec.pid):
+            return False
+        return vm.is_our_qemu(rec.pid or 0, self.spec(state, rec).directory)
+
+    def down(self) -> list[str]:
+        """Stop every lab VM (also ones whose state was lost: found by their argv). Returns what was stopped."""
+        stopped = []
+        state = self.load_state()
+        if state:
+            for rec in state.vms:
+                if vm.pid_alive(rec.pid):
+                    vm.stop(self.spec(state, rec), rec.pid)
+                    stopped.append(rec.name)
+                rec.pid = None
+            self._save_state(state)
+        for pid in self.stray_qemu_pids():
+            vm.stop(vm.VMSpec(name=f"pid {pid}", role="?", directory=self.dir, base_image=Path(),
+                              esp_image=Path(), ssh_port=0), pid)
+            stopped.append(f"pid {pid}")
+        self.events(Event("lab.down", "lab", f"stopped {len(stopped)} VM(s)"))
+        return stopped
+
+    def stray_qemu_pids(self) -> list[int]:
+        """QEMU processes running from this lab's directory (what `down` must leave none of)."""
+        found = []
+        needle = os.fsencode(str(self.dir / "vms")) + b"/"
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and b"qemu-system" in argv[0] and any(needle in a for a in argv) and vm.pid_alive(int(proc.name)):
+                found.append(int(proc.name))
+        return found
+
+    # ---- waiting for SSH -------------------------------------------------------------------------------
+    def wait_ssh(self, state: LabState, names: list[str], timeout: float,
+                 old_boot_ids: dict[str, str] | None = None) -> dict[str, str]:
+        """Wait until each VM answers SSH (with its real host key) and, if given, has a new boot_id."""
+        deadline = time.monotonic() + timeout
+        pending = {n: self.record(state, n) for n in names}
+        boot_ids: dict[str, str] = {}
+        t0 = time.monotonic()
+        while pending:
+            for name, rec in list(pending.items()):
+                if not self._alive(state, rec):
+                    raise LabError(f"{name}: QEMU exited while booting; see {self.spec(state, rec).serial_log}")
+                if not _ssh_banner(rec.ssh_port):
+                    continue
+                try:
+                    with SSHTransport(self.endpoint(rec), connect_deadline_s=5) as t:
+                        boot_id = BOOT_ID.gather(t, timeout_s=20)
+                except TransportError:
+                    continue
+                if old_boot_ids and old_boot_ids.get(name) == boot_id:
+                    continue
+                boot_ids[name] = boot_id
+                del pending[name]
+                self.events(Event("lab.vm.ssh", name, f"SSH up after {time.monotonic() - t0:.0f} s",
+                                  data={"seconds": round(time.monotonic() - t0, 1), "boot_id": boot_id}))
+            if pending and time.monotonic() > deadline:
+                logs = ", ".join(str(self.spec(state, r).serial_log) for r in pending.values())
+                raise LabError(f"{', '.join(pending)}: no SSH within {timeout:.0f} s; serial console: {logs}")
+            if pending:
+                time.sleep(1.0)
+        return boot_ids
+
+    # ---- control ---------------------------------------------------------------------------------------
+    def _require(self) -> LabState:
+        state = self.load_state()
+        if state is None:
+            raise LabError(f"no lab in {self.dir}; run `tune lab up` first")
+        return state
+
+    def qmp(self, name: str, command: str, **args: object) -> object:
+        state = self._require()
+        rec = self.record(state, name)
+        if not self._alive(state, rec):
+            raise LabError(f"{name} is not running")
+        return qmp_call(self.spec(state, rec).qmp_socket, command, **args)
+
+    def power_cycle(self, name: str, *, wait: bool = True, timeout: float = 240.0) -> str | None:
+        """Hard reset through QMP, like pulling the unit's power; optionally wait for SSH on a new boot."""
+        state = self._require()
+        rec = self.record(state, name)
+        old = self.boot_id(name) if wait else None
+        self.qmp(name, "system_reset")
+        self.events(Event("lab.vm.power_cycle", name, "reset through QMP"))
+        if not wait:
+            return None
+        return self.wait_ssh(state, [rec.name], timeout, old_boot_ids={rec.name: old} if old else None)[rec.name]
+
+    def pause(self, name: str) -> None:
+        self.qmp(name, "stop")
+
+    def resume(self, name: str) -> None:
+        self.qmp(name, "cont")
+
+    def kill(self, name: str) -> None:
+        """Hard kill, for fault injection: the VM disappears as a unit that lost power would."""
+        state = self._require()
+        rec = self.record(state, name)
+        vm.stop(self.spec(state, rec), rec.pid, grace=0.5)
+        rec.pid = None
+        self._save_state(state)
+
+    def boot_id(self, name: str) -> str | None:
+        state = self._require()
+        try:
+            with SSHTransport(self.endpoint(self.record(state, name)), connect_deadline_s=5) as t:
+                return BOOT_ID.gather(t, timeout_s=20)
+        except TransportError:
+            return None
+
+    def reset(self, names: list[str] | None = None, boot_timeout: float = 300.0) -> LabState:
+        """Return VMs to their pristine disks: stop, fresh overlays and UEFI vars, boot, wait for SSH."""
+        state = self._require()
+        recs = [self.record(state, n) for n in names] if names else list(state.vms)
+        for rec in recs:
+            spec = self.spec(state, rec)
+            vm.stop(spec, rec.pid)
+            vm.prepare_disks(spec, pristine=True)
+            rec.pid = None
+        self._save_state(state)
+        taken = {r.ssh_port for r in state.vms}
+        for rec in recs:
+            rec.pid = self._start(self.spec(state, rec), rec, taken)
+        self._write_known_hosts(state)
+        self._save_state(state)
+        self.wait_ssh(state, [r.name for r in recs], boot_timeout)
+        self.write_inventory(state)
+        return state
+
+    def start(self, name: str, boot_timeout: float = 300.0) -> None:
+        """Start a stopped (or killed) VM again on its current disks."""
+        state = self._require()
+        rec = self.record(state, name)
+        if self._alive(state, rec):
+            return
+        rec.pid = self._start(self.spec(state, rec), rec, {r.ssh_port for r in state.vms})
+        self._write_known_hosts(state)
+        self._save_state(state)
+        self.wait_ssh(state, [name], boot_timeout)
+
+    def status(self) -> list[VMStatus]:
+        state = self.load_state()
+        if state is None:
+            return []
+        out = []
+        for rec in state.vms:
+            alive = self._alive(state, rec)
+            qstat = None
+            if alive:
+                try:
+                    qstat = qmp_call(self.spec(state, rec).qmp_socket, "query-status", timeout=3)["status"]
+                except LabError:
+                    qstat = "unknown"
+            out.append(VMStatus(name=rec.name, unit=rec.unit, role=rec.role, running=alive, qemu_status=qstat,
+                                ssh=alive and _ssh_banner(rec.ssh_port), ssh_port=rec.ssh_port,
+                                pid=rec.pid if alive else None))
+        return out
+
+    # ---- inventory and ssh ----------------------------------------------------------------------------
+    def write_inventory(self, state: LabState) -> Path:
+        units: dict[str, dict] = {}
+        for rec in state.vms:
+            ep = {"address": "127.0.0.1", "port": rec.ssh_port, "user": "root", "key": str(self.client_key),
+                  "known_hosts": str(self.known_hosts)}
+            unit = units.setdefault(rec.unit, {
+                "power_cycle": ["tune", "lab", "power-cycle", f"{rec.unit}-host", "--no-wait"],
+                "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "qemu_service": QEMU_SERVICE,
+                         "lab": True},
+            })
+            unit[rec.role] = ep
+        doc = {"units": {u: units[u] for u in sorted(units)}, "groups": {"lab": sorted(units)}}
+        path = self.paths.lab_inventory
+        path.write_text(dump_yaml(doc, header="written by `tune lab up`; edits are overwritten"))
+        return path
+
+    def ssh_argv(self, name: str, command: list[str], user: str = "root") -> list[str]:
+        state = self._require()
+        rec = self.record(state, name)
+        return ["ssh", "-i", str(self.client_key), "-p", str(rec.ssh_port),
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10", f"{user}@127.0.0.1", *command]
+
+    def describe(self) -> dict:
+        state = self.load_state()
+        return json.loads(state.model_dump_json()) if state else {}
+
+
+def _ssh_banner(port: int, timeout: float = 3.0) -> bool:
+    """True when something speaking SSH answers (QEMU's forward accepts TCP before the guest's sshd is up)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False

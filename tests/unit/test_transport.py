@@ -1,0 +1,414 @@
+"""Transport tests against a REAL OpenSSH server started on 127.0.0.1 for this session (needs root and
+/usr/sbin/sshd from Debian's openssh-server), plus LocalTransport and quoting tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import AuthError, CommandFailed, CommandTimeout, ConnectError, HostKeyError
+from orchestrator.transport import (
+    CommandResult,
+    Endpoint,
+    LocalTransport,
+    SSHTransport,
+    Transport,
+    remote_command,
+)
+
+pytestmark = pytest.mark.unit
+
+SSHD = "/usr/sbin/sshd"
+NASTY = "a  b 'single' \"double\" $(echo injected) `id`; echo semi; *\nsecond line \\ $HOME && | > x"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fixtures: a real sshd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    dir: Path
+    host_key: Path
+    client_key: Path
+    known_hosts: Path
+    log: Path
+
+    def endpoint(self, **changes) -> Endpoint:
+        base = Endpoint(
+            host="127.0.0.1",
+            port=self.port,
+            user="root",
+            key_file=str(self.client_key),
+            known_hosts=str(self.known_hosts),
+            connect_timeout=5.0,
+        )
+        return replace(base, **changes)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
+        pytest.fail("transport tests need a real sshd: apt-get install -y openssh-server")
+    if os.geteuid() != 0:
+        pytest.fail("transport tests start sshd on 127.0.0.1 and log in as root: run them as root")
+    d = tmp_path_factory.mktemp("sshd")
+    host_key, client_key = d / "hostkey", d / "clientkey"
+    _keygen(host_key, "rt-tune-test-host")
+    _keygen(client_key, "rt-tune-test-client")
+    authorized = d / "authorized_keys"
+    authorized.write_text(client_key.with_suffix(".pub").read_text())
+    port = _free_port()
+    known_hosts = d / "known_hosts"
+    public = host_key.with_suffix(".pub").read_text().split()
+    known_hosts.write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
+    config = d / "sshd_config"
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {host_key}",
+                f"AuthorizedKeysFile {authorized}",
+                "PidFile none",
+                "UsePAM no",
+                "StrictModes no",
+                "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "AllowTcpForwarding yes",
+                "MaxStartups 50",
+                "LogLevel VERBOSE",
+                "",
+            ]
+        )
+    )
+    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
+    subprocess.run([SSHD, "-t", "-f", str(config)], check=True, capture_output=True)
+    log = d / "sshd.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log_file, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"sshd exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    if s.recv(64).startswith(b"SSH-2.0"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"sshd did not come up:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield Sshd(port, d, host_key, client_key, known_hosts, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the real ~/.ssh (known_hosts, keys, agent) out of these tests."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture()
+def ssh(sshd: Sshd) -> Iterator[SSHTransport]:
+    with SSHTransport(sshd.endpoint(), connect_deadline_s=5) as transport:
+        yield transport
+
+
+def _pgrep(pattern: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", pattern], check=False, capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def _wait_gone(pattern: str, within_s: float = 3.0) -> list[str]:
+    deadline = time.monotonic() + within_s
+    while (left := _pgrep(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+# --------------------------------------------------------------------------------------------------------
+# SSH
+
+
+def test_ssh_quoting_round_trips_exactly(ssh: SSHTransport) -> None:
+    result = ssh.run(["printf", "%s", NASTY])
+    assert result.stdout == NASTY
+    assert result.ok and result.exit_status == 0 and result.argv == ("printf", "%s", NASTY)
+    echoed = ssh.run(["echo", NASTY])
+    assert echoed.stdout == NASTY + "\n"
+    assert isinstance(ssh, Transport)
+
+
+def test_ssh_unknown_host_key_is_refused_with_fingerprint(sshd: Sshd, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    listing = subprocess.run(
+        ["ssh-keygen", "-lf", str(sshd.host_key.with_suffix(".pub"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    fingerprint = listing.split()[1]
+    assert fingerprint.startswith("SHA256:")
+    start = time.monotonic()
+    with pytest.raises(HostKeyError) as info:
+        SSHTransport(sshd.endpoint(known_hosts=str(empty)), connect_deadline_s=10).run(["true"])
+    assert time.monotonic() - start < 5, "host key failures must not be retried"
+    message = str(info.value)
+    assert fingerprint in message
+    assert f"127.0.0.1:{sshd.port}" in message
+    assert "ssh-ed25519" in message
+    assert "known_hosts" in message and str(empty) in message
+
+
+def test_ssh_changed_host_key_is_refused_fast(sshd: Sshd, tmp_path: Path) -> None:
+    other = tmp_path / "otherkey"
+    _keygen(other, "impostor")
+    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
+    start = time.monotonic()
+    with pytest.raises(HostKeyError) as info:
+        SSHTransport(sshd.endpoint(known_hosts=str(known)), connect_deadline_s=10).run(["true"])
+    assert time.monotonic() - start < 5, "host key failures must not be retried"
+    assert "CHANGED" in str(info.value)
+
+
+def test_ssh_wrong_client_key_is_auth_error_not_retried(sshd: Sshd, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrongkey"
+    _keygen(wrong, "stranger")
+    start = time.monotonic()
+    with pytest.raises(AuthError):
+        SSHTransport(sshd.endpoint(key_file=str(wrong)), connect_deadline_s=10).run(["true"])
+    assert time.monotonic() - start < 5, "authentication failures must not be retried"
+
+
+def test_ssh_connection_refused_is_retried_until_the_deadline(sshd: Sshd) -> None:
+    closed_port = _free_port()
+    start = time.monotonic()
+    with pytest.raises(ConnectError) as info:
+        SSHTransport(sshd.endpoint(port=closed_port), connect_deadline_s=2).run(["true"])
+    elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed < 10, elapsed
+    assert "attempt" in str(info.value)
+
+
+def test_ssh_timeout_raises_and_kills_remote_command(ssh: SSHTransport) -> None:
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        ssh.run(["sleep", "31.4159"], timeout_s=2)
+    assert time.monotonic() - start < 10
+    assert _wait_gone("sleep 31.4159") == []
+    # The connection stays usable afterwards.
+    assert ssh.run(["echo", "still here"]).stdout == "still here\n"
+
+
+def test_ssh_local_deadline_when_remote_does_not_answer(ssh: SSHTransport, monkeypatch) -> None:
+    # The remote ignores TERM (so `timeout` only kills it 5 s later): the local deadline must fire first.
+    monkeypatch.setattr(ssh, "deadline_grace_s", 1.0)
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout) as info:
+        ssh.run(["sh", "-c", "trap '' TERM; sleep 31.2718"], timeout_s=1)
+    assert time.monotonic() - start < 4
+    assert "local deadline" in str(info.value)
+    assert _wait_gone("sleep 31.2718", within_s=8) == []
+
+
+def test_ssh_nonzero_exit(ssh: SSHTransport) -> None:
+    with pytest.raises(CommandFailed) as info:
+        ssh.run(["sh", "-c", "echo out; echo oops >&2; exit 3"])
+    assert info.value.exit_status == 3
+    assert "oops" in str(info.value) and info.value.stderr == "oops\n" and info.value.stdout == "out\n"
+    result = ssh.run(["sh", "-c", "exit 3"], check=False)
+    assert result.exit_status == 3 and not result.ok
+    assert ssh.run(["no-such-program-rt-tune"], check=False).exit_status == 127
+
+
+def test_ssh_stdin_and_large_output(ssh: SSHTransport) -> None:
+    payload = os.urandom(1024 * 1024).hex().encode()  # 2 MiB of text through stdin and back
+    echoed = ssh.run(["cat"], stdin=payload)
+    assert echoed.stdout.encode() == payload
+    big = ssh.run(["head", "-c", str(2 * 1024 * 1024), "/dev/zero"])
+    assert len(big.stdout) == 2 * 1024 * 1024
+    both = ssh.run(["sh", "-c", "head -c 1000000 /dev/zero; head -c 1000000 /dev/zero >&2"])
+    assert len(both.stdout) == len(both.stderr) == 1000000
+    # Without stdin the remote sees EOF at once instead of hanging.
+    assert ssh.run(["cat"], timeout_s=5).stdout == ""
+
+
+def test_ssh_write_and_read_file_round_trip(ssh: SSHTransport, tmp_path: Path) -> None:
+    target = tmp_path / "sub dir" / "it's a file"
+    target.parent.mkdir()
+    data = bytes(range(256)) * 64 + b"\0\n\r\xff"
+    ssh.write_file(str(target), data, mode=0o600)
+    assert target.read_bytes() == data
+    assert target.stat().st_mode & 0o7777 == 0o600
+    assert ssh.read_file(str(target)) == data
+    ssh.write_file(str(target), b"replaced", mode=0o640)
+    assert ssh.read_file(str(target)) == b"replaced"
+    assert target.stat().st_mode & 0o7777 == 0o640
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name], "temp file left behind"
+    with pytest.raises(CommandFailed):
+        ssh.read_file(str(tmp_path / "missing"))
+
+
+def test_ssh_jump_host(sshd: Sshd) -> None:
+    endpoint = sshd.endpoint(jump=sshd.endpoint())
+    with SSHTransport(endpoint, connect_deadline_s=5) as transport:
+        assert transport.run(["echo", "through the jump"]).stdout == "through the jump\n"
+        # Prove the path: the target sees a TCP peer that is the jump host's sshd, not this process.
+        client_port = transport.run(["printenv", "SSH_CONNECTION"]).stdout.split()[1]
+        owners = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"sport = :{client_port}"],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert '"sshd"' in owners and f"pid={os.getpid()}," not in owners, owners
+        assert transport.read_file("/proc/sys/kernel/hostname").strip()
+
+
+def test_ssh_connection_lost_mid_command_then_reconnect(ssh: SSHTransport) -> None:
+    failure: list[BaseException] = []
+
+    def victim() -> None:
+        try:
+            ssh.run(["sleep", "31.8281"], timeout_s=20)
+        except BaseException as exc:  # noqa: BLE001
+            failure.append(exc)
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not (lines := _pgrep("^sleep 31.8281")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines, "remote sleep did not start"
+    # Kill the sshd process serving this session: the connection dies under the running command.
+    pid = int(lines[0].split()[0])
+    while True:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
+            break
+    os.kill(pid, 9)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], ConnectError), failure
+    # The next command builds a fresh connection; reconnect() does so explicitly.
+    assert ssh.run(["echo", "back"]).stdout == "back\n"
+    ssh.reconnect()
+    assert ssh.run(["echo", "again"]).stdout == "again\n"
+    for line in _pgrep("^sleep 31.8281"):  # orphaned by the killed session: clean up by pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split()[0]), 9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# remote_command
+
+
+def test_remote_command_quotes_every_argument() -> None:
+    assert remote_command(["echo", "a b", "$(x)"], timeout_s=None, sudo=False) == "echo 'a b' '$(x)'"
+
+
+def test_remote_command_timeout_and_sudo() -> None:
+    assert remote_command(["true"], timeout_s=2.1, sudo=False) == "timeout -k 5 3 true"
+    assert remote_command(["true"], timeout_s=None, sudo=True) == "sudo -n -- true"
+    assert remote_command(["cat", "/a b"], timeout_s=60, sudo=True) == "sudo -n -- timeout -k 5 60 cat '/a b'"
+
+
+@pytest.mark.parametrize("argv", [[], ["echo", "a\0b"], ["\0"]])
+def test_remote_command_rejects_bad_argv(argv) -> None:
+    with pytest.raises(ValueError):
+        remote_command(argv, timeout_s=None, sudo=False)
+
+
+@pytest.mark.parametrize("argv", ["echo hi", ["echo", 1]])
+def test_remote_command_rejects_non_argv(argv) -> None:
+    with pytest.raises(TypeError):
+        remote_command(argv, timeout_s=None, sudo=False)
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("inf"), float("nan")])
+def test_remote_command_rejects_bad_timeout(timeout_s) -> None:
+    with pytest.raises(ValueError):
+        remote_command(["true"], timeout_s=timeout_s, sudo=False)
+
+
+def test_endpoint_label() -> None:
+    assert Endpoint("unit1", port=2222, user="ops").label == "ops@unit1:2222"
+    assert Endpoint("unit1").label == "root@unit1:22"
+    with pytest.raises(ValueError):
+        Endpoint("unit1", port=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# LocalTransport
+
+
+def test_local_quoting_stdin_and_check() -> None:
+    with LocalTransport() as local:
+        assert isinstance(local, Transport)
+        result = local.run(["printf", "%s", NASTY])
+        assert isinstance(result, CommandResult) and result.stdout == NASTY
+        assert local.run(["cat"], stdin=b"piped\n").stdout == "piped\n"
+        with pytest.raises(CommandFailed) as info:
+            local.run(["sh", "-c", "echo bad >&2; exit 4"])
+        assert info.value.exit_status == 4 and "bad" in str(info.value)
+        assert local.run(["sh", "-c", "exit 4"], check=False).exit_status == 4
+        assert local.run(["no-such-program-rt-tune"], check=False).exit_status == 127
+        with pytest.raises(ValueError):
+            local.run(["echo", "a\0b"])
+
+
+def test_local_timeout_kills_the_process() -> None:
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        LocalTransport().run(["sh", "-c", "sleep 31.5926; true"], timeout_s=1)
+    assert time.monotonic() - start < 5
+    assert _wait_gone("sleep 31.5926") == []
+
+
+def test_local_write_and_read_file(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    data = os.urandom(4096)
+    local = LocalTransport()
+    local.write_file(str(target), data, mode=0o751)
+    assert local.read_file(str(target)) == data
+    assert target.stat().st_mode & 0o7777 == 0o751
