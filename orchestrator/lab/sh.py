@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,32 +19,64 @@ def run(
     env: dict[str, str] | None = None,
     input: bytes | None = None,
 ) -> str:
-    """Run a program; return stdout. Output goes to `log` when given (for long builds). Raise LabError on failure."""
+    """Run a program; return stdout. Output goes to `log` when given (for long builds). Raise LabError on failure.
+
+    The program runs in its own process group, and on any exception (Ctrl-C included) the whole group is
+    killed, so no debootstrap, dpkg or wget is left writing into a tree that is being removed.
+    """
     args = [os.fspath(a) for a in argv]
     full_env = None if env is None else {**os.environ, **env}
+    out_fh = open(log, "ab") if log is not None else None
     try:
-        if log is not None:
-            with open(log, "ab") as fh:
-                fh.write(("$ " + " ".join(args) + "\n").encode())
-                fh.flush()
-                proc = subprocess.run(
-                    args, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=full_env, input=input
-                )
-            if proc.returncode != 0:
-                tail = log.read_text(errors="replace").splitlines()[-15:]
-                raise LabError(
-                    f"{args[0]} failed with exit status {proc.returncode}; last lines of {log}:\n" + "\n".join(tail)
-                )
-            return ""
-        proc = subprocess.run(args, capture_output=True, timeout=timeout, env=full_env, input=input)
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"{args[0]} did not finish within {timeout} s: {' '.join(args)}") from exc
-    except FileNotFoundError as exc:
-        raise LabError(f"program not found: {args[0]}") from exc
+        if out_fh is not None:
+            out_fh.write(("$ " + " ".join(args) + "\n").encode())
+            out_fh.flush()
+        try:
+            proc = subprocess.Popen(
+                args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=out_fh if out_fh is not None else subprocess.PIPE,
+                stderr=subprocess.STDOUT if out_fh is not None else subprocess.PIPE,
+                env=full_env, start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise LabError(f"program not found: {args[0]}") from exc
+        try:
+            stdout, stderr = proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            _kill_group(proc)
+            raise LabError(f"{args[0]} did not finish within {timeout} s: {' '.join(args)}") from exc
+        except BaseException:
+            _kill_group(proc)
+            raise
+    finally:
+        if out_fh is not None:
+            out_fh.close()
     if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip()[-2000:]
+        if log is not None:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise LabError(
+                f"{args[0]} failed with exit status {proc.returncode}; last lines of {log}:\n" + "\n".join(tail)
+            )
+        err = (stderr or b"").decode(errors="replace").strip()[-2000:]
         raise LabError(f"{' '.join(args)} failed with exit status {proc.returncode}: {err}")
-    return proc.stdout.decode(errors="replace")
+    return (stdout or b"").decode(errors="replace")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            # the leader is gone; members may remain: SIGKILL the group once more
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def mounts_below(path: Path) -> list[str]:

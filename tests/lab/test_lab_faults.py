@@ -1,0 +1,84 @@
+"""Ctrl-C during `tune lab up`: nothing left running, nothing half-built. Real debootstrap, real QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.lab import sh
+from orchestrator.paths import Paths
+
+pytestmark = pytest.mark.lab
+
+
+def _procs_mentioning(path: Path) -> list[str]:
+    needle = os.fsencode(str(path))
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            cwd = os.readlink(proc / "cwd") if (proc / "cwd").exists() else ""
+        except OSError:
+            continue
+        if needle in cmd or cwd.startswith(str(path)):
+            shown = cmd.replace(b"\0", b" ")[:200]
+            found.append(f"{proc.name}: {shown!r}")
+    return found
+
+
+def _tune(paths: Paths) -> subprocess.Popen:
+    env = {**os.environ, "RT_TUNE_CACHE": str(paths.cache), "RT_TUNE_STATE": str(paths.state)}
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "lab", "up"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_ctrl_c_while_vms_boot_leaves_nothing_running(lab, tmp_path):
+    """Images come from the shared cache (the session lab built them); Ctrl-C once QEMU runs."""
+    paths = Paths(cache=lab.paths.cache, state=tmp_path / "state")
+    proc = _tune(paths)
+    state_file = paths.lab / "lab.json"
+
+    def vms_started() -> bool:
+        if not state_file.exists():
+            return False
+        pids = [v.get("pid") for v in json.loads(state_file.read_text())["vms"]]
+        return len(pids) == 2 and all(pids)
+
+    _wait_for(vms_started, 120, "both QEMU processes to start")
+    assert _procs_mentioning(paths.state), "QEMU should be running from the lab directory now"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert _procs_mentioning(paths.state) == []
+
+
+def test_ctrl_c_during_image_build_leaves_no_half_cache(tmp_path):
+    """A cold cache: interrupt debootstrap mid-download; no build dir, no image, no process, no mount remains."""
+    paths = Paths(cache=tmp_path / "cache", state=tmp_path / "state")
+    proc = _tune(paths)
+    images = paths.cache / "images"
+    _wait_for(lambda: images.exists() and any(images.glob(".build-*/tree/var")), 120, "debootstrap to start")
+    time.sleep(8)  # well into downloading and unpacking
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert [p.name for p in images.iterdir() if not p.name.endswith(".lock")] == []
+    assert _procs_mentioning(tmp_path) == []
+    assert sh.mounts_below(tmp_path) == []

@@ -1,0 +1,95 @@
+"""Inventory and YAML errors (file, line, key, value), and fact parsers on output recorded from the lab."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import facts
+from orchestrator.errors import InputError, ParseError
+from orchestrator.inventory import load_inventory, split_target
+from tests.conftest import RECORDED
+
+pytestmark = pytest.mark.unit
+
+GOOD = """\
+units:
+  robot1:
+    host: {address: 10.0.0.5, user: tuner, become: true, key: /k}
+    guest: {address: 192.168.122.10, via_host: true}
+    vars: {rt_cpus: "1-3", governor: off}
+groups:
+  arm: [robot1]
+"""
+
+
+def test_inventory_loads_and_builds_endpoints(tmp_path):
+    p = tmp_path / "inv.yaml"
+    p.write_text(GOOD)
+    inv = load_inventory(p)
+    host = inv.endpoint("robot1", "host")
+    guest = inv.endpoint("robot1", "guest")
+    assert (host.user, host.become, host.key_file) == ("tuner", True, "/k")
+    assert guest.jump == host and guest.host == "192.168.122.10"
+    assert inv.units["robot1"].vars["governor"] == "off"  # YAML 1.2: `off` stays a string
+
+
+def test_inventory_error_names_file_line_key_and_value(tmp_path):
+    p = tmp_path / "inv.yaml"
+    p.write_text(GOOD.replace("user: tuner", "user: 'tu ner'").replace("vars:", "colour: red\n    vars:"))
+    with pytest.raises(InputError) as exc:
+        load_inventory(p)
+    msg = str(exc.value)
+    assert f"{p}:3: units.robot1.host.user" in msg and "'tu ner'" in msg
+    assert f"{p}:5: units.robot1.colour" in msg and "Extra inputs are not permitted" in msg
+
+
+def test_inventory_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(InputError, match="tune lab up"):
+        load_inventory(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("units:\n  a: [\n")
+    with pytest.raises(InputError, match=rf"{p}:\d+: not valid YAML"):
+        load_inventory(p)
+
+
+def test_unknown_unit_lists_the_known_ones(tmp_path):
+    p = tmp_path / "inv.yaml"
+    p.write_text(GOOD)
+    with pytest.raises(InputError, match="robot1"):
+        load_inventory(p).unit("robot9")
+
+
+def test_split_target():
+    assert split_target("lab1") == ("lab1", "host")
+    assert split_target("lab1.guest") == ("lab1", "guest")
+    with pytest.raises(InputError, match="UNIT.guest"):
+        split_target("lab1.gust")
+
+
+def _rec(name: str) -> str:
+    return (RECORDED / "lab-x86" / name).read_text()
+
+
+def test_fact_parsers_on_recorded_lab_output():
+    assert facts.KERNEL_RELEASE.parse(_rec("host-uname-r.txt")) == "6.1.0-50-amd64"
+    assert facts.ARCH.parse(_rec("host-uname-m.txt")) == "x86_64"
+    assert facts.CPUS_ONLINE.parse(_rec("host-cpu-online.txt")) == [0, 1]
+    assert facts.CMDLINE.parse(_rec("host-proc-cmdline.txt")).endswith("panic=10")
+    assert facts.BOOT_ID.parse(_rec("host-boot_id.txt")) == "3cb44cdb-a139-4488-8161-6b707f123119"
+
+
+def test_cpu_list_forms_and_garbage():
+    assert facts.parse_cpu_list("0-3,5,8-9\n") == [0, 1, 2, 3, 5, 8, 9]
+    assert facts.parse_cpu_list("\n") == []
+    for bad in ("a-b", "3-1", "1,,2"):
+        with pytest.raises(ParseError):
+            facts.parse_cpu_list(bad)
+
+
+def test_truncated_output_is_an_error_not_an_empty_fact():
+    with pytest.raises(ParseError):
+        facts.BOOT_ID.parse("")
+    with pytest.raises(ParseError):
+        facts.BOOT_ID.parse("3cb44cdb-a139")
+    with pytest.raises(ParseError):
+        facts.CMDLINE.parse("a\nb\n")

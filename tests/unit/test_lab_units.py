@@ -1,0 +1,128 @@
+"""Lab pieces that need no VM: dependency checks, ports, recipe keys, the cache's atomicity, QEMU argv."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import LabError, MissingDependencyError
+from orchestrator.lab import deps, images, vm
+
+pytestmark = pytest.mark.unit
+
+
+def test_missing_package_is_named_with_the_readme_command():
+    with pytest.raises(MissingDependencyError) as exc:
+        deps.check(which=lambda cmd: None if cmd == "qemu-system-x86_64" else f"/usr/bin/{cmd}",
+                   exists=lambda p: "OVMF" not in p)
+    msg = str(exc.value)
+    assert "qemu-system-x86" in msg and "ovmf" in msg
+    assert "README" in msg and "apt-get install -y ovmf qemu-system-x86" in msg
+    assert "mtools" not in msg  # only what is really missing
+
+
+def test_cli_reports_missing_package_before_doing_anything(tmp_path):
+    """`tune lab up` with an empty PATH (but python itself): exit code 3 and the packages named."""
+    env = {**os.environ, "PATH": str(tmp_path), "RT_TUNE_STATE": str(tmp_path / "s"),
+           "RT_TUNE_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "lab", "up"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "debootstrap" in proc.stderr and "qemu-system-x86" in proc.stderr
+    assert not (tmp_path / "c").exists(), "nothing may be built when packages are missing"
+
+
+def test_busy_port_moves_to_the_next_free_one():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        assert not vm.port_is_free(busy)
+        picked = vm.pick_port(busy, taken=set())
+        assert picked != busy and vm.port_is_free(picked)
+        assert vm.pick_port(busy, taken={busy + 1}) not in (busy, busy + 1)
+
+
+def test_no_free_port_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(LabError, match="no free TCP port"):
+            vm.pick_port(busy, taken=set(), span=1)
+
+
+def test_recipe_key_is_stable_and_follows_the_recipe():
+    a = images.ImageRecipe.default("amd64")
+    assert a.key() == images.ImageRecipe.default("amd64").key()
+    b = images.ImageRecipe(**{**a.__dict__, "packages": a.packages + ("htop",)})
+    assert a.key() != b.key()
+    with pytest.raises(LabError, match="architecture"):
+        images.ImageRecipe.default("mips")
+
+
+def test_interrupted_build_leaves_no_half_cache(tmp_path, monkeypatch):
+    recipe = images.ImageRecipe.default("amd64")
+
+    def half_build(recipe, work, cache_dir, events):
+        (work / "out").mkdir(parents=True)
+        (work / "out" / "root-host.raw").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "_build", half_build)
+    with pytest.raises(KeyboardInterrupt):
+        images.ensure_images(recipe, tmp_path)
+    left = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert left == [f"{recipe.key()}.lock"], left
+    assert images.cached(recipe, tmp_path) is None
+
+
+def test_finished_build_is_found_without_rebuilding(tmp_path, monkeypatch):
+    recipe = images.ImageRecipe.default("amd64")
+    calls = []
+
+    def fake_build(recipe, work, cache_dir, events):
+        calls.append(work)
+        (work / "out").mkdir(parents=True)
+        (work / "out" / "manifest.json").write_text('{"arch": "amd64", "kernel": "6.1", "root_uuid": {}}')
+
+    monkeypatch.setattr(images, "_build", fake_build)
+    first = images.ensure_images(recipe, tmp_path)
+    second = images.ensure_images(recipe, tmp_path)
+    assert len(calls) == 1 and first.directory == second.directory == tmp_path / "images" / recipe.key()
+
+
+def test_qemu_argv_boots_through_uefi_from_the_vms_own_disks(tmp_path):
+    spec = vm.VMSpec(name="u1-host", role="host", directory=tmp_path, base_image=tmp_path / "b.raw",
+                     esp_image=tmp_path / "esp.img", ssh_port=2299,
+                     fw_cfg={"hostname": tmp_path / "hn"})
+    argv = vm.qemu_argv(spec)
+    joined = " ".join(argv)
+    assert f"file={vm.OVMF_CODE}" in joined and "if=pflash" in joined
+    assert "-kernel" not in argv  # never bypass the bootloader
+    assert "hostfwd=tcp:127.0.0.1:2299-:22" in joined
+    assert "i6300esb" in argv and "watchdog=reset" in argv
+    assert f"name=opt/rt-tune/hostname,file={tmp_path / 'hn'}" in argv
+    assert "tcg,thread=multi,tb-size=128" in argv
+
+
+def test_remove_tree_unmounts_what_a_build_left_mounted(tmp_path):
+    """debootstrap or a chroot interrupted mid-way can leave mounts in the tree: they go first, then the tree."""
+    from orchestrator.lab import sh
+
+    d = tmp_path / "tree"
+    (d / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d / "proc")], check=True)
+    try:
+        (d / "proc" / "inside").write_text("x")
+        assert sh.mounts_below(d) == [str(d / "proc")]
+        sh.remove_tree(d)
+        assert not d.exists()
+        assert sh.mounts_below(tmp_path) == []
+    finally:
+        subprocess.run(["umount", "-l", str(d / "proc")], capture_output=True)
