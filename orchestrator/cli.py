@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from orchestrator.errors import TuneError
@@ -21,18 +23,40 @@ out_console = Console()
 
 
 class Progress:
-    """Renders events for people: a line per step on stderr (so --json stdout stays clean)."""
+    """Renders events for people on stderr (stdout stays clean for --json): a live bar for events that carry
+    progress (done/total), a line for the rest."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
+        self._bars: RichProgress | None = None
+        self._tasks: dict[tuple[str, str], TaskID] = {}
 
     def __call__(self, event: Event) -> None:
         if self.quiet:
             return
-        step = ""
         if event.total:
-            step = f"[{int(event.done or 0)}/{int(event.total)}] "
-        err_console.print(f"[dim]{event.subject}[/dim] {step}{event.message}", highlight=False)
+            if self._bars is None:
+                self._bars = RichProgress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                          TimeElapsedColumn(), console=err_console, transient=False)
+                self._bars.start()
+            key = (event.kind, event.subject)
+            desc = f"{event.subject}: {event.message}"
+            if key not in self._tasks:
+                self._tasks[key] = self._bars.add_task(desc, total=event.total)
+            self._bars.update(self._tasks[key], completed=event.done or 0, total=event.total, description=desc)
+            if all(t.finished for t in self._bars.tasks):
+                self.close()  # every bar is full: hand the terminal back
+            return
+        if self._bars is not None:
+            self._bars.console.print(f"[dim]{event.subject}[/dim] {event.message}", highlight=False)
+        else:
+            err_console.print(f"[dim]{event.subject}[/dim] {event.message}", highlight=False)
+
+    def close(self) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+            self._tasks.clear()
 
 
 def emit(data: Any, as_json: bool, human: Any = None) -> None:
@@ -197,6 +221,64 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
     emit(result.model_dump(), as_json, _facts_table([f for u in result.units for f in u.facts]))
     if not as_json:
         err_console.print(f"profile {profile!r}: the apply engine is not built yet (issue #4); facts shown above.")
+
+
+# ---- measurement -----------------------------------------------------------------------------------------
+def _stats_table(result) -> Table:
+    table = Table("thread", "samples", "min", "avg", "p50", "p90", "p99", "p99.9", "p99.99", "max", "overflows",
+                  title="latency (us)")
+    rows = result.public()
+    for entry in [*rows["threads"], {**rows["all"], "thread": "all"}]:
+        def fmt(v):
+            return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+        table.add_row(str(entry.get("thread", "")), *(fmt(entry[k]) for k in (
+            "samples", "min_us", "avg_us", "p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us",
+            "overflows")))
+    return table
+
+
+@cli.command("cyclictest-parse")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def cyclictest_parse_cmd(file: Path, as_json: bool) -> None:
+    """Parse cyclictest output (-q summary, -h histogram, or --json file) into exact figures."""
+    from orchestrator.measure.parse import parse_cyclictest_file
+
+    result = parse_cyclictest_file(file)
+    emit(result.public(), as_json, _stats_table(result))
+
+
+@cli.command("measure")
+@click.argument("target")
+@click.option("--duration", default="60s", show_default=True, help="How long cyclictest runs (60s, 5m).")
+@click.option("--load", type=click.Choice(["none", "stress-ng", "hackbench"]), default="none", show_default=True)
+@click.option("--load-arg", "load_args", multiple=True, help="Extra argument for the load tool (repeatable).")
+@click.option("--cpus", default=None, help="CPUs to measure on (default: the unit's rt_cpus var, else 1).")
+@click.option("--histogram", "histogram_us", default=20000, show_default=True, help="Histogram size in us.")
+@click.option("--interval", "interval_us", default=1000, show_default=True, help="cyclictest interval in us.")
+@click.option("--out", "out_dir", default="artifacts", show_default=True, help="Where raw output and results go.")
+@click.option("--inventory", "-i", "inventory_file", default=None, help="Inventory file (default: the lab's).")
+@click.option("--json", "as_json", is_flag=True)
+def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...], cpus: str | None,
+                histogram_us: int, interval_us: int, out_dir: str, inventory_file: str | None,
+                as_json: bool) -> None:
+    """Measure latency with cyclictest on UNIT.host or UNIT.guest, under an optional declared load."""
+    from orchestrator.facts import parse_cpu_list
+    from orchestrator.inventory import load_inventory, split_target
+    from orchestrator.measure.model import CyclictestSettings, LoadSpec
+    from orchestrator.measure.runner import measure, parse_duration
+    from orchestrator.transport import SSHTransport
+
+    inv = load_inventory(_inventory_path(inventory_file))
+    unit, role = split_target(target)
+    cpu_text = cpus or str(inv.unit(unit).vars.get("rt_cpus", "1"))
+    settings = CyclictestSettings(cpus=parse_cpu_list(cpu_text), duration_s=parse_duration(duration),
+                                  histogram_us=histogram_us, interval_us=interval_us)
+    with SSHTransport(inv.endpoint(unit, role)) as t:
+        result = measure(t, settings, LoadSpec(kind=load, args=list(load_args)), target=f"{unit}.{role}",
+                         artifacts=Path(out_dir), events=Progress(quiet=False))
+    emit({**result.public(), "raw_artifact": result.raw_artifact, "target": result.target}, as_json,
+         _stats_table(result))
 
 
 def main() -> None:

@@ -65,6 +65,7 @@ class ImageRecipe:
     def key(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps({**asdict(self), "builder": BUILDER_VERSION}, sort_keys=True).encode())
+        h.update(Path(__file__).read_bytes())  # the build steps themselves are part of the recipe
         for path in sorted(FILES_DIR.rglob("*")):
             if path.is_file():
                 h.update(path.relative_to(FILES_DIR).as_posix().encode())

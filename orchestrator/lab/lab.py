@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -372,7 +373,8 @@ class Lab:
             ep = {"address": "127.0.0.1", "port": rec.ssh_port, "user": "root", "key": str(self.client_key),
                   "known_hosts": str(self.known_hosts)}
             unit = units.setdefault(rec.unit, {
-                "power_cycle": ["tune", "lab", "power-cycle", f"{rec.unit}-host", "--no-wait"],
+                "power_cycle": [sys.executable, "-m", "orchestrator", "lab", "power-cycle", f"{rec.unit}-host",
+                                "--no-wait"],
                 "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "qemu_service": QEMU_SERVICE,
                          "lab": True},
             })

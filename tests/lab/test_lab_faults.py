@@ -41,6 +41,16 @@ def _tune(paths: Paths) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _kill(proc: subprocess.Popen, paths: Paths) -> None:
+    """If the test failed half-way, do not leak a `tune lab up` (or its VMs) into the rest of the session."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    from orchestrator.lab.lab import Lab
+
+    Lab(paths).down()
+
+
 def _wait_for(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -61,10 +71,13 @@ def test_ctrl_c_while_vms_boot_leaves_nothing_running(lab, tmp_path):
         pids = [v.get("pid") for v in json.loads(state_file.read_text())["vms"]]
         return len(pids) == 2 and all(pids)
 
-    _wait_for(vms_started, 120, "both QEMU processes to start")
-    assert _procs_mentioning(paths.state), "QEMU should be running from the lab directory now"
-    proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=60)
+    try:
+        _wait_for(vms_started, 120, "both QEMU processes to start")
+        assert _procs_mentioning(paths.state), "QEMU should be running from the lab directory now"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        _kill(proc, paths)
     assert proc.returncode == 130, err
     assert _procs_mentioning(paths.state) == []
 
@@ -74,10 +87,13 @@ def test_ctrl_c_during_image_build_leaves_no_half_cache(tmp_path):
     paths = Paths(cache=tmp_path / "cache", state=tmp_path / "state")
     proc = _tune(paths)
     images = paths.cache / "images"
-    _wait_for(lambda: images.exists() and any(images.glob(".build-*/tree/var")), 120, "debootstrap to start")
-    time.sleep(8)  # well into downloading and unpacking
-    proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=90)
+    try:
+        _wait_for(lambda: images.exists() and any(images.glob(".build-*/tree/var")), 120, "debootstrap to start")
+        time.sleep(8)  # well into downloading and unpacking
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=90)
+    finally:
+        _kill(proc, paths)
     assert proc.returncode == 130, err
     assert [p.name for p in images.iterdir() if not p.name.endswith(".lock")] == []
     assert _procs_mentioning(tmp_path) == []
