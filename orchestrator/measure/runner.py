@@ -1,0 +1,151 @@
+"""Run cyclictest on a target under a declared load, keep the raw output, return a LatencyResult.
+
+Both the load and cyclictest run as transient systemd units (`systemd-run`) with a RuntimeMaxSec, so they are
+stopped on error or Ctrl-C by `systemctl stop`, and stop by themselves even if the controller dies.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from orchestrator.errors import InputError, TransportError, TuneError
+from orchestrator.events import Event, EventSink, discard
+from orchestrator.facts import BOOT_ID, CMDLINE
+from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
+from orchestrator.measure.parse import parse_cyclictest
+from orchestrator.transport import Transport
+
+SAFE_ARG = re.compile(r"^[A-Za-z0-9_.,:=+/%-]+$")
+LOAD_TOOLS = {"stress-ng": "stress-ng", "hackbench": "hackbench"}
+DEFAULT_LOAD_ARGS = {"stress-ng": ["--cpu", "0", "--cpu-load", "80"], "hackbench": ["-l", "1000000"]}
+
+
+def parse_duration(text: str) -> float:
+    """'60', '60s', '5m', '1h', '500ms' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(text))
+    if not m:
+        raise InputError(f"duration {text!r}: expected a number with an optional unit ms, s, m or h (e.g. 60s)")
+    value, unit = float(m.group(1)), m.group(2) or "s"
+    seconds = value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    if seconds < 1:
+        raise InputError(f"duration {text!r}: at least 1 s is needed for a latency measurement")
+    return seconds
+
+
+def cyclictest_argv(settings: CyclictestSettings) -> list[str]:
+    cpus = ",".join(str(c) for c in settings.cpus)
+    argv = ["cyclictest", "-q", f"-p{settings.priority}", f"-i{settings.interval_us}",
+            f"-t{len(settings.cpus)}", f"-a{cpus}", f"-D{int(round(settings.duration_s))}s",
+            f"-h{settings.histogram_us}", f"--policy={settings.policy}"]
+    if settings.mlockall:
+        argv.insert(1, "-m")
+    return argv
+
+
+def load_argv(load: LoadSpec, duration_s: float) -> list[str] | None:
+    if load.kind == "none":
+        return None
+    for a in load.args:
+        if not SAFE_ARG.match(a):
+            raise InputError(f"load argument {a!r}: only letters, digits and _.,:=+/%- are allowed")
+    args = load.args or DEFAULT_LOAD_ARGS[load.kind]
+    if load.kind == "stress-ng":
+        return ["stress-ng", *args, "--timeout", f"{int(duration_s) + 30}s", "--quiet"]
+    return ["hackbench", *args]
+
+
+def _unit_name(what: str) -> str:
+    return f"rt-tune-{what}-{secrets.token_hex(4)}"
+
+
+def _transient(unit: str, max_s: float, argv: list[str], *, wait: bool) -> list[str]:
+    base = ["systemd-run", f"--unit={unit}", "--collect", "--quiet", f"--property=RuntimeMaxSec={int(max_s)}",
+            "--property=LimitMEMLOCK=infinity"]
+    if wait:
+        base += ["--wait", "--pipe"]
+    return [*base, "--", *argv]
+
+
+def _stop(transport: Transport, unit: str) -> None:
+    try:
+        transport.run(["systemctl", "stop", f"{unit}.service"], timeout_s=30, check=False)
+    except TransportError:
+        pass  # RuntimeMaxSec stops it anyway
+
+
+def require_tools(transport: Transport, load: LoadSpec) -> None:
+    tools = ["cyclictest", "systemd-run"] + ([LOAD_TOOLS[load.kind]] if load.kind != "none" else [])
+    res = transport.run(["sh", "-c", 'for t in "$@"; do command -v "$t" >/dev/null || echo "$t"; done', "-",
+                         *tools], timeout_s=30)
+    missing = res.stdout.split()
+    if missing:
+        pkgs = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng": "stress-ng",
+                "systemd-run": "systemd"}
+        raise TuneError(f"{transport.label}: missing {', '.join(missing)} (Debian packages: "
+                        f"{', '.join(sorted({pkgs[m] for m in missing}))})")
+
+
+def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, *, target: str,
+            artifacts: Path, events: EventSink = discard) -> LatencyResult:
+    """One cyclictest run under `load`; raw output kept in `artifacts`; load always stopped afterwards."""
+    require_tools(transport, load)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    boot_id = BOOT_ID.gather(transport)
+    cmdline = CMDLINE.gather(transport)
+    load_cmd = load_argv(load, settings.duration_s)
+    load_unit = _unit_name("load") if load_cmd else None
+    ct_unit = _unit_name("cyclictest")
+    started = time.time()
+    outcome: dict[str, object] = {}
+
+    def run_cyclictest() -> None:
+        try:
+            outcome["result"] = transport.run(
+                _transient(ct_unit, settings.duration_s + 60, cyclictest_argv(settings), wait=True),
+                timeout_s=settings.duration_s + 90, check=False)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    try:
+        if load_cmd and load_unit:
+            transport.run(_transient(load_unit, settings.duration_s + 60, load_cmd, wait=False), timeout_s=30)
+            events(Event("measure.load", target, f"load started: {' '.join(load_cmd)}"))
+            time.sleep(2)  # let the load reach steady state before sampling
+        worker = threading.Thread(target=run_cyclictest, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            elapsed = time.time() - started
+            events(Event("measure.progress", target, "cyclictest running",
+                         done=min(elapsed, settings.duration_s), total=settings.duration_s))
+            worker.join(timeout=1.0)
+    finally:
+        events(Event("measure.progress", target, "cyclictest finished", done=settings.duration_s,
+                     total=settings.duration_s))
+        if "result" not in outcome and "error" not in outcome:
+            _stop(transport, ct_unit)  # interrupted: do not leave cyclictest running
+        if load_unit:
+            _stop(transport, load_unit)
+            events(Event("measure.load", target, "load stopped"))
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    res = outcome["result"]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
+    raw_path = artifacts / f"{target}-{stamp}-cyclictest.txt"
+    raw_path.write_text(res.stdout)  # type: ignore[attr-defined]
+    if res.exit_status != 0:  # type: ignore[attr-defined]
+        raise TuneError(f"{transport.label}: cyclictest failed (exit {res.exit_status}): "  # type: ignore
+                        f"{(res.stderr or res.stdout)[-500:]}")  # type: ignore[attr-defined]
+    result = parse_cyclictest(res.stdout, expected_threads=len(settings.cpus))  # type: ignore[attr-defined]
+    result = result.model_copy(update={
+        "target": target, "settings": settings, "load": load, "started_at": started,
+        "duration_s": round(time.time() - started, 2), "boot_id": boot_id, "cmdline": cmdline,
+        "raw_artifact": str(raw_path),
+    })
+    raw_path.with_suffix(".json").write_text(result.model_dump_json(indent=2))
+    events(Event("measure.done", target, f"p99.9 {result.all.p999_us} us, max {result.all.max_us} us",
+                 data=result.public()["all"]))
+    return result
