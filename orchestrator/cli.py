@@ -281,6 +281,34 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
          _stats_table(result))
 
 
+@cli.command("report")
+@click.argument("result_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report with histograms and tail (CCDF) plots.")
+@click.option("--json", "as_json", is_flag=True)
+def report_cmd(result_file: Path, html_out: Path | None, as_json: bool) -> None:
+    """Show a result (a measurement, a list of them, or a report) as tables; optionally as HTML with plots."""
+    from orchestrator.report import SUMMARY_COLUMNS, load_report, render_html, summary_rows
+
+    report = load_report(result_file)
+    rows = summary_rows(report)
+    if html_out is not None:
+        render_html(report, html_out)
+    if as_json:
+        emit({"rows": rows, "html": str(html_out) if html_out else None}, True)
+        return
+    for kind, columns in SUMMARY_COLUMNS.items():
+        selected = [r for r in rows if r.get("kind") == kind]
+        if not selected:
+            continue
+        table = Table(*columns, title=kind)
+        for r in selected:
+            table.add_row(*("-" if r.get(c) is None else str(r.get(c)) for c in columns))
+        out_console.print(table)
+    if html_out is not None:
+        err_console.print(f"HTML report: {html_out}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
