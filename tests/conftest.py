@@ -18,10 +18,14 @@ def _print_event(event: Event) -> None:
     print(f"[lab] {event.subject}: {event.message}", flush=True)
 
 
+REUSE = os.environ.get("RT_TUNE_TEST_REUSE_STATE")  # a developer's running lab: reused, left running
+
+
 @pytest.fixture(scope="session")
 def lab_paths(tmp_path_factory) -> Paths:
     """The test lab's own state directory; the image cache is the user's (built once, shared with `tune lab`)."""
-    return Paths(cache=Paths.from_env().cache, state=tmp_path_factory.mktemp("rt-tune-state"))
+    state = Path(REUSE) if REUSE else tmp_path_factory.mktemp("rt-tune-state")
+    return Paths(cache=Paths.from_env().cache, state=state)
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +33,10 @@ def lab(lab_paths):
     from orchestrator.lab.lab import Lab
 
     the_lab = Lab(lab_paths, events=_print_event)
-    the_lab.up(units=1)
+    the_lab.up(units=1)  # leaves VMs that already run as they are
     yield the_lab
+    if REUSE:
+        return
     the_lab.down()
     assert the_lab.stray_qemu_pids() == [], "tune lab down left QEMU processes behind"
 

@@ -1,0 +1,386 @@
+"""Runtime changes: each reads the live state, plans a diff (no-op when already in place), applies, verifies by
+reading again, and rolls back to the exact previous state.
+
+A change's `read()` returns a JSON-able snapshot that is journaled *before* the change is applied; `rollback()`
+restores that snapshot byte for byte (files are kept base64-encoded). rt-tune owns only what it creates: its
+sysctl drop-in files, its systemd drop-ins and scripts, which are named `*rt-tune*`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import InputError, TuneError
+from orchestrator.facts import parse_cpu_list
+from orchestrator.transport import Transport
+
+State = dict[str, Any]
+SYSCTL_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
+UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|socket|timer|path|mount|target)$")
+
+
+class ChangeError(TuneError):
+    """A change could not be applied, verified or rolled back."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    change_id: str
+    before: State
+    desired: State
+    noop: bool
+    summary: str
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def read_optional(t: Transport, path: str) -> bytes | None:
+    """File contents, or None when it does not exist (distinguished from empty)."""
+    res = t.run(["sh", "-c", 'if [ -e "$1" ]; then echo present; cat -- "$1"; else echo absent; fi', "-", path],
+                timeout_s=30)
+    head, _, rest = res.stdout.partition("\n")
+    if head == "absent":
+        return None
+    if head != "present":
+        raise ChangeError(f"{t.label}: unexpected answer reading {path}: {res.stdout[:100]!r}")
+    return t.read_file(path)
+
+
+def restore_file(t: Transport, path: str, content: bytes | None, mode: int = 0o644) -> None:
+    if content is None:
+        t.run(["rm", "-f", "--", path], timeout_s=30)
+    else:
+        t.write_file(path, content, mode=mode)
+
+
+class Change(ABC):
+    """One tuning change on one target (a unit's host or guest)."""
+
+    kind: str
+    change_id: str
+
+    @abstractmethod
+    def read(self, t: Transport) -> State: ...
+
+    @abstractmethod
+    def desired(self, before: State) -> State: ...
+
+    @abstractmethod
+    def apply(self, t: Transport, before: State) -> None: ...
+
+    @abstractmethod
+    def rollback(self, t: Transport, before: State) -> None: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    def in_place(self, live: State, desired: State) -> bool:
+        """Does the live state already satisfy the desired one? (Default: every desired key matches.)"""
+        return all(live.get(k) == v for k, v in desired.items())
+
+    def plan(self, t: Transport) -> Plan:
+        before = self.read(t)
+        want = self.desired(before)
+        noop = self.in_place(before, want)
+        return Plan(self.change_id, before, want, noop, self.describe() + (" (already in place)" if noop else ""))
+
+    def verify(self, t: Transport, plan: Plan) -> State:
+        live = self.read(t)
+        if not self.in_place(live, plan.desired):
+            raise ChangeError(f"{t.label}: {self.describe()}: verify failed: live {live} != desired {plan.desired}")
+        return live
+
+    def verify_rolled_back(self, t: Transport, before: State) -> None:
+        live = self.read(t)
+        if live != before:
+            raise ChangeError(f"{t.label}: {self.describe()}: rollback did not restore the previous state: "
+                              f"live {live} != before {before}")
+
+
+# ---- sysctl ------------------------------------------------------------------------------------------------
+@dataclass
+class SysctlChange(Change):
+    """A sysctl: the runtime value now, and a drop-in file rt-tune owns so it survives a reboot."""
+
+    name: str
+    value: str
+    kind: str = field(default="sysctl", init=False)
+
+    def __post_init__(self) -> None:
+        if not SYSCTL_NAME.match(self.name):
+            raise InputError(f"sysctl name {self.name!r}: expected dotted lowercase words like kernel.timer_migration")
+        if not re.fullmatch(r"[A-Za-z0-9 _./:,-]*", self.value) or "\n" in self.value:
+            raise InputError(f"sysctl {self.name} value {self.value!r}: no shell metacharacters or newlines")
+        self.change_id = f"sysctl.{self.name}"
+
+    @property
+    def proc_path(self) -> str:
+        return "/proc/sys/" + self.name.replace(".", "/")
+
+    @property
+    def dropin(self) -> str:
+        return f"/etc/sysctl.d/90-rt-tune-{self.name}.conf"
+
+    def read(self, t: Transport) -> State:
+        value = t.read_file(self.proc_path).decode().strip()
+        return {"value": value, "dropin": _b64(read_optional(t, self.dropin))}
+
+    def _dropin_bytes(self) -> bytes:
+        return f"# managed by rt-tune: {self.change_id}\n{self.name} = {self.value}\n".encode()
+
+    def desired(self, before: State) -> State:
+        return {"value": self.value, "dropin": _b64(self._dropin_bytes())}
+
+    def in_place(self, live: State, desired: State) -> bool:
+        # compare numbers by value: the kernel prints "0", a profile may say "0" or " 0"
+        return " ".join(live["value"].split()) == " ".join(str(desired["value"]).split()) and \
+            live["dropin"] == desired["dropin"]
+
+    def apply(self, t: Transport, before: State) -> None:
+        t.write_file(self.dropin, self._dropin_bytes())
+        t.run(["sysctl", "-q", "-w", f"{self.name}={self.value}"], timeout_s=30)
+
+    def rollback(self, t: Transport, before: State) -> None:
+        t.run(["sysctl", "-q", "-w", f"{self.name}={before['value']}"], timeout_s=30)
+        restore_file(t, self.dropin, _unb64(before["dropin"]))
+
+    def describe(self) -> str:
+        return f"sysctl {self.name}={self.value}"
+
+
+# ---- systemd service disable -------------------------------------------------------------------------------
+@dataclass
+class ServiceDisableChange(Change):
+    """Stop and disable a service (optionally mask it); rollback restores enabled/masked and active states."""
+
+    unit: str
+    mask: bool = False
+    kind: str = field(default="service_disable", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.unit.endswith((".service", ".socket", ".timer", ".path", ".mount", ".target")):
+            self.unit += ".service"
+        if not UNIT_NAME.match(self.unit):
+            raise InputError(f"systemd unit name {self.unit!r} is not valid")
+        self.change_id = f"service.{self.unit}"
+
+    def read(self, t: Transport) -> State:
+        out = t.run(["systemctl", "show", "--no-pager", "-p", "LoadState,UnitFileState,ActiveState", self.unit],
+                    timeout_s=30).stdout
+        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        if props.get("LoadState") == "not-found":
+            return {"load": "not-found", "file_state": "", "active": "inactive"}
+        active = props.get("ActiveState", "")
+        # a crash-looping service is "activating" (auto-restart) most of the time: it counts as running
+        running = "active" if active in ("active", "activating", "reloading") else "inactive"
+        return {"load": props.get("LoadState", ""), "file_state": props.get("UnitFileState", ""),
+                "active": running}
+
+    def desired(self, before: State) -> State:
+        if before["load"] == "not-found":
+            return dict(before)
+        return {"file_state": "masked" if self.mask else "disabled", "active": "inactive"}
+
+    def in_place(self, live: State, desired: State) -> bool:
+        if live.get("load") == "not-found":
+            return True
+        ok_states = {"masked"} if self.mask else {"disabled", "masked", "static", "indirect"}
+        if desired.get("file_state") == "disabled" and live.get("file_state") == "static":
+            ok_states = {"static"}
+        return live.get("file_state") in ok_states and live.get("active") == "inactive"
+
+    def apply(self, t: Transport, before: State) -> None:
+        t.run(["systemctl", "disable", "--now", "--quiet", self.unit], timeout_s=90)
+        if self.mask:
+            t.run(["systemctl", "mask", "--quiet", self.unit], timeout_s=30)
+        t.run(["systemctl", "reset-failed", self.unit], timeout_s=30, check=False)
+
+    def rollback(self, t: Transport, before: State) -> None:
+        if before["load"] == "not-found":
+            return
+        if self.mask and before["file_state"] != "masked":
+            t.run(["systemctl", "unmask", "--quiet", self.unit], timeout_s=30)
+        if before["file_state"] == "enabled":
+            t.run(["systemctl", "enable", "--quiet", self.unit], timeout_s=30)
+        elif before["file_state"] == "masked":
+            t.run(["systemctl", "mask", "--quiet", self.unit], timeout_s=30)
+        if before["active"] == "active":
+            t.run(["systemctl", "start", "--no-block", self.unit], timeout_s=60)
+
+    def verify_rolled_back(self, t: Transport, before: State) -> None:
+        live = self.read(t)
+        if live["file_state"] != before["file_state"]:
+            raise ChangeError(f"{t.label}: {self.unit}: file state {live['file_state']} != {before['file_state']}")
+
+    def describe(self) -> str:
+        return f"{'mask' if self.mask else 'disable'} {self.unit}"
+
+
+# ---- vCPU pinning ------------------------------------------------------------------------------------------
+PIN_SCRIPT = "/usr/local/sbin/rt-tune-pin-vcpus"
+PIN_SCRIPT_BODY = r"""#!/bin/sh
+# managed by rt-tune: pin the vCPU threads of a QEMU started by systemd (ExecStartPost), so a restarted QEMU
+# is pinned again. Usage: rt-tune-pin-vcpus MAINPID CPU_FOR_VCPU0 [CPU_FOR_VCPU1 ...]
+# vCPU threads are found by name ("CPU n/KVM" or "CPU n/TCG", QEMU's debug-threads=on).
+pid=$1; shift
+n=0
+for cpu in "$@"; do
+  tries=0
+  while :; do
+    tid=$(for t in /proc/"$pid"/task/*; do
+            [ "$(cat "$t/comm" 2>/dev/null)" = "CPU $n/KVM" ] || [ "$(cat "$t/comm" 2>/dev/null)" = "CPU $n/TCG" ] \
+              && basename "$t"; done | head -n1)
+    [ -n "$tid" ] && break
+    tries=$((tries + 1)); [ $tries -gt 300 ] && { echo "vCPU $n of $pid not found" >&2; exit 1; }
+    sleep 0.1
+  done
+  taskset -p -c "$cpu" "$tid" >/dev/null
+  n=$((n + 1))
+done
+"""
+
+
+@dataclass
+class VcpuPinningChange(Change):
+    """Pin vCPU i of the QEMU run by `service` to host CPU cpus[i] (qemu-affinity's `-k` semantics), now and
+    at every restart of the service (a systemd drop-in with ExecStartPost)."""
+
+    service: str
+    cpus: list[int]
+    kind: str = field(default="vcpu_pinning", init=False)
+
+    def __post_init__(self) -> None:
+        if not UNIT_NAME.match(self.service):
+            raise InputError(f"QEMU service name {self.service!r} is not a valid systemd unit name")
+        if not self.cpus:
+            raise InputError("vCPU pinning needs at least one host CPU")
+        self.change_id = f"vcpu_pinning.{self.service}"
+
+    @property
+    def dropin(self) -> str:
+        return f"/etc/systemd/system/{self.service}.d/50-rt-tune-vcpu-pinning.conf"
+
+    def _dropin_bytes(self) -> bytes:
+        cpus = " ".join(str(c) for c in self.cpus)
+        return (f"# managed by rt-tune: {self.change_id}\n[Service]\n"
+                f"ExecStartPost={PIN_SCRIPT} $MAINPID {cpus}\n").encode()
+
+    def _vcpu_affinities(self, t: Transport) -> dict[str, list[int]]:
+        pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
+        if not pid.isdigit() or pid == "0":
+            raise ChangeError(f"{t.label}: {self.service} is not running (MainPID {pid!r}); nothing to pin")
+        out = t.run(["sh", "-c", 'cd /proc/"$1"/task && for t in *; do printf "%s\\t%s\\n" '
+                     '"$(cat $t/comm)" "$(grep Cpus_allowed_list $t/status | cut -f2)"; done', "-", pid],
+                    timeout_s=30).stdout
+        found = {}
+        for line in out.splitlines():
+            comm, _, cpus = line.partition("\t")
+            if re.fullmatch(r"CPU \d+/(KVM|TCG)", comm):
+                found[comm.split("/")[0]] = parse_cpu_list(cpus)
+        if not found:
+            raise ChangeError(f"{t.label}: no vCPU threads named 'CPU n/KVM' in {self.service} (pid {pid}); "
+                              "is QEMU started with -name ...,debug-threads=on?")
+        return found
+
+    def read(self, t: Transport) -> State:
+        return {"affinity": self._vcpu_affinities(t), "dropin": _b64(read_optional(t, self.dropin)),
+                "script": _b64(read_optional(t, PIN_SCRIPT))}
+
+    def desired(self, before: State) -> State:
+        want = dict(before["affinity"])
+        for i, cpu in enumerate(self.cpus):
+            if f"CPU {i}" in want:
+                want[f"CPU {i}"] = [cpu]
+        return {"affinity": want, "dropin": _b64(self._dropin_bytes()), "script": _b64(PIN_SCRIPT_BODY.encode())}
+
+    def apply(self, t: Transport, before: State) -> None:
+        t.write_file(PIN_SCRIPT, PIN_SCRIPT_BODY.encode(), mode=0o755)
+        t.run(["mkdir", "-p", self.dropin.rsplit("/", 1)[0]], timeout_s=30)
+        t.write_file(self.dropin, self._dropin_bytes())
+        t.run(["systemctl", "daemon-reload"], timeout_s=60)
+        pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
+        t.run([PIN_SCRIPT, pid, *[str(c) for c in self.cpus]], timeout_s=60)
+
+    def rollback(self, t: Transport, before: State) -> None:
+        restore_file(t, self.dropin, _unb64(before["dropin"]))
+        restore_file(t, PIN_SCRIPT, _unb64(before["script"]), mode=0o755)
+        t.run(["systemctl", "daemon-reload"], timeout_s=60)
+        pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
+        tids = t.run(["sh", "-c", 'cd /proc/"$1"/task && for t in *; do printf "%s\\t%s\\n" "$t" "$(cat $t/comm)";'
+                      ' done', "-", pid], timeout_s=30).stdout
+        for line in tids.splitlines():
+            tid, _, comm = line.partition("\t")
+            name = comm.split("/")[0]
+            if name in before["affinity"]:
+                cpus = ",".join(str(c) for c in before["affinity"][name])
+                t.run(["taskset", "-p", "-c", cpus, tid], timeout_s=30)
+
+    def describe(self) -> str:
+        return f"pin vCPUs of {self.service} to CPUs {','.join(map(str, self.cpus))}"
+
+
+# ---- IRQ affinity ------------------------------------------------------------------------------------------
+@dataclass
+class IrqAffinityChange(Change):
+    """Move every movable device IRQ to the housekeeping CPUs (smp_affinity_list); rollback restores each."""
+
+    housekeeping: list[int]
+    kind: str = field(default="irq_affinity", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.housekeeping:
+            raise InputError("IRQ affinity needs at least one housekeeping CPU")
+        self.change_id = "irq_affinity"
+
+    def read(self, t: Transport) -> State:
+        out = t.run(["sh", "-c", 'for d in /proc/irq/[0-9]*; do [ -r "$d/smp_affinity_list" ] && '
+                     'printf "%s %s\\n" "${d##*/}" "$(cat "$d/smp_affinity_list")"; done'], timeout_s=30).stdout
+        irqs = {}
+        for line in out.splitlines():
+            irq, _, cpus = line.partition(" ")
+            irqs[irq] = cpus.strip()
+        return {"irqs": irqs}
+
+    def desired(self, before: State) -> State:
+        want = ",".join(str(c) for c in self.housekeeping)
+        return {"irqs": {irq: want for irq in before["irqs"]}}
+
+    def in_place(self, live: State, desired: State) -> bool:
+        want = desired["irqs"]
+        # IRQs the kernel refuses to move (per-CPU, managed) keep their affinity; compare only movable ones
+        return all(parse_cpu_list(live["irqs"].get(i, "")) == parse_cpu_list(v) for i, v in want.items()
+                   if i not in self._fixed)
+
+    _fixed: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def apply(self, t: Transport, before: State) -> None:
+        want = ",".join(str(c) for c in self.housekeeping)
+        script = ('want=$1; for d in /proc/irq/[0-9]*; do [ -w "$d/smp_affinity_list" ] || continue; '
+                  'echo "$want" > "$d/smp_affinity_list" 2>/dev/null || echo "${d##*/}"; done')
+        refused = t.run(["sh", "-c", script, "-", want], timeout_s=60).stdout.split()
+        self._fixed = set(refused)
+
+    def rollback(self, t: Transport, before: State) -> None:
+        pairs = [f"{irq}={cpus}" for irq, cpus in sorted(before["irqs"].items())]
+        script = ('for p in "$@"; do irq=${p%%=*}; cpus=${p#*=}; '
+                  'echo "$cpus" > /proc/irq/"$irq"/smp_affinity_list 2>/dev/null || true; done')
+        t.run(["sh", "-c", script, "-", *pairs], timeout_s=60)
+
+    def verify_rolled_back(self, t: Transport, before: State) -> None:
+        live = self.read(t)["irqs"]
+        wrong = [i for i, v in before["irqs"].items() if i in live and parse_cpu_list(live[i]) != parse_cpu_list(v)]
+        if wrong:
+            raise ChangeError(f"{t.label}: IRQs {', '.join(wrong)} did not return to their previous affinity")
+
+    def describe(self) -> str:
+        return f"IRQ affinity -> housekeeping CPUs {','.join(map(str, self.housekeeping))}"

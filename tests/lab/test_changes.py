@@ -1,0 +1,99 @@
+"""Each runtime change on the real lab VMs: plan -> apply -> verify -> no-op when in place -> rollback restores
+the exact previous state (files byte for byte)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.changes import (IrqAffinityChange, ServiceDisableChange, SysctlChange, VcpuPinningChange,
+                                  read_optional)
+
+pytestmark = pytest.mark.lab
+
+
+def _round_trip(t, change):
+    plan = change.plan(t)
+    assert not plan.noop, plan
+    change.apply(t, plan.before)
+    change.verify(t, plan)
+    assert change.plan(t).noop  # applying again would change nothing
+    change.rollback(t, plan.before)
+    change.verify_rolled_back(t, plan.before)
+    return plan
+
+
+def test_sysctl_runtime_value_and_owned_dropin(guest):
+    change = SysctlChange("kernel.timer_migration", "0")
+    plan = change.plan(guest)
+    assert plan.before["value"] == "1" and plan.before["dropin"] is None
+    change.apply(guest, plan.before)
+    change.verify(guest, plan)
+    assert guest.read_file("/proc/sys/kernel/timer_migration").strip() == b"0"
+    assert b"kernel.timer_migration = 0" in guest.read_file(change.dropin)
+    change.rollback(guest, plan.before)
+    assert change.read(guest) == plan.before
+    assert read_optional(guest, change.dropin) is None
+
+
+def test_sysctl_rollback_restores_a_prior_file_byte_exact(guest):
+    change = SysctlChange("kernel.timer_migration", "0")
+    odd = b"# someone else's bytes\r\nkernel.timer_migration=1  \n\n"
+    guest.write_file(change.dropin, odd)
+    try:
+        plan = _round_trip(guest, change)
+        assert guest.read_file(change.dropin) == odd and plan.before["value"] == "1"
+    finally:
+        guest.run(["rm", "-f", change.dropin])
+
+
+def test_disable_crash_looping_service_and_restore(guest):
+    change = ServiceDisableChange("mirobot_teleoperate")
+    plan = _round_trip(guest, change)
+    assert plan.before == {"load": "loaded", "file_state": "enabled", "active": "active"}
+    deadline = time.monotonic() + 30
+    while change.read(guest)["active"] != "active" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert change.read(guest) == plan.before  # running (crash-looping) again, enabled again
+
+
+def test_mask_and_unmask(guest):
+    change = ServiceDisableChange("mirobot_teleoperate.service", mask=True)
+    plan = change.plan(guest)
+    try:
+        change.apply(guest, plan.before)
+        state = guest.run(["systemctl", "is-enabled", "mirobot_teleoperate.service"], check=False).stdout.strip()
+        assert state == "masked"
+    finally:
+        change.rollback(guest, plan.before)
+    assert guest.run(["systemctl", "is-enabled", "mirobot_teleoperate.service"]).stdout.strip() == "enabled"
+
+
+def test_vcpu_pinning_now_and_after_qemu_restarts(host):
+    change = VcpuPinningChange("rt-guest-vm.service", [1, 0])
+    plan = change.plan(host)
+    assert plan.before["affinity"] == {"CPU 0": [0, 1], "CPU 1": [0, 1]}
+    change.apply(host, plan.before)
+    assert change.verify(host, plan)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}
+    host.run(["systemctl", "restart", "rt-guest-vm.service"], timeout_s=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if change.read(host)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}:
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    assert change.read(host)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}  # pinned again by the drop-in
+    change.rollback(host, plan.before)
+    change.verify_rolled_back(host, plan.before)
+
+
+def test_irq_affinity_to_housekeeping_and_back(host):
+    change = IrqAffinityChange([0])
+    plan = change.plan(host)
+    change.apply(host, plan.before)
+    change.verify(host, plan)
+    change.rollback(host, plan.before)
+    change.verify_rolled_back(host, plan.before)
