@@ -1,51 +1,66 @@
-"""`tune apply`: until the apply engine (issue #4) lands, connect to each unit and gather what it plans from."""
+"""Wiring for `tune apply` and friends: inventory, journal, measurement plan, profile -> the Engine.
+
+Kept out of cli.py so the CLI only parses and prints.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from orchestrator.decide import load_measurement_plan
+from orchestrator.engine import ApplyResult, Connect, Engine, ssh_connect
 from orchestrator.events import Event, EventSink, discard
-from orchestrator.facts import BasicFacts, gather_basic
-from orchestrator.inventory import load_inventory
+from orchestrator.inventory import Inventory, load_inventory
+from orchestrator.journal import Journal
 from orchestrator.paths import Paths
-from orchestrator.transport import SSHTransport
+from orchestrator.profile import PROFILES_DIR
+from orchestrator.report import ChangeReport, Report, render_html, save_report
+
+PLAYBOOKS_DIR = PROFILES_DIR.parent / "playbooks"
+DEFAULT_PLAN = PLAYBOOKS_DIR / "measurement.yaml"
 
 
-class UnitFacts(BaseModel):
-    unit: str
-    facts: list[BasicFacts]
+def journal_path(paths: Paths) -> Path:
+    return paths.state / "journal.sqlite"
 
 
-class ShowResult(BaseModel):
-    inventory: str
-    lab_booted: bool
-    units: list[UnitFacts]
+def ensure_lab(paths: Paths, inventory: Path, events: EventSink = discard) -> bool:
+    """When the inventory is the local lab's, boot the lab if it is not running. True if it was booted."""
+    if inventory.resolve() != paths.lab_inventory.resolve():
+        return False
+    from orchestrator.lab.lab import Lab
+
+    lab = Lab(paths, events)
+    status = lab.status()
+    if status and all(s.running for s in status):
+        return False
+    events(Event("apply.lab", "lab", "the local lab is not running: booting it"))
+    lab.up()
+    return True
 
 
-def show_units(paths: Paths, inventory: Path, units: list[str], events: EventSink = discard) -> ShowResult:
-    """Facts of every selected unit's host and guest; boots the local lab first when that is the inventory."""
-    booted = False
-    if inventory.resolve() == paths.lab_inventory.resolve():
-        from orchestrator.lab.lab import Lab
+def make_engine(paths: Paths, inv: Inventory, playbook: Path | None, events: EventSink,
+                connect: Connect = ssh_connect) -> Engine:
+    plan = load_measurement_plan(playbook or DEFAULT_PLAN)
+    artifacts = paths.state / "artifacts" / time.strftime("%Y%m%dT%H%M%S")
+    journal = Journal(journal_path(paths))
+    return Engine(inventory=inv, journal=journal, plan=plan, artifacts=artifacts, events=events, connect=connect)
 
-        lab = Lab(paths, events)
-        status = lab.status()
-        if not status or not all(s.running for s in status):
-            events(Event("apply.lab", "lab", "the local lab is not running: booting it"))
-            lab.up()
-            booted = True
-    inv = load_inventory(inventory)
-    out = []
-    for name in units or sorted(inv.units):
-        spec = inv.unit(name)
-        gathered = []
-        for target in ("host", "guest"):
-            if target == "guest" and spec.guest is None:
-                continue
-            with SSHTransport(inv.endpoint(name, target)) as t:  # type: ignore[arg-type]
-                gathered.append(gather_basic(t, f"{name}.{target}"))
-            events(Event("apply.facts", f"{name}.{target}", "facts gathered"))
-        out.append(UnitFacts(unit=name, facts=gathered))
-    return ShowResult(inventory=str(inventory), lab_booted=booted, units=out)
+
+def load_for_apply(paths: Paths, inventory: Path, events: EventSink) -> tuple[Inventory, bool]:
+    booted = ensure_lab(paths, inventory, events)
+    return load_inventory(inventory), booted
+
+
+def write_reports(results: list[ApplyResult], artifacts: Path, title: str) -> tuple[Path, Path]:
+    """The JSON report (every run of every change) and the HTML report with plots, beside the raw runs."""
+    report = Report(title=title, changes=[
+        ChangeReport(name=o.id, target=f"{r.unit}.{o.target}", before=o.before, after=o.after,
+                     decision=o.decision, note=f"{o.status}: {o.reason}"[:2000])
+        for r in results for o in r.outcomes if o.before or o.after])
+    artifacts.mkdir(parents=True, exist_ok=True)
+    json_path = save_report(report, artifacts / "report.json")
+    html_path = artifacts / "report.html"
+    render_html(report, html_path)
+    return json_path, html_path

@@ -202,25 +202,176 @@ def _facts_table(rows: list) -> Table:
     return table
 
 
+def _apply_table(results) -> Table:
+    table = Table("unit", "change", "status", "p99.9 before", "p99.9 after", "max before", "max after", "why")
+    for r in results:
+        for o in r.outcomes:
+            f = o.figures()
+
+            def fmt(v):
+                return "-" if v is None else f"{v:.0f}"
+
+            if o.status in ("failed", "skipped"):
+                why = o.reason
+            elif o.status in ("planned", "noop"):
+                why = ""
+            else:
+                why = (o.decision or {}).get("verdict", o.reason)
+            table.add_row(r.unit, o.description, o.status, fmt(f["before_p999_us"]), fmt(f["after_p999_us"]),
+                          fmt(f["before_max_us"]), fmt(f["after_max_us"]), str(why)[:60])
+    return table
+
+
+def _units(inv, units: tuple[str, ...]) -> list[str]:
+    return list(units) or sorted(inv.units)
+
+
 @cli.command("apply")
 @click.argument("profile")
 @click.option("--inventory", "-i", "inventory_file", default=None, help="Inventory file (default: the lab's).")
 @click.option("--unit", "units", multiple=True, help="Units to apply to (default: all in the inventory).")
+@click.option("--playbook", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Measurement plan and decision rule (default: playbooks/measurement.yaml).")
+@click.option("--dry-run", is_flag=True, help="Only show the plan: what would change, nothing is touched.")
+@click.option("--force-unlock", default=None, metavar="LOCK_ID", help="Take over a stale lock by its id.")
 @click.option("--json", "as_json", is_flag=True)
-def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
-    """Apply PROFILE (e.g. rt-profile) to units. Against the local lab, boots it first when needed.
+def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
+              dry_run: bool, force_unlock: str | None, as_json: bool) -> None:
+    """Apply PROFILE (e.g. rt-profile): each change measured before and after, kept only on evidence.
 
-    The apply engine is issue #4; until it lands this connects to every unit's host and guest and prints
-    their facts (kernel, arch, CPUs, /proc/cmdline, boot_id), which is what the engine plans from.
+    Against the local lab's inventory, boots the lab first when it is not running.
     """
-    from orchestrator.apply import show_units
+    from orchestrator.apply import load_for_apply, make_engine, write_reports
+    from orchestrator.profile import find_profile
 
     paths = _paths()
+    progress = Progress()
+    profile_path = find_profile(profile)
+    inv, booted = load_for_apply(paths, _inventory_path(inventory_file), progress)
+    engine = make_engine(paths, inv, playbook, progress)
+    results = []
+    for unit in _units(inv, units):
+        engine.specs(unit, profile_path)  # every unit's input errors before any unit is touched
+    for unit in _units(inv, units):
+        results.append(engine.apply(unit, profile_path, dry_run=dry_run, force_unlock=force_unlock))
+    report_json = report_html = None
+    if not dry_run:
+        report_json, report_html = write_reports(results, engine.artifacts, f"tune apply {profile}")
+    data = {"lab_booted": booted, "results": [r.model_dump(mode="json", exclude={"outcomes": {"__all__": {
+        "before", "after"}}}) for r in results], "report": str(report_json) if report_json else None,
+        "html": str(report_html) if report_html else None}
+    emit(data, as_json, _apply_table(results))
+    if report_html and not as_json:
+        err_console.print(f"report: {report_html}")
+
+
+@cli.command("plan")
+@click.argument("profile")
+@click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--unit", "units", multiple=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plan_cmd(ctx: click.Context, profile: str, inventory_file: str | None, units: tuple[str, ...],
+             as_json: bool) -> None:
+    """Dry run of `tune apply PROFILE`: the diff per unit; nothing is changed."""
+    ctx.invoke(apply_cmd, profile=profile, inventory_file=inventory_file, units=units, playbook=None,
+               dry_run=True, force_unlock=None, as_json=as_json)
+
+
+@cli.group()
+def profile() -> None:
+    """Tuning profiles."""
+
+
+@profile.command("validate")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--inventory", "-i", "inventory_file", default=None, help="Check against these units' vars.")
+@click.option("--unit", "units", multiple=True)
+@click.option("--json", "as_json", is_flag=True)
+def profile_validate(file: Path, inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
+    """Check a profile (and, with an inventory, resolve it for each unit) without touching anything."""
+    from orchestrator.inventory import load_inventory
+    from orchestrator.profile import describe, load_profile, resolve
+
+    prof = load_profile(file)
+    out: dict = {"profile": prof.name, "file": str(file), "units": {}}
     inv_path = _inventory_path(inventory_file)
-    result = show_units(paths, inv_path, list(units), events=Progress(quiet=False))
-    emit(result.model_dump(), as_json, _facts_table([f for u in result.units for f in u.facts]))
-    if not as_json:
-        err_console.print(f"profile {profile!r}: the apply engine is not built yet (issue #4); facts shown above.")
+    if inventory_file or inv_path.exists():
+        inv = load_inventory(inv_path)
+        for unit in _units(inv, units):
+            spec = inv.unit(unit)
+            cpus = spec.vars.get("cpus")
+            p = load_profile(file, spec.vars, int(cpus) if cpus is not None else None)
+            out["units"][unit] = [describe(c) for c in resolve(p, unit, spec)]
+    human = "\n".join([f"{file}: valid profile {prof.name!r}"] + [f"  {u}: {line}" for u, lines in
+                                                                  out["units"].items() for line in lines])
+    emit(out, as_json, human)
+
+
+def _engine(inventory_file: str | None):
+    from orchestrator.apply import make_engine
+    from orchestrator.inventory import load_inventory
+
+    inv = load_inventory(_inventory_path(inventory_file))
+    return make_engine(_paths(), inv, None, Progress()), inv
+
+
+@cli.command("status")
+@click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--unit", "units", multiple=True)
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
+    """What rt-tune has changed on each unit (kept changes), unit states and locks, from the journal."""
+    engine, inv = _engine(inventory_file)
+    j = engine.journal
+    states = j.unit_states()
+    data = {}
+    table = Table("unit", "state", "kept changes", "in flight", "lock")
+    for unit in _units(inv, units):
+        kept = [r.change_id for r in j.active_changes(unit)]
+        flight = [r.change_id for r in j.incomplete(unit)]
+        lock = j.lock_info(unit)
+        st = states.get(unit)
+        data[unit] = {"state": st.state if st else None, "detail": st.detail if st else None, "kept": kept,
+                      "in_flight": flight, "lock": lock.lock_id if lock else None}
+        table.add_row(unit, st.state if st else "-", "\n".join(kept) or "-", "\n".join(flight) or "-",
+                      lock.lock_id if lock else "-")
+    emit(data, as_json, table)
+
+
+@cli.command("rollback")
+@click.argument("unit")
+@click.option("--all", "all_", is_flag=True, help="Undo every kept change, newest first.")
+@click.option("--change", "change_id", default=None, help="Undo one kept change (its id from `tune status`).")
+@click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--force-unlock", default=None, metavar="LOCK_ID")
+@click.option("--json", "as_json", is_flag=True)
+def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: str | None,
+                 force_unlock: str | None, as_json: bool) -> None:
+    """Return UNIT to its state before rt-tune: every kept change (--all) or one (--change ID)."""
+    from orchestrator.errors import InputError
+
+    if all_ == (change_id is not None):
+        raise InputError("give exactly one of --all or --change ID")
+    engine, _ = _engine(inventory_file)
+    undone = engine.rollback(unit, change_id, force_unlock=force_unlock)
+    emit({"unit": unit, "rolled_back": undone}, as_json, f"{unit}: rolled back {', '.join(undone) or 'nothing'}")
+
+
+@cli.command("verify")
+@click.argument("unit")
+@click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(unit: str, inventory_file: str | None, as_json: bool) -> None:
+    """Compare UNIT's live state with the journal; drift marks the unit degraded (nothing is overwritten)."""
+    engine, _ = _engine(inventory_file)
+    report = engine.verify(unit)
+    table = Table("change", "target", "in place")
+    for r in report:
+        table.add_row(r["change"], r["target"], "yes" if r["in_place"] else "DRIFTED")
+    emit(report, as_json, table)
+    if any(not r["in_place"] for r in report):
+        sys.exit(8)
 
 
 # ---- measurement -----------------------------------------------------------------------------------------

@@ -375,8 +375,9 @@ class Lab:
             unit = units.setdefault(rec.unit, {
                 "power_cycle": [sys.executable, "-m", "orchestrator", "lab", "power-cycle", f"{rec.unit}-host",
                                 "--no-wait"],
-                "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "qemu_service": QEMU_SERVICE,
-                         "lab": True},
+                "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "guest_rt_cpus": "1",
+                         "cpus": ROLE_CPUS["host"], "guest_cpus": ROLE_CPUS["guest"],
+                         "qemu_service": QEMU_SERVICE, "lab": True},
             })
             unit[rec.role] = ep
         doc = {"units": {u: units[u] for u in sorted(units)}, "groups": {"lab": sorted(units)}}

@@ -1,0 +1,307 @@
+"""The apply loop: for each change of a profile, plan -> journal the intent -> apply -> verify -> measure before
+and after (interleaved) -> decide -> keep or roll back -> journal. Also reconcile, rollback, verify and status.
+
+Every remote change is journaled (with the exact previous state) before it is made, so a controller that dies
+mid-change is followed by a run that finds the record and undoes it (`reconcile`). A lock in the journal keeps
+two controllers off one unit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from orchestrator.changes import (Change, ChangeError, IrqAffinityChange, ServiceDisableChange, SysctlChange,
+                                  VcpuPinningChange)
+from orchestrator.decide import MeasurementPlan, SequentialDecision
+from orchestrator.errors import InputError, TuneError
+from orchestrator.events import Event, EventSink, discard
+from orchestrator.inventory import Inventory
+from orchestrator.journal import ChangeRecord, Journal
+from orchestrator.measure.model import LatencyResult
+from orchestrator.measure.runner import measure
+from orchestrator.profile import ChangeSpec, load_profile, resolve
+from orchestrator.transport import SSHTransport, Transport
+
+MARKER = "/var/lib/rt-tune/changes.json"
+Status = Literal["kept", "rolled_back", "noop", "failed", "skipped", "planned"]
+Connect = Callable[[Inventory, str, str], Transport]
+
+
+def ssh_connect(inv: Inventory, unit: str, target: str) -> Transport:
+    return SSHTransport(inv.endpoint(unit, target))  # type: ignore[arg-type]
+
+
+def build_change(kind: str, params: dict[str, Any]) -> Change | None:
+    """The Change for a resolved profile entry; None for kinds that need a trial boot (issue #5)."""
+    if kind == "sysctl":
+        return SysctlChange(params["name"], str(params["value"]))
+    if kind == "service_disable":
+        return ServiceDisableChange(params["unit"], mask=bool(params.get("mask", False)))
+    if kind == "vcpu_pinning":
+        return VcpuPinningChange(params["service"], list(params["cpus"]))
+    if kind == "irq_affinity":
+        return IrqAffinityChange(list(params["housekeeping"]))
+    if kind in ("cmdline", "wfx_notrap"):
+        return None
+    raise InputError(f"unknown change kind {kind!r}")
+
+
+class ChangeOutcome(BaseModel):
+    id: str
+    target: str
+    kind: str
+    description: str
+    status: Status
+    reason: str = ""
+    journal_id: int | None = None
+    decision: dict | None = None
+    before: list[LatencyResult] = []
+    after: list[LatencyResult] = []
+
+    def figures(self) -> dict[str, float | None]:
+        import statistics
+
+        def med(rs: list[LatencyResult], key: str) -> float | None:
+            vals = [getattr(r.all, key) for r in rs if getattr(r.all, key) is not None]
+            return statistics.median(vals) if vals else None
+
+        return {f"{side}_{k}": med(rs, k) for side, rs in (("before", self.before), ("after", self.after))
+                for k in ("p999_us", "max_us")}
+
+
+class ApplyResult(BaseModel):
+    unit: str
+    profile: str
+    dry_run: bool
+    reconciled: list[int] = []
+    outcomes: list[ChangeOutcome]
+
+
+@dataclass
+class Engine:
+    inventory: Inventory
+    journal: Journal
+    plan: MeasurementPlan
+    artifacts: Path
+    events: EventSink = discard
+    connect: Connect = ssh_connect
+
+    def _emit(self, kind: str, subject: str, message: str, **data: Any) -> None:
+        event = Event(kind, subject, message, data=data)
+        self.journal(event)
+        self.events(event)
+
+    # ---- apply ---------------------------------------------------------------------------------------
+    def specs(self, unit: str, profile_path: Path) -> list[ChangeSpec]:
+        spec = self.inventory.unit(unit)
+        cpus = spec.vars.get("cpus")
+        profile = load_profile(profile_path, spec.vars, int(cpus) if cpus is not None else None)
+        return resolve(profile, unit, spec)
+
+    def apply(self, unit: str, profile_path: Path, *, dry_run: bool = False,
+              force_unlock: str | None = None) -> ApplyResult:
+        specs = self.specs(unit, profile_path)  # all input errors before any SSH
+        if dry_run:
+            return ApplyResult(unit=unit, profile=str(profile_path), dry_run=True,
+                               outcomes=self._plan_only(unit, specs))
+        with self.journal.acquire_lock(unit, force_unlock=force_unlock):
+            reconciled = self.reconcile(unit)
+            run_id = self.journal.begin_run(unit, str(profile_path), controller="tune apply")
+            outcomes: list[ChangeOutcome] = []
+            status = "done"
+            try:
+                for spec in specs:
+                    outcome = self._one(unit, run_id, spec)
+                    outcomes.append(outcome)
+                    if outcome.status == "failed":
+                        status = "degraded"
+            except BaseException:
+                self.journal.end_run(run_id, "interrupted")
+                raise
+            self.journal.end_run(run_id, status)
+            self.journal.set_unit_state(unit, status, f"{sum(o.status == 'kept' for o in outcomes)} kept")
+        return ApplyResult(unit=unit, profile=str(profile_path), dry_run=False, reconciled=reconciled,
+                           outcomes=outcomes)
+
+    def _plan_only(self, unit: str, specs: list[ChangeSpec]) -> list[ChangeOutcome]:
+        out = []
+        conns: dict[str, Transport] = {}
+        try:
+            for spec in specs:
+                change = build_change(spec.kind, spec.params)
+                if change is None:
+                    out.append(ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, status="skipped",
+                                             description=spec.id, reason="needs a trial boot (issue #5)"))
+                    continue
+                t = conns.get(spec.target) or conns.setdefault(spec.target, self.connect(self.inventory, unit,
+                                                                                         spec.target))
+                plan = change.plan(t)
+                out.append(ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, description=plan.summary,
+                                         status="noop" if plan.noop else "planned",
+                                         reason=json.dumps({"before": plan.before, "desired": plan.desired})[:500]))
+        finally:
+            for t in conns.values():
+                t.close()
+        return out
+
+    def _measure_target(self, unit: str) -> str:
+        return "guest" if self.inventory.unit(unit).guest is not None else "host"
+
+    def _one(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
+        subject = f"{unit}.{spec.target}"
+        change = build_change(spec.kind, spec.params)
+        base = dict(id=spec.id, target=spec.target, kind=spec.kind)
+        if change is None:
+            self._emit("change.skipped", subject, f"{spec.id}: needs a trial boot (issue #5)")
+            return ChangeOutcome(**base, description=spec.id, status="skipped",
+                                 reason="kernel cmdline and WFI/WFE changes need trial boots (issue #5)")
+        with self.connect(self.inventory, unit, spec.target) as t:
+            plan = change.plan(t)
+            if plan.noop:
+                self._emit("change.noop", subject, plan.summary)
+                return ChangeOutcome(**base, description=change.describe(), status="noop", reason="already in place")
+            rec = self.journal.record_intent(run_id, unit, spec.target, spec.id, spec.kind, before=plan.before,
+                                             desired={"params": spec.params, "state": plan.desired})
+            self._emit("change.intent", subject, change.describe(), journal_id=rec)
+            try:
+                change.apply(t, plan.before)
+                self.journal.mark(rec, "applied")
+                live = change.verify(t, plan)
+                self.journal.mark(rec, "verified", after=live)
+            except (TuneError, KeyError, ValueError) as exc:
+                return self._fail(t, change, plan.before, rec, base, exc)
+            applied = True
+            seq = SequentialDecision(self.plan.decision)
+            mtarget = self._measure_target(unit)
+            with self.connect(self.inventory, unit, mtarget) as mt:
+                try:
+                    while (side := seq.next_side()) is not None:
+                        want = side == "after"
+                        if want != applied:
+                            if want:
+                                change.apply(t, plan.before)
+                                change.verify(t, plan)
+                            else:
+                                change.rollback(t, plan.before)
+                            applied = want
+                        result = measure(mt, self.plan.cyclictest, self.plan.load, target=f"{unit}.{mtarget}",
+                                         artifacts=self.artifacts, events=self.events)
+                        seq.add(side, result)
+                        self._emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
+                                   side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
+                except (TuneError, KeyError, ValueError) as exc:
+                    return self._fail(t, change, plan.before, rec, base, exc)
+                except BaseException:  # Ctrl-C: undo now rather than leave it to the next run's reconcile
+                    self._fail(t, change, plan.before, rec, base, TuneError("interrupted"))
+                    raise
+            decision = seq.decision
+            assert decision is not None
+            dec = json.loads(decision.model_dump_json())
+            if decision.action == "keep":
+                if not applied:
+                    change.apply(t, plan.before)
+                change.verify(t, plan)
+                self.journal.mark(rec, "kept", decision=dec)
+                status: Status = "kept"
+            else:
+                if applied:
+                    change.rollback(t, plan.before)
+                change.verify_rolled_back(t, plan.before)
+                self.journal.mark(rec, "rolled_back", decision=dec)
+                status = "rolled_back"
+            self._write_marker(t, unit, spec.target)
+            self._emit(f"change.{status}", subject, f"{change.describe()}: {decision.verdict} -> {status}",
+                       journal_id=rec)
+            return ChangeOutcome(**base, description=change.describe(), status=status, reason=decision.reason,
+                                 journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
+
+    def _fail(self, t: Transport, change: Change, before: dict, rec: int, base: dict,
+              exc: BaseException) -> ChangeOutcome:
+        """Nothing stays half-applied: roll back to the journaled state, then record the failure."""
+        try:
+            change.rollback(t, before)
+            change.verify_rolled_back(t, before)
+            self.journal.mark(rec, "failed", error=str(exc))
+            reason = f"failed and rolled back: {exc}"
+        except (TuneError, KeyError, ValueError) as exc2:
+            self.journal.mark(rec, "failed", error=str(exc))
+            self.journal.mark(rec, "rollback_failed", error=f"{exc2}")
+            reason = f"failed: {exc}; ROLLBACK FAILED: {exc2}"
+        self._emit("change.failed", base["id"], reason, journal_id=rec)
+        return ChangeOutcome(**base, description=change.describe(), status="failed", reason=reason, journal_id=rec)
+
+    def _write_marker(self, t: Transport, unit: str, target: str) -> None:
+        """A marker on the unit naming what rt-tune changed there (for humans and other tools)."""
+        kept = [r for r in self.journal.active_changes(unit) if r.target == target]
+        doc = {"managed_by": "rt-tune", "unit": unit, "target": target, "updated_at": time.time(),
+               "changes": [{"id": r.change_id, "kind": r.kind, "journal_id": r.id,
+                            "desired": r.desired.get("params")} for r in kept]}
+        t.run(["mkdir", "-p", MARKER.rsplit("/", 1)[0]], timeout_s=30)
+        t.write_file(MARKER, (json.dumps(doc, indent=2) + "\n").encode())
+
+    # ---- reconcile / rollback / verify -------------------------------------------------------------------
+    def _undo(self, unit: str, rec: ChangeRecord, note: str) -> None:
+        change = build_change(rec.kind, rec.desired["params"])
+        if change is None:
+            return
+        with self.connect(self.inventory, unit, rec.target) as t:
+            change.rollback(t, rec.before)
+            change.verify_rolled_back(t, rec.before)
+            self.journal.mark(rec.id, "rolled_back", message=note)
+            self._write_marker(t, unit, rec.target)
+        self._emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
+
+    def reconcile(self, unit: str) -> list[int]:
+        """Changes a dead controller left in flight (intent/applied/verified) are undone to their journaled
+        previous state; the run that left them is closed."""
+        done = []
+        for rec in self.journal.incomplete(unit):
+            self._undo(unit, rec, "undone by reconcile: the controller stopped in the middle of this change")
+            done.append(rec.id)
+        for run in self.journal.open_runs(unit):
+            self.journal.end_run(run.id, "crashed")
+        return done
+
+    def rollback(self, unit: str, change_id: str | None = None, *, force_unlock: str | None = None) -> list[str]:
+        """Undo kept changes, newest first (all of them, or one by id)."""
+        undone = []
+        with self.journal.acquire_lock(unit, force_unlock=force_unlock):
+            self.reconcile(unit)
+            active = self.journal.active_changes(unit)
+            if change_id is not None:
+                active = [r for r in active if r.change_id == change_id]
+                if not active:
+                    raise InputError(f"no kept change {change_id!r} on unit {unit}; `tune status` lists them")
+            for rec in active:
+                self._undo(unit, rec, "rolled back on request")
+                undone.append(rec.change_id)
+            self.journal.set_unit_state(unit, "done", f"rolled back {len(undone)}")
+        return undone
+
+    def verify(self, unit: str) -> list[dict[str, Any]]:
+        """Compare the live state of every kept change with what the journal says; drift -> degraded, and
+        nothing is overwritten."""
+        report = []
+        drifted = 0
+        for rec in self.journal.active_changes(unit):
+            change = build_change(rec.kind, rec.desired["params"])
+            if change is None:
+                continue
+            with self.connect(self.inventory, unit, rec.target) as t:
+                live = change.read(t)
+            ok = change.in_place(live, rec.desired["state"])
+            drifted += not ok
+            report.append({"change": rec.change_id, "target": rec.target, "in_place": ok,
+                           "live": live if not ok else None})
+        state = "degraded" if drifted else "done"
+        self.journal.set_unit_state(unit, state, f"{drifted} change(s) drifted" if drifted else "verified")
+        if drifted:
+            self._emit("unit.degraded", unit, f"{drifted} kept change(s) drifted from the journal")
+        return report

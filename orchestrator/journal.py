@@ -1,0 +1,907 @@
+"""The journal: what the controller did to each unit, durably, in SQLite on the controller.
+
+Every remote change goes through a **change record**. The caller writes the intent (with the exact prior state,
+`before`) and the journal commits it to disk (WAL, `synchronous=FULL`) *before* the caller touches the unit;
+after each step the caller marks the record:
+
+    intent -> applied -> verified -> kept            (the evidence says it helps)
+                 |           |          |
+                 +-----------+----------+--> rolled_back | rollback_failed
+    intent -> failed | rolled_back                   (never applied, or found untouched when reconciling)
+    applied | verified -> failed                     (could not apply or verify it; the caller then undoes it:
+                                                       failed -> rolled_back | rollback_failed)
+    rollback_failed -> rolled_back | rollback_failed  (a later rollback attempt)
+
+Any other transition raises `InvalidTransition` (e.g. kept -> applied). A controller killed in the middle of a
+change (SIGKILL, power loss) leaves records in intent/applied/verified: `incomplete(unit)` returns them, and
+the next run must reconcile them (finish or undo, from `before`) before it may record new intents for that
+unit (`record_intent` refuses otherwise, with `UnreconciledError`).
+
+Locks: one row per unit under a UNIQUE constraint, taken inside `BEGIN IMMEDIATE`, so two controllers racing
+for one unit cannot both win. A lock that looks stale (its owner process is gone) is never taken silently:
+the caller must name its id (`force_unlock=LOCK_ID`, the CLI's `--force-unlock LOCK_ID`).
+
+Events: a `Journal` is an `EventSink`; every event it receives is stored in the `events` table, and the
+journal's own operations (runs, change transitions, unit states, locks) add rows in the same transaction as
+the change they describe, so `events_for(unit)` tells the whole story.
+
+Secrets: the journal stores what it is given. Callers must not put secrets (SSH keys, passwords, sudo
+passwords, command stdin) in event data, `before`/`desired`/`after` or `decision`. As a safety net, event
+data keys that name secrets (stdin, password, passphrase, secret, token, private_key, ...) and values that
+look like PEM private keys are replaced by "<redacted>", and raw bytes are never stored.
+
+Several processes may use one journal file at once: each `Journal` opens its own connection, every write is
+one `BEGIN IMMEDIATE` transaction, and `busy_timeout` makes writers wait for each other. One `Journal` may be
+shared between threads (calls are serialised); after `fork()` the child opens its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Self, get_args
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.errors import TuneError
+from orchestrator.events import Event, EventSink, discard
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class JournalError(TuneError):
+    """The journal refused an operation or could not be read or written (unknown record, bad state, I/O)."""
+
+    exit_code = 1
+
+
+class InvalidTransition(JournalError):
+    """A change record was asked to move to a state its current state does not lead to (e.g. kept -> applied)."""
+
+
+class UnreconciledError(JournalError):
+    """A unit still has changes a crashed controller left half done; they must be reconciled first."""
+
+
+class LockedError(TuneError):
+    """Another controller holds the unit's lock (or `--force-unlock` named the wrong lock)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, *, unit: str = "", lock_id: str = "", owner: str = "",
+                 since: float | None = None, stale: bool | None = None):
+        super().__init__(message)
+        self.unit = unit
+        self.lock_id = lock_id
+        self.owner = owner
+        self.since = since
+        self.stale = stale  # True: looks stale; False: holder alive on this host; None: cannot tell
+
+
+class LockLostError(LockedError):
+    """The lock this controller held is gone: released elsewhere or taken over with --force-unlock."""
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+ChangeState = Literal["intent", "applied", "verified", "kept", "rolled_back", "failed", "rollback_failed"]
+UnitStateName = Literal["pending", "working", "done", "degraded", "failed"]
+
+CHANGE_STATES: tuple[str, ...] = get_args(ChangeState)
+UNIT_STATES: tuple[str, ...] = get_args(UnitStateName)
+INCOMPLETE_STATES: tuple[str, ...] = ("intent", "applied", "verified")
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "intent": frozenset({"applied", "failed", "rolled_back"}),
+    "applied": frozenset({"verified", "failed", "rolled_back", "rollback_failed"}),
+    "verified": frozenset({"kept", "failed", "rolled_back", "rollback_failed"}),
+    "kept": frozenset({"rolled_back", "rollback_failed"}),
+    "failed": frozenset({"rolled_back", "rollback_failed"}),
+    "rollback_failed": frozenset({"rolled_back", "rollback_failed"}),
+    "rolled_back": frozenset(),
+}
+
+
+class ChangeRecord(BaseModel):
+    """One remote change and everything known about it. `before`/`desired`/`after` are opaque JSON."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    run_id: int
+    unit: str
+    target: str  # "host" / "guest"
+    change_id: str  # the profile's name for the change
+    kind: str  # "sysctl", "file", "service", "cmdline", ...
+    state: ChangeState
+    before: dict[str, Any]  # the exact prior state, enough to undo the change
+    desired: dict[str, Any]
+    after: dict[str, Any] | None = None  # the state seen after applying (or after a rollback)
+    decision: dict[str, Any] | None = None  # the keep/rollback decision and its evidence
+    error: str | None = None
+    times: dict[str, float]  # state -> when the record (last) entered it (epoch seconds)
+    created_at: float
+    updated_at: float
+
+    @property
+    def incomplete(self) -> bool:
+        return self.state in INCOMPLETE_STATES
+
+
+class RunRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    unit: str
+    profile: str
+    controller: str
+    status: str  # "running" until end_run
+    started_at: float
+    ended_at: float | None = None
+
+
+class UnitState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    unit: str
+    state: UnitStateName
+    detail: str = ""
+    updated_at: float
+
+
+class EventRecord(BaseModel):
+    """A stored event. `run_id` is the run it happened in, when known."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    run_id: int | None = None
+    kind: str
+    subject: str
+    message: str = ""
+    data: dict[str, Any] = {}
+    done: float | None = None
+    total: float | None = None
+    at: float
+
+    def to_event(self) -> Event:
+        return Event(self.kind, self.subject, self.message, dict(self.data), self.done, self.total, self.at)
+
+
+@dataclass
+class Lock:
+    """A held unit lock. A context manager: leaving the `with` block releases it."""
+
+    unit: str
+    lock_id: str
+    owner: str  # "host:pid"
+    acquired_at: float
+    heartbeat_at: float
+    _journal: Journal | None = field(default=None, repr=False, compare=False)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._journal is not None:
+            self._journal.release_lock(self)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A lock as stored, with the staleness verdict seen from this machine."""
+
+    unit: str
+    lock_id: str
+    owner: str
+    acquired_at: float
+    heartbeat_at: float
+    stale: bool | None  # True: looks stale; False: holder alive on this host; None: cannot tell
+    why: str  # one sentence explaining `stale`
+
+
+# --------------------------------------------------------------------------------------------------- schema
+
+
+def _migrate_1(conn: sqlite3.Connection) -> None:
+    states = ", ".join(f"'{s}'" for s in CHANGE_STATES)
+    unit_states = ", ".join(f"'{s}'" for s in UNIT_STATES)
+    script = f"""
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            unit TEXT NOT NULL,
+            profile TEXT NOT NULL,
+            controller TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'running',
+            started_at REAL NOT NULL,
+            ended_at REAL
+        );
+        CREATE INDEX runs_unit ON runs(unit, id);
+        CREATE TABLE changes (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            unit TEXT NOT NULL,
+            target TEXT NOT NULL,
+            change_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ({states})),
+            before TEXT NOT NULL,
+            desired TEXT NOT NULL,
+            after TEXT,
+            decision TEXT,
+            error TEXT,
+            times TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX changes_unit_state ON changes(unit, state, id);
+        CREATE INDEX changes_unit_change ON changes(unit, change_id, id);
+        CREATE TABLE unit_states (
+            unit TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ({unit_states})),
+            detail TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE locks (
+            unit TEXT NOT NULL UNIQUE,
+            lock_id TEXT NOT NULL UNIQUE,
+            owner TEXT NOT NULL,
+            owner_start TEXT,
+            acquired_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        );
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            message TEXT NOT NULL DEFAULT '',
+            data TEXT NOT NULL DEFAULT '{{}}',
+            done REAL,
+            total REAL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX events_subject ON events(subject, id);
+        CREATE INDEX events_run ON events(run_id, id);
+    """
+    # statement by statement: executescript() would COMMIT the caller's transaction first
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# The migration hook: MIGRATIONS[i] takes a database at schema version i to version i + 1. It runs inside the
+# opening connection's BEGIN IMMEDIATE transaction (so two processes opening a new file cannot both migrate).
+# Add a function at the end to change the schema; never edit one that has shipped.
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = [_migrate_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+_SECRET_KEY = re.compile(
+    r"(^|[_\-.])(stdin|password|passwd|passphrase|secret|secrets|token|private_?key|pkey|key_?material|"
+    r"credentials?|authorization)($|[_\-.])",
+    re.IGNORECASE,
+)
+_PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+REDACTED = "<redacted>"
+
+
+def _scrub(value: Any) -> Any:
+    """Event data made safe to store: secret-named keys and private keys redacted, bytes never stored."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): (REDACTED if _SECRET_KEY.search(str(k)) else _scrub(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(v) for v in value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(bytes(value))} bytes not stored>"
+    if isinstance(value, str) and _PEM_PRIVATE.search(value):
+        return REDACTED
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)  # Path, enum, datetime, ...
+
+
+def _dump_strict(value: Any, what: str) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if not isinstance(value, dict):
+        raise JournalError(f"{what} must be a JSON object (dict), not {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise JournalError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def default_owner() -> str:
+    """This process as a lock owner: "host:pid"."""
+    return f"{this_host()}:{os.getpid()}"
+
+
+def _parse_owner(owner: str) -> tuple[str, int | None]:
+    host, sep, pid = owner.rpartition(":")
+    if not sep or not pid.isdigit():
+        return owner, None
+    return host, int(pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    # a zombie (killed, not yet reaped by its parent) is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _pid_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (with the boot id), to detect a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rpartition(")")[2].split()
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        return f"{boot}:{fields[19]}"  # field 22 of stat; fields[0] is field 3
+    except (OSError, IndexError):
+        return None
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _judge_owner(owner: str, owner_start: str | None) -> tuple[bool | None, str]:
+    host, pid = _parse_owner(owner)
+    if pid is None:
+        return None, f"its owner {owner!r} is not host:pid, so whether it is stale is unknown"
+    if host != this_host():
+        return None, f"it is held from another host ({host}): whether it is stale cannot be told from here"
+    if not _pid_alive(pid):
+        return True, f"it looks stale: process {pid} is no longer running on this host"
+    if owner_start is not None and _pid_start(pid) not in (None, owner_start):
+        return True, f"it looks stale: process {pid} on this host is a different process now (pid reused)"
+    return False, f"process {pid} is still running on this host"
+
+
+def _row_change(row: sqlite3.Row) -> ChangeRecord:
+    return ChangeRecord(
+        id=row["id"], run_id=row["run_id"], unit=row["unit"], target=row["target"], change_id=row["change_id"],
+        kind=row["kind"], state=row["state"], before=_load(row["before"]), desired=_load(row["desired"]),
+        after=_load(row["after"]), decision=_load(row["decision"]), error=row["error"],
+        times=_load(row["times"]), created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def _row_run(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(id=row["id"], unit=row["unit"], profile=row["profile"], controller=row["controller"],
+                     status=row["status"], started_at=row["started_at"], ended_at=row["ended_at"])
+
+
+# --------------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """The controller's journal (one SQLite file, e.g. `Paths.state / "journal.db"`).
+
+    `notify` receives the events the journal itself generates (for a progress display); it must not be this
+    journal, nor forward to it (events the journal is given are stored once either way)."""
+
+    def __init__(self, path: Path | str, *, notify: EventSink = discard, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._notify = notify
+        self._busy_timeout_s = busy_timeout_s
+        self._mutex = threading.RLock()
+        self._open_runs: dict[int, str] = {}  # runs begun by this instance and not ended: run_id -> unit
+        self._emitting: set[int] = set()  # ids of events being forwarded to `notify` (loop guard)
+        self._abandoned: list[sqlite3.Connection] = []  # connections inherited across fork(): never used again
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal's directory {self.path.parent}: {exc}") from exc
+        self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._conn = self._connect()
+        self._migrate()
+
+    # ----------------------------------------------------------------------------------- connection plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.close()
+                raise JournalError(f"journal {self.path}: SQLite refused WAL mode (got {mode!r}); "
+                                   "is it on a filesystem without shared memory (e.g. NFS)?")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise JournalError(f"journal {self.path} is closed")
+        if os.getpid() != self._pid:  # forked: a SQLite connection must not cross fork()
+            self._abandoned.append(self._conn)
+            self._pid = os.getpid()
+            self._open_runs = {}
+            self._conn = self._connect()
+        return self._conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any exception."""
+        with self._mutex:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise JournalError(f"journal {self.path}: cannot start a write transaction: {exc}") from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise JournalError(f"journal {self.path}: {exc}") from exc
+                raise
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._mutex:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise JournalError(f"journal {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        with self._tx() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else row[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"journal {self.path} has schema version {version}, newer than this "
+                                   f"rt-tune understands ({SCHEMA_VERSION}): upgrade rt-tune")
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](conn)
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    @property
+    def schema_version(self) -> int:
+        return self._query("SELECT version FROM schema_version")[0][0]
+
+    def pragma(self, name: str) -> Any:
+        """The connection's value of a PRAGMA (journal_mode, synchronous, busy_timeout, ...)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return self._query(f"PRAGMA {name}")[0][0]
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None and os.getpid() == self._pid:
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- events
+
+    def _insert_event(self, conn: sqlite3.Connection, event: Event, run_id: int | None) -> None:
+        data = json.dumps(_scrub(event.data), sort_keys=True, separators=(",", ":"))
+        conn.execute(
+            "INSERT INTO events (run_id, kind, subject, message, data, done, total, at) VALUES (?,?,?,?,?,?,?,?)",
+            (run_id, event.kind, event.subject, event.message, data, event.done, event.total, event.at),
+        )
+
+    def _run_for_subject(self, subject: str) -> int | None:
+        for run_id, unit in self._open_runs.items():
+            if subject == unit or subject.startswith(unit + "."):
+                return run_id
+        return None
+
+    def _forward(self, events: list[Event]) -> None:
+        for event in events:
+            self._emitting.add(id(event))
+            try:
+                self._notify(event)
+            finally:
+                self._emitting.discard(id(event))
+
+    def __call__(self, event: Event) -> None:
+        """EventSink: store the event (callers must keep secrets out of `event.data`; see the module doc)."""
+        if id(event) in self._emitting:  # our own event coming back through a forwarding sink: stored already
+            return
+        with self._tx() as conn:
+            self._insert_event(conn, event, self._run_for_subject(event.subject))
+
+    def events_for(self, unit: str, *, run_id: int | None = None) -> list[EventRecord]:
+        """Events about a unit (subject `unit` or `unit.<target>`), oldest first; optionally of one run."""
+        sql = "SELECT * FROM events WHERE (subject = ? OR substr(subject, 1, ?) = ?)"
+        params: tuple[Any, ...] = (unit, len(unit) + 1, unit + ".")
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params += (run_id,)
+        return [self._row_event(r) for r in self._query(sql + " ORDER BY id", params)]
+
+    def events(self, *, run_id: int | None = None, since_id: int = 0) -> list[EventRecord]:
+        sql, params = "SELECT * FROM events WHERE id > ?", (since_id,)
+        if run_id is not None:
+            sql, params = sql + " AND run_id = ?", (since_id, run_id)
+        return [self._row_event(r) for r in self._query(sql + " ORDER BY id", params)]
+
+    @staticmethod
+    def _row_event(row: sqlite3.Row) -> EventRecord:
+        return EventRecord(id=row["id"], run_id=row["run_id"], kind=row["kind"], subject=row["subject"],
+                           message=row["message"], data=_load(row["data"]), done=row["done"],
+                           total=row["total"], at=row["at"])
+
+    # ----------------------------------------------------------------------------------- runs
+
+    def begin_run(self, unit: str, profile: str, controller: str) -> int:
+        now = time.time()
+        ev = Event("journal.run.begin", unit, f"run of profile {profile} by {controller}",
+                   {"profile": profile, "controller": controller}, at=now)
+        with self._tx() as conn:
+            cur = conn.execute("INSERT INTO runs (unit, profile, controller, started_at) VALUES (?,?,?,?)",
+                               (unit, profile, controller, now))
+            run_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            ev = Event(ev.kind, ev.subject, ev.message, {**ev.data, "run_id": run_id}, at=now)
+            self._insert_event(conn, ev, run_id)
+        self._open_runs[run_id] = unit
+        self._forward([ev])
+        return run_id
+
+    def end_run(self, run_id: int, status: str) -> RunRecord:
+        if not status or status == "running":
+            raise JournalError(f"end_run: {status!r} is not a final run status")
+        now = time.time()
+        with self._tx() as conn:
+            run = self._get_run(conn, run_id)
+            if run.status != "running":
+                raise JournalError(f"run {run_id} already ended ({run.status})")
+            conn.execute("UPDATE runs SET status = ?, ended_at = ? WHERE id = ?", (status, now, run_id))
+            ev = Event("journal.run.end", run.unit, f"run {run_id} ended: {status}",
+                       {"run_id": run_id, "status": status}, at=now)
+            self._insert_event(conn, ev, run_id)
+        self._open_runs.pop(run_id, None)
+        self._forward([ev])
+        return self.get_run(run_id)
+
+    @staticmethod
+    def _get_run(conn: sqlite3.Connection, run_id: int) -> RunRecord:
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise JournalError(f"no run {run_id} in the journal")
+        return _row_run(row)
+
+    def get_run(self, run_id: int) -> RunRecord:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise JournalError(f"no run {run_id} in the journal")
+        return _row_run(rows[0])
+
+    def runs(self, unit: str | None = None) -> list[RunRecord]:
+        """Runs, newest first."""
+        if unit is None:
+            return [_row_run(r) for r in self._query("SELECT * FROM runs ORDER BY id DESC")]
+        return [_row_run(r) for r in self._query("SELECT * FROM runs WHERE unit = ? ORDER BY id DESC", (unit,))]
+
+    def open_runs(self, unit: str | None = None) -> list[RunRecord]:
+        """Runs still 'running': in progress, or left by a controller that died (reconcile, then end them)."""
+        return [r for r in self.runs(unit) if r.status == "running"]
+
+    # ----------------------------------------------------------------------------------- change records
+
+    def record_intent(self, run_id: int, unit: str, target: str, change_id: str, kind: str,
+                      before: dict[str, Any], desired: dict[str, Any]) -> int:
+        """Write (and fsync) the intent to change `unit`; returns the record id. Call BEFORE touching the unit.
+
+        `before` is the exact prior state, enough to undo the change. Refused while the unit has incomplete
+        records from another run (a crashed controller's): reconcile those first."""
+        before_json = _dump_strict(before, "before")
+        desired_json = _dump_strict(desired, "desired")
+        now = time.time()
+        with self._tx() as conn:
+            run = self._get_run(conn, run_id)
+            if run.unit != unit:
+                raise JournalError(f"run {run_id} is a run of unit {run.unit}, not {unit}")
+            if run.status != "running":
+                raise JournalError(f"run {run_id} has ended ({run.status}): begin a new run")
+            left = conn.execute(
+                f"SELECT id, change_id, state, run_id FROM changes WHERE unit = ? AND run_id != ? "
+                f"AND state IN ({','.join('?' * len(INCOMPLETE_STATES))}) ORDER BY id",
+                (unit, run_id, *INCOMPLETE_STATES),
+            ).fetchall()
+            if left:
+                listed = ", ".join(f"#{r['id']} {r['change_id']} ({r['state']}, run {r['run_id']})" for r in left)
+                raise UnreconciledError(f"unit {unit} has changes left half done by an earlier run: {listed}; "
+                                        "reconcile them (finish or undo) before making new changes")
+            cur = conn.execute(
+                "INSERT INTO changes (run_id, unit, target, change_id, kind, state, before, desired, times, "
+                "created_at, updated_at) VALUES (?,?,?,?,?,'intent',?,?,?,?,?)",
+                (run_id, unit, target, change_id, kind, before_json, desired_json, json.dumps({"intent": now}),
+                 now, now),
+            )
+            rec_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            ev = Event("journal.change.intent", f"{unit}.{target}", f"intent: {change_id} ({kind})",
+                       {"rec_id": rec_id, "run_id": run_id, "change_id": change_id, "kind": kind,
+                        "target": target, "desired": _load(desired_json)}, at=now)
+            self._insert_event(conn, ev, run_id)
+        self._forward([ev])
+        return rec_id
+
+    def mark(self, rec_id: int, state: ChangeState, *, after: dict[str, Any] | None = None,
+             decision: dict[str, Any] | None = None, error: str | None = None, message: str = "") -> ChangeRecord:
+        """Move a change record to `state` (see TRANSITIONS), recording when, and optionally the state seen
+        `after`, the `decision` (JSON) and an `error`. Invalid transitions raise `InvalidTransition`."""
+        if state not in CHANGE_STATES:
+            raise InvalidTransition(f"unknown change state {state!r} (one of {', '.join(CHANGE_STATES)})")
+        after_json = None if after is None else _dump_strict(after, "after")
+        decision_json = None if decision is None else _dump_strict(decision, "decision")
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM changes WHERE id = ?", (rec_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no change record {rec_id} in the journal")
+            rec = _row_change(row)
+            if state not in TRANSITIONS[rec.state]:
+                allowed = ", ".join(sorted(TRANSITIONS[rec.state])) or "nothing (final)"
+                raise InvalidTransition(f"change record {rec_id} ({rec.unit} {rec.change_id}) cannot go from "
+                                        f"{rec.state} to {state}; from {rec.state} it can go to: {allowed}")
+            times = {**rec.times, state: now}
+            conn.execute(
+                "UPDATE changes SET state = ?, times = ?, updated_at = ?, after = COALESCE(?, after), "
+                "decision = COALESCE(?, decision), error = COALESCE(?, error) WHERE id = ?",
+                (state, json.dumps(times), now, after_json, decision_json, error, rec_id),
+            )
+            data: dict[str, Any] = {"rec_id": rec_id, "run_id": rec.run_id, "change_id": rec.change_id,
+                                    "kind": rec.kind, "target": rec.target, "from": rec.state, "to": state}
+            if after_json is not None:
+                data["after"] = _load(after_json)
+            if decision_json is not None:
+                data["decision"] = _load(decision_json)
+            if error is not None:
+                data["error"] = error
+            text = message or f"{rec.change_id}: {rec.state} -> {state}" + (f": {error}" if error else "")
+            ev = Event(f"journal.change.{state}", f"{rec.unit}.{rec.target}", text, data, at=now)
+            self._insert_event(conn, ev, rec.run_id)
+        self._forward([ev])
+        return self.get(rec_id)
+
+    def get(self, rec_id: int) -> ChangeRecord:
+        rows = self._query("SELECT * FROM changes WHERE id = ?", (rec_id,))
+        if not rows:
+            raise JournalError(f"no change record {rec_id} in the journal")
+        return _row_change(rows[0])
+
+    def find(self, unit: str, change_id: str) -> ChangeRecord | None:
+        """The newest record of `change_id` on `unit` (a change may have been made, undone and made again)."""
+        rows = self._query("SELECT * FROM changes WHERE unit = ? AND change_id = ? ORDER BY id DESC LIMIT 1",
+                           (unit, change_id))
+        return _row_change(rows[0]) if rows else None
+
+    def history(self, unit: str) -> list[ChangeRecord]:
+        """Every change record of the unit, oldest first."""
+        return [_row_change(r) for r in self._query("SELECT * FROM changes WHERE unit = ? ORDER BY id", (unit,))]
+
+    def _in_states(self, unit: str, states: tuple[str, ...], order: str) -> list[ChangeRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self._query(f"SELECT * FROM changes WHERE unit = ? AND state IN ({marks}) ORDER BY id {order}",
+                           (unit, *states))
+        return [_row_change(r) for r in rows]
+
+    def incomplete(self, unit: str) -> list[ChangeRecord]:
+        """Records in intent/applied/verified, oldest first: what a crashed controller left; reconcile them."""
+        return self._in_states(unit, INCOMPLETE_STATES, "ASC")
+
+    def active_changes(self, unit: str) -> list[ChangeRecord]:
+        """Kept changes, newest first: the order `rollback --all` undoes them in."""
+        return self._in_states(unit, ("kept",), "DESC")
+
+    def needs_attention(self, unit: str) -> list[ChangeRecord]:
+        """Changes whose rollback failed (the unit's state is not what the journal can vouch for), oldest first."""
+        return self._in_states(unit, ("rollback_failed",), "ASC")
+
+    def units(self) -> list[str]:
+        """Every unit the journal knows of (runs, states or locks)."""
+        rows = self._query("SELECT unit FROM runs UNION SELECT unit FROM unit_states UNION SELECT unit FROM locks "
+                           "ORDER BY unit")
+        return [r[0] for r in rows]
+
+    # ----------------------------------------------------------------------------------- unit states
+
+    def set_unit_state(self, unit: str, state: UnitStateName, detail: str = "") -> UnitState:
+        if state not in UNIT_STATES:
+            raise JournalError(f"unknown unit state {state!r} (one of {', '.join(UNIT_STATES)})")
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO unit_states (unit, state, detail, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(unit) DO UPDATE SET state = excluded.state, detail = excluded.detail, "
+                "updated_at = excluded.updated_at",
+                (unit, state, detail, now),
+            )
+            ev = Event("journal.unit.state", unit, f"{state}" + (f": {detail}" if detail else ""),
+                       {"state": state, "detail": detail}, at=now)
+            self._insert_event(conn, ev, self._run_for_subject(unit))
+        self._forward([ev])
+        return UnitState(unit=unit, state=state, detail=detail, updated_at=now)
+
+    def unit_states(self) -> dict[str, UnitState]:
+        rows = self._query("SELECT * FROM unit_states ORDER BY unit")
+        return {r["unit"]: UnitState(unit=r["unit"], state=r["state"], detail=r["detail"],
+                                     updated_at=r["updated_at"]) for r in rows}
+
+    def unit_state(self, unit: str) -> UnitState | None:
+        return self.unit_states().get(unit)
+
+    # ----------------------------------------------------------------------------------- locks
+
+    @staticmethod
+    def _lock_info(row: sqlite3.Row) -> LockInfo:
+        stale, why = _judge_owner(row["owner"], row["owner_start"])
+        return LockInfo(unit=row["unit"], lock_id=row["lock_id"], owner=row["owner"],
+                        acquired_at=row["acquired_at"], heartbeat_at=row["heartbeat_at"], stale=stale, why=why)
+
+    def locks(self) -> list[LockInfo]:
+        return [self._lock_info(r) for r in self._query("SELECT * FROM locks ORDER BY unit")]
+
+    def lock_info(self, unit: str) -> LockInfo | None:
+        rows = self._query("SELECT * FROM locks WHERE unit = ?", (unit,))
+        return self._lock_info(rows[0]) if rows else None
+
+    @staticmethod
+    def _locked_error(info: LockInfo, now: float) -> LockedError:
+        msg = (f"unit {info.unit} is locked by {info.owner} (lock ID {info.lock_id}, since {_when(info.acquired_at)}, "
+               f"last heartbeat {_ago(now - info.heartbeat_at)}); {info.why}. If no other controller is tuning "
+               f"{info.unit}, rerun with --force-unlock {info.lock_id} to take it over.")
+        return LockedError(msg, unit=info.unit, lock_id=info.lock_id, owner=info.owner, since=info.acquired_at,
+                           stale=info.stale)
+
+    def acquire_lock(self, unit: str, owner: str | None = None, *, force_unlock: str | None = None) -> Lock:
+        """Take the unit's lock for `owner` ("host:pid", default: this process).
+
+        Raises `LockedError` when another lock is held (its message names holder, lock id, since when and
+        whether it looks stale). With `force_unlock=LOCK_ID` the current lock is taken over, but only if
+        LOCK_ID is its id; when the unit is not locked at all, the lock is simply taken."""
+        owner = owner or default_owner()
+        host, pid = _parse_owner(owner)
+        owner_start = _pid_start(pid) if pid is not None and host == this_host() and _pid_alive(pid) else None
+        lock_id = secrets.token_hex(4)
+        now = time.time()
+        refused: LockedError | None = None
+        events: list[Event] = []
+        try:
+            with self._tx() as conn:
+                row = conn.execute("SELECT * FROM locks WHERE unit = ?", (unit,)).fetchone()
+                if row is not None:
+                    info = self._lock_info(row)
+                    if force_unlock is None:
+                        refused = self._locked_error(info, now)
+                        raise refused
+                    if force_unlock != info.lock_id:
+                        refused = LockedError(
+                            f"--force-unlock {force_unlock} does not match the lock on unit {unit}: it is lock "
+                            f"ID {info.lock_id}, held by {info.owner} since {_when(info.acquired_at)}; "
+                            f"{info.why}. Check the holder, then rerun with --force-unlock {info.lock_id}.",
+                            unit=unit, lock_id=info.lock_id, owner=info.owner, since=info.acquired_at,
+                            stale=info.stale)
+                        raise refused
+                    conn.execute("DELETE FROM locks WHERE unit = ? AND lock_id = ?", (unit, info.lock_id))
+                    ev = Event("journal.lock.forced", unit,
+                               f"lock {info.lock_id} of {info.owner} taken over by {owner} (--force-unlock)",
+                               {"old_lock_id": info.lock_id, "old_owner": info.owner, "old_stale": info.stale,
+                                "lock_id": lock_id, "owner": owner}, at=now)
+                    self._insert_event(conn, ev, self._run_for_subject(unit))
+                    events.append(ev)
+                conn.execute("INSERT INTO locks (unit, lock_id, owner, owner_start, acquired_at, heartbeat_at) "
+                             "VALUES (?,?,?,?,?,?)", (unit, lock_id, owner, owner_start, now, now))
+                ev = Event("journal.lock.acquired", unit, f"locked by {owner} (lock ID {lock_id})",
+                           {"lock_id": lock_id, "owner": owner}, at=now)
+                self._insert_event(conn, ev, self._run_for_subject(unit))
+                events.append(ev)
+        except sqlite3.IntegrityError as exc:  # the UNIQUE constraint: someone else won (defence in depth)
+            info = self.lock_info(unit)
+            if info is None:
+                raise JournalError(f"locking unit {unit}: {exc}") from exc
+            raise self._locked_error(info, now) from exc
+        finally:
+            if refused is not None:
+                self._record_refusal(unit, owner, refused)
+        self._forward(events)
+        return Lock(unit=unit, lock_id=lock_id, owner=owner, acquired_at=now, heartbeat_at=now, _journal=self)
+
+    def _record_refusal(self, unit: str, owner: str, error: LockedError) -> None:
+        ev = Event("journal.lock.refused", unit, f"{owner} could not lock {unit}: held by {error.owner}",
+                   {"lock_id": error.lock_id, "holder": error.owner, "owner": owner, "stale": error.stale})
+        try:
+            with self._tx() as conn:
+                self._insert_event(conn, ev, self._run_for_subject(unit))
+        except JournalError:
+            return  # the refusal itself is what matters; do not mask it
+        self._forward([ev])
+
+    def heartbeat(self, lock: Lock) -> None:
+        """Refresh the lock's heartbeat; raises `LockLostError` if it is no longer this lock (taken over)."""
+        now = time.time()
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE locks SET heartbeat_at = ? WHERE unit = ? AND lock_id = ?",
+                               (now, lock.unit, lock.lock_id))
+            lost = cur.rowcount == 0
+        if lost:
+            info = self.lock_info(lock.unit)
+            holder = f"now held by {info.owner} (lock ID {info.lock_id})" if info else "now unlocked"
+            raise LockLostError(f"lock {lock.lock_id} on unit {lock.unit} was lost: {holder}; stop changing "
+                                f"{lock.unit}", unit=lock.unit, lock_id=lock.lock_id, owner=lock.owner)
+        lock.heartbeat_at = now
+
+    def release_lock(self, lock: Lock) -> bool:
+        """Release the lock if it is still this lock (never someone else's); True when it was released."""
+        now = time.time()
+        with self._tx() as conn:
+            cur = conn.execute("DELETE FROM locks WHERE unit = ? AND lock_id = ?", (lock.unit, lock.lock_id))
+            released = cur.rowcount == 1
+            ev = Event("journal.lock.released" if released else "journal.lock.lost", lock.unit,
+                       f"lock {lock.lock_id} released by {lock.owner}" if released
+                       else f"lock {lock.lock_id} of {lock.owner} was already gone (taken over?)",
+                       {"lock_id": lock.lock_id, "owner": lock.owner}, at=now)
+            self._insert_event(conn, ev, self._run_for_subject(lock.unit))
+        self._forward([ev])
+        return released
+
+
+__all__ = [
+    "CHANGE_STATES", "INCOMPLETE_STATES", "MIGRATIONS", "SCHEMA_VERSION", "TRANSITIONS", "UNIT_STATES",
+    "ChangeRecord", "ChangeState", "EventRecord", "InvalidTransition", "Journal", "JournalError", "Lock",
+    "LockInfo", "LockLostError", "LockedError", "RunRecord", "UnitState", "UnitStateName", "UnreconciledError",
+    "default_owner",
+]

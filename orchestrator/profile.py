@@ -1,0 +1,682 @@
+"""Tuning profiles: what to change on a unit's host and guest, checked before anything touches the unit.
+
+A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/`false` are booleans)::
+
+    name: rt-profile                # required (in the file or one it includes)
+    description: free text          # optional
+    include: [base.yaml]            # optional; paths relative to this file (see "Includes")
+    host:
+      cmdline:                      # kernel arguments rt-tune ADDS (it never removes others); one change
+        isolcpus: "domain,managed_irq,${rt_cpus}"
+        nohz_full: "${rt_cpus}"
+        nosoftlockup:               # null / empty value: a bare flag
+      sysctl:                       # one change per key; value: a string or an integer, never a boolean
+        kernel.timer_migration: "0"
+      services:
+        disable: [foo.service]      # one change per unit: stop + disable (+ mask when `mask: true`)
+        mask: false
+      vcpu_pinning:                 # qemu-affinity -k style: vCPU i -> i-th CPU of `cpus` (ascending)
+        service: "${qemu_service}"  # the systemd unit running the guest's QEMU
+        cpus: "${rt_cpus}"
+      irq_affinity:                 # move every movable IRQ to these CPUs
+        housekeeping: "${housekeeping_cpus}"
+      wfx_notrap: true              # stop trapping guest WFI/WFE; the method is picked from facts later
+    guest:                          # cmdline, sysctl, services and irq_affinity, as for the host
+      cmdline: {isolcpus: "domain,managed_irq,${guest_rt_cpus}"}
+    order: [guest.cmdline, ...]     # optional; see "Order"
+
+Every mapping refuses unknown keys. `true`/`false` are accepted only where a switch is meant (`mask`,
+`wfx_notrap`); a sysctl or cmdline value of `true`/`false` is refused with a hint to quote it.
+
+Variables. `${name}` in any value (never in a key) is replaced by the unit's inventory `vars[name]` (a string
+or an integer). An undefined variable, a non-scalar or boolean one, and any other `$` are errors. With no vars
+(`load_profile(path)`), templated values are only checked for syntax; literal values are checked fully.
+Special vars: `cpus` (host CPU count: host CPU lists must lie in 0..cpus-1) and `guest_cpus` (the same for
+guest CPU lists); without them the range check is skipped. `load_profile(unit_cpus=N)` overrides `cpus`.
+
+Checks (after substitution):
+  - sysctl names match [a-z0-9_.-]+ with at least one dot (and no empty part); values are non-empty strings or
+    integers without control characters (a value may contain spaces, e.g. `net.ipv4.tcp_rmem`).
+  - service names are systemd unit names (letters, digits, `:_.@-`, not starting with `-` or `.`); `.service`
+    is appended when the name has no unit-type suffix.
+  - cmdline keys match [A-Za-z0-9_][A-Za-z0-9_.-]*; values use only [A-Za-z0-9_.,:/=+@%-] (no whitespace,
+    quotes or shell metacharacters); `root*`, `init`, `rdinit`, `initrd`, `rw`, `ro`, `nfsroot` and
+    `BOOT_IMAGE` are refused: they decide whether the unit boots at all, and rt-tune never owns them.
+  - CPU lists (vcpu_pinning.cpus, irq_affinity.housekeeping, and the cmdline keys isolcpus (after its
+    `nohz`/`domain`/`managed_irq` flags), nohz_full, rcu_nocbs, irqaffinity, kthread_cpus) parse as kernel CPU
+    lists ("1-3,5"), are not empty and lie within the target's CPUs; isolcpus / nohz_full leave at least one
+    CPU for housekeeping; the housekeeping set does not overlap the RT sets (vcpu_pinning.cpus, isolcpus,
+    nohz_full) of the same target.
+Every problem is reported at once, in one InputError, each as `FILE:LINE: key.path: message (got VALUE)`
+(`(got VALUE from TEMPLATE)` for a substituted value); FILE is the file the value came from.
+
+Includes. `include` files are applied first, in list order, each after its own includes; the including file
+is applied last. Later files override earlier ones: mappings merge key by key, anything else (a list, a
+scalar, null) replaces the earlier value (so `vcpu_pinning: null` drops an inherited pinning, and a
+`services.disable` list replaces the inherited one). A file reached twice is applied once, at its first
+place; a cycle is an error.
+
+Changes. `resolve(profile, unit, unit_spec)` turns a profile into ChangeSpecs, each one change that rt-tune
+applies, measures and keeps or rolls back on its own. ids are stable: `host.cmdline`, `guest.cmdline`,
+`host.sysctl.<name>`, `guest.service.<unit>`, `host.vcpu_pinning`, `host.irq_affinity`, `guest.irq_affinity`,
+`host.wfx_notrap`. `wfx_notrap: false` (the default) means "leave as it is", not "force trapping".
+
+Order. Default: by kind, guest before host within a kind (the guest runs the RT code and is measured; its
+changes are cheaper to try), file order within a section:
+  1. service_disable: a crash-looping service distorts every other measurement (field notes, do_nothing)
+  2. sysctl  3. vcpu_pinning  4. irq_affinity   (runtime changes, no reboot)
+  5. cmdline  6. wfx_notrap                      (boot changes last: each needs a reboot)
+`order:` lists change ids to run first, in that order; the changes it does not name follow in the default
+order. An id the profile does not produce for the unit, or listed twice, is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+from ruamel.yaml.scalarbool import ScalarBoolean
+
+from orchestrator.errors import InputError, ParseError
+from orchestrator.facts import parse_cpu_list
+from orchestrator.yamlio import line_of, read_yaml
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+Target = Literal["host", "guest"]
+Kind = Literal["service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "wfx_notrap"]
+KIND_ORDER: tuple[str, ...] = ("service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline",
+                               "wfx_notrap")
+TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
+NEEDS_REBOOT = {"cmdline", "wfx_notrap"}
+
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+SYSCTL_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
+UNIT_NAME = re.compile(r"^[A-Za-z0-9_:@][A-Za-z0-9_:@.-]*$")
+UNIT_TYPES = ("service", "socket", "timer", "path", "mount", "automount", "swap", "target", "slice", "scope",
+              "device")
+CMDLINE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+CMDLINE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]+$")
+CMDLINE_FORBIDDEN = {"init", "rdinit", "initrd", "rw", "ro", "nfsroot", "boot_image"}  # and root*
+ISOLCPUS_FLAGS = {"nohz", "domain", "managed_irq"}
+CPU_LIST_KEYS = {"isolcpus", "nohz_full", "rcu_nocbs", "irqaffinity", "kthread_cpus"}
+RT_CMDLINE_KEYS = ("isolcpus", "nohz_full")  # CPUs these name are RT CPUs and must leave housekeeping CPUs
+
+
+# ---- scalar types --------------------------------------------------------------------------------------
+def _scalar_text(what: str, hint: str) -> Any:
+    def conv(v: Any) -> Any:
+        if isinstance(v, (bool, ScalarBoolean)):
+            raise PydanticCustomError("boolean_value", "{what} cannot be a boolean: {hint}",
+                                      {"what": what, "hint": hint})
+        if isinstance(v, int):
+            return str(int(v))
+        if isinstance(v, str):
+            return str(v)
+        raise PydanticCustomError("scalar_value", "{what} must be a string or an integer",
+                                  {"what": what})
+    return conv
+
+
+SysctlValue = Annotated[str, BeforeValidator(_scalar_text(
+    "a sysctl value", 'quote the value you mean, e.g. "0" or "1"'))]
+CmdlineValue = Annotated[str, BeforeValidator(_scalar_text(
+    "a kernel argument value", 'quote the value you mean, e.g. "1" or "off"'))]
+CpuText = Annotated[str, BeforeValidator(_scalar_text("a CPU list", 'write a CPU list such as "1-3"'))]
+
+
+# ---- the profile model ---------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Services(_Strict):
+    disable: list[StrictStr] = Field(default_factory=list)
+    mask: StrictBool = False
+
+
+class VcpuPinning(_Strict):
+    service: StrictStr
+    cpus: CpuText
+
+
+class IrqAffinity(_Strict):
+    housekeeping: CpuText
+
+
+class GuestSection(_Strict):
+    cmdline: dict[str, CmdlineValue | None] = Field(default_factory=dict)
+    sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
+    services: Services = Field(default_factory=Services)
+    irq_affinity: IrqAffinity | None = None
+
+
+class HostSection(GuestSection):
+    vcpu_pinning: VcpuPinning | None = None
+    wfx_notrap: StrictBool = False
+
+
+@dataclass
+class _Source:
+    """Where each value of a merged profile came from: for FILE:LINE in errors."""
+
+    root: Path
+    files: list[tuple[Path, Any]] = field(default_factory=list)  # (path as reached, its round-trip document)
+    origin: dict[tuple, int] = field(default_factory=dict)  # key path -> index into files
+    applied: list[int] = field(default_factory=list)  # indexes into files, in the order they were merged
+
+    def where(self, loc: tuple) -> str:
+        for n in range(len(loc), 0, -1):
+            idx = self.origin.get(tuple(loc[:n]))
+            if idx is not None:
+                path, doc = self.files[idx]
+                line = line_of(doc, loc)
+                return f"{path}:{line}" if line else str(path)
+        return str(self.root)
+
+
+class Profile(_Strict):
+    name: StrictStr
+    description: StrictStr = ""
+    host: HostSection | None = None
+    guest: GuestSection | None = None
+    order: list[StrictStr] = Field(default_factory=list)
+
+    _source: _Source | None = PrivateAttr(default=None)
+
+    @property
+    def files(self) -> list[Path]:
+        """The files this profile was merged from, in the order they were applied."""
+        return [self._source.files[i][0] for i in self._source.applied] if self._source else []
+
+
+class ChangeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    target: Target
+    kind: Kind
+    params: dict[str, Any]
+    needs_reboot: bool = False
+
+
+# ---- problems ------------------------------------------------------------------------------------------
+_NO_VALUE = object()
+
+
+class _Problems:
+    def __init__(self, source: _Source | None):
+        self.source = source
+        self.items: list[str] = []
+        self._keys: dict[str, tuple] = {}  # problem -> (file, line): reported in file and line order
+
+    def add(self, loc: tuple, message: str, got: Any = _NO_VALUE, template: str | None = None,
+            where: str | None = None) -> None:
+        if where is None:
+            where = self.source.where(loc) if self.source else "(profile)"
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        text = f"{where}: {key}: {message}"
+        if got is not _NO_VALUE:
+            text += f" (got {got!r} from {template!r})" if template is not None and template != got \
+                else f" (got {got!r})"
+        self.items.append(text)
+        file, _, line = where.rpartition(":")
+        self._keys[text] = (file, int(line)) if line.isdigit() else (where, 0)
+
+    def raise_if_any(self, header: str) -> None:
+        if self.items:
+            items = sorted(self.items, key=lambda t: self._keys.get(t, ("", 0)))
+            raise InputError(f"{header}:\n  " + "\n  ".join(items))
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+def _plain(v: Any) -> Any:
+    """A round-trip YAML value as plain Python (ruamel's scalar subclasses, CommentedMap/Seq)."""
+    if isinstance(v, ScalarBoolean):
+        return bool(v)
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    return v
+
+
+def _mark(v: Any, loc: tuple, idx: int, origin: dict[tuple, int]) -> None:
+    origin[loc] = idx
+    if isinstance(v, Mapping):
+        for k, x in v.items():
+            _mark(x, loc + (k,), idx, origin)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _mark(x, loc + (i,), idx, origin)
+
+
+def _merge(dst: dict, src: Mapping, prefix: tuple, idx: int, origin: dict[tuple, int]) -> None:
+    for k, v in src.items():
+        if not prefix and k == "include":
+            continue
+        loc = prefix + (k,)
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            origin[loc] = idx
+            _merge(dst[k], v, loc, idx, origin)
+            continue
+        for stale in [o for o in origin if o[:len(loc)] == loc]:
+            del origin[stale]
+        dst[k] = _plain(v)
+        _mark(v, loc, idx, origin)
+
+
+def _read_tree(path: Path) -> tuple[dict, _Source, _Problems]:
+    source = _Source(root=path)
+    problems = _Problems(source)
+    merged: dict = {}
+    applied: set[Path] = set()
+
+    def here(idx: int, loc: tuple) -> str:
+        p, doc = source.files[idx]
+        line = line_of(doc, loc)
+        return f"{p}:{line}" if line else str(p)
+
+    def visit(p: Path, stack: list[tuple[Path, Path]], via: tuple[int, tuple, str] | None) -> None:
+        real = p.resolve()
+        if any(real == r for r, _ in stack):
+            chain = " -> ".join(str(shown) for _, shown in stack) + f" -> {p}"
+            idx, loc, raw = via  # type: ignore[misc]
+            problems.add(loc, f"include cycle: {chain}", raw, where=here(idx, loc))
+            return
+        if real in applied:
+            return
+        if not p.is_file() and via is not None:
+            idx, loc, raw = via
+            problems.add(loc, f"included file {p} does not exist", raw, where=here(idx, loc))
+            return
+        try:
+            doc = read_yaml(p)
+        except InputError as exc:
+            problems.items.append(str(exc))
+            return
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, Mapping):
+            problems.add((), "a profile is a mapping (name:, host:, guest:, ...)", _plain(doc), where=str(p))
+            return
+        idx = len(source.files)
+        source.files.append((p, doc))
+        includes = doc.get("include", [])
+        if not isinstance(includes, list):
+            problems.add(("include",), "must be a list of file names", _plain(includes),
+                         where=here(idx, ("include",)))
+            includes = []
+        for i, name in enumerate(includes):
+            if not isinstance(name, str) or not name.strip():
+                problems.add(("include", i), "must be a file name", _plain(name), where=here(idx, ("include", i)))
+                continue
+            visit(p.parent / name, stack + [(real, p)], (idx, ("include", i), str(name)))
+        applied.add(real)
+        source.applied.append(idx)
+        _merge(merged, doc, (), idx, source.origin)
+
+    visit(path, [], None)
+    return merged, source, problems
+
+
+def load_profile(path: Path, unit_vars: dict | None = None, unit_cpus: int | None = None) -> Profile:
+    """Load, merge and check a profile. With `unit_vars`, also substitute and check every value for that unit
+    (`unit_cpus`, else `unit_vars["cpus"]`, bounds host CPU lists). Raises one InputError listing every problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"profile {path} does not exist")
+    merged, source, problems = _read_tree(path)
+    problems.raise_if_any(f"invalid profile {path}")
+    try:
+        profile = Profile.model_validate(merged)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            got = _NO_VALUE if err["type"] == "missing" else err.get("input")
+            problems.add(loc, err["msg"], got)
+        problems.raise_if_any(f"invalid profile {path}")
+        raise  # pragma: no cover - errors() is never empty
+    profile._source = source
+
+    host_cpus = unit_cpus
+    guest_cpus = None
+    if unit_vars is not None:
+        if host_cpus is None:
+            host_cpus = _count_var(unit_vars, "cpus", problems, "unit vars")
+        guest_cpus = _count_var(unit_vars, "guest_cpus", problems, "unit vars")
+    _Resolver(profile, problems, unit_vars, "the unit's vars", host_cpus, guest_cpus).changes()
+    problems.raise_if_any(f"invalid profile {path}")
+    return profile
+
+
+def find_profile(name: str, search: tuple[Path, ...] | None = None) -> Path:
+    """A profile argument -> its file: an existing path as is, else NAME(.yaml) in ./profiles, then the
+    checkout's profiles/."""
+    given = Path(name)
+    if given.is_file():
+        return given
+    dirs = search if search is not None else (Path.cwd() / "profiles", PROFILES_DIR)
+    for d in dirs:
+        for candidate in (d / name, d / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise InputError(f"no profile {name!r}: not a file, and not in {', '.join(str(d) for d in dirs)}")
+
+
+# ---- resolving -----------------------------------------------------------------------------------------
+def _count_var(vars: Mapping, name: str, problems: _Problems, whose: str) -> int | None:
+    if name not in vars or vars[name] is None:
+        return None
+    v = vars[name]
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())) \
+            or int(v) < 1:
+        problems.add(("vars", name), "a CPU count must be a positive integer", v, where=whose)
+        return None
+    return int(v)
+
+
+def _fmt_cpus(cpus: Iterable[int]) -> str:
+    out: list[str] = []
+    run: list[int] = []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [c]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)
+
+
+def _unit_name(name: str) -> str | None:
+    """A valid systemd unit name with its suffix, or None."""
+    if not UNIT_NAME.match(name) or len(name) > 255:
+        return None
+    _, dot, suffix = name.rpartition(".")
+    return name if dot and suffix in UNIT_TYPES else f"{name}.service"
+
+
+class _Resolver:
+    """Substitutes vars into a profile and checks every value; collects problems instead of raising."""
+
+    def __init__(self, profile: Profile, problems: _Problems, vars: Mapping | None, whose: str,
+                 host_cpus: int | None, guest_cpus: int | None):
+        self.profile = profile
+        self.p = problems
+        self.vars = vars
+        self.whose = whose
+        self.bound = {"host": host_cpus, "guest": guest_cpus}
+        self.unknown = False  # some value could not be substituted (no vars given): ids may be missing
+
+    # -- values --
+    def sub(self, loc: tuple, raw: str) -> str | None:
+        """`raw` with ${vars} replaced; None when it cannot be (a problem is recorded unless vars are unknown)."""
+        for m in re.finditer(r"\$", raw):
+            if not VAR.match(raw, m.start()):
+                self.p.add(loc, "a `$` must start a variable reference ${name}", raw)
+                return None
+        names = VAR.findall(raw)
+        if not names:
+            return raw
+        if self.vars is None:
+            self.unknown = True
+            return None
+        ok = True
+        for name in dict.fromkeys(names):
+            if name not in self.vars:
+                known = ", ".join(sorted(map(str, self.vars))) or "none"
+                self.p.add(loc, f"undefined variable ${{{name}}}: {self.whose} define {known}", raw)
+                ok = False
+            elif isinstance(self.vars[name], bool) or not isinstance(self.vars[name], (str, int)):
+                self.p.add(loc, f"variable ${{{name}}} is {self.vars[name]!r}; only strings and integers "
+                                "can be substituted", raw)
+                ok = False
+        if not ok:
+            return None
+        return VAR.sub(lambda m: str(self.vars[m.group(1)]), raw)  # type: ignore[index]
+
+    def cpus(self, target: str, loc: tuple, text: str, raw: str, what: str = "CPU list",
+             shown: str | None = None) -> list[int] | None:
+        """`text` as a CPU list inside the target's CPUs; `shown` is the whole value it came from."""
+        shown = text if shown is None else shown
+        try:
+            cpus = parse_cpu_list(text)
+        except ParseError:
+            self.p.add(loc, f"not a kernel {what} (e.g. \"1-3,5\")", shown, raw)
+            return None
+        if not cpus:
+            self.p.add(loc, f"the {what} is empty", shown, raw)
+            return None
+        n = self.bound[target]
+        if n is not None:
+            outside = [c for c in cpus if c >= n]
+            if outside:
+                rng = "0" if n == 1 else f"0-{n - 1}"
+                self.p.add(loc, f"CPU{'s' if len(outside) > 1 else ''} {_fmt_cpus(outside)} outside the unit's {target} CPUs {rng} "
+                                f"({n} CPUs)", shown, raw)
+                return None
+        return cpus
+
+    def service(self, loc: tuple, raw: str) -> str | None:
+        text = self.sub(loc, raw)
+        if text is None:
+            return None
+        unit = _unit_name(text)
+        if unit is None:
+            self.p.add(loc, "not a systemd unit name (letters, digits and `:_.@-`, not starting with `-` or `.`)",
+                       text, raw)
+        return unit
+
+    # -- sections --
+    def changes(self) -> list[ChangeSpec]:
+        by_kind: dict[str, list[ChangeSpec]] = {k: [] for k in KIND_ORDER}
+        for target in TARGET_ORDER:
+            section = getattr(self.profile, target)
+            if section is not None:
+                for spec in self.section(target, section):
+                    by_kind[spec.kind].append(spec)
+        default = [s for k in KIND_ORDER for s in by_kind[k]]
+        return self.ordered(default)
+
+    def section(self, t: Target, sec: GuestSection) -> list[ChangeSpec]:
+        out: list[ChangeSpec] = []
+        seen: set[str] = set()
+
+        def change(loc: tuple, id: str, kind: str, params: dict) -> None:
+            if id in seen:
+                self.p.add(loc, f"change {id} is listed twice", loc[-1])
+                return
+            seen.add(id)
+            out.append(ChangeSpec(id=id, target=t, kind=kind, params=params,  # type: ignore[arg-type]
+                                  needs_reboot=kind in NEEDS_REBOOT))
+
+        for i, raw in enumerate(sec.services.disable):
+            loc = (t, "services", "disable", i)
+            unit = self.service(loc, raw)
+            if unit:
+                change(loc, f"{t}.service.{unit}", "service_disable", {"unit": unit, "mask": sec.services.mask})
+
+        for name, raw in sec.sysctl.items():
+            loc = (t, "sysctl", name)
+            if not SYSCTL_NAME.match(name):
+                self.p.add(loc, "not a sysctl name ([a-z0-9_.-]+ with at least one dot, e.g. "
+                                "kernel.timer_migration)", name)
+                continue
+            value = self.sub(loc, raw)
+            if value is None:
+                continue
+            if not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+                self.p.add(loc, "a sysctl value must be non-empty, on one line, without control characters",
+                           value, raw)
+                continue
+            change(loc, f"{t}.sysctl.{name}", "sysctl", {"name": name, "value": value})
+
+        rt_sets: list[tuple[str, list[int], str]] = []  # (key path, cpus, text) of RT CPU sets
+        pin = getattr(sec, "vcpu_pinning", None)
+        pin_params = None
+        if pin is not None:
+            unit = self.service((t, "vcpu_pinning", "service"), pin.service)
+            loc = (t, "vcpu_pinning", "cpus")
+            text = self.sub(loc, pin.cpus)
+            cpus = self.cpus(t, loc, text, pin.cpus) if text is not None else None
+            if cpus:
+                rt_sets.append((".".join(loc), cpus, text))  # type: ignore[arg-type]
+            if unit and cpus:
+                pin_params = {"service": unit, "cpus": cpus}
+
+        add, cmdline_ok = self.cmdline(t, sec.cmdline, rt_sets)
+
+        if sec.irq_affinity is not None:
+            loc = (t, "irq_affinity", "housekeeping")
+            raw = sec.irq_affinity.housekeeping
+            text = self.sub(loc, raw)
+            hk = self.cpus(t, loc, text, raw) if text is not None else None
+            if hk:
+                for key, cpus, rt_text in rt_sets:
+                    both = sorted(set(hk) & set(cpus))
+                    if both:
+                        self.p.add(loc, f"housekeeping CPU{'s' if len(both) > 1 else ''} {_fmt_cpus(both)} also in the RT CPUs of {key} "
+                                        f"({rt_text}); housekeeping and RT CPU sets must not overlap", text, raw)
+                        hk = None
+                        break
+            if hk:
+                change(loc[:2], f"{t}.irq_affinity", "irq_affinity", {"housekeeping": hk})
+        if pin_params:
+            change((t, "vcpu_pinning"), f"{t}.vcpu_pinning", "vcpu_pinning", pin_params)
+        if add and cmdline_ok:
+            change((t, "cmdline"), f"{t}.cmdline", "cmdline", {"add": add})
+        if getattr(sec, "wfx_notrap", False):
+            change((t, "wfx_notrap"), f"{t}.wfx_notrap", "wfx_notrap", {"wfi": "notrap", "wfe": "notrap"})
+        return out
+
+    def cmdline(self, t: Target, args: dict[str, str | None], rt_sets: list) -> tuple[dict, bool]:
+        add: dict[str, str | None] = {}
+        ok = True
+        for key, raw in args.items():
+            loc = (t, "cmdline", key)
+            if not CMDLINE_KEY.match(key):
+                self.p.add(loc, "not a kernel argument name ([A-Za-z0-9_.-], no whitespace, quotes or shell "
+                                "metacharacters)", key)
+                ok = False
+                continue
+            norm = key.lower().replace("-", "_")
+            if norm.startswith("root") or norm in CMDLINE_FORBIDDEN:
+                self.p.add(loc, "rt-tune never sets root, init, initrd or rw/ro arguments: they decide whether "
+                                "the unit boots at all", key if raw is None else f"{key}={raw}")
+                ok = False
+                continue
+            if raw is None:
+                add[key] = None
+                continue
+            value = self.sub(loc, raw)
+            if value is None:
+                ok = False
+                continue
+            bad = sorted({c for c in value if not CMDLINE_VALUE.match(c)})
+            if not value or bad:
+                self.p.add(loc, "a kernel argument value must be non-empty and use only [A-Za-z0-9_.,:/=+@%-] "
+                                f"(no whitespace, quotes or shell metacharacters; found {''.join(bad)!r})",
+                           value, raw)
+                ok = False
+                continue
+            add[key] = value
+            if norm in CPU_LIST_KEYS:
+                text = value
+                if norm == "isolcpus":
+                    parts = value.split(",")
+                    while parts and parts[0] in ISOLCPUS_FLAGS:
+                        parts.pop(0)
+                    text = ",".join(parts)
+                cpus = self.cpus(t, loc, text, raw, what=f"{key} CPU list", shown=value)
+                if cpus is None:
+                    ok = False
+                    continue
+                n = self.bound[t]
+                if norm in RT_CMDLINE_KEYS:
+                    if n is not None and len(cpus) >= n:
+                        self.p.add(loc, f"leaves no housekeeping CPU: the unit's {t} has only CPUs "
+                                        f"{_fmt_cpus(range(n))}", value, raw)
+                        ok = False
+                        continue
+                    rt_sets.append((".".join(loc), cpus, text))
+        return add, ok
+
+    def ordered(self, default: list[ChangeSpec]) -> list[ChangeSpec]:
+        by_id = {s.id: s for s in default}
+        first: list[ChangeSpec] = []
+        for i, cid in enumerate(self.profile.order):
+            loc = ("order", i)
+            if cid in {s.id for s in first}:
+                self.p.add(loc, "change id listed twice", cid)
+            elif cid in by_id:
+                first.append(by_id[cid])
+            elif not self.unknown:
+                self.p.add(loc, f"no such change in this profile; its changes are: {', '.join(by_id) or 'none'}",
+                           cid)
+        return first + [s for s in default if s not in first]
+
+
+def resolve(profile: Profile, unit_name: str, unit_spec: Any) -> list[ChangeSpec]:
+    """The profile's changes for one unit (its inventory `vars` substituted), in the profile's order.
+
+    `unit_spec` is an inventory UnitSpec (only `vars` and `guest` are used). Pure: no SSH. Raises one
+    InputError listing every problem, each with the file and line it comes from.
+    """
+    problems = _Problems(profile._source)
+    vars = dict(unit_spec.vars or {})
+    whose = f"unit {unit_name}'s inventory vars"
+    host_cpus = _count_var(vars, "cpus", problems, whose)
+    guest_cpus = _count_var(vars, "guest_cpus", problems, whose)
+    specs = _Resolver(profile, problems, vars, whose, host_cpus, guest_cpus).changes()
+    if getattr(unit_spec, "guest", None) is None and any(s.target == "guest" for s in specs):
+        problems.add(("guest",), f"unit {unit_name} has no guest endpoint in the inventory, but the profile "
+                                 "changes the guest")
+    problems.raise_if_any(f"profile {profile.name} cannot be applied to unit {unit_name}")
+    return specs
+
+
+def describe(spec: ChangeSpec) -> str:
+    """One line for humans."""
+    p = spec.params
+    if spec.kind == "sysctl":
+        text = f"sysctl {p['name']}={p['value']}"
+    elif spec.kind == "service_disable":
+        text = f"stop, disable{' and mask' if p.get('mask') else ''} {p['unit']}"
+    elif spec.kind == "vcpu_pinning":
+        pins = ", ".join(f"vCPU {i}->CPU {c}" for i, c in enumerate(p["cpus"]))
+        text = f"pin the vCPU threads of {p['service']}: {pins}"
+    elif spec.kind == "irq_affinity":
+        text = f"move IRQs to housekeeping CPUs {_fmt_cpus(p['housekeeping'])}"
+    elif spec.kind == "cmdline":
+        text = "add kernel arguments " + " ".join(k if v is None else f"{k}={v}" for k, v in p["add"].items())
+    elif spec.kind == "wfx_notrap":
+        text = "stop trapping guest WFI/WFE"
+    else:  # pragma: no cover - Kind is closed
+        text = f"{spec.kind} {p}"
+    return f"{spec.target}: {text}" + (" (reboot)" if spec.needs_reboot else "")
