@@ -74,9 +74,30 @@ class Inventory(BaseModel):
         return _endpoint(spec.guest, host if spec.guest.via_host else None)
 
 
-def _endpoint(spec: EndpointSpec, jump: Endpoint | None) -> Endpoint:
-    return Endpoint(host=spec.address, port=spec.port, user=spec.user, key_file=spec.key,
-                    known_hosts=spec.known_hosts, become=spec.become, jump=jump)
+def ssh_config_lookup(address: str, path: Path | None = None) -> dict[str, Any]:
+    """What ~/.ssh/config says about `address` (HostName, Port, User, IdentityFile, UserKnownHostsFile)."""
+    import paramiko
+
+    path = path or Path.home() / ".ssh" / "config"
+    if not path.is_file():
+        return {}
+    config = paramiko.SSHConfig.from_path(str(path))
+    return config.lookup(address)
+
+
+def _endpoint(spec: EndpointSpec, jump: Endpoint | None, ssh_config: Path | None = None) -> Endpoint:
+    """The inventory's explicit settings win; what it leaves out comes from ~/.ssh/config, then defaults."""
+    cfg = ssh_config_lookup(spec.address, ssh_config)
+    given = spec.model_fields_set
+    host = cfg.get("hostname", spec.address)
+    port = spec.port if "port" in given or "port" not in cfg else int(cfg["port"])
+    user = spec.user if "user" in given or "user" not in cfg else cfg["user"]
+    key = spec.key if spec.key or not cfg.get("identityfile") else cfg["identityfile"][0]
+    known = spec.known_hosts
+    if not known and cfg.get("userknownhostsfile"):
+        known = cfg["userknownhostsfile"].split()[0]
+    return Endpoint(host=host, port=port, user=user, key_file=key, known_hosts=known, become=spec.become,
+                    jump=jump)
 
 
 def load_inventory(path: Path) -> Inventory:
