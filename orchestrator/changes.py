@@ -12,6 +12,7 @@ import base64
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import InputError, TuneError
@@ -228,26 +229,91 @@ class ServiceDisableChange(Change):
 
 # ---- vCPU pinning ------------------------------------------------------------------------------------------
 PIN_SCRIPT = "/usr/local/sbin/rt-tune-pin-vcpus"
-PIN_SCRIPT_BODY = r"""#!/bin/sh
-# managed by rt-tune: pin the vCPU threads of a QEMU started by systemd (ExecStartPost), so a restarted QEMU
-# is pinned again. Usage: rt-tune-pin-vcpus MAINPID CPU_FOR_VCPU0 [CPU_FOR_VCPU1 ...]
-# vCPU threads are found by name ("CPU n/KVM" or "CPU n/TCG", QEMU's debug-threads=on).
-pid=$1; shift
-n=0
-for cpu in "$@"; do
-  tries=0
-  while :; do
-    tid=$(for t in /proc/"$pid"/task/*; do
-            [ "$(cat "$t/comm" 2>/dev/null)" = "CPU $n/KVM" ] || [ "$(cat "$t/comm" 2>/dev/null)" = "CPU $n/TCG" ] \
-              && basename "$t"; done | head -n1)
-    [ -n "$tid" ] && break
-    tries=$((tries + 1)); [ $tries -gt 300 ] && { echo "vCPU $n of $pid not found" >&2; exit 1; }
-    sleep 0.1
-  done
-  taskset -p -c "$cpu" "$tid" >/dev/null
-  n=$((n + 1))
-done
-"""
+QA_COPY = "/usr/local/lib/rt-tune/qemu_affinity.py"  # qemu-affinity, installed by rt-tune when absent
+PIN_SCRIPT_BODY = r"""#!/usr/bin/env python3
+# managed by rt-tune: pin the vCPU threads of a QEMU (also from systemd ExecStartPost, so a restarted QEMU
+# is pinned again).   rt-tune-pin-vcpus MAINPID CPU_FOR_VCPU0 [CPU_FOR_VCPU1 ...]
+#                      rt-tune-pin-vcpus --list MAINPID     (JSON: vCPU -> allowed CPUs; read-only)
+# vCPU threads: by name with -name ...,debug-threads=on ("CPU n/KVM", "CPU n/TCG"), pinned with qemu-affinity
+# (the unit's, else rt-tune's copy); without debug-threads: QMP query-cpus-fast thread ids, pinned with taskset.
+import json, os, re, shutil, socket, subprocess, sys, time
+
+def named_vcpus(pid):
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+        except OSError:
+            continue
+        m = re.fullmatch(r"CPU (\d+)/(KVM|TCG|HVF|WHPX)", comm)
+        if m:
+            found[int(m.group(1))] = (int(tid), comm)
+    return found
+
+def qmp_vcpus(argv):
+    path = None
+    for i, a in enumerate(argv):
+        if a == b"-qmp" and i + 1 < len(argv) and argv[i + 1].startswith(b"unix:"):
+            path = argv[i + 1][5:].split(b",")[0].decode()
+    if path is None:
+        sys.exit("no debug-threads=on and no -qmp unix: socket: cannot find the vCPU threads")
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    f = s.makefile("rw")
+    json.loads(f.readline())
+    for cmd in ("qmp_capabilities", "query-cpus-fast"):
+        f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+        while True:
+            reply = json.loads(f.readline())
+            if "return" in reply or "error" in reply:
+                break
+    return {c["cpu-index"]: (c["thread-id"], None) for c in reply.get("return", [])}
+
+def allowed(tid):
+    for line in open(f"/proc/{tid}/status"):
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+
+def main():
+    listing = sys.argv[1] == "--list"
+    args = sys.argv[2:] if listing else sys.argv[1:]
+    pid, cpus = int(args[0]), args[1:]
+    argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    debug = any(b"debug-threads=on" in a for a in argv)
+    if debug:
+        deadline = time.time() + 30
+        while len(named_vcpus(pid)) < max(len(cpus), 1) and time.time() < deadline:
+            time.sleep(0.1)
+    vcpus = named_vcpus(pid) if debug else {}
+    via = "names"
+    if not vcpus:
+        vcpus, via = qmp_vcpus(argv), "qmp"
+    if listing:
+        print(json.dumps({"via": via, "vcpus": {f"CPU {i}": allowed(tid) for i, (tid, _) in vcpus.items()}}))
+        return
+    if via == "names":
+        tool = shutil.which("qemu-affinity")
+        cmd = [tool] if tool else [sys.executable, "@QA_COPY@"]
+        spec = [f"{vcpus[i][1]}:{cpu}" for i, cpu in enumerate(cpus)]
+        if subprocess.run(cmd + [str(pid), "-t", *spec], stdout=subprocess.DEVNULL).returncode == 0:
+            return
+        print("qemu-affinity failed; pinning by thread id", file=sys.stderr)
+    for i, cpu in enumerate(cpus):
+        subprocess.run(["taskset", "-p", "-c", cpu, str(vcpus[i][0])], check=True, stdout=subprocess.DEVNULL)
+
+main()
+""".replace("@QA_COPY@", QA_COPY)
+
+
+def qemu_affinity_source() -> bytes:
+    """qemu-affinity (PyPI, pure Python, one file) as installed on the controller, to install on units."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qemu_affinity")
+    if spec is None or spec.origin is None:
+        raise ChangeError("qemu-affinity is not installed on the controller (pip install qemu-affinity)")
+    return Path(spec.origin).read_bytes()
 
 
 @dataclass
@@ -275,55 +341,60 @@ class VcpuPinningChange(Change):
         return (f"# managed by rt-tune: {self.change_id}\n[Service]\n"
                 f"ExecStartPost={PIN_SCRIPT} $MAINPID {cpus}\n").encode()
 
-    def _vcpu_affinities(self, t: Transport) -> dict[str, list[int]]:
+    def _main_pid(self, t: Transport) -> str:
         pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
         if not pid.isdigit() or pid == "0":
             raise ChangeError(f"{t.label}: {self.service} is not running (MainPID {pid!r}); nothing to pin")
-        out = t.run(["sh", "-c", 'cd /proc/"$1"/task && for t in *; do printf "%s\\t%s\\n" '
-                     '"$(cat $t/comm)" "$(grep Cpus_allowed_list $t/status | cut -f2)"; done', "-", pid],
-                    timeout_s=30).stdout
-        found = {}
-        for line in out.splitlines():
-            comm, _, cpus = line.partition("\t")
-            if re.fullmatch(r"CPU \d+/(KVM|TCG)", comm):
-                found[comm.split("/")[0]] = parse_cpu_list(cpus)
-        if not found:
-            raise ChangeError(f"{t.label}: no vCPU threads named 'CPU n/KVM' in {self.service} (pid {pid}); "
-                              "is QEMU started with -name ...,debug-threads=on?")
-        return found
+        return pid
+
+    def _vcpu_affinities(self, t: Transport) -> dict[str, list[int]]:
+        """vCPU -> allowed host CPUs, by thread name (debug-threads=on) or else through QMP (read-only)."""
+        import json
+
+        pid = self._main_pid(t)
+        out = t.run(["python3", "-c", PIN_SCRIPT_BODY, "--list", pid], timeout_s=60).stdout
+        try:
+            listing = json.loads(out)
+        except ValueError:
+            raise ChangeError(f"{t.label}: unexpected vCPU listing for {self.service}: {out[:200]!r}") from None
+        if not listing["vcpus"]:
+            raise ChangeError(f"{t.label}: no vCPU threads found in {self.service} (pid {pid})")
+        return {name: parse_cpu_list(cpus) for name, cpus in listing["vcpus"].items()}
 
     def read(self, t: Transport) -> State:
+        has_tool = t.run(["sh", "-c", "command -v qemu-affinity || true"], timeout_s=30).stdout.strip() != ""
         return {"affinity": self._vcpu_affinities(t), "dropin": _b64(read_optional(t, self.dropin)),
-                "script": _b64(read_optional(t, PIN_SCRIPT))}
+                "script": _b64(read_optional(t, PIN_SCRIPT)), "qa_copy": _b64(read_optional(t, QA_COPY)),
+                "unit_has_qemu_affinity": has_tool}
 
     def desired(self, before: State) -> State:
         want = dict(before["affinity"])
         for i, cpu in enumerate(self.cpus):
             if f"CPU {i}" in want:
                 want[f"CPU {i}"] = [cpu]
-        return {"affinity": want, "dropin": _b64(self._dropin_bytes()), "script": _b64(PIN_SCRIPT_BODY.encode())}
+        qa = before["qa_copy"] if before["unit_has_qemu_affinity"] else _b64(qemu_affinity_source())
+        return {"affinity": want, "dropin": _b64(self._dropin_bytes()), "script": _b64(PIN_SCRIPT_BODY.encode()),
+                "qa_copy": qa}
 
     def apply(self, t: Transport, before: State) -> None:
+        if not before["unit_has_qemu_affinity"]:  # "installed if absent": rt-tune's own copy, removed on rollback
+            t.run(["mkdir", "-p", QA_COPY.rsplit("/", 1)[0]], timeout_s=30)
+            t.write_file(QA_COPY, qemu_affinity_source())
         t.write_file(PIN_SCRIPT, PIN_SCRIPT_BODY.encode(), mode=0o755)
         t.run(["mkdir", "-p", self.dropin.rsplit("/", 1)[0]], timeout_s=30)
         t.write_file(self.dropin, self._dropin_bytes())
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
-        pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
-        t.run([PIN_SCRIPT, pid, *[str(c) for c in self.cpus]], timeout_s=60)
+        t.run([PIN_SCRIPT, self._main_pid(t), *[str(c) for c in self.cpus]], timeout_s=60)
 
     def rollback(self, t: Transport, before: State) -> None:
         restore_file(t, self.dropin, _unb64(before["dropin"]))
         restore_file(t, PIN_SCRIPT, _unb64(before["script"]), mode=0o755)
+        restore_file(t, QA_COPY, _unb64(before["qa_copy"]))
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
-        pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
-        tids = t.run(["sh", "-c", 'cd /proc/"$1"/task && for t in *; do printf "%s\\t%s\\n" "$t" "$(cat $t/comm)";'
-                      ' done', "-", pid], timeout_s=30).stdout
-        for line in tids.splitlines():
-            tid, _, comm = line.partition("\t")
-            name = comm.split("/")[0]
-            if name in before["affinity"]:
-                cpus = ",".join(str(c) for c in before["affinity"][name])
-                t.run(["taskset", "-p", "-c", cpus, tid], timeout_s=30)
+        # the previous affinity of each vCPU, put back with the same helper (by name or QMP), run in memory
+        cpus = [",".join(str(c) for c in before["affinity"][f"CPU {i}"]) for i in range(len(before["affinity"]))]
+        pid = self._main_pid(t)
+        t.run(["python3", "-c", PIN_SCRIPT_BODY, pid, *cpus], timeout_s=60)
 
     def describe(self) -> str:
         return f"pin vCPUs of {self.service} to CPUs {','.join(map(str, self.cpus))}"

@@ -17,8 +17,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from orchestrator.changes import (Change, ChangeError, IrqAffinityChange, ServiceDisableChange, SysctlChange,
-                                  VcpuPinningChange)
+from orchestrator.changes import (
+    Change,
+    IrqAffinityChange,
+    ServiceDisableChange,
+    SysctlChange,
+    VcpuPinningChange,
+)
 from orchestrator.decide import MeasurementPlan, SequentialDecision
 from orchestrator.errors import InputError, TuneError
 from orchestrator.events import Event, EventSink, discard

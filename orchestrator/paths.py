@@ -16,7 +16,7 @@ class Paths:
     state: Path  # live state (lab VMs, journals)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Paths":
+    def from_env(cls, env: dict[str, str] | None = None) -> Paths:
         env = dict(os.environ if env is None else env)
         home = Path(env.get("HOME", "~")).expanduser()
         cache = env.get("RT_TUNE_CACHE") or os.path.join(env.get("XDG_CACHE_HOME") or home / ".cache", "rt-tune")

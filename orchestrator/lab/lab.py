@@ -167,7 +167,8 @@ class Lab:
                 if rec.name in running:
                     continue
                 spec = self.spec(state, rec)
-                vm.prepare_disks(spec, pristine=False)
+                # new images (a changed recipe): overlays of the old ones must not be booted on the new bases
+                vm.prepare_disks(spec, pristine=bool(old and old.image_dir != state.image_dir))
                 (spec.directory / "hostname").write_text(rec.name)
                 rec.pid = self._start(spec, rec, taken)
                 started.append(rec)

@@ -19,7 +19,7 @@ class QMP:
         self._sock: socket.socket | None = None
         self._buf = b""
 
-    def __enter__(self) -> "QMP":
+    def __enter__(self) -> QMP:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:

@@ -7,8 +7,13 @@ import time
 
 import pytest
 
-from orchestrator.changes import (IrqAffinityChange, ServiceDisableChange, SysctlChange, VcpuPinningChange,
-                                  read_optional)
+from orchestrator.changes import (
+    IrqAffinityChange,
+    ServiceDisableChange,
+    SysctlChange,
+    VcpuPinningChange,
+    read_optional,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -97,3 +102,29 @@ def test_irq_affinity_to_housekeeping_and_back(host):
     change.verify(host, plan)
     change.rollback(host, plan.before)
     change.verify_rolled_back(host, plan.before)
+
+
+def test_vcpu_pinning_without_debug_threads_falls_back_to_qmp(host):
+    """A QEMU started without debug-threads=on: no thread names, so the vCPUs are found through QMP."""
+    unit = "rt-tune-test-nodebug"
+    host.run(["systemd-run", f"--unit={unit}", "--collect", "--quiet", "--property=RuntimeDirectory=" + unit, "--",
+              "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-smp", "2", "-m", "64", "-nodefaults",
+              "-display", "none", "-S", "-qmp", f"unix:/run/{unit}/qmp.sock,server=on,wait=off"])
+    try:
+        change = VcpuPinningChange(f"{unit}.service", [1, 0])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                plan = change.plan(host)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        assert plan.before["affinity"] == {"CPU 0": [0, 1], "CPU 1": [0, 1]}
+        change.apply(host, plan.before)
+        assert change.verify(host, plan)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}
+        change.rollback(host, plan.before)
+        change.verify_rolled_back(host, plan.before)
+    finally:
+        host.run(["systemctl", "stop", f"{unit}.service"], check=False)

@@ -62,9 +62,8 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(lab, tmp_path):
     empty.write_text("")
     ep = Endpoint(host="127.0.0.1", port=rec.ssh_port, key_file=str(lab.client_key), known_hosts=str(empty))
     key = paramiko.Ed25519Key.from_private_key_file(str(lab.host_key("lab1-guest")))
-    with pytest.raises(HostKeyError) as exc:
-        with SSHTransport(ep, connect_deadline_s=5) as t:
-            t.run(["true"])
+    with pytest.raises(HostKeyError) as exc, SSHTransport(ep, connect_deadline_s=5) as t:
+        t.run(["true"])
     assert host_key_fingerprint(key) in str(exc.value)
 
 
