@@ -414,32 +414,36 @@ class IrqAffinityChange(Change):
         self.change_id = "irq_affinity"
 
     def read(self, t: Transport) -> State:
-        out = t.run(["sh", "-c", 'for d in /proc/irq/[0-9]*; do [ -r "$d/smp_affinity_list" ] && '
-                     'printf "%s %s\\n" "${d##*/}" "$(cat "$d/smp_affinity_list")"; done'], timeout_s=30).stdout
-        irqs = {}
-        for line in out.splitlines():
-            irq, _, cpus = line.partition(" ")
-            irqs[irq] = cpus.strip()
-        return {"irqs": irqs}
+        """Each IRQ's affinity, and which ones the kernel refuses to move (per-CPU, managed, the timer): found by
+        writing the current value back, which changes nothing for an IRQ that can move and fails for one that
+        cannot."""
+        script = ('for d in /proc/irq/[0-9]*; do f="$d/smp_affinity_list"; [ -r "$f" ] || continue; '
+                  'cur=$(cat "$f"); if echo "$cur" > "$f" 2>/dev/null; then m=1; else m=0; fi; '
+                  'printf "%s %s %s\\n" "${d##*/}" "$cur" "$m"; done; echo end')
+        out = t.run(["sh", "-c", script], timeout_s=60).stdout.splitlines()
+        if not out or out[-1] != "end":
+            raise ChangeError(f"{t.label}: truncated IRQ listing")
+        irqs, fixed = {}, []
+        for line in out[:-1]:
+            irq, cpus, movable = line.split(" ")
+            irqs[irq] = cpus
+            if movable != "1":
+                fixed.append(irq)
+        return {"irqs": irqs, "fixed": sorted(fixed, key=int)}
 
     def desired(self, before: State) -> State:
         want = ",".join(str(c) for c in self.housekeeping)
-        return {"irqs": {irq: want for irq in before["irqs"]}}
+        return {"irqs": {irq: want for irq in before["irqs"] if irq not in before["fixed"]}}
 
     def in_place(self, live: State, desired: State) -> bool:
-        want = desired["irqs"]
-        # IRQs the kernel refuses to move (per-CPU, managed) keep their affinity; compare only movable ones
-        return all(parse_cpu_list(live["irqs"].get(i, "")) == parse_cpu_list(v) for i, v in want.items()
-                   if i not in self._fixed)
-
-    _fixed: set[str] = field(default_factory=set, init=False, repr=False)
+        return all(irq not in live["irqs"] or parse_cpu_list(live["irqs"][irq]) == parse_cpu_list(v)
+                   for irq, v in desired["irqs"].items())
 
     def apply(self, t: Transport, before: State) -> None:
         want = ",".join(str(c) for c in self.housekeeping)
-        script = ('want=$1; for d in /proc/irq/[0-9]*; do [ -w "$d/smp_affinity_list" ] || continue; '
-                  'echo "$want" > "$d/smp_affinity_list" 2>/dev/null || echo "${d##*/}"; done')
-        refused = t.run(["sh", "-c", script, "-", want], timeout_s=60).stdout.split()
-        self._fixed = set(refused)
+        movable = [irq for irq in before["irqs"] if irq not in before["fixed"]]
+        script = 'want=$1; shift; for irq in "$@"; do echo "$want" > /proc/irq/"$irq"/smp_affinity_list; done'
+        t.run(["sh", "-c", script, "-", want, *movable], timeout_s=60)
 
     def rollback(self, t: Transport, before: State) -> None:
         pairs = [f"{irq}={cpus}" for irq, cpus in sorted(before["irqs"].items())]
