@@ -44,9 +44,18 @@ def snapshot(host, guest) -> dict:
     }
 
 
+@pytest.fixture()
+def clean_unit(lab, lab_paths):
+    """Each test starts and ends with nothing of rt-tune's on the unit (a failed test must not leak)."""
+    tune(lab_paths, "rollback", "lab1", "--all")
+    yield
+    tune(lab_paths, "rollback", "lab1", "--all")
+
+
 def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_rollback_all(
-        lab, lab_paths, host, guest):
+        lab, lab_paths, host, guest, clean_unit):
     before = snapshot(host, guest)
+    assert "0-1" in before["host.vcpu_affinity"]  # pristine: vCPU threads may run anywhere
     proc = tune(lab_paths, "apply", "rt-profile", "--playbook", PLAYBOOK, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -100,7 +109,7 @@ def _journal(lab_paths) -> sqlite3.Connection:
     return sqlite3.connect(lab_paths.state / "journal.sqlite", timeout=30)
 
 
-def test_controller_killed_mid_change_is_reconciled(lab, lab_paths, guest):
+def test_controller_killed_mid_change_is_reconciled(lab, lab_paths, guest, clean_unit):
     before_tm = guest.run(["cat", "/proc/sys/kernel/timer_migration"]).stdout
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", "rt-profile", "--playbook", PLAYBOOK,
                              "--unit", "lab1"], env=tune_env(lab_paths), stdout=subprocess.DEVNULL,

@@ -151,14 +151,18 @@ def test_cli_status_facts_and_apply_against_the_lab(lab, lab_paths):
                                        capture_output=True, text=True, check=True, timeout=60).stdout)
     assert {(s["name"], s["running"], s["ssh"], s["qemu_status"]) for s in status} == {
         ("lab1-host", True, True, "running"), ("lab1-guest", True, True, "running")}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "apply", "rt-profile", "--json"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "facts", "lab1.guest", "--json"], env=env,
                           capture_output=True, text=True, timeout=120, cwd=REPO / "tests")
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["hostname"] == "lab1-guest" and len(facts["boot_id"]) == 36 and "panic=10" in facts["cmdline"]
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "plan", "rt-profile", "--json"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO / "tests")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["lab_booted"] is False  # already running: not booted again
-    [unit] = result["units"]
-    assert [f["target"] for f in unit["facts"]] == ["lab1.host", "lab1.guest"]
-    assert all(len(f["boot_id"]) == 36 and f["cmdline"] for f in unit["facts"])
+    [unit] = result["results"]
+    assert unit["dry_run"] and {o["status"] for o in unit["outcomes"]} <= {"planned", "noop", "skipped"}
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "lab", "ssh", "lab1-guest", "--", "hostname"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "lab1-guest", proc.stderr
