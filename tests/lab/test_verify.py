@@ -1,0 +1,44 @@
+"""`tune verify`: a kept change whose live state drifted is reported, the unit marked degraded, and the drifted
+value is not overwritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.lab.test_apply import PLAYBOOK, tune
+
+pytestmark = pytest.mark.lab
+
+PROFILE = """\
+name: timer-migration-only
+guest:
+  sysctl:
+    kernel.timer_migration: "0"
+"""
+
+
+def test_verify_reports_drift_and_leaves_it(lab, lab_paths, guest, tmp_path):
+    profile = tmp_path / "tm.yaml"
+    profile.write_text(PROFILE)
+    tune(lab_paths, "rollback", "lab1", "--all")
+    try:
+        applied = tune(lab_paths, "apply", str(profile), "--playbook", PLAYBOOK, "--json")
+        assert applied.returncode == 0, applied.stderr[-3000:]
+        [outcome] = json.loads(applied.stdout)["results"][0]["outcomes"]
+        assert outcome["status"] == "kept", outcome  # the lab playbook keeps what is not shown to do harm
+
+        fine = tune(lab_paths, "verify", "lab1", "--json")
+        assert fine.returncode == 0 and json.loads(fine.stdout)[0]["in_place"] is True
+
+        guest.run(["sysctl", "-q", "-w", "kernel.timer_migration=1"])  # someone changed it by hand
+        drift = tune(lab_paths, "verify", "lab1", "--json")
+        assert drift.returncode == 8, drift.stderr
+        [entry] = json.loads(drift.stdout)
+        assert entry["in_place"] is False and entry["live"]["value"] == "1"
+        status = json.loads(tune(lab_paths, "status", "--json").stdout)
+        assert status["lab1"]["state"] == "degraded"
+        assert guest.run(["cat", "/proc/sys/kernel/timer_migration"]).stdout.strip() == "1"  # not overwritten
+    finally:
+        tune(lab_paths, "rollback", "lab1", "--all")
