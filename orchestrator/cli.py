@@ -84,7 +84,7 @@ def lab() -> None:
     """The rehearsal lab: robot units made of real Debian VMs (host VM + guest VM) on this machine."""
 
 
-def _lab(as_json: bool):
+def _lab():
     from orchestrator.lab.lab import Lab
 
     return Lab(_paths(), events=Progress())
@@ -97,7 +97,7 @@ def _lab(as_json: bool):
 @click.option("--json", "as_json", is_flag=True)
 def lab_up(units: int, host_only: bool, boot_timeout: float, as_json: bool) -> None:
     """Build (or reuse) the images, boot the VMs, write the inventory."""
-    the_lab = _lab(as_json)
+    the_lab = _lab()
     state = the_lab.up(units, host_only=host_only, boot_timeout=boot_timeout)
     data = {"inventory": str(the_lab.paths.lab_inventory), **json.loads(state.model_dump_json())}
     emit(data, as_json, f"lab is up; inventory: {the_lab.paths.lab_inventory}")
@@ -107,7 +107,7 @@ def lab_up(units: int, host_only: bool, boot_timeout: float, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True)
 def lab_down(as_json: bool) -> None:
     """Stop every lab VM; no QEMU process is left behind."""
-    stopped = _lab(as_json).down()
+    stopped = _lab().down()
     emit({"stopped": stopped}, as_json, f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
@@ -115,7 +115,7 @@ def lab_down(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lab_status(as_json: bool) -> None:
     """Each VM: running, QEMU status, SSH port and whether SSH answers."""
-    rows = _lab(as_json).status()
+    rows = _lab().status()
     table = Table("VM", "unit", "role", "running", "QEMU", "SSH", "port", "pid")
     for r in rows:
         table.add_row(r.name, r.unit, r.role, str(r.running), r.qemu_status or "-", str(r.ssh), str(r.ssh_port),
@@ -129,7 +129,7 @@ def lab_status(as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def lab_ssh(name: str, user: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) on lab VM NAME, host key checked."""
-    argv = _lab(False).ssh_argv(name, list(command), user=user)
+    argv = _lab().ssh_argv(name, list(command), user=user)
     os.execvp(argv[0], argv)
 
 
@@ -138,7 +138,7 @@ def lab_ssh(name: str, user: str, command: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lab_reset(names: tuple[str, ...], as_json: bool) -> None:
     """Return VMs (default: all) to their pristine disks and boot them again."""
-    state = _lab(as_json).reset(list(names) or None)
+    state = _lab().reset(list(names) or None)
     emit(json.loads(state.model_dump_json()), as_json, "reset to pristine disks and booted")
 
 
@@ -148,7 +148,7 @@ def lab_reset(names: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lab_power_cycle(name: str, no_wait: bool, as_json: bool) -> None:
     """Hard-reset VM NAME through QMP, like pulling a unit's power."""
-    boot_id = _lab(as_json).power_cycle(name, wait=not no_wait)
+    boot_id = _lab().power_cycle(name, wait=not no_wait)
     emit({"name": name, "boot_id": boot_id}, as_json, f"{name} power-cycled" + (f"; boot_id {boot_id}" if boot_id else ""))
 
 
@@ -157,7 +157,7 @@ def lab_power_cycle(name: str, no_wait: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lab_start(name: str, as_json: bool) -> None:
     """Start a stopped or killed VM again on its current disks."""
-    _lab(as_json).start(name)
+    _lab().start(name)
     emit({"name": name, "started": True}, as_json, f"{name} is up")
 
 
@@ -166,7 +166,7 @@ def lab_start(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lab_kill(name: str, as_json: bool) -> None:
     """Kill VM NAME at once (fault injection: a unit that lost power)."""
-    _lab(as_json).kill(name)
+    _lab().kill(name)
     emit({"name": name, "killed": True}, as_json, f"{name} killed")
 
 

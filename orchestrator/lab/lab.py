@@ -7,7 +7,6 @@ inventory `tune` uses by default. The harness keeps QMP control of every VM (pow
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -393,9 +392,6 @@ class Lab:
                 "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10", f"{user}@127.0.0.1", *command]
 
-    def describe(self) -> dict:
-        state = self.load_state()
-        return json.loads(state.model_dump_json()) if state else {}
 
 
 def _ssh_banner(port: int, timeout: float = 3.0) -> bool:
