@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
@@ -48,9 +49,9 @@ class Progress:
                 self.close()  # every bar is full: hand the terminal back
             return
         if self._bars is not None:
-            self._bars.console.print(f"[dim]{event.subject}[/dim] {event.message}", highlight=False)
+            self._bars.console.print(f"[dim]{escape(event.subject)}[/dim] {escape(event.message)}", highlight=False)
         else:
-            err_console.print(f"[dim]{event.subject}[/dim] {event.message}", highlight=False)
+            err_console.print(f"[dim]{escape(event.subject)}[/dim] {escape(event.message)}", highlight=False)
 
     def close(self) -> None:
         if self._bars is not None:
@@ -234,9 +235,12 @@ def _units(inv, units: tuple[str, ...]) -> list[str]:
               help="Measurement plan and decision rule (default: playbooks/measurement.yaml).")
 @click.option("--dry-run", is_flag=True, help="Only show the plan: what would change, nothing is touched.")
 @click.option("--force-unlock", default=None, metavar="LOCK_ID", help="Take over a stale lock by its id.")
+@click.option("--accept-boot-risk", is_flag=True,
+              help="Trial-boot cmdline/kernel changes even where preflight finds that a failed trial could not "
+                   "fall back by itself (e.g. GRUB_DEFAULT is not saved).")
 @click.option("--json", "as_json", is_flag=True)
 def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
-              dry_run: bool, force_unlock: str | None, as_json: bool) -> None:
+              dry_run: bool, force_unlock: str | None, as_json: bool, accept_boot_risk: bool = False) -> None:
     """Apply PROFILE (e.g. rt-profile): each change measured before and after, kept only on evidence.
 
     Against the local lab's inventory, boots the lab first when it is not running.
@@ -249,6 +253,7 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
     profile_path = find_profile(profile)
     inv, booted = load_for_apply(paths, _inventory_path(inventory_file), progress)
     engine = make_engine(paths, inv, playbook, progress)
+    engine.accept_boot_risk = accept_boot_risk
     results = []
     for unit in _units(inv, units):
         engine.specs(unit, profile_path)  # every unit's input errors before any unit is touched
@@ -262,7 +267,7 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
         "html": str(report_html) if report_html else None}
     emit(data, as_json, _apply_table(results))
     if report_html and not as_json:
-        err_console.print(f"report: {report_html}")
+        err_console.print(f"report: {escape(str(report_html))}")
 
 
 @cli.command("plan")
@@ -457,7 +462,7 @@ def report_cmd(result_file: Path, html_out: Path | None, as_json: bool) -> None:
             table.add_row(*("-" if r.get(c) is None else str(r.get(c)) for c in columns))
         out_console.print(table)
     if html_out is not None:
-        err_console.print(f"HTML report: {html_out}")
+        err_console.print(f"HTML report: {escape(str(html_out))}")
 
 
 def main() -> None:
@@ -473,5 +478,5 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except TuneError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from orchestrator.boot.runner import BOOT_KINDS, BootChangeRunner
 from orchestrator.changes import (
     Change,
     IrqAffinityChange,
@@ -35,7 +36,7 @@ from orchestrator.profile import ChangeSpec, load_profile, resolve
 from orchestrator.transport import SSHTransport, Transport
 
 MARKER = "/var/lib/rt-tune/changes.json"
-Status = Literal["kept", "rolled_back", "noop", "failed", "skipped", "planned"]
+Status = Literal["kept", "rolled_back", "noop", "failed", "skipped", "planned", "refused"]
 Connect = Callable[[Inventory, str, str], Transport]
 
 
@@ -44,7 +45,7 @@ def ssh_connect(inv: Inventory, unit: str, target: str) -> Transport:
 
 
 def build_change(kind: str, params: dict[str, Any]) -> Change | None:
-    """The Change for a resolved profile entry; None for kinds that need a trial boot (issue #5)."""
+    """The runtime Change for a resolved profile entry; None for boot changes (orchestrator.boot.runner)."""
     if kind == "sysctl":
         return SysctlChange(params["name"], str(params["value"]))
     if kind == "service_disable":
@@ -53,7 +54,7 @@ def build_change(kind: str, params: dict[str, Any]) -> Change | None:
         return VcpuPinningChange(params["service"], list(params["cpus"]))
     if kind == "irq_affinity":
         return IrqAffinityChange(list(params["housekeeping"]))
-    if kind in ("cmdline", "wfx_notrap"):
+    if kind in BOOT_KINDS:
         return None
     raise InputError(f"unknown change kind {kind!r}")
 
@@ -97,6 +98,10 @@ class Engine:
     artifacts: Path
     events: EventSink = discard
     connect: Connect = ssh_connect
+    #: Trial-boot a change even when preflight says a failed trial could not fall back by itself.
+    accept_boot_risk: bool = False
+    #: How long to wait for a unit to come back from a reboot (then power-cycle it, then as long again).
+    boot_timeout_s: float = 300.0
 
     def _emit(self, kind: str, subject: str, message: str, **data: Any) -> None:
         event = Event(kind, subject, message, data=data)
@@ -142,8 +147,7 @@ class Engine:
             for spec in specs:
                 change = build_change(spec.kind, spec.params)
                 if change is None:
-                    out.append(ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, status="skipped",
-                                             description=spec.id, reason="needs a trial boot (issue #5)"))
+                    out.append(self._plan_boot(unit, spec))
                     continue
                 t = conns.get(spec.target) or conns.setdefault(spec.target, self.connect(self.inventory, unit,
                                                                                          spec.target))
@@ -156,6 +160,24 @@ class Engine:
                 t.close()
         return out
 
+    def _plan_boot(self, unit: str, spec: ChangeSpec) -> ChangeOutcome:
+        base = dict(id=spec.id, target=spec.target, kind=spec.kind)
+        runner = BootChangeRunner(self)
+        try:
+            plan = runner.plan(unit, spec)
+        except TuneError as exc:
+            return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"cannot plan: {exc}")
+        if plan.skip_reason:
+            return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
+        if plan.noop:
+            return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
+        problems = runner.preflight(unit, plan)
+        status: Status = "refused" if problems and not self.accept_boot_risk else "planned"
+        return ChangeOutcome(**base, description=plan.summary + " (trial boot)", status=status,
+                             reason="; ".join(problems) or json.dumps({"default_args": plan.default_args,
+                                                                       "add": plan.target.add,
+                                                                       "kernel": plan.target.kernel}))
+
     def _measure_target(self, unit: str) -> str:
         return "guest" if self.inventory.unit(unit).guest is not None else "host"
 
@@ -164,9 +186,7 @@ class Engine:
         change = build_change(spec.kind, spec.params)
         base = dict(id=spec.id, target=spec.target, kind=spec.kind)
         if change is None:
-            self._emit("change.skipped", subject, f"{spec.id}: needs a trial boot (issue #5)")
-            return ChangeOutcome(**base, description=spec.id, status="skipped",
-                                 reason="kernel cmdline and WFI/WFE changes need trial boots (issue #5)")
+            return BootChangeRunner(self).run(unit, run_id, spec)
         with self.connect(self.inventory, unit, spec.target) as t:
             plan = change.plan(t)
             if plan.noop:
@@ -254,7 +274,13 @@ class Engine:
     # ---- reconcile / rollback / verify -------------------------------------------------------------------
     def _undo(self, unit: str, rec: ChangeRecord, note: str) -> None:
         change = build_change(rec.kind, rec.desired["params"])
-        if change is None:
+        if change is None:  # a boot change: restore the journaled boot files, boot the old default if needed
+            runner = BootChangeRunner(self)
+            runner.undo(unit, rec.target, rec.before, None, on_trial=None)
+            self.journal.mark(rec.id, "rolled_back", message=note)
+            with self.connect(self.inventory, unit, rec.target) as t:
+                self._write_marker(t, unit, rec.target)
+            self._emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
             return
         with self.connect(self.inventory, unit, rec.target) as t:
             change.rollback(t, rec.before)
@@ -298,10 +324,12 @@ class Engine:
         for rec in self.journal.active_changes(unit):
             change = build_change(rec.kind, rec.desired["params"])
             if change is None:
-                continue
-            with self.connect(self.inventory, unit, rec.target) as t:
-                live = change.read(t)
-            ok = change.in_place(live, rec.desired["state"])
+                res = BootChangeRunner(self).verify(unit, rec)
+                ok, live = res["in_place"], res["live"]
+            else:
+                with self.connect(self.inventory, unit, rec.target) as t:
+                    live = change.read(t)
+                ok = change.in_place(live, rec.desired["state"])
             drifted += not ok
             report.append({"change": rec.change_id, "target": rec.target, "in_place": ok,
                            "live": live if not ok else None})

@@ -41,6 +41,8 @@ class UnitSpec(BaseModel):
     host: EndpointSpec
     guest: EndpointSpec | None = None
     power_cycle: list[str] | None = None  # argv run on the controller when the unit does not come back
+    #: The same for the guest alone (e.g. restart its QEMU, or a lab VM's reset); None: wait for its watchdog.
+    guest_power_cycle: list[str] | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
 

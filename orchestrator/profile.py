@@ -20,13 +20,28 @@ A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/
         cpus: "${rt_cpus}"
       irq_affinity:                 # move every movable IRQ to these CPUs
         housekeeping: "${housekeeping_cpus}"
+      kernel:                       # optional: install and boot this host kernel (one change, host only)
+        deb: kernels/linux-image-patched_arm64.deb  # a .deb on this machine, or:
+        # package: linux-image-rt-arm64   # a package from the unit's own apt repositories
+        release: "6.1.0-41-rt-arm64"        # optional: its `uname -r`, checked against the .deb
       wfx_notrap: true              # stop trapping guest WFI/WFE; the method is picked from facts later
+      # wfx_notrap: {kernel: {deb: patched.deb}}  # ... naming a patched kernel for hosts older than Linux 6.11
     guest:                          # cmdline, sysctl, services and irq_affinity, as for the host
       cmdline: {isolcpus: "domain,managed_irq,${guest_rt_cpus}"}
     order: [guest.cmdline, ...]     # optional; see "Order"
 
 Every mapping refuses unknown keys. `true`/`false` are accepted only where a switch is meant (`mask`,
 `wfx_notrap`); a sysctl or cmdline value of `true`/`false` is refused with a hint to quote it.
+
+Kernel artifacts (`host.kernel` and `wfx_notrap: {kernel: ...}`). Stopping WFI/WFE traps takes the boot
+parameters `kvm-arm.wf{i,e}_trap_policy=notrap` on Linux >= 6.11 and a patched host kernel before that (field
+notes §2), so a profile can name that kernel: exactly one of `deb: FILE` (a .deb on the controller, relative
+to the directory of the profile file that names it; it must exist) or `package: NAME` (installed on the unit
+from its own apt repositories; a Debian package name), plus optional `release: STRING`, the `uname -r` the
+kernel boots as ([A-Za-z0-9._+-], at most 64 characters). The profile only checks these; the .deb itself is
+inspected by orchestrator/boot/artifact.py and the method for WFx by orchestrator/boot/wfx.py, both from facts.
+`wfx_notrap: true` names no kernel: on a host older than 6.11 it then fails with a hint to name one.
+A `kernel:` under `guest:` is refused for now (the guest's kernel is the guest image's business).
 
 Variables. `${name}` in any value (never in a key) is replaced by the unit's inventory `vars[name]` (a string
 or an integer). An undefined variable, a non-scalar or boolean one, and any other `$` are errors. With no vars
@@ -59,13 +74,17 @@ place; a cycle is an error.
 Changes. `resolve(profile, unit, unit_spec)` turns a profile into ChangeSpecs, each one change that rt-tune
 applies, measures and keeps or rolls back on its own. ids are stable: `host.cmdline`, `guest.cmdline`,
 `host.sysctl.<name>`, `guest.service.<unit>`, `host.vcpu_pinning`, `host.irq_affinity`, `guest.irq_affinity`,
-`host.wfx_notrap`. `wfx_notrap: false` (the default) means "leave as it is", not "force trapping".
+`host.kernel`, `host.wfx_notrap`. `wfx_notrap: false` (the default) means "leave as it is", not "force trapping".
+Params of the boot changes: cmdline {"add": {key: value-or-None}}; kernel {"deb": absolute path or None,
+"package": NAME or None, "release": STRING or None}; wfx_notrap {"wfi": "notrap", "wfe": "notrap", "kernel":
+the same artifact dict or None}.
 
 Order. Default: by kind, guest before host within a kind (the guest runs the RT code and is measured; its
 changes are cheaper to try), file order within a section:
   1. service_disable: a crash-looping service distorts every other measurement (field notes, do_nothing)
   2. sysctl  3. vcpu_pinning  4. irq_affinity   (runtime changes, no reboot)
-  5. cmdline  6. wfx_notrap                      (boot changes last: each needs a reboot)
+  5. cmdline  6. kernel  7. wfx_notrap           (boot changes last: each needs a reboot; a kernel named by
+                                                 `host.kernel` is in place before wfx_notrap picks its method)
 `order:` lists change ids to run first, in that order; the changes it does not name follow in the default
 order. An id the profile does not produce for the unit, or listed twice, is an error.
 """
@@ -98,11 +117,11 @@ from orchestrator.yamlio import line_of, read_yaml
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 Target = Literal["host", "guest"]
-Kind = Literal["service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "wfx_notrap"]
-KIND_ORDER: tuple[str, ...] = ("service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline",
+Kind = Literal["service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "kernel", "wfx_notrap"]
+KIND_ORDER: tuple[str, ...] = ("service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "kernel",
                                "wfx_notrap")
 TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
-NEEDS_REBOOT = {"cmdline", "wfx_notrap"}
+NEEDS_REBOOT = frozenset({"cmdline", "kernel", "wfx_notrap"})
 
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SYSCTL_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
@@ -115,6 +134,10 @@ CMDLINE_FORBIDDEN = {"init", "rdinit", "initrd", "rw", "ro", "nfsroot", "boot_im
 ISOLCPUS_FLAGS = {"nohz", "domain", "managed_irq"}
 CPU_LIST_KEYS = {"isolcpus", "nohz_full", "rcu_nocbs", "irqaffinity", "kthread_cpus"}
 RT_CMDLINE_KEYS = ("isolcpus", "nohz_full")  # CPUs these name are RT CPUs and must leave housekeeping CPUs
+DEB_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
+KERNEL_RELEASE = re.compile(r"^[A-Za-z0-9._+-]+$")
+KERNEL_RELEASE_MAX = 64  # __NEW_UTS_LEN: `uname -r` is never longer
+ARTIFACT_SOURCES = ("deb", "package")
 
 
 # ---- scalar types --------------------------------------------------------------------------------------
@@ -158,16 +181,53 @@ class IrqAffinity(_Strict):
     housekeeping: CpuText
 
 
+def _release_text(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise PydanticCustomError("release_text", "a kernel release must be a quoted string: YAML reads 6.10 as the "
+                                                  'number 6.1; write e.g. "6.10.0-1-arm64"')
+    return v
+
+
+class KernelArtifactSpec(_Strict):
+    """A kernel to install and boot, as the profile names it (checked by the resolver, not here, so that the
+    problems carry file and line)."""
+
+    deb: StrictStr | None = None
+    package: StrictStr | None = None
+    release: Annotated[str, BeforeValidator(_release_text)] | None = None
+
+
+class WfxNotrap(_Strict):
+    """`wfx_notrap` switched on; `kernel` is the patched kernel for hosts older than Linux 6.11 (None: none)."""
+
+    kernel: KernelArtifactSpec | None = None
+
+
+def _wfx_switch(v: Any) -> Any:
+    """`true` -> WfxNotrap(), `false` -> None, `{kernel: {...}}` -> validated as WfxNotrap; anything else is
+    refused here, so one clear message replaces a union's two."""
+    if isinstance(v, (bool, ScalarBoolean)):
+        return {} if v else None
+    if v is None:
+        return None
+    if isinstance(v, Mapping) and v.get("kernel") is not None:
+        return v
+    raise PydanticCustomError(
+        "wfx_notrap", "must be true, false or a mapping naming a patched host kernel for Linux < 6.11: "
+                      "{kernel: {deb: FILE}} or {kernel: {package: NAME}}")
+
+
 class GuestSection(_Strict):
     cmdline: dict[str, CmdlineValue | None] = Field(default_factory=dict)
     sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
     services: Services = Field(default_factory=Services)
     irq_affinity: IrqAffinity | None = None
+    kernel: KernelArtifactSpec | None = None  # accepted here only to refuse it with a clear message
 
 
 class HostSection(GuestSection):
     vcpu_pinning: VcpuPinning | None = None
-    wfx_notrap: StrictBool = False
+    wfx_notrap: Annotated[WfxNotrap | None, BeforeValidator(_wfx_switch)] = None
 
 
 @dataclass
@@ -187,6 +247,14 @@ class _Source:
                 line = line_of(doc, loc)
                 return f"{path}:{line}" if line else str(path)
         return str(self.root)
+
+    def file_of(self, loc: tuple) -> Path:
+        """The file the value at `loc` came from: relative paths in it are relative to its directory."""
+        for n in range(len(loc), 0, -1):
+            idx = self.origin.get(tuple(loc[:n]))
+            if idx is not None:
+                return self.files[idx][0]
+        return self.root
 
 
 class Profile(_Strict):
@@ -571,9 +639,75 @@ class _Resolver:
             change((t, "vcpu_pinning"), f"{t}.vcpu_pinning", "vcpu_pinning", pin_params)
         if add and cmdline_ok:
             change((t, "cmdline"), f"{t}.cmdline", "cmdline", {"add": add})
-        if getattr(sec, "wfx_notrap", False):
-            change((t, "wfx_notrap"), f"{t}.wfx_notrap", "wfx_notrap", {"wfi": "notrap", "wfe": "notrap"})
+        if sec.kernel is not None:
+            loc = (t, "kernel")
+            if t == "guest":
+                self.p.add(loc, "rt-tune cannot install a guest kernel yet (only host.kernel): build the guest "
+                                "image with the kernel you want", sec.kernel.model_dump(exclude_none=True))
+            else:
+                artifact = self.artifact(loc, sec.kernel)
+                if artifact is not None:
+                    change(loc, f"{t}.kernel", "kernel", artifact)
+        wfx = getattr(sec, "wfx_notrap", None)
+        if wfx is not None:
+            artifact = None
+            if wfx.kernel is not None:
+                artifact = self.artifact((t, "wfx_notrap", "kernel"), wfx.kernel)
+            if wfx.kernel is None or artifact is not None:
+                change((t, "wfx_notrap"), f"{t}.wfx_notrap", "wfx_notrap",
+                       {"wfi": "notrap", "wfe": "notrap", "kernel": artifact})
         return out
+
+    def artifact(self, loc: tuple, spec: KernelArtifactSpec) -> dict[str, str | None] | None:
+        """The params of a kernel artifact ({"deb": absolute path, "package", "release"}, unset ones None), or
+        None when it has a problem (recorded) or a value waits for vars."""
+        given = [k for k in ARTIFACT_SOURCES if getattr(spec, k) is not None]
+        if len(given) != 1:
+            self.p.add(loc, "name exactly one of `deb: FILE` (a .deb on this machine) or `package: NAME` (a "
+                            "package in the unit's apt repositories)", spec.model_dump(exclude_none=True))
+        out: dict[str, str | None] = {"deb": None, "package": None, "release": None}
+        ok = len(given) == 1  # the values are still checked, so that every problem shows at once
+        if spec.deb is not None:
+            dloc = loc + ("deb",)
+            text = self.sub(dloc, spec.deb)
+            if text is None:
+                ok = False
+            else:
+                source = self.profile._source
+                base = source.file_of(dloc).parent if source else Path.cwd()
+                path = (base / text).resolve()
+                if not text.endswith(".deb"):
+                    self.p.add(dloc, "must name a Debian package file (*.deb)", text, spec.deb)
+                    ok = False
+                elif not path.is_file():
+                    self.p.add(dloc, f"no such file {path} (a relative path is relative to the directory of the "
+                                     f"profile file that names it, {base.resolve()})", text, spec.deb)
+                    ok = False
+                else:
+                    out["deb"] = str(path)
+        if spec.package is not None:
+            ploc = loc + ("package",)
+            text = self.sub(ploc, spec.package)
+            if text is None:
+                ok = False
+            elif not DEB_PACKAGE.match(text):
+                self.p.add(ploc, "not a Debian package name (lowercase letters, digits and `+.-`, at least 2 "
+                                 "characters, starting with a letter or digit)", text, spec.package)
+                ok = False
+            else:
+                out["package"] = text
+        if spec.release is not None:
+            rloc = loc + ("release",)
+            text = self.sub(rloc, spec.release)
+            if text is None:
+                ok = False
+            elif not KERNEL_RELEASE.match(text) or len(text) > KERNEL_RELEASE_MAX:
+                self.p.add(rloc, f"not a kernel release as `uname -r` prints it ([A-Za-z0-9._+-], at most "
+                                 f"{KERNEL_RELEASE_MAX} characters, e.g. 6.1.0-41-rt-arm64)", text, spec.release)
+                ok = False
+            else:
+                out["release"] = text
+        return out if ok else None
 
     def cmdline(self, t: Target, args: dict[str, str | None], rt_sets: list) -> tuple[dict, bool]:
         add: dict[str, str | None] = {}
@@ -661,6 +795,11 @@ def resolve(profile: Profile, unit_name: str, unit_spec: Any) -> list[ChangeSpec
     return specs
 
 
+def _describe_artifact(a: Mapping[str, Any]) -> str:
+    what = Path(a["deb"]).name if a.get("deb") else f"package {a.get('package')}"
+    return what + (f" ({a['release']})" if a.get("release") else "")
+
+
 def describe(spec: ChangeSpec) -> str:
     """One line for humans."""
     p = spec.params
@@ -675,8 +814,12 @@ def describe(spec: ChangeSpec) -> str:
         text = f"move IRQs to housekeeping CPUs {_fmt_cpus(p['housekeeping'])}"
     elif spec.kind == "cmdline":
         text = "add kernel arguments " + " ".join(k if v is None else f"{k}={v}" for k, v in p["add"].items())
+    elif spec.kind == "kernel":
+        text = f"install and boot kernel {_describe_artifact(p)}"
     elif spec.kind == "wfx_notrap":
         text = "stop trapping guest WFI/WFE"
+        if p.get("kernel"):
+            text += f" (Linux < 6.11: with patched kernel {_describe_artifact(p['kernel'])})"
     else:  # pragma: no cover - Kind is closed
         text = f"{spec.kind} {p}"
     return f"{spec.target}: {text}" + (" (reboot)" if spec.needs_reboot else "")

@@ -47,6 +47,9 @@ from orchestrator.errors import (
 )
 
 log = logging.getLogger(__name__)
+# paramiko's transport thread logs every refused/half-open connection (routine while a unit reboots) with a
+# traceback; without a handler Python's last-resort handler prints them to stderr. Our retries report instead.
+logging.getLogger("paramiko.transport").addHandler(logging.NullHandler())
 
 #: Seconds `timeout -k` waits after TERM before it sends KILL.
 KILL_AFTER_S = 5

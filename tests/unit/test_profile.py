@@ -10,7 +10,15 @@ from pydantic import ValidationError
 
 from orchestrator.errors import InputError
 from orchestrator.inventory import UnitSpec
-from orchestrator.profile import ChangeSpec, describe, find_profile, load_profile, resolve
+from orchestrator.profile import (
+    KIND_ORDER,
+    NEEDS_REBOOT,
+    ChangeSpec,
+    describe,
+    find_profile,
+    load_profile,
+    resolve,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +73,7 @@ def test_rt_profile_resolves_for_the_lab_in_order():
                             "kvm-arm.vgic_v4_enable": "1"}},
          "needs_reboot": True},
         {"id": "host.wfx_notrap", "target": "host", "kind": "wfx_notrap",
-         "params": {"wfi": "notrap", "wfe": "notrap"}, "needs_reboot": True},
+         "params": {"wfi": "notrap", "wfe": "notrap", "kernel": None}, "needs_reboot": True},
     ]
     assert [describe(s) for s in specs][3:5] == [
         "host: pin the vCPU threads of rt-guest-vm.service: vCPU 0->CPU 1",
@@ -179,7 +187,8 @@ def test_boolean_sysctl_value_is_rejected_with_a_hint_to_quote():
 def test_switches_are_strict_booleans(tmp_path):
     p = write(tmp_path, "p.yaml", "name: p\nhost:\n  wfx_notrap: 'yes'\n  services: {mask: off}\n")
     msg = error_of(p)
-    assert f"{p}:3: host.wfx_notrap: Input should be a valid boolean (got 'yes')" in msg
+    assert f"{p}:3: host.wfx_notrap: must be true, false or a mapping naming a patched host kernel for Linux " \
+           "< 6.11: {kernel: {deb: FILE}} or {kernel: {package: NAME}} (got 'yes')" in msg
     assert f"{p}:4: host.services.mask: Input should be a valid boolean (got 'off')" in msg
 
 
@@ -260,3 +269,118 @@ def test_duplicate_service_and_bad_cpu_count_var(tmp_path):
 def test_changespec_is_strict():
     with pytest.raises(ValidationError):
         ChangeSpec(id="x", target="host", kind="sysctl", params={}, colour="red")
+
+
+# ---- kernel artifacts: host.kernel and wfx_notrap: {kernel: ...} ----------------------------------------
+def test_kernel_changes_resolve_in_order_with_paths_relative_to_the_naming_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "k_1_arm64.deb").write_bytes(b"x")
+    (tmp_path / "patched.deb").write_bytes(b"x")
+    write(tmp_path, "sub/base.yaml", "host:\n  kernel: {deb: k_1_arm64.deb, release: 6.1.0-9-rt-arm64}\n")
+    top = write(tmp_path, "top.yaml", """\
+name: top
+include: [sub/base.yaml]
+host:
+  wfx_notrap:
+    kernel: {deb: patched.deb}
+  cmdline: {nohz_full: "1"}
+  sysctl: {kernel.timer_migration: "0"}
+""")
+    specs = resolve(load_profile(top), "u", unit({}, guest=False))
+    assert [(s.id, s.kind, s.needs_reboot) for s in specs] == [
+        ("host.sysctl.kernel.timer_migration", "sysctl", False), ("host.cmdline", "cmdline", True),
+        ("host.kernel", "kernel", True), ("host.wfx_notrap", "wfx_notrap", True)]
+    kernel, wfx = specs[2], specs[3]
+    assert kernel.params == {"deb": str(tmp_path / "sub" / "k_1_arm64.deb"), "package": None,
+                             "release": "6.1.0-9-rt-arm64"}
+    assert wfx.params == {"wfi": "notrap", "wfe": "notrap",
+                          "kernel": {"deb": str(tmp_path / "patched.deb"), "package": None, "release": None}}
+    assert describe(kernel) == "host: install and boot kernel k_1_arm64.deb (6.1.0-9-rt-arm64) (reboot)"
+    assert describe(wfx) == "host: stop trapping guest WFI/WFE (Linux < 6.11: with patched kernel patched.deb) " \
+                            "(reboot)"
+    assert KIND_ORDER.index("cmdline") < KIND_ORDER.index("kernel") < KIND_ORDER.index("wfx_notrap")
+    assert NEEDS_REBOOT == {"cmdline", "kernel", "wfx_notrap"}
+
+
+def test_kernel_from_a_package_and_vars_and_order(tmp_path):
+    (tmp_path / "debs").mkdir()
+    (tmp_path / "debs" / "k.deb").write_bytes(b"x")
+    p = write(tmp_path, "p.yaml", """\
+name: p
+host:
+  kernel: {package: "${kpkg}", release: "${krel}"}
+  wfx_notrap: {kernel: {deb: "${kdir}/k.deb"}}
+order: [host.wfx_notrap]
+""")
+    vars = {"kpkg": "linux-image-6.1.0-9-rt-arm64", "krel": "6.1.0-9-rt-arm64", "kdir": "debs"}
+    specs = resolve(load_profile(p, vars), "u", unit(vars, guest=False))
+    assert [s.id for s in specs] == ["host.wfx_notrap", "host.kernel"]
+    assert specs[1].params == {"deb": None, "package": "linux-image-6.1.0-9-rt-arm64", "release": "6.1.0-9-rt-arm64"}
+    assert specs[0].params["kernel"]["deb"] == str(tmp_path / "debs" / "k.deb")
+    assert describe(specs[1]) == "host: install and boot kernel package linux-image-6.1.0-9-rt-arm64 " \
+                                 "(6.1.0-9-rt-arm64) (reboot)"
+    with pytest.raises(InputError, match=r"p.yaml:3: host.kernel.package: undefined variable \$\{kpkg\}"):
+        resolve(load_profile(p), "u", unit({}, guest=False))  # load_profile without vars: syntax only
+
+
+def test_bad_kernel_artifacts_name_file_line_key_and_value(tmp_path):
+    (tmp_path / "k.tar").write_bytes(b"x")
+    p = write(tmp_path, "p.yaml", """\
+name: p
+host:
+  kernel:
+    deb: missing.deb
+    package: linux-image-rt-arm64
+  wfx_notrap:
+    kernel:
+      package: Linux_Image
+      release: "6.1.0 rt"
+guest:
+  kernel: {package: linux-image-cloud-arm64}
+""")
+    lines = [line.strip() for line in error_of(p).splitlines()[1:]]
+    assert lines == [
+        (f"{p}:3: host.kernel: name exactly one of `deb: FILE` (a .deb on this machine) or `package: NAME` (a "
+        "package in the unit's apt repositories) (got {'deb': 'missing.deb', 'package': 'linux-image-rt-arm64'})"),
+        (f"{p}:4: host.kernel.deb: no such file {tmp_path / 'missing.deb'} (a relative path is relative to the "
+        f"directory of the profile file that names it, {tmp_path}) (got 'missing.deb')"),
+        (f"{p}:8: host.wfx_notrap.kernel.package: not a Debian package name (lowercase letters, digits and `+.-`, "
+        "at least 2 characters, starting with a letter or digit) (got 'Linux_Image')"),
+        (f"{p}:9: host.wfx_notrap.kernel.release: not a kernel release as `uname -r` prints it ([A-Za-z0-9._+-], "
+        "at most 64 characters, e.g. 6.1.0-41-rt-arm64) (got '6.1.0 rt')"),
+        (f"{p}:11: guest.kernel: rt-tune cannot install a guest kernel yet (only host.kernel): build the guest "
+        "image with the kernel you want (got {'package': 'linux-image-cloud-arm64'})"),
+    ]
+    q = write(tmp_path, "q.yaml", "name: q\nhost:\n  kernel: {release: 6.1.0-1-arm64}\n"
+                                  f"  wfx_notrap: {{kernel: {{deb: k.tar, release: '{'9' * 65}'}}}}\n"
+                                  "  cmdline: {nohz_full: '1'}\n")
+    msg = error_of(q)
+    assert f"{q}:3: host.kernel: name exactly one of `deb: FILE`" in msg and "(got {'release': '6.1.0-1-arm64'})" in msg
+    assert f"{q}:4: host.wfx_notrap.kernel.deb: must name a Debian package file (*.deb) (got 'k.tar')" in msg
+    assert f"{q}:4: host.wfx_notrap.kernel.release: not a kernel release" in msg
+    r = write(tmp_path, "r.yaml", "name: r\nhost:\n  kernel: {package: linux-image-arm64, release: 6.10}\n")
+    assert f"{r}:3: host.kernel.release: a kernel release must be a quoted string: YAML reads 6.10 as the " \
+           "number 6.1; write e.g. \"6.10.0-1-arm64\" (got 6.1)" in error_of(r)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("{}", "host.wfx_notrap: must be true, false or a mapping naming a patched host kernel"),
+    ("{kernel: null}", "host.wfx_notrap: must be true, false or a mapping"),
+    ("{kernel: {deb: k.deb}, colour: red}", "host.wfx_notrap.colour: Extra inputs are not permitted (got 'red')"),
+    ("{kernel: {deb: k.deb, url: http://x}}", "host.wfx_notrap.kernel.url: Extra inputs are not permitted"),
+    ("{kernel: linux-image-rt-arm64}", "host.wfx_notrap.kernel: Input should be a valid dictionary"),
+    ("1", "host.wfx_notrap: must be true, false"),
+])
+def test_wfx_notrap_mapping_is_strict(tmp_path, value, expected):
+    (tmp_path / "k.deb").write_bytes(b"x")
+    p = write(tmp_path, "p.yaml", f"name: p\nhost:\n  wfx_notrap: {value}\n")
+    assert f"{p}:3: {expected}" in error_of(p)
+
+
+def test_wfx_notrap_false_and_true(tmp_path):
+    off = write(tmp_path, "off.yaml", "name: off\nhost:\n  wfx_notrap: false\n  sysctl: {kernel.a: 1}\n")
+    assert [s.id for s in resolve(load_profile(off), "u", unit({}))] == ["host.sysctl.kernel.a"]
+    on = write(tmp_path, "on.yaml", "name: on\nhost:\n  wfx_notrap: true\n")
+    [spec] = resolve(load_profile(on), "u", unit({}))
+    assert spec.params == {"wfi": "notrap", "wfe": "notrap", "kernel": None}
+    assert describe(spec) == "host: stop trapping guest WFI/WFE (reboot)"

@@ -1,0 +1,191 @@
+"""GRUB on Debian-like systems (`/etc/default/grub`, `/etc/default/grub.d/*.cfg`, `update-grub`, grubenv).
+
+Ownership: rt-tune never edits /etc/default/grub. Committed arguments go to its own drop-in,
+`/etc/default/grub.d/90-rt-tune.cfg`, one `GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX ..."` line per change
+(grub-mkconfig sources the drop-ins after /etc/default/grub). The trial entry is `/etc/grub.d/42_rt-tune-trial`,
+a copy of the default entry (or of another kernel's) with the new arguments, armed with `grub-reboot` so GRUB
+boots it once and clears `next_entry`; any reset afterwards boots the saved default again. That needs
+GRUB_DEFAULT=saved and a grubenv GRUB itself can write at boot (not on Btrfs, ZFS, LVM or md RAID), which
+`preflight` checks. `restore` writes every touched file back byte for byte (grub.cfg and grubenv included),
+so no update-grub is needed to undo.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import ClassVar
+
+from orchestrator.boot import cmdline
+from orchestrator.boot.grubcfg import MenuEntry, default_entry, entry_for_release, parse_grub_cfg, parse_grubenv
+from orchestrator.boot.loader import (
+    BootError,
+    Bootloader,
+    BootTarget,
+    State,
+    read_optional,
+    restore_files,
+    snapshot_files,
+)
+from orchestrator.errors import ParseError, TuneError
+from orchestrator.facts import BOOTLOADER
+from orchestrator.transport import Transport
+
+TRIAL_ID = "rt-tune-trial"
+UNSAFE_FS = {"btrfs", "zfs", "f2fs", "nfs", "nfs4", "tmpfs", "overlay", "squashfs"}
+
+
+class GrubBackend(Bootloader):
+    kind: ClassVar[str] = "grub"
+
+    def __init__(self, *, cfg: str = "/boot/grub/grub.cfg", grubenv: str = "/boot/grub/grubenv",
+                 dropin: str = "/etc/default/grub.d/90-rt-tune.cfg",
+                 trial_script: str = "/etc/grub.d/42_rt-tune-trial", mkconfig: str = "update-grub"):
+        self.cfg, self.grubenv, self.dropin, self.trial_script, self.mkconfig = (
+            cfg, grubenv, dropin, trial_script, mkconfig)
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def _files(self) -> list[str]:
+        return [self.dropin, self.trial_script, self.cfg, self.grubenv]
+
+    def snapshot(self, t: Transport) -> State:
+        return {"files": snapshot_files(t, self._files())}
+
+    def restore(self, t: Transport, snap: State) -> None:
+        restore_files(t, snap["files"])
+
+    def entries(self, t: Transport) -> list[MenuEntry]:
+        return parse_grub_cfg(t.read_file(self.cfg).decode("utf-8", "replace"))
+
+    def env(self, t: Transport) -> dict[str, str]:
+        data = read_optional(t, self.grubenv)
+        return parse_grubenv(data.decode("utf-8", "replace")) if data is not None else {}
+
+    def default(self, t: Transport) -> MenuEntry:
+        return default_entry([e for e in self.entries(t) if e.id != TRIAL_ID], self.env(t).get("saved_entry"))
+
+    def default_args(self, t: Transport) -> str:
+        entry = self.default(t)
+        if entry.args is None:
+            raise BootError(f"{t.label}: the default GRUB entry {entry.title!r} has no linux line")
+        return entry.args.strip()
+
+    # ---- checks --------------------------------------------------------------------------------------
+    def preflight(self, t: Transport) -> list[str]:
+        info = BOOTLOADER.gather(t)
+        problems = []
+        if info.grub_default != "saved":
+            problems.append(f"GRUB_DEFAULT is {info.grub_default!r} (in {info.grub_default_source}), not "
+                            "'saved': a one-shot trial entry needs GRUB_DEFAULT=saved, or a failed trial would "
+                            "not fall back")
+        env = read_optional(t, self.grubenv)
+        if env is None:
+            problems.append(f"no grubenv at {self.grubenv}: grub-reboot cannot arm a one-shot entry "
+                            "(create it with `grub-editenv create`)")
+        else:
+            src = t.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", self.grubenv], timeout_s=30).stdout.split()
+            fstype, source = (src + ["", ""])[:2]
+            if fstype in UNSAFE_FS:
+                problems.append(f"grubenv is on {fstype}: GRUB cannot write it at boot, so the one-shot entry "
+                                "would never be cleared")
+            if source.startswith(("/dev/mapper/", "/dev/md", "/dev/dm-")):
+                problems.append(f"grubenv is on {source} (LVM or RAID): GRUB cannot write it at boot")
+            probe = t.run(["sh", "-c", 'grub-editenv "$1" set rt_tune_preflight=1 && '
+                           'grub-editenv "$1" unset rt_tune_preflight', "-", self.grubenv],
+                          timeout_s=30, check=False)
+            if not probe.ok:
+                problems.append(f"grubenv {self.grubenv} cannot be written ({probe.stderr.strip()[:200]}): "
+                                "grub-reboot would fail and GRUB could not clear a one-shot entry")
+            elif t.read_file(self.grubenv) != env:
+                t.write_file(self.grubenv, env)  # the probe must leave no trace
+        try:
+            args = self.default_args(t)
+        except (TuneError, ParseError) as exc:
+            problems.append(f"cannot read the default entry of {self.cfg}: {exc}")
+        else:
+            panic = [tok for tok in cmdline.split(args) if cmdline.key_of(tok) == "panic"]
+            if not panic or not panic[-1].partition("=")[2].lstrip("-").isdigit() or \
+                    int(panic[-1].partition("=")[2]) == 0:
+                problems.append("the default entry has no panic=N (N != 0): a trial kernel that panics would "
+                                "hang instead of rebooting into the old default")
+        return problems
+
+    # ---- changing ------------------------------------------------------------------------------------
+    def _mkconfig(self, t: Transport) -> None:
+        t.run([self.mkconfig], timeout_s=300)
+
+    def _trial_entry(self, t: Transport, target: BootTarget) -> str:
+        base = self.default(t)
+        body = base.body
+        if target.kernel and target.kernel != base.release:
+            kernel_entry = entry_for_release(self.entries(t), target.kernel)
+            body = kernel_entry.body
+            args = base.args or ""  # the default's arguments, on the other kernel
+        else:
+            args = base.args or ""
+        new_args = cmdline.merged(args.strip(), target.add)
+        lines = []
+        for line in body.split("\n"):
+            words = line.split()
+            if words and words[0] in ("linux", "linux16", "linuxefi") and len(words) >= 2:
+                indent = line[: len(line) - len(line.lstrip())]
+                line = f"{indent}{words[0]}\t{words[1]} {new_args}"
+            lines.append(line)
+        title = f"rt-tune trial: {target.kernel or base.release} {' '.join(cmdline.tokens(target.add))}".strip()
+        return (f"menuentry {shlex.quote(title)} --id {TRIAL_ID} {{\n" + "\n".join(lines).rstrip("\n")
+                + "\n}\n")
+
+    def stage_trial(self, t: Transport, target: BootTarget) -> None:
+        entry = self._trial_entry(t, target)
+        script = "#!/bin/sh\n# rt-tune: one-shot trial entry (armed with grub-reboot); removed on commit or discard\n" \
+                 "exec tail -n +4 \"$0\"\n" + entry
+        t.write_file(self.trial_script, script.encode(), mode=0o755)
+        self._mkconfig(t)
+        staged = [e for e in self.entries(t) if e.id == TRIAL_ID]
+        if len(staged) != 1:
+            raise BootError(f"{t.label}: update-grub did not produce the trial entry {TRIAL_ID!r}")
+        self.arm(t)
+
+    def arm(self, t: Transport) -> None:
+        t.run(["grub-reboot", TRIAL_ID], timeout_s=30)
+        if self.env(t).get("next_entry") != TRIAL_ID:
+            raise BootError(f"{t.label}: grub-reboot did not set next_entry={TRIAL_ID} in {self.grubenv}")
+
+    def disarm(self, t: Transport) -> None:
+        t.run(["grub-editenv", self.grubenv, "unset", "next_entry"], timeout_s=30)
+
+    def commit(self, t: Transport, target: BootTarget) -> None:
+        old = read_optional(t, self.dropin)
+        text = old.decode() if old is not None else (
+            "# rt-tune: kernel arguments it added (one line per change). rt-tune restores this file byte for\n"
+            "# byte when it rolls a change back; edit /etc/default/grub for your own arguments.\n")
+        add = cmdline.missing(self.default_args(t), target.add)
+        if add:
+            text += f'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX {" ".join(cmdline.tokens(add))}"\n'
+            t.write_file(self.dropin, text.encode())
+        t.run(["rm", "-f", "--", self.trial_script], timeout_s=30)
+        self.disarm(t)
+        self._mkconfig(t)
+        if target.kernel:
+            entry = entry_for_release(self.entries(t), target.kernel)
+            t.run(["grub-set-default", entry.path], timeout_s=30)
+
+    def committed(self, t: Transport, target: BootTarget) -> list[str]:
+        problems = super().committed(t, target)
+        if target.kernel and self.default(t).release != target.kernel:
+            problems.append(f"default entry boots {self.default(t).release}, not {target.kernel}")
+        if any(e.id == TRIAL_ID for e in self.entries(t)):
+            problems.append("the trial entry is still in grub.cfg")
+        return problems
+
+    def discard(self, t: Transport) -> None:
+        t.run(["rm", "-f", "--", self.trial_script], timeout_s=30)
+        self.disarm(t)
+        self._mkconfig(t)
+
+    def pin_default(self, t: Transport) -> str:
+        """Name the current default entry by its stable id path in saved_entry, so that installing a kernel
+        (which re-sorts the menu) does not change what boots by default. Returns the path."""
+        entry = self.default(t)
+        path = entry_for_release(self.entries(t), entry.release).path if entry.release else entry.path
+        t.run(["grub-set-default", path], timeout_s=30)
+        return path

@@ -1,0 +1,372 @@
+"""Boot changes in the apply loop: kernel cmdline, kernel artifacts and the WFI/WFE no-trap change.
+
+Same contract as a runtime change (journal the intent with the exact previous boot configuration, apply,
+verify, measure before/after, keep or roll back), with a trial boot in place of "apply":
+
+  facts -> plan (no-op when the default entry already has every argument) -> preflight (refused unless the
+  user accepts the risk) -> journal -> `before` runs on the current boot -> stage + arm the trial entry ->
+  TrialBoot -> healthy? `after` runs : rolled back by fallback -> decide -> commit (the default entry gets the
+  arguments; no extra reboot) or restore the journaled files byte for byte and boot the old default.
+
+Measurement order is forced to `blocked` (every side switch costs a reboot). A failed trial needs no extra
+reboot to undo: the one-shot entry is gone and the unit already runs the old default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.boot import cmdline
+from orchestrator.boot.loader import Bootloader, BootTarget
+from orchestrator.boot.trial import Health, TrialBoot, UnitLostError
+from orchestrator.decide import SequentialDecision
+from orchestrator.errors import InputError, TuneError
+from orchestrator.facts import ARCH, BOOT_ID, BOOTLOADER, CMDLINE, KERNEL_RELEASE
+from orchestrator.measure.runner import measure
+from orchestrator.profile import ChangeSpec
+from orchestrator.transport import Transport
+
+if TYPE_CHECKING:
+    from orchestrator.engine import ChangeOutcome, Engine
+
+BOOT_KINDS = ("cmdline", "kernel", "wfx_notrap")
+
+
+def loader_for(kind: str, vars: dict[str, Any], target: str) -> Bootloader:
+    from orchestrator.boot.registry import backend_for
+
+    if kind == "qemu-append":
+        return backend_for(kind, service=str(vars["qemu_service"]))
+    if kind == "libvirt":
+        return backend_for(kind, domain=str(vars.get("libvirt_domain", "")))
+    return backend_for(kind)
+
+
+@dataclass
+class BootPlan:
+    """Everything decided before the unit is touched."""
+
+    target: BootTarget
+    loader: Bootloader
+    control_target: str
+    old_cmdline: str
+    old_kernel: str
+    old_boot_id: str
+    default_args: str
+    noop: bool
+    summary: str
+    skip_reason: str = ""
+    artifact: dict | None = None  # the kernel artifact to install (kernel targets)
+    install_package: str | None = None  # the package rt-tune will install (None: the kernel is already there)
+
+
+class BootChangeRunner:
+    """Runs one boot ChangeSpec for an Engine (journal, connect, measurement plan, events are the engine's)."""
+
+    def __init__(self, engine: Engine):
+        self.e = engine
+
+    # ---- planning ----------------------------------------------------------------------------------------
+    def _conn(self, unit: str, target: str):
+        return lambda: self.e.connect(self.e.inventory, unit, target)
+
+    def _vars(self, unit: str) -> dict[str, Any]:
+        return dict(self.e.inventory.unit(unit).vars)
+
+    def _loader_kind(self, unit: str, target: str, t: Transport) -> tuple[str, str]:
+        """(bootloader kind, control target): inventory vars `bootloader` / `guest_bootloader` override facts."""
+        override = self._vars(unit).get("bootloader" if target == "host" else "guest_bootloader")
+        if override in ("qemu-append", "libvirt"):
+            if target != "guest":
+                raise InputError(f"inventory: unit {unit}: bootloader {override!r} only applies to a guest")
+            return str(override), "host"
+        if override:
+            return str(override), target
+        info = BOOTLOADER.gather(t)
+        if info.kind == "unknown":
+            raise TuneError(f"{unit}.{target}: no supported bootloader found (GRUB, systemd-boot, extlinux, "
+                            "U-Boot env); set `bootloader:` in the unit's inventory vars")
+        return info.kind, target
+
+    def boot_target(self, spec: ChangeSpec, arch: str, kernel: str) -> tuple[BootTarget | None, dict | None, str]:
+        """(what to boot, kernel artifact to install, skip reason) for this spec; None target when it does not
+        apply to this unit."""
+        p = spec.params
+        if spec.kind == "cmdline":
+            return BootTarget(add=dict(p["add"])), None, ""
+        if spec.kind == "kernel":
+            return BootTarget(kernel=self._release(p)), dict(p), ""
+        from orchestrator.boot.wfx import choose_method
+
+        method = choose_method(arch, kernel, p)
+        if method.method == "not_applicable":
+            return None, None, method.reason
+        if method.method == "cmdline":
+            return BootTarget(add=dict(method.add)), None, ""
+        art = dict(method.artifact)
+        return BootTarget(kernel=self._release(art)), art, ""
+
+    @staticmethod
+    def _release(artifact: dict) -> str:
+        release = artifact.get("release")
+        if not release:
+            from orchestrator.boot.artifact import inspect_deb
+
+            if not artifact.get("deb"):
+                raise InputError("a kernel artifact given as `package` needs `release` (its `uname -r`)")
+            release = inspect_deb(artifact["deb"], artifact.get("release")).release
+        return str(release)
+
+    def plan(self, unit: str, spec: ChangeSpec) -> BootPlan:
+        with self._conn(unit, spec.target)() as t:
+            arch, kernel = ARCH.gather(t), KERNEL_RELEASE.gather(t)
+            old_cmdline, boot_id = CMDLINE.gather(t), BOOT_ID.gather(t)
+            target, artifact, why = self.boot_target(spec, arch, kernel)
+            kind, control = self._loader_kind(unit, spec.target, t)
+        loader = loader_for(kind, self._vars(unit), spec.target)
+        if target is None:
+            return BootPlan(BootTarget(), loader, control, old_cmdline, kernel, boot_id, "", True, why,
+                            skip_reason=why)
+        with self._conn(unit, control)() as c:
+            args = loader.default_args(c)
+            add = cmdline.missing(args, target.add)
+            cmdline.check_size(cmdline.merged(args, add), arch)
+            default_kernel = getattr(loader, "default", None)
+            on_kernel = target.kernel is None or (
+                default_kernel is not None and default_kernel(c).release == target.kernel)
+            install = None
+            if target.kernel and artifact is not None:
+                from orchestrator.boot.kernel import kernel_present, package_of
+
+                install = None if kernel_present(c, target.kernel) else package_of(artifact)
+        target = replace(target, add=add)
+        live_ok = not cmdline.holds(old_cmdline, add) and (target.kernel is None or kernel == target.kernel)
+        noop = not add and on_kernel and live_ok
+        what = " ".join(cmdline.tokens(add)) or "(no new arguments)"
+        summary = (f"{kind}: boot {target.kernel or kernel} with +{what}" if target.kernel
+                   else f"{kind}: add {what}")
+        return BootPlan(target, loader, control, old_cmdline, kernel, boot_id, args, noop, summary,
+                        artifact=artifact, install_package=install)
+
+    def preflight(self, unit: str, plan: BootPlan) -> list[str]:
+        with self._conn(unit, plan.control_target)() as c:
+            problems = plan.loader.preflight(c)
+        spec = self.e.inventory.unit(unit)
+        if not spec.power_cycle:
+            with self._conn(unit, plan.control_target)() as c:
+                wd = c.run(["systemctl", "show", "-p", "RuntimeWatchdogUSec", "--value"], timeout_s=30,
+                           check=False).stdout.strip()
+            if wd in ("", "0", "infinity"):
+                problems.append("no power_cycle command in the inventory and no systemd hardware watchdog "
+                                "(RuntimeWatchdogSec): a trial kernel that hangs would need a human to reset it")
+        return problems
+
+    def trial(self, unit: str, spec: ChangeSpec, plan: BootPlan) -> TrialBoot:
+        us = self.e.inventory.unit(unit)
+        power = us.power_cycle if spec.target == "host" else (us.guest_power_cycle or None)
+        services = ()
+        qemu = us.vars.get("qemu_service")
+        if spec.target == "host" and qemu and us.guest is not None:
+            services = (str(qemu),)
+        return TrialBoot(loader=plan.loader, control=self._conn(unit, plan.control_target),
+                         observe=self._conn(unit, spec.target), subject=f"{unit}.{spec.target}",
+                         power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,
+                         events=self.e.events)
+
+    # ---- running -----------------------------------------------------------------------------------------
+    def run(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
+        from orchestrator.engine import ChangeOutcome
+
+        subject = f"{unit}.{spec.target}"
+        base = dict(id=spec.id, target=spec.target, kind=spec.kind)
+        try:
+            plan = self.plan(unit, spec)
+        except TuneError as exc:
+            self.e._emit("change.failed", subject, f"{spec.id}: {exc}")
+            return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")
+        if plan.skip_reason:
+            self.e._emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
+            return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
+        if plan.noop:
+            self.e._emit("change.noop", subject, plan.summary)
+            return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
+        problems = self.preflight(unit, plan)
+        if problems and not self.e.accept_boot_risk:
+            reason = "refused by preflight (a failed trial could not fall back by itself; --accept-boot-risk " \
+                     "overrides): " + "; ".join(problems)
+            self.e._emit("change.refused", subject, f"{spec.id}: {reason}")
+            return ChangeOutcome(**base, description=plan.summary, status="refused", reason=reason)
+        with self._conn(unit, plan.control_target)() as c:
+            snap = plan.loader.snapshot(c)
+        before = {"loader": plan.loader.kind, "control": plan.control_target, "snapshot": snap,
+                  "cmdline": plan.old_cmdline, "kernel": plan.old_kernel, "boot_id": plan.old_boot_id,
+                  "installed_package": plan.install_package}
+        desired = {"params": spec.params, "state": {"add": plan.target.add, "kernel": plan.target.kernel}}
+        rec = self.e.journal.record_intent(run_id, unit, spec.target, spec.id, spec.kind, before=before,
+                                           desired=desired)
+        self.e._emit("change.intent", subject, plan.summary, journal_id=rec, preflight_overridden=problems)
+        if plan.target.kernel and plan.artifact is not None:
+            try:
+                from orchestrator.boot.kernel import install_kernel
+
+                self.e._emit("kernel.install", subject, f"installing {plan.install_package or 'nothing'} "
+                             f"for kernel {plan.target.kernel}")
+                with self._conn(unit, plan.control_target)() as c:
+                    install_kernel(c, plan.artifact, plan.target.kernel, plan.loader)
+            except (TuneError, KeyError, ValueError) as exc:
+                reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
+                return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason,
+                                     journal_id=rec)
+        trial = self.trial(unit, spec, plan)
+        rule = self.e.plan.decision.model_copy(update={"order": "blocked"})
+        seq = SequentialDecision(rule)
+        on_trial = False
+        mtarget = self.e._measure_target(unit)
+        try:
+            while (side := seq.next_side()) is not None:
+                if side == "after" and not on_trial:
+                    failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=not seq.runs["after"])
+                    if failed is not None:
+                        return ChangeOutcome(**base, description=plan.summary, status="rolled_back",
+                                             reason=failed, journal_id=rec, before=seq.runs["before"])
+                    on_trial = True
+                elif side == "before" and on_trial:
+                    with self._conn(unit, plan.control_target)() as c:
+                        plan.loader.discard(c)
+                    trial.back_to_default(plan.old_cmdline, plan.old_kernel)
+                    on_trial = False
+                with self._conn(unit, mtarget)() as mt:
+                    result = measure(mt, self.e.plan.cyclictest, self.e.plan.load, target=f"{unit}.{mtarget}",
+                                     artifacts=self.e.artifacts, events=self.e.events)
+                seq.add(side, result)
+                self.e._emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
+                             side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
+            decision = seq.decision
+            assert decision is not None
+            dec = json.loads(decision.model_dump_json())
+            if decision.action == "keep":
+                if not on_trial:
+                    failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=False)
+                    if failed is not None:
+                        return ChangeOutcome(**base, description=plan.summary, status="rolled_back",
+                                             reason=failed, journal_id=rec, decision=dec,
+                                             before=seq.runs["before"], after=seq.runs["after"])
+                with self._conn(unit, plan.control_target)() as c:
+                    plan.loader.commit(c, plan.target)
+                    problems = plan.loader.committed(c, plan.target)
+                if problems:
+                    raise TuneError("commit did not take: " + "; ".join(problems))
+                self.e.journal.mark(rec, "kept", decision=dec)
+                status = "kept"
+            else:
+                self.undo(unit, spec.target, before, plan.target, on_trial=on_trial)
+                self.e.journal.mark(rec, "rolled_back", decision=dec)
+                status = "rolled_back"
+        except UnitLostError as exc:  # journaled as rollback_failed already; nothing to reach
+            self.e._emit("change.failed", subject, str(exc), journal_id=rec)
+            return ChangeOutcome(**base, description=plan.summary, status="failed", reason=str(exc), journal_id=rec,
+                                 before=seq.runs["before"], after=seq.runs["after"])
+        except (TuneError, KeyError, ValueError) as exc:
+            reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
+            return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason, journal_id=rec,
+                                 before=seq.runs["before"], after=seq.runs["after"])
+        except BaseException:
+            self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
+            raise
+        with self._conn(unit, spec.target)() as t:
+            self.e._write_marker(t, unit, spec.target)
+        self.e._emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)
+        return ChangeOutcome(**base, description=plan.summary, status=status, reason=decision.reason,
+                             journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
+
+    def _boot_trial(self, unit: str, spec: ChangeSpec, plan: BootPlan, trial: TrialBoot, rec: int,
+                    before: dict, *, first: bool) -> str | None:
+        """Stage, arm and boot the trial. None when healthy; else the reason, with the change rolled back."""
+        with self._conn(unit, plan.control_target)() as c:
+            plan.loader.stage_trial(c, plan.target)
+        if first:
+            self.e.journal.mark(rec, "applied", message="trial entry staged and armed for one boot")
+        with self._conn(unit, spec.target)() as t:
+            bid = BOOT_ID.gather(t)
+        out = trial.run(plan.target, plan.old_cmdline, plan.old_kernel, bid)
+        if out.result == "healthy":
+            if first:
+                self.e.journal.mark(rec, "verified", after=out.health.model_dump() if out.health else None)
+            return None
+        if out.result == "lost":
+            self.e.journal.mark(rec, "failed", error=out.reason)
+            self.e.journal.mark(rec, "rollback_failed", error="the unit did not come back; it needs a human "
+                                "(its boot configuration still has the journaled default entry)")
+            self.e.journal.set_unit_state(unit, "degraded", f"{spec.id}: {out.reason}")
+            raise UnitLostError(f"{unit}.{spec.target}: {out.reason}; the trial was armed for one boot only, so its "
+                            "next successful boot is the old default")
+        # fallback (old default already running) or unhealthy trial (reboot into the untouched default)
+        self.undo(unit, spec.target, before, plan.target, on_trial=out.result == "unhealthy")
+        note = "rolled back by fallback: " + out.reason if out.result == "fallback" else \
+            "rolled back: " + out.reason
+        self.e.journal.mark(rec, "rolled_back", message=note)
+        self.e._emit("change.rolled_back", f"{unit}.{spec.target}", f"{spec.id}: {note}", journal_id=rec)
+        with self._conn(unit, spec.target)() as t:
+            self.e._write_marker(t, unit, spec.target)
+        return note
+
+    def undo(self, unit: str, target: str, before: dict, boot: BootTarget | None, *, on_trial: bool | None) -> Health:
+        """Back to the journaled boot configuration, byte for byte, and onto the old default. `on_trial=None`:
+        look at the unit to find out (reconcile after a crash)."""
+        loader = loader_for(before["loader"], self._vars(unit), target)
+        spec = ChangeSpec(id="undo", target=target, kind="cmdline", params={}, needs_reboot=True)  # type: ignore
+        plan = BootPlan(boot or BootTarget(), loader, before["control"], before["cmdline"], before["kernel"],
+                        before["boot_id"], "", False, "")
+        trial = self.trial(unit, spec, plan)
+        if on_trial is None:
+            trial.reachable()
+        with self._conn(unit, before["control"])() as c:
+            loader.restore(c, before["snapshot"])
+        with self._conn(unit, target)() as t:
+            live_cmdline, live_kernel = CMDLINE.gather(t), KERNEL_RELEASE.gather(t)
+        from orchestrator.boot.trial import same_cmdline
+
+        needs_reboot = not (same_cmdline(live_cmdline, before["cmdline"]) and live_kernel == before["kernel"])
+        if on_trial is not None:
+            needs_reboot = needs_reboot or on_trial
+        health = Health(boot_id="", kernel=live_kernel, cmdline=live_cmdline, on_trial=False, on_old=True)
+        if needs_reboot:
+            health = trial.back_to_default(before["cmdline"], before["kernel"])
+        if before.get("installed_package"):  # only now: never purge the kernel the unit is running
+            from orchestrator.boot.kernel import remove_kernel
+
+            with self._conn(unit, before["control"])() as c:
+                remove_kernel(c, before["installed_package"])
+                loader.restore(c, before["snapshot"])  # the purge's update-grub rewrote grub.cfg
+        return health
+
+    def _fail(self, unit: str, target: str, before: dict, boot: BootTarget, rec: int, exc: BaseException) -> str:
+        try:
+            self.undo(unit, target, before, boot, on_trial=None)
+            self.e.journal.mark(rec, "failed", error=str(exc))
+            self.e.journal.mark(rec, "rolled_back", message=f"undone after: {exc}")
+            reason = f"failed and rolled back: {exc}"
+        except (TuneError, KeyError, ValueError, OSError) as exc2:
+            self.e.journal.mark(rec, "failed", error=str(exc))
+            self.e.journal.mark(rec, "rollback_failed", error=str(exc2))
+            reason = f"failed: {exc}; ROLLBACK FAILED: {exc2}"
+        self.e._emit("change.failed", f"{unit}.{target}", reason, journal_id=rec)
+        return reason
+
+    def verify(self, unit: str, rec) -> dict[str, Any]:
+        """A kept boot change is in place when the default entry still has its arguments/kernel and the running
+        kernel booted with them."""
+        before = rec.before
+        loader = loader_for(before["loader"], self._vars(unit), rec.target)
+        state = rec.desired["state"]
+        target = BootTarget(add=state.get("add") or {}, kernel=state.get("kernel"))
+        with self._conn(unit, before["control"])() as c:
+            problems = loader.committed(c, target)
+        with self._conn(unit, rec.target)() as t:
+            live, kernel = CMDLINE.gather(t), KERNEL_RELEASE.gather(t)
+        problems += [f"/proc/cmdline: {p}" for p in cmdline.holds(live, target.add)]
+        if target.kernel and kernel != target.kernel:
+            problems.append(f"running {kernel}, not {target.kernel}")
+        return {"in_place": not problems, "live": {"problems": problems, "cmdline": live, "kernel": kernel}}

@@ -1,0 +1,210 @@
+"""Trial boots: boot a staged entry once, then look at what came back.
+
+The caller stages the trial with a Bootloader backend (armed for one boot only), then `TrialBoot.run`:
+reboot -> wait for a new boot_id -> when the unit does not come back in time, run the unit's `power_cycle`
+command (a PDU/BMC call; in the lab a QMP reset) and wait again -> health check. The result says which world
+the unit is in, from what it reports about itself, never from what we hoped:
+
+  healthy    booted the trial (kernel + every added argument, exactly once) and passes every check
+  unhealthy  booted the trial but a check failed (sysfs disagrees, a required service is down)
+  fallback   came back on the old cmdline/kernel: the bootloader fell back by itself ("rolled back by fallback")
+  lost       no new boot within the timeouts, power cycle included
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel
+
+from orchestrator.boot import cmdline
+from orchestrator.boot.loader import BootTarget, Bootloader
+from orchestrator.errors import TuneError
+from orchestrator.events import Event, EventSink, discard
+from orchestrator.facts import BOOT_ID, CMDLINE, ISOLATED_CPUS, KERNEL_RELEASE, NOHZ_FULL_CPUS, parse_cpu_list
+from orchestrator.transport import Transport
+
+Connect = Callable[[], Transport]
+TrialResult = Literal["healthy", "unhealthy", "fallback", "lost"]
+ISOLCPUS_FLAGS = ("nohz", "domain", "managed_irq")
+
+
+class UnitLostError(TuneError):
+    """The unit did not come back from a trial boot, power cycle included: a human must look at it."""
+
+
+class Health(BaseModel):
+    boot_id: str
+    kernel: str
+    cmdline: str
+    on_trial: bool
+    on_old: bool
+    problems: list[str] = []
+
+
+class TrialOutcome(BaseModel):
+    result: TrialResult
+    seconds: float
+    power_cycled: bool = False
+    health: Health | None = None
+    reason: str = ""
+
+
+def cpus_of(key: str, value: str | None) -> list[int] | None:
+    """The CPU set a cmdline argument should put in sysfs (isolcpus: only with the `domain` flag or none)."""
+    if value is None:
+        return None
+    if key == "isolcpus":
+        parts = value.split(",")
+        flags = []
+        while parts and parts[0] in ISOLCPUS_FLAGS:
+            flags.append(parts.pop(0))
+        if flags and "domain" not in flags:
+            return None  # isolcpus=nohz,... alone does not show in /sys/.../isolated
+        return parse_cpu_list(",".join(parts))
+    if key == "nohz_full":
+        return parse_cpu_list(value)
+    return None
+
+
+def same_cmdline(a: str, b: str) -> bool:
+    """Equal as argument lists, ignoring BOOT_IMAGE (GRUB adds it; it names the kernel, compared separately)."""
+    def norm(s: str) -> list[str]:
+        return [tok for tok in cmdline.split(s) if not tok.startswith("BOOT_IMAGE=")]
+    return norm(a) == norm(b)
+
+
+def health_check(t: Transport, target: BootTarget, old_cmdline: str, old_kernel: str,
+                 services: tuple[str, ...] = ()) -> Health:
+    """What the unit booted, and whether it is the trial, the old setup, and healthy."""
+    proc = CMDLINE.gather(t)
+    kernel = KERNEL_RELEASE.gather(t)
+    problems = [f"/proc/cmdline: {p}" for p in cmdline.holds(proc, target.add)]
+    if target.kernel and kernel != target.kernel:
+        problems.append(f"uname -r is {kernel}, expected {target.kernel}")
+    on_trial = not problems
+    on_old = same_cmdline(proc, old_cmdline) and kernel == old_kernel
+    if on_trial:
+        for key, fact in (("isolcpus", ISOLATED_CPUS), ("nohz_full", NOHZ_FULL_CPUS)):
+            want = cpus_of(key, target.add.get(key)) if key in target.add else None
+            if want is not None:
+                got = fact.gather(t)
+                if sorted(got) != sorted(want):
+                    problems.append(f"sysfs disagrees with {key}={target.add[key]}: the kernel reports {got}")
+        state = t.run(["systemctl", "is-system-running", "--wait"], timeout_s=180, check=False).stdout.strip()
+        if state not in ("running", "degraded"):
+            problems.append(f"systemd reports the system {state or 'unknown'}")
+        for svc in services:
+            active = t.run(["systemctl", "is-active", svc], timeout_s=30, check=False).stdout.strip()
+            if active != "active":
+                problems.append(f"{svc} is {active or 'unknown'}, not active")
+    return Health(boot_id=BOOT_ID.gather(t), kernel=kernel, cmdline=proc, on_trial=on_trial, on_old=on_old,
+                  problems=problems)
+
+
+@dataclass
+class TrialBoot:
+    """Reboot a unit (host, or a guest) into its armed trial entry and classify what comes back."""
+
+    loader: Bootloader
+    control: Connect  # where the bootloader lives (the target itself, or the host for a QEMU -append guest)
+    observe: Connect  # the booted system itself
+    subject: str
+    power_cycle: list[str] | None = None
+    boot_timeout_s: float = 300.0
+    poll_s: float = 3.0
+    services: tuple[str, ...] = ()
+    events: EventSink = discard
+    sleep: Callable[[float], None] = field(default=time.sleep)
+
+    def _emit(self, kind: str, message: str, **data) -> None:
+        self.events(Event(kind, self.subject, message, data=data))
+
+    def boot_id(self, timeout_s: float, old: str | None) -> str | None:
+        """The first boot_id different from `old` seen within `timeout_s` (None: none)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with self.observe() as t:
+                    bid = BOOT_ID.gather(t, timeout_s=20)
+                if bid != old:
+                    return bid
+            except (TuneError, OSError, EOFError):
+                pass
+            self.sleep(self.poll_s)
+        return None
+
+    def reachable(self) -> str:
+        """Wait until the unit answers (a controller may have died while it rebooted); power-cycle it once when
+        it does not. Returns its boot_id; raises UnitLostError."""
+        bid = self.boot_id(self.boot_timeout_s, None)
+        if bid is None and self.power_cycle:
+            self._emit("trial.power_cycle", "unreachable: running the inventory's power_cycle command")
+            subprocess.run(self.power_cycle, capture_output=True, text=True, timeout=300)
+            bid = self.boot_id(self.boot_timeout_s, None)
+        if bid is None:
+            raise UnitLostError(f"{self.subject}: unreachable for {2 * self.boot_timeout_s:.0f} s")
+        return bid
+
+    def reboot_and_wait(self, old_boot_id: str) -> tuple[str | None, bool, float]:
+        """Reboot through the loader (control side), wait, power-cycle once if needed. (boot_id, cycled, s)"""
+        start = time.monotonic()
+        with self.control() as c:
+            self.loader.reboot(c)
+        self._emit("trial.reboot", "rebooting", timeout_s=self.boot_timeout_s)
+        new = self.boot_id(self.boot_timeout_s, old_boot_id)
+        cycled = False
+        if new is None and self.power_cycle:
+            self._emit("trial.power_cycle", f"no new boot after {self.boot_timeout_s:.0f} s: running the "
+                       "inventory's power_cycle command")
+            proc = subprocess.run(self.power_cycle, capture_output=True, text=True, timeout=300)
+            cycled = True
+            if proc.returncode != 0:
+                self._emit("trial.power_cycle_failed", f"power_cycle exited {proc.returncode}: "
+                           f"{proc.stderr.strip()[-300:]}")
+            new = self.boot_id(self.boot_timeout_s, old_boot_id)
+        return new, cycled, time.monotonic() - start
+
+    def run(self, target: BootTarget, old_cmdline: str, old_kernel: str, old_boot_id: str) -> TrialOutcome:
+        new, cycled, secs = self.reboot_and_wait(old_boot_id)
+        if new is None:
+            self._emit("trial.lost", f"no new boot within {secs:.0f} s")
+            return TrialOutcome(result="lost", seconds=secs, power_cycled=cycled,
+                                reason=f"the unit did not come back within {secs:.0f} s"
+                                       + (" (power cycle included)" if cycled else " and has no power_cycle"))
+        with self.observe() as t:
+            health = health_check(t, target, old_cmdline, old_kernel, self.services)
+        if health.on_trial and not health.problems:
+            result: TrialResult = "healthy"
+            reason = f"booted the trial in {secs:.0f} s"
+        elif health.on_trial:
+            result, reason = "unhealthy", "booted the trial, but: " + "; ".join(health.problems)
+        elif health.on_old:
+            result = "fallback"
+            reason = ("came back on the old cmdline" + (" after a power cycle" if cycled else "")
+                      + f" ({'; '.join(health.problems)})")
+        else:
+            result, reason = "unhealthy", "came back on neither the trial nor the old cmdline: " + \
+                "; ".join(health.problems)
+        self._emit(f"trial.{result}", reason, seconds=round(secs, 1), power_cycled=cycled)
+        return TrialOutcome(result=result, seconds=secs, power_cycled=cycled, health=health, reason=reason)
+
+    def back_to_default(self, old_cmdline: str, old_kernel: str) -> Health:
+        """Reboot into the (untouched) default and check it is the old setup; raises when it is not."""
+        with self.observe() as t:
+            bid = BOOT_ID.gather(t)
+        new, _, secs = self.reboot_and_wait(bid)
+        if new is None:
+            raise TuneError(f"{self.subject}: did not come back within {secs:.0f} s after a reboot into the "
+                            "default entry")
+        with self.observe() as t:
+            health = health_check(t, BootTarget(), old_cmdline, old_kernel, ())
+        if not health.on_old:
+            raise TuneError(f"{self.subject}: after the reboot into the default the unit runs "
+                            f"{health.kernel} with {health.cmdline!r}, not the journaled {old_kernel} "
+                            f"{old_cmdline!r}")
+        return health
