@@ -10,6 +10,8 @@ PKGS=(
   openssh-client openssh-server         # `tune lab ssh`; a real sshd for the transport tests
   procps iproute2 util-linux            # pgrep, ss, mount/findmnt used by tests
   python3 python3-venv python3-pip
+  grub2-common systemd-boot u-boot-tools libubootenv-tool libvirt-clients linux-base  # bootloader tools the
+                                        # backends' unit tests run for real (grub-editenv, bootctl, fw_setenv, virsh)
 )
 missing=()
 for p in "${PKGS[@]}"; do

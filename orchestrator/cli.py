@@ -238,9 +238,13 @@ def _units(inv, units: tuple[str, ...]) -> list[str]:
 @click.option("--accept-boot-risk", is_flag=True,
               help="Trial-boot cmdline/kernel changes even where preflight finds that a failed trial could not "
                    "fall back by itself (e.g. GRUB_DEFAULT is not saved).")
+@click.option("--boot-timeout", type=click.FloatRange(min=10), default=300.0, show_default=True,
+              help="Seconds to wait for a unit to come back from a reboot before power-cycling it (and again "
+                   "after the power cycle).")
 @click.option("--json", "as_json", is_flag=True)
 def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
-              dry_run: bool, force_unlock: str | None, as_json: bool, accept_boot_risk: bool = False) -> None:
+              dry_run: bool, force_unlock: str | None, as_json: bool, accept_boot_risk: bool = False,
+              boot_timeout: float = 300.0) -> None:
     """Apply PROFILE (e.g. rt-profile): each change measured before and after, kept only on evidence.
 
     Against the local lab's inventory, boots the lab first when it is not running.
@@ -254,6 +258,7 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
     inv, booted = load_for_apply(paths, _inventory_path(inventory_file), progress)
     engine = make_engine(paths, inv, playbook, progress)
     engine.accept_boot_risk = accept_boot_risk
+    engine.boot_timeout_s = boot_timeout
     results = []
     for unit in _units(inv, units):
         engine.specs(unit, profile_path)  # every unit's input errors before any unit is touched

@@ -102,12 +102,34 @@ class GrubBackend(Bootloader):
         except (TuneError, ParseError) as exc:
             problems.append(f"cannot read the default entry of {self.cfg}: {exc}")
         else:
+            problems += self._stale(t)
             panic = [tok for tok in cmdline.split(args) if cmdline.key_of(tok) == "panic"]
             if not panic or not panic[-1].partition("=")[2].lstrip("-").isdigit() or \
                     int(panic[-1].partition("=")[2]) == 0:
                 problems.append("the default entry has no panic=N (N != 0): a trial kernel that panics would "
                                 "hang instead of rebooting into the old default")
         return problems
+
+    def _stale(self, t: Transport) -> list[str]:
+        """Staging and committing run update-grub; when grub.cfg is out of date with /etc/default/grub (someone
+        edited it without update-grub), that would change other arguments than rt-tune's: refuse instead."""
+        probe = "/run/rt-tune-grub-preflight.cfg"
+        res = t.run(["sh", "-c", 'grub-mkconfig -o "$1" >/dev/null 2>&1; rc=$?; cat "$1"; rm -f "$1"; exit $rc',
+                     "-", probe], timeout_s=300, check=False)
+        if not res.ok:
+            return [f"grub-mkconfig fails on this unit (exit {res.exit_status}): update-grub could not stage a "
+                    "trial entry"]
+        try:
+            fresh = default_entry([e for e in parse_grub_cfg(res.stdout) if e.id != TRIAL_ID],
+                                  self.env(t).get("saved_entry"))
+        except ParseError as exc:
+            return [f"update-grub would leave no usable default entry: {exc}"]
+        now = self.default(t)
+        if (fresh.args or "").split() != (now.args or "").split() or fresh.kernel != now.kernel:
+            return [f"{self.cfg} is out of date: update-grub would change the default entry from "
+                    f"`{now.kernel} {(now.args or '').strip()}` to `{fresh.kernel} {(fresh.args or '').strip()}`; "
+                    "run update-grub (and reboot) first so rt-tune's change is the only difference"]
+        return []
 
     # ---- changing ------------------------------------------------------------------------------------
     def _mkconfig(self, t: Transport) -> None:

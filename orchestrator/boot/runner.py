@@ -173,7 +173,12 @@ class BootChangeRunner:
         return TrialBoot(loader=plan.loader, control=self._conn(unit, plan.control_target),
                          observe=self._conn(unit, spec.target), subject=f"{unit}.{spec.target}",
                          power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,
-                         events=self.e.events)
+                         events=self._record)
+
+    def _record(self, event) -> None:
+        """Trial-boot events go where the engine's go: the journal (the record) and the progress display."""
+        self.e.journal(event)
+        self.e.events(event)
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:

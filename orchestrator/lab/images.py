@@ -253,6 +253,13 @@ def _configure_role(tree: Path, role: str, root_uuid: str, log: Path) -> None:
         _chroot(tree, "systemctl", "enable", *ROLE_UNITS[role], log=log)
     probe = tree / "usr/sbin/grub-probe"
     real = probe.with_name("grub-probe.real")
+    # grub.cfg must be exactly what update-grub writes inside the VM (rt-tune refuses a stale grub.cfg): 10_linux
+    # uses root=UUID= only when /dev/disk/by-uuid/UUID exists, so it exists during the build; the UEFI
+    # "firmware settings" entry depends on efivars a chroot lacks, so that generator is switched off for good.
+    by_uuid = tree / "dev/disk/by-uuid" / root_uuid
+    by_uuid.parent.mkdir(parents=True, exist_ok=True)
+    by_uuid.touch()
+    (tree / "etc/grub.d/30_uefi-firmware").chmod(0o644)
     os.rename(probe, real)
     try:
         probe.write_text(FAKE_GRUB_PROBE.replace("@UUID@", root_uuid))
@@ -260,6 +267,7 @@ def _configure_role(tree: Path, role: str, root_uuid: str, log: Path) -> None:
         _chroot(tree, "grub-mkconfig", "-o", "/boot/grub/grub.cfg", log=log)
     finally:
         os.replace(real, probe)
+        shutil.rmtree(tree / "dev/disk")
     # the initial default, as `grub-set-default 0` would leave it on a freshly installed unit
     _chroot(tree, "grub-editenv", "/boot/grub/grubenv", "set", "saved_entry=0", log=log)
 
