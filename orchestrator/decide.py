@@ -161,6 +161,16 @@ class DecisionRule(BaseModel):
         return (1.0 - self.confidence) / len(self.look_schedule())
 
 
+class BootPolicy(BaseModel):
+    """How boot changes are tried. `cmdline: per_target` (default) tries a target's cmdline section as one
+    change, i.e. one trial boot for isolcpus+nohz_full+rcu_nocbs together (they belong together, and each trial
+    boot costs a reboot per side switch); `per_key` tries each argument alone: finer decisions, more boots."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cmdline: Literal["per_target", "per_key"] = "per_target"
+
+
 class MeasurementPlan(BaseModel):
     """`playbooks/measurement.yaml`: how each run is measured, and how the runs are judged."""
 
@@ -169,6 +179,7 @@ class MeasurementPlan(BaseModel):
     cyclictest: CyclictestSettings
     load: LoadSpec
     decision: DecisionRule = Field(default_factory=DecisionRule)
+    boot: BootPolicy = Field(default_factory=BootPolicy)
 
     @model_validator(mode="after")
     def _same_duration(self) -> MeasurementPlan:

@@ -44,6 +44,14 @@ def ssh_connect(inv: Inventory, unit: str, target: str) -> Transport:
     return SSHTransport(inv.endpoint(unit, target))  # type: ignore[arg-type]
 
 
+def split_cmdline(spec: ChangeSpec) -> list[ChangeSpec]:
+    """A cmdline ChangeSpec as one spec per argument (`guest.cmdline.nohz_full`); other specs unchanged."""
+    if spec.kind != "cmdline":
+        return [spec]
+    return [spec.model_copy(update={"id": f"{spec.id}.{key}", "params": {"add": {key: value}}})
+            for key, value in spec.params["add"].items()]
+
+
 def build_change(kind: str, params: dict[str, Any]) -> Change | None:
     """The runtime Change for a resolved profile entry; None for boot changes (orchestrator.boot.runner)."""
     if kind == "sysctl":
@@ -113,7 +121,10 @@ class Engine:
         spec = self.inventory.unit(unit)
         cpus = spec.vars.get("cpus")
         profile = load_profile(profile_path, spec.vars, int(cpus) if cpus is not None else None)
-        return resolve(profile, unit, spec)
+        specs = resolve(profile, unit, spec)
+        if self.plan.boot.cmdline == "per_key":  # one trial boot per argument (playbook `boot.cmdline`)
+            specs = [part for s in specs for part in split_cmdline(s)]
+        return specs
 
     def apply(self, unit: str, profile_path: Path, *, dry_run: bool = False,
               force_unlock: str | None = None) -> ApplyResult:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from orchestrator.boot import cmdline
-from orchestrator.boot.bls import (
+from orchestrator.boot.common import (
     command_exists,
     file_mode,
     kernel_version_of,

@@ -16,6 +16,7 @@ import shlex
 from typing import ClassVar
 
 from orchestrator.boot import cmdline
+from orchestrator.boot.common import grubenv_location_problems, panic_problem
 from orchestrator.boot.grubcfg import MenuEntry, default_entry, entry_for_release, parse_grub_cfg, parse_grubenv
 from orchestrator.boot.loader import (
     BootError,
@@ -31,7 +32,6 @@ from orchestrator.facts import BOOTLOADER
 from orchestrator.transport import Transport
 
 TRIAL_ID = "rt-tune-trial"
-UNSAFE_FS = {"btrfs", "zfs", "f2fs", "nfs", "nfs4", "tmpfs", "overlay", "squashfs"}
 
 
 class GrubBackend(Bootloader):
@@ -82,13 +82,7 @@ class GrubBackend(Bootloader):
             problems.append(f"no grubenv at {self.grubenv}: grub-reboot cannot arm a one-shot entry "
                             "(create it with `grub-editenv create`)")
         else:
-            src = t.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", self.grubenv], timeout_s=30).stdout.split()
-            fstype, source = (src + ["", ""])[:2]
-            if fstype in UNSAFE_FS:
-                problems.append(f"grubenv is on {fstype}: GRUB cannot write it at boot, so the one-shot entry "
-                                "would never be cleared")
-            if source.startswith(("/dev/mapper/", "/dev/md", "/dev/dm-")):
-                problems.append(f"grubenv is on {source} (LVM or RAID): GRUB cannot write it at boot")
+            problems += grubenv_location_problems(t, self.grubenv)
             probe = t.run(["sh", "-c", 'grub-editenv "$1" set rt_tune_preflight=1 && '
                            'grub-editenv "$1" unset rt_tune_preflight', "-", self.grubenv],
                           timeout_s=30, check=False)
@@ -103,11 +97,8 @@ class GrubBackend(Bootloader):
             problems.append(f"cannot read the default entry of {self.cfg}: {exc}")
         else:
             problems += self._stale(t)
-            panic = [tok for tok in cmdline.split(args) if cmdline.key_of(tok) == "panic"]
-            if not panic or not panic[-1].partition("=")[2].lstrip("-").isdigit() or \
-                    int(panic[-1].partition("=")[2]) == 0:
-                problems.append("the default entry has no panic=N (N != 0): a trial kernel that panics would "
-                                "hang instead of rebooting into the old default")
+            if (p := panic_problem(args)) is not None:
+                problems.append(p)
         return problems
 
     def _stale(self, t: Transport) -> list[str]:

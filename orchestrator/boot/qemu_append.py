@@ -32,7 +32,7 @@ from typing import ClassVar
 from xml.sax.saxutils import escape
 
 from orchestrator.boot import cmdline
-from orchestrator.boot.bls import (
+from orchestrator.boot.common import (
     command_exists,
     kernel_version_of,
     panic_problem,

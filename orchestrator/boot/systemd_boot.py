@@ -22,15 +22,8 @@ import posixpath
 from typing import Any, ClassVar
 
 from orchestrator.boot import cmdline
-from orchestrator.boot.bls import (
-    BlsEntry,
-    command_exists,
-    entry_id,
-    file_mode,
-    panic_problem,
-    path_exists,
-    trial_entry,
-)
+from orchestrator.boot.bls import BlsEntry, entry_id, trial_entry
+from orchestrator.boot.common import command_exists, file_mode, panic_problem, path_exists
 from orchestrator.boot.loader import (
     BootError,
     Bootloader,

@@ -22,7 +22,7 @@ import re
 from typing import ClassVar
 
 from orchestrator.boot import cmdline
-from orchestrator.boot.bls import command_exists, panic_problem, path_exists
+from orchestrator.boot.common import command_exists, panic_problem, path_exists
 from orchestrator.boot.loader import BootError, Bootloader, BootTarget, State
 from orchestrator.errors import ParseError
 from orchestrator.transport import Transport

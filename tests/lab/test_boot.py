@@ -124,6 +124,11 @@ def test_preflight_refuses_unwritable_grubenv_and_grub_default_not_saved(lab_pat
         o = outcome(tune(lab_paths, "apply", profile, "--dry-run", "--accept-boot-risk", "--json"),
                     "guest.cmdline")
         assert o["status"] == "planned"
+        # someone edited /etc/default/grub and never ran update-grub: staging would bring their edit in too
+        guest.run(["sed", "-i", "s/^GRUB_DEFAULT=0$/GRUB_DEFAULT=saved/; "
+                   's/^GRUB_CMDLINE_LINUX="/GRUB_CMDLINE_LINUX="quiet /', "/etc/default/grub"])
+        o = outcome(tune(lab_paths, "apply", profile, "--dry-run", "--json"), "guest.cmdline")
+        assert o["status"] == "refused" and "grub.cfg is out of date" in o["reason"] and "quiet" in o["reason"]
     finally:
         guest.write_file("/etc/default/grub", grub)
 
@@ -137,13 +142,16 @@ def test_trial_that_never_becomes_healthy_is_power_cycled_back_to_the_old_cmdlin
     o = outcome(proc, "guest.cmdline")
     assert o["status"] == "rolled_back", o
     assert o["reason"].startswith("rolled back by fallback: came back on the old cmdline after a power cycle")
-    assert len(o["before"]) == 4 and o["after"] == []  # measured before; never measured on the broken trial
+    since = time.time() - (time.monotonic() - start)
     with journal(lab_paths) as db:
         state, = db.execute("SELECT state FROM changes WHERE id = ?", (o["journal_id"],)).fetchone()
         kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE kind LIKE 'trial.%' AND at > ?",
-                                          (time.time() - (time.monotonic() - start),))]
+                                          (since,))]
+        sides = [json.loads(d)["side"] for (d,) in db.execute(
+            "SELECT data FROM events WHERE kind = 'change.run' AND at > ?", (since,))]
     assert state == "rolled_back"
     assert kinds == ["trial.reboot", "trial.power_cycle", "trial.fallback"]
+    assert sides == ["before"] * 4  # measured before; never on the broken trial
     assert cmdline_of(guest) == old  # (the fixture checks the boot files byte for byte)
 
 

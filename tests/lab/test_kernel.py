@@ -38,7 +38,7 @@ def test_second_kernel_trial_boot_keep_then_rollback_to_the_previous_kernel(lab,
     o = outcome(tune(lab_paths, "apply", profile, "--unit", "lab1", "--playbook", PLAYBOOK, "--json"),
                 "host.kernel")
     assert o["status"] in ("kept", "rolled_back"), o
-    assert len(o["before"]) == 4 and len(o["after"]) == 4  # measured on the old kernel, then on the trial
+    assert o["decision"]["runs_before"] == 4 and o["decision"]["runs_after"] == 4  # old kernel, then the trial
     if o["status"] == "kept":
         assert host.run(["uname", "-r"]).stdout.strip() == art.release
         env = host.run(["grub-editenv", "list"]).stdout

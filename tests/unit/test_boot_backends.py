@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.boot import bls, extlinux, qemu_append, registry, systemd_boot, uboot
+from orchestrator.boot import bls, common, extlinux, qemu_append, registry, systemd_boot, uboot
 from orchestrator.boot.cmdline import CmdlineError
 from orchestrator.boot.loader import BootError, Bootloader, BootTarget
 from orchestrator.errors import CommandFailed, InputError, ParseError
@@ -147,10 +147,10 @@ def test_bls_entry_ids_drop_the_boot_counter():
     assert bls.entry_id("a-6.1.conf") == "a-6.1.conf"
     assert bls.entry_id("a-6.1+3.conf") == "a-6.1.conf"
     assert bls.entry_id("a-6.1+2-1.conf") == "a-6.1.conf"
-    assert bls.kernel_version_of("/boot/vmlinuz-6.1.0-28-arm64") == "6.1.0-28-arm64"
-    assert bls.kernel_version_of("/Image") is None
-    assert bls.panic_problem("ro quiet panic=10") is None
-    assert bls.panic_problem("ro quiet") is not None and bls.panic_problem("panic=0") is not None
+    assert common.kernel_version_of("/boot/vmlinuz-6.1.0-28-arm64") == "6.1.0-28-arm64"
+    assert common.kernel_version_of("/Image") is None
+    assert common.panic_problem("ro quiet panic=10") is None
+    assert common.panic_problem("ro quiet") is not None and common.panic_problem("panic=0") is not None
 
 
 # =========================================================================================================
@@ -262,7 +262,7 @@ def test_systemd_boot_preflight(esp):
 
 
 def systemd_boot_panic() -> str:
-    problem = bls.panic_problem(OPTS)
+    problem = common.panic_problem(OPTS)
     assert problem is not None
     return problem
 
@@ -1079,7 +1079,7 @@ def test_bls_grubby_preflight(rhel):
     fstype = subprocess.run(
         ["findmnt", "-no", "FSTYPE", "-T", b.grubenv], capture_output=True, check=False, text=True
     ).stdout.strip()
-    assert len(problems) == 1 + (fstype in bls.UNSAFE_FS)
+    assert len(problems) == 1 + (fstype in common.UNSAFE_FS)
     (root / "etc" / "default" / "grub").write_text("GRUB_DEFAULT=0\n")
     subprocess.run(["grub-editenv", b.grubenv, "unset", "saved_entry"], check=True)
     problems = b.preflight(t)

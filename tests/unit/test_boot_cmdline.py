@@ -110,3 +110,17 @@ def test_sysfs_expectations_and_cmdline_equality():
     assert cpus_of("rcu_nocbs", "1") is None
     assert same_cmdline("BOOT_IMAGE=/boot/a root=x ro", "BOOT_IMAGE=/boot/b root=x  ro")
     assert not same_cmdline("root=x ro", "root=x ro nohz_full=1")
+
+
+def test_playbook_can_split_a_cmdline_section_into_one_trial_boot_per_argument():
+    from orchestrator.engine import split_cmdline
+    from orchestrator.profile import ChangeSpec
+
+    spec = ChangeSpec(id="guest.cmdline", target="guest", kind="cmdline", needs_reboot=True,
+                      params={"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1", "nosoftlockup": None}})
+    parts = split_cmdline(spec)
+    assert [p.id for p in parts] == ["guest.cmdline.isolcpus", "guest.cmdline.nohz_full", "guest.cmdline.nosoftlockup"]
+    assert [p.params for p in parts] == [{"add": {"isolcpus": "domain,managed_irq,1"}}, {"add": {"nohz_full": "1"}},
+                                         {"add": {"nosoftlockup": None}}]
+    other = ChangeSpec(id="guest.sysctl.x.y", target="guest", kind="sysctl", params={"name": "x.y", "value": "1"})
+    assert split_cmdline(other) == [other]
