@@ -23,6 +23,7 @@ from orchestrator.boot.loader import Bootloader, BootTarget
 from orchestrator.boot.trial import Health, TrialBoot, UnitLostError
 from orchestrator.decide import SequentialDecision
 from orchestrator.errors import InputError, TuneError
+from orchestrator.events import Event
 from orchestrator.facts import ARCH, BOOT_ID, BOOTLOADER, CMDLINE, KERNEL_RELEASE
 from orchestrator.measure.runner import measure
 from orchestrator.profile import ChangeSpec
@@ -59,6 +60,7 @@ class BootPlan:
     summary: str
     skip_reason: str = ""
     artifact: dict | None = None  # the kernel artifact to install (kernel targets)
+    wfi_rate_before: float | None = None  # wfx_notrap: the guest's idle WFI exit rate before (exits/s)
     install_package: str | None = None  # the package rt-tune will install (None: the kernel is already there)
 
 
@@ -150,6 +152,39 @@ class BootChangeRunner:
         return BootPlan(target, loader, control, old_cmdline, kernel, boot_id, args, noop, summary,
                         artifact=artifact, install_package=install)
 
+    @staticmethod
+    def wfi_rate(c: Transport, seconds: float = 5.0) -> tuple[float | None, str]:
+        """The host's WFI exit rate (all VMs) over `seconds`, from KVM's debugfs counters; (None, why) when
+        they cannot be read."""
+        import time as _time
+
+        from orchestrator.boot.wfx import WFX_EXITS, wfi_exit_rate
+
+        a = WFX_EXITS.gather(c)
+        if not a.available or a.wfi is None:
+            return None, a.reason
+        _time.sleep(seconds)
+        b = WFX_EXITS.gather(c)
+        if not b.available or b.wfi is None:
+            return None, b.reason
+        return wfi_exit_rate(a.wfi, b.wfi, b.uptime_s - a.uptime_s), ""
+
+    def wfx_evidence(self, unit: str, spec: ChangeSpec, plan: BootPlan) -> str | None:
+        """After a healthy wfx_notrap trial: None when the WFI exit rate shows no-trap in effect, else why not
+        (the cmdline alone is not evidence: a kernel may accept the parameter and still trap)."""
+        from orchestrator.boot.wfx import verify_notrap
+
+        if plan.wfi_rate_before is None:
+            return "no WFI exit rate from before the change (KVM debugfs counters unreadable): cannot verify"
+        with self._conn(unit, plan.control_target)() as c:
+            after, why = self.wfi_rate(c)
+        if after is None:
+            return f"cannot read the WFI exit counters on the trial boot: {why}"
+        verdict = verify_notrap(plan.wfi_rate_before, after)
+        self._record(Event("wfx.evidence", f"{unit}.{spec.target}", verdict.reason,
+                           data=verdict.model_dump()))
+        return None if verdict.in_effect else verdict.reason
+
     def preflight(self, unit: str, plan: BootPlan) -> list[str]:
         with self._conn(unit, plan.control_target)() as c:
             problems = plan.loader.preflight(c)
@@ -205,6 +240,10 @@ class BootChangeRunner:
             return ChangeOutcome(**base, description=plan.summary, status="refused", reason=reason)
         with self._conn(unit, plan.control_target)() as c:
             snap = plan.loader.snapshot(c)
+            if spec.kind == "wfx_notrap":
+                plan.wfi_rate_before, why = self.wfi_rate(c)
+                if why:
+                    self.e._emit("wfx.evidence", subject, f"WFI exit counters unreadable before the change: {why}")
         before = {"loader": plan.loader.kind, "control": plan.control_target, "snapshot": snap,
                   "cmdline": plan.old_cmdline, "kernel": plan.old_kernel, "boot_id": plan.old_boot_id,
                   "installed_package": plan.install_package}
@@ -296,6 +335,10 @@ class BootChangeRunner:
         with self._conn(unit, spec.target)() as t:
             bid = BOOT_ID.gather(t)
         out = trial.run(plan.target, plan.old_cmdline, plan.old_kernel, bid)
+        if out.result == "healthy" and spec.kind == "wfx_notrap":
+            problem = self.wfx_evidence(unit, spec, plan)
+            if problem is not None:
+                out = out.model_copy(update={"result": "unhealthy", "reason": f"booted the trial, but: {problem}"})
         if out.result == "healthy":
             if first:
                 self.e.journal.mark(rec, "verified", after=out.health.model_dump() if out.health else None)

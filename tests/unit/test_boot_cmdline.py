@@ -124,3 +124,24 @@ def test_playbook_can_split_a_cmdline_section_into_one_trial_boot_per_argument()
                                          {"add": {"nosoftlockup": None}}]
     other = ChangeSpec(id="guest.sysctl.x.y", target="guest", kind="sysctl", params={"name": "x.y", "value": "1"})
     assert split_cmdline(other) == [other]
+
+
+def test_health_check_reads_what_this_machine_booted():
+    """health_check on the controller itself (a real /proc/cmdline, uname and sysfs) through LocalTransport."""
+    from orchestrator.boot.loader import BootTarget
+    from orchestrator.boot.trial import health_check
+    from orchestrator.transport import LocalTransport
+
+    proc = Path("/proc/cmdline").read_text().strip()
+    kernel = __import__("os").uname().release
+    t = LocalTransport()
+    first = cmdline.split(proc)[-1]
+    key, _, value = first.partition("=")
+    booted = health_check(t, BootTarget(add={key: value or None}), proc, kernel)
+    assert booted.on_trial and booted.on_old and booted.cmdline == proc and booted.kernel == kernel
+    missing = health_check(t, BootTarget(add={"rt_tune.never_booted": "1"}), proc, kernel)
+    assert not missing.on_trial and missing.on_old
+    assert missing.problems == ["/proc/cmdline: expected rt_tune.never_booted=1 once, found nothing"]
+    other_kernel = health_check(t, BootTarget(kernel="0.0.0-none"), proc, kernel)
+    assert not other_kernel.on_trial and other_kernel.problems == [f"uname -r is {kernel}, expected 0.0.0-none"]
+    assert not health_check(t, BootTarget(), proc + " extra=1", kernel).on_old
