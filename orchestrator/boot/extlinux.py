@@ -270,7 +270,7 @@ class ExtlinuxBackend(Bootloader):
             raise BootError(
                 f"{t.label}: no kexec kernel is loaded ({self.kexec_loaded}); stage the trial first"
             )
-        t.run(["systemd-run", "--on-active=1", "--no-block", "systemctl", "kexec"], timeout_s=30)
+        super().reboot(t, "kexec")
 
     def commit(self, t: Transport, target: BootTarget) -> None:
         conf = self.parsed(t)

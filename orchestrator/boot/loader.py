@@ -71,6 +71,14 @@ def restore_files(t: Transport, files: dict[str, str | None]) -> None:
             t.write_file(path, data, mode=int(mode.stdout.strip() or "644", 8))
 
 
+REBOOT_UNIT = "rt-tune-reboot"
+
+
+def cancel_reboot(t: Transport) -> None:
+    """Stop a reboot rt-tune scheduled that has not started yet (no-op when there is none)."""
+    t.run(["systemctl", "stop", f"{REBOOT_UNIT}.timer"], timeout_s=30, check=False)
+
+
 class Bootloader(ABC):
     """One bootloader backend (see the module docstring for the contract)."""
 
@@ -98,9 +106,12 @@ class Bootloader(ABC):
     def stage_trial(self, t: Transport, target: BootTarget) -> None:
         """Create the trial entry and arm it for the next boot only."""
 
-    def reboot(self, t: Transport) -> None:
-        """Start the reboot into the armed trial (or into the default when nothing is armed)."""
-        t.run(["systemd-run", "--on-active=1", "--no-block", "systemctl", "reboot"], timeout_s=30)
+    def reboot(self, t: Transport, verb: str = "reboot") -> None:
+        """Start the reboot into the armed trial (or into the default when nothing is armed): a named timer a
+        second from now, so the SSH command returns first and a reconcile can still cancel it."""
+        cancel_reboot(t)
+        t.run(["systemd-run", f"--unit={REBOOT_UNIT}", "--collect", "--on-active=1", "--no-block",
+               "systemctl", verb], timeout_s=30)
 
     @abstractmethod
     def commit(self, t: Transport, target: BootTarget) -> None:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.boot import cmdline
-from orchestrator.boot.loader import Bootloader, BootTarget
+from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
 from orchestrator.boot.trial import Health, TrialBoot, UnitLostError
 from orchestrator.decide import SequentialDecision
-from orchestrator.errors import InputError, TuneError
+from orchestrator.errors import InputError, TransportError, TuneError
 from orchestrator.events import Event
 from orchestrator.facts import ARCH, BOOT_ID, BOOTLOADER, CMDLINE, KERNEL_RELEASE
 from orchestrator.measure.runner import measure
@@ -362,15 +362,29 @@ class BootChangeRunner:
 
     def undo(self, unit: str, target: str, before: dict, boot: BootTarget | None, *, on_trial: bool | None) -> Health:
         """Back to the journaled boot configuration, byte for byte, and onto the old default. `on_trial=None`:
-        look at the unit to find out (reconcile after a crash)."""
+        look at the unit to find out (reconcile after a crash: the unit may be about to reboot, rebooting, or up
+        on the trial; a connection lost in the middle is retried once the unit is back)."""
         loader = loader_for(before["loader"], self._vars(unit), target)
         spec = ChangeSpec(id="undo", target=target, kind="cmdline", params={}, needs_reboot=True)  # type: ignore
         plan = BootPlan(boot or BootTarget(), loader, before["control"], before["cmdline"], before["kernel"],
                         before["boot_id"], "", False, "")
         trial = self.trial(unit, spec, plan)
-        if on_trial is None:
-            trial.reachable()
+        for attempt in (1, 2):
+            try:
+                if on_trial is None:
+                    trial.reachable()
+                return self._undo_once(unit, target, before, loader, trial, on_trial=on_trial)
+            except TransportError:
+                if attempt == 2 or on_trial is not None:
+                    raise
+                self._record(Event("trial.reconnect", f"{unit}.{target}", "the unit went away during the undo "
+                                   "(a scheduled reboot?): waiting for it, then undoing again"))
+        raise AssertionError("unreachable")
+
+    def _undo_once(self, unit: str, target: str, before: dict, loader: Bootloader, trial: TrialBoot, *,
+                   on_trial: bool | None) -> Health:
         with self._conn(unit, before["control"])() as c:
+            cancel_reboot(c)  # a reboot into the trial that a dead controller scheduled must not happen now
             loader.restore(c, before["snapshot"])
         with self._conn(unit, target)() as t:
             live_cmdline, live_kernel = CMDLINE.gather(t), KERNEL_RELEASE.gather(t)

@@ -26,7 +26,7 @@ from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab
 
-PLAYBOOK = str(REPO / "tests" / "lab" / "playbook-boot.yaml")
+PLAYBOOK = str(REPO / "tests" / "lab" / "playbook-fast.yaml")
 BOOT_FILES = ("/etc/default/grub", "/boot/grub/grub.cfg", "/boot/grub/grubenv",
               "/etc/default/grub.d/90-rt-tune.cfg", "/etc/grub.d/42_rt-tune-trial")
 
@@ -180,18 +180,25 @@ def test_power_cut_while_the_trial_kernel_boots_falls_back(lab, lab_paths, guest
     assert cmdline_of(guest) == old
 
 
-def test_controller_killed_while_the_unit_reboots_is_reconciled_from_the_units_state(lab_paths, guest,
+def test_controller_killed_while_the_unit_reboots_is_reconciled_from_the_units_state(lab, lab_paths, guest,
                                                                                       pristine_guest, tmp_path):
     _, old = pristine_guest
     profile = write_profile(tmp_path, "guest:\n  cmdline:\n    nohz_full: \"1\"\n")
+    serial = lab.dir / "vms" / "lab1-guest" / "serial.log"
     mark = last_event_id(lab_paths)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", profile, "--playbook", PLAYBOOK],
                             env=tune_env(lab_paths), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
         wait_event(lab_paths, "trial.reboot", mark)
+        boots = serial.read_bytes().count(b"Linux version")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    deadline = time.monotonic() + 180
+    while serial.read_bytes().count(b"Linux version") == boots and time.monotonic() < deadline:
+        time.sleep(0.5)  # the unit is now booting its trial, with nobody watching
+    assert serial.read_bytes().count(b"Linux version") > boots
+    mark = last_event_id(lab_paths)
     status = json.loads(tune(lab_paths, "status", "--json").stdout)["lab1"]
     [in_flight] = status["in_flight"]
     lock = status["lock"]
@@ -203,5 +210,8 @@ def test_controller_killed_while_the_unit_reboots_is_reconciled_from_the_units_s
         state, = db.execute("SELECT state FROM changes WHERE change_id = 'guest.cmdline' "
                             "ORDER BY id DESC LIMIT 1").fetchone()
     assert state == "rolled_back"
+    with journal(lab_paths) as db:  # it found the unit up on the trial, so it booted the old default again
+        kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE id > ? AND kind LIKE 'trial.%'", (mark,))]
+    assert kinds == ["trial.reboot"]
     assert json.loads(tune(lab_paths, "status", "--json").stdout)["lab1"]["in_flight"] == []
     assert cmdline_of(guest) == old
