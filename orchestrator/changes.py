@@ -459,7 +459,11 @@ class IrqAffinityChange(Change):
                 "unit": _b64(self._unit_bytes()), "enabled": True}
 
     def in_place(self, live: State, desired: State) -> bool:
-        irqs_ok = all(irq not in live["irqs"] or parse_cpu_list(live["irqs"][irq]) == parse_cpu_list(v)
+        """Every IRQ that exists and can move now is on the housekeeping CPUs. (After a reboot an IRQ may have
+        become one the kernel manages, e.g. with isolcpus=managed_irq: that is the kernel's call, not drift.)"""
+        fixed = set(live.get("fixed", []))
+        irqs_ok = all(irq not in live["irqs"] or irq in fixed
+                      or parse_cpu_list(live["irqs"][irq]) == parse_cpu_list(v)
                       for irq, v in desired["irqs"].items())
         persist_ok = "unit" not in desired or (live.get("unit") == desired["unit"]
                                                and live.get("enabled") == desired["enabled"])
@@ -485,8 +489,9 @@ class IrqAffinityChange(Change):
 
     def verify_rolled_back(self, t: Transport, before: State) -> None:
         state = self.read(t)
-        live = state["irqs"]
-        wrong = [i for i, v in before["irqs"].items() if i in live and parse_cpu_list(live[i]) != parse_cpu_list(v)]
+        live, fixed = state["irqs"], set(state["fixed"])
+        wrong = [i for i, v in before["irqs"].items()
+                 if i in live and i not in fixed and parse_cpu_list(live[i]) != parse_cpu_list(v)]
         if wrong:
             raise ChangeError(f"{t.label}: IRQs {', '.join(wrong)} did not return to their previous affinity")
         if state["unit"] != before.get("unit") or state["enabled"] != bool(before.get("enabled")):
