@@ -96,13 +96,30 @@ def test_vcpu_pinning_now_and_after_qemu_restarts(host):
     change.verify_rolled_back(host, plan.before)
 
 
-def test_irq_affinity_to_housekeeping_and_back(host):
+def test_irq_affinity_to_housekeeping_survives_a_reboot_and_back(lab, host):
+    """/proc/irq settings die with the boot; rt-tune's oneshot unit puts them back at every boot (trial boots of
+    later boot changes reboot the unit)."""
+    from orchestrator.facts import BOOT_ID
+    from tests.lab.test_lab import _reboot, _wait_new_boot
+
     change = IrqAffinityChange([0])
     plan = change.plan(host)
-    change.apply(host, plan.before)
-    change.verify(host, plan)
-    change.rollback(host, plan.before)
+    try:
+        change.apply(host, plan.before)
+        change.verify(host, plan)
+        assert host.run(["systemctl", "is-enabled", "rt-tune-irq-affinity.service"]).stdout.strip() == "enabled"
+        old = _reboot(host)
+        _wait_new_boot(lab, "lab1-host", old)
+        assert BOOT_ID.gather(host) != old
+        live = change.read(host)
+        assert change.in_place(live, plan.desired), live
+        moved = [irq for irq, cpus in live["irqs"].items() if irq not in live["fixed"]]
+        assert moved and all(live["irqs"][irq] == "0" for irq in moved)
+    finally:
+        change.rollback(host, plan.before)
     change.verify_rolled_back(host, plan.before)
+    assert "rt-tune-irq-affinity" not in host.run(["ls", "/etc/systemd/system",
+                                                   "/etc/systemd/system/multi-user.target.wants"]).stdout
 
 
 def test_vcpu_pinning_without_debug_threads_falls_back_to_qmp(host):
