@@ -376,6 +376,13 @@ class VcpuPinningChange(Change):
         return {"affinity": want, "dropin": _b64(self._dropin_bytes()), "script": _b64(PIN_SCRIPT_BODY.encode()),
                 "qa_copy": qa}
 
+    def in_place(self, live: State, desired: State) -> bool:
+        """The vCPUs rt-tune pins are on their CPUs and its files are there. The other vCPUs' affinity is not
+        rt-tune's: after a reboot with isolcpus= a new thread starts on the housekeeping CPUs, not on all."""
+        pinned = {f"CPU {i}" for i in range(len(self.cpus))}
+        return all(live["affinity"].get(name) == cpus for name, cpus in desired["affinity"].items() if name in pinned) \
+            and all(live.get(k) == desired[k] for k in desired if k != "affinity")
+
     def apply(self, t: Transport, before: State) -> None:
         if not before["unit_has_qemu_affinity"]:  # "installed if absent": rt-tune's own copy, removed on rollback
             t.run(["mkdir", "-p", QA_COPY.rsplit("/", 1)[0]], timeout_s=30)
