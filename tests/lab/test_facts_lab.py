@@ -169,4 +169,6 @@ def test_irqs_and_ipis(host: SSHTransport, guest: SSHTransport):
         for i in numeric:
             assert i.smp_affinity_list is not None and set(i.smp_affinity_list) <= set(online)
             assert i.effective_affinity_list is not None
-            assert set(i.effective_affinity_list) <= set(i.smp_affinity_list)
+            # (not a subset of smp_affinity_list: right after an affinity write, x86 moves the vector only at
+            # the IRQ's next interrupt; earlier tests write affinities)
+            assert set(i.effective_affinity_list) <= set(online)
