@@ -34,10 +34,10 @@ from orchestrator.boot.loader import (
     snapshot_files,
 )
 from orchestrator.boot.common import (
+    default_args_problems,
     command_exists,
     file_mode,
     grubenv_location_problems,
-    panic_problem,
     path_exists,
     swap_version,
 )
@@ -283,14 +283,7 @@ class BlsGrubbyBackend(Bootloader):
             problems.append(f"no grubenv at {self.grubenv}: grub2-reboot cannot arm a one-shot entry")
         else:
             problems += grubenv_location_problems(t, self.grubenv)
-        try:
-            args = self.default_args(t)
-        except Exception as exc:  # noqa: BLE001 - every failure here is a reason, reported as such
-            problems.append(f"cannot read the default entry: {exc}")
-        else:
-            if (p := panic_problem(args)) is not None:
-                problems.append(p)
-        return problems
+        return problems + default_args_problems(self, t)
 
     # ---- changing ------------------------------------------------------------------------------------
     def stage_trial(self, t: Transport, target: BootTarget) -> None:

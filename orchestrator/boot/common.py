@@ -83,3 +83,13 @@ def grubenv_location_problems(t: Transport, grubenv: str) -> list[str]:
     if source.startswith(("/dev/mapper/", "/dev/md", "/dev/dm-")):
         problems.append(f"grubenv is on {source} (LVM or RAID): GRUB cannot write it at boot")
     return problems
+
+
+def default_args_problems(loader, t: Transport, what: str = "cannot read the default entry") -> list[str]:
+    """Preflight of a backend's default entry: it can be read, and it reboots a panicking kernel (panic=N)."""
+    try:
+        args = loader.default_args(t)
+    except Exception as exc:  # noqa: BLE001 - every failure here is a reason, reported as such
+        return [f"{what}: {exc}"]
+    p = panic_problem(args)
+    return [] if p is None else [p]

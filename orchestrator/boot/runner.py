@@ -198,15 +198,15 @@ class BootChangeRunner:
                                 "(RuntimeWatchdogSec): a trial kernel that hangs would need a human to reset it")
         return problems
 
-    def trial(self, unit: str, spec: ChangeSpec, plan: BootPlan) -> TrialBoot:
+    def trial(self, unit: str, target: str, plan: BootPlan) -> TrialBoot:
         us = self.e.inventory.unit(unit)
-        power = us.power_cycle if spec.target == "host" else (us.guest_power_cycle or None)
+        power = us.power_cycle if target == "host" else (us.guest_power_cycle or None)
         services = ()
         qemu = us.vars.get("qemu_service")
-        if spec.target == "host" and qemu and us.guest is not None:
+        if target == "host" and qemu and us.guest is not None:
             services = (str(qemu),)
         return TrialBoot(loader=plan.loader, control=self._conn(unit, plan.control_target),
-                         observe=self._conn(unit, spec.target), subject=f"{unit}.{spec.target}",
+                         observe=self._conn(unit, target), subject=f"{unit}.{target}",
                          power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,
                          events=self._record)
 
@@ -263,7 +263,7 @@ class BootChangeRunner:
                 reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
                 return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason,
                                      journal_id=rec)
-        trial = self.trial(unit, spec, plan)
+        trial = self.trial(unit, spec.target, plan)
         rule = self.e.plan.decision.model_copy(update={"order": "blocked"})
         seq = SequentialDecision(rule)
         on_trial = False
@@ -365,10 +365,9 @@ class BootChangeRunner:
         look at the unit to find out (reconcile after a crash: the unit may be about to reboot, rebooting, or up
         on the trial; a connection lost in the middle is retried once the unit is back)."""
         loader = loader_for(before["loader"], self._vars(unit), target)
-        spec = ChangeSpec(id="undo", target=target, kind="cmdline", params={}, needs_reboot=True)  # type: ignore
         plan = BootPlan(boot or BootTarget(), loader, before["control"], before["cmdline"], before["kernel"],
                         before["boot_id"], "", False, "")
-        trial = self.trial(unit, spec, plan)
+        trial = self.trial(unit, target, plan)
         for attempt in (1, 2):
             try:
                 if on_trial is None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from orchestrator.boot import cmdline
 from orchestrator.boot.bls import BlsEntry, entry_id, trial_entry
-from orchestrator.boot.common import command_exists, file_mode, panic_problem, path_exists
+from orchestrator.boot.common import command_exists, default_args_problems, file_mode, path_exists
 from orchestrator.boot.loader import (
     BootError,
     Bootloader,
@@ -239,14 +239,7 @@ class SystemdBootBackend(Bootloader):
             problems.append(f"no EFI variables at {self.efivars}: `bootctl set-oneshot` cannot arm the trial")
         if problems:
             return problems
-        try:
-            args = self.default_args(t)
-        except Exception as exc:  # noqa: BLE001 - every failure here is a reason, reported as such
-            problems.append(f"cannot tell the default entry: {exc}")
-        else:
-            if (p := panic_problem(args)) is not None:
-                problems.append(p)
-        return problems
+        return problems + default_args_problems(self, t, 'cannot tell the default entry')
 
     # ---- changing ------------------------------------------------------------------------------------
     def _trial_text(self, t: Transport, path: str, target: BootTarget) -> BlsEntry:

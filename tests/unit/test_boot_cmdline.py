@@ -145,3 +145,18 @@ def test_health_check_reads_what_this_machine_booted():
     other_kernel = health_check(t, BootTarget(kernel="0.0.0-none"), proc, kernel)
     assert not other_kernel.on_trial and other_kernel.problems == [f"uname -r is {kernel}, expected 0.0.0-none"]
     assert not health_check(t, BootTarget(), proc + " extra=1", kernel).on_old
+
+
+def test_a_bad_boot_policy_in_a_playbook_names_file_line_key_and_value(tmp_path):
+    from orchestrator.decide import load_measurement_plan
+    from orchestrator.errors import InputError
+
+    text = (Path(__file__).parent.parent / "lab" / "playbook-fast.yaml").read_text() + "boot:\n  cmdline: per_arg\n"
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_measurement_plan(path)
+    msg = str(err.value)
+    line = text.splitlines().index("  cmdline: per_arg") + 1
+    assert f"{path}:{line}" in msg and "boot.cmdline" in msg and "per_arg" in msg, msg
+    assert "per_target" in msg and "per_key" in msg, msg  # what was expected

@@ -1,6 +1,7 @@
 """What counts as "in place" after a reboot, for the runtime changes whose live state the kernel reshapes at
-boot. The states are those journaled by the CI lab run of 2026-11-25 (pytest-137, lab1-host): IRQs 32/33
-(virtio1-req.0/1) were movable on the first boot and kernel-managed after a reboot with isolcpus=managed_irq,1."""
+boot. The states are rt-tune's own read() snapshots (not tool output), cut down from those the CI lab run of
+2026-11-25 journaled on lab1-host: IRQs 32/33 (virtio1-req.0/1) were movable on the first boot and kernel-managed
+after a reboot with isolcpus=managed_irq,1; vCPU "CPU 1" restarted with affinity [0]."""
 
 import pytest
 
