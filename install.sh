@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(
   qemu-system-x86 qemu-utils ovmf       # the lab VMs: QEMU (TCG) booting UEFI firmware
+  qemu-system-arm qemu-efi-aarch64      # the arm64 lab: an EL2 host VM (nested KVM guest inside), AAVMF firmware
+  qemu-user-static binfmt-support       # building the arm64 image: its second stage runs under qemu-user
   debootstrap e2fsprogs mtools          # images from Debian packages: root filesystems and the EFI partition
   openssh-client openssh-server         # `tune lab ssh`; a real sshd for the transport tests
   procps iproute2 util-linux            # pgrep, ss, mount/findmnt used by tests

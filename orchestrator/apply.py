@@ -36,7 +36,8 @@ def ensure_lab(paths: Paths, inventory: Path, events: EventSink = discard) -> bo
     if status and all(s.running for s in status):
         return False
     events(Event("apply.lab", "lab", "the local lab is not running: booting it"))
-    lab.up()
+    state = lab.load_state()
+    lab.up(arch=state.arch if state else "amd64")  # the architecture it last ran
     return True
 
 
@@ -53,11 +54,21 @@ def load_for_apply(paths: Paths, inventory: Path, events: EventSink) -> tuple[In
     return load_inventory(inventory), booted
 
 
+def evidence_note(outcome) -> str:
+    """A trial's evidence besides latency, for the report (wfx_notrap: the host's WFI exit rates)."""
+    wfi = (outcome.evidence or {}).get("wfi_exits")
+    if not wfi:
+        return ""
+    after = "unreadable" if wfi.get("rate_after") is None else f"{wfi['rate_after']:.1f}/s"
+    return f" | WFI exits (host, all VMs): {wfi.get('rate_before') or 0:.1f}/s before, {after} on the trial " \
+           f"boot: {wfi.get('reason', '')}"
+
+
 def write_reports(results: list[ApplyResult], artifacts: Path, title: str) -> tuple[Path, Path]:
     """The JSON report (every run of every change) and the HTML report with plots, beside the raw runs."""
     report = Report(title=title, changes=[
         ChangeReport(name=o.id, target=f"{r.unit}.{o.target}", before=o.before, after=o.after,
-                     decision=o.decision, note=f"{o.status}: {o.reason}"[:2000])
+                     decision=o.decision, note=(f"{o.status}: {o.reason}" + evidence_note(o))[:2000])
         for r in results for o in r.outcomes if o.before or o.after])
     artifacts.mkdir(parents=True, exist_ok=True)
     json_path = save_report(report, artifacts / "report.json")

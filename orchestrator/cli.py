@@ -94,14 +94,28 @@ def _lab():
 @lab.command("up")
 @click.option("--units", default=1, show_default=True, help="How many units (host VM + guest VM each).")
 @click.option("--host-only", is_flag=True, help="Units without a guest VM (saves memory).")
-@click.option("--timeout", "boot_timeout", default=300.0, show_default=True, help="Seconds to wait for SSH.")
+@click.option("--arch", type=click.Choice(["amd64", "arm64"]), default="amd64", show_default=True,
+              help="arm64: an arm64 host VM (EL2) running its guest nested with KVM; built under emulation.")
+@click.option("--timeout", "boot_timeout", type=float, default=None,
+              help="Seconds to wait for SSH [default: 300; arm64 900].")
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(units: int, host_only: bool, boot_timeout: float, as_json: bool) -> None:
+def lab_up(units: int, host_only: bool, arch: str, boot_timeout: float | None, as_json: bool) -> None:
     """Build (or reuse) the images, boot the VMs, write the inventory."""
     the_lab = _lab()
-    state = the_lab.up(units, host_only=host_only, boot_timeout=boot_timeout)
+    state = the_lab.up(units, host_only=host_only, boot_timeout=boot_timeout, arch=arch)
     data = {"inventory": str(the_lab.paths.lab_inventory), **json.loads(state.model_dump_json())}
     emit(data, as_json, f"lab is up; inventory: {the_lab.paths.lab_inventory}")
+
+
+@lab.command("build")
+@click.option("--arch", type=click.Choice(["amd64", "arm64"]), default="amd64", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def lab_build(arch: str, as_json: bool) -> None:
+    """Build (or find in the cache) the lab's images without booting anything."""
+    images = _lab().build(arch)
+    data = {"directory": str(images.directory), "arch": images.arch, "kernel": images.kernel,
+            "kernels": list(images.kernels), "nested_guest": images.nested_guest}
+    emit(data, as_json, f"{arch} images: {images.directory} (kernels: {', '.join(images.kernels)})")
 
 
 @lab.command("down")

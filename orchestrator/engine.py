@@ -78,6 +78,7 @@ class ChangeOutcome(BaseModel):
     decision: dict | None = None
     before: list[LatencyResult] = []
     after: list[LatencyResult] = []
+    evidence: dict | None = None  # what a trial showed besides latency (wfx_notrap: WFI exit rates)
 
     def figures(self) -> dict[str, float | None]:
         import statistics

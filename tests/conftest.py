@@ -66,3 +66,48 @@ def guest(inventory):
 
 def tune_env(paths: Paths) -> dict[str, str]:
     return {**os.environ, "RT_TUNE_CACHE": str(paths.cache), "RT_TUNE_STATE": str(paths.state)}
+
+
+# ---- the arm64 lab: its images build in the background while the other tests run --------------------------
+ARM64_BUILD_LOG = "arm64-image-build.log"
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` deselection: only what will run
+def pytest_collection_modifyitems(session, config, items):
+    """Run the arm64 lab tests last, and start building their images now, beside the other tests (the build
+    runs under qemu-user for about 15 minutes; the arm64 fixture's own build waits for this one's lock)."""
+    arm64 = [item for item in items if item.get_closest_marker("arm64")]
+    if not arm64:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("arm64")] + arm64
+    if os.environ.get("RT_TUNE_TEST_REUSE_ARM64_STATE") or config.option.collectonly:
+        return
+    from orchestrator.lab import images
+
+    cache = Paths.from_env().cache
+    if images.cached(images.ImageRecipe.default("arm64"), cache):
+        return
+    import subprocess
+    import sys
+
+    cache.mkdir(parents=True, exist_ok=True)
+    log = open(cache / ARM64_BUILD_LOG, "w")
+    config._rt_tune_arm64_build = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "lab", "build", "--arch", "arm64"], stdout=log,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+        env={**os.environ, "RT_TUNE_CACHE": str(cache)})
+    print(f"\n[arm64 lab] building its images in the background (log: {cache / ARM64_BUILD_LOG})", flush=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Never leave the background build running past the session (a killed build leaves no half cache)."""
+    import signal
+
+    proc = getattr(session.config, "_rt_tune_arm64_build", None)
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: the build removes its work directory
+        try:
+            proc.wait(timeout=60)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -62,6 +62,7 @@ class BootPlan:
     artifact: dict | None = None  # the kernel artifact to install (kernel targets)
     wfi_rate_before: float | None = None  # wfx_notrap: the guest's idle WFI exit rate before (exits/s)
     install_package: str | None = None  # the package rt-tune will install (None: the kernel is already there)
+    evidence: dict | None = None  # what the trial showed beyond health (wfx_notrap: the WFI exit-rate verdict)
 
 
 class BootChangeRunner:
@@ -179,8 +180,10 @@ class BootChangeRunner:
         with self._conn(unit, plan.control_target)() as c:
             after, why = self.wfi_rate(c)
         if after is None:
+            plan.evidence = {"wfi_exits": {"rate_before": plan.wfi_rate_before, "rate_after": None, "reason": why}}
             return f"cannot read the WFI exit counters on the trial boot: {why}"
         verdict = verify_notrap(plan.wfi_rate_before, after)
+        plan.evidence = {"wfi_exits": verdict.model_dump()}
         self._record(Event("wfx.evidence", f"{unit}.{spec.target}", verdict.reason,
                            data=verdict.model_dump()))
         return None if verdict.in_effect else verdict.reason
@@ -228,16 +231,16 @@ class BootChangeRunner:
             return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")
         if plan.skip_reason:
             self.e._emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
-            return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
+            return ChangeOutcome(**base, evidence=plan.evidence, description=spec.id, status="skipped", reason=plan.skip_reason)
         if plan.noop:
             self.e._emit("change.noop", subject, plan.summary)
-            return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
+            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="noop", reason="already in place")
         problems = self.preflight(unit, plan)
         if problems and not self.e.accept_boot_risk:
             reason = "refused by preflight (a failed trial could not fall back by itself; --accept-boot-risk " \
                      "overrides): " + "; ".join(problems)
             self.e._emit("change.refused", subject, f"{spec.id}: {reason}")
-            return ChangeOutcome(**base, description=plan.summary, status="refused", reason=reason)
+            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="refused", reason=reason)
         with self._conn(unit, plan.control_target)() as c:
             snap = plan.loader.snapshot(c)
             if spec.kind == "wfx_notrap":
@@ -261,7 +264,7 @@ class BootChangeRunner:
                     install_kernel(c, plan.artifact, plan.target.kernel, plan.loader)
             except (TuneError, KeyError, ValueError) as exc:
                 reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
-                return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason,
+                return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed", reason=reason,
                                      journal_id=rec)
         trial = self.trial(unit, spec.target, plan)
         rule = self.e.plan.decision.model_copy(update={"order": "blocked"})
@@ -273,7 +276,7 @@ class BootChangeRunner:
                 if side == "after" and not on_trial:
                     failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=not seq.runs["after"])
                     if failed is not None:
-                        return ChangeOutcome(**base, description=plan.summary, status="rolled_back",
+                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="rolled_back",
                                              reason=failed, journal_id=rec, before=seq.runs["before"])
                     on_trial = True
                 elif side == "before" and on_trial:
@@ -294,7 +297,7 @@ class BootChangeRunner:
                 if not on_trial:
                     failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=False)
                     if failed is not None:
-                        return ChangeOutcome(**base, description=plan.summary, status="rolled_back",
+                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="rolled_back",
                                              reason=failed, journal_id=rec, decision=dec,
                                              before=seq.runs["before"], after=seq.runs["after"])
                 with self._conn(unit, plan.control_target)() as c:
@@ -310,11 +313,11 @@ class BootChangeRunner:
                 status = "rolled_back"
         except UnitLostError as exc:  # journaled as rollback_failed already; nothing to reach
             self.e._emit("change.failed", subject, str(exc), journal_id=rec)
-            return ChangeOutcome(**base, description=plan.summary, status="failed", reason=str(exc), journal_id=rec,
+            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed", reason=str(exc), journal_id=rec,
                                  before=seq.runs["before"], after=seq.runs["after"])
         except (TuneError, KeyError, ValueError) as exc:
             reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
-            return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason, journal_id=rec,
+            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed", reason=reason, journal_id=rec,
                                  before=seq.runs["before"], after=seq.runs["after"])
         except BaseException:
             self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
@@ -322,7 +325,7 @@ class BootChangeRunner:
         with self._conn(unit, spec.target)() as t:
             self.e._write_marker(t, unit, spec.target)
         self.e._emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)
-        return ChangeOutcome(**base, description=plan.summary, status=status, reason=decision.reason,
+        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status=status, reason=decision.reason,
                              journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
 
     def _boot_trial(self, unit: str, spec: ChangeSpec, plan: BootPlan, trial: TrialBoot, rec: int,

@@ -37,6 +37,17 @@ X86_LAB = (
 )
 
 
+ARM64_LAB = (
+    Requirement("qemu-system-aarch64", "qemu-system-arm", "run the arm64 lab's host VM (with EL2 for nested KVM)"),
+    Requirement("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64", "UEFI firmware the arm64 VM boots through"),
+    Requirement("/usr/share/AAVMF/AAVMF_VARS.fd", "qemu-efi-aarch64", "UEFI variable store template (arm64)"),
+    Requirement("qemu-aarch64-static", "qemu-user-static", "run arm64 programs while building the arm64 image"),
+    Requirement("update-binfmts", "binfmt-support", "register qemu-user for arm64 programs (binfmt_misc)"),
+    *[r for r in X86_LAB if r.package not in ("qemu-system-x86", "ovmf")],
+)
+LAB = {"amd64": X86_LAB, "arm64": ARM64_LAB}
+
+
 def missing(
     requirements: tuple[Requirement, ...] = X86_LAB,
     *,

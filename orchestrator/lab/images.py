@@ -1,7 +1,11 @@
 """Lab disk images, built only from Debian packages and cached by recipe.
 
 One debootstrap tree gives two root filesystems (the unit's host VM and its guest VM differ only in which
-services are enabled), plus one EFI system partition holding GRUB. The cache key is a hash of the recipe and of
+services are enabled), plus one EFI system partition holding GRUB. On arm64 the guest is nested: the host VM
+runs it with KVM, so the guest's root filesystem (and its kernel, booted with QEMU's -kernel/-append) is a
+file inside the host's. A foreign architecture is built with `debootstrap --foreign` and a second stage under
+qemu-user (binfmt_misc); its initramfs holds only the modules a virtio disk needs, since mkinitramfs under
+emulation is the slow part of that build. The cache key is a hash of the recipe and of
 the files copied into the image, so a second `tune lab up` does not rebuild, and a changed recipe does. A build
 happens in a temporary directory renamed into place at the end: an interrupted build never leaves a half cache.
 """
@@ -11,9 +15,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import lzma
 import os
+import platform
+import posixpath
+import re
 import shutil
 import time
+import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +31,7 @@ from orchestrator.errors import LabError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.lab import sh
 
-BUILDER_VERSION = 3  # bump when the build steps change in a way the recipe does not show
+BUILDER_VERSION = 4  # bump when the build steps change in a way the recipe does not show
 FILES_DIR = Path(__file__).parent / "files"
 ROLES = ("host", "guest")
 
@@ -33,10 +42,21 @@ BASE_PACKAGES = (
 )
 ARCH_PACKAGES = {
     "amd64": ("linux-image-amd64", "grub-efi-amd64-bin", "qemu-system-x86"),
+    "arm64": ("linux-image-arm64", "grub-efi-arm64-bin", "qemu-system-arm"),
 }
+# A second, newer kernel from this suite (its `linux-image-ARCH` metapackage's kernel, resolved at build time):
+# arm64 needs >= 6.11 for kvm-arm.wf{i,e}_trap_policy, and keeps bookworm's 6.1 for the patched-kernel path.
+NEW_KERNEL_SUITE = {"arm64": "bookworm-backports"}
+NESTED_GUEST_ARCHES = ("arm64",)  # the guest runs inside the host VM with KVM (nested virtualization)
+NATIVE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+QEMU_USER_BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
+# modules the initramfs needs to mount a virtio root disk (MODULES=list during a foreign build)
+INITRAMFS_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "ext4")
+NESTED_GUEST_DIR = "var/lib/rt-lab/guest"  # inside the host's root: the nested guest's disk and kernel
+NESTED_GUEST_DISK_GIB = 2
 # units enabled per role; the files for both roles are in every image
 ROLE_UNITS = {"host": ("rt-guest-vm.service",), "guest": ("mirobot_teleoperate.service",)}
-GRUB_EFI = {"amd64": ("x86_64-efi", "BOOTX64.EFI")}
+GRUB_EFI = {"amd64": ("x86_64-efi", "BOOTX64.EFI"), "arm64": ("arm64-efi", "BOOTAA64.EFI")}
 GRUB_MODULES = (
     "part_gpt part_msdos fat ext2 normal configfile search search_fs_file search_fs_uuid search_label "
     "linux loadenv test echo gzio serial terminal efi_gop all_video sleep reboot halt ls cat true"
@@ -55,12 +75,16 @@ class ImageRecipe:
     mirror: str = "http://deb.debian.org/debian"
     packages: tuple[str, ...] = field(default=())
     disk_gib: int = 4
+    new_kernel_suite: str | None = None
+    nested_guest: bool = False
 
     @classmethod
     def default(cls, arch: str = "amd64") -> "ImageRecipe":
         if arch not in ARCH_PACKAGES:
             raise LabError(f"no lab image recipe for architecture {arch!r}; known: {', '.join(ARCH_PACKAGES)}")
-        return cls(arch=arch, packages=BASE_PACKAGES + ARCH_PACKAGES[arch])
+        nested = arch in NESTED_GUEST_ARCHES
+        return cls(arch=arch, packages=BASE_PACKAGES + ARCH_PACKAGES[arch], disk_gib=7 if nested else 4,
+                   new_kernel_suite=NEW_KERNEL_SUITE.get(arch), nested_guest=nested)
 
     def key(self) -> str:
         h = hashlib.sha256()
@@ -82,9 +106,11 @@ class ImageSet:
     arch: str
     kernel: str
     root_uuid: dict[str, str]
+    nested_guest: bool = False
+    kernels: tuple[str, ...] = ()
 
     def root(self, role: str) -> Path:
-        return self.directory / f"root-{role}.raw"
+        return self.directory / f"root-{role}.raw"  # (a nested guest's is inside its host's)
 
     @property
     def esp(self) -> Path:
@@ -94,7 +120,8 @@ class ImageSet:
     def load(cls, directory: Path) -> "ImageSet":
         manifest = json.loads((directory / "manifest.json").read_text())
         return cls(directory=directory, arch=manifest["arch"], kernel=manifest["kernel"],
-                   root_uuid=manifest["root_uuid"])
+                   root_uuid=manifest["root_uuid"], nested_guest=manifest.get("nested_guest", False),
+                   kernels=tuple(manifest.get("kernels", (manifest["kernel"],))))
 
 
 def cached(recipe: ImageRecipe, cache_dir: Path) -> ImageSet | None:
@@ -147,31 +174,56 @@ def _build(recipe: ImageRecipe, work: Path, cache_dir: Path, events: EventSink) 
     log = work / "build.log"
     debs = cache_dir / "debs" / f"{recipe.suite}-{recipe.arch}"
     debs.mkdir(parents=True, exist_ok=True)
-    total = 4 + len(ROLES)
+    foreign = recipe.arch != NATIVE_ARCH.get(platform.machine(), platform.machine())
+    roles = ("guest", "host") if recipe.nested_guest else ROLES  # a nested guest's disk goes into the host's
+    total = 4 + len(roles)
     t0 = time.monotonic()
-    _step(events, key, 0, total, "debootstrap (Debian packages only; ~2 min)")
+    new_kernel = None
+    if recipe.new_kernel_suite:
+        ref = newest_kernel(recipe.mirror, recipe.new_kernel_suite, recipe.arch)
+        new_kernel = fetch_deb(recipe.mirror, ref, debs)
+    argv = ["debootstrap", "--variant=minbase", f"--arch={recipe.arch}", f"--cache-dir={debs}",
+            "--include=" + ",".join(recipe.packages)]
+    if foreign:
+        ensure_binfmt(recipe.arch)
+        argv.append("--foreign")
+    _step(events, key, 0, total, "debootstrap (Debian packages only; "
+          + ("~15 min: a foreign architecture's second stage runs under qemu-user)" if foreign else "~2 min)"))
     try:
-        sh.run(
-            ["debootstrap", "--variant=minbase", f"--arch={recipe.arch}", f"--cache-dir={debs}",
-             "--include=" + ",".join(recipe.packages), recipe.suite, tree, recipe.mirror],
-            log=log, timeout=3600,
-        )
+        sh.run([*argv, recipe.suite, tree, recipe.mirror], log=log, timeout=3600)
+        if foreign:
+            # before any kernel's postinst: an initramfs with only what a virtio root disk needs
+            modules_d = tree / "usr/share/initramfs-tools/modules.d"
+            modules_d.mkdir(parents=True, exist_ok=True)
+            (modules_d / "rt-lab").write_text("\n".join(INITRAMFS_MODULES) + "\n")
+            (tree / "etc/initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
+            (tree / "etc/initramfs-tools/conf.d/50-rt-lab.conf").write_text("MODULES=list\n")
+            sh.run(["chroot", tree, "/debootstrap/debootstrap", "--second-stage"], log=log, timeout=3600,
+                   env={"LC_ALL": "C"})
+        if new_kernel:
+            shutil.copy(new_kernel, tree / "tmp" / new_kernel.name)
+            _chroot(tree, "dpkg", "-i", f"/tmp/{new_kernel.name}", log=log, timeout=1800)
+            (tree / "tmp" / new_kernel.name).unlink()
     except LabError:
         shutil.copy(log, cache_dir / "images" / "last-failed-build.log")
         raise
     _step(events, key, 1, total, "configuring the image")
-    kernel = _configure_common(tree)
+    kernel = _configure_common(tree, recipe.arch)
     _step(events, key, 2, total, "making the EFI system partition with GRUB")
     _make_esp(tree, out / "esp.img", recipe.arch, log)
     root_uuid = {}
-    for i, role in enumerate(ROLES):
+    for i, role in enumerate(roles):
         _step(events, key, 3 + i, total, f"root filesystem for the {role} VM")
         root_uuid[role] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"rt-tune:{key}:{role}"))
+        if recipe.nested_guest and role == "guest":
+            _nested_guest_disk(tree, root_uuid[role], kernel, work, log)
+            continue
         _configure_role(tree, role, root_uuid[role], log)
         sh.run(["mkfs.ext4", "-q", "-F", "-L", f"rt-{role}", "-U", root_uuid[role], "-d", tree,
                 out / f"root-{role}.raw", f"{recipe.disk_gib}G"], log=log, timeout=900)
         _unconfigure_role(tree, role)
     manifest = {"recipe": asdict(recipe), "key": key, "arch": recipe.arch, "kernel": kernel,
+                "kernels": _kernels(tree), "nested_guest": recipe.nested_guest,
                 "root_uuid": root_uuid, "build_seconds": round(time.monotonic() - t0, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for f in out.iterdir():
@@ -180,8 +232,79 @@ def _build(recipe: ImageRecipe, work: Path, cache_dir: Path, events: EventSink) 
     _step(events, key, total, total, f"images built in {manifest['build_seconds']} s")
 
 
-def _chroot(tree: Path, *argv: str, log: Path, env: dict[str, str] | None = None) -> None:
-    sh.run(["chroot", tree, *argv], log=log, env={"LC_ALL": "C", **(env or {})}, timeout=600)
+@dataclass(frozen=True)
+class DebRef:
+    package: str
+    filename: str  # path in the mirror's pool
+    sha256: str
+
+
+def newest_kernel(mirror: str, suite: str, arch: str) -> DebRef:
+    """The kernel package that `suite`'s linux-image-ARCH metapackage depends on (e.g. bookworm-backports'
+    linux-image-6.12.73+deb12-arm64). It is installed with dpkg after debootstrap: debootstrap's
+    --extra-suites would take other packages from that suite too (and break systemd)."""
+    url = f"{mirror}/dists/{suite}/main/binary-{arch}/Packages.xz"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            text = lzma.decompress(resp.read()).decode(errors="replace")
+    except (OSError, lzma.LZMAError) as exc:
+        raise LabError(f"cannot read {url} to find {suite}'s kernel: {exc}") from exc
+    return kernel_from_packages_index(text, arch, url)
+
+
+def kernel_from_packages_index(text: str, arch: str, where: str) -> DebRef:
+    stanzas = {}
+    for stanza in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " ")
+        if "Package" in fields:
+            stanzas.setdefault(fields["Package"], []).append(fields)
+    meta = f"linux-image-{arch}"
+    for fields in stanzas.get(meta, []):
+        name = fields.get("Depends", "").split(",")[0].split("|")[0].split("(")[0].strip()
+        if name.startswith("linux-image-") and name in stanzas:
+            pkg = stanzas[name][-1]
+            return DebRef(package=name, filename=pkg["Filename"], sha256=pkg["SHA256"])
+    raise LabError(f"{where}: no {meta} package depending on a linux-image-* package listed there")
+
+
+def fetch_deb(mirror: str, ref: DebRef, cache: Path) -> Path:
+    """Download a .deb once into the build's package cache, checked against the index's SHA256."""
+    dest = cache / posixpath.basename(ref.filename)
+    if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == ref.sha256:
+        return dest
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(f"{mirror}/{ref.filename}", timeout=120) as resp, open(tmp, "wb") as fh:
+            shutil.copyfileobj(resp, fh)
+    except OSError as exc:
+        raise LabError(f"cannot download {mirror}/{ref.filename}: {exc}") from exc
+    if hashlib.sha256(tmp.read_bytes()).hexdigest() != ref.sha256:
+        tmp.unlink()
+        raise LabError(f"{mirror}/{ref.filename}: SHA256 differs from the suite's Packages index")
+    os.replace(tmp, dest)
+    return dest
+
+
+def ensure_binfmt(arch: str) -> None:
+    """A foreign second stage runs the target's binaries through qemu-user: binfmt_misc must know them."""
+    name = QEMU_USER_BINFMT[arch]
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "register").exists():
+        sh.run(["mount", "-t", "binfmt_misc", "binfmt_misc", binfmt])
+    if not (binfmt / name).exists():
+        sh.run(["update-binfmts", "--enable", name])
+    if not (binfmt / name).exists() or "enabled" not in (binfmt / name).read_text():
+        raise LabError(f"binfmt_misc has no enabled {name} entry; install qemu-user-static and binfmt-support")
+
+
+def _kernels(tree: Path) -> list[str]:
+    def version_key(v: str) -> list:
+        return [int(p) if p.isdigit() else p for p in re.split(r"[.+-]", v)]
+    return sorted((p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*")), key=version_key)
+
+
+def _chroot(tree: Path, *argv: str, log: Path, env: dict[str, str] | None = None, timeout: float = 600) -> None:
+    sh.run(["chroot", tree, *argv], log=log, env={"LC_ALL": "C", **(env or {})}, timeout=timeout)
 
 
 def _copy_files(src: Path, tree: Path) -> None:
@@ -195,10 +318,12 @@ def _copy_files(src: Path, tree: Path) -> None:
             os.chown(dest, 0, 0)
 
 
-def _configure_common(tree: Path) -> str:
+def _configure_common(tree: Path, arch: str) -> str:
     log = tree.parent / "build.log"
     for part in ("common", *ROLES):
         _copy_files(FILES_DIR / part, tree)
+        if (FILES_DIR / f"{part}-{arch}").is_dir():  # what differs on this architecture (console, QEMU)
+            _copy_files(FILES_DIR / f"{part}-{arch}", tree)
     os.chmod(tree / "etc/sudoers.d/tuner", 0o440)
     (tree / "etc/resolv.conf").unlink(missing_ok=True)
     (tree / "etc/resolv.conf").write_text("nameserver 10.0.2.3\n")  # QEMU user networking's DNS
@@ -217,7 +342,7 @@ def _configure_common(tree: Path) -> str:
             shutil.copytree(d, tree / "boot/grub" / d.name, dirs_exist_ok=True)  # what grub-install would copy
     shutil.rmtree(tree / "var/cache/apt/archives", ignore_errors=True)
     (tree / "var/cache/apt/archives/partial").mkdir(parents=True)
-    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
+    kernels = _kernels(tree)
     if not kernels:
         raise LabError("the image has no kernel in /boot; is linux-image-* in the recipe?")
     return kernels[-1]
@@ -272,6 +397,39 @@ def _configure_role(tree: Path, role: str, root_uuid: str, log: Path) -> None:
     _chroot(tree, "grub-editenv", "/boot/grub/grubenv", "set", "saved_entry=0", log=log)
 
 
+def _nested_guest_disk(tree: Path, root_uuid: str, kernel: str, work: Path, log: Path) -> None:
+    """The nested guest's root filesystem and kernel, put into the tree under NESTED_GUEST_DIR for the host.
+
+    The guest boots `kernel` with QEMU's -kernel/-initrd/-append (its command line belongs to the host's
+    rt-guest-vm.service), so its disk leaves out /boot and the other kernels' modules.
+    """
+    (tree / "etc/fstab").write_text(f"UUID={root_uuid}\t/\text4\terrors=remount-ro\t0\t1\n")
+    (tree / "etc/hostname").write_text("rtlab-guest\n")
+    (tree / "etc/machine-id").write_text(uuid.uuid5(uuid.NAMESPACE_URL, f"rt-tune:{root_uuid}").hex + "\n")
+    if ROLE_UNITS["guest"]:
+        _chroot(tree, "systemctl", "enable", *ROLE_UNITS["guest"], log=log)
+    aside = work / "aside"
+    aside.mkdir()
+    left_out = [tree / "boot"] + [m for m in (tree / "usr/lib/modules").iterdir() if m.name != kernel]
+    moved = []
+    try:
+        for i, path in enumerate(left_out):
+            os.rename(path, aside / str(i))
+            moved.append((aside / str(i), path))
+        disk = work / "guest-root.raw"
+        sh.run(["mkfs.ext4", "-q", "-F", "-L", "rt-guest", "-U", root_uuid, "-d", tree, disk,
+                f"{NESTED_GUEST_DISK_GIB}G"], log=log, timeout=900)
+    finally:
+        for src, dest in moved:
+            os.rename(src, dest)
+    _unconfigure_role(tree, "guest")
+    dest = tree / NESTED_GUEST_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    os.rename(disk, dest / "root.raw")
+    shutil.copy2(tree / "boot" / f"vmlinuz-{kernel}", dest / "vmlinuz")
+    shutil.copy2(tree / "boot" / f"initrd.img-{kernel}", dest / "initrd.img")
+
+
 def _unconfigure_role(tree: Path, role: str) -> None:
     log = tree.parent / "build.log"
     if ROLE_UNITS[role]:
@@ -282,8 +440,10 @@ def _make_esp(tree: Path, esp: Path, arch: str, log: Path) -> None:
     """A FAT image with EFI/BOOT/BOOT*.EFI: GRUB, which loads the root disk's own /boot/grub/grub.cfg."""
     target, efi_name = GRUB_EFI[arch]
     (tree / "tmp/embed.cfg").write_text(EMBEDDED_GRUB_CFG)
+    # not every platform has every module (arm64-efi has no efi_gop-free serial driver of x86's kind)
+    modules = [m for m in GRUB_MODULES if (tree / "usr/lib/grub" / target / f"{m}.mod").exists()]
     _chroot(tree, "grub-mkimage", "-d", f"/usr/lib/grub/{target}", "-O", target, "-o", f"/tmp/{efi_name}",
-            "-p", "/boot/grub", "-c", "/tmp/embed.cfg", *GRUB_MODULES, log=log)
+            "-p", "/boot/grub", "-c", "/tmp/embed.cfg", *modules, log=log)
     with open(esp, "wb") as fh:
         fh.truncate(64 * 1024 * 1024)
     sh.run(["mformat", "-i", esp, "-F", "-v", "ESP", "::"], log=log)

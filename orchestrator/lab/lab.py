@@ -29,6 +29,11 @@ FIRST_SSH_PORT = 2230
 ROLE_MEMORY_MIB = {"host": 1536, "guest": 1024}  # one unit in <= 3 GiB with QEMU's own overhead
 ROLE_CPUS = {"host": 2, "guest": 2}
 QEMU_SERVICE = "rt-guest-vm.service"
+# arm64: the guest runs nested in the host VM (KVM inside TCG), so the host VM holds both
+NESTED_HOST_MEMORY_MIB = 2048
+NESTED_GUEST_MEMORY_MIB = 384  # rt-guest-vm.service's -m
+NESTED_GUEST_SSH_PORT = 2222  # the guest's SSH as the host sees it (rt-guest-vm.service's hostfwd)
+ARCHES = ("amd64", "arm64")
 
 
 class VMRecord(BaseModel):
@@ -39,6 +44,7 @@ class VMRecord(BaseModel):
     pid: int | None = None
     memory_mib: int
     cpus: int
+    nested_in: str | None = None  # the host VM this guest runs inside (arm64); None: a QEMU process here
 
 
 class LabState(BaseModel):
@@ -92,15 +98,29 @@ class Lab:
         os.replace(tmp, self.state_file)
 
     def spec(self, state: LabState, rec: VMRecord) -> vm.VMSpec:
+        if rec.nested_in:
+            raise LabError(f"{rec.name} runs inside {rec.nested_in}; it has no QEMU process of its own here")
         image_dir = Path(state.image_dir)
         vmdir = self.dir / "vms" / rec.name
+        fw_cfg = {"host_key": self.host_key(rec.name), "authorized_keys": Path(f"{self.client_key}.pub"),
+                  "hostname": vmdir / "hostname"}
+        forwards: tuple[tuple[int, int], ...] = ()
+        for nested in self.nested_guests(state, rec.name):
+            # the nested guest's identity travels through the host's fw_cfg to the guest's own QEMU
+            fw_cfg |= {"guest_host_key": self.host_key(nested.name),
+                       "guest_authorized_keys": Path(f"{self.client_key}.pub"),
+                       "guest_hostname": self.dir / "vms" / nested.name / "hostname"}
+            forwards += ((nested.ssh_port, NESTED_GUEST_SSH_PORT),)
         return vm.VMSpec(
             name=rec.name, role=rec.role, directory=vmdir,
             base_image=image_dir / f"root-{rec.role}.raw", esp_image=image_dir / "esp.img",
             ssh_port=rec.ssh_port, memory_mib=rec.memory_mib, cpus=rec.cpus, accel=state.accel,
-            fw_cfg={"host_key": self.host_key(rec.name), "authorized_keys": Path(f"{self.client_key}.pub"),
-                    "hostname": vmdir / "hostname"},
+            fw_cfg=fw_cfg, arch=state.arch, forwards=forwards,
         )
+
+    @staticmethod
+    def nested_guests(state: LabState, host: str) -> list[VMRecord]:
+        return [r for r in state.vms if r.nested_in == host]
 
     def record(self, state: LabState, name: str) -> VMRecord:
         for rec in state.vms:
@@ -119,24 +139,36 @@ class Lab:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
                            check=True, capture_output=True)
 
+    def nested_known_hosts(self, name: str) -> Path:
+        """A nested guest's key as its host sees it ([127.0.0.1]:2222 on every arm64 host): a file per guest."""
+        return self.dir / f"known_hosts.{name}"
+
     def _write_known_hosts(self, state: LabState) -> None:
         lines = []
         for rec in state.vms:
             kind, blob = Path(f"{self.host_key(rec.name)}.pub").read_text().split()[:2]
             lines.append(f"[127.0.0.1]:{rec.ssh_port} {kind} {blob}\n")
+            if rec.nested_in:
+                self.nested_known_hosts(rec.name).write_text(f"[127.0.0.1]:{NESTED_GUEST_SSH_PORT} {kind} {blob}\n")
         self.known_hosts.write_text("".join(lines))
 
     # ---- up / down -----------------------------------------------------------------------------------
-    def up(self, units: int = 1, *, host_only: bool = False, boot_timeout: float = 300.0,
-           accel: str = "tcg") -> LabState:
+    def up(self, units: int = 1, *, host_only: bool = False, boot_timeout: float | None = None,
+           accel: str = "tcg", arch: str = "amd64") -> LabState:
         """Boot the lab (building images if needed); VMs already running are left as they are."""
-        deps.check()
+        if arch not in ARCHES:
+            raise LabError(f"no lab for architecture {arch!r}; known: {', '.join(ARCHES)}")
+        deps.check(deps.LAB[arch])
         if units < 1:
             raise LabError("a lab needs at least one unit")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        recipe = images.ImageRecipe.default("amd64")
-        image_set = images.ensure_images(recipe, self.paths.cache, self.events)
         old = self.load_state()
+        if old and old.arch != arch and any(self._alive(old, r) for r in old.vms):
+            raise LabError(f"the lab in {self.dir} runs {old.arch} VMs; `tune lab down` first, or use another "
+                           "RT_TUNE_STATE for a second lab")
+        if boot_timeout is None:
+            boot_timeout = 900.0 if arch == "arm64" else 300.0  # the nested guest boots after its host
+        self.dir.mkdir(parents=True, exist_ok=True)
+        image_set = self.build(arch)
         running = {r.name: r for r in (old.vms if old else []) if self._alive(old, r)} if old else {}
         self._keygen(self.client_key, "rt-tune-lab")
         roles = ("host",) if host_only else ("host", "guest")
@@ -150,8 +182,13 @@ class Lab:
                 continue
             port = vm.pick_port(FIRST_SSH_PORT + len(recs), taken)
             taken.add(port)
-            recs.append(VMRecord(name=name, unit=unit, role=role, ssh_port=port,
-                                 memory_mib=ROLE_MEMORY_MIB[role], cpus=ROLE_CPUS[role]))
+            if image_set.nested_guest:
+                nested_in = f"{unit}-host" if role == "guest" else None
+                memory = NESTED_GUEST_MEMORY_MIB if role == "guest" else NESTED_HOST_MEMORY_MIB
+            else:
+                nested_in, memory = None, ROLE_MEMORY_MIB[role]
+            recs.append(VMRecord(name=name, unit=unit, role=role, ssh_port=port, memory_mib=memory,
+                                 cpus=ROLE_CPUS[role], nested_in=nested_in))
         for name, rec in running.items():  # VMs beyond what was asked stay in the state (and running)
             if name not in {r.name for r in recs}:
                 recs.append(rec)
@@ -160,10 +197,15 @@ class Lab:
             raise LabError("the lab is running on older images; `tune lab down` first, then `tune lab up`")
         for rec in recs:
             self._keygen(self.host_key(rec.name), rec.name)
+            (self.dir / "vms" / rec.name).mkdir(parents=True, exist_ok=True)
+            (self.dir / "vms" / rec.name / "hostname").write_text(rec.name)
         started: list[VMRecord] = []
         try:
             for rec in recs:
                 if rec.name in running:
+                    continue
+                if rec.nested_in:  # its host's rt-guest-vm.service starts it
+                    started.append(rec)
                     continue
                 spec = self.spec(state, rec)
                 # new images (a changed recipe): overlays of the old ones must not be booted on the new bases
@@ -179,12 +221,20 @@ class Lab:
         except BaseException:
             # Ctrl-C or a failure while booting: leave nothing running that this call started
             for rec in started:
-                vm.stop(self.spec(state, rec), rec.pid)
+                if not rec.nested_in:
+                    vm.stop(self.spec(state, rec), rec.pid)
                 rec.pid = None
             self._save_state(state)
             raise
         self.write_inventory(state)
         return state
+
+    def build(self, arch: str = "amd64") -> images.ImageSet:
+        """The cached images for `arch`, built first if needed (waits for another process building them)."""
+        if arch not in ARCHES:
+            raise LabError(f"no lab for architecture {arch!r}; known: {', '.join(ARCHES)}")
+        deps.check(deps.LAB[arch])
+        return images.ensure_images(images.ImageRecipe.default(arch), self.paths.cache, self.events)
 
     def _start(self, spec: vm.VMSpec, rec: VMRecord, taken: set[int]) -> int:
         for _attempt in range(5):
@@ -202,6 +252,8 @@ class Lab:
         raise LabError(f"{rec.name}: could not find a free port for SSH")
 
     def _alive(self, state: LabState | None, rec: VMRecord) -> bool:
+        if state is not None and rec.nested_in:
+            return self._alive(state, self.record(state, rec.nested_in))
         if state is None or not vm.pid_alive(rec.pid):
             return False
         return vm.is_our_qemu(rec.pid or 0, self.spec(state, rec).directory)
@@ -212,7 +264,7 @@ class Lab:
         state = self.load_state()
         if state:
             for rec in state.vms:
-                if vm.pid_alive(rec.pid):
+                if not rec.nested_in and vm.pid_alive(rec.pid):
                     vm.stop(self.spec(state, rec), rec.pid)
                     stopped.append(rec.name)
                 rec.pid = None
@@ -250,7 +302,7 @@ class Lab:
         while pending:
             for name, rec in list(pending.items()):
                 if not self._alive(state, rec):
-                    raise LabError(f"{name}: QEMU exited while booting; see {self.spec(state, rec).serial_log}")
+                    raise LabError(f"{name}: QEMU exited while booting; see {self.serial_log(state, rec)}")
                 if not _ssh_banner(rec.ssh_port):
                     continue
                 try:
@@ -265,11 +317,16 @@ class Lab:
                 self.events(Event("lab.vm.ssh", name, f"SSH up after {time.monotonic() - t0:.0f} s",
                                   data={"seconds": round(time.monotonic() - t0, 1), "boot_id": boot_id}))
             if pending and time.monotonic() > deadline:
-                logs = ", ".join(str(self.spec(state, r).serial_log) for r in pending.values())
+                logs = ", ".join(self.serial_log(state, r) for r in pending.values())
                 raise LabError(f"{', '.join(pending)}: no SSH within {timeout:.0f} s; serial console: {logs}")
             if pending:
                 time.sleep(1.0)
         return boot_ids
+
+    def serial_log(self, state: LabState, rec: VMRecord) -> str:
+        if rec.nested_in:
+            return f"/var/log/rt-guest-vm.console on {rec.nested_in}"
+        return str(self.spec(state, rec).serial_log)
 
     # ---- control ---------------------------------------------------------------------------------------
     def _require(self) -> LabState:
@@ -281,6 +338,9 @@ class Lab:
     def qmp(self, name: str, command: str, **args: object) -> object:
         state = self._require()
         rec = self.record(state, name)
+        if rec.nested_in:
+            raise LabError(f"{name} runs nested in {rec.nested_in}; its QMP socket is the host's "
+                           "/run/rt-guest-vm/qmp.sock")
         if not self._alive(state, rec):
             raise LabError(f"{name} is not running")
         return qmp_call(self.spec(state, rec).qmp_socket, command, **args)
@@ -290,8 +350,15 @@ class Lab:
         state = self._require()
         rec = self.record(state, name)
         old = self.boot_id(name) if wait else None
-        self.qmp(name, "system_reset")
-        self.events(Event("lab.vm.power_cycle", name, "reset through QMP"))
+        if rec.nested_in:
+            # the guest's QEMU killed on its host; Restart=always starts it again, as power coming back would
+            with SSHTransport(self.endpoint(self.record(state, rec.nested_in)), connect_deadline_s=30) as t:
+                t.run(["systemctl", "kill", "--signal=SIGKILL", QEMU_SERVICE], timeout_s=30)
+            self.events(Event("lab.vm.power_cycle", name, f"guest QEMU killed on {rec.nested_in}; "
+                                                         "systemd restarts it"))
+        else:
+            self.qmp(name, "system_reset")
+            self.events(Event("lab.vm.power_cycle", name, "reset through QMP"))
         if not wait:
             return None
         return self.wait_ssh(state, [rec.name], timeout, old_boot_ids={rec.name: old} if old else None)[rec.name]
@@ -306,6 +373,8 @@ class Lab:
         """Hard kill, for fault injection: the VM disappears as a unit that lost power would."""
         state = self._require()
         rec = self.record(state, name)
+        if rec.nested_in:
+            raise LabError(f"{name} runs nested in {rec.nested_in}: kill the host, or power-cycle the guest")
         vm.stop(self.spec(state, rec), rec.pid, grace=0.5)
         rec.pid = None
         self._save_state(state)
@@ -322,6 +391,12 @@ class Lab:
         """Return VMs to their pristine disks: stop, fresh overlays and UEFI vars, boot, wait for SSH."""
         state = self._require()
         recs = [self.record(state, n) for n in names] if names else list(state.vms)
+        for rec in [r for r in recs if r.nested_in]:
+            if rec.nested_in not in {r.name for r in recs}:
+                raise LabError(f"{rec.name} runs nested in {rec.nested_in}: its disk is inside the host's; "
+                               f"reset {rec.nested_in} too")
+        waited = [r.name for r in recs]
+        recs = [r for r in recs if not r.nested_in]
         for rec in recs:
             spec = self.spec(state, rec)
             vm.stop(spec, rec.pid)
@@ -333,7 +408,7 @@ class Lab:
             rec.pid = self._start(self.spec(state, rec), rec, taken)
         self._write_known_hosts(state)
         self._save_state(state)
-        self.wait_ssh(state, [r.name for r in recs], boot_timeout)
+        self.wait_ssh(state, waited, boot_timeout)
         self.write_inventory(state)
         return state
 
@@ -341,6 +416,9 @@ class Lab:
         """Start a stopped (or killed) VM again on its current disks."""
         state = self._require()
         rec = self.record(state, name)
+        if rec.nested_in:
+            name = rec.nested_in  # the guest starts with its host
+            rec = self.record(state, name)
         if self._alive(state, rec):
             return
         rec.pid = self._start(self.spec(state, rec), rec, {r.ssh_port for r in state.vms})
@@ -356,14 +434,14 @@ class Lab:
         for rec in state.vms:
             alive = self._alive(state, rec)
             qstat = None
-            if alive:
+            if alive and not rec.nested_in:
                 try:
                     qstat = qmp_call(self.spec(state, rec).qmp_socket, "query-status", timeout=3)["status"]
                 except LabError:
                     qstat = "unknown"
             out.append(VMStatus(name=rec.name, unit=rec.unit, role=rec.role, running=alive, qemu_status=qstat,
                                 ssh=alive and _ssh_banner(rec.ssh_port), ssh_port=rec.ssh_port,
-                                pid=rec.pid if alive else None))
+                                pid=rec.pid if alive and not rec.nested_in else None))
         return out
 
     # ---- inventory and ssh ----------------------------------------------------------------------------
@@ -372,6 +450,10 @@ class Lab:
         for rec in state.vms:
             ep = {"address": "127.0.0.1", "port": rec.ssh_port, "user": "root", "key": str(self.client_key),
                   "known_hosts": str(self.known_hosts)}
+            if rec.nested_in:
+                # as on a robot: the guest is reached through its host (a jump host), at the host's forward
+                ep |= {"port": NESTED_GUEST_SSH_PORT, "via_host": True,
+                       "known_hosts": str(self.nested_known_hosts(rec.name))}
             unit = units.setdefault(rec.unit, {
                 "power_cycle": [sys.executable, "-m", "orchestrator", "lab", "power-cycle", f"{rec.unit}-host",
                                 "--no-wait"],
@@ -379,8 +461,11 @@ class Lab:
                                       f"{rec.unit}-guest", "--no-wait"],
                 "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "guest_rt_cpus": "1",
                          "cpus": ROLE_CPUS["host"], "guest_cpus": ROLE_CPUS["guest"],
-                         "qemu_service": QEMU_SERVICE, "lab": True},
+                         "qemu_service": QEMU_SERVICE, "lab": True, "arch": state.arch},
             })
+            if rec.nested_in:
+                # its command line is its host's: -append in rt-guest-vm.service
+                unit["vars"]["guest_bootloader"] = "qemu-append"
             unit[rec.role] = ep
         doc = {"units": {u: units[u] for u in sorted(units)}, "groups": {"lab": sorted(units)}}
         path = self.paths.lab_inventory

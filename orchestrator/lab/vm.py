@@ -16,6 +16,9 @@ from orchestrator.lab.qmp import qmp_call
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+FIRMWARE = {"amd64": (OVMF_CODE, OVMF_VARS), "arm64": (AAVMF_CODE, AAVMF_VARS)}
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class VMSpec:
     cpus: int = 2
     accel: str = "tcg"
     fw_cfg: dict[str, Path] = field(default_factory=dict)
+    arch: str = "amd64"
+    forwards: tuple[tuple[int, int], ...] = ()  # more (127.0.0.1 port -> VM port) forwards, e.g. a nested guest
 
     @property
     def overlay(self) -> Path:
@@ -55,23 +60,35 @@ class VMSpec:
 def qemu_argv(spec: VMSpec) -> list[str]:
     # tb-size bounds the translation cache (QEMU defaults to 1 GiB per VM): one unit stays within 3 GiB
     accel = "tcg,thread=multi,tb-size=128" if spec.accel == "tcg" else spec.accel
+    cpu = "max" if spec.accel == "tcg" else "host"
+    code, _vars = FIRMWARE[spec.arch]
+    if spec.arch == "arm64":
+        # EL2 for the nested KVM guest; GICv3 as on the SoCs our users run (vgic_v4 needs a GICv4.1 though)
+        machine = ["qemu-system-aarch64", "-name", f"{spec.name},debug-threads=on",
+                   "-machine", "virt,virtualization=on,gic-version=3", "-accel", accel.replace("128", "256"),
+                   "-cpu", cpu]
+        watchdog: list[str] = []  # no i6300esb driver in an arm64 kernel's usual set; panic=N still resets
+    else:
+        machine = ["qemu-system-x86_64", "-name", f"{spec.name},debug-threads=on",
+                   "-machine", "q35", "-accel", accel, "-cpu", cpu]
+        # the unit's hardware watchdog: systemd pets it; a hung boot stops petting and the VM resets
+        watchdog = ["-device", "i6300esb", "-action", "watchdog=reset"]
+    hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{outer}-:{inner}"
+                       for outer, inner in ((spec.ssh_port, 22), *spec.forwards))
     argv = [
-        "qemu-system-x86_64",
-        "-name", f"{spec.name},debug-threads=on",
-        "-machine", "q35", "-accel", accel, "-cpu", "max" if spec.accel == "tcg" else "host",
+        *machine,
         "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
         "-drive", f"if=pflash,format=raw,unit=1,file={spec.vars_file}",
         "-drive", f"if=none,id=root,format=qcow2,file={spec.overlay},discard=unmap",
         "-device", "virtio-blk-pci,drive=root,bootindex=1",
         "-drive", f"if=none,id=esp,format=raw,readonly=on,file={spec.esp_image}",
         "-device", "virtio-blk-pci,drive=esp,bootindex=0",
-        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+        "-netdev", f"user,id=n0,{hostfwd}",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
         "-device", "virtio-rng-pci",
-        # the unit's hardware watchdog: systemd pets it; a hung boot stops petting and the VM resets
-        "-device", "i6300esb", "-action", "watchdog=reset",
+        *watchdog,
         "-serial", f"file:{spec.serial_log}",
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
         "-pidfile", str(spec.pidfile), "-daemonize",
@@ -88,7 +105,7 @@ def prepare_disks(spec: VMSpec, *, pristine: bool) -> None:
         spec.overlay.unlink(missing_ok=True)
         sh.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", spec.base_image, spec.overlay])
     if pristine or not spec.vars_file.exists():
-        spec.vars_file.write_bytes(OVMF_VARS.read_bytes())
+        spec.vars_file.write_bytes(FIRMWARE[spec.arch][1].read_bytes())
 
 
 def port_is_free(port: int) -> bool:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from orchestrator.errors import LabError, MissingDependencyError
 from orchestrator.lab import deps, images, vm
@@ -125,3 +126,77 @@ def test_remove_tree_unmounts_what_a_build_left_mounted(tmp_path):
         assert sh.mounts_below(tmp_path) == []
     finally:
         subprocess.run(["umount", "-l", str(d / "proc")], capture_output=True)
+
+
+# ---- the arm64 lab (issue #6) ---------------------------------------------------------------------------
+RECORDED_INDEX = Path(__file__).resolve().parent.parent / "recorded" / "lab" / "bookworm-backports-arm64-Packages.excerpt"
+
+
+def test_newest_kernel_is_what_the_suites_metapackage_depends_on():
+    """On stanzas cut from the real bookworm-backports arm64 Packages index (2026-11-25): not the first kernel
+    listed (6.12.57), the one linux-image-arm64 depends on, with its pool path and checksum."""
+    ref = images.kernel_from_packages_index(RECORDED_INDEX.read_text(), "arm64", "recorded")
+    assert ref.package == "linux-image-6.12.95+deb12-arm64"
+    assert ref.filename.startswith("pool/main/l/linux-signed-arm64/linux-image-6.12.95+deb12-arm64_")
+    assert len(ref.sha256) == 64
+    with pytest.raises(LabError, match="no linux-image-amd64 package"):
+        images.kernel_from_packages_index(RECORDED_INDEX.read_text(), "amd64", "recorded")
+
+
+def test_arm64_recipe_has_two_kernels_and_a_nested_guest():
+    recipe = images.ImageRecipe.default("arm64")
+    assert recipe.nested_guest and recipe.new_kernel_suite == "bookworm-backports"
+    assert "linux-image-arm64" in recipe.packages and "qemu-system-arm" in recipe.packages
+    assert recipe.key() != images.ImageRecipe.default("amd64").key()
+    with pytest.raises(LabError, match="known: amd64, arm64"):
+        images.ImageRecipe.default("riscv64")
+
+
+def test_arm64_qemu_argv_gives_the_host_el2_gicv3_aavmf_and_the_guests_forward(tmp_path):
+    spec = vm.VMSpec(name="lab1-host", role="host", directory=tmp_path, base_image=tmp_path / "b.raw",
+                     esp_image=tmp_path / "esp.img", ssh_port=2230, arch="arm64", forwards=((2231, 2222),))
+    argv = vm.qemu_argv(spec)
+    assert argv[0] == "qemu-system-aarch64"
+    assert argv[argv.index("-machine") + 1] == "virt,virtualization=on,gic-version=3"
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={vm.AAVMF_CODE}" in argv
+    assert argv[argv.index("-netdev") + 1] == \
+        "user,id=n0,hostfwd=tcp:127.0.0.1:2230-:22,hostfwd=tcp:127.0.0.1:2231-:2222"
+    assert "i6300esb" not in argv
+    x86 = vm.qemu_argv(vm.VMSpec(name="x", role="host", directory=tmp_path, base_image=tmp_path / "b.raw",
+                                 esp_image=tmp_path / "e.img", ssh_port=2230))
+    assert x86[0] == "qemu-system-x86_64" and "i6300esb" in x86
+
+
+def test_arm64_lab_missing_packages_are_named():
+    with pytest.raises(MissingDependencyError) as exc:
+        deps.check(deps.LAB["arm64"], which=lambda name: None if name == "qemu-aarch64-static" else "/bin/x",
+                   exists=lambda path: "AAVMF" not in path)
+    msg = str(exc.value)
+    assert "qemu-user-static" in msg and "qemu-efi-aarch64" in msg and "qemu-system-arm" not in msg
+
+
+def test_nested_guest_is_reached_through_its_host_in_the_inventory(tmp_path):
+    from orchestrator.inventory import load_inventory
+    from orchestrator.lab.lab import Lab, LabState, VMRecord
+    from orchestrator.paths import Paths
+
+    lab = Lab(Paths(cache=tmp_path / "cache", state=tmp_path / "state"))
+    lab.dir.mkdir(parents=True)
+    state = LabState(image_dir=str(tmp_path), arch="arm64", vms=[
+        VMRecord(name="lab1-host", unit="lab1", role="host", ssh_port=2230, memory_mib=2048, cpus=2),
+        VMRecord(name="lab1-guest", unit="lab1", role="guest", ssh_port=2231, memory_mib=384, cpus=2,
+                 nested_in="lab1-host")])
+    for rec in state.vms:
+        lab._keygen(lab.host_key(rec.name), rec.name)
+    lab._write_known_hosts(state)
+    inv = load_inventory(lab.write_inventory(state))
+    guest = inv.endpoint("lab1", "guest")
+    assert (guest.host, guest.port) == ("127.0.0.1", 2222) and guest.jump is not None
+    assert guest.jump.port == 2230
+    assert inv.unit("lab1").vars["guest_bootloader"] == "qemu-append"
+    guest_key = (lab.host_key("lab1-guest").with_suffix(".pub")).read_text().split()[1]
+    assert lab.nested_known_hosts("lab1-guest").read_text().startswith("[127.0.0.1]:2222 ssh-ed25519 " + guest_key)
+    spec = lab.spec(state, state.vms[0])  # the host carries the guest's identity and forward
+    assert spec.forwards == ((2231, 2222),) and spec.fw_cfg["guest_host_key"] == lab.host_key("lab1-guest")
+    with pytest.raises(LabError, match="runs inside lab1-host"):
+        lab.spec(state, state.vms[1])
