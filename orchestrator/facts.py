@@ -1032,6 +1032,11 @@ def _parse_interrupts_table(lines: list[str]) -> list[Irq]:
     return irqs
 
 
+def parse_interrupts(text: str) -> list[Irq]:
+    """Plain /proc/interrupts (x86 LOC/RES/CAL/TLB rows, arm64 IPI0..IPIn rows), without affinities."""
+    return _parse_interrupts_table(text.rstrip("\n").split("\n"))
+
+
 def parse_irqs(text: str) -> list[Irq]:
     """Output of IRQS_SCRIPT: /proc/interrupts, a `@@ affinity` line, `irq N smp=LIST eff=LIST` lines, `end`."""
     lines = text.split("\n")

@@ -37,6 +37,8 @@ def install_kernel(c: Transport, artifact: dict, release: str, loader) -> None:
     """Install the artifact (after pinning the current default); checks that /boot has the new kernel."""
     if hasattr(loader, "pin_default"):
         loader.pin_default(c)
+    if kernel_present(c, release):
+        return  # already installed (by the unit's image, or by hand): nothing to install, nothing to purge later
     if artifact.get("deb"):
         path = Path(artifact["deb"])
         data = path.read_bytes()

@@ -204,14 +204,16 @@ class BootChangeRunner:
     def trial(self, unit: str, target: str, plan: BootPlan) -> TrialBoot:
         us = self.e.inventory.unit(unit)
         power = us.power_cycle if target == "host" else (us.guest_power_cycle or None)
-        services = ()
+        services: tuple[str, ...] = ()
+        dependents: tuple = ()
         qemu = us.vars.get("qemu_service")
         if target == "host" and qemu and us.guest is not None:
             services = (str(qemu),)
+            dependents = ((f"{unit}.guest", self._conn(unit, "guest")),)  # its QEMU restarts with the host
         return TrialBoot(loader=plan.loader, control=self._conn(unit, plan.control_target),
                          observe=self._conn(unit, target), subject=f"{unit}.{target}",
                          power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,
-                         events=self._record)
+                         dependents=dependents, events=self._record)
 
     def _record(self, event) -> None:
         """Trial-boot events go where the engine's go: the journal (the record) and the progress display."""

@@ -118,6 +118,9 @@ class TrialBoot:
     boot_timeout_s: float = 300.0
     poll_s: float = 3.0
     services: tuple[str, ...] = ()
+    # systems that run on this one and must answer again after it boots (a guest whose QEMU runs on this
+    # host: on a robot, and in the arm64 lab, the guest reboots with its host)
+    dependents: tuple[tuple[str, Connect], ...] = ()
     events: EventSink = discard
     sleep: Callable[[float], None] = field(default=time.sleep)
 
@@ -137,6 +140,25 @@ class TrialBoot:
                 pass
             self.sleep(self.poll_s)
         return None
+
+    def dependents_back(self) -> list[str]:
+        """Wait (up to boot_timeout_s in all) until every dependent answers; the problems of those that do not."""
+        deadline = time.monotonic() + self.boot_timeout_s
+        problems = []
+        for name, connect in self.dependents:
+            while True:
+                try:
+                    with connect() as t:
+                        BOOT_ID.gather(t, timeout_s=20)
+                    break
+                except (TuneError, OSError, EOFError) as exc:
+                    if time.monotonic() > deadline:
+                        problems.append(f"{name} did not answer within {self.boot_timeout_s:.0f} s ({exc})")
+                        break
+                self.sleep(self.poll_s)
+        if self.dependents and not problems:
+            self._emit("trial.dependents", "answering again: " + ", ".join(n for n, _ in self.dependents))
+        return problems
 
     def reachable(self) -> str:
         """Wait until the unit answers (a controller may have died while it rebooted); power-cycle it once when
@@ -179,6 +201,8 @@ class TrialBoot:
         with self.observe() as t:
             health = health_check(t, target, old_cmdline, old_kernel, self.services)
         if health.on_trial and not health.problems:
+            health.problems.extend(self.dependents_back())
+        if health.on_trial and not health.problems:
             result: TrialResult = "healthy"
             reason = f"booted the trial in {secs:.0f} s"
         elif health.on_trial:
@@ -207,4 +231,7 @@ class TrialBoot:
             raise TuneError(f"{self.subject}: after the reboot into the default the unit runs "
                             f"{health.kernel} with {health.cmdline!r}, not the journaled {old_kernel} "
                             f"{old_cmdline!r}")
+        problems = self.dependents_back()
+        if problems:
+            raise TuneError(f"{self.subject}: back on the default, but " + "; ".join(problems))
         return health

@@ -483,3 +483,21 @@ def test_ipi_counts_selects_ipi_rows():
         row("ERR", [0], False),
     ]
     assert facts.ipi_counts(irqs) == {"IPI0": [5, 6], "IPI5": [1, 0]}
+
+
+def test_arm64_proc_interrupts_from_the_arm64_lab():
+    """Recorded on the arm64 lab (tests/recorded/lab-arm64/README.md): GICv3/ITS rows and IPI0..IPI7 per CPU."""
+    from orchestrator.facts import parse_interrupts
+
+    here = RECORDED / "lab-arm64"
+    host = {r.irq: r for r in parse_interrupts((here / "host-proc-interrupts.txt").read_text())}
+    assert [f"IPI{i}" for i in range(8)] == [k for k in host if k.startswith("IPI")]
+    assert host["IPI0"].description == "Rescheduling interrupts" and host["IPI0"].per_cpu_counts == [5109, 4622]
+    assert host["IPI1"].description == "Function call interrupts" and host["IPI1"].per_cpu
+    assert (host["11"].chip, host["11"].hwirq, host["11"].trigger, host["11"].actions) == \
+        ("GICv3", "27", "Level", ["kvm guest vtimer"])
+    assert (host["53"].chip, host["53"].hwirq, host["53"].actions) == \
+        ("ITS-PCI-MSIX-0000:00:01.0", "1", ["virtio0-req.0"])
+    assert host["Err"].per_cpu_counts == [0] and not host["Err"].per_cpu
+    guest = {r.irq: r for r in parse_interrupts((here / "guest-proc-interrupts.txt").read_text())}
+    assert guest["11"].actions == ["arch_timer"] and guest["IPI0"].cpus == [0, 1]

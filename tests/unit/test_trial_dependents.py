@@ -1,0 +1,49 @@
+"""TrialBoot's dependents: after a host boots, the guest whose QEMU runs on it must answer again before the
+trial counts as healthy (on a robot, and in the arm64 lab, the guest reboots with its host)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.boot.trial import TrialBoot
+from orchestrator.errors import TransportError
+from orchestrator.transport import LocalTransport
+
+pytestmark = pytest.mark.unit
+
+
+def flaky(failures: int):
+    """A connect that fails `failures` times (a guest still booting), then reaches this machine."""
+    calls = {"n": 0}
+
+    def connect():
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise TransportError("connection refused (still booting)")
+        return LocalTransport()
+    return connect, calls
+
+
+def trial(dependents, timeout=30.0, events=None) -> TrialBoot:
+    return TrialBoot(loader=None, control=LocalTransport, observe=LocalTransport, subject="u.host",  # type: ignore[arg-type]
+                     boot_timeout_s=timeout, poll_s=0.0, dependents=dependents,
+                     events=(events.append if events is not None else (lambda e: None)), sleep=lambda s: None)
+
+
+def test_a_guest_that_comes_back_after_a_while_is_waited_for():
+    connect, calls = flaky(3)
+    events = []
+    assert trial((("u.guest", connect),), events=events).dependents_back() == []
+    assert calls["n"] == 4
+    assert [e.kind for e in events] == ["trial.dependents"]
+
+
+def test_a_guest_that_never_answers_is_a_problem_naming_it():
+    connect, calls = flaky(10**9)
+    problems = trial((("u.guest", connect),), timeout=0.3).dependents_back()
+    assert len(problems) == 1 and problems[0].startswith("u.guest did not answer within 0 s")
+    assert "still booting" in problems[0] and calls["n"] >= 1
+
+
+def test_no_dependents_no_wait():
+    assert trial(()).dependents_back() == []
