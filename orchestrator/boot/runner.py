@@ -45,6 +45,25 @@ def loader_for(kind: str, vars: dict[str, Any], target: str) -> Bootloader:
     return backend_for(kind)
 
 
+class ReusedConnection:
+    """One connection to the measured target, reused across runs until the unit reboots (a guest behind its
+    host costs two SSH handshakes per connection)."""
+
+    def __init__(self, connect) -> None:
+        self.connect = connect
+        self.transport: Transport | None = None
+
+    def get(self) -> Transport:
+        if self.transport is None:
+            self.transport = self.connect().__enter__()
+        return self.transport
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            t, self.transport = self.transport, None
+            t.__exit__(None, None, None)
+
+
 @dataclass
 class BootPlan:
     """Everything decided before the unit is touched."""
@@ -273,25 +292,28 @@ class BootChangeRunner:
         seq = SequentialDecision(rule)
         on_trial = False
         mtarget = self.e._measure_target(unit)
+        mconn = ReusedConnection(self._conn(unit, mtarget))
         try:
             while (side := seq.next_side()) is not None:
                 if side == "after" and not on_trial:
+                    mconn.drop()  # the unit reboots
                     failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=not seq.runs["after"])
                     if failed is not None:
                         return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="rolled_back",
                                              reason=failed, journal_id=rec, before=seq.runs["before"])
                     on_trial = True
                 elif side == "before" and on_trial:
+                    mconn.drop()
                     with self._conn(unit, plan.control_target)() as c:
                         plan.loader.discard(c)
                     trial.back_to_default(plan.old_cmdline, plan.old_kernel)
                     on_trial = False
-                with self._conn(unit, mtarget)() as mt:
-                    result = measure(mt, self.e.plan.cyclictest, self.e.plan.load, target=f"{unit}.{mtarget}",
-                                     artifacts=self.e.artifacts, events=self.e.events)
+                result = measure(mconn.get(), self.e.plan.cyclictest, self.e.plan.load,
+                                 target=f"{unit}.{mtarget}", artifacts=self.e.artifacts, events=self.e.events)
                 seq.add(side, result)
                 self.e._emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
                              side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
+            mconn.drop()
             decision = seq.decision
             assert decision is not None
             dec = json.loads(decision.model_dump_json())
@@ -324,6 +346,8 @@ class BootChangeRunner:
         except BaseException:
             self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
             raise
+        finally:
+            mconn.drop()
         with self._conn(unit, spec.target)() as t:
             self.e._write_marker(t, unit, spec.target)
         self.e._emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)

@@ -77,25 +77,37 @@ def _stop(transport: Transport, unit: str) -> None:
         pass  # RuntimeMaxSec stops it anyway
 
 
-def require_tools(transport: Transport, load: LoadSpec) -> None:
-    tools = ["cyclictest", "systemd-run"] + ([LOAD_TOOLS[load.kind]] if load.kind != "none" else [])
-    res = transport.run(["sh", "-c", 'for t in "$@"; do command -v "$t" >/dev/null || echo "$t"; done', "-",
-                         *tools], timeout_s=30)
-    missing = res.stdout.split()
+# one round trip before each run (a nested guest reached through its host pays seconds per command): the tools
+# that are missing, then the boot and the cmdline the run belongs to
+_PREAMBLE = 'for t in "$@"; do command -v "$t" >/dev/null || echo "missing $t"; done; echo @@; ' \
+            'cat /proc/sys/kernel/random/boot_id; echo @@; cat /proc/cmdline'
+
+
+TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng": "stress-ng", "systemd-run": "systemd"}
+
+
+def measure_tools(load: LoadSpec) -> list[str]:
+    return ["cyclictest", "systemd-run"] + ([LOAD_TOOLS[load.kind]] if load.kind != "none" else [])
+
+
+def preamble(transport: Transport, tools: list[str]) -> tuple[str, str]:
+    """(boot_id, cmdline) of the target; TuneError naming the Debian packages when a tool is missing."""
+    out = transport.run(["sh", "-c", _PREAMBLE, "-", *tools], timeout_s=30).stdout
+    parts = out.split("@@\n")
+    if len(parts) != 3:
+        raise TuneError(f"{transport.label}: unexpected output from the pre-run probe: {out[-300:]!r}")
+    missing = [line.split(" ", 1)[1] for line in parts[0].splitlines() if line.startswith("missing ")]
     if missing:
-        pkgs = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng": "stress-ng",
-                "systemd-run": "systemd"}
         raise TuneError(f"{transport.label}: missing {', '.join(missing)} (Debian packages: "
-                        f"{', '.join(sorted({pkgs[m] for m in missing}))})")
+                        f"{', '.join(sorted({TOOL_PACKAGES.get(m, '?') for m in missing}))})")
+    return BOOT_ID.parse(parts[1]), CMDLINE.parse(parts[2])
 
 
 def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, *, target: str,
             artifacts: Path, events: EventSink = discard) -> LatencyResult:
     """One cyclictest run under `load`; raw output kept in `artifacts`; load always stopped afterwards."""
-    require_tools(transport, load)
+    boot_id, cmdline = preamble(transport, measure_tools(load))
     artifacts.mkdir(parents=True, exist_ok=True)
-    boot_id = BOOT_ID.gather(transport)
-    cmdline = CMDLINE.gather(transport)
     load_cmd = load_argv(load, settings.duration_s)
     load_unit = _unit_name("load") if load_cmd else None
     ct_unit = _unit_name("cyclictest")

@@ -35,3 +35,16 @@ def test_load_argv_bounds_the_load_and_rejects_shell_metacharacters():
     assert load_argv(LoadSpec(kind="none"), 30) is None
     with pytest.raises(InputError, match="load argument"):
         load_argv(LoadSpec(kind="stress-ng", args=["--cpu", "2;reboot"]), 30)
+
+
+def test_preamble_reads_boot_and_cmdline_in_one_command_and_names_missing_packages():
+    from orchestrator.errors import TuneError
+    from orchestrator.measure.runner import preamble
+    from orchestrator.transport import LocalTransport
+
+    t = LocalTransport()
+    boot_id, cmdline = preamble(t, ["sh"])
+    assert boot_id == open("/proc/sys/kernel/random/boot_id").read().strip()
+    assert cmdline == open("/proc/cmdline").read().strip()
+    with pytest.raises(TuneError, match=r"local: missing no-such-tool-1 \(Debian packages: \?\)"):
+        preamble(t, ["sh", "no-such-tool-1"])
