@@ -1,4 +1,5 @@
-"""Shared fixtures. The lab fixture boots one real unit (host VM + guest VM) once per test session."""
+"""Shared fixtures. The lab fixture boots one real x86 unit (host VM + guest VM) once for tests/lab; the arm64
+unit is tests/arm64's own."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def lab_paths(tmp_path_factory) -> Paths:
     return Paths(cache=Paths.from_env().cache, state=state)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # down before the arm64 tests (tests/arm64, run last) boot their own lab
 def lab(lab_paths):
     from orchestrator.lab.lab import Lab
 
@@ -41,7 +42,7 @@ def lab(lab_paths):
     assert the_lab.stray_qemu_pids() == [], "tune lab down left QEMU processes behind"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def inventory(lab, lab_paths):
     from orchestrator.inventory import load_inventory
 

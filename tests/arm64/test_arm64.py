@@ -5,7 +5,8 @@ the arm64 `IPI0..IPI6` rows of /proc/interrupts, and the WFI/WFE no-trap change 
 the host and verified by KVM's WFI exit counters falling, with cyclictest in the guest before and after.
 
 The arm64 images take about 15 minutes to build under qemu-user; tests/conftest.py starts that build in the
-background when the session begins, so it overlaps the x86 tests, and orders these tests last.
+background when the session begins, so it overlaps the x86 tests, and orders these tests last. They live in a
+package of their own so that the x86 lab (package-scoped in tests/conftest.py) is down before they start.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.conftest import REPO, tune_env
 pytestmark = [pytest.mark.lab, pytest.mark.arm64]
 
 FAST = str(REPO / "tests" / "lab" / "playbook-fast.yaml")
-PROFILE = str(REPO / "tests" / "lab" / "profile-arm64.yaml")
+PROFILE = str(REPO / "tests" / "arm64" / "profile-arm64.yaml")
 REUSE = os.environ.get("RT_TUNE_TEST_REUSE_ARM64_STATE")  # a developer's running arm64 lab
 
 
