@@ -8,38 +8,43 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.events import Event
 from orchestrator.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDED = Path(__file__).resolve().parent / "recorded"
 
 
-def _print_event(event: Event) -> None:
-    print(f"[lab] {event.subject}: {event.message}", flush=True)
-
-
 REUSE = os.environ.get("RT_TUNE_TEST_REUSE_STATE")  # a developer's running lab: reused, left running
+
+
+def lab_state_paths(tmp_path_factory, reuse: str | None, name: str) -> Paths:
+    """A test lab's own state directory; the image cache is the user's (built once, shared with `tune lab`)."""
+    state = Path(reuse) if reuse else tmp_path_factory.mktemp(name)
+    return Paths(cache=Paths.from_env().cache, state=state)
+
+
+def running_lab(paths: Paths, *, arch: str, reuse: bool, label: str):
+    """Boot a one-unit lab (VMs already running are left as they are) for the tests; afterwards stop it, unless
+    it is a developer's reused lab, and check that no QEMU process is left."""
+    from orchestrator.lab.lab import Lab
+
+    the_lab = Lab(paths, events=lambda e: print(f"[{label}] {e.subject}: {e.message}", flush=True))
+    the_lab.up(units=1, arch=arch)
+    yield the_lab
+    if reuse:
+        return
+    the_lab.down()
+    assert the_lab.stray_qemu_pids() == [], "tune lab down left QEMU processes behind"
 
 
 @pytest.fixture(scope="session")
 def lab_paths(tmp_path_factory) -> Paths:
-    """The test lab's own state directory; the image cache is the user's (built once, shared with `tune lab`)."""
-    state = Path(REUSE) if REUSE else tmp_path_factory.mktemp("rt-tune-state")
-    return Paths(cache=Paths.from_env().cache, state=state)
+    return lab_state_paths(tmp_path_factory, REUSE, "rt-tune-state")
 
 
 @pytest.fixture(scope="package")  # down before the arm64 tests (tests/arm64, run last) boot their own lab
 def lab(lab_paths):
-    from orchestrator.lab.lab import Lab
-
-    the_lab = Lab(lab_paths, events=_print_event)
-    the_lab.up(units=1)  # leaves VMs that already run as they are
-    yield the_lab
-    if REUSE:
-        return
-    the_lab.down()
-    assert the_lab.stray_qemu_pids() == [], "tune lab down left QEMU processes behind"
+    yield from running_lab(lab_paths, arch="amd64", reuse=bool(REUSE), label="lab")
 
 
 @pytest.fixture(scope="package")

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.events import Event
 from orchestrator.paths import Paths
-from tests.conftest import REPO, tune_env
+from tests.conftest import REPO, running_lab, lab_state_paths, tune_env
 
 pytestmark = [pytest.mark.lab, pytest.mark.arm64]
 
@@ -31,27 +30,14 @@ PROFILE = str(REPO / "tests" / "arm64" / "profile-arm64.yaml")
 REUSE = os.environ.get("RT_TUNE_TEST_REUSE_ARM64_STATE")  # a developer's running arm64 lab
 
 
-def _print_event(event: Event) -> None:
-    print(f"[arm64 lab] {event.subject}: {event.message}", flush=True)
-
-
 @pytest.fixture(scope="module")
 def arm64_paths(tmp_path_factory) -> Paths:
-    state = Path(REUSE) if REUSE else tmp_path_factory.mktemp("rt-tune-arm64")
-    return Paths(cache=Paths.from_env().cache, state=state)
+    return lab_state_paths(tmp_path_factory, REUSE, "rt-tune-arm64")
 
 
 @pytest.fixture(scope="module")
 def arm64_lab(arm64_paths):
-    from orchestrator.lab.lab import Lab
-
-    lab = Lab(arm64_paths, events=_print_event)
-    lab.up(units=1, arch="arm64")
-    yield lab
-    if REUSE:
-        return
-    lab.down()
-    assert lab.stray_qemu_pids() == [], "tune lab down left QEMU processes behind"
+    yield from running_lab(arm64_paths, arch="arm64", reuse=bool(REUSE), label="arm64 lab")
 
 
 @pytest.fixture(scope="module")
