@@ -93,6 +93,7 @@ def pytest_collection_modifyitems(session, config, items):
     cache = Paths.from_env().cache
     if images.cached(images.ImageRecipe.default("arm64"), cache):
         return
+    import signal
     import subprocess
     import sys
 
@@ -101,7 +102,8 @@ def pytest_collection_modifyitems(session, config, items):
     config._rt_tune_arm64_build = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "lab", "build", "--arch", "arm64"], stdout=log,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
-        env={**os.environ, "RT_TUNE_CACHE": str(cache)})
+        env={**os.environ, "RT_TUNE_CACHE": str(cache)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # SIGINT stops it (see sessionfinish)
     print(f"\n[arm64 lab] building its images in the background (log: {cache / ARM64_BUILD_LOG})", flush=True)
 
 

@@ -37,8 +37,11 @@ def _procs_mentioning(path: Path) -> list[str]:
 
 def _tune(paths: Paths) -> subprocess.Popen:
     env = {**os.environ, "RT_TUNE_CACHE": str(paths.cache), "RT_TUNE_STATE": str(paths.state)}
+    # Ctrl-C reaches a foreground `tune` with SIGINT's default action; pytest itself may run with SIGINT
+    # ignored (a shell starts background jobs that way, and Python then installs no KeyboardInterrupt handler)
     return subprocess.Popen([sys.executable, "-m", "orchestrator", "lab", "up"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _kill(proc: subprocess.Popen, paths: Paths) -> None:
