@@ -1,4 +1,4 @@
-"""The arm64 lab's 6.1 kernel path (issue #6), too slow for CI: it reboots the arm64 host five times (about four
+"""The arm64 lab's 6.1 kernel path (issue #6), too slow for CI: it reboots the arm64 host four times (about four
 minutes each: the host under TCG, then its nested guest). Run it by hand: `pytest -m slow_lab tests/arm64`.
 
 On bookworm's 6.1 (no trap-policy parameters) `wfx_notrap: true` is refused with what to do, before anything
