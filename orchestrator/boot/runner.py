@@ -252,16 +252,16 @@ class BootChangeRunner:
             return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")
         if plan.skip_reason:
             self.e._emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
-            return ChangeOutcome(**base, evidence=plan.evidence, description=spec.id, status="skipped", reason=plan.skip_reason)
+            return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
         if plan.noop:
             self.e._emit("change.noop", subject, plan.summary)
-            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="noop", reason="already in place")
+            return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
         problems = self.preflight(unit, plan)
         if problems and not self.e.accept_boot_risk:
             reason = "refused by preflight (a failed trial could not fall back by itself; --accept-boot-risk " \
                      "overrides): " + "; ".join(problems)
             self.e._emit("change.refused", subject, f"{spec.id}: {reason}")
-            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="refused", reason=reason)
+            return ChangeOutcome(**base, description=plan.summary, status="refused", reason=reason)
         with self._conn(unit, plan.control_target)() as c:
             snap = plan.loader.snapshot(c)
             if spec.kind == "wfx_notrap":
@@ -285,7 +285,7 @@ class BootChangeRunner:
                     install_kernel(c, plan.artifact, plan.target.kernel, plan.loader)
             except (TuneError, KeyError, ValueError) as exc:
                 reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
-                return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed", reason=reason,
+                return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason,
                                      journal_id=rec)
         trial = self.trial(unit, spec.target, plan)
         rule = self.e.plan.decision.model_copy(update={"order": "blocked"})
@@ -299,8 +299,9 @@ class BootChangeRunner:
                     mconn.drop()  # the unit reboots
                     failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=not seq.runs["after"])
                     if failed is not None:
-                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="rolled_back",
-                                             reason=failed, journal_id=rec, before=seq.runs["before"])
+                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary,
+                                             status="rolled_back", reason=failed, journal_id=rec,
+                                             before=seq.runs["before"])
                     on_trial = True
                 elif side == "before" and on_trial:
                     mconn.drop()
@@ -321,8 +322,8 @@ class BootChangeRunner:
                 if not on_trial:
                     failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=False)
                     if failed is not None:
-                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="rolled_back",
-                                             reason=failed, journal_id=rec, decision=dec,
+                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary,
+                                             status="rolled_back", reason=failed, journal_id=rec, decision=dec,
                                              before=seq.runs["before"], after=seq.runs["after"])
                 with self._conn(unit, plan.control_target)() as c:
                     plan.loader.commit(c, plan.target)
@@ -337,12 +338,12 @@ class BootChangeRunner:
                 status = "rolled_back"
         except UnitLostError as exc:  # journaled as rollback_failed already; nothing to reach
             self.e._emit("change.failed", subject, str(exc), journal_id=rec)
-            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed", reason=str(exc), journal_id=rec,
-                                 before=seq.runs["before"], after=seq.runs["after"])
+            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed",
+                                 reason=str(exc), journal_id=rec, before=seq.runs["before"], after=seq.runs["after"])
         except (TuneError, KeyError, ValueError) as exc:
             reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
-            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed", reason=reason, journal_id=rec,
-                                 before=seq.runs["before"], after=seq.runs["after"])
+            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed",
+                                 reason=reason, journal_id=rec, before=seq.runs["before"], after=seq.runs["after"])
         except BaseException:
             self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
             raise

@@ -127,35 +127,32 @@ class TrialBoot:
     def _emit(self, kind: str, message: str, **data) -> None:
         self.events(Event(kind, self.subject, message, data=data))
 
-    def boot_id(self, timeout_s: float, old: str | None) -> str | None:
-        """The first boot_id different from `old` seen within `timeout_s` (None: none)."""
-        deadline = time.monotonic() + timeout_s
+    def _poll_boot_id(self, connect: Connect, deadline: float, old: str | None) -> tuple[str | None, str]:
+        """The first boot_id other than `old` that `connect` answers before `deadline`; else (None, last error)."""
+        last = "no answer"
         while time.monotonic() < deadline:
             try:
-                with self.observe() as t:
+                with connect() as t:
                     bid = BOOT_ID.gather(t, timeout_s=20)
                 if bid != old:
-                    return bid
-            except (TuneError, OSError, EOFError):
-                pass
+                    return bid, ""
+            except (TuneError, OSError, EOFError) as exc:
+                last = str(exc)
             self.sleep(self.poll_s)
-        return None
+        return None, last
+
+    def boot_id(self, timeout_s: float, old: str | None) -> str | None:
+        """The first boot_id different from `old` seen within `timeout_s` (None: none)."""
+        return self._poll_boot_id(self.observe, time.monotonic() + timeout_s, old)[0]
 
     def dependents_back(self) -> list[str]:
         """Wait (up to boot_timeout_s in all) until every dependent answers; the problems of those that do not."""
         deadline = time.monotonic() + self.boot_timeout_s
         problems = []
         for name, connect in self.dependents:
-            while True:
-                try:
-                    with connect() as t:
-                        BOOT_ID.gather(t, timeout_s=20)
-                    break
-                except (TuneError, OSError, EOFError) as exc:
-                    if time.monotonic() > deadline:
-                        problems.append(f"{name} did not answer within {self.boot_timeout_s:.0f} s ({exc})")
-                        break
-                self.sleep(self.poll_s)
+            bid, last = self._poll_boot_id(connect, deadline, None)
+            if bid is None:
+                problems.append(f"{name} did not answer within {self.boot_timeout_s:.0f} s ({last})")
         if self.dependents and not problems:
             self._emit("trial.dependents", "answering again: " + ", ".join(n for n, _ in self.dependents))
         return problems

@@ -188,7 +188,7 @@ def _build(recipe: ImageRecipe, work: Path, cache_dir: Path, events: EventSink) 
         ensure_binfmt(recipe.arch)
         argv.append("--foreign")
     _step(events, key, 0, total, "debootstrap (Debian packages only; "
-          + ("~15 min: a foreign architecture's second stage runs under qemu-user)" if foreign else "~2 min)"))
+          + ("~7 min: a foreign architecture's second stage runs under qemu-user)" if foreign else "~2 min)"))
     try:
         sh.run([*argv, recipe.suite, tree, recipe.mirror], log=log, timeout=3600)
         if foreign:

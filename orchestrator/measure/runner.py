@@ -83,7 +83,8 @@ _PREAMBLE = 'for t in "$@"; do command -v "$t" >/dev/null || echo "missing $t"; 
             'cat /proc/sys/kernel/random/boot_id; echo @@; cat /proc/cmdline'
 
 
-TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng": "stress-ng", "systemd-run": "systemd"}
+TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng": "stress-ng",
+                 "systemd-run": "systemd"}
 
 
 def measure_tools(load: LoadSpec) -> list[str]:
