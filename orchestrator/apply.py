@@ -42,10 +42,10 @@ def ensure_lab(paths: Paths, inventory: Path, events: EventSink = discard) -> bo
 
 
 def make_engine(paths: Paths, inv: Inventory, playbook: Path | None, events: EventSink,
-                connect: Connect = ssh_connect) -> Engine:
+                connect: Connect = ssh_connect, db: str | None = None) -> Engine:
     plan = load_measurement_plan(playbook or DEFAULT_PLAN)
     artifacts = paths.state / "artifacts" / time.strftime("%Y%m%dT%H%M%S")
-    journal = Journal(journal_path(paths))
+    journal = open_controller_journal(paths, db)
     return Engine(inventory=inv, journal=journal, plan=plan, artifacts=artifacts, events=events, connect=connect)
 
 
@@ -75,3 +75,50 @@ def write_reports(results: list[ApplyResult], artifacts: Path, title: str) -> tu
     html_path = artifacts / "report.html"
     render_html(report, html_path)
     return json_path, html_path
+
+
+# ---- tune rollout --------------------------------------------------------------------------------------------
+def open_controller_journal(paths: Paths, db: str | None) -> Journal:
+    """The journal a rollout shares with other controllers: `--db postgresql://...`, a SQLite file, or the
+    default SQLite file in the state directory."""
+    return Journal(db if db else journal_path(paths))
+
+
+def fleet_runner(paths: Paths, journal: Journal, inv: Inventory, loaded_policy, events: EventSink, *,
+                 workers: int | None = None, accept_boot_risk: bool = False, boot_timeout_s: float = 300.0,
+                 connect: Connect = ssh_connect):
+    """A FleetRunner whose engines share `journal` and the playbook's measurement plan; each unit's raw runs
+    and report go to their own artifacts directory."""
+    from orchestrator.fleet import FleetRunner
+
+    plan = load_measurement_plan(loaded_policy.measurement_path or DEFAULT_PLAN)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+
+    def engine_for(unit: str, sink: EventSink) -> Engine:
+        return Engine(inventory=inv, journal=journal, plan=plan,
+                      artifacts=paths.state / "artifacts" / f"rollout-{stamp}" / unit, events=sink, connect=connect,
+                      accept_boot_risk=accept_boot_risk, boot_timeout_s=boot_timeout_s)
+
+    return FleetRunner(journal=journal, policy=loaded_policy.policy, engine_for=engine_for, events=events,
+                       workers=workers)
+
+
+def policy_for_journal(loaded_policy):
+    """The policy as stored with the rollout: the measurement plan as an absolute path, so a resume from any
+    working directory measures the same way."""
+    mp = loaded_policy.measurement_path or DEFAULT_PLAN
+    return loaded_policy.policy.model_copy(update={"measurement": str(Path(mp).resolve())})
+
+
+def write_fleet_reports(runner, summary, artifacts: Path) -> tuple[Path, Path]:
+    from orchestrator.fleet import render_fleet_html
+
+    artifacts.mkdir(parents=True, exist_ok=True)
+    changes_json = changes_html = None
+    if runner.results:
+        changes_json, changes_html = write_reports(runner.results, artifacts, f"rollout {summary.rollout_id}")
+    summary = summary.model_copy(update={"report_html": str(artifacts / "fleet.html"),
+                                         "report_json": str(artifacts / "fleet.json")})
+    (artifacts / "fleet.json").write_text(summary.model_dump_json(indent=2))
+    render_fleet_html(summary, artifacts / "fleet.html", str(changes_html) if changes_html else None)
+    return artifacts / "fleet.json", artifacts / "fleet.html"

@@ -240,6 +240,13 @@ def _apply_table(results) -> Table:
     return table
 
 
+_db_option = click.option(
+    "--db", default=None, metavar="URL|FILE", envvar="RT_TUNE_DB",
+    help="The journal: a SQLite file (default: the state directory's) or postgresql://... shared by several "
+         "controllers [env RT_TUNE_DB]. Keep the password out of the URL (it would show in `ps`): libpq reads "
+         "PGPASSWORD or ~/.pgpass.")
+
+
 def _units(inv, units: tuple[str, ...]) -> list[str]:
     return list(units) or sorted(inv.units)
 
@@ -258,10 +265,11 @@ def _units(inv, units: tuple[str, ...]) -> list[str]:
 @click.option("--boot-timeout", type=click.FloatRange(min=10), default=300.0, show_default=True,
               help="Seconds to wait for a unit to come back from a reboot before power-cycling it (and again "
                    "after the power cycle).")
+@_db_option
 @click.option("--json", "as_json", is_flag=True)
 def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
               dry_run: bool, force_unlock: str | None, as_json: bool, accept_boot_risk: bool = False,
-              boot_timeout: float = 300.0) -> None:
+              boot_timeout: float = 300.0, db: str | None = None) -> None:
     """Apply PROFILE (e.g. rt-profile): each change measured before and after, kept only on evidence.
 
     Against the local lab's inventory, boots the lab first when it is not running.
@@ -273,7 +281,7 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
     progress = Progress()
     profile_path = find_profile(profile)
     inv, booted = load_for_apply(paths, _inventory_path(inventory_file), progress)
-    engine = make_engine(paths, inv, playbook, progress)
+    engine = make_engine(paths, inv, playbook, progress, db=db)
     engine.accept_boot_risk = accept_boot_risk
     engine.boot_timeout_s = boot_timeout
     results = []
@@ -290,6 +298,177 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
     emit(data, as_json, _apply_table(results))
     if report_html and not as_json:
         err_console.print(f"report: {escape(str(report_html))}")
+
+
+def _rollout_table(summary) -> Table:
+    table = Table("unit", "wave", "state", "kept", "rolled back", "failed", "p99.9 before", "p99.9 after",
+                  "max before", "max after", "detail", title=f"rollout {summary.rollout_id}: {summary.status}")
+    for u in summary.units:
+        o = u.get("outcome") or {}
+        b, a = o.get("before") or {}, o.get("after") or {}
+
+        def fmt(d, k):
+            return "-" if d.get(k) is None else f"{d[k]:.0f}"
+
+        table.add_row(u["unit"], str(u.get("wave_name", u["wave"])), u["state"], ", ".join(o.get("kept") or []) or "-",
+                      ", ".join(o.get("rolled_back") or []) or "-", ", ".join(o.get("failed") or []) or "-",
+                      fmt(b, "p999_us"), fmt(a, "p999_us"), fmt(b, "max_us"), fmt(a, "max_us"),
+                      escape((o.get("regression") or u["detail"] or "")[:70]))
+    return table
+
+
+@cli.command("rollout")
+@click.argument("profile", required=False)
+@click.option("--inventory", "-i", "inventory_file", default=None, help="The fleet's inventory (default: the lab's).")
+@click.option("--unit", "units", multiple=True, help="Units to roll out to, in this order (default: all).")
+@click.option("--playbook", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Rollout policy (default: playbooks/rollout.yaml): canary, batches, halt rules, on_halt.")
+@_db_option
+@click.option("--resume", "resume_id", type=int, default=None, metavar="ID",
+              help="Continue rollout ID (after a crash, a pause or a halt), or join it from another controller.")
+@click.option("--retry-failed", is_flag=True, help="With --resume: try the failed units again.")
+@click.option("--pause", "pause_id", type=int, default=None, metavar="ID",
+              help="Ask rollout ID's controllers to stop claiming units; units in flight finish.")
+@click.option("--status", "status_id", type=int, default=None, metavar="ID", help="Show rollout ID; 0: list all.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Units this controller works on at once (default: the policy's max_in_flight).")
+@click.option("--boot-timeout", type=click.FloatRange(min=10), default=300.0, show_default=True)
+@click.option("--accept-boot-risk", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
+                db: str | None, resume_id: int | None, retry_failed: bool, pause_id: int | None,
+                status_id: int | None, workers: int | None, boot_timeout: float, accept_boot_risk: bool,
+                as_json: bool) -> None:
+    """Roll PROFILE out to a fleet: canary first, then batches; halt on failures or latency regressions.
+
+    Per-unit state lives in the journal; `--resume ID` continues after a controller crash without redoing
+    finished units, and several controllers may work on one rollout (`--db postgresql://...`)."""
+    from orchestrator.apply import (PLAYBOOKS_DIR, fleet_runner, load_for_apply, open_controller_journal,
+                                    policy_for_journal, write_fleet_reports)
+    from orchestrator.errors import InputError
+    from orchestrator.fleet import LoadedPolicy, RolloutHalted, RolloutPolicy, load_rollout_policy
+    from orchestrator.profile import find_profile
+
+    modes = sum(x is not None for x in (profile, resume_id, pause_id, status_id))
+    if modes != 1:
+        raise InputError("give exactly one of PROFILE, --resume ID, --pause ID or --status ID")
+    paths = _paths()
+    journal = open_controller_journal(paths, db)
+    if status_id is not None or pause_id is not None:
+        rid = pause_id if pause_id is not None else status_id
+        if rid == 0:
+            rows = [r.model_dump(mode="json") for r in journal.rollouts()]
+            table = Table("id", "status", "profile", "reason", title="rollouts")
+            for r in rows:
+                table.add_row(str(r["id"]), r["status"], r["profile"], escape(r["reason"][:80]))
+            emit(rows, as_json, table)
+            return
+        rec = journal.get_rollout(rid)
+        if pause_id is not None and not journal.set_rollout_status(rid, "pausing", "pause requested",
+                                                                   expect=("running",)):
+            raise InputError(f"rollout {rid} is {rec.status}, not running: nothing to pause")
+        policy = LoadedPolicy(RolloutPolicy.model_validate(rec.policy), Path("/"))
+        inv_path = Path(rec.inventory)
+        from orchestrator.inventory import load_inventory
+        runner = fleet_runner(paths, journal, load_inventory(inv_path), policy, Progress())
+        summary = runner.summary(rid)
+        emit(summary.model_dump(mode="json"), as_json, _rollout_table(summary))
+        return
+    progress = Progress()
+    if resume_id is not None:
+        rec = journal.get_rollout(resume_id)
+        policy = LoadedPolicy(RolloutPolicy.model_validate(rec.policy), Path("/"))
+        inv_path = Path(inventory_file) if inventory_file else Path(rec.inventory)
+        inv, _ = load_for_apply(paths, inv_path, progress)
+        runner = fleet_runner(paths, journal, inv, policy, progress, workers=workers,
+                              accept_boot_risk=accept_boot_risk, boot_timeout_s=boot_timeout)
+        rollout_id = resume_id
+    else:
+        loaded = load_rollout_policy(playbook or PLAYBOOKS_DIR / "rollout.yaml")
+        profile_path = find_profile(profile)
+        inv_path = _inventory_path(inventory_file)
+        inv, _ = load_for_apply(paths, inv_path, progress)
+        chosen = _units(inv, units)
+        runner = fleet_runner(paths, journal, inv, loaded, progress, workers=workers,
+                              accept_boot_risk=accept_boot_risk, boot_timeout_s=boot_timeout)
+        for unit in chosen:
+            inv.unit(unit)
+            runner.engine_for(unit, progress).specs(unit, profile_path)  # every input error before any unit
+        runner.policy = policy_for_journal(loaded)
+        rollout_id = runner.create(profile_path.resolve(), inv_path.resolve(), chosen).id
+    try:
+        summary = runner.run(rollout_id, retry_failed=retry_failed)
+    finally:
+        progress.close()
+    artifacts = paths.state / "artifacts" / f"rollout-{rollout_id}"
+    report_json, report_html = write_fleet_reports(runner, summary, artifacts)
+    summary = summary.model_copy(update={"report_json": str(report_json), "report_html": str(report_html)})
+    emit(summary.model_dump(mode="json"), as_json, _rollout_table(summary))
+    if not as_json:
+        err_console.print(f"rollout {rollout_id}: {summary.status}"
+                          + (f" ({escape(summary.reason)})" if summary.reason else "")
+                          + f"; report: {escape(str(report_html))}")
+    if summary.status == "halted":
+        raise RolloutHalted(f"rollout {rollout_id} halted: {summary.reason}")
+
+
+def _ab_table(result) -> Table:
+    table = Table("metric", "median A", "median B", "B - A", "CI", "Cliff's delta", "verdict",
+                  title=f"A/B on {result.unit}.{result.target}: {len(result.arms[0].runs)} + "
+                        f"{len(result.arms[1].runs)} runs ({' '.join(result.order)})")
+    for e in result.effects:
+        def f(v):
+            return "-" if v is None else f"{v:.1f}"
+        table.add_row(e.metric, f(e.median_a), f(e.median_b), f(e.diff), f"[{f(e.ci_low)}, {f(e.ci_high)}]",
+                      f"{e.cliffs_delta:+.2f} ({e.cliffs_label})", e.verdict)
+    return table
+
+
+@cli.command("ab")
+@click.argument("profile_a")
+@click.argument("profile_b")
+@click.option("--unit", "unit", required=True, help="The unit to experiment on (its guest is measured if it has one).")
+@click.option("--rounds", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Rounds; each is one block of A and one of B, in ABBA order.")
+@click.option("--runs", "runs_per_block", type=click.IntRange(min=1), default=2, show_default=True,
+              help="cyclictest runs per block.")
+@click.option("--order", type=click.Choice(["ABBA", "AB"]), default="ABBA", show_default=True)
+@click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--playbook", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Measurement plan: cyclictest settings and load (default: playbooks/measurement.yaml).")
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True)
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the HTML report (default: beside the raw runs).")
+@_db_option
+@click.option("--json", "as_json", is_flag=True)
+def ab_cmd(profile_a: str, profile_b: str, unit: str, rounds: int, runs_per_block: int, order: str,
+           inventory_file: str | None, playbook: Path | None, confidence: float, html_out: Path | None,
+           as_json: bool, db: str | None = None) -> None:
+    """A/B latency experiment: PROFILE_A vs PROFILE_B on one unit, alternating ABBA under the same load; per
+    metric the difference with a bootstrap confidence interval and Cliff's delta; HTML with overlaid plots."""
+    from orchestrator.ab import ABExperiment, write_ab_reports
+    from orchestrator.apply import load_for_apply, make_engine
+    from orchestrator.experiment import render_ab_html
+    from orchestrator.profile import find_profile
+
+    paths = _paths()
+    progress = Progress()
+    a, b = find_profile(profile_a), find_profile(profile_b)
+    inv, _ = load_for_apply(paths, _inventory_path(inventory_file), progress)
+    inv.unit(unit)
+    engine = make_engine(paths, inv, playbook, progress, db=db)
+    experiment = ABExperiment(engine, unit, a, b, rounds=rounds, runs_per_block=runs_per_block, order=order)
+    try:
+        result = experiment.run(confidence=confidence)
+    finally:
+        progress.close()
+    json_path, html_path = write_ab_reports(result, engine.artifacts)
+    if html_out is not None:
+        html_path = render_ab_html(result, html_out)
+    data = {**result.model_dump(mode="json", exclude={"arms"}), "report": str(json_path), "html": str(html_path)}
+    emit(data, as_json, _ab_table(result))
+    if not as_json:
+        err_console.print(f"report: {escape(str(html_path))}")
 
 
 @cli.command("plan")
@@ -335,21 +514,22 @@ def profile_validate(file: Path, inventory_file: str | None, units: tuple[str, .
     emit(out, as_json, human)
 
 
-def _engine(inventory_file: str | None):
+def _engine(inventory_file: str | None, db: str | None = None):
     from orchestrator.apply import make_engine
     from orchestrator.inventory import load_inventory
 
     inv = load_inventory(_inventory_path(inventory_file))
-    return make_engine(_paths(), inv, None, Progress()), inv
+    return make_engine(_paths(), inv, None, Progress(), db=db), inv
 
 
 @cli.command("status")
 @click.option("--inventory", "-i", "inventory_file", default=None)
 @click.option("--unit", "units", multiple=True)
+@_db_option
 @click.option("--json", "as_json", is_flag=True)
-def status_cmd(inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
+def status_cmd(inventory_file: str | None, units: tuple[str, ...], as_json: bool, db: str | None = None) -> None:
     """What rt-tune has changed on each unit (kept changes), unit states and locks, from the journal."""
-    engine, inv = _engine(inventory_file)
+    engine, inv = _engine(inventory_file, db)
     j = engine.journal
     states = j.unit_states()
     data = {}
@@ -372,15 +552,16 @@ def status_cmd(inventory_file: str | None, units: tuple[str, ...], as_json: bool
 @click.option("--change", "change_id", default=None, help="Undo one kept change (its id from `tune status`).")
 @click.option("--inventory", "-i", "inventory_file", default=None)
 @click.option("--force-unlock", default=None, metavar="LOCK_ID")
+@_db_option
 @click.option("--json", "as_json", is_flag=True)
 def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: str | None,
-                 force_unlock: str | None, as_json: bool) -> None:
+                 force_unlock: str | None, as_json: bool, db: str | None = None) -> None:
     """Return UNIT to its state before rt-tune: every kept change (--all) or one (--change ID)."""
     from orchestrator.errors import InputError
 
     if all_ == (change_id is not None):
         raise InputError("give exactly one of --all or --change ID")
-    engine, _ = _engine(inventory_file)
+    engine, _ = _engine(inventory_file, db)
     undone = engine.rollback(unit, change_id, force_unlock=force_unlock)
     emit({"unit": unit, "rolled_back": undone}, as_json, f"{unit}: rolled back {', '.join(undone) or 'nothing'}")
 
@@ -388,10 +569,11 @@ def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: s
 @cli.command("verify")
 @click.argument("unit")
 @click.option("--inventory", "-i", "inventory_file", default=None)
+@_db_option
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(unit: str, inventory_file: str | None, as_json: bool) -> None:
+def verify_cmd(unit: str, inventory_file: str | None, as_json: bool, db: str | None = None) -> None:
     """Compare UNIT's live state with the journal; drift marks the unit degraded (nothing is overwritten)."""
-    engine, _ = _engine(inventory_file)
+    engine, _ = _engine(inventory_file, db)
     report = engine.verify(unit)
     table = Table("change", "target", "in place")
     for r in report:

@@ -1,4 +1,5 @@
-"""The journal: what the controller did to each unit, durably, in SQLite on the controller.
+"""The journal: what the controller did to each unit, durably, in SQLite on the controller (or in PostgreSQL,
+shared by several controllers).
 
 Every remote change goes through a **change record**. The caller writes the intent (with the exact prior state,
 `before`) and the journal commits it to disk (WAL, `synchronous=FULL`) *before* the caller touches the unit;
@@ -33,10 +34,29 @@ look like PEM private keys are replaced by "<redacted>", and raw bytes are never
 Several processes may use one journal file at once: each `Journal` opens its own connection, every write is
 one `BEGIN IMMEDIATE` transaction, and `busy_timeout` makes writers wait for each other. One `Journal` may be
 shared between threads (calls are serialised); after `fork()` the child opens its own connection.
+
+PostgreSQL: `Journal("postgresql://user:password@host:port/db")` (or `open_journal(...)`; `postgres://` works
+too) keeps the journal in a PostgreSQL database, through psycopg 3, so controllers on several machines can share
+it. The semantics are SQLite's: every write is one transaction (READ COMMITTED, which takes a fresh snapshot per
+statement), and writers are serialised by a transaction-scoped advisory lock,
+`SELECT pg_advisory_xact_lock(PG_ADVISORY_LOCK_KEY)`, taken first in every write transaction: the stand-in for
+SQLite's BEGIN IMMEDIATE, so the locks, the transition checks and the unreconciled-changes refusal hold exactly
+as with SQLite (a writer sees every write committed before it got the lock). Migrations run under the same lock,
+so two processes opening a new database cannot both migrate. `busy_timeout_s` becomes `lock_timeout`. The
+rollout claim path alone (`claim_unit`, `finish_unit`) does not take that lock: see `claim_unit`. A connection
+is never used across `fork()` (the child opens its own, as with SQLite). The URL's password never appears in a
+message, a `repr` or an event: `journal.path` is the URL with `user:***@`.
+
+Rollouts (schema version 2): a rollout is a row in `rollouts` (profile, inventory, policy, status running /
+pausing / paused / halted / done) with one row per unit in `rollout_units`, grouped in waves (0 = the canary,
+then the batches) and ordered by `position`. Controllers claim units (`claim_unit`), one transaction per claim,
+and report each one (`finish_unit`); a claim whose controller died on this host is put back by
+`reclaim_dead_claims`. Every rollout write stores an event (`rollout.*`) in the same transaction.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -45,6 +65,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,13 +114,29 @@ class LockLostError(LockedError):
     """The lock this controller held is gone: released elsewhere or taken over with --force-unlock."""
 
 
+class ClaimLostError(JournalError):
+    """A rollout unit this controller claimed is no longer its claim (reclaimed, reset, or another's now)."""
+
+    def __init__(self, message: str, *, unit: str = "", holder: str | None = None, state: str = ""):
+        super().__init__(message)
+        self.unit = unit
+        self.holder = holder  # who holds the claim now (None: nobody)
+        self.state = state  # the unit's state now
+
+
 # --------------------------------------------------------------------------------------------------- models
 
 ChangeState = Literal["intent", "applied", "verified", "kept", "rolled_back", "failed", "rollback_failed"]
 UnitStateName = Literal["pending", "working", "done", "degraded", "failed"]
 
+RolloutStatus = Literal["running", "pausing", "paused", "halted", "done"]
+RolloutUnitState = Literal["pending", "working", "done", "degraded", "failed", "rolled_back"]
+
 CHANGE_STATES: tuple[str, ...] = get_args(ChangeState)
 UNIT_STATES: tuple[str, ...] = get_args(UnitStateName)
+ROLLOUT_STATUSES: tuple[str, ...] = get_args(RolloutStatus)
+ROLLOUT_UNIT_STATES: tuple[str, ...] = get_args(RolloutUnitState)
+FINISHED_UNIT_STATES: tuple[str, ...] = ("done", "degraded", "failed")  # what finish_unit may report
 INCOMPLETE_STATES: tuple[str, ...] = ("intent", "applied", "verified")
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -177,6 +214,40 @@ class EventRecord(BaseModel):
 
     def to_event(self) -> Event:
         return Event(self.kind, self.subject, self.message, dict(self.data), self.done, self.total, self.at)
+
+
+class RolloutRecord(BaseModel):
+    """A rollout: a profile applied to an inventory's units, wave by wave, under a policy (opaque JSON)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    profile: str
+    inventory: str
+    policy: dict[str, Any]
+    status: RolloutStatus
+    reason: str = ""
+    owner: str  # the controller that created it
+    created_at: float
+    updated_at: float
+
+
+class RolloutUnit(BaseModel):
+    """One unit of a rollout: its wave (0 = the canary), its place in the rollout's order, and its claim."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rollout_id: int
+    unit: str
+    wave: int
+    position: int
+    state: RolloutUnitState
+    claimed_by: str | None = None  # "host:pid" of the controller that claimed it last (kept once finished)
+    claimed_at: float | None = None
+    attempts: int = 0  # how many times it was claimed
+    detail: str = ""
+    result: dict[str, Any] | None = None
+    updated_at: float
 
 
 @dataclass
@@ -281,11 +352,53 @@ def _migrate_1(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+def _migrate_2(conn: Any) -> None:
+    """The rollout store: rollouts and their units (see the module doc)."""
+    statuses = ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES)
+    unit_states = ", ".join(f"'{s}'" for s in ROLLOUT_UNIT_STATES)
+    script = f"""
+        CREATE TABLE rollouts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            profile TEXT NOT NULL,
+            inventory TEXT NOT NULL,
+            policy TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ({statuses})),
+            reason TEXT NOT NULL DEFAULT '',
+            owner TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE rollout_units (
+            rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+            unit TEXT NOT NULL,
+            wave INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ({unit_states})),
+            claimed_by TEXT,
+            claim_start TEXT,
+            claimed_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            detail TEXT NOT NULL DEFAULT '',
+            result TEXT,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (rollout_id, unit)
+        );
+        CREATE INDEX rollout_units_claim ON rollout_units(rollout_id, wave, state, position);
+        CREATE INDEX rollout_units_position ON rollout_units(rollout_id, position);
+    """
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 # The migration hook: MIGRATIONS[i] takes a database at schema version i to version i + 1. It runs inside the
-# opening connection's BEGIN IMMEDIATE transaction (so two processes opening a new file cannot both migrate).
-# Add a function at the end to change the schema; never edit one that has shipped.
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_migrate_1]
+# opening connection's write transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: under the writers' advisory
+# lock), so two processes opening a new database cannot both migrate. A migration gets a connection whose
+# `execute(sql, params)` takes SQLite's dialect (`?` placeholders, INTEGER PRIMARY KEY AUTOINCREMENT, REAL): on
+# PostgreSQL it is translated (see `_pg_sql`). Add a function at the end to change the schema; never edit one
+# that has shipped.
+Migration = Callable[[Any], None]
+MIGRATIONS: list[Migration] = [_migrate_1, _migrate_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -401,7 +514,13 @@ def _judge_owner(owner: str, owner_start: str | None) -> tuple[bool | None, str]
     return False, f"process {pid} is still running on this host"
 
 
-def _row_change(row: sqlite3.Row) -> ChangeRecord:
+def _owner_start(owner: str) -> str | None:
+    """The owner's process start time if it runs on this host (to tell a reused pid later), else None."""
+    host, pid = _parse_owner(owner)
+    return _pid_start(pid) if pid is not None and host == this_host() and _pid_alive(pid) else None
+
+
+def _row_change(row: Any) -> ChangeRecord:
     return ChangeRecord(
         id=row["id"], run_id=row["run_id"], unit=row["unit"], target=row["target"], change_id=row["change_id"],
         kind=row["kind"], state=row["state"], before=_load(row["before"]), desired=_load(row["desired"]),
@@ -410,46 +529,71 @@ def _row_change(row: sqlite3.Row) -> ChangeRecord:
     )
 
 
-def _row_run(row: sqlite3.Row) -> RunRecord:
+def _row_run(row: Any) -> RunRecord:
     return RunRecord(id=row["id"], unit=row["unit"], profile=row["profile"], controller=row["controller"],
                      status=row["status"], started_at=row["started_at"], ended_at=row["ended_at"])
 
 
-# --------------------------------------------------------------------------------------------------- journal
+def _row_rollout(row: Any) -> RolloutRecord:
+    return RolloutRecord(id=row["id"], profile=row["profile"], inventory=row["inventory"],
+                         policy=_load(row["policy"]), status=row["status"], reason=row["reason"],
+                         owner=row["owner"], created_at=row["created_at"], updated_at=row["updated_at"])
 
 
-class Journal:
-    """The controller's journal (one SQLite file, e.g. `Paths.state / "journal.db"`).
+def _row_rollout_unit(row: Any) -> RolloutUnit:
+    return RolloutUnit(rollout_id=row["rollout_id"], unit=row["unit"], wave=row["wave"],
+                       position=row["position"], state=row["state"], claimed_by=row["claimed_by"], claimed_at=row["claimed_at"],
+                       attempts=row["attempts"], detail=row["detail"], result=_load(row["result"]),
+                       updated_at=row["updated_at"])
 
-    `notify` receives the events the journal itself generates (for a progress display); it must not be this
-    journal, nor forward to it (events the journal is given are stored once either way)."""
 
-    def __init__(self, path: Path | str, *, notify: EventSink = discard, busy_timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
-        self._notify = notify
+# --------------------------------------------------------------------------------------------------- backends
+#
+# The dialect differences live here, in two small classes with one interface; the Journal's business logic is
+# written once, in SQLite's dialect (`?` placeholders), and `_PostgresDB` translates it.
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+PG_ADVISORY_LOCK_KEY = 0x72742D74756E65  # "rt-tune" in ASCII: the key of the writers' advisory lock
+
+_URL_USERINFO = re.compile(r"(?i)(?P<head>postgres(?:ql)?://[^:/@\s]*):\S*@")  # greedy: to the last "@"
+_URL_PASSWORD_PARAM = re.compile(r"(?i)\b(?P<head>password=)[^&\s]*")
+
+
+def is_postgres_url(target: object) -> bool:
+    return isinstance(target, str) and target.lower().startswith(PG_SCHEMES)
+
+
+def redact_url(text: str) -> str:
+    """`text` with any PostgreSQL URL's password replaced: `user:password@` -> `user:***@`, `password=***`."""
+    return _URL_PASSWORD_PARAM.sub(r"\g<head>***", _URL_USERINFO.sub(r"\g<head>:***@", text))
+
+
+class _SQLiteDB:
+    """SQLite: one file, WAL, synchronous=FULL; writers serialised by BEGIN IMMEDIATE and busy_timeout."""
+
+    kind = "sqlite"
+    for_update = ""  # BEGIN IMMEDIATE already serialises every writer
+    for_update_skip_locked = ""
+    integrity_error: type[Exception] = sqlite3.IntegrityError
+
+    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+        self.path = path
+        self.display = str(path)
         self._busy_timeout_s = busy_timeout_s
-        self._mutex = threading.RLock()
-        self._open_runs: dict[int, str] = {}  # runs begun by this instance and not ended: run_id -> unit
-        self._emitting: set[int] = set()  # ids of events being forwarded to `notify` (loop guard)
-        self._abandoned: list[sqlite3.Connection] = []  # connections inherited across fork(): never used again
+
+    def prepare(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise JournalError(f"cannot create the journal's directory {self.path.parent}: {exc}") from exc
-        self._conn: sqlite3.Connection | None = None
-        self._pid = os.getpid()
-        self._conn = self._connect()
-        self._migrate()
 
-    # ----------------------------------------------------------------------------------- connection plumbing
-
-    def _connect(self) -> sqlite3.Connection:
+    def connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._wal(conn)
             if str(mode).lower() != "wal":
                 conn.close()
                 raise JournalError(f"journal {self.path}: SQLite refused WAL mode (got {mode!r}); "
@@ -460,41 +604,306 @@ class Journal:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
         return conn
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL (a property of the file). Processes opening a new file at once race to switch it,
+        and SQLite answers the losers "database is locked" at once, without its busy handler: retry."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    @staticmethod
+    def usable(conn: sqlite3.Connection) -> bool:
+        return True
+
+    def begin(self, conn: sqlite3.Connection, *, serialise: bool) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # serialises every writer, whatever `serialise` says
+        except sqlite3.OperationalError as exc:
+            raise JournalError(f"journal {self.path}: cannot start a write transaction: {exc}") from exc
+
+    @staticmethod
+    def commit(conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def error(self, exc: BaseException) -> JournalError | None:
+        """The JournalError to raise for a database error (None: let it through as it is)."""
+        if isinstance(exc, sqlite3.OperationalError):
+            return JournalError(f"journal {self.path}: {exc}")
+        return None
+
+    @staticmethod
+    def insert_id(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
+        return int(conn.execute(sql, params).lastrowid)  # type: ignore[arg-type]
+
+    @staticmethod
+    def close(conn: sqlite3.Connection) -> None:
+        conn.close()
+
+    @staticmethod
+    def redact(text: str) -> str:
+        return text
+
+    @staticmethod
+    def cause(exc: BaseException) -> BaseException | None:
+        return exc
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """A statement in the journal's SQLite dialect, in PostgreSQL's: `?` -> `%s` (`%` -> `%%`), and for DDL
+    INTEGER PRIMARY KEY AUTOINCREMENT -> an identity column, INTEGER -> BIGINT (SQLite's integers are 64-bit),
+    REAL -> DOUBLE PRECISION."""
+    out = sql.replace("%", "%%").replace("?", "%s")
+    if out.lstrip().upper().startswith(("CREATE", "ALTER")):
+        out = re.sub(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b",
+                     "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", out, flags=re.IGNORECASE)
+        out = re.sub(r"\bINTEGER\b", "BIGINT", out, flags=re.IGNORECASE)
+        out = re.sub(r"\bREAL\b", "DOUBLE PRECISION", out, flags=re.IGNORECASE)
+    return out
+
+
+class _PGRow:
+    """A PostgreSQL row read by column name (`row["id"]`) or by index (`row[0]`), as sqlite3.Row is."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, values: Any, index: dict[str, int]) -> None:
+        self._values = values
+        self._index = index
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._values[self._index[key] if isinstance(key, str) else key]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _pg_row_factory(cursor: Any) -> Callable[[Any], _PGRow]:
+    index = {col.name: i for i, col in enumerate(cursor.description or ())}
+    return lambda values: _PGRow(values, index)
+
+
+class _PGConn:
+    """A psycopg connection that takes the journal's SQLite-dialect statements (see `_pg_sql`)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
+        return self.raw.execute(_pg_sql(sql), tuple(params))  # a tuple, even empty: `%%` is then unescaped
+
+
+class _PostgresDB:
+    """PostgreSQL through psycopg 3: autocommit connection, explicit BEGIN ... COMMIT (READ COMMITTED); the
+    writers' serialisation is the transaction-scoped advisory lock PG_ADVISORY_LOCK_KEY (see the module doc)."""
+
+    kind = "postgresql"
+    for_update = " FOR UPDATE"
+    for_update_skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, busy_timeout_s: float, connect_timeout_s: float) -> None:
+        try:
+            import psycopg
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError as exc:  # a dependency of rt-tune; only a broken install lacks it
+            raise JournalError("the PostgreSQL journal needs psycopg 3 (pip install 'psycopg[binary]'): "
+                               f"{exc}") from None
+        self._psycopg = psycopg
+        self.integrity_error: type[Exception] = psycopg.errors.UniqueViolation
+        self._url = url
+        self._busy_timeout_s = busy_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._secrets: list[str] = []
+        try:
+            password = conninfo_to_dict(url).get("password")
+        except (psycopg.Error, ValueError, TypeError):  # a malformed URL: connect() reports it (redacted)
+            password = None
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        raw_password = userinfo.partition(":")[2] if ":" in userinfo else ""
+        for secret in (password, raw_password, urllib.parse.unquote(raw_password)):
+            if secret and secret not in self._secrets:
+                self._secrets.append(str(secret))
+        self.display = self.redact(url)
+
+    def redact(self, text: str) -> str:
+        text = redact_url(text)
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    def cause(self, exc: BaseException) -> BaseException | None:
+        """What a JournalError made of `exc` may chain to: `exc`, unless its text names the password."""
+        return exc if self.redact(str(exc)) == str(exc) else None
+
+    def prepare(self) -> None:
+        return None
+
+    def connect(self) -> _PGConn:
+        psycopg = self._psycopg
+        try:
+            raw = psycopg.connect(self._url, autocommit=True, row_factory=_pg_row_factory,
+                                  connect_timeout=max(1, round(self._connect_timeout_s)),
+                                  application_name="rt-tune journal")
+        except (psycopg.Error, ValueError, TypeError) as exc:  # ValueError, TypeError: a malformed URL
+            raise self._journal_error(f"cannot open the journal {self.display}", exc) from self.cause(exc)
+        try:
+            raw.execute("SELECT set_config('lock_timeout', %s, false)",
+                        (f"{int(self._busy_timeout_s * 1000)}ms",))
+        except psycopg.Error as exc:
+            raw.close()
+            raise self._journal_error(f"cannot open the journal {self.display}", exc) from self.cause(exc)
+        return _PGConn(raw)
+
+    def usable(self, conn: _PGConn) -> bool:
+        return not conn.raw.closed  # `closed` is True too once the server dropped the connection
+
+    def begin(self, conn: _PGConn, *, serialise: bool) -> None:
+        try:
+            conn.raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            if serialise:
+                conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (PG_ADVISORY_LOCK_KEY,))
+        except self._psycopg.Error as exc:
+            self.rollback(conn)
+            raise self._journal_error(f"journal {self.display}: cannot start a write transaction", exc) \
+                from self.cause(exc)
+
+    @staticmethod
+    def commit(conn: _PGConn) -> None:
+        conn.raw.execute("COMMIT")
+
+    def rollback(self, conn: _PGConn) -> None:
+        raw = conn.raw
+        if raw.closed:
+            return
+        if raw.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+            try:
+                raw.execute("ROLLBACK")
+            except self._psycopg.Error:
+                pass  # the connection went away: the server rolled the transaction back
+
+    def _journal_error(self, what: str, exc: BaseException) -> JournalError:
+        text = str(exc).strip() or type(exc).__name__
+        return JournalError(f"{what}: {self.redact(text)}")
+
+    def error(self, exc: BaseException) -> JournalError | None:
+        if isinstance(exc, self._psycopg.Error) and not isinstance(exc, self.integrity_error):
+            return self._journal_error(f"journal {self.display}", exc)
+        return None
+
+    @staticmethod
+    def insert_id(conn: _PGConn, sql: str, params: tuple[Any, ...]) -> int:
+        return int(conn.execute(sql + " RETURNING id", params).fetchone()[0])
+
+    @staticmethod
+    def close(conn: _PGConn) -> None:
+        conn.raw.close()
+
+
+_Backend = _SQLiteDB | _PostgresDB
+
+
+# --------------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """The controller's journal: one SQLite file (e.g. `Paths.state / "journal.db"`), or a PostgreSQL database
+    when `target` is a `postgresql://` (or `postgres://`) URL, shared by several controllers.
+
+    `notify` receives the events the journal itself generates (for a progress display); it must not be this
+    journal, nor forward to it (events the journal is given are stored once either way). `busy_timeout_s` is
+    how long a writer waits for the others (SQLite's busy_timeout, PostgreSQL's lock_timeout);
+    `connect_timeout_s` is PostgreSQL's connection timeout.
+
+    `path` names the journal in messages: the SQLite file's Path, or the URL with its password redacted."""
+
+    def __init__(self, target: Path | str, *, notify: EventSink = discard, busy_timeout_s: float = 30.0,
+                 connect_timeout_s: float = 10.0) -> None:
+        self._db: _Backend
+        if is_postgres_url(target):
+            self._db = _PostgresDB(str(target), busy_timeout_s, connect_timeout_s)
+            self.path: Path | str = self._db.display
+        else:
+            self._db = _SQLiteDB(Path(target), busy_timeout_s)
+            self.path = self._db.path
+        self.backend = self._db.kind  # "sqlite" / "postgresql"
+        self._notify = notify
+        self._busy_timeout_s = busy_timeout_s
+        self._mutex = threading.RLock()
+        self._open_runs: dict[int, str] = {}  # runs begun by this instance and not ended: run_id -> unit
+        self._emitting: set[int] = set()  # ids of events being forwarded to `notify` (loop guard)
+        self._abandoned: list[Any] = []  # connections inherited across fork(): never used (nor closed) again
+        self._db.prepare()
+        self._conn: Any = None
+        self._closed = False
+        self._pid = os.getpid()
+        self._conn = self._db.connect()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.path)!r})"
+
+    # ----------------------------------------------------------------------------------- connection plumbing
+
+    def _connection(self) -> Any:
+        if self._closed:
             raise JournalError(f"journal {self.path} is closed")
-        if os.getpid() != self._pid:  # forked: a SQLite connection must not cross fork()
-            self._abandoned.append(self._conn)
+        if os.getpid() != self._pid:  # forked: a connection must not cross fork() (nor be closed by the child)
+            if self._conn is not None:
+                self._abandoned.append(self._conn)
             self._pid = os.getpid()
             self._open_runs = {}
-            self._conn = self._connect()
+            self._conn = None
+        if self._conn is None or not self._db.usable(self._conn):  # PostgreSQL: the server dropped it
+            self._conn = None
+            self._conn = self._db.connect()  # if this fails, the next call tries again
         return self._conn
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any exception."""
+    def _tx(self, *, serialise: bool = True) -> Iterator[Any]:
+        """One write transaction, rolled back on any exception. SQLite: BEGIN IMMEDIATE ... COMMIT (every writer
+        is serialised). PostgreSQL: BEGIN ISOLATION LEVEL READ COMMITTED, then (unless `serialise` is False:
+        the rollout claim path only) the writers' advisory lock, held until COMMIT/ROLLBACK."""
         with self._mutex:
             conn = self._connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise JournalError(f"journal {self.path}: cannot start a write transaction: {exc}") from exc
+            self._db.begin(conn, serialise=serialise)
             try:
                 yield conn
-                conn.execute("COMMIT")
+                self._db.commit(conn)
             except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise JournalError(f"journal {self.path}: {exc}") from exc
+                self._db.rollback(conn)
+                mapped = self._db.error(exc)
+                if mapped is not None:
+                    raise mapped from self._db.cause(exc)
                 raise
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._mutex:
             try:
                 return self._connection().execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
-                raise JournalError(f"journal {self.path}: {exc}") from exc
+            except Exception as exc:
+                mapped = self._db.error(exc)
+                if mapped is not None:
+                    raise mapped from self._db.cause(exc)
+                raise
 
     def _migrate(self) -> None:
         with self._tx() as conn:
@@ -516,16 +925,19 @@ class Journal:
         return self._query("SELECT version FROM schema_version")[0][0]
 
     def pragma(self, name: str) -> Any:
-        """The connection's value of a PRAGMA (journal_mode, synchronous, busy_timeout, ...)."""
+        """The connection's value of a PRAGMA (journal_mode, synchronous, busy_timeout, ...); SQLite only."""
         if not name.isidentifier():
             raise ValueError(f"not a pragma name: {name!r}")
+        if self.backend != "sqlite":
+            raise JournalError(f"journal {self.path}: PRAGMA is SQLite's; this journal is in PostgreSQL")
         return self._query(f"PRAGMA {name}")[0][0]
 
     def close(self) -> None:
         with self._mutex:
             if self._conn is not None and os.getpid() == self._pid:
-                self._conn.close()
+                self._db.close(self._conn)
             self._conn = None
+            self._closed = True
 
     def __enter__(self) -> Self:
         return self
@@ -535,7 +947,7 @@ class Journal:
 
     # ----------------------------------------------------------------------------------- events
 
-    def _insert_event(self, conn: sqlite3.Connection, event: Event, run_id: int | None) -> None:
+    def _insert_event(self, conn: Any, event: Event, run_id: int | None) -> None:
         data = json.dumps(_scrub(event.data), sort_keys=True, separators=(",", ":"))
         conn.execute(
             "INSERT INTO events (run_id, kind, subject, message, data, done, total, at) VALUES (?,?,?,?,?,?,?,?)",
@@ -573,13 +985,16 @@ class Journal:
         return [self._row_event(r) for r in self._query(sql + " ORDER BY id", params)]
 
     def events(self, *, run_id: int | None = None, since_id: int = 0) -> list[EventRecord]:
+        """Events, oldest first (by id). On PostgreSQL, ids come from a sequence and the claim path writes
+        concurrently with other writers, so an event may commit after one with a higher id: do not poll with
+        `since_id` expecting to see every rollout claim/finish event exactly once."""
         sql, params = "SELECT * FROM events WHERE id > ?", (since_id,)
         if run_id is not None:
             sql, params = sql + " AND run_id = ?", (since_id, run_id)
         return [self._row_event(r) for r in self._query(sql + " ORDER BY id", params)]
 
     @staticmethod
-    def _row_event(row: sqlite3.Row) -> EventRecord:
+    def _row_event(row: Any) -> EventRecord:
         return EventRecord(id=row["id"], run_id=row["run_id"], kind=row["kind"], subject=row["subject"],
                            message=row["message"], data=_load(row["data"]), done=row["done"],
                            total=row["total"], at=row["at"])
@@ -591,9 +1006,8 @@ class Journal:
         ev = Event("journal.run.begin", unit, f"run of profile {profile} by {controller}",
                    {"profile": profile, "controller": controller}, at=now)
         with self._tx() as conn:
-            cur = conn.execute("INSERT INTO runs (unit, profile, controller, started_at) VALUES (?,?,?,?)",
-                               (unit, profile, controller, now))
-            run_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            run_id = self._db.insert_id(conn, "INSERT INTO runs (unit, profile, controller, started_at) "
+                                        "VALUES (?,?,?,?)", (unit, profile, controller, now))
             ev = Event(ev.kind, ev.subject, ev.message, {**ev.data, "run_id": run_id}, at=now)
             self._insert_event(conn, ev, run_id)
         self._open_runs[run_id] = unit
@@ -617,7 +1031,7 @@ class Journal:
         return self.get_run(run_id)
 
     @staticmethod
-    def _get_run(conn: sqlite3.Connection, run_id: int) -> RunRecord:
+    def _get_run(conn: Any, run_id: int) -> RunRecord:
         row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise JournalError(f"no run {run_id} in the journal")
@@ -665,13 +1079,13 @@ class Journal:
                 listed = ", ".join(f"#{r['id']} {r['change_id']} ({r['state']}, run {r['run_id']})" for r in left)
                 raise UnreconciledError(f"unit {unit} has changes left half done by an earlier run: {listed}; "
                                         "reconcile them (finish or undo) before making new changes")
-            cur = conn.execute(
+            rec_id = self._db.insert_id(
+                conn,
                 "INSERT INTO changes (run_id, unit, target, change_id, kind, state, before, desired, times, "
                 "created_at, updated_at) VALUES (?,?,?,?,?,'intent',?,?,?,?,?)",
                 (run_id, unit, target, change_id, kind, before_json, desired_json, json.dumps({"intent": now}),
                  now, now),
             )
-            rec_id = int(cur.lastrowid)  # type: ignore[arg-type]
             ev = Event("journal.change.intent", f"{unit}.{target}", f"intent: {change_id} ({kind})",
                        {"rec_id": rec_id, "run_id": run_id, "change_id": change_id, "kind": kind,
                         "target": target, "desired": _load(desired_json)}, at=now)
@@ -787,7 +1201,7 @@ class Journal:
     # ----------------------------------------------------------------------------------- locks
 
     @staticmethod
-    def _lock_info(row: sqlite3.Row) -> LockInfo:
+    def _lock_info(row: Any) -> LockInfo:
         stale, why = _judge_owner(row["owner"], row["owner_start"])
         return LockInfo(unit=row["unit"], lock_id=row["lock_id"], owner=row["owner"],
                         acquired_at=row["acquired_at"], heartbeat_at=row["heartbeat_at"], stale=stale, why=why)
@@ -814,8 +1228,7 @@ class Journal:
         whether it looks stale). With `force_unlock=LOCK_ID` the current lock is taken over, but only if
         LOCK_ID is its id; when the unit is not locked at all, the lock is simply taken."""
         owner = owner or default_owner()
-        host, pid = _parse_owner(owner)
-        owner_start = _pid_start(pid) if pid is not None and host == this_host() and _pid_alive(pid) else None
+        owner_start = _owner_start(owner)
         lock_id = secrets.token_hex(4)
         now = time.time()
         refused: LockedError | None = None
@@ -849,7 +1262,7 @@ class Journal:
                            {"lock_id": lock_id, "owner": owner}, at=now)
                 self._insert_event(conn, ev, self._run_for_subject(unit))
                 events.append(ev)
-        except sqlite3.IntegrityError as exc:  # the UNIQUE constraint: someone else won (defence in depth)
+        except self._db.integrity_error as exc:  # the UNIQUE constraint: someone else won (defence in depth)
             info = self.lock_info(unit)
             if info is None:
                 raise JournalError(f"locking unit {unit}: {exc}") from exc
@@ -899,9 +1312,274 @@ class Journal:
         return released
 
 
+    # ----------------------------------------------------------------------------------- rollouts
+
+    @staticmethod
+    def _rollout_row(conn: Any, rollout_id: int, lock: str = "") -> Any:
+        row = conn.execute(f"SELECT * FROM rollouts WHERE id = ?{lock}", (rollout_id,)).fetchone()
+        if row is None:
+            raise JournalError(f"no rollout {rollout_id} in the journal")
+        return row
+
+    @staticmethod
+    def _rollout_unit_row(conn: Any, rollout_id: int, unit: str, lock: str = "") -> Any:
+        row = conn.execute(f"SELECT * FROM rollout_units WHERE rollout_id = ? AND unit = ?{lock}",
+                           (rollout_id, unit)).fetchone()
+        if row is None:
+            raise JournalError(f"unit {unit} is not part of rollout {rollout_id}")
+        return row
+
+    def create_rollout(self, profile: str, inventory: str, policy: dict[str, Any], waves: list[list[str]],
+                       owner: str | None = None) -> RolloutRecord:
+        """A new rollout, 'running', with every unit 'pending'. A unit's wave is the index of its list in
+        `waves` (0 = the canary); an empty wave adds no unit. `position` follows the order given. A unit may
+        appear only once (JournalError otherwise)."""
+        owner = owner or default_owner()
+        policy_json = _dump_strict(policy, "policy")
+        units: list[tuple[str, int, int]] = []  # (unit, wave, position)
+        seen: set[str] = set()
+        duplicates: list[str] = []
+        for wave, names in enumerate(waves):
+            for name in names:
+                if not isinstance(name, str) or not name:
+                    raise JournalError(f"rollout unit names must be non-empty strings, not {name!r}")
+                if name in seen:
+                    duplicates.append(name)
+                seen.add(name)
+                units.append((name, wave, len(units)))
+        if duplicates:
+            raise JournalError(f"a unit may appear once in a rollout: {', '.join(sorted(set(duplicates)))} "
+                               "appear(s) more than once")
+        now = time.time()
+        with self._tx() as conn:
+            rollout_id = self._db.insert_id(
+                conn, "INSERT INTO rollouts (profile, inventory, policy, status, reason, owner, created_at, "
+                "updated_at) VALUES (?,?,?,'running','',?,?,?)",
+                (profile, inventory, policy_json, owner, now, now))
+            for name, wave, position in units:
+                conn.execute("INSERT INTO rollout_units (rollout_id, unit, wave, position, state, updated_at) "
+                             "VALUES (?,?,?,?,'pending',?)", (rollout_id, name, wave, position, now))
+            ev = Event("rollout.created", f"rollout:{rollout_id}",
+                       f"rollout {rollout_id} of {profile}: {len(units)} unit(s) in "
+                       f"{len({w for _n, w, _p in units})} wave(s), by {owner}",
+                       {"rollout_id": rollout_id, "profile": profile, "inventory": inventory, "owner": owner,
+                        "waves": [list(w) for w in waves if w]}, at=now)
+            self._insert_event(conn, ev, None)
+            rec = _row_rollout(self._rollout_row(conn, rollout_id))
+        self._forward([ev])
+        return rec
+
+    def get_rollout(self, rollout_id: int) -> RolloutRecord:
+        rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        if not rows:
+            raise JournalError(f"no rollout {rollout_id} in the journal")
+        return _row_rollout(rows[0])
+
+    def rollouts(self) -> list[RolloutRecord]:
+        """Every rollout, newest first."""
+        return [_row_rollout(r) for r in self._query("SELECT * FROM rollouts ORDER BY id DESC")]
+
+    def rollout_units(self, rollout_id: int) -> list[RolloutUnit]:
+        """The rollout's units in rollout order (`position`)."""
+        rows = self._query("SELECT * FROM rollout_units WHERE rollout_id = ? ORDER BY position", (rollout_id,))
+        return [_row_rollout_unit(r) for r in rows]
+
+    def set_rollout_status(self, rollout_id: int, status: RolloutStatus, reason: str = "", *,
+                           expect: tuple[str, ...] | None = None) -> bool:
+        """Set the rollout's status (and reason). With `expect`, compare-and-set: nothing changes, and False is
+        returned, unless the current status is one of `expect`."""
+        if status not in ROLLOUT_STATUSES:
+            raise JournalError(f"unknown rollout status {status!r} (one of {', '.join(ROLLOUT_STATUSES)})")
+        now = time.time()
+        ev: Event | None = None
+        with self._tx() as conn:
+            row = self._rollout_row(conn, rollout_id, self._db.for_update)  # waits for a claim in progress
+            if expect is None or row["status"] in expect:
+                conn.execute("UPDATE rollouts SET status = ?, reason = ?, updated_at = ? WHERE id = ?",
+                             (status, reason, now, rollout_id))
+                text = f"rollout {rollout_id}: {row['status']} -> {status}" + (f": {reason}" if reason else "")
+                ev = Event("rollout.status", f"rollout:{rollout_id}", text,
+                           {"rollout_id": rollout_id, "from": row["status"], "to": status, "reason": reason},
+                           at=now)
+                self._insert_event(conn, ev, None)
+        if ev is None:
+            return False
+        self._forward([ev])
+        return True
+
+    def claim_unit(self, rollout_id: int, owner: str | None = None, *, wave: int,
+                   max_in_flight: int) -> RolloutUnit | None:
+        """Claim the next unit of `wave` for `owner` ("host:pid", default: this process), in one transaction:
+        the first 'pending' unit of the wave by position becomes 'working', claimed by `owner` (with its
+        process start time, to tell a reused pid later), `attempts` + 1. None when there is nothing to claim:
+        the rollout is not 'running' (pausing, paused, halted, done), `max_in_flight` of its units are already
+        'working' (whoever claimed them), or no unit of the wave is pending (or claimable right now).
+
+        Several controllers (processes, machines) may claim from one rollout at once; each unit is claimed by
+        one of them only. On PostgreSQL this path does NOT take the writers' advisory lock that every other
+        write takes (`_tx`): claiming must not queue behind unrelated journal writes. Two row locks do the work:
+
+        - the rollout's row, `SELECT ... FROM rollouts WHERE id = %s FOR UPDATE`: claims of one rollout take
+          turns on it, so the count of 'working' units each claim checks against `max_in_flight` includes every
+          claim committed before it (only a claim turns a unit 'working'): the in-flight cap is never exceeded,
+          and a status change (pause, halt: an UPDATE of that row) takes effect between two claims, never in
+          the middle of one;
+        - the unit's row, `... FOR UPDATE SKIP LOCKED`: a pending unit's row another transaction holds
+          (`set_rollout_unit_state` rolling it back after a halt, an operator's session, ...) is skipped, never
+          waited on and never taken: the claim gets the next pending unit instead, so one held row cannot stall
+          every controller, and a unit is never claimed from under a transaction that is changing it (which
+          then finds it still pending, as it expects). Under READ COMMITTED a row is re-checked once locked,
+          so a unit that stopped being 'pending' meanwhile is not taken.
+
+        On SQLite, BEGIN IMMEDIATE serialises the whole claim; both clauses are left out."""
+        if max_in_flight < 1:
+            raise JournalError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        owner = owner or default_owner()
+        claim_start = _owner_start(owner)
+        with self._tx(serialise=False) as conn:
+            rollout = self._rollout_row(conn, rollout_id, self._db.for_update)
+            now = time.time()  # once it is this claim's turn
+            if rollout["status"] != "running":
+                return None
+            working = conn.execute("SELECT COUNT(*) FROM rollout_units WHERE rollout_id = ? "
+                                   "AND state = 'working'", (rollout_id,)).fetchone()[0]
+            if working >= max_in_flight:
+                return None
+            row = conn.execute(
+                "SELECT unit FROM rollout_units WHERE rollout_id = ? AND wave = ? AND state = 'pending' "
+                f"ORDER BY position LIMIT 1{self._db.for_update_skip_locked}", (rollout_id, wave)).fetchone()
+            if row is None:
+                return None
+            unit = row["unit"]
+            conn.execute(
+                "UPDATE rollout_units SET state = 'working', claimed_by = ?, claim_start = ?, claimed_at = ?, "
+                "attempts = attempts + 1, detail = '', result = NULL, updated_at = ? "
+                "WHERE rollout_id = ? AND unit = ?",
+                (owner, claim_start, now, now, rollout_id, unit))
+            claimed = _row_rollout_unit(self._rollout_unit_row(conn, rollout_id, unit))
+            ev = Event("rollout.unit.claimed", unit, f"claimed by {owner} (rollout {rollout_id}, wave {wave}, "
+                       f"attempt {claimed.attempts})",
+                       {"rollout_id": rollout_id, "owner": owner, "wave": wave, "attempts": claimed.attempts,
+                        "in_flight": working + 1}, at=now)
+            self._insert_event(conn, ev, self._run_for_subject(unit))
+        self._forward([ev])
+        return claimed
+
+    def finish_unit(self, rollout_id: int, unit: str, owner: str, state: RolloutUnitState, detail: str = "",
+                    result: dict[str, Any] | None = None) -> RolloutUnit:
+        """Report a claimed unit's outcome: `state` is done, degraded or failed; `result` is opaque JSON.
+        Only the claim's owner may, while the unit is still 'working': otherwise `ClaimLostError` says who
+        holds it now (its claim was reclaimed, reset or taken by another controller). One conditional UPDATE,
+        atomic by itself: on PostgreSQL it does not take the writers' advisory lock either (see `claim_unit`)."""
+        if state not in FINISHED_UNIT_STATES:
+            raise JournalError(f"finish_unit: {state!r} is not an outcome "
+                               f"(one of {', '.join(FINISHED_UNIT_STATES)})")
+        result_json = None if result is None else _dump_strict(result, "result")
+        now = time.time()
+        with self._tx(serialise=False) as conn:
+            cur = conn.execute(
+                "UPDATE rollout_units SET state = ?, detail = ?, result = ?, updated_at = ? "
+                "WHERE rollout_id = ? AND unit = ? AND state = 'working' AND claimed_by = ?",
+                (state, detail, result_json, now, rollout_id, unit, owner))
+            row = self._rollout_unit_row(conn, rollout_id, unit)
+            if cur.rowcount != 1:
+                holder = row["claimed_by"] if row["state"] == "working" else None
+                raise ClaimLostError(
+                    f"unit {unit} of rollout {rollout_id} is no longer claimed by {owner}: it is {row['state']}"
+                    + (f", claimed by {holder}" if holder else ", claimed by nobody")
+                    + (f" (last claimed by {row['claimed_by']})" if not holder and row["claimed_by"] else ""),
+                    unit=unit, holder=holder, state=row["state"])
+            ev = Event("rollout.unit.finished", unit, f"{state}" + (f": {detail}" if detail else ""),
+                       {"rollout_id": rollout_id, "owner": owner, "state": state, "detail": detail,
+                        "result": _load(result_json)}, at=now)
+            self._insert_event(conn, ev, self._run_for_subject(unit))
+        self._forward([ev])
+        return _row_rollout_unit(row)
+
+    def set_rollout_unit_state(self, rollout_id: int, unit: str, state: RolloutUnitState, detail: str = "", *,
+                               expect: tuple[str, ...] | None = None) -> bool:
+        """Set a unit's state outside a claim (rolled back after a halt, back to pending to retry a failed
+        unit). With `expect`, compare-and-set: False, and nothing changes, unless the current state is one of
+        `expect`. Going to 'pending' clears the claim. 'working' is refused: only `claim_unit` makes a claim."""
+        if state not in ROLLOUT_UNIT_STATES:
+            raise JournalError(f"unknown rollout unit state {state!r} (one of {', '.join(ROLLOUT_UNIT_STATES)})")
+        if state == "working":
+            raise JournalError("a unit becomes 'working' only by claim_unit")
+        now = time.time()
+        ev: Event | None = None
+        with self._tx() as conn:
+            # the row locked (claims and finishes do not take the writers' lock): a claim or finish of this unit
+            # in progress makes this wait, and `expect` is checked against its outcome; while this holds the
+            # row, a claim skips it (SKIP LOCKED) and a finish waits
+            row = self._rollout_unit_row(conn, rollout_id, unit, self._db.for_update)
+            if expect is None or row["state"] in expect:
+                if state == "pending":
+                    conn.execute("UPDATE rollout_units SET state = ?, detail = ?, updated_at = ?, "
+                                 "claimed_by = NULL, claim_start = NULL, claimed_at = NULL "
+                                 "WHERE rollout_id = ? AND unit = ?",
+                                 (state, detail, now, rollout_id, unit))
+                else:
+                    conn.execute("UPDATE rollout_units SET state = ?, detail = ?, updated_at = ? "
+                                 "WHERE rollout_id = ? AND unit = ?", (state, detail, now, rollout_id, unit))
+                text = f"{row['state']} -> {state}" + (f": {detail}" if detail else "")
+                ev = Event("rollout.unit.state", unit, text,
+                           {"rollout_id": rollout_id, "from": row["state"], "to": state, "detail": detail,
+                            "claimed_by": row["claimed_by"]}, at=now)
+                self._insert_event(conn, ev, self._run_for_subject(unit))
+        if ev is None:
+            return False
+        self._forward([ev])
+        return True
+
+    def reclaim_dead_claims(self, rollout_id: int) -> list[str]:
+        """Put back to 'pending' the rollout's 'working' units whose claim owner is dead on this host (its
+        process is gone, or its pid now belongs to another process), clearing the claim; returns them in
+        rollout order. Claims from other hosts, or whose owner still runs, are left alone."""
+        now = time.time()
+        events: list[Event] = []
+        with self._tx() as conn:
+            self._rollout_row(conn, rollout_id)
+            rows = conn.execute("SELECT * FROM rollout_units WHERE rollout_id = ? AND state = 'working' "
+                                "ORDER BY position", (rollout_id,)).fetchall()
+            for row in rows:
+                stale, why = _judge_owner(row["claimed_by"] or "", row["claim_start"])
+                if stale is not True:
+                    continue
+                cur = conn.execute(
+                    "UPDATE rollout_units SET state = 'pending', claimed_by = NULL, claim_start = NULL, "
+                    "claimed_at = NULL, updated_at = ? WHERE rollout_id = ? AND unit = ? AND state = 'working' "
+                    "AND claimed_by = ?", (now, rollout_id, row["unit"], row["claimed_by"]))
+                if cur.rowcount != 1:
+                    continue  # finished meanwhile
+                ev = Event("rollout.unit.reclaimed", row["unit"],
+                           f"claim of {row['claimed_by']} put back to pending: {why}",
+                           {"rollout_id": rollout_id, "old_owner": row["claimed_by"], "why": why}, at=now)
+                self._insert_event(conn, ev, self._run_for_subject(row["unit"]))
+                events.append(ev)
+        self._forward(events)
+        return [ev.subject for ev in events]
+
+    def wave_progress(self, rollout_id: int) -> dict[int, dict[str, int]]:
+        """Per wave (ascending), how many units are in each state (every state is a key, 0 included)."""
+        self.get_rollout(rollout_id)
+        rows = self._query("SELECT wave, state, COUNT(*) AS n FROM rollout_units WHERE rollout_id = ? "
+                           "GROUP BY wave, state ORDER BY wave", (rollout_id,))
+        progress: dict[int, dict[str, int]] = {}
+        for row in rows:
+            progress.setdefault(row["wave"], dict.fromkeys(ROLLOUT_UNIT_STATES, 0))[row["state"]] = row["n"]
+        return progress
+
+
+def open_journal(target: str | Path, **kw: Any) -> Journal:
+    """The journal at `target`: a SQLite file path, or a `postgresql://` / `postgres://` URL (see `Journal`)."""
+    return Journal(target, **kw)
+
+
 __all__ = [
-    "CHANGE_STATES", "INCOMPLETE_STATES", "MIGRATIONS", "SCHEMA_VERSION", "TRANSITIONS", "UNIT_STATES",
-    "ChangeRecord", "ChangeState", "EventRecord", "InvalidTransition", "Journal", "JournalError", "Lock",
-    "LockInfo", "LockLostError", "LockedError", "RunRecord", "UnitState", "UnitStateName", "UnreconciledError",
-    "default_owner",
+    "CHANGE_STATES", "FINISHED_UNIT_STATES", "INCOMPLETE_STATES", "MIGRATIONS", "PG_ADVISORY_LOCK_KEY",
+    "ROLLOUT_STATUSES", "ROLLOUT_UNIT_STATES", "SCHEMA_VERSION", "TRANSITIONS", "UNIT_STATES",
+    "ChangeRecord", "ChangeState", "ClaimLostError", "EventRecord", "InvalidTransition", "Journal",
+    "JournalError", "Lock", "LockInfo", "LockLostError", "LockedError", "RolloutRecord", "RolloutStatus",
+    "RolloutUnit", "RolloutUnitState", "RunRecord", "UnitState", "UnitStateName", "UnreconciledError", "default_owner",
+    "is_postgres_url", "open_journal", "redact_url",
 ]

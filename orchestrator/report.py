@@ -38,6 +38,9 @@ __all__ = [
     "render_ccdf_png",
     "render_histogram_png",
     "render_html",
+    "figure_png",
+    "img_tag",
+    "new_figure",
     "save_report",
     "summary_rows",
 ]
@@ -861,3 +864,9 @@ def render_html(report: Report, path: Path) -> Path:
     path = Path(path)
     path.write_text(doc, encoding="utf-8")
     return path
+
+
+# Public names for the plotting plumbing, for other reports (fleet, A/B) to draw in the same style.
+new_figure = _figure
+figure_png = _png
+img_tag = _img

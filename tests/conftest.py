@@ -23,13 +23,13 @@ def lab_state_paths(tmp_path_factory, reuse: str | None, name: str) -> Paths:
     return Paths(cache=Paths.from_env().cache, state=state)
 
 
-def running_lab(paths: Paths, *, arch: str, reuse: bool, label: str):
-    """Boot a one-unit lab (VMs already running are left as they are) for the tests; afterwards stop it, unless
-    it is a developer's reused lab, and check that no QEMU process is left."""
+def running_lab(paths: Paths, *, arch: str, reuse: bool, label: str, units: int = 1, host_only: bool = False):
+    """Boot a lab (one unit unless told; VMs already running are left as they are) for the tests; afterwards
+    stop it, unless it is a developer's reused lab, and check that no QEMU process is left."""
     from orchestrator.lab.lab import Lab
 
     the_lab = Lab(paths, events=lambda e: print(f"[{label}] {e.subject}: {e.message}", flush=True))
-    the_lab.up(units=1, arch=arch)
+    the_lab.up(units=units, arch=arch, host_only=host_only)
     yield the_lab
     if reuse:
         return

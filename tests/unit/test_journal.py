@@ -90,12 +90,13 @@ def test_migration_hook_runs_once_and_newer_schema_is_refused(db, monkeypatch):
         calls.append(1)
         conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")
 
+    nxt = journal_mod.SCHEMA_VERSION + 1  # a migration added at the end
     monkeypatch.setattr(journal_mod, "MIGRATIONS", [*journal_mod.MIGRATIONS, migrate_2])
-    monkeypatch.setattr(journal_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(journal_mod, "SCHEMA_VERSION", nxt)
     with Journal(db) as j:
-        assert j.schema_version == 2
+        assert j.schema_version == nxt
     with Journal(db) as j:
-        assert j.schema_version == 2
+        assert j.schema_version == nxt
     assert calls == [1]
 
     monkeypatch.setattr(journal_mod, "MIGRATIONS", journal_mod.MIGRATIONS[:1])
