@@ -71,25 +71,27 @@ class CountingSSHTransport(SSHTransport):
             self.log.append((self.phase, _command_kind(argv), time.monotonic() - start))
 
 
-class NoDelayMixin:
-    """WHAT-IF (profiling only): TCP_NODELAY on the connection's socket, set right after connect. Neither paramiko
-    nor rt-tune sets it; without it, a command that follows another on the same connection waits for the
-    peer's delayed ACK of the previous channel's last small packet (Nagle), about 40 ms per command."""
+def enable_nodelay_what_if() -> None:
+    """WHAT-IF (profiling only, patches this process): every direct SSH connection gets a socket with
+    TCP_NODELAY set before the handshake (passed to paramiko as `sock=`). Neither paramiko nor rt-tune sets it;
+    without it, a command that follows another on the same connection waits for the peer's delayed ACK of the
+    previous channel's last small packet (Nagle), about 40 ms per command. This is the change proposed for
+    orchestrator/transport.py's `_connect_client`."""
+    import orchestrator.transport as tr
+    from orchestrator.errors import ConnectError
 
-    def _connect_with_retry(self):
-        client, jumps = super()._connect_with_retry()
-        transport = client.get_transport()
-        if transport is not None and transport.sock is not None and hasattr(transport.sock, "setsockopt"):
-            transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, jumps
+    original = tr._connect_client
 
+    def connect_client(endpoint, *, sock, timeout, passphrase):
+        if sock is None:
+            try:
+                sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+            except OSError as exc:
+                raise ConnectError(f"{endpoint.label}: cannot connect: {exc}") from exc
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return original(endpoint, sock=sock, timeout=timeout, passphrase=passphrase)
 
-class NoDelaySSHTransport(NoDelayMixin, SSHTransport):
-    pass
-
-
-class NoDelayCountingSSHTransport(NoDelayMixin, CountingSSHTransport):
-    pass
+    tr._connect_client = connect_client
 
 
 def _command_kind(argv: Sequence[str]) -> str:
@@ -155,7 +157,8 @@ def rt_tune_fleet(
     transport_factory: Callable[[Endpoint], SSHTransport] = SSHTransport,
 ) -> list[TargetOutcome]:
     """The workload on every endpoint at once (a thread pool of `workers`); outcomes in endpoint order."""
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(endpoints))), thread_name_prefix="rt-tune") as pool:
+    workers = max(1, min(workers, len(endpoints)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rt-tune") as pool:
         futures = [pool.submit(run_target, ep, name=name, value=value, transport_factory=transport_factory)
                    for ep in endpoints]
         return [f.result() for f in futures]
@@ -254,15 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--what-if-nodelay", action="store_true", help="set TCP_NODELAY on each connection")
     args = ap.parse_args(argv)
     endpoints = load_endpoints(args.specs)
+    if args.what_if_nodelay:
+        enable_nodelay_what_if()
     cpu0, start = time.process_time(), time.monotonic()
     if args.connect_only:
         secs = connect_only(endpoints, args.workers)
         doc = {"wall_s": time.monotonic() - start, "cpu_s": time.process_time() - cpu0, "connect_s": secs}
         print(json.dumps(doc))
         return 0
-    factory = {(False, False): SSHTransport, (True, False): CountingSSHTransport,
-               (False, True): NoDelaySSHTransport, (True, True): NoDelayCountingSSHTransport}[
-        (args.profile, args.what_if_nodelay)]
+    factory = CountingSSHTransport if args.profile else SSHTransport
     if args.what_if_batched:
         outcomes = batched_fleet(endpoints, args.workers, transport_factory=factory)
     else:

@@ -77,11 +77,15 @@ Subsystem sftp /usr/lib/openssh/sftp-server
 #: What a target's root shell reads (bash sources ~/.bashrc for every command run by sshd): Debian's default root
 #: .bashrc has nothing active. This machine's /root/.bashrc runs `pyenv init` (~0.1-0.2 s of CPU per remote
 #: command), which no robot has and which would dominate every tool's per-command cost.
-_BASHRC = "# ~/.bashrc of the rt-tune fleet benchmark's targets: like Debian's default root .bashrc, nothing active\n"
+_BASHRC = "# ~/.bashrc of the rt-tune fleet benchmark's targets: as Debian's default root one, nothing active\n"
 
 
 def _run(argv: list[str], *, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=check, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _keygen(path: Path, comment: str) -> None:
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
 
 
 def host_state() -> dict[str, object]:
@@ -135,7 +139,8 @@ class Target:
 def cleanup_stale(log: Callable[[str], None]) -> None:
     """Remove namespaces rtb-<digits> and links rtbh<digits> left by a killed earlier run (ours only)."""
     out = _run(["ip", "netns", "list"], check=False).stdout.decode()
-    stale = [line.split()[0] for line in out.splitlines() if re.fullmatch(rf"{NS_PREFIX}\d+", line.split()[0] if line.split() else "")]
+    names = [line.split()[0] for line in out.splitlines() if line.split()]
+    stale = [ns for ns in names if re.fullmatch(rf"{NS_PREFIX}\d+", ns)]
     for ns in stale:
         pids = _run(["ip", "netns", "pids", ns], check=False).stdout.decode().split()
         for pid in pids:
@@ -217,7 +222,7 @@ class SshFleet:
             self._made_privsep = True
         # /run: root-owned 0755 all the way up, as sshd's StrictModes wants for AuthorizedKeysFile
         self.base = Path(tempfile.mkdtemp(prefix="rt-tune-fleet-bench.", dir="/run"))
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rt-tune-fleet-bench", "-f", str(self.client_key)])
+        _keygen(self.client_key, "rt-tune-fleet-bench")
         self.authorized_keys.write_bytes(self.client_key.with_suffix(".pub").read_bytes())
         self.authorized_keys.chmod(0o600)
         self.bashrc.write_text(_BASHRC)
@@ -226,7 +231,7 @@ class SshFleet:
         for t in self.targets:
             t.dir.mkdir(mode=0o700)
             t.sysctl_dir.mkdir(mode=0o755)
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"rtb-target-{t.index}", "-f", str(t.host_key)])
+            _keygen(t.host_key, f"rtb-target-{t.index}")
             kind, blob = t.host_key.with_suffix(".pub").read_text().split()[:2]
             known.append(f"{t.addr} {kind} {blob}\n")
             (t.dir / "sshd_config").write_text(_SSHD_CONFIG.format(
@@ -235,7 +240,7 @@ class SshFleet:
         self.log(f"fleet: {self.count} host keys, client key and known_hosts in {self.base}")
         for t in self.targets:
             self._network(t)
-        self.log(f"fleet: {self.count} network namespaces {NS_PREFIX}1..{NS_PREFIX}{self.count} with veth links up")
+        self.log(f"fleet: {self.count} network namespaces {NS_PREFIX}1..{NS_PREFIX}{self.count}, veth links up")
         for t in self.targets:
             self._start_sshd(t)
         self._wait_listening()
@@ -332,8 +337,8 @@ class SshFleet:
 
     def target_specs(self) -> list[dict[str, object]]:
         """What the tools' inventories are made from (JSON-able)."""
-        return [{"name": f"t{t.index}", "host": t.addr, "port": 22, "user": "root", "key_file": str(self.client_key),
-                 "known_hosts": str(self.known_hosts)} for t in self.targets]
+        return [{"name": f"t{t.index}", "host": t.addr, "port": 22, "user": "root",
+                 "key_file": str(self.client_key), "known_hosts": str(self.known_hosts)} for t in self.targets]
 
     def _in_all_ns(self, command: str) -> list[str]:
         """Run `command` (a fixed shell fragment) in each target's network namespace; one output line each."""
