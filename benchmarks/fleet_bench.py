@@ -4,14 +4,17 @@
         [--no-profile] [--ansible-facts both|all|min] [--tools rt-tune,ansible,pyinfra]
 
 Needs root (network namespaces), /usr/sbin/sshd (openssh-server) and the bench extra in the venv:
-`.venv/bin/pip install -e '.[bench]'` (ansible-core, pyinfra).
+`.venv/bin/pip install -e '.[bench]'` (ansible-core, pyinfra); run it with the venv's python
+(`.venv/bin/python benchmarks/fleet_bench.py`), whose bin/ has ansible-playbook and pyinfra.
 
 Targets. `--targets` sshd instances on this machine, each in its own network namespace (reached over a veth
 pair) AND its own mount namespace in which /etc/sysctl.d is a private, empty directory (see
 benchmarks/fleet/targets.py). `net.ipv4.ip_forward` is per network namespace, so nothing of this machine
 changes: its /etc/sysctl.d and ip_forward are compared before and after and printed. Each target has its own
 ed25519 host key; one client key; a known_hosts file with every target's key: host key checking is ON for all
-three tools. Root login by key only.
+three tools. Root login by key only. Targets see a plain /root/.bashrc (bash sources it for every command sshd
+runs; this machine's runs `pyenv init`, 0.1-0.2 s per command, which no robot pays and which would swamp the
+comparison).
 
 Workload (identical for all tools, all targets in parallel), timed from the tool's process start to its exit:
   1. gather facts (kernel release, arch, hostname, CPU count at least);
@@ -53,6 +56,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -171,6 +175,11 @@ def base_env(work: Path) -> dict[str, str]:
 
 
 def make_tools(fleet: SshFleet, work: Path, wl: Workload, ansible_variants: list[str]) -> list[Tool]:
+    needed = [BIN / "pyinfra"] + ([BIN / "ansible-playbook"] if ansible_variants else [])
+    missing = [str(p) for p in needed if not os.access(p, os.X_OK)]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run with the venv's python after "
+                         f"`.venv/bin/pip install -e '.[bench]'`")
     specs = work / "specs.json"
     specs.write_text(json.dumps(fleet.target_specs()))
     env = base_env(work)
@@ -565,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds must be >= 1")
     command = "python benchmarks/fleet_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     wl = Workload.default()
+    # Ctrl-C cleans up even when started as a background job (which inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     become_subreaper()
     load_start = os.getloadavg()
     foreign = foreign_load()

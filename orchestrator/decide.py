@@ -341,7 +341,7 @@ def run_values(results: list[LatencyResult], metric: str, side: str) -> tuple[np
     return np.asarray(vals), np.asarray(cens, dtype=bool)
 
 
-def _median_is_bound(vals: np.ndarray, cens: np.ndarray) -> bool:
+def median_is_bound(vals: np.ndarray, cens: np.ndarray) -> bool:
     """True when a censored value is at or below the median position (so the median is only a lower bound)."""
     if not cens.any():
         return False
@@ -432,7 +432,7 @@ def decide(before: list[LatencyResult], after: list[LatencyResult], rule: Decisi
         med_x, med_y = float(np.median(x)), float(np.median(y))
         metrics[metric] = MetricComparison(
             metric=metric, role=role, tolerance=tol, before_median_us=med_x, after_median_us=med_y,
-            before_median_is_lower_bound=_median_is_bound(x, cx), after_median_is_lower_bound=_median_is_bound(y, cy),
+            before_median_is_lower_bound=median_is_bound(x, cx), after_median_is_lower_bound=median_is_bound(y, cy),
             rel_diff=med_y / med_x - 1.0, ci_low=lo, ci_high=hi, rank_estimate=est, rank_ci_low=rlo,
             rank_ci_high=rhi, censored_before=int(cx.sum()), censored_after=int(cy.sum()), finding=finding)
 

@@ -48,7 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator import report as _report
-from orchestrator.decide import METRIC_LABEL, _median_is_bound, _u_sf, run_values
+from orchestrator.decide import METRIC_LABEL, median_is_bound, _u_sf, run_values
 from orchestrator.errors import InputError
 from orchestrator.measure.model import PERCENTILES, LatencyResult
 
@@ -349,7 +349,7 @@ def analyse(a_runs: Sequence[LatencyResult], b_runs: Sequence[LatencyResult], *,
         pb, pb_bound = _pooled(b_runs, metric)
         effects.append(MetricEffect(
             metric=metric, runs_a=len(x), runs_b=len(y), median_a=med_a, median_b=med_b,
-            median_a_is_lower_bound=_median_is_bound(x, cx), median_b_is_lower_bound=_median_is_bound(y, cy),
+            median_a_is_lower_bound=median_is_bound(x, cx), median_b_is_lower_bound=median_is_bound(y, cy),
             diff=med_b - med_a, ratio=med_b / med_a, ci_low=float(lo), ci_high=float(hi),
             ratio_ci_low=float(rlo), ratio_ci_high=float(rhi), confidence=confidence, resamples=resamples, seed=seed, rank_p_value=p,
             cliffs_delta=delta, cliffs_label=cliffs_magnitude(delta), hl_shift=hodges_lehmann(x, y),

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.decide import median_is_bound, run_values
 from orchestrator.engine import ApplyResult, Engine
 from orchestrator.errors import InputError, TuneError
 from orchestrator.events import Event, EventSink, discard
@@ -184,17 +185,23 @@ class UnitOutcome(BaseModel):
     #: medians over runs: the unit's first measured state, and its final state
     before: dict[str, float | None] = {}
     after: dict[str, float | None] = {}
+    #: "before.p999_us" etc.: medians that are only lower bounds (percentiles beyond the histogram)
+    bounds: list[str] = []
     regression: str | None = None
     seconds: float = 0.0
     report: str | None = None
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _metric(runs, metric: str) -> float | None:
-    return _median([getattr(r.all, metric) for r in runs if getattr(r.all, metric) is not None])
+def _metric(runs, metric: str) -> tuple[float | None, bool]:
+    """Median over runs, and whether it is only a lower bound (runs whose percentile fell in the overflows
+    count at the histogram's size, as the decision rule counts them; a dropped run would bias it down)."""
+    try:
+        vals, cens = run_values(list(runs), metric, "")
+    except InputError:
+        return None, False
+    if not len(vals):
+        return None, False
+    return float(statistics.median(vals.tolist())), median_is_bound(vals, cens)
 
 
 def summarize(result: ApplyResult, policy: RolloutPolicy, seconds: float = 0.0) -> UnitOutcome:
@@ -210,21 +217,28 @@ def summarize(result: ApplyResult, policy: RolloutPolicy, seconds: float = 0.0) 
     measured = [o for o in result.outcomes if o.before]
     before: dict[str, float | None] = {}
     after: dict[str, float | None] = {}
+    bounds: list[str] = []
     regression = None
     if measured:
         first, last = measured[0], measured[-1]
         final_runs = last.after if last.status == "kept" and last.after else last.before
-        before = {m: _metric(first.before, m) for m in METRICS}
-        after = {m: _metric(final_runs, m) for m in METRICS}
+        for m in METRICS:
+            before[m], b_bound = _metric(first.before, m)
+            after[m], a_bound = _metric(final_runs, m)
+            if b_bound:
+                bounds.append(f"before.{m}")
+            if a_bound:
+                bounds.append(f"after.{m}")
         for metric, bound in policy.regression.items():
             b, a = before.get(metric), after.get(metric)
-            if b and a is not None and a > b * (1.0 + bound):
-                regression = (f"{metric} {b:.0f} -> {a:.0f} us (+{(a / b - 1) * 100:.0f}%, bound "
-                              f"+{bound * 100:.0f}%)")
+            # a lower-bound "before" cannot show a regression; a lower-bound "after" can (it is at least that)
+            if b and a is not None and a > b * (1.0 + bound) and f"before.{metric}" not in bounds:
+                regression = (f"{metric} {b:.0f} -> {'>=' if f'after.{metric}' in bounds else ''}{a:.0f} us "
+                              f"(+{(a / b - 1) * 100:.0f}%, bound +{bound * 100:.0f}%)")
                 break
     state: Literal["done", "degraded", "failed"] = "degraded" if by["failed"] else "done"
     detail = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in by.items() if v) or "nothing to do"
-    return UnitOutcome(unit=result.unit, state=state, detail=detail, before=before, after=after,
+    return UnitOutcome(unit=result.unit, state=state, detail=detail, before=before, after=after, bounds=bounds,
                        regression=regression, seconds=round(seconds, 1), **by)
 
 
@@ -496,9 +510,13 @@ def render_fleet_html(summary: RolloutSummary, path: Path, changes_report: str |
     for u in summary.units:
         o = u.get("outcome") or {}
         b, a = o.get("before") or {}, o.get("after") or {}
+        bounds = set(o.get("bounds") or [])
+        b, a = {**b, "_side": "before"}, {**a, "_side": "after"}
 
         def f(d: dict, k: str) -> str:
-            return "-" if d.get(k) is None else f"{d[k]:.0f}"
+            if d.get(k) is None:
+                return "-"
+            return (">=" if f"{d['_side']}.{k}" in bounds else "") + f"{d[k]:.0f}"
 
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
             u["unit"], u.get("wave_name", u["wave"]), u["state"], ", ".join(o.get("kept") or []) or
@@ -533,7 +551,8 @@ padding:4px 8px;font-size:90%}}th{{background:#eee}}.halted{{color:#b00;font-wei
 <p class="{html.escape(summary.status)}">status: <b>{html.escape(summary.status)}</b>
 {(' &mdash; ' + html.escape(summary.reason)) if summary.reason else ''}</p>
 <p>Waves: {' | '.join(html.escape(', '.join(w)) for w in summary.waves)}. Latency figures are medians over the
-cyclictest runs of the unit's first measured state (before) and of the state the rollout left it in (after).</p>
+cyclictest runs of the unit's first measured state (before) and of the state the rollout left it in (after);
+"&gt;=" marks a median that is only a lower bound (runs whose percentile fell beyond the histogram).</p>
 <table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{''.join(rows)}</table>
 {plot}{link}</body></html>"""
     path.parent.mkdir(parents=True, exist_ok=True)

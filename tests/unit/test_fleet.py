@@ -261,3 +261,15 @@ def test_fleet_html_has_the_units_and_a_plot(journal, tmp_path):
     assert "data:image/png;base64," in text and "u2" in text and "connection refused" in text
     assert "http://" not in text and "https://" not in text
     assert os.path.getsize(out) > 5000
+
+
+def test_summarize_counts_overflowed_percentiles_as_lower_bounds():
+    """A run whose p99.9 fell beyond the histogram (recorded with -h 20 under load) counts at the histogram's
+    size and the median is marked as a bound, instead of being dropped (which would bias the median down)."""
+    capped = parse_cyclictest_file(REC.parent / "controller" / "histogram-h20-2threads-load.txt")
+    assert capped.all.p999_us is None and capped.all.overflows > 0
+    res = ApplyResult(unit="u1", profile="p", dry_run=False, outcomes=[
+        _outcome("a", "kept", IDLE, [capped, capped, capped])])
+    out = summarize(res, RolloutPolicy(regression={"p999_us": 100.0}))
+    assert out.after["p999_us"] == 20.0 and "after.p999_us" in out.bounds
+    assert "before.p999_us" not in out.bounds and out.before["p999_us"] > 20
