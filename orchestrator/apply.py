@@ -64,12 +64,16 @@ def evidence_note(outcome) -> str:
            f"boot: {wfi.get('reason', '')}"
 
 
-def write_reports(results: list[ApplyResult], artifacts: Path, title: str) -> tuple[Path, Path]:
-    """The JSON report (every run of every change) and the HTML report with plots, beside the raw runs."""
-    report = Report(title=title, changes=[
+def _report(results: list[ApplyResult], title: str) -> Report:
+    return Report(title=title, changes=[
         ChangeReport(name=o.id, target=f"{r.unit}.{o.target}", before=o.before, after=o.after,
                      decision=o.decision, note=(f"{o.status}: {o.reason}" + evidence_note(o))[:2000])
         for r in results for o in r.outcomes if o.before or o.after])
+
+
+def write_reports(results: list[ApplyResult], artifacts: Path, title: str) -> tuple[Path, Path]:
+    """The JSON report (every run of every change) and the HTML report with plots, beside the raw runs."""
+    report = _report(results, title)
     artifacts.mkdir(parents=True, exist_ok=True)
     json_path = save_report(report, artifacts / "report.json")
     html_path = artifacts / "report.html"
@@ -99,8 +103,15 @@ def fleet_runner(paths: Paths, journal: Journal, inv: Inventory, loaded_policy, 
                       artifacts=paths.state / "artifacts" / f"rollout-{stamp}" / unit, events=sink, connect=connect,
                       accept_boot_risk=accept_boot_risk, boot_timeout_s=boot_timeout_s)
 
+    def unit_report(result: ApplyResult, engine: Engine) -> str | None:
+        """Each unit's JSON report beside its raw runs (HTML on demand: `tune report FILE --html F`)."""
+        if not any(o.before or o.after for o in result.outcomes):
+            return None
+        engine.artifacts.mkdir(parents=True, exist_ok=True)
+        return str(save_report(_report([result], f"rollout: {result.unit}"), engine.artifacts / "report.json"))
+
     return FleetRunner(journal=journal, policy=loaded_policy.policy, engine_for=engine_for, events=events,
-                       workers=workers)
+                       workers=workers, on_result=unit_report)
 
 
 def policy_for_journal(loaded_policy):
@@ -110,15 +121,12 @@ def policy_for_journal(loaded_policy):
     return loaded_policy.policy.model_copy(update={"measurement": str(Path(mp).resolve())})
 
 
-def write_fleet_reports(runner, summary, artifacts: Path) -> tuple[Path, Path]:
+def write_fleet_reports(summary, artifacts: Path) -> tuple[Path, Path]:
     from orchestrator.fleet import render_fleet_html
 
     artifacts.mkdir(parents=True, exist_ok=True)
-    changes_json = changes_html = None
-    if runner.results:
-        changes_json, changes_html = write_reports(runner.results, artifacts, f"rollout {summary.rollout_id}")
     summary = summary.model_copy(update={"report_html": str(artifacts / "fleet.html"),
                                          "report_json": str(artifacts / "fleet.json")})
     (artifacts / "fleet.json").write_text(summary.model_dump_json(indent=2))
-    render_fleet_html(summary, artifacts / "fleet.html", str(changes_html) if changes_html else None)
+    render_fleet_html(summary, artifacts / "fleet.html")
     return artifacts / "fleet.json", artifacts / "fleet.html"

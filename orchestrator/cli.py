@@ -401,7 +401,7 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
     finally:
         progress.close()
     artifacts = paths.state / "artifacts" / f"rollout-{rollout_id}"
-    report_json, report_html = write_fleet_reports(runner, summary, artifacts)
+    report_json, report_html = write_fleet_reports(summary, artifacts)
     summary = summary.model_copy(update={"report_json": str(report_json), "report_html": str(report_html)})
     emit(summary.model_dump(mode="json"), as_json, _rollout_table(summary))
     if not as_json:

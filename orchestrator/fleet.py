@@ -296,8 +296,10 @@ class FleetRunner:
     #: units this process works on at once (<= policy.max_in_flight, which holds over all controllers)
     workers: int | None = None
     poll_s: float = 1.0
+    #: called with each unit's apply result and its engine; returns where it saved the unit's report. The runner
+    #: keeps only the small UnitOutcome: a fleet's raw runs stay on disk, not in the controller's memory.
+    on_result: Callable[[ApplyResult, Engine], str | None] | None = None
     _outcomes: dict[str, UnitOutcome] = field(default_factory=dict)
-    _results: dict[str, ApplyResult] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
 
     def _emit(self, kind: str, subject: str, message: str, **kw: Any) -> None:
@@ -419,9 +421,9 @@ class FleetRunner:
             self._emit("rollout.unit.progress", unit, f"0/{total} changes", done=0, total=max(total, 1))
             result = engine.apply(unit, profile, force_unlock=force_unlock)
             outcome = summarize(result, self.policy, time.time() - start)
-            outcome.report = str(engine.artifacts)
-            with self._mutex:
-                self._results[unit] = result
+            if self.on_result is not None:
+                outcome.report = self.on_result(result, engine)
+            del result
         except Exception as exc:  # noqa: BLE001 - a per-unit failure is a result, never a silent early stop
             outcome = UnitOutcome(unit=unit, state="failed", detail=f"{type(exc).__name__}: {exc}"[:1000],
                                   seconds=round(time.time() - start, 1))
@@ -492,16 +494,11 @@ class FleetRunner:
                               waves=[waves[k] for k in sorted(waves)], units=rows, controller=self.owner,
                               worked=sorted(self._outcomes))
 
-    @property
-    def results(self) -> list[ApplyResult]:
-        """The apply results of the units this process tuned (for the per-change report)."""
-        return [self._results[u] for u in sorted(self._results)]
-
 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def render_fleet_html(summary: RolloutSummary, path: Path, changes_report: str | None = None) -> Path:
+def render_fleet_html(summary: RolloutSummary, path: Path) -> Path:
     """One page: the rollout's status and reason, a table per unit, and a before/after plot of p99.9 and max."""
     from orchestrator.report import figure_png, img_tag, new_figure
 
@@ -543,7 +540,10 @@ def render_fleet_html(summary: RolloutSummary, path: Path, changes_report: str |
         plot = img_tag(figure_png(fig), "p99.9 and max before and after, per unit")
     head = ("unit", "wave", "state", "kept", "rolled back (evidence)", "failed", "p99.9 before", "p99.9 after",
             "max before", "max after", "regression", "detail")
-    link = f'<p>Per-change report with plots: {html.escape(changes_report)}</p>' if changes_report else ""
+    reports = [(u["unit"], (u.get("outcome") or {}).get("report")) for u in summary.units]
+    link = "".join(f"<li>{html.escape(unit)}: {html.escape(r)} (`tune report {html.escape(r)} --html F` draws "
+                   "every change's runs)</li>" for unit, r in reports if r)
+    link = f"<p>Per-unit reports (every run of every change):</p><ul>{link}</ul>" if link else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>rollout {summary.rollout_id}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
 padding:4px 8px;font-size:90%}}th{{background:#eee}}.halted{{color:#b00;font-weight:bold}}</style></head><body>
