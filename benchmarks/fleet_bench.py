@@ -544,13 +544,15 @@ def print_report(doc: dict) -> None:
               f"controller {c['controller']:.1f} ms (paramiko channel); per connection on the targets "
               f"{k['targets']:.1f} ms (sshd fork + re-exec, key exchange, auth).")
         a = p["what_if"]["rt-tune as is"]
-        busy = (a["controller_cpu_s"] + a["targets_cpu_s"]) / (a["process_wall_s"] * (os.cpu_count() or 1))
-        print(f"rt-tune as is kept this machine's {os.cpu_count()} CPUs {100 * busy:.0f}% busy by itself "
-              f"(controller + targets CPU / wall / CPUs; other sessions' load comes on top): "
-              + ("CPU-bound here, so a round trip costs mostly its CPU and TCP_NODELAY saves little; on a real "
-                 "fleet each target has its own CPUs and round trips cost latency, as in the 1-target runs."
-                 if busy > 0.6 else
-                 "latency-bound, as on a real fleet: each round trip costs its latency."))
+        cpu = a["controller_cpu_s"] + a["targets_cpu_s"]
+        one, one_nd = p["one_target"], p["one_target_nodelay"]
+        print(f"rt-tune as is used {cpu:.2f} CPU-seconds (controller + targets) in {a['process_wall_s']:.2f} s of "
+              f"wall on {os.cpu_count()} CPUs, {100 * cpu / (a['process_wall_s'] * (os.cpu_count() or 1)):.0f}% of "
+              f"them by itself (other sessions' load comes on top). Where that share is high, a round trip costs "
+              f"mostly CPU here and TCP_NODELAY saves little; on a real fleet each target has its own CPUs and a "
+              f"round trip costs latency, as in the 1-target runs (median per command "
+              f"{one['all_commands_median_ms']:.0f} ms as is, {one_nd['all_commands_median_ms']:.0f} ms with "
+              f"TCP_NODELAY).")
         print()
     print(f"Whole benchmark: {doc['total_s']:.0f} s.")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.errors import InputError, TuneError
 from orchestrator.facts import parse_cpu_list
-from orchestrator.transport import Transport
+from orchestrator.transport import Transport, read_files, read_optional
 
 State = dict[str, Any]
 SYSCTL_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
@@ -43,18 +43,6 @@ def _b64(data: bytes | None) -> str | None:
 
 def _unb64(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text)
-
-
-def read_optional(t: Transport, path: str) -> bytes | None:
-    """File contents, or None when it does not exist (distinguished from empty)."""
-    res = t.run(["sh", "-c", 'if [ -e "$1" ]; then echo present; cat -- "$1"; else echo absent; fi', "-", path],
-                timeout_s=30)
-    head, _, rest = res.stdout.partition("\n")
-    if head == "absent":
-        return None
-    if head != "present":
-        raise ChangeError(f"{t.label}: unexpected answer reading {path}: {res.stdout[:100]!r}")
-    return t.read_file(path)
 
 
 def restore_file(t: Transport, path: str, content: bytes | None, mode: int = 0o644) -> None:
@@ -133,8 +121,10 @@ class SysctlChange(Change):
         return f"/etc/sysctl.d/90-rt-tune-{self.name}.conf"
 
     def read(self, t: Transport) -> State:
-        value = t.read_file(self.proc_path).decode().strip()
-        return {"value": value, "dropin": _b64(read_optional(t, self.dropin))}
+        files = read_files(t, [self.proc_path, self.dropin])  # one round trip
+        if files[self.proc_path] is None:
+            raise ChangeError(f"{t.label}: no sysctl {self.name} ({self.proc_path} does not exist)")
+        return {"value": files[self.proc_path].decode().strip(), "dropin": _b64(files[self.dropin])}
 
     def _dropin_bytes(self) -> bytes:
         return f"# managed by rt-tune: {self.change_id}\n{self.name} = {self.value}\n".encode()
@@ -363,8 +353,9 @@ class VcpuPinningChange(Change):
 
     def read(self, t: Transport) -> State:
         has_tool = t.run(["sh", "-c", "command -v qemu-affinity || true"], timeout_s=30).stdout.strip() != ""
-        return {"affinity": self._vcpu_affinities(t), "dropin": _b64(read_optional(t, self.dropin)),
-                "script": _b64(read_optional(t, PIN_SCRIPT)), "qa_copy": _b64(read_optional(t, QA_COPY)),
+        files = read_files(t, [self.dropin, PIN_SCRIPT, QA_COPY])
+        return {"affinity": self._vcpu_affinities(t), "dropin": _b64(files[self.dropin]),
+                "script": _b64(files[PIN_SCRIPT]), "qa_copy": _b64(files[QA_COPY]),
                 "unit_has_qemu_affinity": has_tool}
 
     def desired(self, before: State) -> State:

@@ -8,7 +8,7 @@ import fnmatch
 import json
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -94,11 +94,47 @@ class BasicFacts(BaseModel):
     boot_id: str
 
 
+# Several facts in one round trip. Each fact's argv travels as one argument joined by the unit separator
+# (\x1f); the script splits it with IFS (globbing off), so nothing is re-quoted here: the transport quotes the
+# arguments, as for every command. Per fact: its name, exit status and exact stdout in base64.
+_SEP = "\x1f"
+_GATHER = ('set -f; IFS=$(printf "\\037"); for spec in "$@"; do name=${spec%%"$IFS"*}; cmd=${spec#*"$IFS"}; '
+           'o=$($cmd 2>/dev/null; rc=$?; echo x; exit $rc); rc=$?; printf "%s %s " "$name" "$rc"; '
+           'printf "%s" "${o%x}" | base64 -w0; echo; done')
+
+
+def gather_facts(transport: Transport, facts: Sequence[Fact], timeout_s: float = 30.0) -> dict[str, Any]:
+    """Gather facts with one command per sudo setting (one round trip), each parsed by its own parser."""
+    values: dict[str, Any] = {}
+    for sudo in sorted({f.sudo for f in facts}):
+        group = [f for f in facts if f.sudo == sudo]
+        for f in group:
+            if any(_SEP in a or not a for a in (f.name, *f.argv)) or " " in f.name:
+                raise ValueError(f"fact {f.name!r} cannot be gathered in a batch (separator or empty argument)")
+        specs = [_SEP.join((f.name, *f.argv)) for f in group]
+        out = transport.run(["sh", "-c", _GATHER, "-", *specs], timeout_s=timeout_s, sudo=sudo).stdout
+        lines = out.split("\n")
+        if len(lines) != len(group) + 1 or lines[-1] != "":
+            raise ParseError(f"{transport.label}: unexpected answer gathering {len(group)} facts: {out[:200]!r}")
+        for f, line in zip(group, lines, strict=False):
+            name, rc, encoded = (line.split(" ", 2) + ["", ""])[:3]
+            if name != f.name or not rc.isdigit():
+                raise ParseError(f"{transport.label}: fact {f.name}: unexpected answer {line[:100]!r}")
+            if rc != "0":
+                raise ParseError(f"{transport.label}: fact {f.name}: `{' '.join(f.argv)}` exited with status {rc}")
+            try:
+                text = base64.b64decode(encoded, validate=True).decode("utf-8", "replace")
+                values[f.name] = f.parse(text)
+            except binascii.Error as exc:
+                raise ParseError(f"{transport.label}: fact {f.name}: bad base64: {exc}") from exc
+            except ParseError as exc:
+                raise ParseError(f"{transport.label}: fact {f.name}: {exc}") from exc
+    return values
+
+
 def gather_basic(transport: Transport, target: str) -> BasicFacts:
-    values: dict[str, Any] = {"target": target}
-    for fact in (HOSTNAME, KERNEL_RELEASE, ARCH, CPUS_ONLINE, CMDLINE, BOOT_ID):
-        values[fact.name] = fact.gather(transport)
-    return BasicFacts(**values)
+    facts = gather_facts(transport, (HOSTNAME, KERNEL_RELEASE, ARCH, CPUS_ONLINE, CMDLINE, BOOT_ID))
+    return BasicFacts(target=target, **facts)
 
 
 def _one_line_raw(what: str, text: str) -> str:

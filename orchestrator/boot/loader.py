@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from orchestrator.errors import TuneError
-from orchestrator.transport import Transport
+from orchestrator.transport import Transport, read_files
+from orchestrator.transport import read_optional as read_optional  # the backends import it from here
 
 State = dict[str, Any]
 
@@ -47,16 +48,8 @@ def unb64(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text)
 
 
-def read_optional(t: Transport, path: str) -> bytes | None:
-    """File contents, or None when it does not exist."""
-    res = t.run(["sh", "-c", 'if [ -e "$1" ]; then echo present; else echo absent; fi', "-", path], timeout_s=30)
-    if res.stdout.strip() == "absent":
-        return None
-    return t.read_file(path)
-
-
 def snapshot_files(t: Transport, paths: list[str]) -> dict[str, str | None]:
-    return {p: b64(read_optional(t, p)) for p in paths}
+    return {p: b64(data) for p, data in read_files(t, paths).items()}
 
 
 def restore_files(t: Transport, files: dict[str, str | None]) -> None:
