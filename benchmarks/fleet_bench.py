@@ -554,6 +554,16 @@ def print_report(doc: dict) -> None:
               f"{one['all_commands_median_ms']:.0f} ms as is, {one_nd['all_commands_median_ms']:.0f} ms with "
               f"TCP_NODELAY).")
         print()
+    sc = doc.get("scale")
+    if sc and "error" not in sc:
+        print(f"Controller cost per unit, `tune rollout`'s code over a {sc['transport']} transport: "
+              f"{sc['units']} units, {sc['max_in_flight']} in flight, {sc['runs_per_unit']} cyclictest runs each "
+              f"(RTT {sc['rtt_ms']:g} ms, connect {sc['connect_ms']:g} ms): {sc['cpu_ms_per_unit']:.0f} ms CPU per "
+              f"unit, resident memory {sc['rss_start_mib']:.0f} -> {sc['rss_end_mib']:.0f} MiB (peak "
+              f"{sc['rss_peak_mib']:.0f}; {sc['rss_growth_kib_per_unit']:.0f} KiB per unit), journal "
+              f"{sc['journal_kib_per_unit']:.0f} KiB per unit, {sc['wall_s']:.0f} s wall.")
+    elif sc:
+        print(f"Scale figure FAILED: {sc['error']}")
     print(f"Whole benchmark: {doc['total_s']:.0f} s.")
 
 
@@ -571,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ansible-facts", choices=["both", "all", "min"], default="both",
                     help="Ansible variants: full facts (its default), the minimal subset, or both (default)")
     ap.add_argument("--tools", default="rt-tune,ansible,pyinfra", help="comma-separated subset of the tools")
+    ap.add_argument("--scale", type=int, default=1000,
+                    help="second figure: controller CPU and memory per unit for a rollout to this many SIMULATED "
+                         "units (benchmarks/fleet/scale.py); 0 skips it (default 1000)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -627,6 +640,11 @@ def main(argv: list[str] | None = None) -> int:
                          "unchanged": fleet.host_before == fleet.host_after}
     progress(f"this machine's /etc/sysctl.d and ip_forward "
              f"{'unchanged' if doc['host_check']['unchanged'] else 'CHANGED'}: {fleet.host_after}")
+    if args.scale:
+        progress(f"second figure: a rollout to {args.scale} simulated units (controller CPU and memory)")
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.fleet.scale", str(args.scale)], cwd=REPO,
+                              capture_output=True, text=True, check=False)
+        doc["scale"] = json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
     doc["versions"] = versions()
     doc["loadavg"] = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
     doc["foreign"] = foreign or foreign_load()

@@ -48,7 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator import report as _report
-from orchestrator.decide import METRIC_LABEL, median_is_bound, _u_sf, run_values
+from orchestrator.decide import METRIC_LABEL, _u_sf, median_is_bound, run_values
 from orchestrator.errors import InputError
 from orchestrator.measure.model import PERCENTILES, LatencyResult
 
@@ -406,12 +406,7 @@ def save_ab(result: ABResult, path: Path) -> Path:
 def load_ab(path: Path) -> ABResult:
     """Read an `ABResult` JSON written by `save_ab`; InputError naming the file otherwise."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _report.read_utf8(path)
     try:
         return ABResult.model_validate_json(text)
     except ValidationError as exc:

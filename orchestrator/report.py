@@ -115,17 +115,23 @@ def _validation_problems(exc: ValidationError, prefix: str = "", limit: int = 5)
     return "; ".join(parts) + more
 
 
+def read_utf8(path: Path, expected: str = "") -> str:
+    """A report file's text; InputError naming the file when it cannot be read or is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                         + (f": {expected}" if expected else "")) from None
+
+
 def load_report(path: Path) -> Report:
     """A Report from `path`: a Report JSON, one LatencyResult JSON, or a JSON list of LatencyResults (the latter
     two become stand-alone measurements). Anything else raises InputError naming the file and what was
     expected."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): {_EXPECTED}") from None
+    text = read_utf8(path, _EXPECTED)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

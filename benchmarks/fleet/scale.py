@@ -10,6 +10,7 @@ README). Nothing else is faked. What is measured is the controller process: CPU 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import resource
@@ -61,9 +62,12 @@ class SimTransport:
         argv = list(argv)
         if argv[:2] == ["sh", "-c"] and "boot_id" in argv[2]:  # the measurement preamble
             return self._ok(argv, "@@\n6b1c0e52-0000-4000-8000-000000000000\n@@\nroot=/dev/vda ro\n")
-        if argv[:2] == ["sh", "-c"] and "present" in argv[2]:  # read_optional
-            content = self.unit.files.get(argv[-1])
-            return self._ok(argv, "absent\n" if content is None else "present\n")
+        if argv[:2] == ["sh", "-c"] and "present" in argv[2]:  # read_files: "absent" or "present BASE64"
+            lines = []
+            for path in argv[4:]:
+                content = self.unit.files.get(path)
+                lines.append("absent" if content is None else "present " + base64.b64encode(content).decode())
+            return self._ok(argv, "".join(line + "\n" for line in lines))
         if argv[0] == "systemd-run" and "cyclictest" in argv:
             time.sleep(self.cyclictest_s)
             return self._ok(argv, next(self.outputs))
@@ -147,6 +151,9 @@ def run_scale(n_units: int = 1000, *, max_in_flight: int = 100, rtt_ms: float = 
         journal_bytes = sum(f.stat().st_size for f in Path(tmp).glob("journal.sqlite*"))
         journal.close()
     done = sum(u["state"] == "done" for u in summary.units)
+    if done != n_units:
+        failed = [u for u in summary.units if u["state"] != "done"][:3]
+        raise RuntimeError(f"the simulated rollout did not finish every unit ({done}/{n_units}): {failed}")
     applied = sum(u.files.get("/proc/sys/kernel/timer_migration") == b"0\n" for u in units.values())
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     return {

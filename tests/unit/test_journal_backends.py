@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,6 +34,7 @@ from orchestrator.journal import (
     open_journal,
     redact_url,
 )
+from tests.unit.journal_helpers import in_thread
 
 pytestmark = pytest.mark.unit
 
@@ -111,22 +111,6 @@ def race(snippet: str, n: int, tmp_path: Path, timeout: float = 60) -> list[str]
                 p.kill()
     assert all(p.returncode == 0 for p in procs), results
     return [out for out, _err in results]
-
-
-def in_thread(fn, *args, **kw) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def run():
-        t0 = time.monotonic()
-        try:
-            box["value"] = fn(*args, **kw)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-        box["seconds"] = time.monotonic() - t0
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def intent(j: Journal, run: int, change_id: str = "sysctl.timer_migration", unit: str = "lab1") -> int:

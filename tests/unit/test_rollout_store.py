@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +26,7 @@ from orchestrator.journal import (
     open_journal,
     this_host,
 )
+from tests.unit.journal_helpers import in_thread
 
 pytestmark = pytest.mark.unit
 
@@ -114,22 +114,6 @@ def finish_all(procs: list[subprocess.Popen], timeout: float = 90) -> list[str]:
                 p.kill()
     assert all(p.returncode == 0 for p in procs), results
     return [out for out, _err in results]
-
-
-def in_thread(fn, *args, **kw) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def run():
-        t0 = time.monotonic()
-        try:
-            box["value"] = fn(*args, **kw)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-        box["seconds"] = time.monotonic() - t0
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def claimed_events(j: Journal, rollout_id: int) -> Counter:
