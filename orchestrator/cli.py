@@ -346,7 +346,8 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
     from orchestrator.apply import (PLAYBOOKS_DIR, fleet_runner, load_for_apply, open_controller_journal,
                                     policy_for_journal, write_fleet_reports)
     from orchestrator.errors import InputError
-    from orchestrator.fleet import LoadedPolicy, RolloutHalted, RolloutPolicy, load_rollout_policy
+    from orchestrator.fleet import (LoadedPolicy, RolloutHalted, RolloutPolicy, load_rollout_policy,
+                                    rollout_summary)
     from orchestrator.profile import find_profile
 
     modes = sum(x is not None for x in (profile, resume_id, pause_id, status_id))
@@ -367,11 +368,7 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
         if pause_id is not None and not journal.set_rollout_status(rid, "pausing", "pause requested",
                                                                    expect=("running",)):
             raise InputError(f"rollout {rid} is {rec.status}, not running: nothing to pause")
-        policy = LoadedPolicy(RolloutPolicy.model_validate(rec.policy), Path("/"))
-        inv_path = Path(rec.inventory)
-        from orchestrator.inventory import load_inventory
-        runner = fleet_runner(paths, journal, load_inventory(inv_path), policy, Progress())
-        summary = runner.summary(rid)
+        summary = rollout_summary(journal, rid)
         emit(summary.model_dump(mode="json"), as_json, _rollout_table(summary))
         return
     progress = Progress()

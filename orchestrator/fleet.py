@@ -480,19 +480,24 @@ class FleetRunner:
                        "(the rollout halted)")
 
     def summary(self, rollout_id: int) -> RolloutSummary:
-        rec = self.journal.get_rollout(rollout_id)
-        units = self.journal.rollout_units(rollout_id)
-        waves: dict[int, list[str]] = {}
-        for u in units:
-            waves.setdefault(u.wave, []).append(u.unit)
-        rows = [{"unit": u.unit, "wave": u.wave, "state": u.state, "detail": u.detail, "claimed_by": u.claimed_by,
-                 "attempts": u.attempts, **({"outcome": u.result} if u.result else {})} for u in units]
-        has_canary = _count(RolloutPolicy.model_validate(rec.policy).canary, 1) > 0
-        for row in rows:
-            row["wave_name"] = wave_name(row["wave"], has_canary)
-        return RolloutSummary(rollout_id=rec.id, profile=rec.profile, status=rec.status, reason=rec.reason,
-                              waves=[waves[k] for k in sorted(waves)], units=rows, controller=self.owner,
-                              worked=sorted(self._outcomes))
+        return rollout_summary(self.journal, rollout_id, self.owner, sorted(self._outcomes))
+
+
+def rollout_summary(journal: Journal, rollout_id: int, controller: str = "", worked: list[str] | None = None
+                    ) -> RolloutSummary:
+    """The rollout as the journal has it (any controller's units), for `--status` and the reports."""
+    rec = journal.get_rollout(rollout_id)
+    units = journal.rollout_units(rollout_id)
+    waves: dict[int, list[str]] = {}
+    for u in units:
+        waves.setdefault(u.wave, []).append(u.unit)
+    has_canary = _count(RolloutPolicy.model_validate(rec.policy).canary, 1) > 0
+    rows = [{"unit": u.unit, "wave": u.wave, "wave_name": wave_name(u.wave, has_canary), "state": u.state,
+             "detail": u.detail, "claimed_by": u.claimed_by, "attempts": u.attempts,
+             **({"outcome": u.result} if u.result else {})} for u in units]
+    return RolloutSummary(rollout_id=rec.id, profile=rec.profile, status=rec.status, reason=rec.reason,
+                          waves=[waves[k] for k in sorted(waves)], units=rows, controller=controller,
+                          worked=worked or [])
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -273,3 +273,23 @@ def test_summarize_counts_overflowed_percentiles_as_lower_bounds():
     out = summarize(res, RolloutPolicy(regression={"p999_us": 100.0}))
     assert out.after["p999_us"] == 20.0 and "after.p999_us" in out.bounds
     assert "before.p999_us" not in out.bounds and out.before["p999_us"] > 20
+
+
+def test_cli_refuses_bad_input_before_touching_any_unit(tmp_path, monkeypatch):
+    """No lab, no SSH: these errors come before any inventory or unit is touched (exit 2, InputError)."""
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))
+    bad = tmp_path / "rollout.yaml"
+    bad.write_text("canary: 1\nmax_fail_percent: 150\n")
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["tune", *args])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        return exc.value.code
+
+    assert run("rollout") == 2
+    assert run("rollout", "rt-profile", "--resume", "1") == 2
+    assert run("rollout", "rt-profile", "--playbook", str(bad), "--inventory", str(tmp_path / "none.yaml")) == 2
+    assert not (tmp_path / "state" / "lab").exists()  # nothing booted, nothing touched
