@@ -7,6 +7,7 @@ import binascii
 import fnmatch
 import json
 import re
+import secrets
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,11 +97,13 @@ class BasicFacts(BaseModel):
 
 # Several facts in one round trip. Each fact's argv travels as one argument joined by the unit separator
 # (\x1f); the script splits it with IFS (globbing off), so nothing is re-quoted here: the transport quotes the
-# arguments, as for every command. Per fact: its name, exit status and exact stdout in base64.
+# arguments, as for every command. Each fact's record starts with a random marker line (name and exit status);
+# its exact stdout follows, up to the next marker. One fork per fact (its command substitution), no pipes: on a
+# small unit every fork in a round trip counts.
 _SEP = "\x1f"
-_GATHER = ('set -f; IFS=$(printf "\\037"); for spec in "$@"; do name=${spec%%"$IFS"*}; cmd=${spec#*"$IFS"}; '
-           'o=$($cmd 2>/dev/null; rc=$?; echo x; exit $rc); rc=$?; printf "%s %s " "$name" "$rc"; '
-           'printf "%s" "${o%x}" | base64 -w0; echo; done')
+_GATHER = ('set -f; m=$1; shift; IFS=$(printf "\\037"); for spec in "$@"; do name=${spec%%"$IFS"*}; '
+           'cmd=${spec#*"$IFS"}; o=$($cmd 2>/dev/null; rc=$?; echo x; exit $rc); rc=$?; '
+           'printf "%s %s %s\\n%s" "$m" "$name" "$rc" "${o%x}"; done')
 
 
 def gather_facts(transport: Transport, facts: Sequence[Fact], timeout_s: float = 30.0) -> dict[str, Any]:
@@ -111,22 +114,21 @@ def gather_facts(transport: Transport, facts: Sequence[Fact], timeout_s: float =
         for f in group:
             if any(_SEP in a or not a for a in (f.name, *f.argv)) or " " in f.name:
                 raise ValueError(f"fact {f.name!r} cannot be gathered in a batch (separator or empty argument)")
+        marker = "@@rt-tune-fact-" + secrets.token_hex(8)
         specs = [_SEP.join((f.name, *f.argv)) for f in group]
-        out = transport.run(["sh", "-c", _GATHER, "-", *specs], timeout_s=timeout_s, sudo=sudo).stdout
-        lines = out.split("\n")
-        if len(lines) != len(group) + 1 or lines[-1] != "":
+        out = transport.run(["sh", "-c", _GATHER, "-", marker, *specs], timeout_s=timeout_s, sudo=sudo).stdout
+        records = out.split(marker + " ")
+        if records[0] != "" or len(records) != len(group) + 1:
             raise ParseError(f"{transport.label}: unexpected answer gathering {len(group)} facts: {out[:200]!r}")
-        for f, line in zip(group, lines, strict=False):
-            name, rc, encoded = (line.split(" ", 2) + ["", ""])[:3]
+        for f, record in zip(group, records[1:], strict=False):
+            head, _, text = record.partition("\n")
+            name, _, rc = head.partition(" ")
             if name != f.name or not rc.isdigit():
-                raise ParseError(f"{transport.label}: fact {f.name}: unexpected answer {line[:100]!r}")
+                raise ParseError(f"{transport.label}: fact {f.name}: unexpected answer {head[:100]!r}")
             if rc != "0":
                 raise ParseError(f"{transport.label}: fact {f.name}: `{' '.join(f.argv)}` exited with status {rc}")
             try:
-                text = base64.b64decode(encoded, validate=True).decode("utf-8", "replace")
                 values[f.name] = f.parse(text)
-            except binascii.Error as exc:
-                raise ParseError(f"{transport.label}: fact {f.name}: bad base64: {exc}") from exc
             except ParseError as exc:
                 raise ParseError(f"{transport.label}: fact {f.name}: {exc}") from exc
     return values

@@ -52,3 +52,11 @@ def test_gather_facts_names_a_failing_command_and_a_parse_error(tmp_path):
     strict = Fact("strict_count", ("cat", str(tmp_path / "two")), CPU_COUNT.parse)
     with pytest.raises(ParseError, match="fact strict_count"):  # trailing lines kept exactly: the parser sees them
         gather_facts(LocalTransport(), [strict])
+
+
+def test_gather_facts_keeps_each_output_exact():
+    """Outputs without a final newline, with empty lines, or empty: each fact gets exactly its command's stdout."""
+    got = gather_facts(LocalTransport(), [Fact("bare", ("printf", "abc"), str),
+                                          Fact("lines", ("printf", "a\\n\\nb\\n\\n"), str),
+                                          Fact("empty", ("true",), str)])
+    assert got == {"bare": "abc", "lines": "a\n\nb\n\n", "empty": ""}
