@@ -293,3 +293,21 @@ def test_cli_refuses_bad_input_before_touching_any_unit(tmp_path, monkeypatch):
     assert run("rollout", "rt-profile", "--resume", "1") == 2
     assert run("rollout", "rt-profile", "--playbook", str(bad), "--inventory", str(tmp_path / "none.yaml")) == 2
     assert not (tmp_path / "state" / "lab").exists()  # nothing booted, nothing touched
+
+
+def test_rollout_table_shows_each_unit_with_its_figures(journal, tmp_path):
+    from rich.console import Console
+
+    from orchestrator.cli import _rollout_table
+
+    world = _world(unreachable={"u3"})
+    runner = _runner(journal, RolloutPolicy(canary=1, batch=5, max_fail_percent=50, on_halt="leave"), world)
+    rid = runner.create(tmp_path / "p.yaml", tmp_path / "inv.yaml", UNITS[:3]).id
+    summary = runner.run(rid)
+    console = Console(width=250, record=True)
+    console.print(_rollout_table(summary))
+    text = console.export_text()
+    assert "canary" in text and "batch 1" in text and "sysctl.x" in text
+    assert "u3" in text and "failed" in text and "connection refused" in text
+    p999 = f"{summary.units[0]['outcome']['before']['p999_us']:.0f}"
+    assert p999 in text  # the before p99.9 of the canary, from the recorded runs
