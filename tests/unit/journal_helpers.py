@@ -5,6 +5,28 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from orchestrator.journal import open_journal
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path) -> str:
+    """Where a journal lives: a SQLite file path, or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state" / "journal.db")
+    return request.getfixturevalue("pg_journal_url")
+
+
+@pytest.fixture()
+def j(target):
+    with open_journal(target) as journal:
+        yield journal
+
+
+def is_pg(target: str) -> bool:
+    return target.startswith("postgresql://")
+
 
 def in_thread(fn, *args, **kw) -> tuple[threading.Thread, dict]:
     """Run fn in a daemon thread; the box gets its value or error and how long it took."""

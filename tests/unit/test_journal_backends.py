@@ -34,7 +34,7 @@ from orchestrator.journal import (
     open_journal,
     redact_url,
 )
-from tests.unit.journal_helpers import in_thread
+from tests.unit.journal_helpers import in_thread, is_pg, j, target  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.unit
 
@@ -44,22 +44,6 @@ DESIRED = {"value": "0"}
 TABLES = {"schema_version", "runs", "changes", "unit_states", "locks", "events", "rollouts", "rollout_units"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path) -> str:
-    """Where a journal lives: a SQLite file path, or the URL of a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return str(tmp_path / "state" / "journal.db")
-    return request.getfixturevalue("pg_journal_url")
-
-
-@pytest.fixture()
-def j(target):
-    with open_journal(target) as journal:
-        yield journal
-
-
-def is_pg(target: str) -> bool:
-    return target.startswith("postgresql://")
 
 
 def password_of(url: str) -> str:

@@ -26,7 +26,7 @@ from orchestrator.journal import (
     open_journal,
     this_host,
 )
-from tests.unit.journal_helpers import in_thread
+from tests.unit.journal_helpers import in_thread, is_pg, j, target  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.unit
 
@@ -34,21 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 POLICY = {"canary": 1, "batch": 2, "max_failed": 0}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "journal.db")
-    return request.getfixturevalue("pg_journal_url")
-
-
-@pytest.fixture()
-def j(target):
-    with open_journal(target) as journal:
-        yield journal
-
-
-def is_pg(target: str) -> bool:
-    return target.startswith("postgresql://")
 
 
 def raw_sql(target: str, sql: str, params: tuple = ()) -> None:
