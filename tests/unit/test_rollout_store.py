@@ -23,7 +23,6 @@ from orchestrator.journal import (
     Journal,
     JournalError,
     RolloutUnit,
-    open_journal,
     this_host,
 )
 from tests.unit.journal_helpers import in_thread, is_pg, j, target  # noqa: F401 (fixtures)
