@@ -5,7 +5,7 @@ claims and locks) over a SIMULATED transport.
 The simulated transport stands in for SSH only: each unit is an in-memory /proc/sys and /etc/sysctl.d; every
 command costs a network round trip (sleep), a connection costs a handshake, and "cyclictest" sleeps for its run
 and answers with a REAL cyclictest output recorded on the lab guest (tests/recorded/cyclictest/lab/, see its
-README). Nothing else is faked. What is measured is the controller process: CPU seconds and resident memory.
+README); the pre-run probe answers with a lab host's recorded boot_id and /proc/cmdline. Nothing else is faked. What is measured is the controller process: CPU seconds and resident memory.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from orchestrator.transport import CommandResult
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))
 PROFILE = REPO / "tests" / "fleet" / "profile-fleet.yaml"
+# what a lab host answered (tests/recorded/lab-x86/README.md), replayed by the simulated preamble
+RECORDED_BOOT_ID = (REPO / "tests" / "recorded" / "lab-x86" / "host-boot_id.txt").read_text()
+RECORDED_CMDLINE = (REPO / "tests" / "recorded" / "lab-x86" / "host-proc-cmdline.txt").read_text()
 
 
 @dataclass
@@ -61,7 +64,7 @@ class SimTransport:
         time.sleep(self.rtt_s)
         argv = list(argv)
         if argv[:2] == ["sh", "-c"] and "boot_id" in argv[2]:  # the measurement preamble
-            return self._ok(argv, "@@\n6b1c0e52-0000-4000-8000-000000000000\n@@\nroot=/dev/vda ro\n")
+            return self._ok(argv, "@@\n" + RECORDED_BOOT_ID + "@@\n" + RECORDED_CMDLINE)
         if argv[:2] == ["sh", "-c"] and "present" in argv[2]:  # read_files: "absent" or "present BASE64"
             lines = []
             for path in argv[4:]:

@@ -311,3 +311,29 @@ def test_rollout_table_shows_each_unit_with_its_figures(journal, tmp_path):
     assert "u3" in text and "failed" in text and "connection refused" in text
     p999 = f"{summary.units[0]['outcome']['before']['p999_us']:.0f}"
     assert p999 in text  # the before p99.9 of the canary, from the recorded runs
+
+
+def test_ab_refuses_a_boot_change_before_touching_the_unit(journal, tmp_path):
+    """`tune ab` with a profile holding a cmdline change: InputError naming the file and the change; the
+    refusal comes before any connection (connect would raise) and before the unit is locked."""
+    from orchestrator.ab import ABExperiment
+    from orchestrator.decide import DecisionRule, MeasurementPlan
+    from orchestrator.engine import Engine
+    from orchestrator.inventory import Inventory
+    from orchestrator.measure.model import CyclictestSettings, LoadSpec
+
+    boot = tmp_path / "boot.yaml"
+    boot.write_text("name: boot\nhost:\n  cmdline:\n    nohz_full: \"1\"\n")
+    runtime = Path(__file__).resolve().parents[1] / "fleet" / "profile-fleet.yaml"
+    inv = Inventory.model_validate({"units": {"u1": {"host": {"address": "u1.invalid"}, "vars": {"cpus": 2}}}})
+    plan = MeasurementPlan(cyclictest=CyclictestSettings(cpus=[1], duration_s=2),
+                           load=LoadSpec(kind="none"), decision=DecisionRule(run_duration_s=2))
+
+    def no_connect(*_):
+        raise AssertionError("connected to the unit")
+
+    engine = Engine(inventory=inv, journal=journal, plan=plan, artifacts=tmp_path, connect=no_connect)
+    with pytest.raises(InputError) as exc:
+        ABExperiment(engine, "u1", runtime, boot, rounds=2).run()
+    assert str(boot) in str(exc.value) and "cmdline" in str(exc.value) and "tune apply" in str(exc.value)
+    assert journal.lock_info("u1") is None and journal.runs("u1") == []
