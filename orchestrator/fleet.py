@@ -380,8 +380,8 @@ class FleetRunner:
                         break
                     if not announced:
                         announced = True
-                        self._emit("rollout.wave", f"rollout:{rollout_id}", f"{self._wave_name(rollout_id, wave)}"
-                                   " started")
+                        name = wave_name(wave, _count(self.policy.canary, 1) > 0)  # the rollout's own policy
+                        self._emit("rollout.wave", f"rollout:{rollout_id}", f"{name} started")
                     futures[pool.submit(self._work, rollout_id, claim.unit, profile,
                                         stale_locks.pop(claim.unit, None))] = claim.unit
             if not futures:
@@ -397,9 +397,6 @@ class FleetRunner:
                 futures.pop(fut)
                 fut.result()
 
-    def _wave_name(self, rollout_id: int, wave: int) -> str:
-        pol = RolloutPolicy.model_validate(self.journal.get_rollout(rollout_id).policy)
-        return wave_name(wave, _count(pol.canary, 1) > 0)
 
     def _work(self, rollout_id: int, unit: str, profile: Path, force_unlock: str | None) -> None:
         """One unit: apply the profile through the engine, record its outcome, then check the halt rules."""
