@@ -666,6 +666,75 @@ def report_cmd(result_file: Path, html_out: Path | None, as_json: bool) -> None:
         err_console.print(f"HTML report: {escape(str(html_out))}")
 
 
+def _diagnose_table(diag):
+    from rich.console import Group
+
+    findings = Table("target", "severity", "finding and evidence", "change, or advice", title=f"tune diagnose "
+                     f"{diag.unit}: findings", show_lines=True, expand=True)
+    for f in diag.findings:
+        findings.add_row(f.target, f.severity, escape(f.title) + "\n[dim]" + escape("\n".join(f.evidence)) + "[/dim]",
+                         escape(f.change or f.advice or ""))
+    parts: list = [findings]
+    for t in diag.targets:
+        ipi = Table("IPI", "type", *[f"CPU{c}" + (" RT" if c in t.rt_cpus else "") for c in t.cpus],
+                    title=f"{t.target} ({t.label}, {t.kernel}): IPIs/s over {t.duration_s:.0f} s; senders from "
+                          f"{t.tracing}")
+        for r in t.ipis:
+            ipi.add_row(r.row, escape(r.description), *[f"{r.per_cpu.get(c, 0):.1f}" for c in t.cpus])
+        parts.append(ipi)
+    return Group(*parts)
+
+
+@cli.command("diagnose")
+@click.argument("unit")
+@click.option("--inventory", "-i", "inventory_file", default=None, help="Inventory file (default: the lab's).")
+@click.option("--target", type=click.Choice(["host", "guest", "both"]), default=None,
+              help="Which machine(s) to diagnose, over the same window [default: both when the unit has a guest].")
+@click.option("--duration", default="30s", show_default=True, help="The tracing window: 30s, 2m, 45.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report here (default: the state directory's artifacts).")
+@click.option("--json", "as_json", is_flag=True)
+def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, duration: str, html_file: Path | None,
+                 as_json: bool) -> None:
+    """Find what disturbs UNIT's RT CPUs: IPIs and their senders, crash loops, the tick on nohz_full CPUs,
+    timers, WFI traps; each finding with the profile change that addresses it.
+
+    Traces in a private tracefs instance and leaves the tracing state as found (also on Ctrl-C).
+    """
+    import time
+
+    from orchestrator.diagnose import diagnose, parse_duration, rt_hints_from_vars
+    from orchestrator.diagreport import save_diagnosis
+    from orchestrator.inventory import load_inventory
+    from orchestrator.transport import SSHTransport
+
+    seconds = parse_duration(duration)
+    inv = load_inventory(_inventory_path(inventory_file))
+    spec = inv.unit(unit)
+    target = target or ("both" if spec.guest else "host")
+    roles = ["host", "guest"] if target == "both" else [target]
+    hints = rt_hints_from_vars(spec.vars)
+    endpoints = {role: inv.endpoint(unit, role) for role in roles}  # input errors before any connection
+    progress = Progress(quiet=as_json)
+    transports = {}
+    try:
+        for role, ep in endpoints.items():
+            transports[role] = SSHTransport(ep)
+        diag = diagnose(unit, transports, duration_s=seconds, rt_hints=hints, events=progress)
+    finally:
+        progress.close()
+        for t in transports.values():
+            t.close()
+    out = _paths().state / "artifacts" / f"diagnose-{unit}-{time.strftime('%Y%m%dT%H%M%S')}"
+    json_path, html_path = save_diagnosis(diag, out / "diagnosis.json", html_file or out / "diagnosis.html")
+    data = diag.model_dump(mode="json")
+    data["findings"] = [f.model_dump(mode="json") for f in diag.findings]
+    data["report"], data["html"] = str(json_path), str(html_path)
+    emit(data, as_json, _diagnose_table(diag))
+    if not as_json:
+        err_console.print(f"report: {escape(str(html_path))}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
