@@ -693,9 +693,10 @@ def _diagnose_table(diag):
 @click.option("--duration", default="30s", show_default=True, help="The tracing window: 30s, 2m, 45.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here (default: the state directory's artifacts).")
+@_db_option
 @click.option("--json", "as_json", is_flag=True)
 def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, duration: str, html_file: Path | None,
-                 as_json: bool) -> None:
+                 as_json: bool, db: str | None = None) -> None:
     """Find what disturbs UNIT's RT CPUs: IPIs and their senders, crash loops, the tick on nohz_full CPUs,
     timers, WFI traps; each finding with the profile change that addresses it.
 
@@ -703,6 +704,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     """
     import time
 
+    from orchestrator.apply import open_controller_journal
     from orchestrator.diagnose import diagnose, parse_duration, rt_hints_from_vars
     from orchestrator.diagreport import save_diagnosis
     from orchestrator.inventory import load_inventory
@@ -716,13 +718,21 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     hints = rt_hints_from_vars(spec.vars)
     endpoints = {role: inv.endpoint(unit, role) for role in roles}  # input errors before any connection
     progress = Progress(quiet=as_json)
+    journal = open_controller_journal(_paths(), db)
+
+    def sink(event: Event) -> None:  # the journal keeps what was done to the unit, not the progress ticks
+        if event.total is None:
+            journal(event)
+        progress(event)
+
     transports = {}
     try:
         for role, ep in endpoints.items():
             transports[role] = SSHTransport(ep)
-        diag = diagnose(unit, transports, duration_s=seconds, rt_hints=hints, events=progress)
+        diag = diagnose(unit, transports, duration_s=seconds, rt_hints=hints, events=sink)
     finally:
         progress.close()
+        journal.close()
         for t in transports.values():
             t.close()
     out = _paths().state / "artifacts" / f"diagnose-{unit}-{time.strftime('%Y%m%dT%H%M%S')}"

@@ -495,8 +495,8 @@ class Window:
     """One target's window: the tracing state before, the window script, the state after; `abort` from
     another thread (Ctrl-C) kills the script and removes its instance on the target."""
 
-    def __init__(self, t: Transport, target: str, duration_s: float, events: EventSink) -> None:
-        self.t, self.target, self.duration_s, self.events = t, target, duration_s, events
+    def __init__(self, t: Transport, subject: str, duration_s: float, events: EventSink) -> None:
+        self.t, self.subject, self.duration_s, self.events = t, subject, duration_s, events
         self.instance = new_instance_name()
         self.pidfile = f"{PIDFILE_DIR}/{self.instance}.pid"
         self.marker = "@@rt-tune-diag-" + secrets.token_hex(8)
@@ -518,7 +518,8 @@ class Window:
             return
         self._cleaned.set()
         self.t.run(cleanup_argv(self.instance, self.pidfile), sudo=True, timeout_s=60, check=False)
-        self.events(Event("diagnose.window.aborted", self.target, "window stopped, tracing instance removed"))
+        self.events(Event("diagnose.window.aborted", self.subject, "window stopped, tracing instance removed",
+                          data={"instance": self.instance}))
 
 
 def diagnose(unit: str, transports: dict[str, Transport], *, duration_s: float,
@@ -530,10 +531,10 @@ def diagnose(unit: str, transports: dict[str, Transport], *, duration_s: float,
     the exception propagates; afterwards each target's tracing state must equal the state before."""
     clock = now or (lambda: datetime.now().astimezone())
     started = clock()
-    windows = {name: Window(t, name, duration_s, events) for name, t in transports.items()}
-    for name, w in windows.items():
-        events(Event("diagnose.window.started", name, f"{w.t.label}: tracing instance {w.instance}",
-                     data={"instance": w.instance}))
+    windows = {name: Window(t, f"{unit}.{name}", duration_s, events) for name, t in transports.items()}
+    for name, w in windows.items():  # recorded (journal) before the target is touched
+        events(Event("diagnose.window.started", f"{unit}.{name}", f"{w.t.label}: tracing instance {w.instance}",
+                     data={"instance": w.instance, "pidfile": w.pidfile, "duration_s": duration_s}))
     pool = ThreadPoolExecutor(max_workers=len(windows), thread_name_prefix="diagnose")
     futures = {name: pool.submit(w.run) for name, w in windows.items()}
     try:
@@ -564,9 +565,11 @@ def diagnose(unit: str, transports: dict[str, Transport], *, duration_s: float,
         after = w.state()
         assert w.before is not None
         _check_state(w, w.before, after)
+        events(Event("diagnose.window.done", w.subject, "tracing instance removed, tracing state as before",
+                     data={"instance": w.instance}))
         targets.append(analyse(sections[name], target=name, label=w.t.label, rt_hint=(rt_hints or {}).get(name, []),
                                state_before=w.before, state_after=after, now=clock()))
-        events(Event("diagnose.target.done", name, f"{len(targets[-1].findings)} finding(s)",
+        events(Event("diagnose.target.done", w.subject, f"{len(targets[-1].findings)} finding(s)",
                      data={"findings": [f.kind for f in targets[-1].findings]}))
     return Diagnosis(unit=unit, started=started, duration_s=duration_s, targets=targets)
 

@@ -165,3 +165,103 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert ahost.run(["cat", "/proc/cmdline"]).stdout.split() == cmdline_before
     assert set(vcpu_threads(ahost).values()) == {"0-1"}
+
+
+GUEST_DROPIN = "/run/systemd/system/rt-guest-vm.service.d/50-rt-tune-test-nohz.conf"
+
+
+def _guest_cmdline(arm64_inventory, deadline: float) -> str:
+    """The nested guest's /proc/cmdline once it answers SSH again (through its host)."""
+    from orchestrator.errors import TransportError
+    from orchestrator.transport import SSHTransport
+
+    while True:
+        try:
+            with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
+                return g.run(["cat", "/proc/cmdline"], timeout_s=30).stdout
+        except TransportError:
+            assert time.monotonic() < deadline, "the nested guest did not come back"
+            time.sleep(3)
+
+
+@pytest.fixture()
+def nohz_nested_guest(arm64_lab, arm64_inventory, ahost):
+    """The nested guest restarted once with nohz_full=1 (a runtime drop-in on the host's rt-guest-vm.service
+    adds it to QEMU's -append), with two busy loops pinned to its CPU 1; afterwards the drop-in removed and the
+    guest restarted on its own command line."""
+    from orchestrator.transport import SSHTransport
+
+    unit = ahost.run(["systemctl", "cat", "rt-guest-vm.service"]).stdout
+    start = unit.index("ExecStart=")
+    exec_start = unit[start:unit.index("\nRestart=", start)]
+    assert 'panic=10 quiet"' in exec_start, exec_start
+    ahost.run(["mkdir", "-p", GUEST_DROPIN.rsplit("/", 1)[0]])
+    ahost.write_file(GUEST_DROPIN, ("[Service]\nExecStart=\n" + exec_start.replace(
+        'panic=10 quiet"', 'panic=10 quiet nohz_full=1"') + "\n").encode())
+    try:
+        ahost.run(["systemctl", "daemon-reload"])
+        ahost.run(["systemctl", "restart", "rt-guest-vm.service"])
+        time.sleep(5)
+        assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400)
+        units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
+        with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
+            for u in units:
+                g.run(["systemd-run", f"--unit={u}", "--property=CPUAffinity=1", "sh", "-c", "while :; do :; done"])
+            pids = [int(g.run(["systemctl", "show", "-p", "MainPID", "--value", u]).stdout) for u in units]
+        yield pids
+    finally:
+        ahost.run(["rm", "-f", GUEST_DROPIN])
+        ahost.run(["systemctl", "daemon-reload"])
+        ahost.run(["systemctl", "restart", "rt-guest-vm.service"])  # its own cmdline again (boots meanwhile)
+
+
+def test_diagnose_arm64_unit_shows_wfi_exits_per_vm_ipi_senders_crash_loop_and_a_busy_nohz_cpu(
+        arm64_lab, arm64_paths, arm64_inventory, ahost, nohz_nested_guest, tmp_path):
+    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
+    from orchestrator.transport import SSHTransport
+
+    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
+        before = {"host": tracing_state(ahost), "guest": tracing_state(g)}
+    html = tmp_path / "diag.html"
+    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "both", "--duration", "10s", "--json", "--html",
+                str(html), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d = json.loads(proc.stdout)
+    host, guest = (next(t for t in d["targets"] if t["target"] == n) for n in ("host", "guest"))
+    kinds = {(f["target"], f["kind"]): f for f in d["findings"]}
+
+    # WFI exit rates per VM, on the host, with the change that stops the traps (6.12: the boot parameters)
+    [vm] = host["wfx"]
+    assert vm["name"] == "rtguest" and vm["wfi_per_s"] > 5.0, vm
+    wfx = kinds[("host", "wfx_traps")]
+    assert wfx["change"] == "host.wfx_notrap" and "kvm-arm.wfi_trap_policy=notrap" in wfx["advice"], wfx
+
+    # IPIs per CPU (arm64 rows) and who sent them, from the 6.12 tracepoints, on both machines
+    for t in (host, guest):
+        rows = {r["row"] for r in t["ipis"]}
+        assert {"IPI0", "IPI1", "IPI5"} <= rows, rows
+        assert t["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), t["tracing"]
+        assert t["trace"]["ipi_sends"] and t["trace"]["callbacks"], t["trace"]["sources"]
+
+    # the nested guest: its crash-looping service, and its nohz_full CPU 1 whose tick runs under two busy tasks
+    loop = kinds[("guest", "crash_loop")]
+    assert loop["change"] == "guest.service.mirobot_teleoperate.service"
+    tick = kinds[("guest", "nohz_tick")]
+    [cpu1] = [n for n in guest["nohz"] if n["cpu"] == 1]
+    assert cpu1["tick_stopped"] is False and not cpu1["tick_ok"], cpu1
+    listed = " ".join(cpu1["runnable"] + [cpu1["current"] or ""])
+    assert all(str(p) in listed for p in nohz_nested_guest), (nohz_nested_guest, cpu1)
+    assert "CPU 1" in tick["title"]
+
+    assert "rtguest" in html.read_text()
+    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
+        assert_same_tracing_state(before["host"], tracing_state(ahost))
+        assert_same_tracing_state(before["guest"], tracing_state(g))
+        no_leftovers(ahost, "10")
+        no_leftovers(g, "10")
+
+
+def load_guest_endpoint(paths: Paths):
+    from orchestrator.inventory import load_inventory
+
+    return load_inventory(paths.lab_inventory).endpoint("lab1", "guest")

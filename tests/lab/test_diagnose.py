@@ -47,10 +47,13 @@ def assert_same_tracing_state(before: dict[str, str], after: dict[str, str]) -> 
 
 
 def no_leftovers(t, duration: str) -> None:
-    """No window script, no `sleep DURATION` of it, no pid file, no instance."""
-    out = t.run(["sh", "-c", "pgrep -af rt-tune-diag-; pgrep -af 'sleep " + duration + "$'; ls /run | grep "
-                 f"rt-tune-diag; ls {TRACEFS}/instances; true"], sudo=True).stdout
-    assert "rt-tune-diag-" not in out and f"sleep {duration}" not in out, out
+    """No window script, no `sleep DURATION` of it, no pid file, no instance. (The bracketed patterns keep pgrep
+    from matching its own command line.)"""
+    procs = t.run(["sh", "-c", f"pgrep -af '[r]t-tune-diag-'; pgrep -af '^[s]leep {duration}$'; true"],
+                  sudo=True).stdout
+    assert procs == "", procs
+    files = t.run(["ls", "/run", f"{TRACEFS}/instances"], sudo=True).stdout.split()
+    assert not [f for f in files if f.startswith("rt-tune-diag-")], files
 
 
 def tune(lab_paths, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
