@@ -550,6 +550,8 @@ def diagnose(unit: str, transports: dict[str, Transport], *, duration_s: float,
         sections = {name: f.result() for name, f in futures.items()}
     except BaseException:
         for w in windows.values():
+            if w.before is None:  # never reached the target (or failed before the window): nothing to undo
+                continue
             try:
                 w.abort()
             except Exception:  # the first error is the one to report; the state check below names the rest

@@ -194,19 +194,23 @@ def new_instance_name() -> str:
     return INSTANCE_PREFIX + secrets.token_hex(6)
 
 
+def _check_instance(instance: str) -> None:
+    """Only names new_instance_name() makes: the scripts remove `instances/<name>`, never another tool's."""
+    if not re.fullmatch(re.escape(INSTANCE_PREFIX) + r"[0-9a-f]{12}", instance):
+        raise ValueError(f"not an rt-tune diagnosis instance name: {instance!r}")
+
+
 def window_argv(marker: str, duration_s: float, instance: str, pidfile: str,
                 buffer_kb: int = BUFFER_KB) -> list[str]:
     """The window script's argv (`sh -c SCRIPT - ARGS...`); the transport quotes it, as every command."""
-    if not re.fullmatch(re.escape(INSTANCE_PREFIX) + r"[0-9a-f]{12}", instance):
-        raise ValueError(f"not an rt-tune diagnosis instance name: {instance!r}")
+    _check_instance(instance)
     coredumps = shlex.join(coredumps_fact(3600).argv)
     return ["sh", "-c", WINDOW_SCRIPT, "-", marker, f"{duration_s:g}", instance, pidfile, str(buffer_kb),
             coredumps, " ".join(EVENTS), " ".join(FALLBACK_FUNCTIONS)]
 
 
 def cleanup_argv(instance: str, pidfile: str) -> list[str]:
-    if not instance.startswith(INSTANCE_PREFIX):
-        raise ValueError(f"not an rt-tune diagnosis instance name: {instance!r}")
+    _check_instance(instance)
     return ["sh", "-c", CLEANUP_SCRIPT, "-", instance, pidfile]
 
 

@@ -189,8 +189,10 @@ def summarize_trace(records: list[TraceRecord], lost: dict[int, int]) -> TraceSu
                 sends.append((cpu, m.group(2), "-", r.comm, r.cpu))
             sources.add("ipi_raise")
         elif r.event == "csd_function_entry":
-            func = strip_offset(fields(r.args).get("func", "?"))
-            cb.append((r.cpu, func, "csd", True))
+            f = fields(r.args)
+            func = strip_offset(f.get("func", "?"))
+            # csd=0: the kernel ran the function locally (csd_do_func(func, info, NULL)), not from an IPI
+            cb.append((r.cpu, func, "csd", not re.fullmatch(r"0+", f.get("csd", "").removeprefix("0x"))))
             interrupted.setdefault((r.cpu, func), Counter())[r.comm] += 1
             sources.add("csd")
         elif r.event == "function":

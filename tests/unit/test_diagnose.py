@@ -727,9 +727,6 @@ def test_strip_offset():
     assert strip_offset("do_nothing") == "do_nothing"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: csd_function_entry with csd=0000000000000000 is a callback run "
-                                       "locally (csd_do_func(func, info, NULL)), yet summarize_trace counts "
-                                       "every csd callback as from_ipi=True")
 def test_trace_local_csd_callback_is_not_from_an_ipi():
     text = _trace("arm64-guest")
     # `    kworker/u8:3-51      [000] d....   171.013162: csd_function_entry: func=rcu_barrier_handler,
@@ -994,8 +991,6 @@ def test_cleanup_argv_refuses_foreign_instance_names(name):
         cleanup_argv(name, "/run/x.pid")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cleanup_argv only checks the `rt-tune-diag-` prefix: it accepts "
-                                       "names new_instance_name cannot make (window_argv refuses them)")
 @pytest.mark.parametrize("name", ["rt-tune-diag-0123456789ab/../victim", "rt-tune-diag-mine",
                                   "rt-tune-diag-"])
 def test_cleanup_argv_refuses_names_new_instance_name_cannot_make(name):
