@@ -106,17 +106,18 @@ def busy_cpu1(nohz_guest):
             g.run(["systemctl", "stop", *units], check=False)
 
 
-def test_diagnose_finds_the_crash_loop_the_ipis_and_a_nohz_cpu_whose_tick_runs(lab_paths, nohz_guest, busy_cpu1,
-                                                                                 tmp_path):
-    with SSHTransport(nohz_guest) as g:
-        before = tracing_state(g)
+def test_diagnose_finds_the_crash_loop_the_ipis_and_a_nohz_cpu_whose_tick_runs(lab_paths, inventory, nohz_guest,
+                                                                                 busy_cpu1, tmp_path):
+    with SSHTransport(nohz_guest) as g, SSHTransport(inventory.endpoint("lab1", "host")) as h:
+        before = tracing_state(g), tracing_state(h)
     html = tmp_path / "diag.html"
-    proc = tune(lab_paths, "diagnose", "lab1", "--target", "guest", "--duration", "10s", "--json", "--html",
+    proc = tune(lab_paths, "diagnose", "lab1", "--target", "both", "--duration", "10s", "--json", "--html",
                 str(html))
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads(proc.stdout)
-    [t] = d["targets"]
-    findings = {f["kind"]: f for f in d["findings"]}
+    assert [t["target"] for t in d["targets"]] == ["host", "guest"]  # the same window on both machines
+    t = d["targets"][1]
+    findings = {f["kind"]: f for f in d["findings"] if f["target"] == "guest"}
 
     # the crash-looping service, with its evidence and the change that stops it
     loop = findings["crash_loop"]
@@ -144,9 +145,11 @@ def test_diagnose_finds_the_crash_loop_the_ipis_and_a_nohz_cpu_whose_tick_runs(l
     # the report, and the target as found
     page = html.read_text()
     assert "mirobot_teleoperate.service" in page and "RT CPU" in page
-    with SSHTransport(nohz_guest) as g:
-        assert_same_tracing_state(before, tracing_state(g))
+    with SSHTransport(nohz_guest) as g, SSHTransport(inventory.endpoint("lab1", "host")) as h:
+        assert_same_tracing_state(before[0], tracing_state(g))
+        assert_same_tracing_state(before[1], tracing_state(h))
         no_leftovers(g, "10")
+        no_leftovers(h, "10")
 
 
 def test_ctrl_c_and_timeout_leave_no_tracing_behind(lab, lab_paths, inventory):
