@@ -262,7 +262,9 @@ def analyse(sections: dict[str, str], *, target: str, label: str, rt_hint: list[
     setup = sections.get("setup", "")
     if "trace" in sections:
         records, lost = parse_trace(decode_trace(sections["trace"]))
-        trace = summarize_trace(records, lost)
+        for cpu, n in parse_trace_overruns(sections.get("trace_stats", "")).items():
+            lost[cpu] = max(lost.get(cpu, 0), n)
+        trace = summarize_trace(records, {c: n for c, n in lost.items() if n})
     if "event ipi/ipi_send_cpu" in setup:
         tracing = "tracepoints ipi:ipi_send_cpu/ipi_send_cpumask" + (
             ", csd:csd_function_entry" if "event csd/csd_function_entry" in setup else "")
@@ -290,6 +292,23 @@ def analyse(sections: dict[str, str], *, target: str, label: str, rt_hint: list[
         tracing_state_after=state_after, tracing_state_notes=notes)
     diag.findings = findings(diag)
     return diag
+
+
+def parse_trace_overruns(text: str) -> dict[int, int]:
+    """The `trace_stats` section (`cpu N` + per_cpu/cpuN/stats): events lost per CPU (`overrun` + `dropped
+    events`): the ring buffer was too small for the window, so the trace's counts are lower bounds."""
+    lost: dict[int, int] = {}
+    cpu = None
+    for line in text.split("\n"):
+        m = re.fullmatch(r"cpu (\d+)", line)
+        if m:
+            cpu = int(m.group(1))
+            lost[cpu] = 0
+            continue
+        m = re.fullmatch(r"(overrun|dropped events): (\d+)", line)
+        if m and cpu is not None:
+            lost[cpu] += int(m.group(2))
+    return lost
 
 
 def tracing_state_notes(before: dict[str, str], after: dict[str, str]) -> list[str]:

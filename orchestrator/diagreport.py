@@ -267,6 +267,20 @@ def _timers_html(d: TargetDiagnosis) -> str:
             + _table(["CPU", "function", "kind", "count"], rows, "timers"))
 
 
+def _tasks_html(d: TargetDiagnosis) -> str:
+    """What ran on each CPU during the window (sched_switch: times each task was switched in), RT CPUs first:
+    the field notes' "see what runs there"."""
+    tasks = d.trace.tasks if d.trace else []
+    if not tasks:
+        return ""
+    rows = []
+    for cpu in sorted({t.cpu for t in tasks}, key=lambda c: (c not in d.rt_cpus, c)):
+        mine = sorted((t for t in tasks if t.cpu == cpu), key=lambda t: -t.switches_in)[:TOP_TIMERS]
+        rows += [[_rt(cpu, d), t.comm, t.pid, t.switches_in] for t in mine]
+    return (f"<h3>What ran per CPU (sched_switch, top {TOP_TIMERS})</h3>"
+            + _table(["CPU", "task", "PID", "switched in"], rows, "tasks"))
+
+
 def _trust_html(d: TargetDiagnosis) -> str:
     """Whether the evidence is complete (lost events) and the target was left as found (tracing state)."""
     out = ["<h3>Trace completeness and tracing state</h3>"]
@@ -295,7 +309,8 @@ def _trust_html(d: TargetDiagnosis) -> str:
 
 def _target_html(i: int, d: TargetDiagnosis) -> str:
     return (f'<section class="target" id="section-{i}">' + _header_html(i, d) + _ipi_html(d) + _trace_html(d)
-            + _nohz_html(d) + _loops_html(d) + _wfx_html(d) + _timers_html(d) + _trust_html(d) + "</section>")
+            + _nohz_html(d) + _loops_html(d) + _wfx_html(d) + _timers_html(d) + _tasks_html(d) + _trust_html(d)
+            + "</section>")
 
 
 def render_diagnosis_html(diag: Diagnosis) -> str:

@@ -996,3 +996,16 @@ def test_cleanup_argv_refuses_foreign_instance_names(name):
 def test_cleanup_argv_refuses_names_new_instance_name_cannot_make(name):
     with pytest.raises(ValueError, match="not an rt-tune diagnosis instance name"):
         cleanup_argv(name, "/run/x.pid")
+
+
+def test_trace_overruns_from_the_recorded_per_cpu_stats():
+    """`trace_stats` of the recordings: every CPU listed, nothing lost (overrun 0, dropped events 0); a copy of
+    a real block with its overrun count raised is counted as lost events of that CPU."""
+    from orchestrator.diagnose import parse_trace_overruns
+
+    for prefix in ("x86-guest", "arm64-host", "arm64-guest", "x86-guest-nohz-busy"):
+        stats = _sections(prefix)["trace_stats"]
+        assert parse_trace_overruns(stats) == {0: 0, 1: 0}, prefix
+    stats = _sections("arm64-host")["trace_stats"]
+    raised = stats.replace("overrun: 0", "overrun: 17", 1)  # derived: cpu 0's block with 17 overruns
+    assert parse_trace_overruns(raised) == {0: 17, 1: 0}

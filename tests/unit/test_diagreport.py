@@ -292,3 +292,22 @@ def test_save_diagnosis_writes_json_and_html(targets, tmp_path):
     assert Diagnosis.model_validate_json(json_path.read_text()) == diag
     assert json.loads(json_path.read_text())["targets"][0]["wfx"][0]["name"] == "rtguest"
     assert html_path.read_text(encoding="utf-8") == render_diagnosis_html(diag)
+
+
+def test_what_ran_per_cpu_lists_the_busy_tasks_of_the_nohz_cpu():
+    """x86-guest-nohz-busy: the two busy `sh` loops (PIDs 360, 362) were switched in on CPU 1 during the window."""
+    from orchestrator.diagprobe import parse_tracing_state, split_sections
+    from orchestrator.diagnose import Diagnosis, analyse
+
+    p = REC / "x86-guest-nohz-busy"
+    s = split_sections(Path(f"{p}-window.txt").read_text(), Path(f"{p}-marker.txt").read_text().strip())
+    d = analyse(s, target="guest", label="nohz", rt_hint=[1],
+                state_before=parse_tracing_state(Path(f"{p}-state-before.txt").read_text()),
+                state_after=parse_tracing_state(Path(f"{p}-state-after.txt").read_text()),
+                now=datetime(2026, 11, 30, 1, 0, tzinfo=UTC))
+    busy = {t.pid: t.switches_in for t in d.trace.tasks if t.cpu == 1 and t.comm == "sh"}
+    assert {360, 362} <= set(busy), busy
+    page = render_diagnosis_html(Diagnosis(unit="lab1", started=datetime(2026, 11, 30, 1, 0, tzinfo=UTC),
+                                           duration_s=10, targets=[d]))
+    section = page[page.index("What ran per CPU"):]
+    assert '<td class="n">360</td>' in section and '<td class="n">362</td>' in section, section[:2000]
