@@ -475,13 +475,14 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
                 change=f"{t}.cmdline",
                 profile=f"{t}:\n  cmdline:\n    isolcpus: \"domain,managed_irq,{_cpus(d.rt_cpus)}\"\n"))
     if t == "host" and d.wfx:
-        ttwu = sum(c.count for c in (trace.callbacks if trace else []) if c.function == "sched_ttwu_pending")
+        ttwu_runs = [c for c in (trace.callbacks if trace else []) if c.function == "sched_ttwu_pending"
+                     and c.from_ipi and (c.cpu in d.rt_cpus or not d.rt_cpus)]  # on the vCPUs' CPUs if known
+        ttwu = sum(c.count for c in ttwu_runs)
         if ttwu:
             out.append(Finding(
                 target=t, kind="vcpu_wakeup_ipis", severity="medium",
                 title=f"sched_ttwu_pending cross-calls on the host: {ttwu} in {d.duration_s:.0f} s",
-                evidence=[f"CPU {c.cpu}: {c.count} (interrupting {c.interrupted})"
-                          for c in (trace.callbacks if trace else []) if c.function == "sched_ttwu_pending"],
+                evidence=[f"CPU {c.cpu}: {c.count} (interrupting {c.interrupted})" for c in ttwu_runs],
                 change="host.vcpu_pinning",
                 profile="host:\n  vcpu_pinning:\n    service: \"${qemu_service}\"\n    cpus: \"${rt_cpus}\"\n",
                 advice="wake-ups of vCPU threads queued to another CPU; one vCPU per isolated host CPU keeps "

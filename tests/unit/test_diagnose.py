@@ -1009,3 +1009,11 @@ def test_trace_overruns_from_the_recorded_per_cpu_stats():
     stats = _sections("arm64-host")["trace_stats"]
     raised = stats.replace("overrun: 0", "overrun: 17", 1)  # derived: cpu 0's block with 17 overruns
     assert parse_trace_overruns(raised) == {0: 17, 1: 0}
+
+
+def test_vcpu_wakeup_finding_counts_only_the_rt_cpus_when_they_are_known():
+    """arm64-host with rt_cpus=1 (the lab's inventory): only CPU 1's 446 IPI-delivered sched_ttwu_pending."""
+    d = _analysed("arm64-host", rt_hint=(1,))
+    wake = next(x for x in d.findings if x.kind == "vcpu_wakeup_ipis")
+    assert wake.title == "sched_ttwu_pending cross-calls on the host: 446 in 14 s"
+    assert wake.evidence == ["CPU 1: 446 (interrupting <idle>)"]
