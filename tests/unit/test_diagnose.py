@@ -43,7 +43,7 @@ from orchestrator.tracing import (CallbackRun, IpiSend, SendCall, TaskRun, TickS
 pytestmark = pytest.mark.unit
 
 REC = Path(__file__).resolve().parents[1] / "recorded" / "diagnose"
-PREFIXES = ("x86-guest", "x86-guest-nohz-busy", "arm64-host", "arm64-guest")
+PREFIXES = ("x86-guest", "x86-guest-nohz-busy", "arm64-host", "arm64-guest", "arm64-host-6.1")
 CRASH_UNIT = "mirobot_teleoperate.service"
 
 #: The window script's sections, in the order it prints them (every recording has all of them).
@@ -55,11 +55,13 @@ SECTIONS = ["meta", "uptime0", "interrupts0", "units0", "kvm0", "setup", "uptime
 KERNELS = {"x86-guest": ("6.1.0-50-amd64", "x86_64"),
            "x86-guest-nohz-busy": ("6.1.0-50-amd64", "x86_64"),
            "arm64-host": ("6.12.95+deb12-arm64", "aarch64"),
-           "arm64-guest": ("6.12.95+deb12-arm64", "aarch64")}
+           "arm64-guest": ("6.12.95+deb12-arm64", "aarch64"),
+           "arm64-host-6.1": ("6.1.0-50-arm64", "aarch64")}
 
 #: /proc/uptime before and after the window (the `uptime0`/`uptime1` sections).
 UPTIMES = {"x86-guest": ("38.08 27.23", "59.60 53.31"), "x86-guest-nohz-busy": ("46.45 16.34", "69.63 23.93"),
-           "arm64-host": ("232.72 81.80", "246.34 94.57"), "arm64-guest": ("162.95 113.47", "177.43 132.27")}
+           "arm64-host": ("232.72 81.80", "246.34 94.57"), "arm64-guest": ("162.95 113.47", "177.43 132.27"),
+           "arm64-host-6.1": ("165.37 87.69", "193.52 109.82")}
 
 #: The UTC time each window was recorded: the latest COREDUMP_TIMESTAMP of its `coredumps` section plus a
 #: minute (checked by test_now_is_the_last_core_dump_plus_a_minute). The arm64 host had no core dumps; it was
@@ -69,6 +71,7 @@ NOW = {"x86-guest": datetime(2026, 11, 30, 1, 4, 59, tzinfo=UTC),
        "x86-guest-nohz-busy": datetime(2026, 11, 30, 1, 7, 55, tzinfo=UTC),
        "arm64-guest": datetime(2026, 11, 30, 1, 1, 19, tzinfo=UTC)}
 NOW["arm64-host"] = NOW["arm64-guest"]
+NOW["arm64-host-6.1"] = datetime(2026, 11, 30, 3, 5, 25, tzinfo=UTC)  # recorded 03:05 UTC; no core dumps
 
 
 def _read(prefix: str, part: str) -> str:
@@ -1017,3 +1020,39 @@ def test_vcpu_wakeup_finding_counts_only_the_rt_cpus_when_they_are_known():
     wake = next(x for x in d.findings if x.kind == "vcpu_wakeup_ipis")
     assert wake.title == "sched_ttwu_pending cross-calls on the host: 446 in 14 s"
     assert wake.evidence == ["CPU 1: 446 (interrupting <idle>)"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# arm64 host on Linux 6.1 (recorded: the arm64 lab host booted once into bookworm's 6.1.0-50-arm64 with
+# grub-reboot): no ipi_send/csd tracepoints, so ipi:ipi_raise plus the function tracer on the cross-call paths
+
+
+def test_arm64_61_ipi_raise_and_function_fallback():
+    text = _trace("arm64-host-6.1")
+    raises = [line for line in text.split("\n") if ": ipi_raise: " in line]
+    assert len(raises) == 845
+    assert raises[0].endswith("ipi_raise: target_mask=00000000,00000002 (Function call interrupts)")
+    s = _summary("arm64-host-6.1")
+    assert {"ipi_raise", "function"} <= set(s.sources) and "ipi_send" not in s.sources
+    assert sum(x.count for x in s.ipi_sends) == 845  # each raise here targets one CPU
+    top = s.ipi_sends[0]  # mask ...0002 -> CPU 1, the reason as the kernel prints it, no callsite on 6.1
+    assert (top.target_cpu, top.callback, top.callsite, top.sender) == (1, "Function call interrupts", "-",
+                                                                         "CPU 1/KVM")
+    # the senders' call paths from the function tracer: vCPU kicks by the KVM vCPU threads
+    kicks = [c for c in s.send_calls if c.function == "smp_send_reschedule" and c.caller == "kvm_vcpu_kick"]
+    assert kicks and {"CPU 0/KVM", "CPU 1/KVM"} <= {c.sender for c in kicks}
+    cb = {(c.cpu, c.function): c for c in s.callbacks}
+    assert cb[(1, "sched_ttwu_pending")].via == "__flush_smp_call_function_queue"
+    assert cb[(1, "sched_ttwu_pending")].from_ipi and cb[(1, "sched_ttwu_pending")].count == 362
+
+
+def test_arm64_61_host_findings_name_the_patched_kernel_method():
+    d = _analysed("arm64-host-6.1", target="host", rt_hint=(1,))
+    assert d.kernel == "6.1.0-50-arm64"
+    assert d.tracing == ("tracepoint ipi:ipi_raise (no send callsites on this kernel); function tracer on the "
+                         "cross-call paths")
+    [vm] = d.wfx
+    assert vm.name == "rtguest" and vm.wfi_per_s > 5
+    f = next(x for x in d.findings if x.kind == "wfx_traps")
+    assert f.change == "host.wfx_notrap" and "a patched host kernel (Linux 6.1.0-50-arm64 < 6.11" in f.advice
+    assert d.tracing_state_notes and "'7 (expanded: 1408)' -> '1410'" in d.tracing_state_notes[0]
