@@ -46,6 +46,10 @@ SEVERITY_ORDER = {"high": 0, "medium": 1, "info": 2}
 CRASH_RESTARTS = 3  # NRestarts at least this, with core dumps in the last hour: a crash loop even if quiet now
 
 
+class DiagnosisCancelled(TuneError):
+    """The diagnosis was stopped (Ctrl-C, or another target's error) before this target's window started."""
+
+
 class TracingStateChanged(TuneError):
     """The target's tracing state after the diagnosis differs from before: named item by item."""
 
@@ -521,23 +525,31 @@ class Window:
         self.pidfile = f"{PIDFILE_DIR}/{self.instance}.pid"
         self.marker = "@@rt-tune-diag-" + secrets.token_hex(8)
         self.before: dict[str, str] | None = None
-        self._cleaned = threading.Event()
+        self._cancelled = threading.Event()
 
     def state(self) -> dict[str, str]:
         return parse_tracing_state(self.t.run(state_argv(), sudo=True, timeout_s=60).stdout)
 
     def run(self) -> dict[str, str]:
         self.before = self.state()
+        if self._cancelled.is_set():  # aborted while the state was read: never start the window
+            raise DiagnosisCancelled(f"{self.t.label}: cancelled before the window started")
         out = self.t.run(window_argv(self.marker, self.duration_s, self.instance, self.pidfile), sudo=True,
                          timeout_s=self.duration_s + WINDOW_OVERHEAD_S).stdout
         return split_sections(out, self.marker)
 
     def abort(self) -> None:
-        """Kill the window script and remove the instance (idempotent; a fresh channel of the same session)."""
-        if self._cleaned.is_set():
+        """Stop this window: if it has not started, it never will (`run` checks); if it may have, kill the script
+        and remove the instance, twice a second apart (a script started just now may not have written its pid
+        file yet). Idempotent; runs on a fresh channel of the same SSH session."""
+        if self._cancelled.is_set():
             return
-        self._cleaned.set()
-        self.t.run(cleanup_argv(self.instance, self.pidfile), sudo=True, timeout_s=60, check=False)
+        self._cancelled.set()
+        if self.before is None:
+            return
+        for pause in (1.0, 0.0):
+            self.t.run(cleanup_argv(self.instance, self.pidfile), sudo=True, timeout_s=60, check=False)
+            time.sleep(pause)
         self.events(Event("diagnose.window.aborted", self.subject, "window stopped, tracing instance removed",
                           data={"instance": self.instance}))
 
@@ -570,8 +582,6 @@ def diagnose(unit: str, transports: dict[str, Transport], *, duration_s: float,
         sections = {name: f.result() for name, f in futures.items()}
     except BaseException:
         for w in windows.values():
-            if w.before is None:  # never reached the target (or failed before the window): nothing to undo
-                continue
             try:
                 w.abort()
             except Exception:  # the first error is the one to report; the state check below names the rest

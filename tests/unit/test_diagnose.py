@@ -1056,3 +1056,47 @@ def test_arm64_61_host_findings_name_the_patched_kernel_method():
     f = next(x for x in d.findings if x.kind == "wfx_traps")
     assert f.change == "host.wfx_notrap" and "a patched host kernel (Linux 6.1.0-50-arm64 < 6.11" in f.advice
     assert d.tracing_state_notes and "'7 (expanded: 1408)' -> '1410'" in d.tracing_state_notes[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Window: an abort (Ctrl-C, another target's error) before the window starts means it never starts
+
+
+class _StateOnlyTransport:
+    """Answers the tracing state probe with a recorded state; records every other command it is asked to run."""
+
+    label = "recorded"
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def run(self, argv, **kwargs):
+        from orchestrator.transport import CommandResult
+
+        self.commands.append(list(argv))
+        out = _read("arm64-host", "state-before") if argv[2].lstrip().startswith("raw=") else ""
+        return CommandResult(argv=tuple(argv), exit_status=0, stdout=out, stderr="", duration_s=0.0)
+
+
+def test_a_window_aborted_before_it_started_never_starts_and_needs_no_cleanup():
+    from orchestrator.diagnose import DiagnosisCancelled, Window
+
+    t = _StateOnlyTransport()
+    w = Window(t, "lab1.host", 10, lambda e: None)
+    w.abort()  # before run(): nothing ran on the target, so nothing to clean
+    assert t.commands == []
+    with pytest.raises(DiagnosisCancelled):
+        w.run()
+    assert len(t.commands) == 1 and "raw=" in t.commands[0][2]  # only the read-only state probe ran
+
+
+def test_a_window_aborted_after_its_state_was_read_is_cleaned_up_twice():
+    from orchestrator.diagnose import Window
+
+    t = _StateOnlyTransport()
+    w = Window(t, "lab1.host", 10, lambda e: None)
+    w.before = w.state()  # as run() does first
+    w.abort()
+    w.abort()  # idempotent
+    cleanups = [c for c in t.commands if w.instance in c and "pkill" in c[2]]
+    assert len(cleanups) == 2 and all(c[-1] == w.pidfile for c in cleanups)
