@@ -351,22 +351,35 @@ def _cpus(cpus) -> str:
     return ",".join(str(c) for c in sorted(cpus)) or "-"
 
 
+def _senders(trace: TraceSummary | None, paths: tuple[str, ...], callback: str | None = None) -> Counter[str]:
+    """Sending task -> IPIs sent through `paths`: the tracepoints' callsite (or `callback`), or, on kernels
+    without them, the function tracer's entries of the first path (its send function)."""
+    out: Counter[str] = Counter()
+    for s in (trace.ipi_sends if trace else []):
+        if s.callsite in paths or (callback is not None and s.callback == callback):
+            out[s.sender] += s.count
+    for c in (trace.send_calls if trace else []):
+        if c.function == paths[0]:
+            out[c.sender] += c.count
+    return out
+
+
+def _callback_cpus(trace: TraceSummary | None, function: str, *, from_ipi_only: bool) -> Counter[int]:
+    """CPU -> times `function` ran there as a cross-call callback (only the IPI-delivered ones if asked)."""
+    out: Counter[int] = Counter()
+    for c in (trace.callbacks if trace else []):
+        if c.function == function and (c.from_ipi or not from_ipi_only):
+            out[c.cpu] += c.count
+    return out
+
+
 def findings(d: TargetDiagnosis) -> list[Finding]:
     """What the evidence says, each with the change that addresses it or the reason none does."""
     out: list[Finding] = []
     t = d.target
     trace = d.trace
-    kicks = [s for s in (trace.ipi_sends if trace else []) if s.callsite == "kick_all_cpus_sync"]
-    kick_senders = Counter()
-    for s in kicks:
-        kick_senders[s.sender] += s.count
-    for s in (trace.send_calls if trace else []):
-        if s.function == "kick_all_cpus_sync":
-            kick_senders[s.sender] += s.count
-    do_nothing = Counter()
-    for c in (trace.callbacks if trace else []):
-        if c.function == "do_nothing":
-            do_nothing[c.cpu] += c.count
+    kick_senders = _senders(trace, ("kick_all_cpus_sync",))
+    do_nothing = _callback_cpus(trace, "do_nothing", from_ipi_only=False)
 
     for loop in d.crash_loops:
         ev = [f"{loop.unit}: NRestarts={loop.restarts_total}, {loop.restarts_in_window} restart(s) during the "
@@ -395,17 +408,9 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
             advice="kick_all_cpus_sync runs after BPF JIT compiles and module/text changes; find what loads BPF "
                    "programs (a crash handler, a monitoring agent) and stop it on RT units"))
 
-    teardown_senders = Counter()
-    for s in (trace.ipi_sends if trace else []):
-        if s.callsite in ("tlb_remove_table_sync_one", "tlb_remove_table") or s.callback == "tlb_remove_table_smp_sync":
-            teardown_senders[s.sender] += s.count
-    for s in (trace.send_calls if trace else []):
-        if s.function == "tlb_remove_table_sync_one":
-            teardown_senders[s.sender] += s.count
-    teardown_cpus = Counter()
-    for c in (trace.callbacks if trace else []):
-        if c.function == "tlb_remove_table_smp_sync" and c.from_ipi:
-            teardown_cpus[c.cpu] += c.count
+    teardown_senders = _senders(trace, ("tlb_remove_table_sync_one", "tlb_remove_table"),
+                                callback="tlb_remove_table_smp_sync")
+    teardown_cpus = _callback_cpus(trace, "tlb_remove_table_smp_sync", from_ipi_only=True)
     if teardown_senders or teardown_cpus:
         out.append(Finding(
             target=t, kind="page_table_teardown", severity="info",

@@ -29,6 +29,7 @@ class CpuTimers(BaseModel):
 
 _TIMER_ROW = re.compile(r"\s#\d+: <[0-9a-f]+>, (?P<fn>[^,]+), S:[0-9a-f]+")
 _FIELD = re.compile(r"\s+\.(?P<key>[a-z_]+)\s*: ?(?P<value>.*)")
+_CLOCK_BASE_KEYS = ("base", "index", "resolution", "get_time", "offset")
 
 
 def parse_timer_list(text: str) -> dict[int, CpuTimers]:
@@ -37,35 +38,24 @@ def parse_timer_list(text: str) -> dict[int, CpuTimers]:
         raise ParseError(f"expected /proc/timer_list (`Timer List Version: ...`), got {text[:100]!r}")
     cpus: dict[int, CpuTimers] = {}
     cur: CpuTimers | None = None
-    in_clock = False
     for line in text.split("\n"):
         m = re.fullmatch(r"cpu: (\d+)", line)
         if m:
             cur = CpuTimers(cpu=int(m.group(1)), active=[], tick={})
             cpus[cur.cpu] = cur
-            in_clock = False
             continue
         if cur is None:
             continue
         if line.startswith("Tick Device:") or line.startswith("jiffies:"):
             cur = None
             continue
-        if re.fullmatch(r" clock \d+:", line):
-            in_clock = True
-            continue
-        if line == "active timers:":
-            continue
         t = _TIMER_ROW.match(line)
         if t:
             cur.active.append(t.group("fn").split(" [")[0].strip())
             continue
-        f = _FIELD.fullmatch(line)
-        if f and not line.startswith("   ") and line.startswith("  .") and f.group("key") not in (
-                "base", "index", "resolution", "get_time", "offset"):
-            in_clock = False
+        f = _FIELD.fullmatch(line)  # tick-sched fields; the clock bases' own fields are left out
+        if f and line.startswith("  .") and not line.startswith("   ") and f.group("key") not in _CLOCK_BASE_KEYS:
             cur.tick[f.group("key")] = f.group("value").strip()
-        elif f and in_clock:
-            continue
     if not cpus:
         raise ParseError("no `cpu: N` section in /proc/timer_list")
     return cpus
@@ -113,9 +103,9 @@ def parse_sched_debug(text: str) -> dict[int, SchedCpu]:
         if cur is None:
             continue
         if not line.strip():
-            in_tasks = in_tasks and False
+            in_tasks = False
             continue
-        if re.match(r"(cfs_rq|rt_rq|dl_rq|dl_server|rt_rq)\[", line):
+        if re.match(r"(cfs_rq|rt_rq|dl_rq|dl_server)\[", line):
             section = line.split("[", 1)[0]
             continue
         if line.startswith("runnable tasks:"):
