@@ -221,23 +221,33 @@ class ServiceDisableChange(Change):
 PIN_SCRIPT = "/usr/local/sbin/rt-tune-pin-vcpus"
 QA_COPY = "/usr/local/lib/rt-tune/qemu_affinity.py"  # qemu-affinity, installed by rt-tune when absent
 PIN_SCRIPT_BODY = r"""#!/usr/bin/env python3
-# managed by rt-tune: pin the vCPU threads of a QEMU (also from systemd ExecStartPost, so a restarted QEMU
-# is pinned again).   rt-tune-pin-vcpus MAINPID CPU_FOR_VCPU0 [CPU_FOR_VCPU1 ...]
-#                      rt-tune-pin-vcpus --list MAINPID     (JSON: vCPU -> allowed CPUs; read-only)
+# managed by rt-tune: the vCPU map of a QEMU. Also run by systemd (ExecStartPost), so a restarted QEMU is pinned
+# again.  rt-tune-pin-vcpus MAINPID --map VCPU:CPU[,VCPU:CPU...] --housekeeping CPUS [--fifo PRIO]
+#        rt-tune-pin-vcpus --list MAINPID             (JSON: every thread's affinity and policy; read-only)
+#        rt-tune-pin-vcpus --restore MAINPID JSON     (put back what --list printed before)
+# Each mapped vCPU thread is allowed on its CPU alone; every other thread (the other vCPUs, the main loop, I/O
+# and worker threads, call_rcu) on the housekeeping CPUs; threads QEMU starts later inherit the main thread's.
 # vCPU threads: by name with -name ...,debug-threads=on ("CPU n/KVM", "CPU n/TCG"), pinned with qemu-affinity
-# (the unit's, else rt-tune's copy); without debug-threads: QMP query-cpus-fast thread ids, pinned with taskset.
+# (the unit's, else rt-tune's copy); without debug-threads: QMP query-cpus-fast thread ids, pinned directly.
 import json, os, re, shutil, socket, subprocess, sys, time
 
-def named_vcpus(pid):
+POLICIES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline"}
+
+def tasks(pid):
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+            found[int(tid)] = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
         except OSError:
             continue
+    return found
+
+def named_vcpus(pid):
+    found = {}
+    for tid, comm in tasks(pid).items():
         m = re.fullmatch(r"CPU (\d+)/(KVM|TCG|HVF|WHPX)", comm)
         if m:
-            found[int(m.group(1))] = (int(tid), comm)
+            found[int(m.group(1))] = (tid, comm)
     return found
 
 def qmp_vcpus(argv):
@@ -260,37 +270,122 @@ def qmp_vcpus(argv):
                 break
     return {c["cpu-index"]: (c["thread-id"], None) for c in reply.get("return", [])}
 
-def allowed(tid):
-    for line in open(f"/proc/{tid}/status"):
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
+def cpulist(cpus):
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
 
-def main():
-    listing = sys.argv[1] == "--list"
-    args = sys.argv[2:] if listing else sys.argv[1:]
-    pid, cpus = int(args[0]), args[1:]
+def parse_cpus(text):
+    cpus = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+def state(tid):
+    try:
+        pol = os.sched_getscheduler(tid)
+        return {"cpus": cpulist(os.sched_getaffinity(tid)), "policy": POLICIES.get(pol, str(pol)),
+                "prio": os.sched_getparam(tid).sched_priority}
+    except ProcessLookupError:
+        return None
+
+def find_vcpus(pid, wait_for):
     argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-    debug = any(b"debug-threads=on" in a for a in argv)
-    if debug:
+    if any(b"debug-threads=on" in a for a in argv):
         deadline = time.time() + 30
-        while len(named_vcpus(pid)) < max(len(cpus), 1) and time.time() < deadline:
+        while len(named_vcpus(pid)) < wait_for and time.time() < deadline:
             time.sleep(0.1)
-    vcpus = named_vcpus(pid) if debug else {}
-    via = "names"
-    if not vcpus:
-        vcpus, via = qmp_vcpus(argv), "qmp"
-    if listing:
-        print(json.dumps({"via": via, "vcpus": {f"CPU {i}": allowed(tid) for i, (tid, _) in vcpus.items()}}))
-        return
+        vcpus = named_vcpus(pid)
+        if vcpus:
+            return vcpus, "names"
+    return qmp_vcpus(argv), "qmp"
+
+def listing(pid):
+    vcpus, via = find_vcpus(pid, 1)
+    vtids = {tid for tid, _ in vcpus.values()}
+    out = {"via": via, "main": state(pid), "vcpus": {}, "threads": {}}
+    for i, (tid, _) in sorted(vcpus.items()):
+        out["vcpus"][str(i)] = state(tid)
+    for tid, comm in tasks(pid).items():
+        st = None if tid == pid or tid in vtids else state(tid)
+        if st is not None:
+            seen = out["threads"].setdefault(comm, [])
+            if st not in seen:
+                seen.append(st)
+    for comm in out["threads"]:
+        out["threads"][comm].sort(key=lambda st: json.dumps(st, sort_keys=True))
+    return out
+
+def set_policy(tid, policy, prio):
+    pol = {v: k for k, v in POLICIES.items()}[policy]
+    os.sched_setscheduler(tid, pol, os.sched_param(prio))
+
+def pin(pid, vmap, hk, fifo):
+    vcpus, via = find_vcpus(pid, max(vmap) + 1)
+    missing = sorted(set(vmap) - set(vcpus))
+    if missing:
+        sys.exit(f"vCPU {missing[0]} not found: QEMU pid {pid} has vCPUs {cpulist(vcpus) or 'none'}")
+    done = False
     if via == "names":
         tool = shutil.which("qemu-affinity")
         cmd = [tool] if tool else [sys.executable, "@QA_COPY@"]
-        spec = [f"{vcpus[i][1]}:{cpu}" for i, cpu in enumerate(cpus)]
-        if subprocess.run(cmd + [str(pid), "-t", *spec], stdout=subprocess.DEVNULL).returncode == 0:
-            return
-        print("qemu-affinity failed; pinning by thread id", file=sys.stderr)
-    for i, cpu in enumerate(cpus):
-        subprocess.run(["taskset", "-p", "-c", cpu, str(vcpus[i][0])], check=True, stdout=subprocess.DEVNULL)
+        spec = [f"{vcpus[v][1]}:{c}" for v, c in sorted(vmap.items())]
+        others = [] if hk is None else ["-p", cpulist(hk)]
+        spec += [] if hk is None else [f"*:{cpulist(hk)}"]
+        done = subprocess.run(cmd + [str(pid), *others, "-t", *spec], stdout=subprocess.DEVNULL).returncode == 0
+        if not done:
+            print("qemu-affinity failed; pinning by thread id", file=sys.stderr)
+    if not done:
+        rt = {vcpus[v][0]: c for v, c in vmap.items()}
+        for tid in tasks(pid):
+            if tid not in rt and hk is None:
+                continue
+            try:
+                os.sched_setaffinity(tid, {rt[tid]} if tid in rt else hk)
+            except ProcessLookupError:
+                pass  # a worker thread that just ended
+    if fifo:
+        for v in vmap:
+            set_policy(vcpus[v][0], "fifo", fifo)
+
+def restore(pid, before):
+    vcpus, _ = find_vcpus(pid, len(before["vcpus"]))
+    by_tid = {vcpus[int(v)][0]: st for v, st in before["vcpus"].items() if int(v) in vcpus}
+    if before.get("main"):
+        by_tid[pid] = before["main"]
+    for tid, comm in tasks(pid).items():
+        if tid in by_tid:
+            continue
+        seen = before.get("threads", {}).get(comm) or []
+        by_tid[tid] = seen[0] if len(seen) == 1 else before.get("main")
+    for tid, st in by_tid.items():
+        if not st:
+            continue
+        try:
+            os.sched_setaffinity(tid, parse_cpus(st["cpus"]))
+            if "policy" in st and st["policy"] in ("other", "fifo", "rr", "batch", "idle"):
+                set_policy(tid, st["policy"], st["prio"])
+        except ProcessLookupError:
+            pass
+
+def main():
+    if sys.argv[1] == "--list":
+        print(json.dumps(listing(int(sys.argv[2]))))
+    elif sys.argv[1] == "--restore":
+        restore(int(sys.argv[2]), json.loads(sys.argv[3]))
+    else:
+        pid, opts = int(sys.argv[1]), sys.argv[2:]
+        args = dict(zip(opts[::2], opts[1::2]))
+        vmap = {int(v): int(c) for v, c in (p.split(":") for p in args["--map"].split(","))}
+        hk = parse_cpus(args["--housekeeping"]) if "--housekeeping" in args else None
+        pin(pid, vmap, hk, int(args.get("--fifo", 0)))
 
 main()
 """.replace("@QA_COPY@", QA_COPY)
@@ -308,28 +403,55 @@ def qemu_affinity_source() -> bytes:
 
 @dataclass
 class VcpuPinningChange(Change):
-    """Pin vCPU i of the QEMU run by `service` to host CPU cpus[i] (qemu-affinity's `-k` semantics), now and
-    at every restart of the service (a systemd drop-in with ExecStartPost)."""
+    """The vCPU map: guest vCPU v on host CPU `vcpus[v]` alone, every other thread of the QEMU run by `service`
+    (other vCPUs, main loop, I/O and worker threads) on `housekeeping`, optionally SCHED_FIFO `rt_priority` for
+    the mapped vCPUs; now and at every restart of the service (a systemd drop-in with ExecStartPost). The guest's
+    RT CPU n is its vCPU n, so this is what puts the guest's RT work on the host's isolated CPUs."""
 
     service: str
-    cpus: list[int]
+    vcpus: dict[int, int]
+    housekeeping: list[int] | None  # None only for a change journaled by an older rt-tune (see from_params)
+    rt_priority: int | None = None
     kind: str = field(default="vcpu_pinning", init=False)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> VcpuPinningChange:
+        """From a resolved profile's params; a record journaled before the vCPU map ({service, cpus}: vCPU i on
+        cpus[i], other threads left alone) is rebuilt as it was made, so it can still be verified and undone."""
+        if "vcpus" not in params:
+            return cls(params["service"], dict(enumerate(params["cpus"])), None)
+        return cls(params["service"], {int(v): int(c) for v, c in params["vcpus"].items()},
+                   list(params["housekeeping"]), params.get("rt_priority"))
 
     def __post_init__(self) -> None:
         if not UNIT_NAME.match(self.service):
             raise InputError(f"QEMU service name {self.service!r} is not a valid systemd unit name")
-        if not self.cpus:
-            raise InputError("vCPU pinning needs at least one host CPU")
+        if not self.vcpus:
+            raise InputError("vCPU pinning needs at least one guest vCPU mapped to a host CPU")
+        if self.housekeeping is not None and not self.housekeeping:
+            raise InputError("vCPU pinning needs the housekeeping CPUs for QEMU's other threads")
+        self.vcpus = {int(v): int(c) for v, c in sorted(self.vcpus.items())}
+        if len(set(self.vcpus.values())) != len(self.vcpus):
+            raise InputError(f"vCPU map {self.vcpus}: each RT vCPU needs its own host CPU")
+        if set(self.vcpus.values()) & set(self.housekeeping or []):
+            raise InputError(f"vCPU map {self.vcpus}: the housekeeping CPUs {self.housekeeping} overlap the RT CPUs")
+        if self.rt_priority is not None and not 1 <= self.rt_priority <= 99:
+            raise InputError(f"SCHED_FIFO priority {self.rt_priority} is outside 1..99")
         self.change_id = f"vcpu_pinning.{self.service}"
 
     @property
     def dropin(self) -> str:
         return f"/etc/systemd/system/{self.service}.d/50-rt-tune-vcpu-pinning.conf"
 
+    def _pin_args(self) -> list[str]:
+        args = ["--map", ",".join(f"{v}:{c}" for v, c in self.vcpus.items())]
+        if self.housekeeping is not None:
+            args += ["--housekeeping", _cpus_text(self.housekeeping)]
+        return args + (["--fifo", str(self.rt_priority)] if self.rt_priority else [])
+
     def _dropin_bytes(self) -> bytes:
-        cpus = " ".join(str(c) for c in self.cpus)
         return (f"# managed by rt-tune: {self.change_id}\n[Service]\n"
-                f"ExecStartPost={PIN_SCRIPT} $MAINPID {cpus}\n").encode()
+                f"ExecStartPost={PIN_SCRIPT} $MAINPID {' '.join(self._pin_args())}\n").encode()
 
     def _main_pid(self, t: Transport) -> str:
         pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()
@@ -337,42 +459,82 @@ class VcpuPinningChange(Change):
             raise ChangeError(f"{t.label}: {self.service} is not running (MainPID {pid!r}); nothing to pin")
         return pid
 
-    def _vcpu_affinities(self, t: Transport) -> dict[str, list[int]]:
-        """vCPU -> allowed host CPUs, by thread name (debug-threads=on) or else through QMP (read-only)."""
+    def _threads(self, t: Transport) -> dict[str, Any]:
+        """Every thread's affinity and policy: the main thread, vCPUs by index, the others grouped by name
+        (worker threads come and go; their name is what is stable). Read-only."""
         import json
 
         pid = self._main_pid(t)
         out = t.run(["python3", "-c", PIN_SCRIPT_BODY, "--list", pid], timeout_s=60).stdout
         try:
-            listing = json.loads(out)
-        except ValueError:
-            raise ChangeError(f"{t.label}: unexpected vCPU listing for {self.service}: {out[:200]!r}") from None
-        if not listing["vcpus"]:
+            listing = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise ChangeError(f"{t.label}: unexpected thread listing for {self.service}: {out[:200]!r}") from None
+        if not listing.get("vcpus"):
             raise ChangeError(f"{t.label}: no vCPU threads found in {self.service} (pid {pid})")
-        return {name: parse_cpu_list(cpus) for name, cpus in listing["vcpus"].items()}
+        return {k: listing[k] for k in ("main", "vcpus", "threads")}
 
     def read(self, t: Transport) -> State:
         has_tool = t.run(["sh", "-c", "command -v qemu-affinity || true"], timeout_s=30).stdout.strip() != ""
         files = read_files(t, [self.dropin, PIN_SCRIPT, QA_COPY])
-        return {"affinity": self._vcpu_affinities(t), "dropin": _b64(files[self.dropin]),
+        return {"threads": self._threads(t), "dropin": _b64(files[self.dropin]),
                 "script": _b64(files[PIN_SCRIPT]), "qa_copy": _b64(files[QA_COPY]),
                 "unit_has_qemu_affinity": has_tool}
 
     def desired(self, before: State) -> State:
-        want = dict(before["affinity"])
-        for i, cpu in enumerate(self.cpus):
-            if f"CPU {i}" in want:
-                want[f"CPU {i}"] = [cpu]
         qa = before["qa_copy"] if before["unit_has_qemu_affinity"] else _b64(qemu_affinity_source())
-        return {"affinity": want, "dropin": _b64(self._dropin_bytes()), "script": _b64(PIN_SCRIPT_BODY.encode()),
-                "qa_copy": qa}
+        return {"map": {str(v): c for v, c in self.vcpus.items()}, "housekeeping": self.housekeeping,
+                "rt_priority": self.rt_priority, "dropin": _b64(self._dropin_bytes()),
+                "script": _b64(PIN_SCRIPT_BODY.encode()), "qa_copy": qa}
+
+    def misplaced(self, threads: dict[str, Any]) -> list[str]:
+        """What breaks the map, one line per thread group (empty: the map holds)."""
+        wrong: list[str] = []
+        live_vcpus = threads.get("vcpus", {})
+        for v, cpu in self.vcpus.items():
+            st = live_vcpus.get(str(v))
+            if st is None:
+                wrong.append(f"vCPU {v}: no such vCPU thread (QEMU has {sorted(live_vcpus, key=int)})")
+                continue
+            if parse_cpu_list(st["cpus"]) != [cpu]:
+                wrong.append(f"vCPU {v}: allowed on {st['cpus']}, want {cpu}")
+            if self.rt_priority and (st["policy"], st["prio"]) != ("fifo", self.rt_priority):
+                wrong.append(f"vCPU {v}: {st['policy']} {st['prio']}, want fifo {self.rt_priority}")
+        if self.housekeeping is None:  # journaled by an older rt-tune: it left the other threads alone
+            return wrong
+        hk = sorted(set(self.housekeeping))
+        others = [(f"vCPU {v}", st) for v, st in live_vcpus.items() if int(v) not in self.vcpus]
+        others += [("main loop", threads.get("main"))]
+        others += [(name, st) for name, sts in threads.get("threads", {}).items() for st in sts]
+        for name, st in others:
+            if st is not None and parse_cpu_list(st["cpus"]) != hk:
+                wrong.append(f"{name}: allowed on {st['cpus']}, want housekeeping {_cpus_text(hk)}")
+        return wrong
 
     def in_place(self, live: State, desired: State) -> bool:
-        """The vCPUs rt-tune pins are on their CPUs and its files are there. The other vCPUs' affinity is not
-        rt-tune's: after a reboot with isolcpus= a new thread starts on the housekeeping CPUs, not on all."""
-        pinned = {f"CPU {i}" for i in range(len(self.cpus))}
-        return all(live["affinity"].get(name) == cpus for name, cpus in desired["affinity"].items() if name in pinned) \
-            and all(live.get(k) == desired[k] for k in desired if k != "affinity")
+        """Every mapped vCPU alone on its CPU (with its policy), every other QEMU thread on the housekeeping
+        CPUs, and rt-tune's files in place."""
+        return not self.misplaced(live["threads"]) \
+            and all(live.get(k) == desired[k] for k in ("dropin", "script", "qa_copy"))
+
+    def verify(self, t: Transport, plan: Plan) -> State:
+        live = self.read(t)
+        wrong = self.misplaced(live["threads"])
+        if wrong or not self.in_place(live, plan.desired):
+            raise ChangeError(f"{t.label}: {self.describe()}: verify failed: "
+                              + ("; ".join(wrong) if wrong else "rt-tune's files are not in place"))
+        return live
+
+    def verify_rolled_back(self, t: Transport, before: State) -> None:
+        """As the base check, except thread groups that exist only on one side (worker threads come and go)."""
+        live = self.read(t)
+        lt, bt = live["threads"], _threads_of(before)
+        same = (lt["main"] == bt["main"] and lt["vcpus"] == bt["vcpus"]
+                and all(lt["threads"][n] == bt["threads"][n] for n in set(lt["threads"]) & set(bt["threads"]))
+                and all(live.get(k) == before.get(k) for k in ("dropin", "script", "qa_copy")))
+        if not same:
+            raise ChangeError(f"{t.label}: {self.describe()}: rollback did not restore the previous state: "
+                              f"live {live} != before {before}")
 
     def apply(self, t: Transport, before: State) -> None:
         if not before["unit_has_qemu_affinity"]:  # "installed if absent": rt-tune's own copy, removed on rollback
@@ -382,20 +544,38 @@ class VcpuPinningChange(Change):
         t.run(["mkdir", "-p", self.dropin.rsplit("/", 1)[0]], timeout_s=30)
         t.write_file(self.dropin, self._dropin_bytes())
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
-        t.run([PIN_SCRIPT, self._main_pid(t), *[str(c) for c in self.cpus]], timeout_s=60)
+        t.run([PIN_SCRIPT, self._main_pid(t), *self._pin_args()], timeout_s=60)
 
     def rollback(self, t: Transport, before: State) -> None:
+        import json
+
         restore_file(t, self.dropin, _unb64(before["dropin"]))
         restore_file(t, PIN_SCRIPT, _unb64(before["script"]), mode=0o755)
         restore_file(t, QA_COPY, _unb64(before["qa_copy"]))
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
-        # the previous affinity of each vCPU, put back with the same helper (by name or QMP), run in memory
-        cpus = [",".join(str(c) for c in before["affinity"][f"CPU {i}"]) for i in range(len(before["affinity"]))]
-        pid = self._main_pid(t)
-        t.run(["python3", "-c", PIN_SCRIPT_BODY, pid, *cpus], timeout_s=60)
+        # every thread's previous affinity and policy, put back by the same helper, run in memory
+        t.run(["python3", "-c", PIN_SCRIPT_BODY, "--restore", self._main_pid(t),
+               json.dumps(_threads_of(before), sort_keys=True)], timeout_s=60)
 
     def describe(self) -> str:
-        return f"pin vCPUs of {self.service} to CPUs {','.join(map(str, self.cpus))}"
+        fifo = f" (SCHED_FIFO {self.rt_priority})" if self.rt_priority else ""
+        rt = "; ".join(f"vCPU {v} -> host CPU {c}{fifo}" for v, c in self.vcpus.items())
+        if self.housekeeping is None:
+            return f"pin {self.service}: {rt}"
+        return f"pin {self.service}: {rt}; other threads -> {_cpus_text(self.housekeeping)}"
+
+
+def _cpus_text(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def _threads_of(before: State) -> dict[str, Any]:
+    """The thread state a before-snapshot holds; a snapshot journaled by an older rt-tune kept only
+    {"affinity": {"CPU i": [cpus]}} (vCPUs by index)."""
+    if "threads" in before:
+        return before["threads"]
+    return {"main": None, "threads": {},
+            "vcpus": {name.split()[1]: {"cpus": _cpus_text(cpus)} for name, cpus in before["affinity"].items()}}
 
 
 # ---- IRQ affinity ------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def build_change(kind: str, params: dict[str, Any]) -> Change | None:
     if kind == "service_disable":
         return ServiceDisableChange(params["unit"], mask=bool(params.get("mask", False)))
     if kind == "vcpu_pinning":
-        return VcpuPinningChange(params["service"], list(params["cpus"]))
+        return VcpuPinningChange.from_params(params)
     if kind == "irq_affinity":
         return IrqAffinityChange(list(params["housekeeping"]))
     if kind in BOOT_KINDS:
@@ -119,9 +119,8 @@ class Engine:
 
     # ---- apply ---------------------------------------------------------------------------------------
     def specs(self, unit: str, profile_path: Path) -> list[ChangeSpec]:
-        spec = self.inventory.unit(unit)
-        cpus = spec.vars.get("cpus")
-        profile = load_profile(profile_path, spec.vars, int(cpus) if cpus is not None else None)
+        spec = self.inventory.unit(unit)  # an unknown unit: InputError listing the known ones
+        profile = load_profile(profile_path, spec.vars)  # checks the `cpus` var itself (no int() traceback)
         specs = resolve(profile, unit, spec)
         if self.plan.boot.cmdline == "per_key":  # one trial boot per argument (playbook `boot.cmdline`)
             specs = [part for s in specs for part in split_cmdline(s)]
@@ -314,6 +313,7 @@ class Engine:
 
     def rollback(self, unit: str, change_id: str | None = None, *, force_unlock: str | None = None) -> list[str]:
         """Undo kept changes, newest first (all of them, or one by id)."""
+        self.inventory.unit(unit)  # an unknown unit is an InputError before the journal is written
         undone = []
         with self.journal.acquire_lock(unit, force_unlock=force_unlock):
             self.reconcile(unit)
@@ -331,6 +331,7 @@ class Engine:
     def verify(self, unit: str) -> list[dict[str, Any]]:
         """Compare the live state of every kept change with what the journal says; drift -> degraded, and
         nothing is overwritten."""
+        self.inventory.unit(unit)  # an unknown unit is an InputError before the journal is written
         report = []
         drifted = 0
         for rec in self.journal.active_changes(unit):

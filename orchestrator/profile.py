@@ -15,9 +15,12 @@ A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/
       services:
         disable: [foo.service]      # one change per unit: stop + disable (+ mask when `mask: true`)
         mask: false
-      vcpu_pinning:                 # qemu-affinity -k style: vCPU i -> i-th CPU of `cpus` (ascending)
+      vcpu_pinning:                 # the vCPU map (see VcpuPinning): guest RT vCPU vcpus[i] -> host CPU cpus[i]
         service: "${qemu_service}"  # the systemd unit running the guest's QEMU
-        cpus: "${rt_cpus}"
+        cpus: "${rt_cpus}"          # isolated host CPUs, one per guest RT vCPU
+        vcpus: "${guest_rt_cpus}"   # the guest's RT vCPUs by index (this is the default)
+        housekeeping: "${housekeeping_cpus}"  # every other vCPU and QEMU thread (this is the default)
+        rt_priority: 1              # optional: SCHED_FIFO priority of the RT vCPU threads (default: none)
       irq_affinity:                 # move every movable IRQ to these CPUs
         housekeeping: "${housekeeping_cpus}"
       kernel:                       # optional: install and boot this host kernel (one change, host only)
@@ -173,8 +176,21 @@ class Services(_Strict):
 
 
 class VcpuPinning(_Strict):
+    """The vCPU map: each guest RT vCPU on its own isolated host CPU, everything else of QEMU on housekeeping.
+
+    `cpus[i]` is the host CPU of guest vCPU `vcpus[i]` (both ascending, same count). `vcpus` defaults to the
+    unit's `${guest_rt_cpus}` (a guest RT CPU is the vCPU of the same index), `housekeeping` to
+    `${housekeeping_cpus}`. `rt_priority` (1..99) runs the RT vCPU threads SCHED_FIFO; the default is none
+    (SCHED_OTHER): a FIFO vCPU that never blocks (a busy guest, or WFI/WFE not trapped) starves the kernel's
+    per-CPU threads on its CPU unless that CPU is fully isolated (isolcpus, nohz_full, rcu_nocbs) and RT
+    throttling is understood, so it is the user's decision, once the host cmdline is in place (Red Hat's
+    realtime-virtual-host practice is FIFO 1)."""
+
     service: StrictStr
     cpus: CpuText
+    vcpus: CpuText | None = None
+    housekeeping: CpuText | None = None
+    rt_priority: Annotated[int, Field(strict=True, ge=1, le=99)] | None = None
 
 
 class IrqAffinity(_Strict):
@@ -551,6 +567,45 @@ class _Resolver:
                 return None
         return cpus
 
+    def vcpu_map(self, t: Target, pin: VcpuPinning) -> tuple[list[tuple[str, list[int], str]], dict | None]:
+        """The vCPU map's RT set (for the overlap checks) and its change params: {service, vcpus: {guest vCPU:
+        host CPU}, housekeeping, rt_priority}; None when any part is wrong (every problem is reported)."""
+        base = (t, "vcpu_pinning")
+        unit = self.service(base + ("service",), pin.service)
+
+        def cpulist(key: str, raw: str, target: str, what: str) -> tuple[list[int] | None, str | None]:
+            text = self.sub(base + (key,), raw)
+            return (self.cpus(target, base + (key,), text, raw, what) if text is not None else None), text
+
+        cpus, text = cpulist("cpus", pin.cpus, t, "CPU list")
+        defaults = {"vcpus": (pin.vcpus, "guest_rt_cpus", "the guest's RT vCPUs"),
+                    "housekeeping": (pin.housekeeping, "housekeeping_cpus", "the host CPUs for QEMU's other threads")}
+        for key, (given, var, what) in defaults.items():
+            if given is None and self.vars is not None and var not in self.vars:
+                self.p.add(base, f"`{key}` is not set and there is no `{var}` var to default it to ({self.whose} "
+                                 f"define {', '.join(sorted(self.vars)) or 'none'}): name {what}, e.g. {key}: \"1\"")
+                return [], None
+        vcpus, _ = cpulist("vcpus", "${guest_rt_cpus}" if pin.vcpus is None else pin.vcpus, "guest", "vCPU list")
+        hk_raw = "${housekeeping_cpus}" if pin.housekeeping is None else pin.housekeeping
+        hk, hk_text = cpulist("housekeeping", hk_raw, t, "CPU list")
+        rt_sets = [(".".join(base + ("cpus",)), cpus, text)] if cpus and text is not None else []
+        if cpus and vcpus and len(cpus) != len(vcpus):
+            self.p.add(base + ("cpus",), f"{len(vcpus)} guest RT vCPU{'s' if len(vcpus) > 1 else ''} "
+                       f"({_fmt_cpus(vcpus)}) need as many isolated host CPUs, one each; got {len(cpus)}", text,
+                       pin.cpus)
+            return rt_sets, None
+        if cpus and hk:
+            both = sorted(set(hk) & set(cpus))
+            if both:
+                self.p.add(base + ("housekeeping",), f"housekeeping CPU{'s' if len(both) > 1 else ''} "
+                           f"{_fmt_cpus(both)} also in vcpu_pinning.cpus ({text}): QEMU's other threads must "
+                           "not share the RT vCPUs' CPUs", hk_text, hk_raw)
+                return rt_sets, None
+        if not (unit and cpus and vcpus and hk):
+            return rt_sets, None
+        return rt_sets, {"service": unit, "vcpus": {str(v): c for v, c in zip(vcpus, cpus)},
+                         "housekeeping": hk, "rt_priority": pin.rt_priority}
+
     def service(self, loc: tuple, raw: str) -> str | None:
         text = self.sub(loc, raw)
         if text is None:
@@ -609,14 +664,7 @@ class _Resolver:
         pin = getattr(sec, "vcpu_pinning", None)
         pin_params = None
         if pin is not None:
-            unit = self.service((t, "vcpu_pinning", "service"), pin.service)
-            loc = (t, "vcpu_pinning", "cpus")
-            text = self.sub(loc, pin.cpus)
-            cpus = self.cpus(t, loc, text, pin.cpus) if text is not None else None
-            if cpus:
-                rt_sets.append((".".join(loc), cpus, text))  # type: ignore[arg-type]
-            if unit and cpus:
-                pin_params = {"service": unit, "cpus": cpus}
+            rt_sets, pin_params = self.vcpu_map(t, pin)
 
         add, cmdline_ok = self.cmdline(t, sec.cmdline, rt_sets)
 
@@ -800,6 +848,13 @@ def _describe_artifact(a: Mapping[str, Any]) -> str:
     return what + (f" ({a['release']})" if a.get("release") else "")
 
 
+def describe_vcpu_map(p: Mapping[str, Any]) -> str:
+    """"vCPU 1 (guest RT CPU 1) -> host CPU 1 (SCHED_FIFO 1); vCPU 0, main loop, I/O threads -> 0"."""
+    fifo = f" (SCHED_FIFO {p['rt_priority']})" if p.get("rt_priority") else ""
+    rt = "; ".join(f"vCPU {v} (guest RT CPU {v}) -> host CPU {c}{fifo}" for v, c in p["vcpus"].items())
+    return f"{rt}; other vCPUs, main loop, I/O threads -> {_fmt_cpus(p['housekeeping'])}"
+
+
 def describe(spec: ChangeSpec) -> str:
     """One line for humans."""
     p = spec.params
@@ -808,8 +863,7 @@ def describe(spec: ChangeSpec) -> str:
     elif spec.kind == "service_disable":
         text = f"stop, disable{' and mask' if p.get('mask') else ''} {p['unit']}"
     elif spec.kind == "vcpu_pinning":
-        pins = ", ".join(f"vCPU {i}->CPU {c}" for i, c in enumerate(p["cpus"]))
-        text = f"pin the vCPU threads of {p['service']}: {pins}"
+        text = f"pin the threads of {p['service']}: {describe_vcpu_map(p)}"
     elif spec.kind == "irq_affinity":
         text = f"move IRQs to housekeeping CPUs {_fmt_cpus(p['housekeeping'])}"
     elif spec.kind == "cmdline":

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.paths import Paths
+from orchestrator.changes import VcpuPinningChange
 from tests.conftest import REPO, running_lab, lab_state_paths, tune_env
+from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
 pytestmark = [pytest.mark.lab, pytest.mark.arm64]
 
@@ -110,6 +112,18 @@ def test_arm64_unit_is_an_el2_host_with_a_nested_kvm_guest_reached_through_it(ar
     [guest_qemu] = [p for p in procs if p.name == "rtguest"]
     assert [(v.index, v.accel) for v in guest_qemu.vcpus] == [(0, "KVM"), (1, "KVM")]
 
+    # the vCPU map on real KVM threads: guest RT vCPU 1 alone on host CPU 1, everything else of QEMU on 0; undone
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0])
+    plan = change.plan(ahost)
+    try:
+        change.apply(ahost, plan.before)
+        change.verify(ahost, plan)
+        assert_vcpu_map(qemu_threads(ahost), "CPU 1/KVM", "1", "0")
+    finally:
+        change.rollback(ahost, plan.before)
+    change.verify_rolled_back(ahost, plan.before)
+    assert set(vcpu_threads(ahost).values()) == {"0-1"}
+
     # arm64 IPI rows, per CPU, parsed from the live /proc/interrupts by rt-tune's fact
     irqs = IRQS.gather(ahost)
     ipis = {i.irq: i for i in irqs if i.irq.startswith("IPI")}
@@ -157,8 +171,8 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
         assert (b - a) / (tb - ta) <= max(1.0, verdict["rate_before"] / 10)  # still untrapped now
     else:
         assert not notrap & set(live)
-    if pin["status"] == "kept":
-        assert threads["CPU 0/KVM"] == "1", threads  # vCPU i -> the i-th of rt_cpus ("1"): only vCPU 0
+    if pin["status"] == "kept":  # the guest's RT CPU 1 is vCPU 1: alone on the isolated host CPU 1
+        assert_vcpu_map(qemu_threads(ahost), "CPU 1/KVM", "1", "0")
 
     # rollback --all: the host boots its old cmdline again, the threads run anywhere
     proc = tune(arm64_paths, "rollback", "lab1", "--all", "--json")

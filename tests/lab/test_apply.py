@@ -16,6 +16,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, tune_env
+from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
 pytestmark = pytest.mark.lab
 
@@ -100,14 +101,12 @@ def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_
     assert tm == ("0" if "guest.sysctl.kernel.timer_migration" in kept else "1")
     enabled = guest.run(["systemctl", "is-enabled", "mirobot_teleoperate.service"], check=False).stdout.strip()
     assert enabled == ("disabled" if "guest.service.mirobot_teleoperate.service" in kept else "enabled")
-    pid = host.run(["systemctl", "show", "-p", "MainPID", "--value", "rt-guest-vm.service"]).stdout.strip()
-    status = host.run(["sh", "-c", f"grep -H Cpus_allowed_list /proc/{pid}/task/*/status; "
-                                   f"grep -H . /proc/{pid}/task/*/comm"]).stdout
-    tids = {line.split("/")[4] for line in status.splitlines() if line.endswith(":CPU 0/TCG")}
-    [vcpu0] = tids
-    allowed = next(line for line in status.splitlines() if f"/task/{vcpu0}/status" in line).split()[-1]
-    unpinned = "0" if outcomes["host.cmdline"]["status"] == "kept" else "0-1"  # isolcpus=1 keeps new threads off 1
-    assert allowed == ("1" if "host.vcpu_pinning" in kept else unpinned)
+    threads = qemu_threads(host)
+    if "host.vcpu_pinning" in kept:  # the guest's RT CPU 1 is vCPU 1: alone on the isolated host CPU 1
+        assert_vcpu_map(threads, "CPU 1/TCG", "1", "0")
+    else:
+        unpinned = "0" if outcomes["host.cmdline"]["status"] == "kept" else "0-1"  # isolcpus=1: new threads off 1
+        assert threads["CPU 1/TCG"] == [unpinned], threads
     guest_args = "isolcpus=domain,managed_irq,1 nohz_full=1 rcu_nocbs=1"
     live = guest.run(["cat", "/proc/cmdline"]).stdout.split()
     if outcomes["guest.cmdline"]["status"] == "kept":

@@ -15,6 +15,7 @@ from orchestrator.changes import (
     VcpuPinningChange,
     read_optional,
 )
+from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
 pytestmark = pytest.mark.lab
 
@@ -76,24 +77,53 @@ def test_mask_and_unmask(guest):
     assert guest.run(["systemctl", "is-enabled", "mirobot_teleoperate.service"]).stdout.strip() == "enabled"
 
 
-def test_vcpu_pinning_now_and_after_qemu_restarts(host):
-    change = VcpuPinningChange("rt-guest-vm.service", [1, 0])
+def test_vcpu_map_now_and_after_qemu_restarts(host):
+    """The guest's RT CPU 1 is vCPU 1: its thread alone on host CPU 1, vCPU 0 and QEMU's other threads on 0;
+    re-applied when systemd restarts QEMU; rolled back to every thread's previous affinity."""
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0])
     plan = change.plan(host)
-    assert plan.before["affinity"] == {"CPU 0": [0, 1], "CPU 1": [0, 1]}
+    assert not plan.noop
+    assert plan.before["threads"]["vcpus"]["1"]["cpus"] == "0-1"
+    before_shell = qemu_threads(host, "rt-guest-vm.service")
+    assert set(before_shell["CPU 1/TCG"]) == {"0-1"}
     change.apply(host, plan.before)
-    assert change.verify(host, plan)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}
+    change.verify(host, plan)
+    assert_vcpu_map(qemu_threads(host, "rt-guest-vm.service"), "CPU 1/TCG", "1", "0")
+    assert dataclasses.replace(change).plan(host).noop
     host.run(["systemctl", "restart", "rt-guest-vm.service"], timeout_s=60)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if change.read(host)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}:
+            if change.in_place(change.read(host), plan.desired):
                 break
         except Exception:
             pass
         time.sleep(1)
-    assert change.read(host)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}  # pinned again by the drop-in
+    assert_vcpu_map(qemu_threads(host, "rt-guest-vm.service"), "CPU 1/TCG", "1", "0")  # pinned again by the drop-in
     change.rollback(host, plan.before)
     change.verify_rolled_back(host, plan.before)
+    after_shell = qemu_threads(host, "rt-guest-vm.service")
+    assert set(after_shell["CPU 1/TCG"]) == {"0-1"} and set(after_shell["CPU 0/TCG"]) == {"0-1"}
+
+
+def test_vcpu_map_with_sched_fifo(host):
+    """rt_priority: the RT vCPU thread runs SCHED_FIFO at that priority (read with chrt), and goes back to
+    SCHED_OTHER on rollback."""
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0], rt_priority=1)
+    plan = change.plan(host)
+    pid = host.run(["systemctl", "show", "-p", "MainPID", "--value", "rt-guest-vm.service"]).stdout.strip()
+    tid = host.run(["sh", "-c", f"grep -l '^CPU 1/TCG$' /proc/{pid}/task/*/comm | cut -d/ -f5"]).stdout.strip()
+    try:
+        change.apply(host, plan.before)
+        change.verify(host, plan)
+        chrt = host.run(["chrt", "-p", tid]).stdout
+        assert "SCHED_FIFO" in chrt and "priority: 1" in chrt, chrt
+        tid0 = host.run(["sh", "-c", f"grep -l '^CPU 0/TCG$' /proc/{pid}/task/*/comm | cut -d/ -f5"]).stdout.strip()
+        assert "SCHED_OTHER" in host.run(["chrt", "-p", tid0]).stdout  # only the RT vCPU
+    finally:
+        change.rollback(host, plan.before)
+    change.verify_rolled_back(host, plan.before)
+    assert "SCHED_OTHER" in host.run(["chrt", "-p", tid]).stdout
 
 
 def test_irq_affinity_to_housekeeping_survives_a_reboot_and_back(lab, host):
@@ -129,7 +159,7 @@ def test_vcpu_pinning_without_debug_threads_falls_back_to_qmp(host):
               "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-smp", "2", "-m", "64", "-nodefaults",
               "-display", "none", "-S", "-qmp", f"unix:/run/{unit}/qmp.sock,server=on,wait=off"])
     try:
-        change = VcpuPinningChange(f"{unit}.service", [1, 0])
+        change = VcpuPinningChange(f"{unit}.service", {1: 1}, [0])
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -139,9 +169,14 @@ def test_vcpu_pinning_without_debug_threads_falls_back_to_qmp(host):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        assert plan.before["affinity"] == {"CPU 0": [0, 1], "CPU 1": [0, 1]}
+        assert {v: st["cpus"] for v, st in plan.before["threads"]["vcpus"].items()} == {"0": "0-1", "1": "0-1"}
         change.apply(host, plan.before)
-        assert change.verify(host, plan)["affinity"] == {"CPU 0": [1], "CPU 1": [0]}
+        live = change.verify(host, plan)["threads"]
+        assert {v: st["cpus"] for v, st in live["vcpus"].items()} == {"0": "0", "1": "1"}
+        # no thread names without debug-threads: every thread but vCPU 1's is on the housekeeping CPU
+        threads = qemu_threads(host, f"{unit}.service")
+        allowed = sorted(c for cpus in threads.values() for c in cpus)
+        assert allowed.count("1") == 1 and set(allowed) == {"0", "1"}, threads
         change.rollback(host, plan.before)
         change.verify_rolled_back(host, plan.before)
     finally:

@@ -1,13 +1,23 @@
-"""What counts as "in place" after a reboot, for the runtime changes whose live state the kernel reshapes at
-boot. The states are rt-tune's own read() snapshots (not tool output), cut down from those the CI lab run of
-2026-11-25 journaled on lab1-host: IRQs 32/33 (virtio1-req.0/1) were movable on the first boot and kernel-managed
-after a reboot with isolcpus=managed_irq,1; vCPU "CPU 1" restarted with affinity [0]."""
+"""What counts as "in place" for the runtime changes whose live state the kernel or QEMU reshapes. The IRQ
+states are rt-tune's own read() snapshots (not tool output), cut down from those the CI lab run of 2026-11-25
+journaled on lab1-host: IRQs 32/33 (virtio1-req.0/1) were movable on the first boot and kernel-managed after a
+reboot with isolcpus=managed_irq,1. The vCPU thread listings are recorded from the x86 lab host
+(tests/recorded/lab-x86/README.md, "QEMU's threads for the vCPU map")."""
+
+import json
+from pathlib import Path
 
 import pytest
 
 from orchestrator.changes import IrqAffinityChange, VcpuPinningChange
+from orchestrator.errors import InputError
+from orchestrator.profile import describe_vcpu_map
 
 pytestmark = pytest.mark.unit
+
+RECORDED = Path(__file__).parent.parent / "recorded" / "lab-x86"
+PRISTINE = json.loads((RECORDED / "host-vcpu-threads-pristine.json").read_text())
+MAPPED = json.loads((RECORDED / "host-vcpu-threads-mapped.json").read_text())
 
 
 def test_irq_that_the_kernel_manages_after_a_reboot_is_not_drift():
@@ -25,13 +35,74 @@ def test_irq_that_the_kernel_manages_after_a_reboot_is_not_drift():
     assert not change.in_place(unit_gone, desired)
 
 
-def test_only_the_pinned_vcpus_are_compared():
-    change = VcpuPinningChange("rt-guest-vm.service", [1])
-    before = {"affinity": {"CPU 0": [0, 1], "CPU 1": [0, 1]}, "dropin": None, "script": None, "qa_copy": None,
-              "unit_has_qemu_affinity": False}
+def _state(listing: dict, files: dict | None = None) -> dict:
+    threads = {k: listing[k] for k in ("main", "vcpus", "threads")}
+    return {"threads": threads, "dropin": None, "script": None, "qa_copy": None, "unit_has_qemu_affinity": False,
+            **(files or {})}
+
+
+def test_the_vcpu_map_puts_the_guest_rt_vcpu_alone_on_the_isolated_cpu():
+    """The guest's RT CPU 1 is vCPU 1: it goes to host CPU 1, vCPU 0 (the guest's housekeeping CPU) does not."""
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0])
+    before = _state(PRISTINE)
     desired = change.desired(before)
-    live = {**before, **{k: desired[k] for k in ("dropin", "script", "qa_copy")},
-            "affinity": {"CPU 0": [1], "CPU 1": [0]}}  # CPU 1 restarted on the housekeeping CPU (isolcpus=1)
-    assert change.in_place(live, desired)
-    assert not change.in_place(dict(live, affinity={"CPU 0": [0, 1], "CPU 1": [0]}), desired)
-    assert not change.in_place(dict(live, dropin=None), desired)
+    assert not change.in_place(before, desired)
+    assert set(change.misplaced(PRISTINE)) == {
+        "vCPU 1: allowed on 0-1, want 1", "vCPU 0: allowed on 0-1, want housekeeping 0",
+        "main loop: allowed on 0-1, want housekeeping 0", "qemu-system-x86: allowed on 0-1, want housekeeping 0",
+        "IO mon_iothread: allowed on 0-1, want housekeeping 0"}
+    live = _state(MAPPED, {k: desired[k] for k in ("dropin", "script", "qa_copy")})
+    assert change.misplaced(MAPPED) == [] and change.in_place(live, desired)
+    assert not change.in_place(dict(live, dropin=None), desired)  # would not survive a QEMU restart
+
+
+def test_the_old_map_vcpu0_on_the_isolated_cpu_is_not_in_place():
+    """What rt-tune did before (vCPU i -> i-th RT CPU: vCPU 0 on CPU 1, vCPU 1 floating) is drift now."""
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0])
+    old = json.loads(json.dumps(MAPPED))
+    old["vcpus"]["0"]["cpus"], old["vcpus"]["1"]["cpus"] = "1", "0-1"
+    assert set(change.misplaced(old)) == {"vCPU 1: allowed on 0-1, want 1", "vCPU 0: allowed on 1, want housekeeping 0"}
+    stray = json.loads(json.dumps(MAPPED))
+    stray["threads"]["IO mon_iothread"][0]["cpus"] = "0-1"  # an I/O thread allowed on the RT CPU
+    assert change.misplaced(stray) == ["IO mon_iothread: allowed on 0-1, want housekeeping 0"]
+
+
+def test_sched_fifo_is_part_of_the_map_when_asked():
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0], rt_priority=1)
+    assert change.misplaced(MAPPED) == ["vCPU 1: other 0, want fifo 1"]
+    fifo = json.loads(json.dumps(MAPPED))
+    fifo["vcpus"]["1"].update(policy="fifo", prio=1)
+    assert change.misplaced(fifo) == []
+    assert b"--fifo 1" in change._dropin_bytes()
+
+
+def test_the_dropin_repins_with_the_whole_map():
+    change = VcpuPinningChange("robot-vm.service", {3: 3, 1: 1, 2: 2}, [0])
+    assert change._dropin_bytes().decode().endswith(
+        "ExecStartPost=/usr/local/sbin/rt-tune-pin-vcpus $MAINPID --map 1:1,2:2,3:3 --housekeeping 0\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (({}, [0]), "at least one guest vCPU"),
+    (({1: 1}, []), "housekeeping CPUs"),
+    (({1: 1, 2: 1}, [0]), "its own host CPU"),
+    (({1: 1}, [0, 1]), "overlap"),
+    (({1: 1}, [0], 100), "outside 1..99"),
+])
+def test_a_bad_map_is_refused(args, message):
+    with pytest.raises(InputError, match=message):
+        VcpuPinningChange("rt-guest-vm.service", *args)
+
+
+def test_a_change_journaled_before_the_map_is_rebuilt_as_it_was_made():
+    """{service, cpus} records (vCPU i -> cpus[i], other threads untouched) still verify and roll back."""
+    change = VcpuPinningChange.from_params({"service": "rt-guest-vm.service", "cpus": [1]})
+    assert change.vcpus == {0: 1} and change.housekeeping is None
+    old_live = json.loads(json.dumps(PRISTINE))
+    old_live["vcpus"]["0"]["cpus"] = "1"
+    assert change.misplaced(old_live) == []  # the other threads were never rt-tune's then
+
+
+def test_plan_line_names_the_map():
+    text = describe_vcpu_map({"vcpus": {"1": 1}, "housekeeping": [0], "rt_priority": None})
+    assert text == "vCPU 1 (guest RT CPU 1) -> host CPU 1; other vCPUs, main loop, I/O threads -> 0"

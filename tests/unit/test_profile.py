@@ -62,7 +62,8 @@ def test_rt_profile_resolves_for_the_lab_in_order():
         {"id": "host.sysctl.kernel.timer_migration", "target": "host", "kind": "sysctl",
          "params": {"name": "kernel.timer_migration", "value": "0"}, "needs_reboot": False},
         {"id": "host.vcpu_pinning", "target": "host", "kind": "vcpu_pinning",
-         "params": {"service": "rt-guest-vm.service", "cpus": [1]}, "needs_reboot": False},
+         "params": {"service": "rt-guest-vm.service", "vcpus": {"1": 1}, "housekeeping": [0], "rt_priority": None},
+         "needs_reboot": False},
         {"id": "host.irq_affinity", "target": "host", "kind": "irq_affinity",
          "params": {"housekeeping": [0]}, "needs_reboot": False},
         {"id": "guest.cmdline", "target": "guest", "kind": "cmdline",
@@ -76,7 +77,8 @@ def test_rt_profile_resolves_for_the_lab_in_order():
          "params": {"wfi": "notrap", "wfe": "notrap", "kernel": None}, "needs_reboot": True},
     ]
     assert [describe(s) for s in specs][3:5] == [
-        "host: pin the vCPU threads of rt-guest-vm.service: vCPU 0->CPU 1",
+        "host: pin the threads of rt-guest-vm.service: vCPU 1 (guest RT CPU 1) -> host CPU 1; other vCPUs, main loop, "
+        "I/O threads -> 0",
         "host: move IRQs to housekeeping CPUs 0",
     ]
     assert describe(specs[6]).endswith("kvm-arm.vgic_v4_enable=1 (reboot)")
@@ -87,7 +89,8 @@ def test_rt_profile_for_a_robot_and_found_by_name():
     robot = {"rt_cpus": "1-3", "housekeeping_cpus": "0", "guest_rt_cpus": "1-3",
              "qemu_service": "robot-vm", "cpus": 8, "guest_cpus": 4}
     specs = {s.id: s for s in resolve(load_profile(RT_PROFILE), "r1", unit(robot))}
-    assert specs["host.vcpu_pinning"].params == {"service": "robot-vm.service", "cpus": [1, 2, 3]}
+    assert specs["host.vcpu_pinning"].params == {"service": "robot-vm.service", "vcpus": {"1": 1, "2": 2, "3": 3},
+                                                 "housekeeping": [0], "rt_priority": None}
     assert specs["guest.cmdline"].params["add"]["nohz_full"] == "1-3"
 
 
@@ -96,7 +99,8 @@ def test_rt_profile_needs_guest_rt_cpus_which_the_lab_inventory_lacks_today():
     with pytest.raises(InputError) as exc:
         resolve(load_profile(RT_PROFILE), "lab1", unit(today))
     msg = str(exc.value)
-    assert f"{RT_PROFILE}:43: guest.cmdline.isolcpus: undefined variable ${{guest_rt_cpus}}" in msg
+    assert f"{RT_PROFILE}:35: host.vcpu_pinning.vcpus: undefined variable ${{guest_rt_cpus}}" in msg
+    assert f"{RT_PROFILE}:47: guest.cmdline.isolcpus: undefined variable ${{guest_rt_cpus}}" in msg
     assert "unit lab1's inventory vars define housekeeping_cpus, lab, qemu_service, rt_cpus" in msg
     assert "(got 'domain,managed_irq,${guest_rt_cpus}')" in msg
 
@@ -244,7 +248,7 @@ guest:
   services: {disable: [good, ".hidden"]}
   sysctl: {kernel.y: "$HOME"}
 """)
-    msg = error_of(p, {"qemu_service": "vm", "cpu": True}, 2)
+    msg = error_of(p, {"qemu_service": "vm", "cpu": True, "guest_rt_cpus": "1", "housekeeping_cpus": "0"}, 2)
     lines = [line.strip() for line in msg.splitlines()[1:]]
     assert [line.split(": ")[0] for line in lines] == [f"{p}:{n}" for n in (4, 5, 6, 8, 9, 10, 12, 13)]
     assert "host.cmdline.nohz_full: leaves no housekeeping CPU: the unit's host has only CPUs 0-1" in lines[0]
