@@ -493,7 +493,8 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
                 title=f"sched_ttwu_pending cross-calls on the host: {ttwu} in {d.duration_s:.0f} s",
                 evidence=[f"CPU {c.cpu}: {c.count} (interrupting {c.interrupted})" for c in ttwu_runs],
                 change="host.vcpu_pinning",
-                profile="host:\n  vcpu_pinning:\n    service: \"${qemu_service}\"\n    cpus: \"${rt_cpus}\"\n",
+                profile="host:\n  vcpu_pinning:\n    service: \"${qemu_service}\"\n    cpus: \"${rt_cpus}\"\n"
+                        "    vcpus: \"${guest_rt_cpus}\"\n    housekeeping: \"${housekeeping_cpus}\"\n",
                 advice="wake-ups of vCPU threads queued to another CPU; one vCPU per isolated host CPU keeps "
                        "them local (field notes §1)"))
         for vm in d.wfx:
