@@ -6,8 +6,12 @@ Rules this module enforces for every caller:
   only used when a caller asks for one explicitly with ``["sh", "-c", script, ...]``.
 - Every remote command is wrapped in ``timeout -k 5 N`` and also has a local deadline, so neither a hung
   command nor a dead peer can block forever.
+- Every remote command's stdout is framed by random markers, its exit status after the closing one: what a
+  login shell rc file, a MOTD script or a ForceCommand wrapper prints around it is cut off, and an answer that
+  is not framed as sent is an error, never parsed.
 - Unknown or changed host keys are refused (never accepted silently) and, like authentication failures,
-  never retried. Only connection-level failures are retried, with a bounded, jittered backoff.
+  never retried. An endpoint's own known_hosts file alone decides; without one, the user's and the system's
+  files, as OpenSSH does. Only connection-level failures are retried, with a bounded, jittered backoff.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import logging
 import math
 import os
 import posixpath
+import re
 import secrets
 import shlex
 import signal
@@ -45,6 +51,8 @@ from orchestrator.errors import (
     CommandTimeout,
     ConnectError,
     HostKeyError,
+    InputError,
+    TransportError,
 )
 
 log = logging.getLogger(__name__)
@@ -138,11 +146,21 @@ def _validate_argv(argv: Sequence[str]) -> list[str]:
     return args
 
 
-def remote_command(argv: Sequence[str], *, timeout_s: float | None, sudo: bool) -> str:
+# The frame around a command: $1 is the marker; the command's stdout follows "<marker>{", and
+# "<marker>}<status>\n" follows it. The user's login shell only sees this `sh -c` with quoted words, as before
+# (no `$?` there: a non-POSIX login shell would not understand it).
+_FRAME_SCRIPT = 'm=$1; shift; printf "%s{" "$m"; "$@"; rc=$?; printf "%s}%d\\n" "$m" "$rc"; exit "$rc"'
+
+
+def remote_command(
+    argv: Sequence[str], *, timeout_s: float | None, sudo: bool, frame: str | None = None
+) -> str:
     """Return the command string sent to the remote shell: THE one place remote arguments are quoted.
 
     ``shlex.join(argv)``, wrapped in ``timeout -k 5 N`` (N = ceil(timeout_s)) when `timeout_s` is given, and
-    prefixed with ``sudo -n --`` when `sudo`. No shell is added: pass ``["sh", "-c", script]`` to get one.
+    prefixed with ``sudo -n --`` when `sudo`. No shell is added for the command: pass ``["sh", "-c", script]``
+    to get one. With `frame` (a marker), a small ``sh -c`` prints the marker around the command's stdout and its
+    exit status after it (see `_unframe`).
     """
     args = _validate_argv(argv)
     if timeout_s is not None:
@@ -152,7 +170,35 @@ def remote_command(argv: Sequence[str], *, timeout_s: float | None, sudo: bool) 
         args = ["timeout", "-k", str(KILL_AFTER_S), str(math.ceil(timeout_s)), *args]
     if sudo:
         args = ["sudo", "-n", "--", *args]
+    if frame is not None:
+        if not frame or any(c.isspace() or c in "{}\0" for c in frame):
+            raise ValueError(f"invalid frame marker {frame!r}")
+        args = ["sh", "-c", _FRAME_SCRIPT, "sh", frame, *args]
     return shlex.join(args)
+
+
+def _unframe(label: str, what: str, marker: str, status: int, out: bytes, err: bytes) -> tuple[int, bytes]:
+    """(exit status, stdout) of a framed command, without what was printed around it; TransportError when the
+    frame is not there as sent (a wrapper that rewrites or drops output: nothing in it can be trusted)."""
+    begin, end = f"{marker}{{".encode(), f"{marker}}}".encode()
+    start = out.find(begin)
+    stop = out.rfind(end)
+    if 0 <= start and start + len(begin) <= stop:
+        code, newline, after = out[stop + len(end):].partition(b"\n")
+        if newline and code.isdigit() and len(code) <= 3:
+            if start or after:
+                log.debug("%s: `%s`: ignored %d byte(s) printed before and %d after the command's output",
+                          label, what, start, len(after))
+            return int(code), out[start + len(begin):stop]
+    shown = out.decode("utf-8", "replace")
+    if len(shown) > 300:
+        shown = shown[:300] + f"... ({len(out)} bytes in all)"
+    raise TransportError(
+        f"{label}: the answer to `{what}` is not what was sent for (exit status {status}): its output should "
+        f"be framed by {marker!r}. Something on the unit rewrites the output of commands (a ForceCommand "
+        f"wrapper or a login shell rc file that filters or replaces it?), so none of it can be trusted."
+        f"\n--- stdout (start) ---\n{shown!r}\n--- stderr (tail) ---\n{_tail(err.decode('utf-8', 'replace'))}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -372,33 +418,206 @@ def host_key_fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
+#: Where host keys come from when an endpoint names no known_hosts file: OpenSSH's defaults (user, system).
+DEFAULT_KNOWN_HOSTS: tuple[str, ...] = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+
+
 def _known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-class _UnknownHostKey(paramiko.SSHException):
-    """Raised by `_RejectUnknownKey` so the offered key reaches the error message."""
-
-    def __init__(self, hostname: str, key: paramiko.PKey) -> None:
-        super().__init__(f"Server {hostname!r} not found in known_hosts")
-        self.hostname = hostname
-        self.key = key
+def _pattern_matches(name: str, pattern: str) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, re.IGNORECASE | re.DOTALL) is not None
 
 
-class _RejectUnknownKey(paramiko.RejectPolicy):
-    """paramiko's RejectPolicy, keeping the offered key for the error message."""
+def _names_match(name: str, field: str) -> bool:
+    """Whether a known_hosts host field names `name`, as OpenSSH reads it: one hashed name (|1|salt|hash), or
+    comma-separated patterns with `*` and `?`, where a matching `!pattern` excludes the line."""
+    if field.startswith("|1|"):
+        try:
+            return hmac.compare_digest(paramiko.HostKeys.hash_host(name, field), field)
+        except (ValueError, IndexError):  # a damaged hash names nobody
+            return False
+    matched = False
+    for pattern in field.split(","):
+        if pattern.startswith("!"):
+            if _pattern_matches(name, pattern[1:]):
+                return False
+        elif _pattern_matches(name, pattern):
+            matched = True
+    return matched
+
+
+@dataclass(frozen=True)
+class _KnownKey:
+    path: str
+    line: int
+    key: paramiko.PKey
+    revoked: bool = False
+
+    @property
+    def at(self) -> str:
+        return f"{self.path} line {self.line} ({self.key.get_name()} {host_key_fingerprint(self.key)})"
+
+
+def _known_keys(path: str, name: str) -> tuple[list[_KnownKey], list[str]]:
+    """The keys the known_hosts file `path` lists for `name` (line numbers kept), and why lines for `name`
+    could not be used. OSError when the file cannot be read."""
+    keys: list[_KnownKey] = []
+    problems: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, 1):
+            fields = text.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            marker = fields.pop(0) if fields[0].startswith("@") else None
+            # @cert-authority lines are for host certificates, which rt-tune does not use.
+            if marker not in (None, "@revoked") or len(fields) < 3 or not _names_match(name, fields[0]):
+                continue
+            try:
+                key = paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2], validate=True))
+            except Exception as exc:  # noqa: BLE001 - any failure of a third-party parser on a bad line
+                problems.append(f"{path} line {number} ({fields[1][:40]}): {str(exc)[:100] or type(exc).__name__}")
+                continue
+            keys.append(_KnownKey(path, number, key, revoked=marker == "@revoked"))
+    return keys, problems
+
+
+@dataclass(frozen=True)
+class _Trust:
+    """What the known_hosts files that decide for one endpoint say about it.
+
+    The endpoint's own file alone when it names one (a pinned key must not be outvoted by ~/.ssh/known_hosts,
+    which paramiko's load_system_host_keys would consult first); otherwise the user's and the system's files,
+    where any matching key is enough, as with OpenSSH."""
+
+    endpoint: Endpoint
+    name: str  # the name looked up: host, or [host]:port
+    files: tuple[str, ...]  # the deciding files, expanded
+    missing: tuple[str, ...]
+    keys: tuple[_KnownKey, ...]
+    problems: tuple[str, ...]
+
+    @classmethod
+    def load(cls, endpoint: Endpoint, defaults: Sequence[str]) -> _Trust:
+        given = [endpoint.known_hosts] if endpoint.known_hosts is not None else list(defaults)
+        files = tuple(os.path.abspath(os.path.expanduser(f)) for f in given)
+        name = _known_hosts_name(endpoint.host.lower(), endpoint.port)
+        keys: list[_KnownKey] = []
+        problems: list[str] = []
+        missing: list[str] = []
+        for path in files:
+            try:
+                found, bad = _known_keys(path, name)
+            except FileNotFoundError:
+                missing.append(path)
+                continue
+            except OSError as exc:
+                raise HostKeyError(f"{endpoint.label}: cannot read the known_hosts file {path}: {exc}") from exc
+            keys += found
+            problems += bad
+        return cls(endpoint, name, files, tuple(missing), tuple(keys), tuple(problems))
+
+    @property
+    def decided_by(self) -> str:
+        def one(path: str) -> str:
+            return path + (" (which does not exist)" if path in self.missing else "")
+
+        if self.endpoint.known_hosts is not None:
+            return f"the known_hosts file the endpoint names, {one(self.files[0])}, decides alone"
+        return "decided by the user's and the system's known_hosts files: " + ", ".join(map(one, self.files))
+
+    def key_types(self) -> set[str]:
+        """The algorithms of the keys this host is known by (an RSA key by its SHA-2 signatures too)."""
+        names = {k.key.get_name() for k in self.keys if not k.revoked}
+        if "ssh-rsa" in names:
+            names |= {"rsa-sha2-512", "rsa-sha2-256"}
+        return names
+
+    def refusal(self, key: paramiko.PKey) -> str | None:
+        """Why `key`, offered by the server, is refused; None when a deciding file lists it for this host."""
+        blob = key.asbytes()
+        where = f"{self.endpoint.label}: host key of {self.endpoint.host}:{self.endpoint.port}"
+        offered = f"the server offered {key.get_name()} {host_key_fingerprint(key)}"
+        revoked = [k for k in self.keys if k.revoked and k.key.asbytes() == blob]
+        if revoked:
+            return (f"{where} is REVOKED: {offered}, marked @revoked for {self.name} at {revoked[0].path} "
+                    f"line {revoked[0].line}. Refusing to connect.")
+        if any(not k.revoked and k.key.asbytes() == blob for k in self.keys):
+            return None
+        line = f"{self.name} {key.get_name()} {key.get_base64()}"
+        check = "compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on its console"
+        notes = "".join(f" This line for {self.name} could not be used: {p}." for p in self.problems)
+        same = [k for k in self.keys if not k.revoked and k.key.get_name() == key.get_name()]
+        if same:
+            paths = list(dict.fromkeys(k.path for k in same))
+            removes = " and ".join(f"`ssh-keygen -R {shlex.quote(self.name)} -f {shlex.quote(p)}`" for p in paths)
+            return (
+                f"{where} has CHANGED: {offered}, but the known_hosts entry for {self.name} at "
+                f"{' and '.join(k.at for k in same)} expects another key ({self.decided_by}). This is a "
+                f"reinstalled unit or someone in the middle. Refusing to connect.{notes} If the change is "
+                f"expected ({check}), remove the old entry with {removes} (or delete that line), then add this "
+                f"line to {paths[0]}:\n{line}"
+            )
+        others = [k for k in self.keys if not k.revoked]
+        if others:
+            notes = f" Only keys of other types are known for {self.name}: {', '.join(k.at for k in others)}." + notes
+        add_to = self.files[0] if self.files else os.path.expanduser(DEFAULT_KNOWN_HOSTS[0])
+        return (
+            f"{where} is UNKNOWN: {offered}, which no known_hosts entry lists for {self.name} "
+            f"({self.decided_by}). Refusing to connect.{notes} If this is the right unit ({check}), trust it by "
+            f"adding this line to the known_hosts file {add_to}:\n{line}"
+        )
+
+    def transport(self, sock, **kwargs) -> paramiko.Transport:
+        """A paramiko Transport that asks first for the key types this host is known by (as OpenSSH orders its
+        HostKeyAlgorithms), so a server with several host keys offers one that can be checked."""
+        transport = paramiko.Transport(sock, **kwargs)
+        known = self.key_types()
+        if known:
+            options = transport.get_security_options()
+            types = list(options.key_types)
+            options.key_types = [t for t in types if t in known] + [t for t in types if t not in known]
+        return transport
+
+
+class _HostKeyRefused(paramiko.SSHException):
+    """Raised by `_KnownHostsPolicy` with the message for the user."""
+
+
+class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """Decides every host key (the client is given none, so paramiko asks this policy each time)."""
+
+    def __init__(self, trust: _Trust) -> None:
+        self.trust = trust
 
     def missing_host_key(self, client, hostname, key):
-        raise _UnknownHostKey(hostname, key)
+        refusal = self.trust.refusal(key)
+        if refusal is not None:
+            raise _HostKeyRefused(refusal)
 
 
-def _trust_hint(endpoint: Endpoint, key: paramiko.PKey) -> str:
-    target = endpoint.known_hosts or "~/.ssh/known_hosts"
-    line = f"{_known_hosts_name(endpoint.host, endpoint.port)} {key.get_name()} {key.get_base64()}"
-    return (
-        f"If this is the right unit (compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on its "
-        f"console), trust it by adding this line to the known_hosts file {target}:\n{line}"
-    )
+def _check_key_file(endpoint: Endpoint) -> None:
+    """Refuse a private key file that group or others may access, before connecting, as OpenSSH does
+    ("UNPROTECTED PRIVATE KEY FILE"); stricter only in that the file's owner does not matter.
+
+    InputError (exit 2), not AuthError: it is a file on this machine for the user to fix with one chmod, not
+    something the unit refused; no retry and no other unit can succeed with it, and callers that treat a
+    TransportError as "this unit is unreachable" must not hide it as one."""
+    if endpoint.key_file is None:
+        return
+    path = os.path.expanduser(endpoint.key_file)
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as exc:
+        raise AuthError(f"{endpoint.label}: cannot read client key {endpoint.key_file}: {exc}") from exc
+    if mode & 0o077:
+        raise InputError(
+            f"{endpoint.label}: the private key {path} is accessible by others (mode {mode & 0o7777:04o}); "
+            f"OpenSSH refuses such a key and so does rt-tune. Make it private: chmod 600 {shlex.quote(path)}"
+        )
 
 
 class SSHTransport(_CommandTransport):
@@ -414,12 +633,19 @@ class SSHTransport(_CommandTransport):
     eof_grace_s: float = 1.0
 
     def __init__(
-        self, endpoint: Endpoint, *, connect_deadline_s: float = 30.0, passphrase: str | None = None
+        self,
+        endpoint: Endpoint,
+        *,
+        connect_deadline_s: float = 30.0,
+        passphrase: str | None = None,
+        default_known_hosts: Sequence[str] = DEFAULT_KNOWN_HOSTS,
     ) -> None:
+        """`default_known_hosts`: the files that decide for an endpoint (and its jump hosts) naming none."""
         if connect_deadline_s <= 0:
             raise ValueError(f"connect_deadline_s must be positive, not {connect_deadline_s!r}")
         self.endpoint = endpoint
         self.connect_deadline_s = connect_deadline_s
+        self.default_known_hosts = tuple(default_known_hosts)
         self._passphrase = passphrase  # never logged, never in repr
         self._default_sudo = endpoint.uses_sudo
         self._lock = threading.RLock()
@@ -473,6 +699,10 @@ class SSHTransport(_CommandTransport):
             return transport
 
     def _connect_with_retry(self) -> tuple[paramiko.SSHClient, list[paramiko.SSHClient]]:
+        hop: Endpoint | None = self.endpoint
+        while hop is not None:  # every key of the chain, before any connection
+            _check_key_file(hop)
+            hop = hop.jump
         start = time.monotonic()
         deadline = start + self.connect_deadline_s
 
@@ -498,7 +728,9 @@ class SSHTransport(_CommandTransport):
         def attempt() -> tuple[paramiko.SSHClient, list[paramiko.SSHClient]]:
             nonlocal attempts
             attempts += 1
-            return _open_client(self.endpoint, deadline=deadline, passphrase=self._passphrase)
+            return _open_client(
+                self.endpoint, deadline=deadline, passphrase=self._passphrase, defaults=self.default_known_hosts
+            )
 
         try:
             return retrying(attempt)
@@ -525,7 +757,9 @@ class SSHTransport(_CommandTransport):
             raise ConnectError(f"{self.label}: cannot open an SSH session: {exc}") from exc
 
     def _exec(self, argv: list[str], *, timeout_s: float | None, stdin: bytes | None, sudo: bool) -> _Raw:
-        command = remote_command(argv, timeout_s=timeout_s, sudo=sudo)
+        # A fresh marker per command: no file content or earlier output can contain it.
+        marker = "@@rt-tune-" + secrets.token_hex(8)
+        command = remote_command(argv, timeout_s=timeout_s, sudo=sudo, frame=marker)
         what = _describe(argv)
         start = time.monotonic()
         deadline = None if timeout_s is None else start + math.ceil(timeout_s) + self.deadline_grace_s
@@ -535,6 +769,9 @@ class SSHTransport(_CommandTransport):
             status, out, err = self._collect(channel, stdin, deadline, what, timeout_s)
         finally:
             channel.close()
+        # The status from inside the frame: a wrapper that does not pass the command's on must not turn a
+        # failure into success.
+        status, out = _unframe(self.label, what, marker, status, out, err)
         duration = time.monotonic() - start
         if timeout_s is not None and status in TIMEOUT_STATUSES:
             raise CommandTimeout(
@@ -629,7 +866,11 @@ class SSHTransport(_CommandTransport):
 
 
 def _open_client(
-    endpoint: Endpoint, *, deadline: float, passphrase: str | None = None
+    endpoint: Endpoint,
+    *,
+    deadline: float,
+    passphrase: str | None = None,
+    defaults: Sequence[str] = DEFAULT_KNOWN_HOSTS,
 ) -> tuple[paramiko.SSHClient, list[paramiko.SSHClient]]:
     """One connection attempt (through the jump chain); returns the client and the jump clients to close."""
     jump_clients: list[paramiko.SSHClient] = []
@@ -638,7 +879,7 @@ def _open_client(
     try:
         if endpoint.jump is not None:
             # The jump host's key is checked against its own known_hosts; its passphrase is not shared.
-            jump_client, outer = _open_client(endpoint.jump, deadline=deadline)
+            jump_client, outer = _open_client(endpoint.jump, deadline=deadline, defaults=defaults)
             jump_clients = [*outer, jump_client]
             jump_transport = jump_client.get_transport()
             assert jump_transport is not None
@@ -651,7 +892,7 @@ def _open_client(
                     f"{endpoint.label}: jump host {endpoint.jump.label} could not reach "
                     f"{endpoint.host}:{endpoint.port}: {exc}"
                 ) from exc
-        client = _connect_client(endpoint, sock=sock, timeout=timeout, passphrase=passphrase)
+        client = _connect_client(endpoint, sock=sock, timeout=timeout, passphrase=passphrase, defaults=defaults)
     except BaseException:
         for jump_client in reversed(jump_clients):
             jump_client.close()
@@ -660,24 +901,18 @@ def _open_client(
 
 
 def _connect_client(
-    endpoint: Endpoint, *, sock: paramiko.Channel | None, timeout: float, passphrase: str | None
+    endpoint: Endpoint,
+    *,
+    sock: paramiko.Channel | None,
+    timeout: float,
+    passphrase: str | None,
+    defaults: Sequence[str] = DEFAULT_KNOWN_HOSTS,
 ) -> paramiko.SSHClient:
     label = endpoint.label
-    if endpoint.key_file is not None:
-        try:
-            with open(os.path.expanduser(endpoint.key_file), "rb"):
-                pass
-        except OSError as exc:
-            raise AuthError(f"{label}: cannot read client key {endpoint.key_file}: {exc}") from exc
+    trust = _Trust.load(endpoint, defaults)
     client = paramiko.SSHClient()
-    # Refuse unknown keys (a subclass of RejectPolicy that keeps the offered key for the message).
-    client.set_missing_host_key_policy(_RejectUnknownKey())
-    try:
-        client.load_system_host_keys()  # ~/.ssh/known_hosts, when it exists
-        if endpoint.known_hosts is not None:
-            client.load_host_keys(os.path.expanduser(endpoint.known_hosts))
-    except (OSError, paramiko.SSHException) as exc:
-        raise HostKeyError(f"{label}: cannot load known_hosts {endpoint.known_hosts}: {exc}") from exc
+    # No keys loaded into the client: the policy decides every key from the files that decide (see _Trust).
+    client.set_missing_host_key_policy(_KnownHostsPolicy(trust))
     with_key = endpoint.key_file is not None
     log.debug("%s: connecting%s", label, f" via {endpoint.jump.label}" if endpoint.jump else "")
     try:
@@ -700,25 +935,11 @@ def _connect_client(
             auth_timeout=timeout,
             channel_timeout=timeout,
             sock=sock,
+            transport_factory=trust.transport,
         )
-    except _UnknownHostKey as exc:
+    except _HostKeyRefused as exc:
         client.close()
-        raise HostKeyError(
-            f"{label}: host key of {endpoint.host}:{endpoint.port} is UNKNOWN: the server offered "
-            f"{exc.key.get_name()} {host_key_fingerprint(exc.key)}, which is in no known_hosts file. "
-            f"Refusing to connect. {_trust_hint(endpoint, exc.key)}"
-        ) from None
-    except paramiko.BadHostKeyException as exc:
-        client.close()
-        raise HostKeyError(
-            f"{label}: host key of {endpoint.host}:{endpoint.port} has CHANGED: the server offered "
-            f"{exc.key.get_name()} {host_key_fingerprint(exc.key)}, known_hosts expects "
-            f"{exc.expected_key.get_name()} {host_key_fingerprint(exc.expected_key)}. This is a reinstalled "
-            f"unit or someone in the middle. Refusing to connect. If the change is expected, remove the old "
-            f"entry (ssh-keygen -R '{_known_hosts_name(endpoint.host, endpoint.port)}'"
-            f"{' -f ' + endpoint.known_hosts if endpoint.known_hosts else ''}). "
-            f"{_trust_hint(endpoint, exc.key)}"
-        ) from None
+        raise HostKeyError(str(exc)) from None
     except paramiko.AuthenticationException as exc:
         client.close()
         raise AuthError(f"{label}: authentication failed: {exc}") from None
@@ -744,18 +965,24 @@ def _connect_client(
 # ---- reading files in one round trip ------------------------------------------------------------------------
 # Each path: "absent", or "present " + its exact bytes in base64 (so no content can be mistaken for a
 # separator). One command for any number of files: on a unit reached through a jump host, a round trip costs.
-_READ_FILES = ('for p in "$@"; do if [ -e "$p" ]; then printf "present "; base64 -w0 -- "$p" || exit 1; echo; '
-               'else echo absent; fi; done')
+# The records sit between two lines holding a random marker ($1): SSHTransport already cuts off what a login
+# shell prints around a command, but read_files takes any Transport.
+_READ_FILES = ('m=$1; shift; echo "$m"; for p in "$@"; do if [ -e "$p" ]; then printf "present "; '
+               'base64 -w0 -- "$p" || exit 1; echo; else echo absent; fi; done; echo "$m"')
 
 
 def read_files(t: Transport, paths: Sequence[str], *, timeout_s: float = 60.0) -> dict[str, bytes | None]:
     """The exact bytes of each file, or None for a file that does not exist (distinct from an empty one)."""
     if not paths:
         return {}
-    out = t.run(["sh", "-c", _READ_FILES, "-", *paths], timeout_s=timeout_s).stdout
-    lines = out.split("\n")
+    marker = "@@rt-tune-files-" + secrets.token_hex(8)
+    out = t.run(["sh", "-c", _READ_FILES, "-", marker, *paths], timeout_s=timeout_s).stdout
+    parts = out.split(marker + "\n")
+    lines = parts[1].split("\n") if len(parts) == 3 else []
     if len(lines) != len(paths) + 1 or lines[-1] != "":
-        raise TransportError(f"{t.label}: unexpected answer reading {len(paths)} file(s): {out[:200]!r}")
+        shown = out if len(out) <= 300 else out[:300] + f"... ({len(out)} characters in all)"
+        raise TransportError(f"{t.label}: unexpected answer reading {len(paths)} file(s) (expected one line per "
+                             f"file between two {marker!r} lines): {shown!r}")
     result: dict[str, bytes | None] = {}
     for path, line in zip(paths, lines, strict=False):
         if line == "absent":

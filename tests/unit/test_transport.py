@@ -1,140 +1,83 @@
 """Transport tests against a REAL OpenSSH server started on 127.0.0.1 for this session (needs root and
-/usr/sbin/sshd from Debian's openssh-server), plus LocalTransport and quoting tests."""
+/usr/sbin/sshd from Debian's openssh-server; tests/sshd.py), plus LocalTransport and quoting tests."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import AuthError, CommandFailed, CommandTimeout, ConnectError, HostKeyError
+from orchestrator.errors import (
+    AuthError,
+    CommandFailed,
+    CommandTimeout,
+    ConnectError,
+    HostKeyError,
+    TransportError,
+)
+from orchestrator.facts import BOOT_ID, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
 from orchestrator.transport import (
     CommandResult,
     Endpoint,
     LocalTransport,
     SSHTransport,
     Transport,
+    read_files,
+    read_optional,
     remote_command,
 )
+from tests.sshd import Sshd, free_port, keygen, sshd_server
 
 pytestmark = pytest.mark.unit
 
-SSHD = "/usr/sbin/sshd"
 NASTY = "a  b 'single' \"double\" $(echo injected) `id`; echo semi; *\nsecond line \\ $HOME && | > x"
 
 
 # --------------------------------------------------------------------------------------------------------
-# Fixtures: a real sshd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path, comment: str) -> None:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True,
-        capture_output=True,
-    )
-
-
-@dataclass(frozen=True)
-class Sshd:
-    port: int
-    dir: Path
-    host_key: Path
-    client_key: Path
-    known_hosts: Path
-    log: Path
-
-    def endpoint(self, **changes) -> Endpoint:
-        base = Endpoint(
-            host="127.0.0.1",
-            port=self.port,
-            user="root",
-            key_file=str(self.client_key),
-            known_hosts=str(self.known_hosts),
-            connect_timeout=5.0,
-        )
-        return replace(base, **changes)
+# Fixtures: a real sshd (tests/sshd.py)
 
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
-        pytest.fail("transport tests need a real sshd: apt-get install -y openssh-server")
-    if os.geteuid() != 0:
-        pytest.fail("transport tests start sshd on 127.0.0.1 and log in as root: run them as root")
-    d = tmp_path_factory.mktemp("sshd")
-    host_key, client_key = d / "hostkey", d / "clientkey"
-    _keygen(host_key, "rt-tune-test-host")
-    _keygen(client_key, "rt-tune-test-client")
-    authorized = d / "authorized_keys"
-    authorized.write_text(client_key.with_suffix(".pub").read_text())
-    port = _free_port()
-    known_hosts = d / "known_hosts"
-    public = host_key.with_suffix(".pub").read_text().split()
-    known_hosts.write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
-    config = d / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {host_key}",
-                f"AuthorizedKeysFile {authorized}",
-                "PidFile none",
-                "UsePAM no",
-                "StrictModes no",
-                "PermitRootLogin prohibit-password",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "AllowTcpForwarding yes",
-                "MaxStartups 50",
-                "LogLevel VERBOSE",
-                "",
-            ]
-        )
-    )
-    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
-    subprocess.run([SSHD, "-t", "-f", str(config)], check=True, capture_output=True)
-    log = d / "sshd.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log_file, stderr=log_file)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"sshd exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    if s.recv(64).startswith(b"SSH-2.0"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"sshd did not come up:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield Sshd(port, d, host_key, client_key, known_hosts, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+# What runs on a unit instead of the command (sshd's ForceCommand; the command is in $SSH_ORIGINAL_COMMAND,
+# interpreted by a shell as a login shell would): banners before and after it, as rc files, MOTD scripts and
+# site wrappers print them, and wrappers that break the answer.
+WRAPPERS = {
+    # a banner, then the command itself (exec: its exit status is the session's)
+    "banner": 'printf "Welcome to robot-7 (managed by ops)\\nLast login: never\\n"\n'
+              'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n',
+    # a banner without a final newline before, a goodbye after
+    "around": 'printf "motd: disk 93%% full"\n/bin/sh -c "$SSH_ORIGINAL_COMMAND"\nrc=$?\n'
+              'echo "bye from the wrapper"\nexit $rc\n',
+    # loses the command's exit status: the session always exits 0
+    "swallow": 'echo "hello"\n/bin/sh -c "$SSH_ORIGINAL_COMMAND"\necho "done"\n',
+    # rewrites everything the command prints
+    "mangle": '/bin/sh -c "$SSH_ORIGINAL_COMMAND" | tr a-z A-Z\n',
+}
+
+
+@pytest.fixture(scope="session")
+def wrapped_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """An sshd whose extra ports (by WRAPPERS name) run a wrapper around every command."""
+    d = tmp_path_factory.mktemp("wrapped-sshd")
+    commands = {}
+    for name, body in WRAPPERS.items():
+        script = d / f"wrapper-{name}"
+        script.write_text("#!/bin/sh\n" + body)
+        script.chmod(0o755)
+        commands[name] = str(script)
+    with sshd_server(d, commands) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +142,7 @@ def test_ssh_unknown_host_key_is_refused_with_fingerprint(sshd: Sshd, tmp_path: 
 
 def test_ssh_changed_host_key_is_refused_fast(sshd: Sshd, tmp_path: Path) -> None:
     other = tmp_path / "otherkey"
-    _keygen(other, "impostor")
+    keygen(other, "impostor")
     kind, blob = other.with_suffix(".pub").read_text().split()[:2]
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
@@ -212,7 +155,7 @@ def test_ssh_changed_host_key_is_refused_fast(sshd: Sshd, tmp_path: Path) -> Non
 
 def test_ssh_wrong_client_key_is_auth_error_not_retried(sshd: Sshd, tmp_path: Path) -> None:
     wrong = tmp_path / "wrongkey"
-    _keygen(wrong, "stranger")
+    keygen(wrong, "stranger")
     start = time.monotonic()
     with pytest.raises(AuthError):
         SSHTransport(sshd.endpoint(key_file=str(wrong)), connect_deadline_s=10).run(["true"])
@@ -220,7 +163,7 @@ def test_ssh_wrong_client_key_is_auth_error_not_retried(sshd: Sshd, tmp_path: Pa
 
 
 def test_ssh_connection_refused_is_retried_until_the_deadline(sshd: Sshd) -> None:
-    closed_port = _free_port()
+    closed_port = free_port()
     start = time.monotonic()
     with pytest.raises(ConnectError) as info:
         SSHTransport(sshd.endpoint(port=closed_port), connect_deadline_s=2).run(["true"])
@@ -337,6 +280,103 @@ def test_ssh_connection_lost_mid_command_then_reconnect(ssh: SSHTransport) -> No
     for line in _pgrep("^sleep 31.8281"):  # orphaned by the killed session: clean up by pid
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(line.split()[0]), 9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output printed around commands (login banners, wrappers)
+
+
+def test_wrappers_really_print_around_commands(wrapped_sshd: Sshd) -> None:
+    """The situation the next tests build: what the wrappers do to a command's output, seen with OpenSSH's
+    own client."""
+    def ssh(name: str, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ssh", "-F", "none", "-p", str(wrapped_sshd.ports[name]), "-i", str(wrapped_sshd.client_key),
+             "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={wrapped_sshd.known_hosts}",
+             "-o", "StrictHostKeyChecking=yes", "root@127.0.0.1", command],
+            capture_output=True, text=True, timeout=30, check=False)
+
+    assert ssh("banner", "echo payload").stdout == "Welcome to robot-7 (managed by ops)\nLast login: never\npayload\n"
+    around = ssh("around", "echo payload; exit 4")
+    assert around.stdout == "motd: disk 93% full" + "payload\nbye from the wrapper\n" and around.returncode == 4
+    swallowed = ssh("swallow", "exit 4")
+    assert swallowed.returncode == 0 and swallowed.stdout == "hello\ndone\n"
+    assert ssh("mangle", "echo payload").stdout == "PAYLOAD\n"
+
+
+@pytest.mark.parametrize("wrapper", ["banner", "around"])
+def test_reads_and_writes_through_a_login_banner(wrapped_sshd: Sshd, wrapper: str, tmp_path: Path) -> None:
+    endpoint = wrapped_sshd.endpoint(port=wrapped_sshd.ports[wrapper])
+    data = b"first line\n\0\xff" + os.urandom(3000) + b"Last login: never\n"
+    (tmp_path / "data").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    paths = [str(tmp_path / "data"), str(tmp_path / "empty"), str(tmp_path / "missing")]
+    with SSHTransport(endpoint, connect_deadline_s=5) as t:
+        assert t.run(["printf", "%s", NASTY]).stdout == NASTY
+        assert t.run(["cat"], stdin=b"through stdin").stdout == "through stdin"
+        assert read_files(t, paths) == {paths[0]: data, paths[1]: b"", paths[2]: None}
+        assert read_optional(t, paths[0]) == data
+        assert t.read_file(paths[0]) == data
+        target = tmp_path / "written"
+        t.write_file(str(target), data, mode=0o600)
+        assert target.read_bytes() == data and target.stat().st_mode & 0o7777 == 0o600
+        with pytest.raises(CommandFailed) as info:  # the write's check still sees a failure
+            t.write_file(str(tmp_path / "no such dir" / "f"), b"x")
+        assert info.value.stdout == "" and "Welcome" not in str(info.value) and "motd" not in str(info.value)
+        # each gathered fact sees exactly its command's output
+        facts = gather_facts(t, [HOSTNAME, BOOT_ID, CPUS_ONLINE, Fact("bare", ("printf", "abc"), str)])
+        assert facts["hostname"] == Path("/proc/sys/kernel/hostname").read_text().strip()
+        assert facts["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        assert facts["bare"] == "abc" and facts["cpus_online"][0] == 0
+        assert t.run(["sh", "-c", "exit 7"], check=False).exit_status == 7
+
+
+def test_a_wrapper_that_loses_the_exit_status_cannot_hide_a_failure(wrapped_sshd: Sshd, tmp_path: Path) -> None:
+    endpoint = wrapped_sshd.endpoint(port=wrapped_sshd.ports["swallow"])
+    with SSHTransport(endpoint, connect_deadline_s=5) as t:
+        result = t.run(["sh", "-c", "echo out; exit 3"], check=False)
+        assert (result.exit_status, result.stdout) == (3, "out\n")
+        with pytest.raises(CommandFailed) as info:
+            t.write_file(str(tmp_path / "no such dir" / "f"), b"x")
+        assert info.value.exit_status != 0
+        t.write_file(str(tmp_path / "f"), b"written")
+        assert (tmp_path / "f").read_bytes() == b"written"
+
+
+def test_a_wrapper_that_rewrites_the_output_is_a_clear_error(wrapped_sshd: Sshd, tmp_path: Path) -> None:
+    endpoint = wrapped_sshd.endpoint(port=wrapped_sshd.ports["mangle"])
+    (tmp_path / "f").write_text("content")
+    with SSHTransport(endpoint, connect_deadline_s=5) as t:
+        for read in (lambda: read_files(t, [str(tmp_path / "f")]), lambda: t.read_file(str(tmp_path / "f")),
+                     lambda: gather_facts(t, [HOSTNAME]), lambda: t.run(["echo", "hello"])):
+            with pytest.raises(TransportError) as info:
+                read()
+            message = str(info.value)
+            assert message.startswith(f"root@127.0.0.1:{endpoint.port}: the answer to `")
+            assert "@@RT-TUNE-" in message, "what came back is quoted"
+            assert "rewrites the output" in message
+
+
+class _BannerTransport(LocalTransport):
+    """Runs each command behind a real shell that prints around it: a transport that does not frame (read_files
+    takes any Transport)."""
+
+    def __init__(self, script: str) -> None:
+        super().__init__(label="bannered")
+        self._script = script
+
+    def _exec(self, argv, *, timeout_s, stdin, sudo):
+        return super()._exec(["sh", "-c", self._script, "sh", *argv], timeout_s=timeout_s, stdin=stdin, sudo=sudo)
+
+
+def test_read_files_frames_its_own_records_on_any_transport(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"absent\npresent x\n")
+    paths = [str(tmp_path / "f"), str(tmp_path / "none")]
+    around = _BannerTransport('printf "Welcome\\nabsent\\n"; "$@"; rc=$?; echo absent; exit $rc')
+    assert read_files(around, paths) == {paths[0]: b"absent\npresent x\n", paths[1]: None}
+    mangled = _BannerTransport('"$@" | tr a-z A-Z')
+    with pytest.raises(TransportError, match=r"^bannered: unexpected answer reading 2 file\(s\).*ABSENT"):
+        read_files(mangled, paths)
 
 
 # --------------------------------------------------------------------------------------------------------
