@@ -97,10 +97,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from orchestrator.errors import InputError
-from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
+from orchestrator.measure.model import CyclictestSettings, Int, LatencyResult, LoadSpec, Number
 from orchestrator.yamlio import load_model
 
 MetricName = Literal["p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us", "avg_us"]
@@ -108,7 +108,7 @@ PERCENTILE_METRICS = ("p50_us", "p90_us", "p99_us", "p999_us", "p9999_us")
 Side = Literal["before", "after"]
 Verdict = Literal["keep", "rollback", "inconclusive"]
 Action = Literal["keep", "rollback"]
-Tolerance = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)]  # 0.25 = 25% worse
+Tolerance = Annotated[Number, Field(ge=0.0, le=10.0)]  # 0.25 = 25% worse
 
 METRIC_LABEL = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p99.9", "p9999_us": "p99.99",
                 "max_us": "max", "avg_us": "avg"}
@@ -122,16 +122,17 @@ class DecisionRule(BaseModel):
     primary: MetricName = "p999_us"
     # guard metric -> relative tolerance: a regression beyond it, once shown, rolls the change back
     guards: dict[MetricName, Tolerance] = Field(default_factory=lambda: {"max_us": 0.25, "p99_us": 0.10})
-    min_effect: float = Field(0.05, gt=0.0, lt=1.0)  # eps: smaller relative effects are irrelevant
-    confidence: float = Field(0.95, ge=0.5, lt=1.0)  # overall, over all looks (Bonferroni-split)
-    k_min: int = Field(5, ge=2, le=100)  # runs per side at the first look
-    k_max: int = Field(20, ge=2, le=100)  # runs per side at the last look
-    looks: int = Field(3, ge=1, le=20)  # planned analyses (1 = fixed k_max, no early stop)
+    min_effect: Number = Field(0.05, gt=0.0, lt=1.0)  # eps: smaller relative effects are irrelevant
+    confidence: Number = Field(0.95, gt=0.5, lt=1.0)  # overall, over all looks (Bonferroni-split)
+    k_min: Int = Field(5, ge=2, le=100)  # runs per side at the first look
+    k_max: Int = Field(20, ge=2, le=100)  # runs per side at the last look
+    looks: Int = Field(3, ge=1, le=20)  # planned analyses (1 = fixed k_max, no early stop)
     order: Literal["ABBA", "ABAB", "blocked"] = "ABBA"  # blocked: one switch per side per look (reboots)
-    run_duration_s: float = Field(20.0, gt=0.0, le=86400.0)
+    run_duration_s: Number = Field(20.0, ge=1.0, le=86400.0)  # = cyclictest.duration_s in a plan
     inconclusive: Action = "rollback"  # what is done when the evidence decides nothing
-    bootstrap_resamples: int = Field(2000, ge=200, le=200000)
-    seed: int = Field(0, ge=0)
+    # each resample draws k_max run indices per side (8 bytes each): 100,000 x 100 x 8 = 80 MB at most
+    bootstrap_resamples: Int = Field(2000, ge=200, le=100_000)
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> DecisionRule:
@@ -181,12 +182,15 @@ class MeasurementPlan(BaseModel):
     decision: DecisionRule = Field(default_factory=DecisionRule)
     boot: BootPolicy = Field(default_factory=BootPolicy)
 
-    @model_validator(mode="after")
-    def _same_duration(self) -> MeasurementPlan:
-        if abs(self.cyclictest.duration_s - self.decision.run_duration_s) > 1e-9:
-            raise ValueError(f"cyclictest.duration_s ({self.cyclictest.duration_s}) and "
-                             f"decision.run_duration_s ({self.decision.run_duration_s}) must be the same")
-        return self
+    @field_validator("decision")
+    @classmethod
+    def _same_duration(cls, decision: DecisionRule, info: ValidationInfo) -> DecisionRule:
+        """Runs are judged as runs of `run_duration_s`: the plan's runs must be exactly that long."""
+        cyclictest = info.data.get("cyclictest")
+        if cyclictest is not None and abs(cyclictest.duration_s - decision.run_duration_s) > 1e-9:
+            raise ValueError(f"run_duration_s ({decision.run_duration_s:g}) must be the same as "
+                             f"cyclictest.duration_s ({cyclictest.duration_s:g})")
+        return decision
 
 
 def load_measurement_plan(path: Path) -> MeasurementPlan:
@@ -213,7 +217,9 @@ class MetricComparison(BaseModel):
     ci_low: float  # bootstrap percentile interval of rel_diff at the look's confidence
     ci_high: float
     rank_estimate: float  # Hodges-Lehmann estimate of the ratio - 1
-    rank_ci_low: float  # interval from inverting the exact rank test (may be -1 / inf when k is tiny)
+    # interval from inverting the exact rank test (may be -1 / inf when k is tiny; JSON has no infinity, so the
+    # JSON forms of a Decision show an infinite bound as null: "unbounded")
+    rank_ci_low: float
     rank_ci_high: float
     censored_before: int = 0  # runs whose value fell among the overflows (taken as the histogram size)
     censored_after: int = 0

@@ -13,31 +13,51 @@ Facts this relies on (rt-tests 2.4 source `print_hist()`/`timerthread()`, confir
 tests/recorded/cyclictest/controller/README.md): a sample of `diff` us goes into bucket `diff` when
 `diff < US`, else it only increments the overflow count; `# Total:` sums the histogram rows only, so
 samples = Total + Overflows = cycles. The JSON has no overflow count: overflows = cycles - sum(histogram).
+
+Hostile or damaged input is refused with the field named (ParseError), never a traceback or a silent figure:
+numbers are ASCII digits of at most 20 (cyclictest prints unsigned long), the --json document goes through
+`orchestrator.jsonio` (size, depth, no NaN/Infinity, 64-bit integers), counts are integers (not floats or
+booleans), and every thread's figures must describe one distribution (`LatencyStats` checks min <= avg <= max
+and the rest). Output larger than MAX_OUTPUT_BYTES is refused unread: the largest histogram a plan may ask for
+(MAX_HIST_CELLS buckets over all threads, ~7 bytes each) stays well below it.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
-from orchestrator.errors import InputError, ParseError
-from orchestrator.measure.model import PERCENTILES, LatencyResult, LatencyStats, OutputForm
+from pydantic import ValidationError
 
-__all__ = ["parse_cyclictest", "parse_cyclictest_file", "percentile", "stats_from_histogram"]
+from orchestrator import jsonio
+from orchestrator.errors import ParseError
+from orchestrator.measure.model import HIST_MAX, MAX_CPU, PERCENTILES, LatencyResult, LatencyStats, OutputForm
+
+__all__ = ["MAX_OUTPUT_BYTES", "parse_cyclictest", "parse_cyclictest_file", "percentile",
+           "stats_from_histogram"]
+
+#: The most cyclictest output rt-tune reads (a 20,000-bucket histogram of one thread is 280 KB; 4,000,000
+#: histogram cells, the most a plan allows, about 30 MB).
+MAX_OUTPUT_BYTES = 64 * 2**20
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 # Widths are cyclictest's printf minimums (C:%7lu Min:%7ld Act:%5ld Avg:%5ld Max:%8ld): a narrower field was
 # cut off, so a line truncated inside its last number is caught instead of read as a smaller number.
+# Numbers are ASCII (re.ASCII: \d would take any Unicode digit) and at most 20 digits (an unsigned long).
 _SUMMARY = re.compile(
-    r"T:\s*(?P<thread>\d+)\s+\(\s*(?P<tid>\d+)\)\s+P:\s*(?P<prio>\d+)\s+I:\s*(?P<interval>\d+)"
-    r"\s+C:(?P<cycles> *\d+)\s+Min:(?P<min> *-?\d+)\s+Act:(?P<act> *-?\d+)\s+Avg:(?P<avg> *-?\d+)"
-    r"\s+Max:(?P<max> *-?\d+)(?:\s+SMI:(?P<smi> *\d+))?"
+    r"T:\s*(?P<thread>\d{1,5})\s+\(\s*(?P<tid>\d{1,10})\)\s+P:\s*(?P<prio>\d{1,3})"
+    r"\s+I:\s*(?P<interval>\d{1,10})"
+    r"\s+C:(?P<cycles> *\d{1,20})\s+Min:(?P<min> *-?\d{1,20})\s+Act:(?P<act> *-?\d{1,20})"
+    r"\s+Avg:(?P<avg> *-?\d{1,20})\s+Max:(?P<max> *-?\d{1,20})(?:\s+SMI:(?P<smi> *\d{1,20}))?",
+    re.ASCII,
 )
 _SUMMARY_WIDTH = {"cycles": 7, "min": 7, "act": 5, "avg": 5, "max": 8, "smi": 8}
-_ROW = re.compile(r"(\d{6,}) (\d{6,}(?:\t\d{6,})*)")
-_TRAILER = re.compile(r"# (Total|Min Latencies|Avg Latencies|Max Latencies|Histogram Overflows):((?: +\d+)*)")
+_ROW = re.compile(r"(\d{6}) (\d{6,20}(?:\t\d{6,20})*)", re.ASCII)  # %06d bucket (< HIST_MAX), %06lu counts
+_TRAILER = re.compile(
+    r"# (Total|Min Latencies|Avg Latencies|Max Latencies|Histogram Overflows):((?: +\d{1,20})*)", re.ASCII
+)
 _TRAILER_ORDER = ["Total", "Min Latencies", "Avg Latencies", "Max Latencies", "Histogram Overflows"]
 _TRAILER_WIDTH = {
     "Total": 9,
@@ -47,13 +67,37 @@ _TRAILER_WIDTH = {
     "Histogram Overflows": 5,
 }
 _OUTLIERS_HEADER = "# Histogram Overflow at cycle number:"
-_OUTLIERS = re.compile(r"# Thread (\d+):((?: +\d+)*)(?: +# +(\d+) others)?")
+_OUTLIERS = re.compile(r"# Thread (\d{1,5}):((?: +\d{1,20})*)(?: +# +(\d{1,20}) others)?", re.ASCII)
 # cyclictest 2.4 getopt string "a::A::b:c:d:D:F:h:H:i:l:MNo:p:mqrRsSt::uvD:x": letters taking an argument
 _ARG_LETTERS = set("aAbcdDFhHilopt")
 
 
 def _show(line: str, limit: int = 100) -> str:
     return repr(line if len(line) <= limit else line[:limit] + "...")
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _problems(exc: ValidationError) -> str:
+    """A model's complaints, each with the field and the value (a rule over several fields names them)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        got = "" if not loc or err["type"] == "missing" else f" (got {_brief(err.get('input'))})"
+        parts.append(f"{loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}{got}")
+    return "; ".join(parts)
+
+
+def _stats(who: str, **fields: Any) -> LatencyStats:
+    """LatencyStats whose checks (one distribution: min <= avg <= max, ...) fail as a ParseError naming
+    `who`."""
+    try:
+        return LatencyStats(**fields)
+    except ValidationError as exc:
+        raise ParseError(f"cyclictest {who}: {_problems(exc)}: expected the figures of one run") from None
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -131,7 +175,8 @@ def stats_from_histogram(
         if overflows == 0:
             avg_us = round(sum(b * c for b, c in kept.items()) / samples, 2)
     figures = {name: percentile(kept, samples, frac) for name, frac in PERCENTILES.items()}
-    return LatencyStats(
+    return _stats(
+        who,
         thread=thread,
         samples=samples,
         min_us=min_us,
@@ -155,8 +200,9 @@ def _pool(threads: list[LatencyStats]) -> LatencyStats:
         avg_us = round(sum(t.avg_us * t.samples for t in threads) / samples, 2)  # type: ignore[operator]
     overflows = sum(t.overflows for t in threads)
     if any(t.histogram is None for t in threads):
-        return LatencyStats(
-            thread=None, samples=samples, min_us=min_us, avg_us=avg_us, max_us=max_us, overflows=overflows
+        return _stats(
+            "all threads", thread=None, samples=samples, min_us=min_us, avg_us=avg_us, max_us=max_us,
+            overflows=overflows
         )
     pooled: dict[int, int] = {}
     for t in threads:
@@ -168,7 +214,10 @@ def _pool(threads: list[LatencyStats]) -> LatencyStats:
 
 
 def _result(form: OutputForm, threads: list[LatencyStats]) -> LatencyResult:
-    return LatencyResult(form=form, threads=threads, all=_pool(threads))
+    try:
+        return LatencyResult(form=form, threads=threads, all=_pool(threads))
+    except ValidationError as exc:
+        raise ParseError(f"cyclictest output: {_problems(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------- text forms
@@ -226,7 +275,8 @@ def _parse_summary(lines: list[str], expected_threads: int | None) -> LatencyRes
                 "one cycle; was the run too short or did the thread never start?"
             )
         threads.append(
-            LatencyStats(
+            _stats(
+                f"summary: thread {e['thread']}",
                 thread=e["thread"],
                 samples=e["cycles"],
                 min_us=e["min"],
@@ -425,56 +475,75 @@ def _cmdline_has_histogram(cmdline: str | None) -> bool | None:
     return False
 
 
-def _int_field(entry: dict, key: str, t: str) -> int:
+def _int_field(entry: dict, key: str, t: str, *, least: int = 0) -> int:
+    """A count or latency: an integer in the JSON (not 5.0, not true, not "5"), at least `least`."""
     value = entry.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ParseError(f"cyclictest JSON: thread {t} {key!r} is {value!r}: expected an integer")
+        raise ParseError(f"cyclictest JSON: thread {t} {key!r} is {_brief(value)}: expected an integer")
+    if value < least:
+        raise ParseError(f"cyclictest JSON: thread {t} {key!r} is {value}: expected an integer >= {least}")
     return value
+
+
+_JSON_BUCKET = re.compile(r"0|[1-9][0-9]{0,6}", re.ASCII)  # a key written by %d: no sign, no leading zeros
+
+
+def _json_histogram(raw: dict, t: str) -> dict[int, int]:
+    """A thread's {"bucket": count} object, strictly: bucket keys below HIST_MAX, integer counts >= 0."""
+    hist: dict[int, int] = {}
+    for b, c in raw.items():
+        if not _JSON_BUCKET.fullmatch(b) or int(b) >= HIST_MAX:
+            raise ParseError(f"cyclictest JSON: thread {t} 'histogram' bucket {_show(b, 20)}: expected a "
+                             f"whole number of us below {HIST_MAX} (cyclictest's largest histogram)")
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ParseError(f"cyclictest JSON: thread {t} 'histogram' bucket {b} count "
+                             f"{_brief(c, 40)}: expected an integer >= 0")
+        hist[int(b)] = c
+    return hist
 
 
 def _parse_json(json_text: str) -> tuple[LatencyResult, bool]:
     """The --json document -> (result, whether it carries histograms)."""
     if not json_text.strip():
         raise ParseError("cyclictest JSON: empty document: expected the file written by --json=FILE")
-    try:
-        doc = json.loads(json_text)
-    except json.JSONDecodeError as exc:
-        raise ParseError(
-            f"cyclictest JSON: truncated or invalid ({exc.msg} at line {exc.lineno} column "
-            f"{exc.colno}): expected the complete document written by --json=FILE"
-        ) from None
+    doc = jsonio.loads(json_text, source="cyclictest JSON", error=ParseError,
+                       expected="expected the complete document written by --json=FILE")
     if not isinstance(doc, dict):
         raise ParseError(f"cyclictest JSON: expected an object, found {type(doc).__name__}")
     per_thread = doc.get("thread")
     if not isinstance(per_thread, dict) or not per_thread:
         raise ParseError(
-            f"cyclictest JSON: expected a non-empty 'thread' object, found {per_thread!r} "
-            f"(keys present: {sorted(doc)})"
+            f"cyclictest JSON: expected a non-empty 'thread' object, found {_brief(per_thread)} "
+            f"(keys present: {_brief(sorted(doc), 200)})"
         )
-    keys = sorted(per_thread, key=lambda k: int(k) if str(k).isdigit() else -1)
-    if keys != [str(i) for i in range(len(keys))]:
-        raise ParseError(f"cyclictest JSON: expected 'thread' keys '0'..'{len(keys) - 1}', found {keys}")
+    if len(per_thread) > MAX_CPU + 1:
+        raise ParseError(f"cyclictest JSON: {len(per_thread)} threads: expected at most {MAX_CPU + 1} "
+                         "(one per CPU)")
+    keys = [str(i) for i in range(len(per_thread))]
+    if set(per_thread) != set(keys):
+        found = sorted(per_thread, key=lambda k: (len(k), k))
+        raise ParseError(f"cyclictest JSON: expected 'thread' keys '0'..'{len(keys) - 1}', found "
+                         f"{_brief(found, 200)}")
     declared = doc.get("num_threads")
-    if declared is not None and declared != len(keys):
-        raise ParseError(f"cyclictest JSON: 'num_threads' is {declared} but 'thread' has {len(keys)} entries")
+    if declared is not None and (isinstance(declared, bool) or declared != len(keys)):
+        raise ParseError(f"cyclictest JSON: 'num_threads' is {_brief(declared, 40)} but 'thread' has "
+                         f"{len(keys)} entries")
     cmdline = doc.get("cmdline:", doc.get("cmdline"))  # rt-tests 2.x really writes the key as "cmdline:"
+    if cmdline is not None and not isinstance(cmdline, str):
+        raise ParseError(f"cyclictest JSON: 'cmdline:' is {_brief(cmdline, 40)}: expected a string")
     hists: dict[str, dict[int, int] | None] = {}
     for t in keys:
         entry = per_thread[t]
         if not isinstance(entry, dict):
-            raise ParseError(f"cyclictest JSON: thread {t} is {entry!r}: expected an object")
+            raise ParseError(f"cyclictest JSON: thread {t} is {_brief(entry)}: expected an object")
         raw = entry.get("histogram")
         if raw is None:
             hists[t] = None
             continue
         if not isinstance(raw, dict):
-            raise ParseError(f"cyclictest JSON: thread {t} 'histogram' is {raw!r}: expected an object")
-        try:
-            hists[t] = {int(b): int(c) for b, c in raw.items()}
-        except (TypeError, ValueError):
-            raise ParseError(
-                f"cyclictest JSON: thread {t} 'histogram' has a non-integer bucket or count"
-            ) from None
+            raise ParseError(f"cyclictest JSON: thread {t} 'histogram' is {_brief(raw)}: "
+                             "expected an object")
+        hists[t] = _json_histogram(raw, t)
     # rt-tests writes "histogram": {} when run without -h: empty everywhere means "no histogram" unless the
     # recorded command line asked for one (then every sample overflowed).
     has_hist = any(hists.values()) or bool(
@@ -487,9 +556,13 @@ def _parse_json(json_text: str) -> tuple[LatencyResult, bool]:
         if cycles <= 0:
             raise ParseError(f"cyclictest JSON: thread {t} has cycles {cycles}: expected at least one sample")
         min_us, max_us = _int_field(entry, "min", t), _int_field(entry, "max", t)
+        if max_us < min_us:
+            raise ParseError(f"cyclictest JSON: thread {t} 'max' {max_us} is below 'min' {min_us}: expected "
+                             "min <= avg <= max")
         avg = entry.get("avg")
-        if isinstance(avg, bool) or not isinstance(avg, (int, float)):
-            raise ParseError(f"cyclictest JSON: thread {t} 'avg' is {avg!r}: expected a number")
+        if isinstance(avg, bool) or not isinstance(avg, (int, float)) or avg < 0:
+            raise ParseError(f"cyclictest JSON: thread {t} 'avg' is {_brief(avg, 40)}: expected a "
+                             "number >= 0")
         hist = hists[t]
         if has_hist:
             if hist is None:
@@ -508,9 +581,8 @@ def _parse_json(json_text: str) -> tuple[LatencyResult, bool]:
                 )
             )
         else:
-            threads.append(
-                LatencyStats(thread=int(t), samples=cycles, min_us=min_us, avg_us=float(avg), max_us=max_us)
-            )
+            threads.append(_stats(f"JSON: thread {t}", thread=int(t), samples=cycles, min_us=min_us,
+                                  avg_us=float(avg), max_us=max_us))
     return _result("json", threads), has_hist
 
 
@@ -572,6 +644,10 @@ def parse_cyclictest(
     With `json_text` (the --json file of the same run) the JSON gives the figures (form "json") and `text`,
     if it holds any cyclictest output, must agree with it. `expected_threads`, when given, is checked: the
     only way to notice a `-q` summary cut off exactly between two lines."""
+    for what, given in (("output", text), ("JSON", json_text)):
+        if given is not None and len(given) > MAX_OUTPUT_BYTES:
+            raise ParseError(f"cyclictest {what}: {len(given):,} characters, more than the "
+                             f"{MAX_OUTPUT_BYTES // 2**20} MiB rt-tune reads (a run's output is far smaller)")
     if json_text is not None:
         if _looks_like_json(text):
             raise ParseError(
@@ -600,10 +676,11 @@ def parse_cyclictest(
 def parse_cyclictest_file(
     path: Path, json_path: Path | None = None, *, expected_threads: int | None = None
 ) -> LatencyResult:
-    """`parse_cyclictest` on a file (UTF-8, undecodable bytes replaced), optionally with the --json file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-        json_text = Path(json_path).read_text(encoding="utf-8", errors="replace") if json_path else None
-    except OSError as exc:
-        raise InputError(f"cannot read cyclictest output {exc.filename}: {exc.strerror}") from None
+    """`parse_cyclictest` on a file (UTF-8, undecodable bytes replaced), optionally with the --json file; a
+    file larger than MAX_OUTPUT_BYTES is an InputError, refused before it is read into memory."""
+    text = jsonio.read_limited(path, MAX_OUTPUT_BYTES, "cyclictest output").decode("utf-8", errors="replace")
+    json_text = None
+    if json_path is not None:
+        json_text = jsonio.read_limited(json_path, MAX_OUTPUT_BYTES, "cyclictest JSON").decode(
+            "utf-8", errors="replace")
     return parse_cyclictest(text, json_text, expected_threads=expected_threads)

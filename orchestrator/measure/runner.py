@@ -10,8 +10,13 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from pydantic import ValidationError
+
+from orchestrator.cpulist import CpuListError, parse_cpulist
 from orchestrator.errors import InputError, TransportError, TuneError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.facts import BOOT_ID, CMDLINE
@@ -19,14 +24,13 @@ from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSp
 from orchestrator.measure.parse import parse_cyclictest
 from orchestrator.transport import Transport
 
-SAFE_ARG = re.compile(r"^[A-Za-z0-9_.,:=+/%-]+$")
 LOAD_TOOLS = {"stress-ng": "stress-ng", "hackbench": "hackbench"}
 DEFAULT_LOAD_ARGS = {"stress-ng": ["--cpu", "0", "--cpu-load", "80"], "hackbench": ["-l", "1000000"]}
 
 
 def parse_duration(text: str) -> float:
-    """'60', '60s', '5m', '1h', '500ms' -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(text))
+    """'60', '60s', '5m', '1h', '500ms' -> seconds (ASCII digits only: float() would also take '١٠')."""
+    m = re.fullmatch(r"[ \t]*([0-9]{1,12}(?:\.[0-9]{1,12})?)[ \t]*(ms|s|m|h)?[ \t]*", str(text))
     if not m:
         raise InputError(f"duration {text!r}: expected a number with an optional unit ms, s, m or h (e.g. 60s)")
     value, unit = float(m.group(1)), m.group(2) or "s"
@@ -34,6 +38,56 @@ def parse_duration(text: str) -> float:
     if seconds < 1:
         raise InputError(f"duration {text!r}: at least 1 s is needed for a latency measurement")
     return seconds
+
+
+_FLAG = {"cpus": "--cpus", "duration_s": "--duration", "histogram_us": "--histogram",
+         "interval_us": "--interval", "kind": "--load", "args": "--load-arg"}
+
+
+def _flag_problems(exc: ValidationError, given: dict[str, Any], cpus_from: str, whole: str) -> list[str]:
+    """One line per error, named by its flag (`whole` for a rule over several fields), with the value."""
+    out = []
+    for err in exc.errors():
+        loc = err["loc"]
+        name = str(loc[0]) if loc else ""
+        flag = cpus_from if name == "cpus" else _FLAG.get(name, whole)
+        msg = err["msg"].removeprefix("Value error, ")
+        got = given.get(name or whole, err.get("input")) if len(loc) <= 1 else err.get("input")
+        out.append(f"{flag}: {msg} (got {got!r})")
+    return out
+
+
+def measurement_from_flags(*, cpus: str, duration: str, histogram_us: Any, interval_us: Any,
+                           load: str = "none", load_args: Sequence[str] = (), cpus_from: str = "--cpus"
+                           ) -> tuple[CyclictestSettings, LoadSpec]:
+    """`tune measure`'s flags as the models a playbook is validated by, so flags and playbooks share one set
+    of rules. Every bad flag is reported at once (InputError), before an inventory is read or a unit reached.
+    `cpus_from` names where the CPU list came from (the flag, or a unit's var)."""
+    problems: list[str] = []
+    raw: dict[str, Any] = {"histogram_us": histogram_us, "interval_us": interval_us}
+    try:
+        raw["cpus"] = parse_cpulist(cpus)
+    except CpuListError as exc:
+        problems.append(f"{cpus_from}: {exc}")
+    try:
+        raw["duration_s"] = parse_duration(duration)
+    except InputError as exc:
+        problems.append(f"--duration: {exc}")
+    given = {"cpus": cpus, "duration_s": duration, "histogram_us": histogram_us, "interval_us": interval_us,
+             "kind": load, "args": list(load_args), "--load-arg": list(load_args)}
+    settings = load_spec = None
+    try:
+        settings = CyclictestSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems += _flag_problems(exc, given, cpus_from, "flags")
+    try:
+        load_spec = LoadSpec.model_validate({"kind": load, "args": list(load_args)})
+    except ValidationError as exc:
+        problems += _flag_problems(exc, given, cpus_from, "--load-arg")
+    if problems or settings is None or load_spec is None:
+        raise InputError("tune measure: " + ("\n  ".join(["bad flags:", *problems]) if len(problems) > 1
+                                             else problems[0]))
+    return settings, load_spec
 
 
 def cyclictest_argv(settings: CyclictestSettings) -> list[str]:
@@ -49,9 +103,6 @@ def cyclictest_argv(settings: CyclictestSettings) -> list[str]:
 def load_argv(load: LoadSpec, duration_s: float) -> list[str] | None:
     if load.kind == "none":
         return None
-    for a in load.args:
-        if not SAFE_ARG.match(a):
-            raise InputError(f"load argument {a!r}: only letters, digits and _.,:=+/%- are allowed")
     args = load.args or DEFAULT_LOAD_ARGS[load.kind]
     if load.kind == "stress-ng":
         return ["stress-ng", *args, "--timeout", f"{int(duration_s) + 30}s", "--quiet"]

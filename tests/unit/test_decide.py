@@ -30,7 +30,7 @@ def run(p999: int | None, *, p99: int | None = None, mx: int | None = None, over
     p99 = p99 if p99 is not None else (min(p999, 4999) // 2 if p999 is not None else 40)
     mx = mx if mx is not None else (p999 * 3 if p999 is not None else 9000)
     stats = LatencyStats(samples=10000, min_us=3, avg_us=8.0, p50_us=7, p90_us=12, p99_us=p99, p999_us=p999,
-                         p9999_us=None if p999 is None else p999 + 10, max_us=mx, overflows=overflows)
+                         p9999_us=None if p999 is None else min(p999 + 10, mx), max_us=mx, overflows=overflows)
     return LatencyResult(target="lab1.guest", form="json", threads=[stats.model_copy(update={"thread": 0})],
                          all=stats, settings=settings, load=LOAD, duration_s=10.0)
 
@@ -208,16 +208,17 @@ def test_censored_median_is_flagged():
 
 
 def test_histogram_size_falls_back_to_the_histogram_when_settings_are_missing():
-    stats = LatencyStats(samples=1000, min_us=2, avg_us=5.0, p99_us=40, p999_us=None, max_us=9000, overflows=3,
+    stats = LatencyStats(samples=1000, min_us=5, avg_us=5.0, p99_us=40, p999_us=None, max_us=9000, overflows=3,
                          histogram={5: 900, 40: 90, 1999: 7})
-    res = LatencyResult(form="histogram", threads=[stats], all=stats)
+    res = LatencyResult(form="histogram", threads=[stats.model_copy(update={"thread": 0})], all=stats)
     vals, cens = run_values([res], "p999_us", "after")
     assert vals[0] == 2000 and cens[0]
 
 
 def test_summary_form_without_percentiles_is_an_input_error():
     stats = LatencyStats(samples=10000, min_us=3, avg_us=8.0, max_us=90)  # summary form: no histogram
-    res = LatencyResult(form="summary", threads=[stats], all=stats, settings=SETTINGS, load=LOAD)
+    res = LatencyResult(form="summary", threads=[stats.model_copy(update={"thread": 0})], all=stats,
+                        settings=SETTINGS, load=LOAD)
     with pytest.raises(InputError, match="no histogram"):
         decide([res] * 5, [res] * 5, DecisionRule())
 
