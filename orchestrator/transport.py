@@ -82,7 +82,8 @@ class Endpoint:
     port: int = 22
     user: str = "root"
     key_file: str | None = None
-    #: Extra known_hosts file; ~/.ssh/known_hosts is loaded as well when it exists.
+    #: The known_hosts file that alone decides this endpoint's host key; None: the user's and the system's
+    #: (DEFAULT_KNOWN_HOSTS), as with OpenSSH.
     known_hosts: str | None = None
     #: Run commands through `sudo -n --` when `user` is not root.
     become: bool = False

@@ -13,9 +13,13 @@ the unit is in, from what it reports about itself, never from what we hoped:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
+import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +56,47 @@ class TrialOutcome(BaseModel):
     power_cycled: bool = False
     health: Health | None = None
     reason: str = ""
+
+
+def run_power_cycle(argv: Sequence[str], timeout_s: float) -> str | None:
+    """Run a power_cycle command on this machine: None when it ran and exited 0, else why not (program not
+    found, timed out, exit status and the tail of its stderr). Never raises on a command that cannot run: the
+    unit did not come back either way, and the caller's lost-unit handling must still run."""
+    args = list(argv)
+    if not args:
+        return "the command is empty (power_cycle: []): the inventory must give a program and its arguments"
+    try:
+        # Its own process group, so a timeout kills what it started too (a child holding its stdout would
+        # otherwise keep us waiting after the kill).
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except FileNotFoundError:
+        return f"program not found: {args[0]}"
+    except PermissionError:
+        return f"permission denied running {args[0]}"
+    except (OSError, ValueError, TypeError) as exc:  # not executable, a NUL byte, an argument not a string
+        return f"cannot run {args[0]!r}: {exc}"
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=5)
+        return f"timed out after {timeout_s:g} s (killed)"
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
+    if proc.returncode == 0:
+        return None
+    status = f"exit status {proc.returncode}" if proc.returncode > 0 else f"killed by signal {-proc.returncode}"
+    tail = (err or out).decode("utf-8", "replace").strip()[-300:]
+    return f"{status}: {tail}" if tail else f"{status} (no output)"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def cpus_of(key: str, value: str | None) -> list[int] | None:
@@ -115,6 +160,8 @@ class TrialBoot:
     observe: Connect  # the booted system itself
     subject: str
     power_cycle: list[str] | None = None
+    #: How long the power_cycle command may run before it is killed (and counts as failed).
+    power_cycle_timeout_s: float = 300.0
     boot_timeout_s: float = 300.0
     poll_s: float = 3.0
     services: tuple[str, ...] = ()
@@ -157,44 +204,60 @@ class TrialBoot:
             self._emit("trial.dependents", "answering again: " + ", ".join(n for n, _ in self.dependents))
         return problems
 
+    def _power_cycle(self, why: str) -> str | None:
+        """Run the inventory's power_cycle command once; None when it ran, else why it failed (also recorded as
+        a `trial.power_cycle_failed` event, which the journal receives)."""
+        self._emit("trial.power_cycle", f"{why}: running the inventory's power_cycle command")
+        argv = self.power_cycle or []
+        failure = run_power_cycle(argv, self.power_cycle_timeout_s)
+        if failure is not None:
+            shown = shlex.join(str(a) for a in argv) if argv else "[]"
+            self._emit("trial.power_cycle_failed", f"power_cycle `{shown}` failed: {failure}",
+                       reason=failure, argv=[str(a) for a in argv])
+        return failure
+
     def reachable(self) -> str:
         """Wait until the unit answers (a controller may have died while it rebooted); power-cycle it once when
         it does not. Returns its boot_id; raises UnitLostError."""
         bid = self.boot_id(self.boot_timeout_s, None)
-        if bid is None and self.power_cycle:
-            self._emit("trial.power_cycle", "unreachable: running the inventory's power_cycle command")
-            subprocess.run(self.power_cycle, capture_output=True, text=True, timeout=300)
+        failure = None
+        if bid is None and self.power_cycle is not None:
+            # still waited for after a failed power cycle: the unit may come back by itself (its watchdog)
+            failure = self._power_cycle("unreachable")
             bid = self.boot_id(self.boot_timeout_s, None)
         if bid is None:
-            raise UnitLostError(f"{self.subject}: unreachable for {2 * self.boot_timeout_s:.0f} s")
+            raise UnitLostError(f"{self.subject}: unreachable for {2 * self.boot_timeout_s:.0f} s"
+                                + (f"; the power cycle failed: {failure}" if failure else ""))
         return bid
 
-    def reboot_and_wait(self, old_boot_id: str) -> tuple[str | None, bool, float]:
-        """Reboot through the loader (control side), wait, power-cycle once if needed. (boot_id, cycled, s)"""
+    def reboot_and_wait(self, old_boot_id: str) -> tuple[str | None, bool, float, str | None]:
+        """Reboot through the loader (control side), wait, power-cycle once if needed.
+        (boot_id, power-cycled, seconds, why the power cycle failed)"""
         start = time.monotonic()
         with self.control() as c:
             self.loader.reboot(c)
         self._emit("trial.reboot", "rebooting", timeout_s=self.boot_timeout_s)
         new = self.boot_id(self.boot_timeout_s, old_boot_id)
+        failure = None
         cycled = False
-        if new is None and self.power_cycle:
-            self._emit("trial.power_cycle", f"no new boot after {self.boot_timeout_s:.0f} s: running the "
-                       "inventory's power_cycle command")
-            proc = subprocess.run(self.power_cycle, capture_output=True, text=True, timeout=300)
-            cycled = True
-            if proc.returncode != 0:
-                self._emit("trial.power_cycle_failed", f"power_cycle exited {proc.returncode}: "
-                           f"{proc.stderr.strip()[-300:]}")
+        if new is None and self.power_cycle is not None:
+            failure = self._power_cycle(f"no new boot after {self.boot_timeout_s:.0f} s")
+            cycled = failure is None
+            # still waited for after a failed power cycle: the unit may come back by itself (its watchdog)
             new = self.boot_id(self.boot_timeout_s, old_boot_id)
-        return new, cycled, time.monotonic() - start
+        return new, cycled, time.monotonic() - start, failure
 
     def run(self, target: BootTarget, old_cmdline: str, old_kernel: str, old_boot_id: str) -> TrialOutcome:
-        new, cycled, secs = self.reboot_and_wait(old_boot_id)
+        new, cycled, secs, failure = self.reboot_and_wait(old_boot_id)
         if new is None:
-            self._emit("trial.lost", f"no new boot within {secs:.0f} s")
-            return TrialOutcome(result="lost", seconds=secs, power_cycled=cycled,
-                                reason=f"the unit did not come back within {secs:.0f} s"
-                                       + (" (power cycle included)" if cycled else " and has no power_cycle"))
+            if failure is not None:
+                reason = f"the unit did not come back within {secs:.0f} s; the power cycle failed: {failure}"
+            elif cycled:
+                reason = f"the unit did not come back within {secs:.0f} s (power cycle included)"
+            else:
+                reason = f"the unit did not come back within {secs:.0f} s and has no power_cycle"
+            self._emit("trial.lost", f"no new boot within {secs:.0f} s", reason=reason)
+            return TrialOutcome(result="lost", seconds=secs, power_cycled=cycled, reason=reason)
         with self.observe() as t:
             health = health_check(t, target, old_cmdline, old_kernel, self.services)
         if health.on_trial and not health.problems:
@@ -218,10 +281,10 @@ class TrialBoot:
         """Reboot into the (untouched) default and check it is the old setup; raises when it is not."""
         with self.observe() as t:
             bid = BOOT_ID.gather(t)
-        new, _, secs = self.reboot_and_wait(bid)
+        new, _, secs, failure = self.reboot_and_wait(bid)
         if new is None:
             raise TuneError(f"{self.subject}: did not come back within {secs:.0f} s after a reboot into the "
-                            "default entry")
+                            "default entry" + (f"; the power cycle failed: {failure}" if failure else ""))
         with self.observe() as t:
             health = health_check(t, BootTarget(), old_cmdline, old_kernel, ())
         if not health.on_old:
