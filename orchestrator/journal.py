@@ -45,7 +45,13 @@ as with SQLite (a writer sees every write committed before it got the lock). Mig
 so two processes opening a new database cannot both migrate. `busy_timeout_s` becomes `lock_timeout`. The
 rollout claim path alone (`claim_unit`, `finish_unit`) does not take that lock: see `claim_unit`. A connection
 is never used across `fork()` (the child opens its own, as with SQLite). The URL's password never appears in a
-message, a `repr` or an event: `journal.path` is the URL with `user:***@`.
+message, a `repr` or an event: `journal.path` is the URL with `user:***@` (`redact_url` is the one
+redaction function; a URL libpq would misread, e.g. an unencoded "@" or "/" in the password, is refused by
+`check_db_url` before libpq sees it, since libpq's own errors would quote parts of the password).
+
+Damage: a journal file that is empty, not SQLite, or has bad pages raises `JournalDamaged` (naming the file
+and how to recover it), in every mode; it is never overwritten nor started afresh. Read-only commands open
+the journal with `read_only=True` (see `_SQLiteDB`): they work in a read-only state directory.
 
 Rollouts (schema version 2): a rollout is a row in `rollouts` (profile, inventory, policy, status running /
 pausing / paused / halted / done) with one row per unit in `rollout_units`, grouped in waves (0 = the canary,
@@ -61,12 +67,13 @@ import json
 import os
 import re
 import secrets
+import shlex
 import socket
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,6 +100,17 @@ class InvalidTransition(JournalError):
 
 class UnreconciledError(JournalError):
     """A unit still has changes a crashed controller left half done; they must be reconciled first."""
+
+
+class JournalDamaged(JournalError):
+    """The journal file is not a sound SQLite database (truncated, emptied, pages overwritten): never
+    overwritten nor re-initialised; the message names the file and how to recover what it holds."""
+
+
+class JournalURLError(JournalError):
+    """A `--db` URL that is no usable PostgreSQL URL: refused before libpq sees it, its password redacted."""
+
+    exit_code = 2
 
 
 class LockedError(TuneError):
@@ -555,39 +573,207 @@ def _row_rollout_unit(row: Any) -> RolloutUnit:
 PG_SCHEMES = ("postgresql://", "postgres://")
 PG_ADVISORY_LOCK_KEY = 0x72742D74756E65  # "rt-tune" in ASCII: the key of the writers' advisory lock
 
-_URL_USERINFO = re.compile(r"(?i)(?P<head>postgres(?:ql)?://[^:/@\s]*):\S*@")  # greedy: to the last "@"
-_URL_PASSWORD_PARAM = re.compile(r"(?i)\b(?P<head>password=)[^&\s]*")
+# A URL in free text: its scheme, then everything up to the next white space. The password may hold any
+# character (an unencoded "@", "/", ":" or "%" included), so the user information runs to the LAST "@".
+_URL = re.compile(r"(?i)(?<![a-z0-9+.\-])(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<rest>\S*)")
+_URL_SCHEME = re.compile(r"(?i)^[a-z][a-z0-9+.\-]*://")
+# password=... in a URL's query or a libpq conninfo string (sslpassword= too): to the next "&" or white space,
+# or a whole quoted value
+_PASSWORD_PARAM = re.compile(r"(?i)(?P<head>password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^&\s]*)")
+_PERCENT_BAD = re.compile(r"%(?![0-9A-Fa-f]{2})")
+MASK = "***"
 
 
 def is_postgres_url(target: object) -> bool:
     return isinstance(target, str) and target.lower().startswith(PG_SCHEMES)
 
 
-def redact_url(text: str) -> str:
-    """`text` with any PostgreSQL URL's password replaced: `user:password@` -> `user:***@`, `password=***`."""
-    return _URL_PASSWORD_PARAM.sub(r"\g<head>***", _URL_USERINFO.sub(r"\g<head>:***@", text))
+def _redact_userinfo(m: re.Match[str]) -> str:
+    rest = m["rest"]
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return m[0]
+    user, colon, _password = userinfo.partition(":")
+    if not colon and not re.search(r"[@/%]", userinfo):
+        return m[0]  # a user name alone: nothing secret
+    shown = f"{user}:{MASK}" if colon and not re.search(r"[@/%]", user) else MASK
+    return f"{m['scheme']}{shown}@{host}"
+
+
+def redact_url(text: str, passwords: Iterable[str] = ()) -> str:
+    """THE redaction of rt-tune's messages, logs and artifacts: in every `scheme://...` URL of `text`,
+    everything between the scheme and the last "@" (`user:***@`, or `***@` when the user name itself is
+    unclear), every `password=` value, and each of `passwords` (known beforehand, see `url_secrets`) wherever
+    it appears, become `***`."""
+    for secret in sorted({p for p in passwords if p}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return _PASSWORD_PARAM.sub(rf"\g<head>{MASK}", _URL.sub(_redact_userinfo, text))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password of `url` in every spelling a message may show it in: as written (between the first ":"
+    after the scheme and the last "@"), percent-decoded, and libpq's reading (also `?password=`)."""
+    found: list[str] = []
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
+    if ":" in userinfo:
+        raw = userinfo.partition(":")[2]
+        found += [raw, urllib.parse.unquote(raw)]
+    for m in _PASSWORD_PARAM.finditer(url):
+        raw = m[0][len(m["head"]):].strip("'")
+        found += [raw, urllib.parse.unquote(raw)]
+    if is_postgres_url(url):
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            found.append(str(conninfo_to_dict(url).get("password") or ""))
+        except Exception:  # noqa: BLE001 - a URL libpq cannot parse: check_db_url refuses it, redacted
+            pass
+    return [s for s in dict.fromkeys(found) if s]
+
+
+def check_db_url(url: str) -> None:
+    """Refuse a journal URL that libpq would read differently from what its author meant, before libpq sees
+    it: libpq cuts the user information at the FIRST "@" (or "/"), so an unencoded "@" or "/" in a password
+    turns the rest of it into a host, port or database name, which its errors then print. Also a "%" that is
+    not a %XX escape (libpq's error quotes the text around it) and a scheme other than PostgreSQL's."""
+    shown = redact_url(url, url_secrets(url))
+    if not is_postgres_url(url):
+        raise JournalURLError(f"journal URL {shown}: not a journal; give a postgresql:// (or postgres://) "
+                              "URL or the path of a SQLite file")
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    encode = "leave the password out of the URL (libpq reads PGPASSWORD or ~/.pgpass), or percent-encode it"
+    if re.search(r"[@/]", userinfo):
+        raise JournalURLError(f"journal URL {shown}: its user name or password holds an unencoded \"@\" or "
+                              "\"/\", which would cut it short and show the rest as a host or database "
+                              f"name: {encode} (\"@\" as %40, \"/\" as %2F, \"%\" as %25)")
+    if _PERCENT_BAD.search(url):
+        raise JournalURLError(f"journal URL {shown}: a \"%\" that does not start a %XX escape: {encode} "
+                              "(\"%\" as %25)")
+
+
+def _damaged(path: Path, why: str) -> JournalDamaged:
+    """The error for a damaged journal file: what is wrong, and how to recover what it holds. `.dump` ends with
+    ROLLBACK when it met damage, hence the sed (Debian 12's sqlite3 has no working `.recover`)."""
+    q = shlex.quote(str(path))
+    return JournalDamaged(
+        f"the journal {path} is damaged ({why}). rt-tune leaves it as it is and never starts a new journal "
+        "over it: it holds the state to roll the units back to. Recover what can be read (Debian package "
+        f"sqlite3): `sqlite3 {q} .dump | sed '$s/^ROLLBACK;.*/COMMIT;/' > journal-recovered.sql` (or, where "
+        f"sqlite3 has it, `sqlite3 {q} .recover > journal-recovered.sql`), move {path} aside (with its -wal "
+        f"and -shm files, if any), then `sqlite3 {q} < journal-recovered.sql`; or move it aside to start an "
+        "empty journal (rt-tune then no longer knows what it changed on the units).")
+
+
+_CORRUPT_CODES = {getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26)}
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """A SQLite error that says the file itself is bad (not a lock, a full disk or a permission)."""
+    if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.IntegrityError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _CORRUPT_CODES:
+        return True
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def _run_migrations(conn: Any, where: object) -> None:
+    """Bring the schema to SCHEMA_VERSION inside the caller's transaction (see MIGRATIONS)."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    version = 0 if row is None else row[0]
+    if version > SCHEMA_VERSION:
+        raise JournalError(f"journal {where} has schema version {version}, newer than this "
+                           f"rt-tune understands ({SCHEMA_VERSION}): upgrade rt-tune")
+    for step in range(version, SCHEMA_VERSION):
+        MIGRATIONS[step](conn)
+    if row is None:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif version != SCHEMA_VERSION:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
 class _SQLiteDB:
-    """SQLite: one file, WAL, synchronous=FULL; writers serialised by BEGIN IMMEDIATE and busy_timeout."""
+    """SQLite: one file, WAL, synchronous=FULL; writers serialised by BEGIN IMMEDIATE and busy_timeout.
+
+    A new journal file is built beside its final name and linked into place complete (`os.link` never replaces
+    a file), so a journal that exists is never empty: an empty or unreadable file is damage, refused with
+    `JournalDamaged`, never re-initialised. Every connection runs `PRAGMA quick_check` first (about 0.1 s for
+    40 MB), so nothing acts on a journal with bad pages.
+
+    Read-only (`read_only=True`, for commands that only read): the file is opened with `mode=ro` and nothing
+    is created, so it works in a read-only state directory; when SQLite cannot open the WAL index there (no
+    -wal/-shm files, none can be created: then no writer is active) it is opened `immutable=1`. A journal that
+    does not exist yet reads as empty, and one at an older schema version is read through an in-memory copy
+    brought up to date; the file is never written."""
 
     kind = "sqlite"
     for_update = ""  # BEGIN IMMEDIATE already serialises every writer
     for_update_skip_locked = ""
     integrity_error: type[Exception] = sqlite3.IntegrityError
 
-    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float, read_only: bool = False) -> None:
         self.path = path
         self.display = str(path)
+        self.read_only = read_only
         self._busy_timeout_s = busy_timeout_s
 
     def prepare(self) -> None:
+        if self.read_only:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise JournalError(f"cannot create the journal's directory {self.path.parent}: {exc}") from exc
 
+    def _create(self) -> None:
+        """A new journal file, complete (WAL mode, the schema_version table) before it takes its name."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+        try:
+            conn = sqlite3.connect(str(tmp), isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass  # another process created it first: use theirs
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot create the journal {self.path}: {exc}") from exc
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                leftover.unlink(missing_ok=True)
+
+    def _check_size(self) -> bool:
+        """False when the journal does not exist; JournalDamaged when it is empty or shorter than a header."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
+        if size == 0:
+            raise _damaged(self.path, "it is empty (0 bytes): truncated, or not written by rt-tune")
+        if size < 100:
+            raise _damaged(self.path, f"it is {size} bytes long, shorter than a SQLite header")
+        return True
+
+    def _quick_check(self, conn: sqlite3.Connection) -> None:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if rows != ["ok"]:
+            raise _damaged(self.path, "; ".join(rows))
+
     def connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_ro()
+        if not self._check_size():
+            self._create()
+            self._check_size()
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
@@ -595,14 +781,77 @@ class _SQLiteDB:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
             mode = self._wal(conn)
             if str(mode).lower() != "wal":
-                conn.close()
                 raise JournalError(f"journal {self.path}: SQLite refused WAL mode (got {mode!r}); "
                                    "is it on a filesystem without shared memory (e.g. NFS)?")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
-            raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
+            self._quick_check(conn)
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._open_error(exc) from exc
+            raise
         return conn
+
+    def _open_error(self, exc: sqlite3.Error) -> JournalError:
+        if _is_damage(exc):
+            return _damaged(self.path, str(exc))
+        return JournalError(f"cannot open the journal {self.path}: {exc}")
+
+    def _connect_ro(self) -> sqlite3.Connection:
+        if not self._check_size():  # nothing journaled yet: an empty journal, in memory
+            return self._in_memory(None)
+        uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=ro"
+        conn: sqlite3.Connection | None = None
+        try:
+            try:
+                conn = self._open_uri(uri)
+            except sqlite3.OperationalError as exc:
+                wal = Path(f"{self.path}-wal")
+                if _is_damage(exc) or wal.exists():
+                    raise
+                conn = self._open_uri(uri + "&immutable=1")  # no writer can be active: see the class doc
+            self._quick_check(conn)
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else row[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"journal {self.path} has schema version {version}, newer than this "
+                                   f"rt-tune understands ({SCHEMA_VERSION}): upgrade rt-tune")
+            if version < SCHEMA_VERSION:
+                mem = self._in_memory(conn)
+                conn.close()
+                return mem
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._open_error(exc) from exc
+            raise
+        return conn
+
+    def _open_uri(self, uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the file (and WAL index)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _in_memory(self, source: sqlite3.Connection | None) -> sqlite3.Connection:
+        """A read-only view at the current schema: a copy of `source` (None: empty) in memory, migrated."""
+        mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        mem.row_factory = sqlite3.Row
+        if source is not None:
+            source.backup(mem)
+        mem.execute("BEGIN")
+        _run_migrations(mem, self.path)
+        mem.execute("COMMIT")
+        return mem
 
     def _wal(self, conn: sqlite3.Connection) -> str:
         """Switch to WAL (a property of the file). Processes opening a new file at once race to switch it,
@@ -623,8 +872,8 @@ class _SQLiteDB:
     def begin(self, conn: sqlite3.Connection, *, serialise: bool) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")  # serialises every writer, whatever `serialise` says
-        except sqlite3.OperationalError as exc:
-            raise JournalError(f"journal {self.path}: cannot start a write transaction: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise self.error(exc) or JournalError(f"journal {self.path}: {exc}") from exc
 
     @staticmethod
     def commit(conn: sqlite3.Connection) -> None:
@@ -636,8 +885,13 @@ class _SQLiteDB:
             conn.execute("ROLLBACK")
 
     def error(self, exc: BaseException) -> JournalError | None:
-        """The JournalError to raise for a database error (None: let it through as it is)."""
-        if isinstance(exc, sqlite3.OperationalError):
+        """The JournalError to raise for a database error (None: let it through as it is: a UNIQUE violation
+        is the lock race's signal)."""
+        if _is_damage(exc):
+            return _damaged(self.path, str(exc))
+        if isinstance(exc, sqlite3.IntegrityError):
+            return None
+        if isinstance(exc, sqlite3.DatabaseError):
             return JournalError(f"journal {self.path}: {exc}")
         return None
 
@@ -719,7 +973,6 @@ class _PostgresDB:
     def __init__(self, url: str, busy_timeout_s: float, connect_timeout_s: float) -> None:
         try:
             import psycopg
-            from psycopg.conninfo import conninfo_to_dict
         except ImportError as exc:  # a dependency of rt-tune; only a broken install lacks it
             raise JournalError("the PostgreSQL journal needs psycopg 3 (pip install 'psycopg[binary]'): "
                                f"{exc}") from None
@@ -728,23 +981,12 @@ class _PostgresDB:
         self._url = url
         self._busy_timeout_s = busy_timeout_s
         self._connect_timeout_s = connect_timeout_s
-        self._secrets: list[str] = []
-        try:
-            password = conninfo_to_dict(url).get("password")
-        except (psycopg.Error, ValueError, TypeError):  # a malformed URL: connect() reports it (redacted)
-            password = None
-        userinfo = url.partition("://")[2].rpartition("@")[0]
-        raw_password = userinfo.partition(":")[2] if ":" in userinfo else ""
-        for secret in (password, raw_password, urllib.parse.unquote(raw_password)):
-            if secret and secret not in self._secrets:
-                self._secrets.append(str(secret))
+        check_db_url(url)  # before libpq sees it: a URL it would misread makes it print parts of the password
+        self._secrets = url_secrets(url)
         self.display = self.redact(url)
 
     def redact(self, text: str) -> str:
-        text = redact_url(text)
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        return redact_url(text, self._secrets)
 
     def cause(self, exc: BaseException) -> BaseException | None:
         """What a JournalError made of `exc` may chain to: `exc`, unless its text names the password."""
@@ -829,16 +1071,22 @@ class Journal:
     how long a writer waits for the others (SQLite's busy_timeout, PostgreSQL's lock_timeout);
     `connect_timeout_s` is PostgreSQL's connection timeout.
 
-    `path` names the journal in messages: the SQLite file's Path, or the URL with its password redacted."""
+    `path` names the journal in messages: the SQLite file's Path, or the URL with its password redacted.
+
+    `read_only=True` is for commands that only read (`tune status`, `rollout --status`, dry runs): nothing is
+    created or written (see `_SQLiteDB`), and every write is refused. A damaged SQLite file is refused with
+    `JournalDamaged` in either mode, never overwritten."""
 
     def __init__(self, target: Path | str, *, notify: EventSink = discard, busy_timeout_s: float = 30.0,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, read_only: bool = False) -> None:
         self._db: _Backend
-        if is_postgres_url(target):
+        self.read_only = read_only
+        if isinstance(target, str) and _URL_SCHEME.match(target):
+            check_db_url(target)  # another scheme is refused: a typo must not become a file named after a URL
             self._db = _PostgresDB(str(target), busy_timeout_s, connect_timeout_s)
             self.path: Path | str = self._db.display
         else:
-            self._db = _SQLiteDB(Path(target), busy_timeout_s)
+            self._db = _SQLiteDB(Path(target), busy_timeout_s, read_only)
             self.path = self._db.path
         self.backend = self._db.kind  # "sqlite" / "postgresql"
         self._notify = notify
@@ -878,10 +1126,13 @@ class Journal:
         return self._conn
 
     @contextmanager
-    def _tx(self, *, serialise: bool = True) -> Iterator[Any]:
+    def _tx(self, *, serialise: bool = True, migrating: bool = False) -> Iterator[Any]:
         """One write transaction, rolled back on any exception. SQLite: BEGIN IMMEDIATE ... COMMIT (every writer
         is serialised). PostgreSQL: BEGIN ISOLATION LEVEL READ COMMITTED, then (unless `serialise` is False:
-        the rollout claim path only) the writers' advisory lock, held until COMMIT/ROLLBACK."""
+        the rollout claim path only) the writers' advisory lock, held until COMMIT/ROLLBACK. A read-only
+        journal refuses, except to bring a PostgreSQL schema up to date (`migrating`)."""
+        if self.read_only and not migrating:
+            raise JournalError(f"journal {self.path} was opened read-only: this command must not write to it")
         with self._mutex:
             conn = self._connection()
             self._db.begin(conn, serialise=serialise)
@@ -906,19 +1157,15 @@ class Journal:
                 raise
 
     def _migrate(self) -> None:
-        with self._tx() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            version = 0 if row is None else row[0]
-            if version > SCHEMA_VERSION:
-                raise JournalError(f"journal {self.path} has schema version {version}, newer than this "
-                                   f"rt-tune understands ({SCHEMA_VERSION}): upgrade rt-tune")
-            for step in range(version, SCHEMA_VERSION):
-                MIGRATIONS[step](conn)
-            if row is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version != SCHEMA_VERSION:
-                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        if self.read_only:
+            if self.backend == "sqlite" or self._pg_schema_current():
+                return  # SQLite read-only: the backend brought an older schema up to date in memory
+        with self._tx(migrating=True) as conn:
+            _run_migrations(conn, self.path)
+
+    def _pg_schema_current(self) -> bool:
+        rows = self._query("SELECT to_regclass('schema_version') IS NOT NULL")
+        return bool(rows[0][0]) and self._query("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION
 
     @property
     def schema_version(self) -> int:
@@ -1576,10 +1823,12 @@ def open_journal(target: str | Path, **kw: Any) -> Journal:
 
 
 __all__ = [
-    "CHANGE_STATES", "FINISHED_UNIT_STATES", "INCOMPLETE_STATES", "MIGRATIONS", "PG_ADVISORY_LOCK_KEY",
-    "ROLLOUT_STATUSES", "ROLLOUT_UNIT_STATES", "SCHEMA_VERSION", "TRANSITIONS", "UNIT_STATES",
+    "CHANGE_STATES", "FINISHED_UNIT_STATES", "INCOMPLETE_STATES", "MASK", "MIGRATIONS",
+    "PG_ADVISORY_LOCK_KEY", "ROLLOUT_STATUSES", "ROLLOUT_UNIT_STATES", "SCHEMA_VERSION", "TRANSITIONS",
+    "UNIT_STATES",
     "ChangeRecord", "ChangeState", "ClaimLostError", "EventRecord", "InvalidTransition", "Journal",
-    "JournalError", "Lock", "LockInfo", "LockLostError", "LockedError", "RolloutRecord", "RolloutStatus",
-    "RolloutUnit", "RolloutUnitState", "RunRecord", "UnitState", "UnitStateName", "UnreconciledError", "default_owner",
-    "is_postgres_url", "open_journal", "redact_url",
+    "JournalDamaged", "JournalError", "JournalURLError", "Lock", "LockInfo", "LockLostError", "LockedError",
+    "RolloutRecord", "RolloutStatus", "RolloutUnit", "RolloutUnitState", "RunRecord", "UnitState",
+    "UnitStateName", "UnreconciledError", "check_db_url", "default_owner", "is_postgres_url", "open_journal",
+    "redact_url", "url_secrets",
 ]

@@ -5,6 +5,9 @@ Crashes and races use real processes (a child killing itself with SIGKILL, child
 from __future__ import annotations
 
 import os
+import random
+import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -22,11 +25,14 @@ from orchestrator.events import Event, EventLog
 from orchestrator.journal import (
     InvalidTransition,
     Journal,
+    JournalDamaged,
     JournalError,
     LockedError,
     LockLostError,
     UnreconciledError,
 )
+
+from tests.unit.readonly import run_read_only
 
 pytestmark = pytest.mark.unit
 
@@ -108,8 +114,181 @@ def test_migration_hook_runs_once_and_newer_schema_is_refused(db, monkeypatch):
 def test_not_a_database_is_a_journal_error(tmp_path):
     bad = tmp_path / "journal.db"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(JournalError, match=str(bad)):
+    with pytest.raises(JournalDamaged, match=str(bad)):
         Journal(bad)
+    assert bad.read_bytes() == b"this is not sqlite" * 100
+
+
+# ----------------------------------------------------------------------------------------- damage (issue #15)
+
+
+PAGE = 4096  # SQLite's default page size, the journal's
+
+
+def filled_journal(db: Path) -> bytes:
+    """A real journal with a run, a kept change and 300 unit states (about 50 pages), closed; its bytes."""
+    with Journal(db) as j:
+        run = j.begin_run("lab1", "rt-profile", "ctl:1")
+        rec = intent(j, run)
+        for state in ("applied", "verified", "kept"):
+            j.mark(rec, state)
+        for i in range(300):
+            j.set_unit_state(f"unit{i}", "done", "x" * 100)
+    assert not Path(f"{db}-wal").exists()  # checkpointed on close: the file holds everything
+    return db.read_bytes()
+
+
+def damaged(good: bytes, how: str) -> bytes:
+    pages = len(good) // PAGE
+    rnd = random.Random(how)  # the same garbage every run
+    if how == "garbage after the header page":
+        return good[:PAGE] + rnd.randbytes(len(good) - PAGE)
+    if how.startswith("page "):
+        k = int(how.split()[1]) % pages
+        return good[:k * PAGE] + rnd.randbytes(PAGE) + good[(k + 1) * PAGE:]
+    if how == "truncated":
+        return good[:len(good) * 6 // 10]
+    if how == "empty":
+        return b""
+    if how == "shorter than a header":
+        return good[:50]
+    raise AssertionError(how)
+
+
+DAMAGE = ["garbage after the header page", "page 1", "page 2", "page 7", "page 20", "page 40", "page -1",
+          "truncated", "empty", "shorter than a header"]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_journal_is_refused_naming_the_file_and_never_overwritten(db, how, read_only):
+    bad = damaged(filled_journal(db), how)
+    db.write_bytes(bad)
+    with pytest.raises(JournalDamaged) as info:
+        with Journal(db, read_only=read_only) as j:  # refused when opened, before anything reads or writes
+            j.units()
+    message = str(info.value)
+    assert str(db) in message and "damaged" in message and ".dump" in message and "aside" in message
+    assert info.value.exit_code == 1 and isinstance(info.value, JournalError)
+    assert db.read_bytes() == bad  # never re-initialised, never written
+    assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
+
+
+def test_an_empty_journal_is_not_started_afresh(db):
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"")
+    for _ in range(2):
+        with pytest.raises(JournalDamaged, match="empty"):
+            Journal(db)
+    assert db.read_bytes() == b""
+
+
+def test_damage_met_by_a_query_is_a_journal_damaged_error_too(db, monkeypatch):
+    """Damage the open-time check does not see (simulated by skipping it) is reported by the query that meets
+    it, as JournalDamaged, on reads and in write transactions alike."""
+    db.write_bytes(damaged(filled_journal(db), "page 40"))
+    monkeypatch.setattr(journal_mod._SQLiteDB, "_quick_check", lambda self, conn: None)
+    with Journal(db) as j:
+        with pytest.raises(JournalDamaged, match=str(db)):
+            for i in range(300):
+                j.unit_state(f"unit{i}")
+        with pytest.raises(JournalDamaged, match=str(db)):
+            for i in range(300):
+                j.set_unit_state(f"unit{i}", "failed")
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 command (Debian package sqlite3)")
+def test_the_recovery_the_message_gives_works(db, tmp_path):
+    db.write_bytes(damaged(filled_journal(db), "page 40"))
+    with pytest.raises(JournalDamaged) as info:
+        Journal(db)
+    commands = re.findall(r"`([^`]+)`", str(info.value))
+    assert len(commands) == 3 and ".dump" in commands[0] and ".recover" in commands[1]
+    subprocess.run(commands[0], shell=True, check=True, cwd=tmp_path)  # noqa: S602 - the message's own
+    db.rename(tmp_path / "journal.db.damaged")  # "move it aside"
+    subprocess.run(commands[2], shell=True, check=True, cwd=tmp_path)  # noqa: S602
+    with Journal(db) as j:  # what survived: the kept change on the undamaged pages
+        assert [r.change_id for r in j.active_changes("lab1")] == ["sysctl.timer_migration"]
+        assert j.schema_version == journal_mod.SCHEMA_VERSION
+
+
+# ----------------------------------------------------------------------------------------- read-only (#15)
+
+
+def test_read_only_reads_what_is_committed_and_refuses_writes(j, db):
+    j.set_unit_state("lab1", "done", "1 kept")
+    with Journal(db, read_only=True) as ro:  # while a writer has the journal open (its -wal exists)
+        assert ro.unit_state("lab1").detail == "1 kept"
+        with pytest.raises(JournalError, match="read-only"):
+            ro.set_unit_state("lab1", "failed")
+        with pytest.raises(JournalError, match="read-only"):
+            ro.acquire_lock("lab1")
+    assert j.unit_state("lab1").state == "done"
+
+
+def test_read_only_on_a_missing_journal_reads_empty_and_creates_nothing(tmp_path):
+    db = tmp_path / "state" / "journal.db"
+    with Journal(db, read_only=True) as ro:
+        assert ro.units() == [] and ro.rollouts() == [] and ro.unit_states() == {}
+        assert ro.schema_version == journal_mod.SCHEMA_VERSION
+    assert list(tmp_path.iterdir()) == []  # not even the state directory
+
+
+def test_read_only_on_an_older_schema_reads_it_at_the_current_one_without_writing(db, monkeypatch):
+    with monkeypatch.context() as m:  # a journal written by an rt-tune with the first migration only
+        m.setattr(journal_mod, "MIGRATIONS", journal_mod.MIGRATIONS[:1])
+        m.setattr(journal_mod, "SCHEMA_VERSION", 1)
+        with Journal(db) as old:
+            old.set_unit_state("lab1", "done")
+    before = db.read_bytes()
+    with Journal(db, read_only=True) as ro:
+        assert ro.unit_state("lab1").state == "done"
+        assert ro.rollouts() == []  # the table the second migration adds, in the in-memory copy
+        assert ro.schema_version == journal_mod.SCHEMA_VERSION
+    assert db.read_bytes() == before
+    with Journal(db) as rw:  # a writing command migrates the file itself
+        assert rw.schema_version == journal_mod.SCHEMA_VERSION
+
+
+def test_read_only_works_in_a_read_only_state_directory(db):
+    filled_journal(db)
+    before = sorted(p.name for p in db.parent.iterdir())
+    snippet = f"""
+        from orchestrator.journal import Journal, JournalError
+        with Journal({str(db)!r}, read_only=True) as j:
+            print("kept", [r.change_id for r in j.active_changes("lab1")], len(j.unit_states()))
+        with Journal({str(db.parent / "other.db")!r}, read_only=True) as j:
+            print("missing", j.units())
+        try:
+            Journal({str(db)!r})
+        except JournalError as exc:
+            print("read-write refused:", exc)
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = run_read_only(db.parent, [sys.executable, "-c", textwrap.dedent(snippet)], env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "kept ['sysctl.timer_migration'] 300"
+    assert lines[1] == "missing []"
+    assert lines[2].startswith(f"read-write refused: ") and str(db) in lines[2]
+    assert sorted(p.name for p in db.parent.iterdir()) == before
+
+
+def test_a_new_journal_is_complete_before_it_has_its_name(db, monkeypatch):
+    """Created beside its name and linked into place: no other process ever sees an empty file there."""
+    seen: list[int] = []
+    real_link = os.link
+
+    def link(src, dst, *a, **kw):
+        seen.append(Path(src).stat().st_size)
+        assert not Path(dst).exists()
+        return real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(journal_mod.os, "link", link)
+    with Journal(db) as j:
+        j.set_unit_state("lab1", "done")
+    assert seen and seen[0] >= PAGE
+    assert sorted(p.name for p in db.parent.iterdir()) == ["journal.db"]  # the temporary file is gone
 
 
 # ----------------------------------------------------------------------------------------- durability

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import traceback
+import urllib.parse
 from pathlib import Path
 
 import psycopg
@@ -404,6 +405,36 @@ def _closed_port() -> int:
 ])
 def test_redact_url(text, expected):
     assert redact_url(text) == expected
+
+
+def test_a_password_with_url_characters_never_shows_in_the_servers_errors(pg_journal_url):
+    """Issue #15 item 5 against a real server: a wrong password holding "@", "/", ":" and "%" (percent-encoded,
+    as the refusal of the unencoded URL asks) is rejected by the server, and no spelling of it shows."""
+    secret = password_of(pg_journal_url)
+    wrong = "QX7@ZJ9:KW/2%VY8"
+    url = pg_journal_url.replace(f":{secret}@", ":" + urllib.parse.quote(wrong, safe="") + "@")
+    with pytest.raises(JournalError) as info:
+        Journal(url, connect_timeout_s=5)
+    text = "".join(traceback.format_exception(info.value))
+    assert "password authentication failed" in text and "postgres:***@" in text
+    for spelling in (wrong, urllib.parse.quote(wrong, safe="")):
+        assert not [spelling[i:i + 3] for i in range(len(spelling) - 2) if spelling[i:i + 3] in text], text
+    raw = pg_journal_url.replace(f":{secret}@", f":{wrong}@")  # unencoded: refused before the server sees it
+    with pytest.raises(JournalError) as info:
+        Journal(raw, connect_timeout_s=5)
+    assert info.value.exit_code == 2 and "QX7" not in str(info.value) and "VY8" not in str(info.value)
+
+
+def test_read_only_reads_and_refuses_writes(target):
+    with open_journal(target) as rw:
+        rw.set_unit_state("lab1", "done", "1 kept")
+        with open_journal(target, read_only=True) as ro:
+            assert ro.unit_state("lab1").detail == "1 kept"
+            with pytest.raises(JournalError, match="read-only"):
+                ro.set_unit_state("lab1", "failed")
+            with pytest.raises(JournalError, match="read-only"):
+                ro.create_rollout("p", "inv", {}, [["lab1"]])
+        assert rw.unit_state("lab1").state == "done" and rw.rollouts() == []
 
 
 def test_a_connection_the_server_dropped_is_replaced(pg_journal_url):
