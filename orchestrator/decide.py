@@ -123,7 +123,7 @@ class DecisionRule(BaseModel):
     # guard metric -> relative tolerance: a regression beyond it, once shown, rolls the change back
     guards: dict[MetricName, Tolerance] = Field(default_factory=lambda: {"max_us": 0.25, "p99_us": 0.10})
     min_effect: Number = Field(0.05, gt=0.0, lt=1.0)  # eps: smaller relative effects are irrelevant
-    confidence: Number = Field(0.95, gt=0.5, lt=1.0)  # overall, over all looks (Bonferroni-split)
+    confidence: Number = Field(0.95, ge=0.5, lt=1.0)  # overall, over all looks (Bonferroni-split)
     k_min: Int = Field(5, ge=2, le=100)  # runs per side at the first look
     k_max: Int = Field(20, ge=2, le=100)  # runs per side at the last look
     looks: Int = Field(3, ge=1, le=20)  # planned analyses (1 = fixed k_max, no early stop)

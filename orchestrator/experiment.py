@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator import jsonio
 from orchestrator import report as _report
 from orchestrator.decide import METRIC_LABEL, _u_sf, median_is_bound, run_values
 from orchestrator.errors import InputError
@@ -406,9 +407,10 @@ def save_ab(result: ABResult, path: Path) -> Path:
 def load_ab(path: Path) -> ABResult:
     """Read an `ABResult` JSON written by `save_ab`; InputError naming the file otherwise."""
     path = Path(path)
-    text = _report.read_utf8(path)
+    doc = jsonio.read_json(path, what="A/B result", max_bytes=_report.MAX_REPORT_BYTES,
+                           expected="expected an A/B result as written by save_ab")
     try:
-        return ABResult.model_validate_json(text)
+        return ABResult.model_validate(doc)
     except ValidationError as exc:
         raise InputError(f"{path}: not an A/B result as written by save_ab: "
                          f"{_report._validation_problems(exc)}") from None

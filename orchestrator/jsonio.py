@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from itertools import accumulate
 from pathlib import Path
@@ -53,14 +54,15 @@ def read_limited(path: Path, max_bytes: int, what: str, *, error: type[TuneError
     path = Path(path)
     try:
         with path.open("rb") as f:
-            data = f.read(max_bytes + 1)
+            size = os.fstat(f.fileno()).st_size  # 0 for pipes and devices: those are bounded by the read
+            data = b"" if size > max_bytes else f.read(max_bytes + 1)
     except OSError as exc:
         raise InputError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     except ValueError as exc:  # e.g. an embedded NUL in the path
         raise InputError(f"{path!r}: cannot read {what}: {exc}") from None
-    if len(data) > max_bytes:
-        raise error(f"{path}: {what} is larger than {_mib(max_bytes)}, the most rt-tune reads "
-                    f"(a legitimate one is far smaller); refused without reading it")
+    if size > max_bytes or len(data) > max_bytes:
+        raise error(f"{path}: {what} is larger than {_mib(max_bytes)}, the most rt-tune reads (a legitimate "
+                    "one is far smaller); refused")
     return data
 
 
@@ -131,8 +133,8 @@ def loads(text: str, *, source: str, error: type[TuneError] = InputError, max_de
         doc = json.loads(text, parse_constant=constant, parse_float=number, parse_int=integer,
                          object_pairs_hook=obj)
     except json.JSONDecodeError as exc:
-        raise error(f"{source}: truncated or invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-                    f"{hint}") from None
+        raise error(f"{source}: not valid JSON, truncated or invalid ({exc.msg} at line {exc.lineno} column "
+                    f"{exc.colno}){hint}") from None
     except RecursionError:  # not reached after the depth check; kept so that no input can end in a traceback
         raise error(f"{source}: JSON nested too deeply{hint}") from None
     if refused:

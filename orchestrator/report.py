@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator import jsonio
 from orchestrator.errors import InputError
 from orchestrator.measure.model import PERCENTILES, LatencyResult, LatencyStats
 
@@ -99,10 +99,22 @@ class Report(BaseModel):
     measurements: list[LatencyResult] = Field(default_factory=list)  # stand-alone runs
 
 
+#: The largest report file read: one apply's report (every run of every change, histograms included) is a few
+#: tens of MB at most; a larger file is refused before it is read, as anything bigger would exhaust memory.
+MAX_REPORT_BYTES = 256 * 2**20
+
 _REPORT_KEYS = set(Report.model_fields)
 _RESULT_KEYS = set(LatencyResult.model_fields)
 _EXPECTED = ("expected a report JSON (keys among: " + ", ".join(sorted(_REPORT_KEYS)) + "), one LatencyResult "
              "JSON (as written by `tune measure`, keys form/threads/all/...) or a JSON list of LatencyResults")
+
+
+def _got(e: Any) -> str:
+    """' (got VALUE)' for a field's error, short; nothing for a missing field or a rule over a whole object."""
+    if e["type"] == "missing" or isinstance(e.get("input"), (dict, list)):
+        return ""
+    text = repr(e.get("input"))
+    return f" (got {text if len(text) <= 60 else text[:60] + '...'})"
 
 
 def _validation_problems(exc: ValidationError, prefix: str = "", limit: int = 5) -> str:
@@ -110,20 +122,9 @@ def _validation_problems(exc: ValidationError, prefix: str = "", limit: int = 5)
     parts = []
     for e in errors[:limit]:
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        parts.append(f"{loc or '(top)'}: {e['msg']}")
+        parts.append(f"{loc or '(top)'}: {e['msg'].removeprefix('Value error, ')}{_got(e)}")
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts) + more
-
-
-def read_utf8(path: Path, expected: str = "") -> str:
-    """A report file's text; InputError naming the file when it cannot be read or is not UTF-8."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-                         + (f": {expected}" if expected else "")) from None
 
 
 def load_report(path: Path) -> Report:
@@ -131,12 +132,7 @@ def load_report(path: Path) -> Report:
     two become stand-alone measurements). Anything else raises InputError naming the file and what was
     expected."""
     path = Path(path)
-    text = read_utf8(path, _EXPECTED)
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): "
-                         f"{_EXPECTED}") from None
+    doc = jsonio.read_json(path, what="report", max_bytes=MAX_REPORT_BYTES, expected=_EXPECTED)
 
     title = f"Latency measurements from {path.name}"
     if isinstance(doc, list):
@@ -168,7 +164,7 @@ def load_report(path: Path) -> Report:
         except ValidationError as exc:
             raise InputError(f"{path}: looks like a report but is not valid (expected a report as written by "
                              f"save_report): {_validation_problems(exc)}") from None
-    shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
+    shown = ", ".join(k[:40] for k in sorted(keys)[:8]) or "none"  # a hostile key is cut, not printed whole
     raise InputError(f"{path}: a JSON object with keys {shown}: {_EXPECTED}")
 
 
@@ -713,7 +709,7 @@ def _decision_html(decision: dict[str, Any] | None) -> str:
         parts.append('<table class="decision"><tr>' + "".join(f'<th class="l">{_e(h)}</th>' for h in head)
                      + "</tr>" + "".join(rows) + "</table>")
     parts.append("<details><summary>decision as recorded (JSON)</summary><pre>"
-                 + _e(json.dumps(decision, indent=2, sort_keys=True)) + "</pre></details>")
+                 + _e(jsonio.dumps(decision, indent=2, sort_keys=True)) + "</pre></details>")
     return "".join(parts)
 
 

@@ -683,4 +683,7 @@ def parse_cyclictest_file(
     if json_path is not None:
         json_text = jsonio.read_limited(json_path, MAX_OUTPUT_BYTES, "cyclictest JSON").decode(
             "utf-8", errors="replace")
-    return parse_cyclictest(text, json_text, expected_threads=expected_threads)
+    try:
+        return parse_cyclictest(text, json_text, expected_threads=expected_threads)
+    except ParseError as exc:
+        raise ParseError(f"{path}: {exc}") from None
