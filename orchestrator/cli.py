@@ -15,6 +15,7 @@ from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn, Tim
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from orchestrator import jsonio
 from orchestrator.errors import TuneError
 from orchestrator.events import Event
 from orchestrator.paths import Paths, default_inventory
@@ -62,7 +63,7 @@ class Progress:
 
 def emit(data: Any, as_json: bool, human: Any = None) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(jsonio.dumps(data, indent=2, default=str))  # valid JSON: NaN/Infinity become null
     elif human is not None:
         out_console.print(human)
     else:
@@ -620,19 +621,21 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
                 histogram_us: int, interval_us: int, out_dir: str, inventory_file: str | None,
                 as_json: bool) -> None:
     """Measure latency with cyclictest on UNIT.host or UNIT.guest, under an optional declared load."""
-    from orchestrator.facts import parse_cpu_list
     from orchestrator.inventory import load_inventory, split_target
-    from orchestrator.measure.model import CyclictestSettings, LoadSpec
-    from orchestrator.measure.runner import measure, parse_duration
+    from orchestrator.measure.runner import measure, measurement_from_flags
     from orchestrator.transport import SSHTransport
 
+    flags = {"duration": duration, "histogram_us": histogram_us, "interval_us": interval_us, "load": load,
+             "load_args": load_args}
+    # every flag is checked before the inventory is read or a unit reached
+    settings, load_spec = measurement_from_flags(cpus=cpus if cpus is not None else "1", **flags)
     inv = load_inventory(_inventory_path(inventory_file))
     unit, role = split_target(target)
-    cpu_text = cpus or str(inv.unit(unit).vars.get("rt_cpus", "1"))
-    settings = CyclictestSettings(cpus=parse_cpu_list(cpu_text), duration_s=parse_duration(duration),
-                                  histogram_us=histogram_us, interval_us=interval_us)
+    if cpus is None:
+        settings, load_spec = measurement_from_flags(cpus=str(inv.unit(unit).vars.get("rt_cpus", "1")),
+                                                     cpus_from=f"unit {unit}'s rt_cpus var", **flags)
     with SSHTransport(inv.endpoint(unit, role)) as t:
-        result = measure(t, settings, LoadSpec(kind=load, args=list(load_args)), target=f"{unit}.{role}",
+        result = measure(t, settings, load_spec, target=f"{unit}.{role}",
                          artifacts=Path(out_dir), events=Progress(quiet=False))
     emit({**result.public(), "raw_artifact": result.raw_artifact, "target": result.target}, as_json,
          _stats_table(result))
