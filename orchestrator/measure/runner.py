@@ -32,7 +32,8 @@ def parse_duration(text: str) -> float:
     """'60', '60s', '5m', '1h', '500ms' -> seconds (ASCII digits only: float() would also take '١٠')."""
     m = re.fullmatch(r"[ \t]*([0-9]{1,12}(?:\.[0-9]{1,12})?)[ \t]*(ms|s|m|h)?[ \t]*", str(text))
     if not m:
-        raise InputError(f"duration {text!r}: expected a number with an optional unit ms, s, m or h (e.g. 60s)")
+        raise InputError(f"duration {text!r}: expected a number with an optional unit ms, s, m or h "
+                         "(e.g. 60s)")
     value, unit = float(m.group(1)), m.group(2) or "s"
     seconds = value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
     if seconds < 1:
@@ -58,17 +59,22 @@ def _flag_problems(exc: ValidationError, given: dict[str, Any], cpus_from: str, 
 
 
 def measurement_from_flags(*, cpus: str, duration: str, histogram_us: Any, interval_us: Any,
-                           load: str = "none", load_args: Sequence[str] = (), cpus_from: str = "--cpus"
+                           load: str = "none", load_args: Sequence[str] = (), cpus_from: str = "--cpus",
+                           cpu_count: int | None = None, cpu_count_from: str = ""
                            ) -> tuple[CyclictestSettings, LoadSpec]:
     """`tune measure`'s flags as the models a playbook is validated by, so flags and playbooks share one set
     of rules. Every bad flag is reported at once (InputError), before an inventory is read or a unit reached.
-    `cpus_from` names where the CPU list came from (the flag, or a unit's var)."""
+    `cpus_from` names where the CPU list came from (the flag, or a unit's var); with `cpu_count` (the target's
+    CPU count, named by `cpu_count_from`) a CPU the target does not have is refused too, before connecting."""
+    if cpu_count is not None and (type(cpu_count) is not int or cpu_count < 1):
+        raise InputError(f"{cpu_count_from}: {cpu_count!r} is not a CPU count (expected an integer >= 1)")
     problems: list[str] = []
     raw: dict[str, Any] = {"histogram_us": histogram_us, "interval_us": interval_us}
     try:
-        raw["cpus"] = parse_cpulist(cpus)
+        raw["cpus"] = parse_cpulist(cpus, **({"max_cpu": cpu_count - 1} if cpu_count else {}))
     except CpuListError as exc:
-        problems.append(f"{cpus_from}: {exc}")
+        where = f" ({cpu_count_from}: {cpu_count} CPUs)" if cpu_count else ""
+        problems.append(f"{cpus_from}: {exc}{where}")
     try:
         raw["duration_s"] = parse_duration(duration)
     except InputError as exc:

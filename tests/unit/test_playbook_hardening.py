@@ -299,6 +299,19 @@ def test_cli_measure_names_a_bad_rt_cpus_var_before_connecting(tmp_path):
             "rt_cpus", "not a usable CPU list '0-99999999999'")
 
 
+def test_cli_measure_refuses_a_cpu_the_target_does_not_have_before_connecting(tmp_path):
+    inv = tmp_path / "two-cpus.yaml"
+    inv.write_text(INVENTORY.format(rt="1").replace("vars: {", "guest: {address: 127.0.0.1, port: 1, "
+                                                     "via_host: true}\n    vars: {cpus: 2, guest_cpus: 4, "))
+    refused(tune(tmp_path, "measure", "u1.host", "-i", str(inv), "--cpus", "1-2"),
+            "--cpus: not a usable CPU list '1-2': CPU 2 is above the highest CPU number 1 (unit u1's cpus var: "
+            "2 CPUs)")
+    refused(tune(tmp_path, "measure", "u1.guest", "-i", str(inv), "--cpus", "4"),
+            "CPU 4 is above the highest CPU number 3 (unit u1's guest_cpus var: 4 CPUs)")
+    with pytest.raises(InputError, match="not a CPU count"):
+        measurement_from_flags(cpus="1", cpu_count=True, cpu_count_from="cpus var", **FLAGS)
+
+
 def test_cli_apply_refuses_a_bad_playbook_before_touching_a_unit(tmp_path):
     text = changed(changed(PLAN, "priority: 95 ", "priority: 1000 "), "histogram_us: 20000 ", "histogram_us: -1 ")
     playbook = write(tmp_path, text, "bad-plan.yaml")
