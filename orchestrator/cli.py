@@ -631,9 +631,11 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
     settings, load_spec = measurement_from_flags(cpus=cpus if cpus is not None else "1", **flags)
     inv = load_inventory(_inventory_path(inventory_file))
     unit, role = split_target(target)
-    if cpus is None:
-        settings, load_spec = measurement_from_flags(cpus=str(inv.unit(unit).vars.get("rt_cpus", "1")),
-                                                     cpus_from=f"unit {unit}'s rt_cpus var", **flags)
+    unit_vars, count_var = inv.unit(unit).vars, "cpus" if role == "host" else "guest_cpus"
+    settings, load_spec = measurement_from_flags(  # again, against the unit's CPU count when its vars give it
+        cpus=cpus if cpus is not None else str(unit_vars.get("rt_cpus", "1")),
+        cpus_from="--cpus" if cpus is not None else f"unit {unit}'s rt_cpus var",
+        cpu_count=unit_vars.get(count_var), cpu_count_from=f"unit {unit}'s {count_var} var", **flags)
     with SSHTransport(inv.endpoint(unit, role)) as t:
         result = measure(t, settings, load_spec, target=f"{unit}.{role}",
                          artifacts=Path(out_dir), events=Progress(quiet=False))
