@@ -2,9 +2,9 @@
 
 Every hostile document is a REAL recorded cyclictest run (tests/recorded/cyclictest/lab: the x86 lab guest,
 20,000-bucket histograms, stdout and --json of the same runs; tests/recorded/cyclictest/controller) with one
-mutation made here: a count replaced by Infinity, a max below the min, nesting added, ... Each is fed to the
-core and to the real CLI (`python -m orchestrator ...`), which must exit with the error's code, name the field,
-print no traceback, and keep --json output valid JSON."""
+mutation made here: a count replaced by Infinity, a max below the min, nesting added, ... Each is fed to
+the core and to the real CLI (`python -m orchestrator ...`), which must exit with the error's code, name the
+field, print no traceback, and keep --json output valid JSON."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def mutate(text: str, old: str, new: str) -> str:
 
 def tune(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+                          timeout=120, cwd=cwd, check=False)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
@@ -127,9 +127,10 @@ JSON_MUTATIONS = [
     ('"51": 1,', '"\u0665\u0661": 1,', "bucket '\u0665\u0661': expected a whole number of us"),
     ('"51": 1,', '"051": 1,', "bucket '051'"),
     ('"51": 1,', '"1000000": 1,', "bucket '1000000'"),
-    ('"51": 1,', '"51": 1, "51": 1,', "thread.0.histogram: an object with a duplicate key (which one counts is "
-                                      "ambiguous) (got '51')"),
-    ('"avg": 1032.35', '"avg": NaN', "thread.0.avg: not a finite number (JSON has no NaN or Infinity) (got NaN)"),
+    ('"51": 1,', '"51": 1, "51": 1,',
+     "thread.0.histogram: an object with a duplicate key (which one counts is ambiguous) (got '51')"),
+    ('"avg": 1032.35', '"avg": NaN',
+     "thread.0.avg: not a finite number (JSON has no NaN or Infinity) (got NaN)"),
     ('"avg": 1032.35', '"avg": 1e999', "thread.0.avg: a number too large for a float"),
     ('"avg": 1032.35', '"avg": -3.5', "thread 0 'avg' is -3.5: expected a number >= 0"),
     ('"avg": 1032.35', '"avg": 99999.0', "avg_us (99999) is outside min_us..max_us (51..48047)"),
@@ -235,13 +236,14 @@ REPORT_MUTATIONS = [
     ('"samples": 11100,\n    "min_us"', '"samples": true,\n    "min_us"', "all.samples", "not a boolean"),
     ('"samples": 11100,\n    "min_us"', '"samples": 11100.5,\n    "min_us"', "all.samples",
      "Input should be a valid integer"),
-    ('"max_us": 48047,\n    "overflows": 2,\n    "histogram"', '"max_us": 40,\n    "overflows": 2,\n    "histogram"',
-     "all", "max_us (40) is below"),
+    ('"max_us": 48047,\n    "overflows": 2,\n    "histogram"',
+     '"max_us": 40,\n    "overflows": 2,\n    "histogram"', "all", "max_us (40) is below"),
     ('"overflows": 2,\n    "histogram"', '"overflows": 20000,\n    "histogram"', "all",
      "overflows (20000) is more than samples (11100)"),
     ('"51": 1,\n      "53"', '"51": -1,\n      "53"', "all.histogram.51", "greater than or equal to 0"),
     ('"avg_us": 1032.35,\n    "p50_us"', '"avg_us": NaN,\n    "p50_us"', "all.avg_us", "not a finite number"),
-    ('"p50_us": 154,\n    "p90_us"', '"p50_us": 9999,\n    "p90_us"', "all", "p90_us (3525) is below p50_us (9999)"),
+    ('"p50_us": 154,\n    "p90_us"', '"p50_us": 9999,\n    "p90_us"', "all",
+     "p90_us (3525) is below p50_us (9999)"),
 ]
 
 
