@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.errors import InputError, TuneError
-from orchestrator.facts import parse_cpu_list
+from orchestrator.names import SYSCTL_NAME, UNIT_NAME, service_to_disable  # whole-string, systemd's rules
 from orchestrator.transport import Transport, read_files, read_optional
 
 State = dict[str, Any]
-SYSCTL_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
-UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|socket|timer|path|mount|target)$")
 
 
 class ChangeError(TuneError):
@@ -159,10 +158,9 @@ class ServiceDisableChange(Change):
     kind: str = field(default="service_disable", init=False)
 
     def __post_init__(self) -> None:
-        if not self.unit.endswith((".service", ".socket", ".timer", ".path", ".mount", ".target")):
-            self.unit += ".service"
-        if not UNIT_NAME.match(self.unit):
-            raise InputError(f"systemd unit name {self.unit!r} is not valid")
+        # the profile's rule (orchestrator.names): ".service" appended only without a unit-type suffix, and
+        # only units that `disable --now` stops for good (never `dev-sda2.swap` + ".service")
+        self.unit = service_to_disable(self.unit)
         self.change_id = f"service.{self.unit}"
 
     def read(self, t: Transport) -> State:

@@ -28,11 +28,12 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 
 from orchestrator.boot.wfx import NEAR_ZERO_PER_S, POLICY_SINCE, parse_kernel_version
+from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.diagprobe import (PIDFILE_DIR, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, state_argv, window_argv)
 from orchestrator.errors import InputError, ParseError, TuneError
 from orchestrator.events import Event, EventSink, discard
-from orchestrator.facts import Irq, is_ipi_row, parse_coredumps, parse_cpu_list, parse_interrupts
+from orchestrator.facts import Irq, is_ipi_row, parse_coredumps, parse_interrupts
 from orchestrator.kstate import (ServiceState, parse_kvm_vms, parse_sched_debug, parse_service_states,
                                  parse_timer_list)
 from orchestrator.tracing import TraceSummary, parse_trace, summarize_trace

@@ -16,7 +16,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list  # for kernel output
 from orchestrator.errors import ParseError
+from orchestrator.names import UNIT_TYPES, check_sysctl_name, check_unit_name
 from orchestrator.transport import Transport
 
 T = TypeVar("T")
@@ -35,27 +37,6 @@ class Fact(Generic[T]):
             return self.parse(result.stdout)
         except ParseError as exc:
             raise ParseError(f"{transport.label}: fact {self.name}: {exc}") from exc
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """Kernel CPU list syntax ('0-3,5,8-11:2' is not used by sysfs; '0-3,5' is) -> sorted CPU numbers."""
-    text = text.strip()
-    cpus: set[int] = set()
-    if not text or text == "(null)":
-        return []
-    for part in text.split(","):
-        lo, sep, hi = part.partition("-")
-        try:
-            if sep:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                cpus.update(range(a, b + 1))
-            else:
-                cpus.add(int(part))
-        except ValueError:
-            raise ParseError(f"not a CPU list: {text!r}") from None
-    return sorted(cpus)
 
 
 def _single_line(what: str) -> Callable[[str], str]:
@@ -173,14 +154,9 @@ CPUS_PRESENT = Fact(
 # --------------------------------------------------------------------------------------------------------
 # sysctl
 
-_SYSCTL_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
-
-
 def sysctl_path(name: str) -> str:
-    """/proc/sys path of a dotted sysctl name; refuses anything but [a-z0-9_.-] components (no '..', no '/')."""
-    if not isinstance(name, str) or len(name) > 200 or not _SYSCTL_NAME.fullmatch(name):
-        raise ValueError(f"invalid sysctl name {name!r}: expected dotted components of [a-z0-9_-]")
-    return "/proc/sys/" + name.replace(".", "/")
+    """/proc/sys path of a dotted sysctl name; refuses anything but [a-z0-9_-] words (no '..', no '/')."""
+    return "/proc/sys/" + check_sysctl_name(name).replace(".", "/")
 
 
 def sysctl_fact(name: str) -> Fact[str]:
@@ -328,8 +304,6 @@ NOHZ_FULL_CPUS = Fact(
 # --------------------------------------------------------------------------------------------------------
 # systemd units
 
-_UNIT_SUFFIXES = "service|socket|target|timer|mount|automount|swap|path|slice|scope|device"
-_UNIT_NAME = re.compile(rf"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.({_UNIT_SUFFIXES})")
 _UNIT_PROPS = (
     "Id",
     "LoadState",
@@ -343,12 +317,9 @@ _UNIT_PROPS = (
 
 
 def validate_unit_name(unit: str) -> str:
-    if not isinstance(unit, str) or len(unit) > 255 or unit.startswith("-") or not _UNIT_NAME.fullmatch(unit):
-        raise ValueError(
-            f"invalid systemd unit name {unit!r}: expected NAME[@INSTANCE].{{{_UNIT_SUFFIXES.replace('|', ',')}}}"
-            " of [A-Za-z0-9:_.\\-]"
-        )
-    return unit
+    """`unit` when systemd would take it (orchestrator.names: any unit type, no template); else InvalidName, a
+    ValueError."""
+    return check_unit_name(unit, types=UNIT_TYPES)
 
 
 class UnitState(BaseModel):

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator
 
 from pydantic import BaseModel
 
+from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.diagprobe import CALLBACK_FUNCTIONS, SEND_FUNCTIONS
 from orchestrator.errors import ParseError
-from orchestrator.facts import parse_cpu_list
 
 # `<comm>-<pid> [<cpu>] <flags> <ts>: <rest>`; comm may hold spaces and dashes ("CPU 0/KVM-325").
 _LINE = re.compile(r"\s*(?P<comm>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d{3,})\]\s+"
