@@ -49,22 +49,29 @@ A `kernel:` under `guest:` is refused for now (the guest's kernel is the guest i
 Variables. `${name}` in any value (never in a key) is replaced by the unit's inventory `vars[name]` (a string
 or an integer). An undefined variable, a non-scalar or boolean one, and any other `$` are errors. With no vars
 (`load_profile(path)`), templated values are only checked for syntax; literal values are checked fully.
-Special vars: `cpus` (host CPU count: host CPU lists must lie in 0..cpus-1) and `guest_cpus` (the same for
-guest CPU lists); without them the range check is skipped. `load_profile(unit_cpus=N)` overrides `cpus`.
+Special vars: `cpus` (host CPU count, an integer 1..8192: host CPU lists must lie in 0..cpus-1) and
+`guest_cpus` (the same for guest CPU lists); without them CPU lists are bounded by CPU 8191 only (Linux's
+largest NR_CPUS). `load_profile(unit_cpus=N)` overrides `cpus`. The inventory types its vars (inventory.py).
 
 Checks (after substitution):
+  Every name and value is checked whole-string (a trailing newline is never let through) and ASCII where a
+  pattern is given.
   - sysctl names match [a-z0-9_.-]+ with at least one dot (and no empty part); values are non-empty strings or
-    integers without control characters (a value may contain spaces, e.g. `net.ipv4.tcp_rmem`).
-  - service names are systemd unit names (letters, digits, `:_.@-`, not starting with `-` or `.`); `.service`
-    is appended when the name has no unit-type suffix.
+    integers, printable (no control characters, tabs or line separators; spaces are fine, e.g.
+    `net.ipv4.tcp_rmem`).
+  - service names are systemd unit names (orchestrator/names.py: systemd's rules, no leading `-` or `.`);
+    `.service` is appended when the name has no unit-type suffix. `services: disable:` takes .service,
+    .socket, .timer and .path units, never a template (`foo@.service`): a .swap, .mount, .device, .target,
+    .slice, .scope or .automount is not a service to stop and disable.
   - cmdline keys match [A-Za-z0-9_][A-Za-z0-9_.-]*; values use only [A-Za-z0-9_.,:/=+@%-] (no whitespace,
     quotes or shell metacharacters); `root*`, `init`, `rdinit`, `initrd`, `rw`, `ro`, `nfsroot` and
     `BOOT_IMAGE` are refused: they decide whether the unit boots at all, and rt-tune never owns them.
   - CPU lists (vcpu_pinning.cpus, irq_affinity.housekeeping, and the cmdline keys isolcpus (after its
     `nohz`/`domain`/`managed_irq` flags), nohz_full, rcu_nocbs, irqaffinity, kthread_cpus) parse as kernel CPU
-    lists ("1-3,5"), are not empty and lie within the target's CPUs; isolcpus / nohz_full leave at least one
-    CPU for housekeeping; the housekeeping set does not overlap the RT sets (vcpu_pinning.cpus, isolcpus,
-    nohz_full) of the same target.
+    lists ("1-3,5", "0-7:1/2"; orchestrator/cpulist.py: ASCII digits, no spaces), are not empty and lie
+    within the target's CPUs; isolcpus / nohz_full leave at least one CPU for housekeeping; the
+    housekeeping set does not overlap the RT sets (vcpu_pinning.cpus, isolcpus, nohz_full) of the same
+    target.
 Every problem is reported at once, in one InputError, each as `FILE:LINE: key.path: message (got VALUE)`
 (`(got VALUE from TEMPLATE)` for a substituted value); FILE is the file the value came from.
 
@@ -73,6 +80,12 @@ is applied last. Later files override earlier ones: mappings merge key by key, a
 scalar, null) replaces the earlier value (so `vcpu_pinning: null` drops an inherited pinning, and a
 `services.disable` list replaces the inherited one). A file reached twice is applied once, at its first
 place; a cycle is an error.
+Where an include may point: a file named *.yaml or *.yml, given relative to the directory of the file that
+includes it (an absolute path is taken as it is), which after resolving every symlink and `..` lies in that
+directory or below it, or in rt-tune's own profiles/ directory (PROFILES_DIR). Anything else is refused
+before it is opened. A file that does not read as a profile (not YAML, not a mapping, or a mapping with none
+of the profile's top-level keys) is named in the error, never quoted: a profile run from an untrusted branch
+cannot print a file of the machine it runs on.
 
 Changes. `resolve(profile, unit, unit_spec)` turns a profile into ChangeSpecs, each one change that rt-tune
 applies, measures and keeps or rolls back on its own. ids are stable: `host.cmdline`, `guest.cmdline`,
@@ -113,9 +126,20 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-from orchestrator.errors import InputError, ParseError
-from orchestrator.facts import parse_cpu_list
-from orchestrator.yamlio import line_of, read_yaml
+from orchestrator.cpulist import CPU_CEILING, CpuListError, parse_cpulist
+from orchestrator.errors import InputError
+from orchestrator.names import (
+    DISABLE_TYPES,
+    SYSCTL_NAME,
+    SYSCTL_NAME_MAX,
+    SYSCTL_NAME_RULE,
+    InvalidName,
+    check_unit_name,
+    service_to_disable,
+    with_unit_suffix,
+)
+from orchestrator.yamlio import key_path, line_of, plain, read_yaml
+from orchestrator.yamlio import shown as short_repr
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -127,18 +151,15 @@ TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
 NEEDS_REBOOT = frozenset({"cmdline", "kernel", "wfx_notrap"})
 
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-SYSCTL_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
-UNIT_NAME = re.compile(r"^[A-Za-z0-9_:@][A-Za-z0-9_:@.-]*$")
-UNIT_TYPES = ("service", "socket", "timer", "path", "mount", "automount", "swap", "target", "slice", "scope",
-              "device")
-CMDLINE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-CMDLINE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]+$")
+# Whole-string patterns, used with fullmatch (re.match with `$` also takes a trailing newline), ASCII only.
+CMDLINE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", re.ASCII)
+CMDLINE_VALUE = re.compile(r"[A-Za-z0-9_.,:/=+@%-]+", re.ASCII)
 CMDLINE_FORBIDDEN = {"init", "rdinit", "initrd", "rw", "ro", "nfsroot", "boot_image"}  # and root*
 ISOLCPUS_FLAGS = {"nohz", "domain", "managed_irq"}
 CPU_LIST_KEYS = {"isolcpus", "nohz_full", "rcu_nocbs", "irqaffinity", "kthread_cpus"}
 RT_CMDLINE_KEYS = ("isolcpus", "nohz_full")  # CPUs these name are RT CPUs and must leave housekeeping CPUs
-DEB_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
-KERNEL_RELEASE = re.compile(r"^[A-Za-z0-9._+-]+$")
+DEB_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+", re.ASCII)  # Debian policy 5.6.1
+KERNEL_RELEASE = re.compile(r"[A-Za-z0-9._+-]+", re.ASCII)
 KERNEL_RELEASE_MAX = 64  # __NEW_UTS_LEN: `uname -r` is never longer
 ARTIFACT_SOURCES = ("deb", "package")
 
@@ -167,7 +188,7 @@ CpuText = Annotated[str, BeforeValidator(_scalar_text("a CPU list", 'write a CPU
 
 # ---- the profile model ---------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Services(_Strict):
@@ -312,11 +333,10 @@ class _Problems:
             where: str | None = None) -> None:
         if where is None:
             where = self.source.where(loc) if self.source else "(profile)"
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        text = f"{where}: {key}: {message}"
+        text = f"{where}: {key_path(loc)}: {message}"
         if got is not _NO_VALUE:
-            text += f" (got {got!r} from {template!r})" if template is not None and template != got \
-                else f" (got {got!r})"
+            text += f" (got {short_repr(got)} from {short_repr(template)})" \
+                if template is not None and template != got else f" (got {short_repr(got)})"
         self.items.append(text)
         file, _, line = where.rpartition(":")
         self._keys[text] = (file, int(line)) if line.isdigit() else (where, 0)
@@ -328,23 +348,30 @@ class _Problems:
 
 
 # ---- loading -------------------------------------------------------------------------------------------
-def _plain(v: Any) -> Any:
-    """A round-trip YAML value as plain Python (ruamel's scalar subclasses, CommentedMap/Seq)."""
-    if isinstance(v, ScalarBoolean):
-        return bool(v)
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    if isinstance(v, str):
-        return str(v)
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, float):
-        return float(v)
-    return v
+_plain = plain  # a round-trip YAML value as plain Python (orchestrator.yamlio)
+INCLUDE_SUFFIXES = (".yaml", ".yml")
+PROFILE_KEYS = frozenset(Profile.model_fields) | {"include"}
+
+
+def _include_target(including: Path, name: str) -> tuple[Path | None, str]:
+    """(the file `name` names, "") when `including` may include it, else (None, why not): see "Includes"."""
+    rule = (f"an include names a *.yaml or *.yml file in the directory of the file that includes it "
+            f"({including.parent.resolve()}) or below, or in rt-tune's profiles directory ({PROFILES_DIR})")
+    if not name.isprintable() or not name.endswith(INCLUDE_SUFFIXES):
+        return None, rule
+    target = including.parent / name
+    real = target.resolve()
+    roots = (including.parent.resolve(), PROFILES_DIR.resolve())
+    if not any(real.is_relative_to(root) for root in roots):
+        return None, f"{rule}; this one is {real}"
+    if not real.name.endswith(INCLUDE_SUFFIXES):
+        return None, f"{rule}; this one is a link to {real}"
+    return target, ""
+
+
+def _kind_of(doc: Any) -> str:
+    return {str: "a string", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(_plain(doc)), "a scalar")
 
 
 def _mark(v: Any, loc: tuple, idx: int, origin: dict[tuple, int]) -> None:
@@ -403,8 +430,14 @@ def _read_tree(path: Path) -> tuple[dict, _Source, _Problems]:
             return
         if doc is None:
             doc = {}
+        # A file that is not a profile is named, never quoted: it may be anything readable (see "Includes").
         if not isinstance(doc, Mapping):
-            problems.add((), "a profile is a mapping (name:, host:, guest:, ...)", _plain(doc), where=str(p))
+            problems.add((), "not a profile: a profile is a YAML mapping (name:, host:, guest:, ...), this "
+                             f"file holds {_kind_of(doc)}", where=str(p))
+            return
+        if doc and not any(isinstance(k, str) and k in PROFILE_KEYS for k in doc):
+            problems.add((), "not a profile: none of its top-level keys is one of "
+                             f"{', '.join(sorted(PROFILE_KEYS))}", where=str(p))
             return
         idx = len(source.files)
         source.files.append((p, doc))
@@ -417,7 +450,11 @@ def _read_tree(path: Path) -> tuple[dict, _Source, _Problems]:
             if not isinstance(name, str) or not name.strip():
                 problems.add(("include", i), "must be a file name", _plain(name), where=here(idx, ("include", i)))
                 continue
-            visit(p.parent / name, stack + [(real, p)], (idx, ("include", i), str(name)))
+            target, why = _include_target(p, name)
+            if target is None:
+                problems.add(("include", i), why, str(name), where=here(idx, ("include", i)))
+                continue
+            visit(target, stack + [(real, p)], (idx, ("include", i), str(name)))
         applied.add(real)
         source.applied.append(idx)
         _merge(merged, doc, (), idx, source.origin)
@@ -476,9 +513,9 @@ def _count_var(vars: Mapping, name: str, problems: _Problems, whose: str) -> int
     if name not in vars or vars[name] is None:
         return None
     v = vars[name]
-    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())) \
-            or int(v) < 1:
-        problems.add(("vars", name), "a CPU count must be a positive integer", v, where=whose)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= CPU_CEILING + 1:
+        problems.add(("vars", name), f"a CPU count must be a positive integer (at most {CPU_CEILING + 1}, "
+                                     "unquoted)", v, where=whose)
         return None
     return int(v)
 
@@ -496,14 +533,6 @@ def _fmt_cpus(cpus: Iterable[int]) -> str:
     if run:
         out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
     return ",".join(out)
-
-
-def _unit_name(name: str) -> str | None:
-    """A valid systemd unit name with its suffix, or None."""
-    if not UNIT_NAME.match(name) or len(name) > 255:
-        return None
-    _, dot, suffix = name.rpartition(".")
-    return name if dot and suffix in UNIT_TYPES else f"{name}.service"
 
 
 class _Resolver:
@@ -547,17 +576,27 @@ class _Resolver:
 
     def cpus(self, target: str, loc: tuple, text: str, raw: str, what: str = "CPU list",
              shown: str | None = None) -> list[int] | None:
-        """`text` as a CPU list inside the target's CPUs; `shown` is the whole value it came from."""
+        """`text` as a CPU list inside the target's CPUs; `shown` is the whole value it came from. Bounded
+        before it is expanded (orchestrator.cpulist): a CPU above CPU_CEILING is refused unexpanded."""
         shown = text if shown is None else shown
+        n = self.bound[target]
         try:
-            cpus = parse_cpu_list(text)
-        except ParseError:
-            self.p.add(loc, f"not a kernel {what} (e.g. \"1-3,5\")", shown, raw)
+            cpus = parse_cpulist(text, max_cpu=CPU_CEILING)
+        except CpuListError as exc:
+            if exc.cpu is not None and n is not None:
+                rng = "0" if n == 1 else f"0-{n - 1}"
+                self.p.add(loc, f"CPU {exc.cpu} outside the unit's {target} CPUs {rng} ({n} CPUs)", shown,
+                           raw)
+            elif exc.cpu is not None:
+                self.p.add(loc, f"CPU {exc.cpu} is above {CPU_CEILING}, the highest CPU number Linux has",
+                           shown, raw)
+            else:
+                self.p.add(loc, f"not a kernel {what}: comma-separated N, N-M or N-M:A/B of ASCII digits, no "
+                                f"spaces (e.g. \"1-3,5\")", shown, raw)
             return None
         if not cpus:
             self.p.add(loc, f"the {what} is empty", shown, raw)
             return None
-        n = self.bound[target]
         if n is not None:
             outside = [c for c in cpus if c >= n]
             if outside:
@@ -606,15 +645,19 @@ class _Resolver:
         return rt_sets, {"service": unit, "vcpus": {str(v): c for v, c in zip(vcpus, cpus)},
                          "housekeeping": hk, "rt_priority": pin.rt_priority}
 
-    def service(self, loc: tuple, raw: str) -> str | None:
+    def service(self, loc: tuple, raw: str, kinds: tuple[str, ...] = ("service",)) -> str | None:
+        """The unit `raw` names (".service" appended without a unit-type suffix), of one of `kinds`; None when
+        it is not valid (recorded) or waits for vars. One validator: orchestrator.names."""
         text = self.sub(loc, raw)
         if text is None:
             return None
-        unit = _unit_name(text)
-        if unit is None:
-            self.p.add(loc, "not a systemd unit name (letters, digits and `:_.@-`, not starting with `-` or `.`)",
-                       text, raw)
-        return unit
+        try:
+            if kinds == DISABLE_TYPES:
+                return service_to_disable(text)
+            return check_unit_name(with_unit_suffix(text), types=kinds)
+        except InvalidName as exc:
+            self.p.add(loc, exc.reason, text, raw)
+            return None
 
     # -- sections --
     def changes(self) -> list[ChangeSpec]:
@@ -641,22 +684,21 @@ class _Resolver:
 
         for i, raw in enumerate(sec.services.disable):
             loc = (t, "services", "disable", i)
-            unit = self.service(loc, raw)
+            unit = self.service(loc, raw, DISABLE_TYPES)
             if unit:
                 change(loc, f"{t}.service.{unit}", "service_disable", {"unit": unit, "mask": sec.services.mask})
 
         for name, raw in sec.sysctl.items():
             loc = (t, "sysctl", name)
-            if not SYSCTL_NAME.match(name):
-                self.p.add(loc, "not a sysctl name ([a-z0-9_.-]+ with at least one dot, e.g. "
-                                "kernel.timer_migration)", name)
+            if not SYSCTL_NAME.match(name) or len(name) > SYSCTL_NAME_MAX:
+                self.p.add(loc, f"not a sysctl name ({SYSCTL_NAME_RULE})", name)
                 continue
             value = self.sub(loc, raw)
             if value is None:
                 continue
-            if not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
-                self.p.add(loc, "a sysctl value must be non-empty, on one line, without control characters",
-                           value, raw)
+            if not value.strip() or not value.isprintable():
+                self.p.add(loc, "a sysctl value must be non-empty, on one line, without control characters "
+                                "(a printable string; spaces are fine)", value, raw)
                 continue
             change(loc, f"{t}.sysctl.{name}", "sysctl", {"name": name, "value": value})
 
@@ -738,7 +780,7 @@ class _Resolver:
             text = self.sub(ploc, spec.package)
             if text is None:
                 ok = False
-            elif not DEB_PACKAGE.match(text):
+            elif not DEB_PACKAGE.fullmatch(text):
                 self.p.add(ploc, "not a Debian package name (lowercase letters, digits and `+.-`, at least 2 "
                                  "characters, starting with a letter or digit)", text, spec.package)
                 ok = False
@@ -749,7 +791,7 @@ class _Resolver:
             text = self.sub(rloc, spec.release)
             if text is None:
                 ok = False
-            elif not KERNEL_RELEASE.match(text) or len(text) > KERNEL_RELEASE_MAX:
+            elif not KERNEL_RELEASE.fullmatch(text) or len(text) > KERNEL_RELEASE_MAX:
                 self.p.add(rloc, f"not a kernel release as `uname -r` prints it ([A-Za-z0-9._+-], at most "
                                  f"{KERNEL_RELEASE_MAX} characters, e.g. 6.1.0-41-rt-arm64)", text, spec.release)
                 ok = False
@@ -762,7 +804,7 @@ class _Resolver:
         ok = True
         for key, raw in args.items():
             loc = (t, "cmdline", key)
-            if not CMDLINE_KEY.match(key):
+            if not isinstance(key, str) or not CMDLINE_KEY.fullmatch(key):
                 self.p.add(loc, "not a kernel argument name ([A-Za-z0-9_.-], no whitespace, quotes or shell "
                                 "metacharacters)", key)
                 ok = False
@@ -780,7 +822,7 @@ class _Resolver:
             if value is None:
                 ok = False
                 continue
-            bad = sorted({c for c in value if not CMDLINE_VALUE.match(c)})
+            bad = sorted({c for c in value if not CMDLINE_VALUE.fullmatch(c)})
             if not value or bad:
                 self.p.add(loc, "a kernel argument value must be non-empty and use only [A-Za-z0-9_.,:/=+@%-] "
                                 f"(no whitespace, quotes or shell metacharacters; found {''.join(bad)!r})",

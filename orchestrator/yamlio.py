@@ -1,21 +1,52 @@
 """YAML in and out, with errors that name the file, line and key.
 
 ruamel.yaml reads YAML 1.2, so `off`, `no` and `on` stay strings instead of silently becoming booleans.
+
+Every YAML file rt-tune reads (profile, inventory, playbook) is a config file a person writes, so read_yaml
+refuses, each with an InputError naming the file, the line and the limit:
+  - a file larger than MAX_BYTES (1 MiB; a fleet's inventory is a few hundred KiB at most), or not a regular
+    file, or not UTF-8;
+  - collections nested deeper than MAX_DEPTH (64; a profile needs 5);
+  - anchors and aliases (`&name`, `*name`, `<<: *name`): an alias expands to a copy of what it names, so a
+    few hundred bytes of aliases expand to billions of nodes ("billion laughs");
+  - explicit tags (`!!binary`, `!!set`, `!foo`): they build values no config field takes;
+  - a plain number of more than MAX_NUMBER_DIGITS digits.
+These are checked on ruamel's event stream, which its parser produces iteratively, before the (recursive)
+composer builds anything; only a document that passes is loaded.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    NodeEvent,
+    ScalarEvent,
+)
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from orchestrator.errors import InputError
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NUMBER_DIGITS = 1000
+_SHOWN = 200  # characters of a value quoted in an error
+_DECIMAL = re.compile(r"[-+]?[0-9_]+", re.ASCII)
 
 
 def _loader() -> YAML:
@@ -24,17 +55,118 @@ def _loader() -> YAML:
     return yaml
 
 
-def read_yaml(path: Path) -> Any:
+def shown(value: Any) -> str:
+    """repr(value), cut to a length an error message can carry."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def key_path(loc: tuple[Any, ...]) -> str:
+    """`host.sysctl.kernel.x` for error messages; a key that is empty or not printable (a newline in it) is
+    quoted, so it cannot break the message's lines."""
+    parts = [p if isinstance(p, str) and p and p.isprintable() else repr(p) if isinstance(p, str) else str(p)
+             for p in loc]
+    return ".".join(parts) or "(top level)"
+
+
+def _read_text(path: Path, max_bytes: int) -> str:
     try:
-        text = path.read_text()
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise InputError(f"{path}: {st.st_size} bytes is larger than the {max_bytes} bytes rt-tune reads "
+                             "from a YAML file")
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(data) > max_bytes:
+        raise InputError(f"{path}: larger than the {max_bytes} bytes rt-tune reads from a YAML file")
     try:
-        return _loader().load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _check_events(yaml: YAML, text: str, path: Path, max_depth: int) -> None:
+    """Refuse what would make the composer recurse too deep or expand without bound (module docstring).
+    Parse errors surface here too, as MarkedYAMLError."""
+    depth = 0
+    for ev in yaml.parse(text):
+        line = ev.start_mark.line + 1 if ev.start_mark is not None else 0
+        where = f"{path}:{line}" if line else str(path)
+        if isinstance(ev, AliasEvent) or (isinstance(ev, NodeEvent) and ev.anchor is not None):
+            raise InputError(f"{where}: YAML anchors and aliases (&name, *name, <<: *name) are not allowed "
+                             "in rt-tune's config files: write the value out")
+        if isinstance(ev, (ScalarEvent, CollectionStartEvent)) and ev.tag is not None:
+            tag = str(ev.tag).replace("tag:yaml.org,2002:", "!!")
+            raise InputError(f"{where}: YAML tags ({tag[:40]}) are not allowed in rt-tune's config files: "
+                             "write a plain value (quote a string)")
+        if isinstance(ev, CollectionStartEvent):
+            depth += 1
+            if depth > max_depth:
+                raise InputError(f"{where}: nested deeper than {max_depth} levels, the limit for a config "
+                                 "file")
+        elif isinstance(ev, CollectionEndEvent):
+            depth -= 1
+        elif isinstance(ev, ScalarEvent) and ev.style is None and len(ev.value) > MAX_NUMBER_DIGITS \
+                and _DECIMAL.fullmatch(ev.value):
+            raise InputError(f"{where}: a number of {len(ev.value)} digits; the limit is {MAX_NUMBER_DIGITS}")
+
+
+def _yaml_error(path: Path, text: str, exc: YAMLError) -> InputError:
+    """A parse error as `FILE:LINE: not valid YAML: PROBLEM`, without quoting the file's values: the file may
+    not be a config file at all (an include: pointing at a secret)."""
+    if isinstance(exc, ReaderError):
+        line = text[: exc.position].count("\n") + 1
+        return InputError(f"{path}:{line}: not valid YAML: unacceptable character #x{exc.character:04x}: "
+                          "special characters are not allowed")
+    if isinstance(exc, MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise InputError(f"{where}: not valid YAML: {exc.problem}") from exc
+        if isinstance(exc, DuplicateKeyError):
+            return InputError(f"{where}: not valid YAML: duplicate key (a key may appear once in a mapping)")
+        problem = str(exc.problem or exc.context or "unreadable")
+        problem = problem if len(problem) <= _SHOWN else problem[:_SHOWN] + "..."
+        return InputError(f"{where}: not valid YAML: {problem}")
+    return InputError(f"{path}: not valid YAML: {type(exc).__name__}")
+
+
+def read_yaml(path: Path, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+    """The round-trip document of a config file (CommentedMap/Seq: they know their lines), within the
+    limits of the module docstring; any problem is an InputError naming the file (and line)."""
+    path = Path(path)
+    text = _read_text(path, max_bytes)
+    yaml = _loader()
+    try:
+        _check_events(yaml, text, path, max_depth)
+        return _loader().load(text)
+    except YAMLError as exc:
+        raise _yaml_error(path, text, exc) from None
+    except (ValueError, OverflowError) as exc:  # a constructor refusing a value, e.g. a date 2001-13-45
+        raise InputError(f"{path}: not valid YAML: {str(exc)[:_SHOWN]}") from None
+
+
+def plain(v: Any) -> Any:
+    """A round-trip YAML value as plain Python: ruamel's scalar subclasses (ScalarBoolean is an int, not a
+    bool), CommentedMap/Seq -> bool, int, float, str, dict, list; anything else is left as it is."""
+    if isinstance(v, ScalarBoolean):
+        return bool(v)
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, Mapping):
+        return {plain(k): plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [plain(x) for x in v]
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    return v
 
 
 def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:
@@ -56,18 +188,20 @@ def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:
 
 
 def validate(model: type[M], doc: Any, path: Path, what: str) -> M:
-    """Validate a loaded document; on failure one InputError listing every problem as file:line: key: ..."""
+    """Validate a loaded document (as plain Python: strict models see bool, int, str, dict, list); on failure
+    one InputError listing every problem as file:line: key: message (got VALUE)."""
     try:
-        return model.model_validate(doc if doc is not None else {})
+        return model.model_validate(plain(doc) if doc is not None else {})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            key = ".".join(str(p) for p in loc) or "(top level)"
+            key = key_path(loc)
             line = line_of(doc, loc)
             where = f"{path}:{line}" if line else str(path)
             got = err.get("input")
-            got_text = "" if err["type"] == "missing" else f" (got {got!r})"
+            # a whole mapping is not quoted: the key names it (and it may be large)
+            got_text = "" if err["type"] == "missing" or isinstance(got, Mapping) else f" (got {shown(got)})"
             problems.append(f"{where}: {key}: {err['msg']}{got_text}")
         raise InputError(f"invalid {what} {path}:\n  " + "\n  ".join(problems)) from exc
 

@@ -217,6 +217,17 @@ def test_switches_are_strict_booleans(tmp_path):
     ("bad_service.yaml", None, None,
      ["bad_service.yaml:6: guest.services.disable.1: not a systemd unit name", "(got '-rf /')"]),
     ("bad_yaml.yaml", None, None, ["bad_yaml.yaml:4: not valid YAML"]),
+    ("swap_service.yaml", None, None,
+     ["swap_service.yaml:5: guest.services.disable.0: a .swap unit is not a service to disable", "(got "
+      "'dev-sda2.swap')"]),
+    ("huge_cpu_range.yaml", None, None,
+     ["huge_cpu_range.yaml:5: host.cmdline.nohz_full: CPU 99999999999 is above 8191", "(got '0-99999999999')"]),
+    ("huge_cpu_range.yaml", None, 4,
+     ["huge_cpu_range.yaml:5: host.cmdline.nohz_full: CPU 99999999999 outside the unit's host CPUs 0-3"]),
+    ("include_outside.yaml", None, None,
+     ["include_outside.yaml:3: include.0: an include names a *.yaml or *.yml file", "(got '/etc/shadow')"]),
+    ("newline_key.yaml", None, None,
+     ["newline_key.yaml:5: host.cmdline.'quiet\\n': not a kernel argument name", "(got 'quiet\\n')"]),
 ])
 def test_bad_input_names_file_line_key_and_value(fixture, vars, cpus, expected):
     msg = error_of(BAD / fixture, vars, cpus)
@@ -265,9 +276,14 @@ def test_duplicate_service_and_bad_cpu_count_var(tmp_path):
     p = write(tmp_path, "p.yaml", "name: p\nguest:\n  services:\n    disable: [x, x.service]\n")
     assert f"{p}:4: guest.services.disable.1: change guest.service.x.service is listed twice" in error_of(p)
     ok = write(tmp_path, "ok.yaml", "name: ok\nhost: {sysctl: {kernel.a: 1}}\n")
-    with pytest.raises(InputError, match=r"unit u's inventory vars: vars.cpus: a CPU count must be a positive "
-                                         r"integer \(got 'four'\)"):
-        resolve(load_profile(ok), "u", unit({"cpus": "four"}))
+    with pytest.raises(ValidationError, match="vars.cpus"):
+        unit({"cpus": "four"})  # the inventory's vars are typed: it is refused there first
+    for bad in ("four", "4", "٤", True, 0, 99999999999):  # the resolver checks them too, strictly
+        with pytest.raises(InputError, match=r"unit u's inventory vars: vars.cpus: a CPU count must be a positive "
+                                             r"integer \(at most 8192, unquoted\) \(got "):
+            resolve(load_profile(ok), "u", UnitSpec.model_construct(vars={"cpus": bad}, guest=None))
+        with pytest.raises(InputError, match=r"unit vars: vars.cpus: a CPU count must be a positive integer"):
+            load_profile(ok, {"cpus": bad})
 
 
 def test_changespec_is_strict():
