@@ -115,7 +115,7 @@ def parse_deb_contents(text: str) -> list[str]:
 
 def kernel_images(paths: list[str]) -> list[tuple[str, str]]:
     """(path, release) of every kernel image a package installs under /boot."""
-    return [(p, m.group(2)) for p in paths if (m := _IMAGE.match(p))]
+    return [(p, m.group(2)) for p in paths if (m := _IMAGE.fullmatch(p))]
 
 
 def inspect_deb(path: Path, release: str | None = None) -> KernelArtifact:
@@ -201,7 +201,7 @@ def fetch_deb(package: str, dest_dir: Path, *, timeout_s: float = 1800.0) -> Pat
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as empty:  # apt prints no URI for a file already in its cwd
         res = _run(["apt-get", "download", "--print-uris", package], cwd=Path(empty))
-    uris = [m for line in res.stdout.splitlines() if (m := _PRINT_URI.match(line.strip()))]
+    uris = [m for line in res.stdout.splitlines() if (m := _PRINT_URI.fullmatch(line.strip()))]
     if res.returncode != 0 or len(uris) != 1:
         raise InputError(f"apt-get cannot download package {package} on this machine: "
                          f"{res.stderr.strip() or res.stdout.strip() or 'no URI'}")

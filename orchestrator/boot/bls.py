@@ -52,7 +52,7 @@ _COUNTED = re.compile(r"^(?P<base>.+?)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.c
 
 def entry_id(file_name: str) -> str:
     """The id of an entry file: its name without the boot-counting suffix (`a+3-1.conf` -> `a.conf`)."""
-    m = _COUNTED.match(file_name)
+    m = _COUNTED.fullmatch(file_name)
     return f"{m.group('base')}.conf" if m else file_name
 
 
@@ -71,7 +71,7 @@ class BlsEntry:
             body = line.rstrip("\r\n")
             if not body.strip() or body.lstrip().startswith("#"):
                 continue
-            m = _LINE.match(body)
+            m = _LINE.fullmatch(body)
             if m:
                 out.append((i, m))
         return out
@@ -168,7 +168,7 @@ def default_grub_value(text: str) -> str | None:
     """The last GRUB_DEFAULT assignment of a /etc/default/grub (shell syntax), or None."""
     value = None
     for line in text.splitlines():
-        m = re.match(r"^\s*(?:export\s+)?GRUB_DEFAULT=(.*)$", line)
+        m = re.fullmatch(r"\s*(?:export\s+)?GRUB_DEFAULT=(.*)", line)
         if m:
             try:
                 words = shlex.split(m.group(1), comments=True)
@@ -298,7 +298,7 @@ class BlsGrubbyBackend(Bootloader):
             "".join(
                 line
                 for line in base.text.splitlines(keepends=True)
-                if not re.match(r"^\s*options(\s|$)", line)
+                if not re.match(r"\s*options(\s|\Z)", line)
             )
         )
         flat = flat.with_value("options", args)

@@ -55,11 +55,11 @@ def validate(add: dict[str, str | None]) -> None:
     """Refuse keys/values that could stop the unit booting or break quoting (the profile checks the same)."""
     problems = []
     for key, value in add.items():
-        if not KEY.match(key):
+        if not KEY.fullmatch(key):
             problems.append(f"{key!r}: not a kernel argument name")
         elif _norm(key).startswith("root") or _norm(key) in FORBIDDEN:
             problems.append(f"{key!r}: rt-tune never sets root, init, initrd or ro/rw arguments")
-        elif value is not None and not VALUE.match(value):
+        elif value is not None and not VALUE.fullmatch(value):
             problems.append(f"{key}={value!r}: value must match [A-Za-z0-9_.,:/=+@%-]+")
     if problems:
         raise CmdlineError("refused kernel arguments: " + "; ".join(problems))

@@ -92,7 +92,7 @@ class ExtlinuxConf:
         lines = self.text.splitlines(keepends=True)
         line = lines[index]
         body = line.rstrip("\r\n")
-        m = _LINE.match(body)
+        m = _LINE.fullmatch(body)
         assert m is not None
         sep = m.group("sep") or " "
         lines[index] = f"{m.group('lead')}{m.group('kw')}{sep}{value}{m.group('trail')}{line[len(body) :]}"
@@ -104,7 +104,7 @@ def parse_extlinux(text: str) -> ExtlinuxConf:
     labels: list[Label] = []
     current: Label | None = None
     for index, line in enumerate(text.splitlines()):
-        m = _LINE.match(line)
+        m = _LINE.fullmatch(line)
         if not m or m.group("kw").startswith("#"):
             continue
         kw, value = m.group("kw").lower(), m.group("value")

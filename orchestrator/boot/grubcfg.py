@@ -29,7 +29,7 @@ class MenuEntry(BaseModel):
     def release(self) -> str | None:
         if self.kernel is None:
             return None
-        m = re.search(r"/(?:vmlinuz|vmlinux|Image|bzImage)-([^/\s]+)$", self.kernel)
+        m = re.search(r"/(?:vmlinuz|vmlinux|Image|bzImage)-([^/\s]+)\Z", self.kernel)
         return m.group(1) if m else None
 
 
@@ -78,7 +78,7 @@ def parse_grub_cfg(text: str) -> list[MenuEntry]:
             elif words and words[0] in ("initrd", "initrd16", "initrdefi"):
                 cur["initrd"] = " ".join(words[1:])
             continue
-        m = _OPEN.match(line)
+        m = _OPEN.fullmatch(line)
         if m:
             kind, rest = m.groups()
             title, ident = _entry_header(rest)

@@ -74,7 +74,7 @@ def parse_systemctl_cat(text: str) -> list[tuple[str, str]]:
     sections: list[tuple[str, list[str]]] = []
     prev_blank = True
     for line in text.split("\n"):
-        m = re.match(r"^# (/\S+)$", line)
+        m = re.fullmatch(r"# (/\S+)", line)
         if m and prev_blank and (m.group(1).endswith((".conf", ".service")) or ".service" in m.group(1)):
             sections.append((m.group(1), []))
         elif sections:
@@ -249,7 +249,7 @@ class QemuAppendBackend(Bootloader):
         persistent_dir: str = "/etc/systemd/system",
         systemctl: tuple[str, ...] = ("systemctl",),
     ):
-        if not _SERVICE.match(service):
+        if not _SERVICE.fullmatch(service):
             raise InputError(f"invalid systemd service name {service!r}")
         self.service = service if "." in service else f"{service}.service"
         self.runtime_dir, self.persistent_dir, self.systemctl = runtime_dir, persistent_dir, tuple(systemctl)

@@ -51,7 +51,7 @@ def setenv_script(assignments: dict[str, str | None]) -> bytes:
     """A libubootenv `fw_setenv -s` script: `name=value`, `name=` to delete."""
     lines = []
     for name, value in assignments.items():
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise BootError(f"invalid U-Boot variable name {name!r}")
         if value is not None and ("\n" in value or "\r" in value):
             raise BootError(f"U-Boot variable {name} would contain a line break")

@@ -35,8 +35,8 @@ STAT_FILES = ("wfi_exit_stat", "wfe_exit_stat")
 MIN_DROP = 0.9  # no-trap is in effect when the idle WFI exit rate drops by at least this fraction ...
 NEAR_ZERO_PER_S = 1.0  # ... or to at most this many exits per second
 
-_RELEASE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?(?:\.\d+)*(?=$|[^0-9.])")
-_VM_DIR = re.compile(r"^\d+-\d+$")
+_RELEASE = re.compile(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?(?:\.[0-9]+)*(?=\Z|[^0-9.])")
+_VM_DIR = re.compile(r"[0-9]+-[0-9]+")  # fullmatch
 _HEAD = ("uptime", "debugfs", "access", "kvm")
 
 
@@ -166,7 +166,7 @@ def parse_wfx_exits(text: str, scope: str = "global") -> WfxExits:
         word, _, rest = lines[i].partition(" ")
         if word in _HEAD and rest and word not in head:
             head[word] = rest
-        elif word == "vm" and _VM_DIR.match(rest):
+        elif word == "vm" and _VM_DIR.fullmatch(rest):
             vms.append(rest)
         elif word == "absent" and rest in STAT_FILES and rest not in counts:
             counts[rest] = None
@@ -204,7 +204,7 @@ def parse_wfx_exits(text: str, scope: str = "global") -> WfxExits:
 def wfx_exits_fact(vm: str | None = None) -> Fact[WfxExits]:
     """The WFx exit counters of all VMs (`vm` None), or of one VM's debugfs directory "<pid>-<fd>" (pick it
     from `WfxExits.vms` by the guest's QEMU pid). debugfs is root-only, hence sudo."""
-    if vm is not None and not _VM_DIR.match(vm):
+    if vm is not None and not _VM_DIR.fullmatch(vm):
         raise ValueError(f"invalid KVM debugfs VM directory {vm!r}: expected <pid>-<fd>, e.g. 1234-11")
     scope = "global" if vm is None else vm
 
