@@ -6,15 +6,17 @@ Kept out of cli.py so the CLI only parses and prints.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.decide import load_measurement_plan
 from orchestrator.engine import ApplyResult, Connect, Engine, ssh_connect
+from orchestrator.errors import InputError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.journal import Journal
-from orchestrator.paths import Paths
-from orchestrator.profile import PROFILES_DIR
+from orchestrator.paths import Paths, missing_inventory
+from orchestrator.profile import PROFILES_DIR, ChangeSpec, load_profile, resolve
 from orchestrator.report import ChangeReport, Report, render_html, save_report
 
 PLAYBOOKS_DIR = PROFILES_DIR.parent / "playbooks"
@@ -42,16 +44,71 @@ def ensure_lab(paths: Paths, inventory: Path, events: EventSink = discard) -> bo
 
 
 def make_engine(paths: Paths, inv: Inventory, playbook: Path | None, events: EventSink,
-                connect: Connect = ssh_connect, db: str | None = None) -> Engine:
+                connect: Connect = ssh_connect, db: str | None = None, *, read_only: bool = False) -> Engine:
+    """`read_only`: the engine only reads the journal (status, dry runs): see `Journal(read_only=True)`."""
     plan = load_measurement_plan(playbook or DEFAULT_PLAN)
     artifacts = paths.state / "artifacts" / time.strftime("%Y%m%dT%H%M%S")
-    journal = open_controller_journal(paths, db)
+    journal = open_controller_journal(paths, db, read_only=read_only)
     return Engine(inventory=inv, journal=journal, plan=plan, artifacts=artifacts, events=events, connect=connect)
 
 
-def load_for_apply(paths: Paths, inventory: Path, events: EventSink) -> tuple[Inventory, bool]:
-    booted = ensure_lab(paths, inventory, events)
-    return load_inventory(inventory), booted
+def read_inventory(paths: Paths, inventory: Path, source: str) -> Inventory:
+    """The inventory at `inventory` (chosen from `source`, see `paths.inventory_search`); a missing one is an
+    InputError saying where rt-tune looked and how to get one."""
+    if not inventory.exists():
+        raise InputError(missing_inventory(paths, inventory, source))
+    return load_inventory(inventory)
+
+
+def load_for_apply(paths: Paths, inventory: Path, events: EventSink, *, dry_run: bool = False,
+                   source: str = "--inventory") -> tuple[Inventory, bool]:
+    """The inventory, with the local lab booted first when it is the lab's and not running (True: booted).
+
+    A dry run never boots anything: without an inventory, or with the lab's while the lab is down, it is an
+    InputError saying how to get one."""
+    if not dry_run:
+        booted = ensure_lab(paths, inventory, events)
+        return load_inventory(inventory), booted
+    inv = read_inventory(paths, inventory, source)
+    if inventory.resolve() == paths.lab_inventory.resolve():
+        from orchestrator.lab.lab import Lab
+
+        status = Lab(paths).status()
+        if not status or not all(s.running for s in status):
+            down = ", ".join(s.name for s in status if not s.running) or "every VM"
+            raise InputError(f"the local lab is not running ({down} down), and a dry run never boots it: run "
+                             "`tune lab up` first, or give --inventory FILE")
+    return inv, False
+
+
+def unit_specs(inv: Inventory, unit: str, profile_path: Path) -> list[ChangeSpec]:
+    """The profile resolved for one unit with its vars: pure (no journal, no SSH). An unknown unit, a bad
+    profile or a var the profile cannot use is an InputError."""
+    spec = inv.unit(unit)
+    return resolve(load_profile(profile_path, spec.vars), unit, spec)
+
+
+def check_profile(inv: Inventory, units: list[str], profile_path: Path) -> dict[str, list[ChangeSpec]]:
+    """Every unit's resolved profile, or one InputError with every unit's problems (see `resolve_units`)."""
+    out: dict[str, list[ChangeSpec]] = {}
+    resolve_units(units, lambda unit: out.__setitem__(unit, unit_specs(inv, unit, profile_path)))
+    return out
+
+
+def resolve_units(units: list[str], specs: Callable[[str], object]) -> None:
+    """Call `specs(unit)` (resolve the profile for it) for every unit before any unit is touched; every unit's
+    input errors are reported together in one InputError, each prefixed with its unit, not only the first."""
+    problems: list[str] = []
+    for unit in units:
+        try:
+            specs(unit)
+        except InputError as exc:
+            problems.append(f"{unit}: " + str(exc).replace("\n", "\n    "))
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        raise InputError(f"{len(problems)} of {len(units)} units cannot take the profile:\n"
+                         + "\n".join(problems))
 
 
 def evidence_note(outcome) -> str:
@@ -82,10 +139,14 @@ def write_reports(results: list[ApplyResult], artifacts: Path, title: str) -> tu
 
 
 # ---- tune rollout --------------------------------------------------------------------------------------------
-def open_controller_journal(paths: Paths, db: str | None) -> Journal:
+def open_controller_journal(paths: Paths, db: str | None, *, read_only: bool = False) -> Journal:
     """The journal a rollout shares with other controllers: `--db postgresql://...`, a SQLite file, or the
-    default SQLite file in the state directory."""
-    return Journal(db if db else journal_path(paths))
+    default SQLite file in the state directory. `read_only` for commands that only read it: the default journal
+    missing reads as empty (nothing done yet), a `--db` file missing is an error (a typo must not read as
+    "nothing changed")."""
+    if read_only and db and "://" not in db and not Path(db).exists():
+        raise InputError(f"journal {db} (--db) does not exist")
+    return Journal(db if db else journal_path(paths), read_only=read_only)
 
 
 def fleet_runner(paths: Paths, journal: Journal, inv: Inventory, loaded_policy, events: EventSink, *,

@@ -16,9 +16,10 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from orchestrator import jsonio
-from orchestrator.errors import TuneError
+from orchestrator.errors import (EXIT_BROKEN_PIPE, EXIT_DRIFT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO,
+                                 TuneError)
 from orchestrator.events import Event
-from orchestrator.paths import Paths, default_inventory
+from orchestrator.paths import Paths, default_inventory, inventory_search
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -191,6 +192,18 @@ def _inventory_path(given: str | None) -> Path:
     return Path(given) if given else default_inventory(_paths())
 
 
+def _inventory_source(given: str | None) -> tuple[Path, str]:
+    """The inventory to use and where it came from (for the message when it does not exist)."""
+    return (Path(given), "--inventory") if given else inventory_search(_paths())
+
+
+def _load_inventory(given: str | None):
+    """The inventory (`--inventory`, else the default); a missing one says where rt-tune looked."""
+    from orchestrator.apply import read_inventory
+
+    return read_inventory(_paths(), *_inventory_source(given))
+
+
 @cli.command("facts")
 @click.argument("target")
 @click.option("--inventory", "-i", "inventory_file", default=None, help="Inventory file (default: the lab's).")
@@ -198,10 +211,10 @@ def _inventory_path(given: str | None) -> Path:
 def facts_cmd(target: str, inventory_file: str | None, as_json: bool) -> None:
     """Basic facts of UNIT.host or UNIT.guest: kernel, arch, CPUs, /proc/cmdline, boot_id."""
     from orchestrator.facts import gather_basic
-    from orchestrator.inventory import load_inventory, split_target
+    from orchestrator.inventory import split_target
     from orchestrator.transport import SSHTransport
 
-    inv = load_inventory(_inventory_path(inventory_file))
+    inv = _load_inventory(inventory_file)
     unit, role = split_target(target)
     with SSHTransport(inv.endpoint(unit, role)) as t:
         f = gather_basic(t, target)
@@ -249,7 +262,14 @@ _db_option = click.option(
 
 
 def _units(inv, units: tuple[str, ...]) -> list[str]:
-    return list(units) or sorted(inv.units)
+    """The units named (default: all of the inventory's); unknown ones: one InputError listing the known."""
+    from orchestrator.errors import InputError
+
+    unknown = [u for u in dict.fromkeys(units) if u not in inv.units]
+    if unknown:
+        raise InputError(f"no unit {', '.join(map(repr, unknown))} in the inventory; its units: "
+                         f"{', '.join(sorted(inv.units)) or '(none)'}")
+    return list(dict.fromkeys(units)) or sorted(inv.units)
 
 
 @cli.command("apply")
@@ -273,22 +293,23 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
               boot_timeout: float = 300.0, db: str | None = None) -> None:
     """Apply PROFILE (e.g. rt-profile): each change measured before and after, kept only on evidence.
 
-    Against the local lab's inventory, boots the lab first when it is not running.
+    Against the local lab's inventory, boots the lab first when it is not running (a dry run never does).
     """
-    from orchestrator.apply import load_for_apply, make_engine, write_reports
+    from orchestrator.apply import check_profile, load_for_apply, make_engine, write_reports
     from orchestrator.profile import find_profile
 
     paths = _paths()
     progress = Progress()
     profile_path = find_profile(profile)
-    inv, booted = load_for_apply(paths, _inventory_path(inventory_file), progress)
-    engine = make_engine(paths, inv, playbook, progress, db=db)
+    inv_path, source = _inventory_source(inventory_file)
+    inv, booted = load_for_apply(paths, inv_path, progress, dry_run=dry_run, source=source)
+    chosen = _units(inv, units)
+    check_profile(inv, chosen, profile_path)  # every unit's input errors before the journal or a unit
+    engine = make_engine(paths, inv, playbook, progress, db=db, read_only=dry_run)
     engine.accept_boot_risk = accept_boot_risk
     engine.boot_timeout_s = boot_timeout
     results = []
-    for unit in _units(inv, units):
-        engine.specs(unit, profile_path)  # every unit's input errors before any unit is touched
-    for unit in _units(inv, units):
+    for unit in chosen:
         results.append(engine.apply(unit, profile_path, dry_run=dry_run, force_unlock=force_unlock))
     report_json = report_html = None
     if not dry_run:
@@ -344,8 +365,8 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
 
     Per-unit state lives in the journal; `--resume ID` continues after a controller crash without redoing
     finished units, and several controllers may work on one rollout (`--db postgresql://...`)."""
-    from orchestrator.apply import (PLAYBOOKS_DIR, fleet_runner, load_for_apply, open_controller_journal,
-                                    policy_for_journal, write_fleet_reports)
+    from orchestrator.apply import (PLAYBOOKS_DIR, check_profile, fleet_runner, load_for_apply,
+                                    open_controller_journal, policy_for_journal, write_fleet_reports)
     from orchestrator.errors import InputError
     from orchestrator.fleet import (LoadedPolicy, RolloutHalted, RolloutPolicy, load_rollout_policy,
                                     rollout_summary)
@@ -355,7 +376,7 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
     if modes != 1:
         raise InputError("give exactly one of PROFILE, --resume ID, --pause ID or --status ID")
     paths = _paths()
-    journal = open_controller_journal(paths, db)
+    journal = open_controller_journal(paths, db, read_only=status_id is not None)  # --status only reads
     if status_id is not None or pause_id is not None:
         rid = pause_id if pause_id is not None else status_id
         if rid == 0:
@@ -387,11 +408,9 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
         inv_path = _inventory_path(inventory_file)
         inv, _ = load_for_apply(paths, inv_path, progress)
         chosen = _units(inv, units)
+        check_profile(inv, chosen, profile_path)  # every unit's input errors before any unit is touched
         runner = fleet_runner(paths, journal, inv, loaded, progress, workers=workers,
                               accept_boot_risk=accept_boot_risk, boot_timeout_s=boot_timeout)
-        for unit in chosen:
-            inv.unit(unit)
-            runner.engine_for(unit, progress).specs(unit, profile_path)  # every input error before any unit
         runner.policy = policy_for_journal(loaded)
         rollout_id = runner.create(profile_path.resolve(), inv_path.resolve(), chosen).id
     try:
@@ -488,36 +507,37 @@ def profile() -> None:
 
 
 @profile.command("validate")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("name", metavar="PROFILE")
 @click.option("--inventory", "-i", "inventory_file", default=None, help="Check against these units' vars.")
 @click.option("--unit", "units", multiple=True)
 @click.option("--json", "as_json", is_flag=True)
-def profile_validate(file: Path, inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
-    """Check a profile (and, with an inventory, resolve it for each unit) without touching anything."""
-    from orchestrator.inventory import load_inventory
-    from orchestrator.profile import describe, load_profile, resolve
+def profile_validate(name: str, inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
+    """Check PROFILE (a file, or a name as `tune apply` takes it: rt-profile) and, with an inventory, resolve
+    it for each unit (every unit's errors at once) without touching anything."""
+    from orchestrator.apply import check_profile
+    from orchestrator.profile import describe, find_profile, load_profile
 
+    file = find_profile(name)
     prof = load_profile(file)
     out: dict = {"profile": prof.name, "file": str(file), "units": {}}
-    inv_path = _inventory_path(inventory_file)
+    inv_path, _ = _inventory_source(inventory_file)
     if inventory_file or inv_path.exists():
-        inv = load_inventory(inv_path)
-        for unit in _units(inv, units):
-            spec = inv.unit(unit)
-            cpus = spec.vars.get("cpus")
-            p = load_profile(file, spec.vars, int(cpus) if cpus is not None else None)
-            out["units"][unit] = [describe(c) for c in resolve(p, unit, spec)]
+        inv = _load_inventory(inventory_file)
+        specs = check_profile(inv, _units(inv, units), file)
+        out["units"] = {unit: [describe(c) for c in unit_specs] for unit, unit_specs in specs.items()}
     human = "\n".join([f"{file}: valid profile {prof.name!r}"] + [f"  {u}: {line}" for u, lines in
                                                                   out["units"].items() for line in lines])
     emit(out, as_json, human)
 
 
-def _engine(inventory_file: str | None, db: str | None = None):
+def _engine(inventory_file: str | None, db: str | None = None, units: tuple[str, ...] = (), *,
+            read_only: bool = False):
+    """The engine and the chosen units: unknown units are refused before the journal is even opened."""
     from orchestrator.apply import make_engine
-    from orchestrator.inventory import load_inventory
 
-    inv = load_inventory(_inventory_path(inventory_file))
-    return make_engine(_paths(), inv, None, Progress(), db=db), inv
+    inv = _load_inventory(inventory_file)
+    chosen = _units(inv, units)
+    return make_engine(_paths(), inv, None, Progress(), db=db, read_only=read_only), chosen
 
 
 @cli.command("status")
@@ -527,12 +547,12 @@ def _engine(inventory_file: str | None, db: str | None = None):
 @click.option("--json", "as_json", is_flag=True)
 def status_cmd(inventory_file: str | None, units: tuple[str, ...], as_json: bool, db: str | None = None) -> None:
     """What rt-tune has changed on each unit (kept changes), unit states and locks, from the journal."""
-    engine, inv = _engine(inventory_file, db)
+    engine, chosen = _engine(inventory_file, db, units, read_only=True)  # works on a read-only state dir
     j = engine.journal
     states = j.unit_states()
     data = {}
     table = Table("unit", "state", "kept changes", "in flight", "lock")
-    for unit in _units(inv, units):
+    for unit in chosen:
         kept = [r.change_id for r in j.active_changes(unit)]
         flight = [r.change_id for r in j.incomplete(unit)]
         lock = j.lock_info(unit)
@@ -559,7 +579,7 @@ def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: s
 
     if all_ == (change_id is not None):
         raise InputError("give exactly one of --all or --change ID")
-    engine, _ = _engine(inventory_file, db)
+    engine, _ = _engine(inventory_file, db, (unit,))
     undone = engine.rollback(unit, change_id, force_unlock=force_unlock)
     emit({"unit": unit, "rolled_back": undone}, as_json, f"{unit}: rolled back {', '.join(undone) or 'nothing'}")
 
@@ -571,14 +591,14 @@ def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: s
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(unit: str, inventory_file: str | None, as_json: bool, db: str | None = None) -> None:
     """Compare UNIT's live state with the journal; drift marks the unit degraded (nothing is overwritten)."""
-    engine, _ = _engine(inventory_file, db)
+    engine, _ = _engine(inventory_file, db, (unit,))
     report = engine.verify(unit)
     table = Table("change", "target", "in place")
     for r in report:
         table.add_row(r["change"], r["target"], "yes" if r["in_place"] else "DRIFTED")
     emit(report, as_json, table)
     if any(not r["in_place"] for r in report):
-        sys.exit(8)
+        sys.exit(EXIT_DRIFT)
 
 
 # ---- measurement -----------------------------------------------------------------------------------------
@@ -712,11 +732,10 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     from orchestrator.apply import open_controller_journal
     from orchestrator.diagnose import diagnose, parse_duration, rt_hints_from_vars
     from orchestrator.diagreport import save_diagnosis
-    from orchestrator.inventory import load_inventory
     from orchestrator.transport import SSHTransport
 
     seconds = parse_duration(duration)
-    inv = load_inventory(_inventory_path(inventory_file))
+    inv = _load_inventory(inventory_file)
     spec = inv.unit(unit)
     target = target or ("both" if spec.guest else "host")
     roles = ["host", "guest"] if target == "both" else [target]
@@ -750,18 +769,108 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
         err_console.print(f"report: {escape(str(html_path))}")
 
 
+def exit_status(exc: BaseException) -> int:
+    """THE mapping of an exception to `tune`'s exit status (the table is in orchestrator/errors.py)."""
+    if isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code
+    if isinstance(exc, TuneError):
+        return exc.exit_code
+    if isinstance(exc, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    if isinstance(exc, OSError):
+        return EXIT_IO
+    return EXIT_INTERNAL
+
+
+def _passwords_given() -> list[str]:
+    """Passwords the user gave rt-tune (URLs in the arguments or RT_TUNE_DB, PGPASSWORD): kept out of logs."""
+    from orchestrator.journal import url_secrets
+
+    found = [os.environ.get("PGPASSWORD", "")]
+    for arg in [*sys.argv[1:], os.environ.get("RT_TUNE_DB", "")]:
+        for part in (arg, arg.partition("=")[2]):  # --db URL and --db=URL
+            if "://" in part or "password" in part.lower():
+                found += url_secrets(part)
+    return [p for p in found if p]
+
+
+def _log_internal_error(exc: BaseException, passwords: list[str]) -> Path | str:
+    """Write the traceback (redacted) to <state>/logs/internal-error-<time>-<pid>.log, or to the temp dir when
+    the state directory is not writable; the path, or why no log could be written."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+    from importlib.metadata import PackageNotFoundError, version
+
+    from orchestrator.journal import redact_url
+
+    try:
+        ours = version("rt-tune")
+    except PackageNotFoundError:
+        ours = "unknown"
+    body = redact_url(f"rt-tune {ours} internal error, {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+                      f"python {platform.python_version()} on {platform.platform()}\n"
+                      f"argv: {sys.argv!r}\n\n" + "".join(traceback.format_exception(exc)), passwords)
+    name = f"internal-error-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    try:
+        logs = _paths().state / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="rt-tune-" + name.removesuffix(".log") + "-", suffix=".log")
+            path = Path(tmp)
+        except OSError as err2:
+            return f"(no log written: {err}; {err2})"
+    with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+        f.write(body)
+    return path
+
+
+def _report(exc: BaseException) -> int:
+    """Print what went wrong (never a traceback) and return the exit status."""
+    from orchestrator.journal import redact_url
+
+    status = exit_status(exc)
+    passwords = _passwords_given()
+    if isinstance(exc, KeyboardInterrupt):
+        err_console.print("interrupted; nothing was left running")
+    elif isinstance(exc, click.exceptions.Abort):
+        err_console.print("interrupted")
+    elif isinstance(exc, click.ClickException):
+        exc.message = redact_url(exc.message, passwords)
+        exc.show()
+    elif isinstance(exc, BrokenPipeError):
+        try:  # no "Exception ignored ... BrokenPipeError" when Python flushes stdout on exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+    else:
+        if isinstance(exc, TuneError):
+            text = f"[bold red]error:[/bold red] {escape(redact_url(str(exc), passwords))}"
+        elif status == EXIT_IO:
+            assert isinstance(exc, OSError)
+            where = " ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+            what = f"{exc.strerror or exc}" + (f": {where}" if where else "")
+            text = f"[bold red]error:[/bold red] {escape(redact_url(what, passwords))}"
+        else:
+            log = _log_internal_error(exc, passwords)
+            what = redact_url(f"{type(exc).__name__}: {exc}", passwords)
+            text = (f"[bold red]internal error:[/bold red] {escape(what)}\nThis is a bug in rt-tune; the "
+                    f"traceback is in {escape(str(log))} (please attach it to a report).")
+        err_console.print(text, highlight=False, soft_wrap=True)
+    return status
+
+
 def main() -> None:
+    """The `tune` entry point: every exception ends as a message and an exit status, never a traceback."""
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; nothing was left running")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except TuneError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the one place every error is turned into an exit status
+        sys.exit(_report(exc))

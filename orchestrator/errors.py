@@ -1,6 +1,20 @@
-"""One exception root for the whole core; the CLI maps each class to an exit code in one place."""
+"""One exception root for the whole core; the CLI maps each class to an exit code in one place.
+
+Exit statuses of `tune` (decided in orchestrator/cli.py `exit_status`): 0 success; a TuneError's own
+`exit_code` (1 TuneError and JournalError, 2 InputError and usage errors, 3 MissingDependencyError,
+4 LabError, 5 TransportError, 6 ParseError, 7 LockedError, 9 and 10 a rollout's, 11 a diagnosis that left
+tracing changed); 8 drift found by `tune verify`; 70 an internal error (a bug: the traceback is logged, never
+printed); 74 a file or directory of the controller's own could not be read or written; 130 interrupted;
+141 stdout was closed."""
 
 from __future__ import annotations
+
+EXIT_USAGE = 2  # click's usage errors, like InputError
+EXIT_DRIFT = 8  # `tune verify` found kept changes drifted
+EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: a bug in rt-tune
+EXIT_IO = 74  # sysexits.h EX_IOERR: an OSError on the controller (a file it could not read or write)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: whoever read stdout went away
 
 
 class TuneError(Exception):

@@ -604,8 +604,9 @@ def redact_url(text: str, passwords: Iterable[str] = ()) -> str:
     """THE redaction of rt-tune's messages, logs and artifacts: in every `scheme://...` URL of `text`,
     everything between the scheme and the last "@" (`user:***@`, or `***@` when the user name itself is
     unclear), every `password=` value, and each of `passwords` (known beforehand, see `url_secrets`) wherever
-    it appears, become `***`."""
-    for secret in sorted({p for p in passwords if p}, key=len, reverse=True):
+    it appears, become `***` (a password under 4 characters only inside URLs: elsewhere it would mask pieces
+    of ordinary words)."""
+    for secret in sorted({p for p in passwords if len(p) >= 4}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return _PASSWORD_PARAM.sub(rf"\g<head>{MASK}", _URL.sub(_redact_userinfo, text))
 
@@ -756,6 +757,8 @@ class _SQLiteDB:
             return False
         except OSError as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
+        if self.path.is_dir():
+            raise JournalError(f"the journal {self.path} is a directory: name a file (or nothing: the default)")
         if size == 0:
             raise _damaged(self.path, "it is empty (0 bytes): truncated, or not written by rt-tune")
         if size < 100:

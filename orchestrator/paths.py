@@ -36,10 +36,30 @@ class Paths:
 
 def default_inventory(paths: Paths, env: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
     """`--inventory` default: $RT_TUNE_INVENTORY, else ./inventory.yaml if present, else the lab's inventory."""
+    return inventory_search(paths, env, cwd)[0]
+
+
+def inventory_search(paths: Paths, env: dict[str, str] | None = None,
+                     cwd: Path | None = None) -> tuple[Path, str]:
+    """The default inventory and where it came from ("$RT_TUNE_INVENTORY", "./inventory.yaml" or "lab"), so a
+    missing one can be reported with where rt-tune looked."""
     env = dict(os.environ if env is None else env)
     if env.get("RT_TUNE_INVENTORY"):
-        return Path(env["RT_TUNE_INVENTORY"])
+        return Path(env["RT_TUNE_INVENTORY"]), "$RT_TUNE_INVENTORY"
     local = (cwd or Path.cwd()) / "inventory.yaml"
     if local.is_file():
-        return local
-    return paths.lab_inventory
+        return local, "./inventory.yaml"
+    return paths.lab_inventory, "lab"
+
+
+def missing_inventory(paths: Paths, path: Path, source: str, cwd: Path | None = None) -> str:
+    """Why there is no inventory at `path` (chosen from `source`: "--inventory" or what `inventory_search`
+    says) and how to get one."""
+    how = "run `tune lab up` (it builds the local lab and writes its inventory), or give --inventory FILE"
+    if source == "--inventory":
+        return f"inventory {path} (--inventory) does not exist"
+    if source == "$RT_TUNE_INVENTORY":
+        return f"inventory {path} (from $RT_TUNE_INVENTORY) does not exist"
+    here = cwd or Path.cwd()
+    return (f"no inventory found: no --inventory, $RT_TUNE_INVENTORY is not set, no inventory.yaml in "
+            f"{here}, and no lab inventory ({paths.lab_inventory}): {how}")

@@ -75,6 +75,12 @@ def test_known_passwords_are_hidden_anywhere_in_the_text():
     assert_hidden(redact_url("libpq: password QX7@ZJ9KW8 refused", url_secrets(encoded)), "QX7@ZJ9KW8")
 
 
+def test_a_very_short_password_is_masked_in_urls_only():
+    """Masking "p" everywhere would turn "postgresql" into "***ostgresql"; in the URL it is masked anyway."""
+    assert redact_url("password p refused for postgresql://u:p@h/db", ["p"]) == \
+        "password p refused for postgresql://u:***@h/db"
+
+
 def test_url_secrets_spells_the_password_every_way():
     assert set(url_secrets("postgresql://u:p%40ss@h/db")) == {"p%40ss", "p@ss"}
     assert "QX7@ZJ9" in url_secrets("postgresql://u:QX7@ZJ9@h/db")
