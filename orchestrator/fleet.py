@@ -81,7 +81,7 @@ def _check_size(v: Any, what: str, allow_zero: bool) -> Size:
             raise ValueError(f"{what} must be {'0' if allow_zero else '1'}..{MAX_UNITS}")
         return int(v)
     text = str(v)
-    if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,2})?%", text):
+    if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,6})?%", text):
         raise ValueError(f"{what} must be a count or a percentage like '25%'")
     pct = float(text[:-1])
     if not (0 < pct <= 100 or (allow_zero and pct == 0)):
