@@ -101,6 +101,10 @@ def _cpu_text(v: Any) -> Any:
     return v
 
 
+def _cpus_are(cpus: list[int] | set[int]) -> str:
+    return f"CPU {format_cpulist(cpus)} is" if len(cpus) == 1 else f"CPUs {format_cpulist(cpus)} are"
+
+
 def _cpus_within(v: str, info: ValidationInfo, count_var: str) -> str:
     count = info.data.get(count_var)
     top = count - 1 if isinstance(count, int) else CPU_CEILING
@@ -112,8 +116,8 @@ def _cpus_within(v: str, info: ValidationInfo, count_var: str) -> str:
         raise _error("cpu_list", "must name at least one CPU")
     outside = [c for c in cpus if c > top]
     if outside:
-        raise _error("cpu_list", "CPUs {outside} are outside the {n} CPUs of `{var}` (0-{top})",
-                     outside=format_cpulist(outside), n=top + 1, var=count_var, top=top)
+        raise _error("cpu_list", "{cpus} outside the {n} CPUs of `{var}` (0-{top})",
+                     cpus=_cpus_are(outside), n=top + 1, var=count_var, top=top)
     return v
 
 
@@ -187,8 +191,8 @@ class UnitVars(BaseModel):
         if rt is not None:
             both = set(parse_cpulist(rt)) & set(parse_cpulist(v))
             if both:
-                raise _error("cpu_overlap", "CPUs {both} are also in rt_cpus ({rt}): housekeeping and RT "
-                                            "CPUs must not overlap", both=format_cpulist(both), rt=rt)
+                raise _error("cpu_overlap", "{cpus} also in rt_cpus ({rt}): housekeeping and RT CPUs must "
+                                            "not overlap", cpus=_cpus_are(both), rt=rt)
         return v
 
 
@@ -220,19 +224,22 @@ class UnitSpec(_Strict):
     vars: Annotated[UnitVars, AfterValidator(_vars_dict)] = Field(default_factory=dict)  # type: ignore
 
 
-def _name(name: str) -> str:
-    if not NAME.fullmatch(name) or len(name) > NAME_MAX:
-        raise _error("name", "a unit or group name must match [A-Za-z0-9][A-Za-z0-9_.-]* (at most {n} "
-                             "characters)", n=NAME_MAX)
-    return name
+def _name(what: str) -> Any:
+    def check(name: str) -> str:
+        if not NAME.fullmatch(name) or len(name) > NAME_MAX:
+            raise _error("name", "a {what} name must match [A-Za-z0-9][A-Za-z0-9_.-]* (at most {n} characters)",
+                         what=what, n=NAME_MAX)
+        return name
+    return AfterValidator(check)
 
 
-Name = Annotated[str, AfterValidator(_name)]
+UnitName = Annotated[str, _name("unit")]
+GroupName = Annotated[str, _name("group")]
 
 
 class Inventory(_Strict):
-    units: dict[Name, UnitSpec]
-    groups: dict[Name, list[StrictStr]] = Field(default_factory=dict)
+    units: dict[UnitName, UnitSpec]
+    groups: dict[GroupName, list[StrictStr]] = Field(default_factory=dict)
 
     @field_validator("groups")
     @classmethod
