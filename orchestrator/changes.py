@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.errors import InputError, TuneError
-from orchestrator.names import SYSCTL_NAME, UNIT_NAME, service_to_disable  # whole-string, systemd's rules
+from orchestrator.names import SYSCTL_NAME, check_unit_name, service_to_disable  # whole-string, systemd's rules
 from orchestrator.transport import Transport, read_files, read_optional
 
 State = dict[str, Any]
@@ -422,8 +422,7 @@ class VcpuPinningChange(Change):
                    list(params["housekeeping"]), params.get("rt_priority"))
 
     def __post_init__(self) -> None:
-        if not UNIT_NAME.match(self.service):
-            raise InputError(f"QEMU service name {self.service!r} is not a valid systemd unit name")
+        self.service = check_unit_name(self.service, types=("service",), what="QEMU service name")
         if not self.vcpus:
             raise InputError("vCPU pinning needs at least one guest vCPU mapped to a host CPU")
         if self.housekeeping is not None and not self.housekeeping:

@@ -106,3 +106,9 @@ def test_a_change_journaled_before_the_map_is_rebuilt_as_it_was_made():
 def test_plan_line_names_the_map():
     text = describe_vcpu_map({"vcpus": {"1": 1}, "housekeeping": [0], "rt_priority": None})
     assert text == "vCPU 1 (guest RT CPU 1) -> host CPU 1; other vCPUs, main loop, I/O threads -> 0"
+
+
+@pytest.mark.parametrize("service", ["rt-guest-vm.service\n", "dev-sda2.swap", "vm@.service", "-x.service", ""])
+def test_the_qemu_service_must_be_a_service_unit(service):
+    with pytest.raises(InputError, match="QEMU service name"):
+        VcpuPinningChange(service, {1: 1}, [0])
