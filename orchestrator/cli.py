@@ -873,4 +873,10 @@ def main() -> None:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the one place every error is turned into an exit status
-        sys.exit(_report(exc))
+        try:
+            status = _report(exc)
+        except BaseException as failed:  # noqa: BLE001 - reporting itself failed: still no traceback
+            sys.stderr.write(f"internal error: {type(exc).__name__} (and {type(failed).__name__} while "
+                             "reporting it)\n")
+            status = EXIT_INTERNAL
+        sys.exit(status)
