@@ -445,9 +445,9 @@ def _ab_table(result) -> Table:
 @click.argument("profile_a")
 @click.argument("profile_b")
 @click.option("--unit", "unit", required=True, help="The unit to experiment on (its guest is measured if it has one).")
-@click.option("--rounds", type=click.IntRange(min=2), default=4, show_default=True,
+@click.option("--rounds", type=click.IntRange(min=2, max=1000), default=4, show_default=True,
               help="Rounds; each is one block of A and one of B, in ABBA order.")
-@click.option("--runs", "runs_per_block", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--runs", "runs_per_block", type=click.IntRange(min=1, max=100), default=2, show_default=True,
               help="cyclictest runs per block.")
 @click.option("--order", type=click.Choice(["ABBA", "AB"]), default="ABBA", show_default=True)
 @click.option("--inventory", "-i", "inventory_file", default=None)

@@ -200,10 +200,25 @@ def validate(model: type[M], doc: Any, path: Path, what: str) -> M:
             line = line_of(doc, loc)
             where = f"{path}:{line}" if line else str(path)
             got = err.get("input")
-            # a whole mapping is not quoted: the key names it (and it may be large)
-            got_text = "" if err["type"] == "missing" or isinstance(got, Mapping) else f" (got {shown(got)})"
+            # a whole mapping is not quoted: the key names it (and it may be large); nor is a whole file that is
+            # not a mapping at all: it may be any file of the controller's (/etc/passwd), never to be echoed
+            if not loc or (len(loc) == 1 and isinstance(loc[0], str) and loc[0].startswith(model.__name__)):
+                problems.append(f"{path}: not a valid {what}: the file holds {_kind_of(got)}, not a mapping of keys")
+                continue
+            # an unknown key's value is not quoted either: the file may not be what it was given as (a secret)
+            unquoted = err["type"] in ("missing", "extra_forbidden") or isinstance(got, Mapping)
+            got_text = "" if unquoted else f" (got {shown(got)})"
             problems.append(f"{where}: {key}: {err['msg']}{got_text}")
         raise InputError(f"invalid {what} {path}:\n  " + "\n  ".join(problems)) from exc
+
+
+def _kind_of(value: Any) -> str:
+    """What a document is, without its content."""
+    if isinstance(value, str):
+        return f"a text of {len(value)} characters"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    return "nothing" if value is None else f"a {type(value).__name__}"
 
 
 def load_model(model: type[M], path: Path, what: str) -> M:
