@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cpulist import format_cpulist
 from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.errors import InputError, TuneError
 from orchestrator.names import SYSCTL_NAME, check_unit_name, service_to_disable  # whole-string, systemd's rules
@@ -443,7 +444,7 @@ class VcpuPinningChange(Change):
     def _pin_args(self) -> list[str]:
         args = ["--map", ",".join(f"{v}:{c}" for v, c in self.vcpus.items())]
         if self.housekeeping is not None:
-            args += ["--housekeeping", _cpus_text(self.housekeeping)]
+            args += ["--housekeeping", format_cpulist(self.housekeeping)]
         return args + (["--fifo", str(self.rt_priority)] if self.rt_priority else [])
 
     def _dropin_bytes(self) -> bytes:
@@ -505,7 +506,7 @@ class VcpuPinningChange(Change):
         others += [(name, st) for name, sts in threads.get("threads", {}).items() for st in sts]
         for name, st in others:
             if st is not None and parse_cpu_list(st["cpus"]) != hk:
-                wrong.append(f"{name}: allowed on {st['cpus']}, want housekeeping {_cpus_text(hk)}")
+                wrong.append(f"{name}: allowed on {st['cpus']}, want housekeeping {format_cpulist(hk)}")
         return wrong
 
     def in_place(self, live: State, desired: State) -> bool:
@@ -559,11 +560,7 @@ class VcpuPinningChange(Change):
         rt = "; ".join(f"vCPU {v} -> host CPU {c}{fifo}" for v, c in self.vcpus.items())
         if self.housekeeping is None:
             return f"pin {self.service}: {rt}"
-        return f"pin {self.service}: {rt}; other threads -> {_cpus_text(self.housekeeping)}"
-
-
-def _cpus_text(cpus: list[int]) -> str:
-    return ",".join(str(c) for c in cpus)
+        return f"pin {self.service}: {rt}; other threads -> {format_cpulist(self.housekeeping)}"
 
 
 def _threads_of(before: State) -> dict[str, Any]:
@@ -572,7 +569,7 @@ def _threads_of(before: State) -> dict[str, Any]:
     if "threads" in before:
         return before["threads"]
     return {"main": None, "threads": {},
-            "vcpus": {name.split()[1]: {"cpus": _cpus_text(cpus)} for name, cpus in before["affinity"].items()}}
+            "vcpus": {name.split()[1]: {"cpus": format_cpulist(cpus)} for name, cpus in before["affinity"].items()}}
 
 
 # ---- IRQ affinity ------------------------------------------------------------------------------------------

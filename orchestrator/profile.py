@@ -126,7 +126,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-from orchestrator.cpulist import CPU_CEILING, CpuListError, parse_cpulist
+from orchestrator.cpulist import CPU_CEILING, CpuListError, format_cpulist, parse_cpulist
 from orchestrator.errors import InputError
 from orchestrator.names import (
     DISABLE_TYPES,
@@ -520,21 +520,6 @@ def _count_var(vars: Mapping, name: str, problems: _Problems, whose: str) -> int
     return int(v)
 
 
-def _fmt_cpus(cpus: Iterable[int]) -> str:
-    out: list[str] = []
-    run: list[int] = []
-    for c in sorted(cpus):
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [c]
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
-
-
 class _Resolver:
     """Substitutes vars into a profile and checks every value; collects problems instead of raising."""
 
@@ -601,7 +586,7 @@ class _Resolver:
             outside = [c for c in cpus if c >= n]
             if outside:
                 rng = "0" if n == 1 else f"0-{n - 1}"
-                self.p.add(loc, f"CPU{'s' if len(outside) > 1 else ''} {_fmt_cpus(outside)} outside the unit's {target} CPUs {rng} "
+                self.p.add(loc, f"CPU{'s' if len(outside) > 1 else ''} {format_cpulist(outside)} outside the unit's {target} CPUs {rng} "
                                 f"({n} CPUs)", shown, raw)
                 return None
         return cpus
@@ -630,14 +615,14 @@ class _Resolver:
         rt_sets = [(".".join(base + ("cpus",)), cpus, text)] if cpus and text is not None else []
         if cpus and vcpus and len(cpus) != len(vcpus):
             self.p.add(base + ("cpus",), f"{len(vcpus)} guest RT vCPU{'s' if len(vcpus) > 1 else ''} "
-                       f"({_fmt_cpus(vcpus)}) need as many isolated host CPUs, one each; got {len(cpus)}", text,
+                       f"({format_cpulist(vcpus)}) need as many isolated host CPUs, one each; got {len(cpus)}", text,
                        pin.cpus)
             return rt_sets, None
         if cpus and hk:
             both = sorted(set(hk) & set(cpus))
             if both:
                 self.p.add(base + ("housekeeping",), f"housekeeping CPU{'s' if len(both) > 1 else ''} "
-                           f"{_fmt_cpus(both)} also in vcpu_pinning.cpus ({text}): QEMU's other threads must "
+                           f"{format_cpulist(both)} also in vcpu_pinning.cpus ({text}): QEMU's other threads must "
                            "not share the RT vCPUs' CPUs", hk_text, hk_raw)
                 return rt_sets, None
         if not (unit and cpus and vcpus and hk):
@@ -719,7 +704,7 @@ class _Resolver:
                 for key, cpus, rt_text in rt_sets:
                     both = sorted(set(hk) & set(cpus))
                     if both:
-                        self.p.add(loc, f"housekeeping CPU{'s' if len(both) > 1 else ''} {_fmt_cpus(both)} also in the RT CPUs of {key} "
+                        self.p.add(loc, f"housekeeping CPU{'s' if len(both) > 1 else ''} {format_cpulist(both)} also in the RT CPUs of {key} "
                                         f"({rt_text}); housekeeping and RT CPU sets must not overlap", text, raw)
                         hk = None
                         break
@@ -845,7 +830,7 @@ class _Resolver:
                 if norm in RT_CMDLINE_KEYS:
                     if n is not None and len(cpus) >= n:
                         self.p.add(loc, f"leaves no housekeeping CPU: the unit's {t} has only CPUs "
-                                        f"{_fmt_cpus(range(n))}", value, raw)
+                                        f"{format_cpulist(range(n))}", value, raw)
                         ok = False
                         continue
                     rt_sets.append((".".join(loc), cpus, text))
@@ -894,7 +879,7 @@ def describe_vcpu_map(p: Mapping[str, Any]) -> str:
     """"vCPU 1 (guest RT CPU 1) -> host CPU 1 (SCHED_FIFO 1); vCPU 0, main loop, I/O threads -> 0"."""
     fifo = f" (SCHED_FIFO {p['rt_priority']})" if p.get("rt_priority") else ""
     rt = "; ".join(f"vCPU {v} (guest RT CPU {v}) -> host CPU {c}{fifo}" for v, c in p["vcpus"].items())
-    return f"{rt}; other vCPUs, main loop, I/O threads -> {_fmt_cpus(p['housekeeping'])}"
+    return f"{rt}; other vCPUs, main loop, I/O threads -> {format_cpulist(p['housekeeping'])}"
 
 
 def describe(spec: ChangeSpec) -> str:
@@ -907,7 +892,7 @@ def describe(spec: ChangeSpec) -> str:
     elif spec.kind == "vcpu_pinning":
         text = f"pin the threads of {p['service']}: {describe_vcpu_map(p)}"
     elif spec.kind == "irq_affinity":
-        text = f"move IRQs to housekeeping CPUs {_fmt_cpus(p['housekeeping'])}"
+        text = f"move IRQs to housekeeping CPUs {format_cpulist(p['housekeeping'])}"
     elif spec.kind == "cmdline":
         text = "add kernel arguments " + " ".join(k if v is None else f"{k}={v}" for k, v in p["add"].items())
     elif spec.kind == "kernel":
