@@ -108,7 +108,7 @@ order. An id the profile does not produce for the unit, or listed twice, is an e
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal

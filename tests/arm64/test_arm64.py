@@ -162,7 +162,6 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
 
     live = ahost.run(["cat", "/proc/cmdline"]).stdout.split()
     notrap = {"kvm-arm.wfi_trap_policy=notrap", "kvm-arm.wfe_trap_policy=notrap"}
-    threads = vcpu_threads(ahost)
     if wfx["status"] == "kept":
         assert notrap <= set(live), live
         a, ta = wfi_exits(ahost)
