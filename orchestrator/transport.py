@@ -613,7 +613,8 @@ def _check_key_file(endpoint: Endpoint) -> None:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
     except OSError as exc:
-        raise AuthError(f"{endpoint.label}: cannot read client key {endpoint.key_file}: {exc}") from exc
+        raise InputError(f"{endpoint.label}: cannot read the private key {endpoint.key_file} named by the "
+                         f"inventory: {exc.strerror or exc}") from exc
     if mode & 0o077:
         raise InputError(
             f"{endpoint.label}: the private key {path} is accessible by others (mode {mode & 0o7777:04o}); "

@@ -257,3 +257,14 @@ def test_a_private_key_only_its_owner_may_read_is_used(sshd: Sshd, home: Path) -
     assert connect(sshd.endpoint(key_file=str(key))) == "in\n"
     with pytest.raises(ConnectError):  # a good key goes on to connect (and nothing listens here)
         SSHTransport(sshd.endpoint(key_file=str(key), port=free_port()), connect_deadline_s=1).run(["true"])
+
+
+def test_a_missing_private_key_is_an_input_error_before_connecting(tmp_path: Path) -> None:
+    from orchestrator.transport import Endpoint
+
+    endpoint = Endpoint(host="127.0.0.1", port=free_port(), user="root", key_file=str(tmp_path / "no such key"))
+    start = time.monotonic()
+    with pytest.raises(InputError, match="cannot read the private key .*no such key named by the inventory: "
+                                         "No such file or directory"):
+        SSHTransport(endpoint, connect_deadline_s=10).run(["true"])
+    assert time.monotonic() - start < 2
