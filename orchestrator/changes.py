@@ -448,8 +448,10 @@ class VcpuPinningChange(Change):
         return args + (["--fifo", str(self.rt_priority)] if self.rt_priority else [])
 
     def _dropin_bytes(self) -> bytes:
+        """`-`: a re-pin that fails (a vCPU gone from QEMU's command line) must not stop the guest a robot runs
+        on; the threads are then off their map, which `tune verify` reports as drift."""
         return (f"# managed by rt-tune: {self.change_id}\n[Service]\n"
-                f"ExecStartPost={PIN_SCRIPT} $MAINPID {' '.join(self._pin_args())}\n").encode()
+                f"ExecStartPost=-{PIN_SCRIPT} $MAINPID {' '.join(self._pin_args())}\n").encode()
 
     def _main_pid(self, t: Transport) -> str:
         pid = t.run(["systemctl", "show", "-p", "MainPID", "--value", self.service], timeout_s=30).stdout.strip()

@@ -79,7 +79,7 @@ def test_sched_fifo_is_part_of_the_map_when_asked():
 def test_the_dropin_repins_with_the_whole_map():
     change = VcpuPinningChange("robot-vm.service", {3: 3, 1: 1, 2: 2}, [0])
     assert change._dropin_bytes().decode().endswith(
-        "ExecStartPost=/usr/local/sbin/rt-tune-pin-vcpus $MAINPID --map 1:1,2:2,3:3 --housekeeping 0\n")
+        "ExecStartPost=-/usr/local/sbin/rt-tune-pin-vcpus $MAINPID --map 1:1,2:2,3:3 --housekeeping 0\n")
 
 
 @pytest.mark.parametrize("args, message", [
