@@ -47,6 +47,8 @@ MAX_DEPTH = 64
 MAX_NUMBER_DIGITS = 1000
 _SHOWN = 200  # characters of a value quoted in an error
 _DECIMAL = re.compile(r"[-+]?[0-9_]+", re.ASCII)
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", re.ASCII)  # an unknown key quoted in an error
+_MAX_PROBLEMS = 20  # problems listed for one file: a file of another kind must not fill the terminal
 
 
 def _loader() -> YAML:
@@ -190,6 +192,12 @@ def line_of(doc: Any, loc: tuple[Any, ...]) -> int | None:
 def validate(model: type[M], doc: Any, path: Path, what: str) -> M:
     """Validate a loaded document (as plain Python: strict models see bool, int, str, dict, list); on failure
     one InputError listing every problem as file:line: key: message (got VALUE)."""
+    fields = set(model.model_fields)
+    if isinstance(doc, Mapping) and doc and not any(isinstance(k, str) and k in fields for k in doc):
+        # a mapping with none of the model's keys is another kind of file (/etc/shadow reads as a mapping
+        # whose keys are its lines): named, its keys never quoted
+        raise InputError(f"invalid {what} {path}:\n  {path}: not a valid {what}: none of its {len(doc)} "
+                         f"top-level keys is one of {', '.join(sorted(fields))}")
     try:
         return model.model_validate(plain(doc) if doc is not None else {})
     except ValidationError as exc:
@@ -208,7 +216,13 @@ def validate(model: type[M], doc: Any, path: Path, what: str) -> M:
             # an unknown key's value is not quoted either: the file may not be what it was given as (a secret)
             unquoted = err["type"] in ("missing", "extra_forbidden") or isinstance(got, Mapping)
             got_text = "" if unquoted else f" (got {shown(got)})"
+            plain_key = isinstance(loc[-1], str) and _KEY.fullmatch(loc[-1])
+            if err["type"] == "extra_forbidden" and not plain_key:
+                # nor an unknown key that is not a plain name: it may be a line of a secret file
+                key = key_path(loc[:-1] + ("(a key that is not a plain name)",))
             problems.append(f"{where}: {key}: {err['msg']}{got_text}")
+        more = len(problems) - _MAX_PROBLEMS
+        problems = problems[:_MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
         raise InputError(f"invalid {what} {path}:\n  " + "\n  ".join(problems)) from exc
 
 

@@ -611,7 +611,9 @@ def _cross_check(json_result: LatencyResult, text_result: LatencyResult) -> None
 # ---------------------------------------------------------------------------------------------- entry points
 
 
-def _parse_text(text: str, expected_threads: int | None) -> LatencyResult:
+def _parse_text(text: str, expected_threads: int | None, quote: bool = True) -> LatencyResult:
+    """`quote`: output in no cyclictest form may be quoted (a unit's error message, worth reading); a file
+    the user named is not (it may be any file of the controller's: /etc/shadow)."""
     lines = _clean_lines(text)
     if any(line == "# Histogram" for line in lines):
         return _parse_histogram(lines, expected_threads)
@@ -624,11 +626,16 @@ def _parse_text(text: str, expected_threads: int | None) -> LatencyResult:
     if any(line.lstrip().startswith("T:") for line in lines):
         return _parse_summary(lines, expected_threads)
     meaningful = [line for line in lines if line.strip()]
-    found = _show(meaningful[0]) if meaningful else "empty output"
+    if not meaningful:
+        found = "empty output"
+    elif quote:
+        more = len(meaningful) - 1
+        found = _show(meaningful[0]) + (f" and {more} more lines" if more else "")
+    else:
+        found = f"{len(meaningful)} lines of other text (not quoted)"
     raise ParseError(
         "cyclictest output: expected summary lines 'T: 0 (...) ... Max: ...', a '# Histogram' block "
         f"(-h/-H) or the --json document, found {found}"
-        + (f" and {len(meaningful) - 1} more lines" if len(meaningful) > 1 else "")
     )
 
 
@@ -637,7 +644,7 @@ def _looks_like_json(text: str) -> bool:
 
 
 def parse_cyclictest(
-    text: str, json_text: str | None = None, *, expected_threads: int | None = None
+    text: str, json_text: str | None = None, *, expected_threads: int | None = None, quote: bool = True
 ) -> LatencyResult:
     """Parse cyclictest output: stdout in any form, or the --json document itself (detected by content).
 
@@ -661,7 +668,7 @@ def parse_cyclictest(
             )
         lines = _clean_lines(text)
         if any(line == "# Histogram" or line.lstrip().startswith("T:") for line in lines):
-            _cross_check(result, _parse_text(text, expected_threads))
+            _cross_check(result, _parse_text(text, expected_threads, quote))
         return result
     if _looks_like_json(text):
         result, _ = _parse_json(text)
@@ -670,7 +677,7 @@ def parse_cyclictest(
                 f"cyclictest JSON: expected {expected_threads} threads, found {len(result.threads)}"
             )
         return result
-    return _parse_text(text, expected_threads)
+    return _parse_text(text, expected_threads, quote)
 
 
 def parse_cyclictest_file(
@@ -684,6 +691,6 @@ def parse_cyclictest_file(
         json_text = jsonio.read_limited(json_path, MAX_OUTPUT_BYTES, "cyclictest JSON").decode(
             "utf-8", errors="replace")
     try:
-        return parse_cyclictest(text, json_text, expected_threads=expected_threads)
+        return parse_cyclictest(text, json_text, expected_threads=expected_threads, quote=False)
     except ParseError as exc:
         raise ParseError(f"{path}: {exc}") from None

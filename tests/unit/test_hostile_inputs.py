@@ -1,0 +1,98 @@
+"""Hostile and careless inputs beyond the ones listed in issue #15, found by red-teaming the CLI after items
+5-19 landed. Each class is fed through the real entry point (`python -m orchestrator` in a subprocess with a
+2 GiB address-space limit and a timeout, as tests/unit/test_cli_no_traceback.py does) or through the core
+where that is clearer; each test checks the exit status, the message and that nothing secret is shown."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+VARS = ('{rt_cpus: "1", housekeeping_cpus: "0", guest_rt_cpus: "1", cpus: 2, guest_cpus: 2, '
+        'qemu_service: rt-guest-vm.service}')
+INVENTORY = f"""units:
+  lab1:
+    host: {{address: 127.0.0.1, port: 1}}
+    guest: {{address: 127.0.0.1, port: 1, via_host: true}}
+    vars: {VARS}
+"""
+HASH = "$6$Q7zX9$SECRETHASHk3Jd0"  # a recognisable secret that must never reach the terminal
+#: a file shaped like /etc/shadow: YAML reads it as a mapping whose keys are its lines
+SHADOW = "".join(f"{user}:{HASH}:20228:0:99999:7:::\n" for user in ("root", "daemon", "bin", "sys"))
+
+
+def _limits() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def tune(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`tune ARGS` with its own state directory and HOME under tmp_path; never a traceback."""
+    env = {"RT_TUNE_STATE": str(tmp_path / "state"), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=90, preexec_fn=_limits, check=False)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.fixture()
+def d(tmp_path) -> Path:
+    (tmp_path / "inventory.yaml").write_text(INVENTORY)
+    (tmp_path / "shadow").write_text(SHADOW)
+    return tmp_path
+
+
+# ---- a file of another kind given where a config file is expected: named, never quoted --------------------
+@pytest.mark.parametrize("argv, what", [
+    (["status", "-i", "{d}/shadow"], "inventory"),
+    (["apply", "rt-profile", "--dry-run", "-i", "{d}/inventory.yaml", "--playbook", "{d}/shadow"],
+     "measurement plan"),
+    (["rollout", "rt-profile", "-i", "{d}/inventory.yaml", "--playbook", "{d}/shadow"], "rollout playbook"),
+    (["rollout", "rt-profile", "-i", "{d}/inventory.yaml", "--playbook", "{d}/ro.yaml"], "measurement plan"),
+    (["ab", "rt-profile", "rt-profile", "--unit", "lab1", "-i", "{d}/inventory.yaml", "--playbook",
+      "{d}/shadow"], "measurement plan"),
+])
+def test_a_secret_file_read_as_a_config_file_is_named_never_quoted(d, argv, what):
+    """Before: each of the file's lines was printed as an unknown key (`root:$6$...: Extra inputs are
+    not permitted`), the whole file on the terminal, also through a rollout playbook's `measurement:`."""
+    (d / "ro.yaml").write_text(f"canary: 1\nbatch: 1\nmeasurement: {d}/shadow\n")
+    proc = tune(d, *[a.replace("{d}", str(d)) for a in argv])
+    assert proc.returncode == 2, proc.stderr
+    assert f"{d}/shadow: not a valid {what}: none of its 4 top-level keys is one of" in proc.stderr
+    assert "SECRETHASH" not in proc.stdout + proc.stderr and "daemon" not in proc.stderr
+
+
+def test_unknown_keys_that_are_not_plain_names_are_not_quoted_and_the_list_is_bounded(d):
+    """An inventory with a pasted secret line among its keys: the plain typo is named, the line is not, and
+    a file with hundreds of unknown keys lists 20 problems, not hundreds."""
+    many = "".join(f"bogus{i}: 1\n" for i in range(300))
+    (d / "inv.yaml").write_text(INVENTORY + f"root:{HASH}:20228:0:99999:7:::\ntypo_key: 1\n" + many)
+    proc = tune(d, "status", "-i", str(d / "inv.yaml"))
+    assert proc.returncode == 2
+    assert "inv.yaml:6: (a key that is not a plain name): Extra inputs are not permitted" in proc.stderr
+    assert "inv.yaml:7: typo_key: Extra inputs are not permitted" in proc.stderr
+    assert "SECRETHASH" not in proc.stderr
+    assert proc.stderr.count("Extra inputs") == 20 and "... and 282 more problems" in proc.stderr
+
+
+def test_cyclictest_parse_of_a_file_in_no_cyclictest_form_does_not_quote_it(d):
+    """Before: `tune cyclictest-parse /etc/shadow` printed its first line."""
+    proc = tune(d, "cyclictest-parse", str(d / "shadow"))
+    assert proc.returncode == 6
+    assert "found 4 lines of other text (not quoted)" in proc.stderr and "SECRETHASH" not in proc.stderr
+
+
+def test_cyclictest_output_of_a_unit_in_no_cyclictest_form_is_still_quoted():
+    """What a unit answered instead of cyclictest output (its error message) is worth reading: quoted."""
+    from orchestrator.measure.parse import ParseError, parse_cyclictest
+
+    with pytest.raises(ParseError, match="found 'cyclictest: command not found'"):
+        parse_cyclictest("cyclictest: command not found\n")
