@@ -70,6 +70,7 @@ import secrets
 import shlex
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -752,13 +753,21 @@ class _SQLiteDB:
     def _check_size(self) -> bool:
         """False when the journal does not exist; JournalDamaged when it is empty or shorter than a header."""
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
-        if self.path.is_dir():
+        size = st.st_size
+        if stat.S_ISDIR(st.st_mode):
             raise JournalError(f"the journal {self.path} is a directory: name a file (or nothing: the default)")
+        if not stat.S_ISREG(st.st_mode):
+            # a device, pipe or socket is no journal, and not damage to recover: never "move /dev/null aside"
+            kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device"
+                    if stat.S_ISBLK(st.st_mode) else "a named pipe" if stat.S_ISFIFO(st.st_mode) else "a socket"
+                    if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise JournalError(f"the journal {self.path} is {kind}, not a SQLite file: name a file (or nothing: "
+                               "the default)")
         if size == 0:
             raise _damaged(self.path, "it is empty (0 bytes): truncated, or not written by rt-tune")
         if size < 100:

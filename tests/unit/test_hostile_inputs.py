@@ -5,6 +5,7 @@ where that is clearer; each test checks the exit status, the message and that no
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
@@ -96,3 +97,24 @@ def test_cyclictest_output_of_a_unit_in_no_cyclictest_form_is_still_quoted():
 
     with pytest.raises(ParseError, match="found 'cyclictest: command not found'"):
         parse_cyclictest("cyclictest: command not found\n")
+
+
+# ---- a journal that is no file: a device, a pipe, a socket (directly or through a symlink) --------------------
+@pytest.mark.parametrize("kind, argv", [
+    ("a character device", ["status", "-i", "{d}/inventory.yaml", "--db", "/dev/null"]),
+    ("a character device", ["rollback", "lab1", "--all", "-i", "{d}/inventory.yaml", "--db", "/dev/zero"]),
+    ("a named pipe", ["status", "-i", "{d}/inventory.yaml", "--db", "{d}/fifo"]),
+    ("a named pipe", ["rollback", "lab1", "--all", "-i", "{d}/inventory.yaml", "--db", "{d}/fifo"]),
+    ("a character device", ["status", "-i", "{d}/inventory.yaml"]),  # the default journal, a link to /dev/null
+])
+def test_a_journal_that_is_a_device_or_a_pipe_is_refused_as_such_never_called_damaged(d, kind, argv):
+    """Before: 'the journal /dev/null is damaged (it is empty)', with advice to move /dev/null aside and to
+    rebuild it with sqlite3."""
+    os.mkfifo(d / "fifo")
+    (d / "state").mkdir()
+    (d / "state" / "journal.sqlite").symlink_to("/dev/null")
+    proc = tune(d, *[a.replace("{d}", str(d)) for a in argv])
+    assert proc.returncode == 1, proc.stderr
+    assert f"is {kind}, not a SQLite file" in proc.stderr
+    assert "damaged" not in proc.stderr and "aside" not in proc.stderr
+    assert not (d / "fifo").is_file() and (d / "state" / "journal.sqlite").resolve() == Path("/dev/null")
