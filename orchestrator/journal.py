@@ -640,6 +640,9 @@ def check_db_url(url: str) -> None:
     turns the rest of it into a host, port or database name, which its errors then print. Also a "%" that is
     not a %XX escape (libpq's error quotes the text around it) and a scheme other than PostgreSQL's."""
     shown = redact_url(url, url_secrets(url))
+    if url != url.strip() or not url.isprintable():
+        raise JournalURLError(f"journal URL {shown!r}: white space or a control character around or in it: "
+                              "give the URL alone")
     if not is_postgres_url(url):
         raise JournalURLError(f"journal URL {shown}: not a journal; give a postgresql:// (or postgres://) "
                               "URL or the path of a SQLite file")
@@ -1093,8 +1096,10 @@ class Journal:
                  connect_timeout_s: float = 10.0, read_only: bool = False) -> None:
         self._db: _Backend
         self.read_only = read_only
-        if isinstance(target, str) and _URL_SCHEME.match(target):
-            check_db_url(target)  # another scheme is refused: a typo must not become a file named after a URL
+        if isinstance(target, str) and (_URL_SCHEME.match(target) or "://" in target):
+            # another scheme is refused, and so is a URL after a space or a quote: a typo must not become a
+            # file (and directories) named after a URL and its password
+            check_db_url(target)
             self._db = _PostgresDB(str(target), busy_timeout_s, connect_timeout_s)
             self.path: Path | str = self._db.display
         else:

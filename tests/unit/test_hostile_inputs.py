@@ -35,10 +35,10 @@ def _limits() -> None:
 
 
 def tune(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """`tune ARGS` with its own state directory and HOME under tmp_path; never a traceback."""
+    """`tune ARGS` in tmp_path, with its own state directory and HOME there; never a traceback."""
     env = {"RT_TUNE_STATE": str(tmp_path / "state"), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=90, preexec_fn=_limits, check=False)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     return proc
@@ -118,3 +118,22 @@ def test_a_journal_that_is_a_device_or_a_pipe_is_refused_as_such_never_called_da
     assert f"is {kind}, not a SQLite file" in proc.stderr
     assert "damaged" not in proc.stderr and "aside" not in proc.stderr
     assert not (d / "fifo").is_file() and (d / "state" / "journal.sqlite").resolve() == Path("/dev/null")
+
+
+# ---- a journal URL after a space or a quote: never a SQLite file named after the URL and its password --------
+@pytest.mark.parametrize("url, message", [
+    (" postgresql://tuner:QX7pw@db.lan/j", "white space or a control character"),
+    ("postgresql://tuner:QX7pw@db.lan/j\n", "white space or a control character"),
+    ('"postgresql://tuner:QX7pw@db.lan/j"', "not a journal"),
+    ("x/postgresql://tuner:QX7pw@db.lan/j", "not a journal"),
+])
+@pytest.mark.parametrize("argv", [["status", "-i", "{d}/inventory.yaml", "--db", "{url}"],
+                                  ["rollback", "lab1", "--all", "-i", "{d}/inventory.yaml", "--db", "{url}"]])
+def test_a_journal_url_that_does_not_start_with_its_scheme_is_refused(d, url, message, argv):
+    """Before: ' postgresql://...' (a space pasted in front) was taken as a SQLite path: `tune rollback` made
+    the directories ' postgresql:/tuner:QX7pw@db.lan/' and a journal file in them, the password in a file
+    name; `tune status` read the missing file as an empty journal and exited 0."""
+    proc = tune(d, *[a.replace("{d}", str(d)).replace("{url}", url) for a in argv])
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "tuner:***@db.lan" in proc.stderr and "QX7pw" not in proc.stderr
+    assert sorted(p.name for p in d.iterdir() if p.name != "state") == ["inventory.yaml", "shadow"]
