@@ -68,6 +68,10 @@ DEADLINE_GRACE_S = 10.0
 TIMEOUT_STATUSES = (124, 137)
 #: How much of stdout/stderr an error message quotes.
 _TAIL_CHARS = 2000
+#: Most output (stdout and stderr together) one remote command may send: the largest legitimate answer is a
+#: cyclictest histogram (at most 64 MiB); beyond this the command (or a wrapper printing without end) is
+#: stopped rather than filling the controller's memory.
+MAX_OUTPUT_BYTES = 256 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -151,17 +155,32 @@ def _validate_argv(argv: Sequence[str]) -> list[str]:
 # "<marker>}<status>\n" follows it. The user's login shell only sees this `sh -c` with quoted words, as before
 # (no `$?` there: a non-POSIX login shell would not understand it).
 _FRAME_SCRIPT = 'm=$1; shift; printf "%s{" "$m"; "$@"; rc=$?; printf "%s}%d\\n" "$m" "$rc"; exit "$rc"'
+# The same for a command given stdin: $2 is a nonce sent as the first line of stdin. When it is not the first
+# line read here, something on the unit (a ForceCommand wrapper, a login rc file) read the stdin first: the
+# command is not run (it would get a truncated or empty stdin, e.g. write an empty file) and the status
+# field says "stdin". `read` takes a pipe byte by byte, so the command gets the rest exactly.
+_FRAME_STDIN_SCRIPT = (
+    'm=$1; n=$2; shift 2; printf "%s{" "$m"; IFS= read -r s; '
+    'if [ "$s" != "$n" ]; then printf "%s}stdin\\n" "$m"; exit 125; fi; '
+    '"$@"; rc=$?; printf "%s}%d\\n" "$m" "$rc"; exit "$rc"'
+)
 
 
 def remote_command(
-    argv: Sequence[str], *, timeout_s: float | None, sudo: bool, frame: str | None = None
+    argv: Sequence[str],
+    *,
+    timeout_s: float | None,
+    sudo: bool,
+    frame: str | None = None,
+    stdin_nonce: str | None = None,
 ) -> str:
     """Return the command string sent to the remote shell: THE one place remote arguments are quoted.
 
     ``shlex.join(argv)``, wrapped in ``timeout -k 5 N`` (N = ceil(timeout_s)) when `timeout_s` is given, and
     prefixed with ``sudo -n --`` when `sudo`. No shell is added for the command: pass ``["sh", "-c", script]``
     to get one. With `frame` (a marker), a small ``sh -c`` prints the marker around the command's stdout and its
-    exit status after it (see `_unframe`).
+    exit status after it (see `_unframe`); with `stdin_nonce` as well, the command only runs when the first
+    line of its stdin is that nonce (the caller sends it before the data).
     """
     args = _validate_argv(argv)
     if timeout_s is not None:
@@ -174,32 +193,62 @@ def remote_command(
     if frame is not None:
         if not frame or any(c.isspace() or c in "{}\0" for c in frame):
             raise ValueError(f"invalid frame marker {frame!r}")
-        args = ["sh", "-c", _FRAME_SCRIPT, "sh", frame, *args]
+        if stdin_nonce is None:
+            args = ["sh", "-c", _FRAME_SCRIPT, "sh", frame, *args]
+        else:
+            if not stdin_nonce.isalnum() or not stdin_nonce.isascii():
+                raise ValueError(f"invalid stdin nonce {stdin_nonce!r}")
+            args = ["sh", "-c", _FRAME_STDIN_SCRIPT, "sh", frame, stdin_nonce, *args]
+    elif stdin_nonce is not None:
+        raise ValueError("a stdin nonce needs a frame")
     return shlex.join(args)
 
 
 def _unframe(label: str, what: str, marker: str, status: int, out: bytes, err: bytes) -> tuple[int, bytes]:
     """(exit status, stdout) of a framed command, without what was printed around it; TransportError when the
-    frame is not there as sent (a wrapper that rewrites or drops output: nothing in it can be trusted)."""
+    frame is not there exactly once as sent (a wrapper that ignores, repeats, rewrites or drops the command,
+    or reads its stdin: nothing in such an answer can be trusted)."""
     begin, end = f"{marker}{{".encode(), f"{marker}}}".encode()
+    begins, ends = out.count(begin), out.count(end)
     start = out.find(begin)
     stop = out.rfind(end)
-    if 0 <= start and start + len(begin) <= stop:
+    if begins == ends == 1 and start + len(begin) <= stop:
         code, newline, after = out[stop + len(end):].partition(b"\n")
         if newline and code.isdigit() and len(code) <= 3:
             if start or after:
                 log.debug("%s: `%s`: ignored %d byte(s) printed before and %d after the command's output",
                           label, what, start, len(after))
             return int(code), out[start + len(begin):stop]
-    shown = out.decode("utf-8", "replace")
-    if len(shown) > 300:
-        shown = shown[:300] + f"... ({len(out)} bytes in all)"
-    raise TransportError(
-        f"{label}: the answer to `{what}` is not what was sent for (exit status {status}): its output should "
-        f"be framed by {marker!r}. Something on the unit rewrites the output of commands (a ForceCommand "
-        f"wrapper or a login shell rc file that filters or replaces it?), so none of it can be trusted."
-        f"\n--- stdout (start) ---\n{shown!r}\n--- stderr (tail) ---\n{_tail(err.decode('utf-8', 'replace'))}"
-    )
+        if newline and code == b"stdin":
+            raise TransportError(
+                f"{label}: `{what}` was not run: something on the unit read its standard input before it "
+                f"could (a ForceCommand wrapper or a login shell rc file that reads stdin?), so it would "
+                f"have run on missing or partial input. Make the wrapper leave stdin alone (e.g. "
+                f"`< /dev/null` on what it runs first).{_quoted(out, err)}"
+            )
+    if begins == ends == 0 and marker.lower().encode() not in out.lower():
+        why = (f"`{what}` was not run: the unit answered (exit status {status}) without the markers rt-tune "
+               f"frames every command with ({marker!r}). Something on the unit runs instead of the requested "
+               f"command (a ForceCommand that ignores it, a restricted shell, a wrapper that exits early?).")
+    elif begins > 1 or ends > 1:
+        why = (f"`{what}` was run {max(begins, ends)} times in one session (its frame {marker!r} came back "
+               f"{begins} and {ends} times): a ForceCommand wrapper or a login shell rc file runs the "
+               f"requested command more than once, so its output and effects cannot be trusted.")
+    else:
+        why = (f"the answer to `{what}` is not what was sent for (exit status {status}): its output should "
+               f"be framed by {marker!r}. Something on the unit rewrites the output of commands (a "
+               f"ForceCommand wrapper or a login shell rc file that filters or replaces it?), so none of it "
+               f"can be trusted.")
+    raise TransportError(f"{label}: {why}{_quoted(out, err)}")
+
+
+def _quoted(out: bytes, err: bytes) -> str:
+    """The start of stdout (as a Python literal) and the tail of stderr, for a message."""
+    shown = out[:300].decode("utf-8", "replace")
+    if len(out) > 300:
+        shown += f"... ({len(out)} bytes in all)"
+    tail = _tail(err.decode("utf-8", "replace"))
+    return f"\n--- stdout (start) ---\n{shown!r}\n--- stderr (tail) ---\n{tail}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -240,11 +289,23 @@ class _Raw:
     duration_s: float
 
 
+# Characters a terminal acts on (C0/C1 controls but newline and tab, DEL, bidirectional overrides): output a
+# unit sends is quoted in messages with these escaped, so it cannot move the cursor, recolour or hide text.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with the characters a terminal would act on escaped (\\x1b, \\u202e): for quoting what a unit or
+    a command printed in a message."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                            text)
+
+
 def _tail(text: str) -> str:
     text = text.rstrip()
     if len(text) > _TAIL_CHARS:
-        return "..." + text[-_TAIL_CHARS:]
-    return text
+        text = "..." + text[-_TAIL_CHARS:]
+    return printable(text)
 
 
 def _describe(argv: Sequence[str]) -> str:
@@ -633,6 +694,8 @@ class SSHTransport(_CommandTransport):
     deadline_grace_s: float = DEADLINE_GRACE_S
     #: After the exit status arrives, how long to wait for EOF (a background child may hold stdout).
     eof_grace_s: float = 1.0
+    #: Most bytes of output (stdout and stderr) one command may send before it is stopped.
+    max_output_bytes: int = MAX_OUTPUT_BYTES
 
     def __init__(
         self,
@@ -761,7 +824,11 @@ class SSHTransport(_CommandTransport):
     def _exec(self, argv: list[str], *, timeout_s: float | None, stdin: bytes | None, sudo: bool) -> _Raw:
         # A fresh marker per command: no file content or earlier output can contain it.
         marker = "@@rt-tune-" + secrets.token_hex(8)
-        command = remote_command(argv, timeout_s=timeout_s, sudo=sudo, frame=marker)
+        # With stdin, a nonce line first, so a wrapper that reads stdin before the command cannot go unseen.
+        nonce = secrets.token_hex(8) if stdin is not None else None
+        if nonce is not None:
+            stdin = nonce.encode() + b"\n" + stdin
+        command = remote_command(argv, timeout_s=timeout_s, sudo=sudo, frame=marker, stdin_nonce=nonce)
         what = _describe(argv)
         start = time.monotonic()
         deadline = None if timeout_s is None else start + math.ceil(timeout_s) + self.deadline_grace_s
@@ -812,6 +879,7 @@ class SSHTransport(_CommandTransport):
         pause = 0.001
         exited_at: float | None = None
         last_data = time.monotonic()
+        received = 0
         try:
             while True:
                 progressed = False
@@ -826,13 +894,21 @@ class SSHTransport(_CommandTransport):
                     if not chunk:
                         break
                     out.append(chunk)
+                    received += len(chunk)
                     progressed = True
                 while channel.recv_stderr_ready():
                     chunk = channel.recv_stderr(65536)
                     if not chunk:
                         break
                     err.append(chunk)
+                    received += len(chunk)
                     progressed = True
+                if received > self.max_output_bytes:
+                    raise TransportError(
+                        f"{self.label}: `{what}` printed more than {self.max_output_bytes // 2**20} MiB "
+                        f"(stdout and stderr); stopped it and closed the session rather than fill this "
+                        f"machine's memory. A command or a wrapper on the unit that prints without end?"
+                    )
                 now = time.monotonic()
                 if progressed:
                     last_data = now

@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,10 +29,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def keygen(path: Path, comment: str) -> None:
-    """A fresh ed25519 key pair (path, path.pub), as a user makes one: mode 0600."""
+def keygen(path: Path, comment: str, kind: str = "ed25519") -> None:
+    """A fresh key pair (path, path.pub) of type `kind`, as a user makes one: mode 0600."""
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f", str(path)],
         check=True,
         capture_output=True,
     )
@@ -68,8 +68,16 @@ class Sshd:
 
 
 @contextmanager
-def sshd_server(d: Path, force_commands: Mapping[str, str] | None = None) -> Iterator[Sshd]:
-    """Start sshd with its keys and config in `d`; `force_commands` maps an extra port's name to its command."""
+def sshd_server(
+    d: Path,
+    force_commands: Mapping[str, str] | None = None,
+    *,
+    config: Sequence[str] = (),
+    extra_host_keys: Sequence[str] = (),
+) -> Iterator[Sshd]:
+    """Start sshd with its keys and config in `d`; `force_commands` maps an extra port's name to its command.
+    `config`: more sshd_config lines (e.g. a pre-auth `Banner`); `extra_host_keys`: key types the server
+    offers besides its ed25519 key (hostkey-<type>; only the ed25519 one is in `known_hosts`)."""
     if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
         pytest.fail("transport tests need a real sshd: apt-get install -y openssh-server")
     if os.geteuid() != 0:
@@ -77,6 +85,8 @@ def sshd_server(d: Path, force_commands: Mapping[str, str] | None = None) -> Ite
     host_key, client_key = d / "hostkey", d / "clientkey"
     keygen(host_key, "rt-tune-test-host")
     keygen(client_key, "rt-tune-test-client")
+    for kind in extra_host_keys:
+        keygen(d / f"hostkey-{kind}", f"rt-tune-test-host-{kind}", kind)
     authorized = d / "authorized_keys"
     authorized.write_text(client_key.with_suffix(".pub").read_text())
     port = free_port()
@@ -88,6 +98,7 @@ def sshd_server(d: Path, force_commands: Mapping[str, str] | None = None) -> Ite
     lines += [
         "ListenAddress 127.0.0.1",
         f"HostKey {host_key}",
+        *(f"HostKey {d / f'hostkey-{kind}'}" for kind in extra_host_keys),
         f"AuthorizedKeysFile {authorized}",
         "PidFile none",
         "UsePAM no",
@@ -98,6 +109,7 @@ def sshd_server(d: Path, force_commands: Mapping[str, str] | None = None) -> Ite
         "AllowTcpForwarding yes",
         "MaxStartups 50",
         "LogLevel VERBOSE",
+        *config,
     ]
     for name, command in (force_commands or {}).items():
         lines += [f"Match LocalPort {ports[name]}", f"    ForceCommand {command}"]
