@@ -192,6 +192,30 @@ def _inventory_path(given: str | None) -> Path:
     return Path(given) if given else default_inventory(_paths())
 
 
+def _output_path(path: Path | str | None, flag: str, *, directory: bool = False) -> None:
+    """An output written when the command ends (after minutes or hours of measuring), checked before anything
+    runs, so a path that cannot be written fails at once, not after the run. Nothing is created here: the
+    nearest existing directory above it must be one rt-tune can write in (the writer makes the rest)."""
+    from orchestrator.errors import InputError
+
+    if path is None:
+        return
+    path = Path(path)
+    try:
+        if path.exists() and not (path.is_dir() if directory else path.is_file()):
+            kind = "directory" if directory else "regular file"
+            raise InputError(f"{flag} {path}: exists and is not a {kind}")
+        folder = path if directory else path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise InputError(f"{flag} {path}: {folder} is not a directory")
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"{flag} {path}: the directory {folder} is not writable")
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot write there: {exc.strerror}") from None
+
+
 def _inventory_source(given: str | None) -> tuple[Path, str]:
     """The inventory to use and where it came from (for the message when it does not exist)."""
     return (Path(given), "--inventory") if given else inventory_search(_paths())
@@ -468,6 +492,7 @@ def ab_cmd(profile_a: str, profile_b: str, unit: str, rounds: int, runs_per_bloc
     from orchestrator.experiment import render_ab_html
     from orchestrator.profile import find_profile
 
+    _output_path(html_out, "--html")
     paths = _paths()
     progress = Progress()
     a, b = find_profile(profile_a), find_profile(profile_b)
@@ -649,6 +674,7 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
              "load_args": load_args}
     # every flag is checked before the inventory is read or a unit reached
     settings, load_spec = measurement_from_flags(cpus=cpus if cpus is not None else "1", **flags)
+    _output_path(out_dir, "--out", directory=True)
     inv = load_inventory(_inventory_path(inventory_file))
     unit, role = split_target(target)
     unit_vars, count_var = inv.unit(unit).vars, "cpus" if role == "host" else "guest_cpus"
@@ -672,6 +698,7 @@ def report_cmd(result_file: Path, html_out: Path | None, as_json: bool) -> None:
     """Show a result (a measurement, a list of them, or a report) as tables; optionally as HTML with plots."""
     from orchestrator.report import SUMMARY_COLUMNS, load_report, render_html, summary_rows
 
+    _output_path(html_out, "--html")
     report = load_report(result_file)
     rows = summary_rows(report)
     if html_out is not None:
@@ -735,6 +762,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     from orchestrator.transport import SSHTransport
 
     seconds = parse_duration(duration)
+    _output_path(html_file, "--html")
     inv = _load_inventory(inventory_file)
     spec = inv.unit(unit)
     target = target or ("both" if spec.guest else "host")

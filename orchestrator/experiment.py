@@ -762,5 +762,6 @@ def render_ab_html(result: ABResult, path: Path) -> Path:
            f"<title>{e(title)}</title><style>{_report._CSS}{_CSS}</style></head><body>\n"
            + "\n".join(body) + f'\n<p class="meta">rendered {e(created)}</p>\n</body></html>\n')
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--html new/dir/r.html`, checked writable up front
     path.write_text(doc, encoding="utf-8")
     return path

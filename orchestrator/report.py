@@ -864,6 +864,7 @@ def render_html(report: Report, path: Path) -> Path:
            f"<title>{_e(report.title)}</title><style>{_CSS}</style></head><body>\n"
            + "\n".join(body) + "\n</body></html>\n")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--html new/dir/r.html`, checked writable up front
     path.write_text(doc, encoding="utf-8")
     return path
 

@@ -137,3 +137,39 @@ def test_a_journal_url_that_does_not_start_with_its_scheme_is_refused(d, url, me
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "tuner:***@db.lan" in proc.stderr and "QX7pw" not in proc.stderr
     assert sorted(p.name for p in d.iterdir() if p.name != "state") == ["inventory.yaml", "shadow"]
+
+
+# ---- an output path that cannot be written: refused before anything runs, not after the run ----------------
+@pytest.mark.parametrize("argv, message", [
+    (["ab", "{d}/s.yaml", "{d}/s.yaml", "--unit", "lab1", "-i", "{d}/inventory.yaml", "--html",
+      "{d}/shadow/x.html"], "--html {d}/shadow/x.html: {d}/shadow is not a directory"),
+    (["diagnose", "lab1", "-i", "{d}/inventory.yaml", "--html", "/dev/null"],
+     "--html /dev/null: exists and is not a regular file"),
+    (["measure", "lab1.guest", "-i", "{d}/inventory.yaml", "--out", "{d}/shadow"],
+     "--out {d}/shadow: exists and is not a directory"),
+    (["measure", "lab1.guest", "-i", "{d}/inventory.yaml", "--out", "/dev/null"],
+     "--out /dev/null: exists and is not a directory"),
+    (["report", "{d}/result.json", "--html", "{d}/shadow/r.html"], "{d}/shadow is not a directory"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_connecting(d, argv, message):
+    """Before: `tune ab --html` and `tune diagnose --html` ran the whole experiment or tracing window (the
+    inventory's unit here is unreachable: exit 5 after 30 s of retries) and only then failed to write; `tune
+    measure --out FILE` likewise, after the measurement."""
+    (d / "s.yaml").write_text('name: s\nguest:\n  sysctl:\n    kernel.timer_migration: "0"\n')
+    (d / "result.json").write_text("{}")  # --html is checked before the result is read
+    proc = tune(d, *[a.replace("{d}", str(d)) for a in argv])
+    assert proc.returncode == 2, proc.stderr
+    assert message.replace("{d}", str(d)) in proc.stderr
+    assert "cannot connect" not in proc.stderr
+
+
+def test_an_html_report_into_a_directory_that_does_not_exist_yet_is_written(d):
+    """The up-front check creates nothing; the writer makes the missing directories (it did not for `tune
+    report --html` and `tune ab --html`: the run ended in 'No such file or directory')."""
+    from orchestrator.measure.parse import parse_cyclictest_file
+
+    run = parse_cyclictest_file(REPO / "tests/recorded/cyclictest/lab/guest-idle-h20000-run2.json")
+    (d / "result.json").write_text(run.model_dump_json())  # what `tune measure` writes
+    proc = tune(d, "report", str(d / "result.json"), "--html", str(d / "new" / "dir" / "r.html"))
+    assert proc.returncode == 0, proc.stderr
+    assert (d / "new" / "dir" / "r.html").read_text().startswith("<!DOCTYPE html>")
