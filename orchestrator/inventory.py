@@ -278,23 +278,33 @@ def ssh_config_lookup(address: str, path: Path | None = None) -> dict[str, Any]:
     path = path or Path.home() / ".ssh" / "config"
     if not path.is_file():
         return {}
-    config = paramiko.SSHConfig.from_path(str(path))
-    return config.lookup(address)
+    try:
+        config = paramiko.SSHConfig.from_path(str(path))
+        return config.lookup(address)
+    except (OSError, ValueError, paramiko.SSHException) as exc:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{path}: cannot read this SSH config (rt-tune takes what the inventory leaves out of "
+                         f"an endpoint from it): {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def _endpoint(spec: EndpointSpec, jump: Endpoint | None, ssh_config: Path | None = None) -> Endpoint:
     """The inventory's explicit settings win; what it leaves out comes from ~/.ssh/config, then defaults."""
-    cfg = ssh_config_lookup(spec.address, ssh_config)
+    config = ssh_config or Path.home() / ".ssh" / "config"
+    cfg = ssh_config_lookup(spec.address, config)
     given = spec.model_fields_set
     host = cfg.get("hostname", spec.address)
-    port = spec.port if "port" in given or "port" not in cfg else int(cfg["port"])
+    port = spec.port if "port" in given or "port" not in cfg else cfg["port"]
+    if not (isinstance(port, int) or port.isascii() and port.isdigit()):
+        raise InputError(f"{config}: Port {port!r} for {spec.address}: expected a port number 1..65535")
     user = spec.user if "user" in given or "user" not in cfg else cfg["user"]
     key = spec.key if spec.key or not cfg.get("identityfile") else cfg["identityfile"][0]
     known = spec.known_hosts
     if not known and cfg.get("userknownhostsfile"):
         known = cfg["userknownhostsfile"].split()[0]
-    return Endpoint(host=host, port=port, user=user, key_file=key, known_hosts=known, become=spec.become,
-                    jump=jump)
+    try:
+        return Endpoint(host=host, port=int(port), user=user, key_file=key, known_hosts=known,
+                        become=spec.become, jump=jump)
+    except ValueError as exc:  # the inventory's values are checked already: a bad one came from the SSH config
+        raise InputError(f"{config}: for {spec.address}: {exc}") from None
 
 
 def load_inventory(path: Path) -> Inventory:
