@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import io
 import logging
 import math
 import os
@@ -29,9 +30,11 @@ import secrets
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -523,27 +526,43 @@ class _KnownKey:
         return f"{self.path} line {self.line} ({self.key.get_name()} {host_key_fingerprint(self.key)})"
 
 
-def _known_keys(path: str, name: str) -> tuple[list[_KnownKey], list[str]]:
-    """The keys the known_hosts file `path` lists for `name` (line numbers kept), and why lines for `name`
-    could not be used. OSError when the file cannot be read."""
+def _known_keys(
+    path: str, data: bytes, host: str, port: int
+) -> tuple[list[_KnownKey], list[_KnownKey], list[str]]:
+    """The keys the known_hosts file `path` (content `data`) lists for `host`:`port` (line numbers kept),
+    those it lists for `host` without a port when `port` is not 22 (OpenSSH's fallback, see
+    `_Trust.refusal`), and notes, as sentences, on lines for it that do not count (a bad key, a
+    @cert-authority line)."""
+    name = _known_hosts_name(host, port)
     keys: list[_KnownKey] = []
-    problems: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, 1):
-            fields = text.split()
-            if not fields or fields[0].startswith("#"):
+    portless: list[_KnownKey] = []
+    notes: list[str] = []
+    for number, text in enumerate(data.decode("utf-8", "replace").split("\n"), 1):
+        fields = text.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        marker = fields.pop(0) if fields[0].startswith("@") else None
+        if len(fields) < 3:
+            continue
+        found = keys
+        if not _names_match(name, fields[0]):
+            if port == 22 or not _names_match(host, fields[0]):
                 continue
-            marker = fields.pop(0) if fields[0].startswith("@") else None
-            # @cert-authority lines are for host certificates, which rt-tune does not use.
-            if marker not in (None, "@revoked") or len(fields) < 3 or not _names_match(name, fields[0]):
-                continue
-            try:
-                key = paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2], validate=True))
-            except Exception as exc:  # noqa: BLE001 - any failure of a third-party parser on a bad line
-                problems.append(f"{path} line {number} ({fields[1][:40]}): {str(exc)[:100] or type(exc).__name__}")
-                continue
-            keys.append(_KnownKey(path, number, key, revoked=marker == "@revoked"))
-    return keys, problems
+            found = portless
+        if marker == "@cert-authority":
+            notes.append(f"{path} line {number} is a @cert-authority line for {name}: rt-tune checks the "
+                         f"host's own keys only, not host certificates.")
+            continue
+        if marker not in (None, "@revoked"):
+            continue
+        try:
+            key = paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2], validate=True))
+        except Exception as exc:  # noqa: BLE001 - any failure of a third-party parser on a bad line
+            notes.append(f"This line for {name} could not be used: {path} line {number} "
+                         f"({printable(fields[1][:40])}): {str(exc)[:100] or type(exc).__name__}.")
+            continue
+        found.append(_KnownKey(path, number, key, revoked=marker == "@revoked"))
+    return keys, portless, notes
 
 
 @dataclass(frozen=True)
@@ -560,6 +579,8 @@ class _Trust:
     missing: tuple[str, ...]
     keys: tuple[_KnownKey, ...]
     problems: tuple[str, ...]
+    #: Keys listed for the host without a port, when its port is not 22 (OpenSSH's fallback).
+    portless: tuple[_KnownKey, ...] = ()
 
     @classmethod
     def load(cls, endpoint: Endpoint, defaults: Sequence[str]) -> _Trust:
@@ -567,19 +588,21 @@ class _Trust:
         files = tuple(os.path.abspath(os.path.expanduser(f)) for f in given)
         name = _known_hosts_name(endpoint.host.lower(), endpoint.port)
         keys: list[_KnownKey] = []
+        portless: list[_KnownKey] = []
         problems: list[str] = []
         missing: list[str] = []
         for path in files:
-            try:
-                found, bad = _known_keys(path, name)
-            except FileNotFoundError:
+            if not os.path.exists(path):  # a dangling symlink too, as with OpenSSH
                 missing.append(path)
                 continue
-            except OSError as exc:
-                raise HostKeyError(f"{endpoint.label}: cannot read the known_hosts file {path}: {exc}") from exc
+            whose = " named by the inventory" if endpoint.known_hosts is not None else ""
+            data, _ = _read_regular(path, MAX_KNOWN_HOSTS_BYTES, endpoint.label,
+                                    f"the known_hosts file {path}{whose}")
+            found, without_port, notes = _known_keys(path, data, endpoint.host.lower(), endpoint.port)
             keys += found
-            problems += bad
-        return cls(endpoint, name, files, tuple(missing), tuple(keys), tuple(problems))
+            portless += without_port
+            problems += notes
+        return cls(endpoint, name, files, tuple(missing), tuple(keys), tuple(problems), tuple(portless))
 
     @property
     def decided_by(self) -> str:
@@ -598,11 +621,16 @@ class _Trust:
         return names
 
     def refusal(self, key: paramiko.PKey) -> str | None:
-        """Why `key`, offered by the server, is refused; None when a deciding file lists it for this host."""
+        """Why `key`, offered by the server, is refused; None when a deciding file lists it for this host.
+
+        As OpenSSH's client (sshconnect.c, "found matching key w/out port"): on a port other than 22, when no
+        line lists any key for [host]:port, a line for the host without a port that lists the offered key
+        vouches for it (a key listed for [host]:port, of any type, is never outvoted so). A key marked
+        @revoked for the host under either name is refused."""
         blob = key.asbytes()
         where = f"{self.endpoint.label}: host key of {self.endpoint.host}:{self.endpoint.port}"
         offered = f"the server offered {key.get_name()} {host_key_fingerprint(key)}"
-        revoked = [k for k in self.keys if k.revoked and k.key.asbytes() == blob]
+        revoked = [k for k in (*self.keys, *self.portless) if k.revoked and k.key.asbytes() == blob]
         if revoked:
             return (f"{where} is REVOKED: {offered}, marked @revoked for {self.name} at {revoked[0].path} "
                     f"line {revoked[0].line}. Refusing to connect.")
@@ -610,7 +638,7 @@ class _Trust:
             return None
         line = f"{self.name} {key.get_name()} {key.get_base64()}"
         check = "compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on its console"
-        notes = "".join(f" This line for {self.name} could not be used: {p}." for p in self.problems)
+        notes = "".join(f" {p}" for p in self.problems)
         same = [k for k in self.keys if not k.revoked and k.key.get_name() == key.get_name()]
         if same:
             paths = list(dict.fromkeys(k.path for k in same))
@@ -622,6 +650,16 @@ class _Trust:
                 f"expected ({check}), remove the old entry with {removes} (or delete that line), then add this "
                 f"line to {paths[0]}:\n{line}"
             )
+        portless = [k for k in self.portless if not k.revoked]
+        unlisted = not any(not k.revoked for k in self.keys)
+        if unlisted and any(k.key.asbytes() == blob for k in portless):
+            log.debug("%s: host key found for %s without a port, accepted as OpenSSH does",
+                      self.endpoint.label, self.endpoint.host)
+            return None
+        if portless:
+            notes += (f" Lines for {self.endpoint.host} without a port count for port {self.endpoint.port} "
+                      f"only when they hold the offered key and no line lists a key for {self.name}, as "
+                      f"with OpenSSH: {', '.join(k.at for k in portless)}.")
         others = [k for k in self.keys if not k.revoked]
         if others:
             notes = f" Only keys of other types are known for {self.name}: {', '.join(k.at for k in others)}." + notes
@@ -660,27 +698,122 @@ class _KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
             raise _HostKeyRefused(refusal)
 
 
-def _check_key_file(endpoint: Endpoint) -> None:
-    """Refuse a private key file that group or others may access, before connecting, as OpenSSH does
-    ("UNPROTECTED PRIVATE KEY FILE"); stricter only in that the file's owner does not matter.
+#: A private key file is a few KB (a 16384-bit RSA key is about 13 KB); a larger file is not one.
+MAX_KEY_FILE_BYTES = 2**20
+#: known_hosts files are read line by line on every connection; a larger one is refused, never read.
+MAX_KNOWN_HOSTS_BYTES = 64 * 2**20
 
-    InputError (exit 2), not AuthError: it is a file on this machine for the user to fix with one chmod, not
-    something the unit refused; no retry and no other unit can succeed with it, and callers that treat a
-    TransportError as "this unit is unreachable" must not hide it as one."""
-    if endpoint.key_file is None:
-        return
-    path = os.path.expanduser(endpoint.key_file)
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def _read_regular(path: str, limit: int, label: str, what: str) -> tuple[bytes, int]:
+    """(content, mode) of the regular file `path`; InputError ("`label`: `what` ...") when it cannot be read,
+    is not a regular file (a FIFO or device would block or never end) or is larger than `limit` bytes."""
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked before reading.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise InputError(f"{endpoint.label}: cannot read the private key {endpoint.key_file} named by the "
-                         f"inventory: {exc.strerror or exc}") from exc
+        raise InputError(f"{label}: cannot read {what}: {exc.strerror or exc}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise InputError(f"{label}: {what} is {kind}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > limit:
+            raise InputError(f"{label}: {what} is {info.st_size} bytes, more than the {limit} it may be")
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            raise InputError(f"{label}: cannot read {what}: {exc.strerror or exc}") from exc
+    if len(data) > limit:  # grew while being read
+        raise InputError(f"{label}: {what} is more than the {limit} bytes it may be")
+    return data, info.st_mode
+
+
+_PUBLIC_KEY_PREFIXES = (b"ssh-", b"ecdsa-sha2-", b"sk-ssh-", b"sk-ecdsa-")
+
+
+def _load_private_key(endpoint: Endpoint, passphrase: str | None) -> paramiko.PKey | None:
+    """The endpoint's private key, loaded here so every problem with the file is an InputError naming it,
+    before connecting: unreadable, not a regular file (a FIFO would block), readable by others (refused as
+    OpenSSH refuses an "UNPROTECTED PRIVATE KEY FILE"; stricter only in that the owner does not matter), a
+    public key, encrypted without a passphrase, or of a type paramiko cannot use. None when the endpoint
+    names no key.
+
+    InputError (exit 2), not AuthError: it is a file on this machine for the user to fix, not something the
+    unit refused; no retry and no other unit can succeed with it, and callers that treat a TransportError as
+    "this unit is unreachable" must not hide it as one."""
+    if endpoint.key_file is None:
+        return None
+    path = os.path.expanduser(endpoint.key_file)
+    what = f"{endpoint.label}: the private key {endpoint.key_file} named by the inventory"
+    data, mode = _read_regular(path, MAX_KEY_FILE_BYTES, endpoint.label,
+                               f"the private key {endpoint.key_file} named by the inventory")
     if mode & 0o077:
         raise InputError(
             f"{endpoint.label}: the private key {path} is accessible by others (mode {mode & 0o7777:04o}); "
             f"OpenSSH refuses such a key and so does rt-tune. Make it private: chmod 600 {shlex.quote(path)}"
         )
+    if not data.strip():
+        raise InputError(f"{what} is empty")
+    if data.lstrip().startswith(_PUBLIC_KEY_PREFIXES):
+        private = path[:-4] if path.endswith(".pub") else "the file ssh-keygen wrote beside it, without .pub"
+        raise InputError(f"{what} is a public key, not a private one: name the private key ({private})")
+    if b"-----BEGIN " not in data or b"PRIVATE KEY-----" not in data:
+        raise InputError(f"{what} is not a private key file (no -----BEGIN ... PRIVATE KEY----- block)")
+    return _parse_private_key(data, path, passphrase, what)
+
+
+def _parse_private_key(data: bytes, path: str, passphrase: str | None, what: str) -> paramiko.PKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    openssh = b"-----BEGIN OPENSSH PRIVATE KEY-----" in data
+    load = serialization.load_ssh_private_key if openssh else serialization.load_pem_private_key
+
+    def decode(password: str | None):
+        with warnings.catch_warnings():  # DSA's deprecation: refused below with a message of our own
+            warnings.simplefilter("ignore")
+            return load(data, password=None if password is None else password.encode())
+
+    try:
+        try:
+            loaded = decode(passphrase)
+        except TypeError:
+            if passphrase is None:
+                raise
+            loaded = decode(None)  # a passphrase given for a key that has none
+    except TypeError as exc:  # cryptography: "Password was not given but private key is encrypted"
+        raise InputError(
+            f"{what} is encrypted with a passphrase, and rt-tune never prompts for one ({exc}). Use a key "
+            f"without a passphrase kept at mode 600, or leave `key:` out of the inventory and load the key "
+            f"into ssh-agent (ssh-add), which rt-tune then uses."
+        ) from None
+    except UnsupportedAlgorithm as exc:
+        raise InputError(f"{what} is of a type rt-tune cannot use ({exc}); use an ed25519, ECDSA or RSA "
+                         f"key") from None
+    except ValueError as exc:
+        hint = " (is the passphrase right?)" if passphrase is not None else ""
+        raise InputError(f"{what} cannot be read as a private key{hint}: {exc}") from None
+    kinds = ((ed25519.Ed25519PrivateKey, paramiko.Ed25519Key),
+             (ec.EllipticCurvePrivateKey, paramiko.ECDSAKey),
+             (rsa.RSAPrivateKey, paramiko.RSAKey))
+    cls = next((c for typ, c in kinds if isinstance(loaded, typ)), None)
+    if cls is None:
+        kind = type(loaded).__name__.removeprefix("_").replace("PrivateKey", "")
+        raise InputError(f"{what} is a {kind} key, which rt-tune (paramiko {paramiko.__version__}) cannot "
+                         f"use; use an ed25519, ECDSA or RSA key")
+    try:
+        key = cls.from_private_key(io.StringIO(data.decode("ascii")), password=passphrase)
+        cert = path + "-cert.pub"
+        if os.path.isfile(cert):  # as paramiko (and OpenSSH) do with a certificate beside the key
+            key.load_certificate(cert)
+    except Exception as exc:  # noqa: BLE001 - any failure of a third-party parser on a file
+        raise InputError(f"{what} cannot be loaded: {str(exc)[:200] or type(exc).__name__}") from None
+    return key
 
 
 class SSHTransport(_CommandTransport):
@@ -765,8 +898,13 @@ class SSHTransport(_CommandTransport):
 
     def _connect_with_retry(self) -> tuple[paramiko.SSHClient, list[paramiko.SSHClient]]:
         hop: Endpoint | None = self.endpoint
-        while hop is not None:  # every key of the chain, before any connection
-            _check_key_file(hop)
+        while hop is not None:  # every key of the chain, before connecting (passphrase: the target's only)
+            try:
+                _load_private_key(hop, self._passphrase if hop is self.endpoint else None)
+            except InputError as exc:
+                if hop is self.endpoint:
+                    raise
+                raise InputError(f"{self.label}: through the jump host: {exc}") from None
             hop = hop.jump
         start = time.monotonic()
         deadline = start + self.connect_deadline_s
@@ -957,7 +1095,10 @@ def _open_client(
     try:
         if endpoint.jump is not None:
             # The jump host's key is checked against its own known_hosts; its passphrase is not shared.
-            jump_client, outer = _open_client(endpoint.jump, deadline=deadline, defaults=defaults)
+            try:
+                jump_client, outer = _open_client(endpoint.jump, deadline=deadline, defaults=defaults)
+            except (ConnectError, HostKeyError, AuthError) as exc:  # say which unit the jump host was for
+                raise type(exc)(f"{endpoint.label}: through the jump host: {exc}") from exc
             jump_clients = [*outer, jump_client]
             jump_transport = jump_client.get_transport()
             assert jump_transport is not None
@@ -991,7 +1132,8 @@ def _connect_client(
     client = paramiko.SSHClient()
     # No keys loaded into the client: the policy decides every key from the files that decide (see _Trust).
     client.set_missing_host_key_policy(_KnownHostsPolicy(trust))
-    with_key = endpoint.key_file is not None
+    pkey = _load_private_key(endpoint, passphrase)
+    with_key = pkey is not None
     log.debug("%s: connecting%s", label, f" via {endpoint.jump.label}" if endpoint.jump else "")
     try:
         if sock is None:
@@ -1004,8 +1146,7 @@ def _connect_client(
             endpoint.host,
             port=endpoint.port,
             username=endpoint.user,
-            key_filename=os.path.expanduser(endpoint.key_file) if with_key else None,
-            passphrase=passphrase,
+            pkey=pkey,
             allow_agent=not with_key,
             look_for_keys=not with_key,
             timeout=timeout,

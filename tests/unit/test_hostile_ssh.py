@@ -7,15 +7,19 @@ status), that the message names the unit and what went wrong, and that nothing h
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
-from orchestrator.errors import CommandFailed, TransportError
-from orchestrator.transport import SSHTransport, read_files
-from tests.sshd import Sshd, sshd_server
+from orchestrator import transport
+from orchestrator.errors import AuthError, CommandFailed, HostKeyError, InputError, TransportError
+from orchestrator.transport import Endpoint, SSHTransport, read_files
+from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server
 
 pytestmark = pytest.mark.unit
 
@@ -150,3 +154,288 @@ def test_binary_and_empty_stdin_still_reach_the_command(sshd: Sshd) -> None:
         assert t.run(["sh", "-c", "od -An -tx1 | wc -l"], stdin=payload).stdout.strip() == str(
             (len(payload) + 15) // 16)
         assert t.run(["wc", "-c"], stdin=b"").stdout.strip() == "0"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Private key files: every problem an InputError (exit 2) naming the file, before connecting, never a hang
+
+
+def nobody_listens(server: Sshd, **changes) -> Endpoint:
+    """The server's endpoint on a port nothing listens on: a key problem is reported before connecting."""
+    return server.endpoint(port=free_port(), **changes)
+
+
+def refused_before_connecting(endpoint: Endpoint, **kw) -> str:
+    start = time.monotonic()
+    with pytest.raises(InputError) as info:
+        SSHTransport(endpoint, connect_deadline_s=10, **kw).run(["true"])
+    assert time.monotonic() - start < 3, "refused before any connection attempt"
+    assert str(info.value).startswith(endpoint.label + ": ")
+    return str(info.value)
+
+
+def private(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+def test_a_key_file_that_is_a_fifo_a_device_or_a_directory_is_refused_without_blocking(
+    sshd: Sshd, tmp_path: Path
+) -> None:
+    """Before: a FIFO named as the key blocked forever in open()."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    (tmp_path / "dir").mkdir(mode=0o700)
+    kinds = ((fifo, "a FIFO"), ("/dev/zero", "a character device"), (tmp_path / "dir", "a directory"))
+    for path, kind in kinds:
+        message = refused_before_connecting(nobody_listens(sshd, key_file=str(path)))
+        assert f"the private key {path} named by the inventory is {kind}, not a regular file" in message
+
+
+@pytest.mark.parametrize("case", ["public key", "empty", "binary garbage", "huge", "truncated"])
+def test_a_key_file_that_is_no_private_key_is_named(sshd: Sshd, tmp_path: Path, case: str) -> None:
+    """Before: garbage bytes were a UnicodeDecodeError traceback, a public key 'authentication failed'."""
+    content = {
+        "public key": sshd.client_key.with_suffix(".pub").read_bytes(),
+        "empty": b"",
+        "binary garbage": b"\xbe\xef" + os.urandom(3000),
+        "huge": b"-----BEGIN OPENSSH PRIVATE KEY-----\n" + b"A" * (2 * 2**20),
+        "truncated": sshd.client_key.read_bytes()[:200] + b"\n-----END OPENSSH PRIVATE KEY-----\n",
+    }[case]
+    key = private(tmp_path / "id_test.pub" if case == "public key" else tmp_path / "id_test", content)
+    message = refused_before_connecting(nobody_listens(sshd, key_file=str(key)))
+    expected = {
+        "public key": f"is a public key, not a private one: name the private key ({tmp_path / 'id_test'})",
+        "empty": "is empty",
+        "binary garbage": "is not a private key file",
+        "huge": "bytes, more than the 1048576 it may be",
+        "truncated": "cannot be read as a private key",
+    }[case]
+    assert expected in message and str(key) in message
+
+
+def test_an_encrypted_key_without_its_passphrase_is_refused_and_with_it_used(sshd: Sshd,
+                                                                             tmp_path: Path) -> None:
+    """Before: 'authentication failed: Private key file is encrypted' (exit 5) after connecting."""
+    for fmt in ("RFC4716", "PEM"):  # OpenSSH's own format and the legacy PEM one
+        key = tmp_path / f"enc-{fmt}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-m", fmt, "-N", "sesame-42", "-f", str(key)],
+                       check=True, capture_output=True)
+        message = refused_before_connecting(nobody_listens(sshd, key_file=str(key)))
+        assert "is encrypted with a passphrase, and rt-tune never prompts for one" in message
+        assert "ssh-agent" in message
+        bad = refused_before_connecting(nobody_listens(sshd, key_file=str(key)), passphrase="wrong")
+        assert "cannot be read as a private key (is the passphrase right?)" in bad
+        authorize(sshd, key)
+        endpoint = sshd.endpoint(key_file=str(key))
+        with SSHTransport(endpoint, connect_deadline_s=5, passphrase="sesame-42") as t:
+            assert t.run(["echo", "in"]).stdout == "in\n"
+
+
+def test_a_key_of_a_type_paramiko_cannot_use_is_named(sshd: Sshd, tmp_path: Path) -> None:
+    """Before: a DSA key was a 'ValueError: p*q must equal modulus' traceback (exit 70)."""
+    key = tmp_path / "id_dsa"
+    made = subprocess.run(["ssh-keygen", "-q", "-t", "dsa", "-N", "", "-f", str(key)], capture_output=True,
+                          check=False)
+    if made.returncode != 0:
+        pytest.skip(f"this ssh-keygen makes no DSA keys: {made.stderr!r}")
+    message = refused_before_connecting(nobody_listens(sshd, key_file=str(key)))
+    assert "is a DSA key, which rt-tune" in message and "use an ed25519, ECDSA or RSA key" in message
+
+
+def test_a_symlink_to_a_key_others_may_read_is_refused(sshd: Sshd, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.write_bytes(sshd.client_key.read_bytes())
+    shared.chmod(0o644)
+    link = tmp_path / "id_link"
+    link.symlink_to(shared)
+    message = refused_before_connecting(nobody_listens(sshd, key_file=str(link)))
+    assert "is accessible by others (mode 0644)" in message and f"chmod 600 {link}" in message
+
+
+def authorize(server: Sshd, key: Path) -> None:
+    authorized = server.dir / "authorized_keys"
+    line = key.with_suffix(".pub").read_text() if key.with_suffix(".pub").exists() else \
+        Path(str(key) + ".pub").read_text()
+    if line not in authorized.read_text():
+        with open(authorized, "a") as f:
+            f.write(line)
+
+
+@pytest.mark.parametrize("kind, fmt", [("rsa", "RFC4716"), ("rsa", "PEM"), ("ecdsa", "RFC4716"),
+                                       ("ed25519", "RFC4716")])
+def test_authorized_keys_of_every_usable_type_and_format_log_in(sshd: Sshd, tmp_path: Path, kind: str,
+                                                                fmt: str) -> None:
+    key = tmp_path / f"id_{kind}_{fmt}"
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-m", fmt, "-N", "", "-f", str(key)], check=True,
+                   capture_output=True)
+    with pytest.raises(AuthError):  # not yet authorized: the unit refuses it (exit 5), not an input error
+        SSHTransport(sshd.endpoint(key_file=str(key)), connect_deadline_s=5).run(["true"])
+    authorize(sshd, key)
+    with SSHTransport(sshd.endpoint(key_file=f"~/{key.relative_to(tmp_path)}"), connect_deadline_s=5) as t:
+        assert t.run(["echo", "in"]).stdout == "in\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# known_hosts files
+
+
+def host_line(server: Sshd, name: str | None = None, key: Path | None = None) -> str:
+    kind, blob = public_key(key or server.host_key)
+    return f"{name or f'[127.0.0.1]:{server.port}'} {kind} {blob}\n"
+
+
+def test_a_known_hosts_that_is_a_fifo_a_device_or_a_directory_is_refused_without_blocking(
+    sshd: Sshd, tmp_path: Path
+) -> None:
+    """Before: a FIFO or /dev/zero as known_hosts hung (reading without end); a directory was exit 5."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    (tmp_path / "dir").mkdir()
+    kinds = ((fifo, "a FIFO"), ("/dev/zero", "a character device"), (tmp_path / "dir", "a directory"))
+    for path, kind in kinds:
+        message = refused_before_connecting(sshd.endpoint(known_hosts=str(path)))
+        assert f"the known_hosts file {path} named by the inventory is {kind}, not a regular file" in message
+
+
+def test_a_known_hosts_over_the_limit_is_refused_unread(sshd: Sshd, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "MAX_KNOWN_HOSTS_BYTES", 4096)
+    big = tmp_path / "known_hosts"
+    big.write_text("# padding\n" * 500 + host_line(sshd))
+    message = refused_before_connecting(sshd.endpoint(known_hosts=str(big)))
+    assert f"the known_hosts file {big} named by the inventory is {big.stat().st_size} bytes" in message
+    monkeypatch.setattr(transport, "MAX_KNOWN_HOSTS_BYTES", 64 * 2**20)
+    with SSHTransport(sshd.endpoint(known_hosts=str(big)), connect_deadline_s=5) as t:
+        assert t.run(["echo", "in"]).stdout == "in\n"
+
+
+def test_binary_junk_hashed_entries_and_tilde_paths(sshd: Sshd, tmp_path: Path) -> None:
+    known = tmp_path / "kh"
+    known.write_text(host_line(sshd))
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    assert f"[127.0.0.1]:{sshd.port}" not in known.read_text(), "the name is hashed"
+    known.write_bytes(os.urandom(20000).replace(b"\n", b" ") + b"\n\0\xff\n" + known.read_bytes())
+    with SSHTransport(sshd.endpoint(known_hosts="~/kh"), connect_deadline_s=5) as t:
+        assert t.run(["echo", "in"]).stdout == "in\n"
+
+
+PORTLESS_CASES = {
+    # OpenSSH accepts a key listed for the host without a port when no line lists a key for [host]:port
+    "portless right": lambda s, imp, rsa: host_line(s, "127.0.0.1"),
+    "portless wrong": lambda s, imp, rsa: host_line(s, "127.0.0.1", imp),
+    "bracketed wrong, portless right": lambda s, imp, rsa: host_line(s, key=imp) + host_line(s, "127.0.0.1"),
+    "bracketed other type, portless right": lambda s, imp, rsa: host_line(s, key=rsa)
+    + host_line(s, "127.0.0.1"),
+    "portless right but revoked": lambda s, imp, rsa: host_line(s, "127.0.0.1") + "@revoked "
+    + host_line(s, "127.0.0.1"),
+    "cert-authority": lambda s, imp, rsa: "@cert-authority " + host_line(s),
+}
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["plain", "hashed"])
+@pytest.mark.parametrize("case", list(PORTLESS_CASES))
+def test_lines_without_the_port_and_cert_authority_lines_as_openssh_reads_them(
+    sshd: Sshd, tmp_path: Path, case: str, hashed: bool
+) -> None:
+    """Before: a line for the host without the port was never used (OpenSSH accepts it when it holds the
+    offered key and no line lists a key for [host]:port), and refusals did not say why lines did not count."""
+    impostor, rsa = tmp_path / "impostor", tmp_path / "rsa"
+    keygen(impostor, "impostor")
+    keygen(rsa, "rsa", "rsa")
+    known = tmp_path / "kh"
+    known.write_text(PORTLESS_CASES[case](sshd, impostor, rsa))
+    if hashed:
+        subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    openssh = subprocess.run(
+        ["ssh", "-F", "none", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null",
+         "-o", "StrictHostKeyChecking=yes", "root@127.0.0.1", "echo in"],
+        capture_output=True, text=True, timeout=30, check=False)
+    accepted = case == "portless right"
+    assert (openssh.returncode == 0) == accepted, openssh.stderr
+    endpoint = sshd.endpoint(known_hosts=str(known))
+    if accepted:
+        with SSHTransport(endpoint, connect_deadline_s=5) as t:
+            assert t.run(["echo", "in"]).stdout == "in\n"
+        return
+    with pytest.raises(HostKeyError) as info:
+        SSHTransport(endpoint, connect_deadline_s=5).run(["true"])
+    message = str(info.value)
+    assert str(known) in message
+    expected = {
+        "portless wrong": f"Lines for 127.0.0.1 without a port count for port {sshd.port} only when",
+        "bracketed other type, portless right": "Only keys of other types are known",
+        "bracketed wrong, portless right": "has CHANGED",
+        "portless right but revoked": "is REVOKED",
+        "cert-authority": f"{known} line 1 is a @cert-authority line",
+    }[case]
+    assert expected in message
+
+
+# --------------------------------------------------------------------------------------------------------
+# A server with several host keys and a pre-auth banner; jump hosts
+
+
+@pytest.fixture(scope="module")
+def bannered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    d = tmp_path_factory.mktemp("bannered-sshd")
+    banner = d / "banner"
+    banner.write_bytes(b"*** AUTHORIZED USE ONLY ***\n@@rt-tune-0123456789abcdef{\n\xff\xfe\x1b[31m\n"
+                       + b"x" * 20000 + b"\n")
+    with sshd_server(d, config=[f"Banner {banner}"], extra_host_keys=("ecdsa", "rsa")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("kind", ["ecdsa", "rsa"])
+def test_the_host_key_type_the_file_knows_is_the_one_checked(bannered: Sshd, tmp_path: Path,
+                                                             kind: str) -> None:
+    known = tmp_path / "kh"
+    known.write_text(host_line(bannered, key=bannered.dir / f"hostkey-{kind}"))
+    with SSHTransport(bannered.endpoint(known_hosts=str(known)), connect_deadline_s=5) as t:
+        assert t.run(["echo", "in"]).stdout == "in\n"
+        assert t._transport().get_remote_server_key().asbytes() == paramiko.PKey.from_path(
+            bannered.dir / f"hostkey-{kind}").asbytes()
+
+
+def test_a_wrong_preferred_key_is_not_outvoted_by_a_right_one_of_another_type(bannered: Sshd,
+                                                                               tmp_path: Path) -> None:
+    impostor = tmp_path / "impostor"
+    keygen(impostor, "impostor")
+    known = tmp_path / "kh"
+    known.write_text(host_line(bannered, key=impostor)
+                     + host_line(bannered, key=bannered.dir / "hostkey-rsa"))
+    with pytest.raises(HostKeyError, match="has CHANGED"):
+        SSHTransport(bannered.endpoint(known_hosts=str(known)), connect_deadline_s=5).run(["true"])
+
+
+def test_a_pre_auth_banner_is_harmless(bannered: Sshd) -> None:
+    with SSHTransport(bannered.endpoint(), connect_deadline_s=5) as t:
+        assert t.run(["echo", "in"]).stdout == "in\n"
+
+
+def test_each_hop_is_checked_against_its_own_file_and_a_refusal_names_the_target(sshd: Sshd, bannered: Sshd,
+                                                                                  tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    target = bannered.endpoint(jump=sshd.endpoint(known_hosts=str(empty)))
+    with pytest.raises(HostKeyError) as info:
+        SSHTransport(target, connect_deadline_s=5).run(["true"])
+    message = str(info.value)
+    assert message.startswith(f"{target.label}: through the jump host: {sshd.endpoint().label}: host key")
+    assert "is UNKNOWN" in message and str(empty) in message
+    # the target's file does not vouch for the jump host, nor the jump host's for the target
+    with pytest.raises(HostKeyError, match=f"^{re.escape(target.label)}: through the jump host: .*UNKNOWN"):
+        SSHTransport(bannered.endpoint(jump=sshd.endpoint(known_hosts=str(bannered.known_hosts))),
+                     connect_deadline_s=5).run(["true"])
+    with pytest.raises(HostKeyError, match=f"^{re.escape(target.label)}: host key .* UNKNOWN"):
+        SSHTransport(bannered.endpoint(known_hosts=str(sshd.known_hosts), jump=sshd.endpoint()),
+                     connect_deadline_s=5).run(["true"])
+    with SSHTransport(bannered.endpoint(jump=sshd.endpoint()), connect_deadline_s=5) as t:
+        assert t.run(["echo", "in"]).stdout == "in\n"
+    shared = tmp_path / "shared-key"
+    shared.write_bytes(sshd.client_key.read_bytes())
+    shared.chmod(0o640)
+    message = refused_before_connecting(bannered.endpoint(jump=sshd.endpoint(key_file=str(shared))))
+    assert "through the jump host" in message and "chmod 600" in message

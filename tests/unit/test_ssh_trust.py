@@ -137,7 +137,8 @@ def test_the_jump_hosts_named_file_decides_for_the_jump_host(
     jump_file.write_text(wrong(sshd, impostor))
     target = sshd.endpoint(jump=sshd.endpoint(known_hosts=str(jump_file)))
     message = refused(target)
-    assert message.startswith(f"root@127.0.0.1:{sshd.port}: host key") and "has CHANGED" in message
+    hop = f"root@127.0.0.1:{sshd.port}"
+    assert message.startswith(f"{hop}: through the jump host: {hop}: host key") and "has CHANGED" in message
     assert f"{jump_file} line 1" in message and str(sshd.known_hosts) not in message
     # the right key in the jump's file, a wrong one in the user's: through.
     jump_file.write_text(right(sshd))
