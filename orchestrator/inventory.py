@@ -229,6 +229,9 @@ def _name(what: str) -> Any:
         if not NAME.fullmatch(name) or len(name) > NAME_MAX:
             raise _error("name", "a {what} name must match [A-Za-z0-9][A-Za-z0-9_.-]* (at most {n} characters)",
                          what=what, n=NAME_MAX)
+        if what == "unit" and name.endswith((".host", ".guest")):
+            raise _error("name", "a unit name cannot end in .host or .guest: commands take UNIT.host and "
+                                 "UNIT.guest, so {name}'s own host could not be named", name=name)
         return name
     return AfterValidator(check)
 
@@ -238,7 +241,7 @@ GroupName = Annotated[str, _name("group")]
 
 
 class Inventory(_Strict):
-    units: dict[UnitName, UnitSpec]
+    units: Annotated[dict[UnitName, UnitSpec], Field(min_length=1)]  # an empty one is a mistake, never "done"
     groups: dict[GroupName, list[StrictStr]] = Field(default_factory=dict)
 
     @field_validator("groups")

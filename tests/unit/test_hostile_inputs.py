@@ -202,3 +202,21 @@ def test_a_bad_port_in_the_users_ssh_config_is_exit_2_through_the_cli(d):
     proc = tune(d, "facts", "lab1", "-i", str(d / "inv.yaml"))
     assert proc.returncode == 2, proc.stderr
     assert f"{d}/.ssh/config: Port 'abc' for 127.0.0.1" in proc.stderr and "internal error" not in proc.stderr
+
+
+# ---- inventories that can only be mistakes --------------------------------------------------------------------
+@pytest.mark.parametrize("text, argv, message", [
+    ("units: {}\n", ["plan", "rt-profile"], "units: Dictionary should have at least 1 item"),
+    ("units: {}\n", ["apply", "rt-profile", "--dry-run"], "units: Dictionary should have at least 1 item"),
+    ("units:\n  a.guest:\n    host: {address: 127.0.0.1, port: 1}\n", ["facts", "a.guest"],
+     "a unit name cannot end in .host or .guest"),
+    ("units:\n  r1.host:\n    host: {address: 127.0.0.1, port: 1}\n", ["status"],
+     "a unit name cannot end in .host or .guest"),
+])
+def test_an_inventory_that_can_only_be_a_mistake_is_refused(d, text, argv, message):
+    """Before: `units: {}` made `tune plan`/`apply` exit 0 having done nothing (an empty table); a unit named
+    `a.guest` could never be reached (`tune facts a.guest` said "no unit 'a'; units: a.guest")."""
+    (d / "inv.yaml").write_text(text)
+    proc = tune(d, *argv, "-i", str(d / "inv.yaml"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and f"{d}/inv.yaml:" in proc.stderr
