@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import shlex
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from orchestrator.boot.loader import BootTarget, Bootloader
 from orchestrator.errors import TuneError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.facts import BOOT_ID, CMDLINE, ISOLATED_CPUS, KERNEL_RELEASE, NOHZ_FULL_CPUS, parse_cpu_list
-from orchestrator.transport import Transport
+from orchestrator.transport import Transport, printable
 
 Connect = Callable[[], Transport]
 TrialResult = Literal["healthy", "unhealthy", "fallback", "lost"]
@@ -58,16 +59,27 @@ class TrialOutcome(BaseModel):
     reason: str = ""
 
 
+#: How much of a power_cycle command's output is kept for the reason (its tail); the rest is read and dropped,
+#: so a command that prints without end cannot fill the controller's memory.
+POWER_CYCLE_KEEP_BYTES = 4096
+#: After the command exits, how long to keep reading output a child it left behind may still hold open.
+POWER_CYCLE_EOF_GRACE_S = 1.0
+
+
 def run_power_cycle(argv: Sequence[str], timeout_s: float) -> str | None:
     """Run a power_cycle command on this machine: None when it ran and exited 0, else why not (program not
-    found, timed out, exit status and the tail of its stderr). Never raises on a command that cannot run: the
-    unit did not come back either way, and the caller's lost-unit handling must still run."""
+    found, timed out, exit status and the tail of its output). Never raises on a command that cannot run: the
+    unit did not come back either way, and the caller's lost-unit handling must still run.
+
+    The verdict is the command's own exit, not the end of its output: a daemon it started (a console logger,
+    an ssh ControlMaster) may keep its stdout open for ever. Only the last POWER_CYCLE_KEEP_BYTES of the output
+    are kept; stdin is /dev/null and there is no terminal, so a command that asks for a password fails at
+    once."""
     args = list(argv)
     if not args:
         return "the command is empty (power_cycle: []): the inventory must give a program and its arguments"
     try:
-        # Its own process group, so a timeout kills what it started too (a child holding its stdout would
-        # otherwise keep us waiting after the kill).
+        # Its own process group (and session: no controlling terminal): a timeout kills what it started too.
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     except FileNotFoundError:
@@ -77,21 +89,62 @@ def run_power_cycle(argv: Sequence[str], timeout_s: float) -> str | None:
     except (OSError, ValueError, TypeError) as exc:  # not executable, a NUL byte, an argument not a string
         return f"cannot run {args[0]!r}: {exc}"
     try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=5)
-        return f"timed out after {timeout_s:g} s (killed)"
+        timed_out, out, err = _wait_keeping_tails(proc, timeout_s)
     except BaseException:
         _kill_group(proc)
         proc.wait()
         raise
+    if timed_out:
+        return f"timed out after {timeout_s:g} s (killed)"
     if proc.returncode == 0:
         return None
     status = f"exit status {proc.returncode}" if proc.returncode > 0 else f"killed by signal {-proc.returncode}"
-    tail = (err or out).decode("utf-8", "replace").strip()[-300:]
+    tail = printable((err.strip() or out.strip()).decode("utf-8", "replace")[-300:])
     return f"{status}: {tail}" if tail else f"{status} (no output)"
+
+
+def _wait_keeping_tails(proc: subprocess.Popen, timeout_s: float) -> tuple[bool, bytes, bytes]:
+    """Wait for `proc` (killing its group past `timeout_s`) while draining its stdout and stderr, keeping the
+    tail of each; stop reading POWER_CYCLE_EOF_GRACE_S after it exited.
+    (timed out, stdout tail, stderr tail)"""
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    tails = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    deadline = time.monotonic() + timeout_s
+    exited_at: float | None = None
+    timed_out = False
+    with selectors.DefaultSelector() as selector:
+        for pipe in (proc.stdout, proc.stderr):
+            selector.register(pipe, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is None and now >= deadline:
+                timed_out = True
+                _kill_group(proc)
+                proc.wait()
+                exited_at = now
+            if exited_at is not None and (not selector.get_map() or now - exited_at >= POWER_CYCLE_EOF_GRACE_S):
+                break
+            if not selector.get_map():  # both pipes closed, the command still running
+                try:
+                    proc.wait(timeout=max(0.0, deadline - now))
+                except subprocess.TimeoutExpired:
+                    pass
+                continue
+            limit = deadline if exited_at is None else exited_at + POWER_CYCLE_EOF_GRACE_S
+            for key, _ in selector.select(min(0.5, max(0.0, limit - now))):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                tail = tails[key.fd]
+                tail += chunk
+                del tail[:-POWER_CYCLE_KEEP_BYTES]
+    for pipe in (proc.stdout, proc.stderr):
+        pipe.close()
+    return timed_out, bytes(out), bytes(err)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -6,8 +6,11 @@ status), that the message names the unit and what went wrong, and that nothing h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import resource
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ import paramiko
 import pytest
 
 from orchestrator import transport
+from orchestrator.boot.trial import run_power_cycle
 from orchestrator.errors import AuthError, CommandFailed, HostKeyError, InputError, TransportError
 from orchestrator.transport import Endpoint, SSHTransport, read_files
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server
@@ -439,3 +443,50 @@ def test_each_hop_is_checked_against_its_own_file_and_a_refusal_names_the_target
     shared.chmod(0o640)
     message = refused_before_connecting(bannered.endpoint(jump=sshd.endpoint(key_file=str(shared))))
     assert "through the jump host" in message and "chmod 600" in message
+
+
+# --------------------------------------------------------------------------------------------------------
+# power_cycle commands (run on this machine by a trial boot)
+
+
+def test_a_power_cycle_printing_without_end_is_killed_at_its_timeout_in_bounded_memory() -> None:
+    """Before: `yes` for a 4 s timeout took 8 GB of memory and 25 s."""
+    start = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert run_power_cycle(["yes"], 2) == "timed out after 2 s (killed)"
+    assert time.monotonic() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024, "KiB: output not kept"
+    script = "head -c 30000000 /dev/zero | tr '\\0' x; echo relay stuck >&2; exit 4"
+    big = run_power_cycle(["sh", "-c", script], 30)
+    assert big == "exit status 4: relay stuck"
+
+
+def test_a_power_cycle_leaving_a_daemon_that_holds_its_output_succeeds_when_it_exits(tmp_path: Path) -> None:
+    """Before: a command that exited 0 but started a daemon keeping stdout open was 'timed out' (and waited
+    out the whole timeout), so a unit that was power-cycled counted as a failed power cycle."""
+    pidfile = tmp_path / "daemon.pid"
+    argv = ["sh", "-c", f"setsid sleep 31.4142 & echo $! > {pidfile}; echo 'outlet 4 cycled'; exit 0"]
+    start = time.monotonic()
+    try:
+        assert run_power_cycle(argv, 20) is None
+        assert time.monotonic() - start < 5
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("script, reason", [
+    ("read -r password || { echo 'no password given' >&2; exit 1; }", "exit status 1: no password given"),
+    ("exec 3</dev/tty", "cannot open /dev/tty"),
+])
+def test_a_power_cycle_that_wants_input_fails_at_once(script: str, reason: str) -> None:
+    start = time.monotonic()
+    failure = run_power_cycle(["sh", "-c", script], 20)
+    assert failure is not None and reason in failure
+    assert time.monotonic() - start < 3
+
+
+def test_a_power_cycle_reason_cannot_drive_the_terminal() -> None:
+    failure = run_power_cycle(["sh", "-c", "printf 'relay\\033[2J\\033]0;x\\007 down' >&2; exit 2"], 5)
+    assert failure == "exit status 2: relay\\x1b[2J\\x1b]0;x\\x07 down"
