@@ -360,7 +360,11 @@ def _include_target(including: Path, name: str) -> tuple[Path | None, str]:
     if not name.isprintable() or not name.endswith(INCLUDE_SUFFIXES):
         return None, rule
     target = including.parent / name
-    real = target.resolve()
+    try:
+        real = target.resolve()
+        target.is_file()  # ENAMETOOLONG and the like surface here, not in the caller's is_file()
+    except OSError as exc:
+        return None, f"{rule}; this one cannot be looked up: {exc.strerror}"
     roots = (including.parent.resolve(), PROFILES_DIR.resolve())
     if not any(real.is_relative_to(root) for root in roots):
         return None, f"{rule}; this one is {real}"
@@ -497,15 +501,21 @@ def load_profile(path: Path, unit_vars: dict | None = None, unit_cpus: int | Non
 def find_profile(name: str, search: tuple[Path, ...] | None = None) -> Path:
     """A profile argument -> its file: an existing path as is, else NAME(.yaml) in ./profiles, then the
     checkout's profiles/."""
+    def is_file(p: Path) -> bool:
+        try:
+            return p.is_file()
+        except OSError:  # a name the OS cannot look up (too long): not a profile file either
+            return False
+
     given = Path(name)
-    if given.is_file():
+    if is_file(given):
         return given
     dirs = search if search is not None else (Path.cwd() / "profiles", PROFILES_DIR)
     for d in dirs:
         for candidate in (d / name, d / f"{name}.yaml"):
-            if candidate.is_file():
+            if is_file(candidate):
                 return candidate
-    raise InputError(f"no profile {name!r}: not a file, and not in {', '.join(str(d) for d in dirs)}")
+    raise InputError(f"no profile {short_repr(name)}: not a file, and not in {', '.join(str(d) for d in dirs)}")
 
 
 # ---- resolving -----------------------------------------------------------------------------------------

@@ -220,3 +220,16 @@ def test_an_inventory_that_can_only_be_a_mistake_is_refused(d, text, argv, messa
     proc = tune(d, *argv, "-i", str(d / "inv.yaml"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and f"{d}/inv.yaml:" in proc.stderr
+
+
+# ---- a profile name or include the OS cannot look up (too long) ---------------------------------------------
+def test_a_profile_name_or_include_too_long_for_the_os_is_an_input_error_with_its_place(d):
+    """Before: 'error: File name too long: aaaa...' (the whole name), exit 74, without the include's file and
+    line."""
+    long = "a" * 5000
+    (d / "p.yaml").write_text(f"name: x\ninclude: [{long}.yaml]\n")
+    proc = tune(d, "profile", "validate", str(d / "p.yaml"))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{d}/p.yaml:2: include.0: " in proc.stderr and "cannot be looked up: File name too long" in proc.stderr
+    proc = tune(d, "apply", long, "--dry-run", "-i", str(d / "inventory.yaml"))
+    assert proc.returncode == 2 and "no profile 'aaa" in proc.stderr and len(proc.stderr) < 400, proc.stderr
