@@ -139,7 +139,7 @@ def _domain(v: str) -> str:
 def _var_name(name: str) -> str:
     if not VAR_NAME.fullmatch(name):
         raise _error("var_name", "a var name must match [A-Za-z_][A-Za-z0-9_]* (a profile references it as "
-                                 "${{name}})")
+                                 "${name})")
     return name
 
 

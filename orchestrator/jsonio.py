@@ -147,10 +147,11 @@ def loads(text: str, *, source: str, error: type[TuneError] = InputError, max_de
 
 def read_json(path: Path, *, what: str, max_bytes: int, error: type[TuneError] = InputError,
               expected: str = "") -> Any:
-    """`loads` on a UTF-8 file of at most `max_bytes`; every refusal names the file."""
+    """`loads` on a UTF-8 file of at most `max_bytes` (a leading byte-order mark, as Windows editors write,
+    is skipped); every refusal names the file."""
     data = read_limited(path, max_bytes, what, error=error)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})"
                     + (f": {expected}" if expected else "")) from None

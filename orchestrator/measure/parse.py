@@ -632,7 +632,7 @@ def _parse_text(text: str, expected_threads: int | None, quote: bool = True) -> 
         more = len(meaningful) - 1
         found = _show(meaningful[0]) + (f" and {more} more lines" if more else "")
     else:
-        found = f"{len(meaningful)} lines of other text (not quoted)"
+        found = f"{len(meaningful)} line{'s' if len(meaningful) > 1 else ''} of other text (not quoted)"
     raise ParseError(
         "cyclictest output: expected summary lines 'T: 0 (...) ... Max: ...', a '# Histogram' block "
         f"(-h/-H) or the --json document, found {found}"
@@ -685,11 +685,11 @@ def parse_cyclictest_file(
 ) -> LatencyResult:
     """`parse_cyclictest` on a file (UTF-8, undecodable bytes replaced), optionally with the --json file; a
     file larger than MAX_OUTPUT_BYTES is an InputError, refused before it is read into memory."""
-    text = jsonio.read_limited(path, MAX_OUTPUT_BYTES, "cyclictest output").decode("utf-8", errors="replace")
+    text = jsonio.read_limited(path, MAX_OUTPUT_BYTES, "cyclictest output").decode("utf-8-sig", errors="replace")
     json_text = None
-    if json_path is not None:
+    if json_path is not None:  # utf-8-sig: a byte-order mark (a file saved by a Windows editor) is skipped
         json_text = jsonio.read_limited(json_path, MAX_OUTPUT_BYTES, "cyclictest JSON").decode(
-            "utf-8", errors="replace")
+            "utf-8-sig", errors="replace")
     try:
         return parse_cyclictest(text, json_text, expected_threads=expected_threads, quote=False)
     except ParseError as exc:

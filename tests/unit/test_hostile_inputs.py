@@ -5,6 +5,7 @@ where that is clearer; each test checks the exit status, the message and that no
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -233,3 +234,29 @@ def test_a_profile_name_or_include_too_long_for_the_os_is_an_input_error_with_it
     assert f"{d}/p.yaml:2: include.0: " in proc.stderr and "cannot be looked up: File name too long" in proc.stderr
     proc = tune(d, "apply", long, "--dry-run", "-i", str(d / "inventory.yaml"))
     assert proc.returncode == 2 and "no profile 'aaa" in proc.stderr and len(proc.stderr) < 400, proc.stderr
+
+
+# ---- a byte-order mark (a file saved by a Windows editor), as YAML already takes it --------------------------
+def test_a_byte_order_mark_is_skipped_in_cyclictest_output_and_json(d):
+    """Before: a cyclictest summary or --json file starting with a BOM was 'not in any cyclictest form', a
+    report 'not valid JSON (Unexpected UTF-8 BOM)'; the YAML files took it all along."""
+    from orchestrator.measure.parse import parse_cyclictest_file
+
+    summary = "T: 0 ( 1234) P:95 I:1000 C:  10000 Min:      1 Act:    2 Avg:    2 Max:       5\n"
+    js = '{"thread": {"0": {"histogram": {"0": 5}, "cycles": 5, "min": 0, "avg": 0, "max": 0}}}'
+    for name, text in (("s.txt", summary), ("j.json", js), ("crlf.txt", summary.replace("\n", "\r\n"))):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert parse_cyclictest_file(d / name).all.samples in (10000, 5)
+    (d / "r.json").write_bytes(b"\xef\xbb\xbf" + parse_cyclictest_file(d / "j.json").model_dump_json().encode())
+    proc = tune(d, "report", str(d / "r.json"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rows"]
+    (d / "one.txt").write_text("hello\n")
+    proc = tune(d, "cyclictest-parse", str(d / "one.txt"))
+    assert proc.returncode == 6 and "found 1 line of other text (not quoted)" in proc.stderr
+
+
+def test_a_bad_var_name_message_shows_the_reference_syntax_once_braced(d):
+    (d / "inv.yaml").write_text('units:\n  lab1:\n    host: {address: 127.0.0.1, port: 1}\n    vars: {"c d": 1}\n')
+    proc = tune(d, "status", "-i", str(d / "inv.yaml"))
+    assert proc.returncode == 2 and "(a profile references it as ${name}) (got 'c d')" in proc.stderr
