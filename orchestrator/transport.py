@@ -311,6 +311,47 @@ def _tail(text: str) -> str:
     return printable(text)
 
 
+# sudo's own refusals (sudo 1.9, Debian 12, recorded with `sudo -n` over SSH without a terminal): its first
+# word is "sudo:", so a command's own error is not mistaken for one.
+_SUDO_REFUSED = re.compile(
+    r"sudo: (?P<password>a password is required)"
+    r"|sudo: (?P<tty>a terminal is required.*|sorry, you must have a tty.*)"
+    r"|(?:sudo: )?(?P<denied>\S+ is not in the sudoers file.*|.*may not run sudo on .*"
+    r"|sorry, user \S+ is not allowed to execute .*|.*account validation failure.*)"
+)
+_SUDO_MISSING = re.compile(r".*\bsudo: (?:command )?not found")
+
+
+def _sudo_refusal(label: str, what: str, status: int, stderr: bytes) -> str | None:
+    """The message for a command that sudo refused to run (or that found no sudo), from its stderr; None when
+    stderr is not one of sudo's refusals."""
+    text = stderr.decode("utf-8", "replace")
+    lines = [printable(line.strip()) for line in text.splitlines() if line.strip()]
+    user = label.rpartition("@")[0] or "the login user"
+    if status == 127:
+        if any(_SUDO_MISSING.fullmatch(line) for line in lines):
+            return (f"{label}: `{what}` was not run: the endpoint has become: true, but sudo is not installed "
+                    f"on the unit (or not in {user}'s PATH). Install it (apt-get install sudo) and give {user} "
+                    f"a NOPASSWD rule, or log in as root.")
+        return None
+    for line in lines:
+        match = _SUDO_REFUSED.fullmatch(line)
+        if match is None:
+            continue
+        rule = f"`{user} ALL=(ALL) NOPASSWD: ALL` in /etc/sudoers.d/ (visudo -f)"
+        if match["password"]:
+            fix = (f"sudo asks {user} for a password, and rt-tune runs `sudo -n` (become: true), which never "
+                   f"prompts: give {user} a rule without one, {rule}")
+        elif match["tty"]:
+            fix = (f"sudo requires a terminal (requiretty) and rt-tune runs commands without one: add "
+                   f"`Defaults:{user} !requiretty` in /etc/sudoers.d/")
+        else:
+            fix = (f"{user} may not run it as root through sudo; rt-tune runs its commands through `timeout` "
+                   f"and `sh`, so it needs {rule}")
+        return f"{label}: `{what}` was not run: {fix}. sudo said: {line}"
+    return None
+
+
 def _describe(argv: Sequence[str]) -> str:
     text = shlex.join(argv)
     return text if len(text) <= 200 else text[:200] + "..."
@@ -361,6 +402,11 @@ class _CommandTransport:
         use_sudo = self._default_sudo if sudo is None else sudo
         raw = self._exec(args, timeout_s=timeout_s, stdin=stdin, sudo=use_sudo)
         log.debug("%s: %s -> exit %d in %.2fs", self.label, _describe(args), raw.exit_status, raw.duration_s)
+        if use_sudo and raw.exit_status in (1, 127) and not raw.stdout:
+            # Even with check=False: the command did not run, so its "failure" must not be read as an answer.
+            refusal = _sudo_refusal(self.label, _describe(args), raw.exit_status, raw.stderr)
+            if refusal is not None:
+                raise AuthError(refusal)
         if check and raw.exit_status != 0:
             out = _tail(raw.stdout.decode("utf-8", "replace"))
             err = _tail(raw.stderr.decode("utf-8", "replace"))

@@ -10,8 +10,11 @@ import contextlib
 import os
 import re
 import resource
+import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -490,3 +493,91 @@ def test_a_power_cycle_that_wants_input_fails_at_once(script: str, reason: str) 
 def test_a_power_cycle_reason_cannot_drive_the_terminal() -> None:
     failure = run_power_cycle(["sh", "-c", "printf 'relay\\033[2J\\033]0;x\\007 down' >&2; exit 2"], 5)
     assert failure == "exit status 2: relay\\x1b[2J\\x1b]0;x\\x07 down"
+
+
+# --------------------------------------------------------------------------------------------------------
+# become: true with a sudo that refuses
+
+
+# sudo's stderr, recorded here over SSH (sudo 1.9.13p3, Debian 12; the login shell dash) for user rtredteam:
+# no sudoers rule or `Defaults lecture=always` + a rule with a password; `Defaults requiretty`; sudo absent.
+RECORDED_SUDO = {
+    "password": (1, b"sudo: a password is required\n"),
+    "tty": (1, b"sudo: sorry, you must have a tty to run sudo\n"),
+    "missing": (127, b"sh: 1: sudo: not found\n"),
+}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("password", "sudo asks rtredteam for a password, and rt-tune runs `sudo -n`"),
+    ("tty", "add `Defaults:rtredteam !requiretty`"),
+    ("missing", "the endpoint has become: true, but sudo is not installed on the unit"),
+])
+def test_sudo_refusals_are_named(case: str, expected: str) -> None:
+    status, stderr = RECORDED_SUDO[case]
+    message = transport._sudo_refusal("rtredteam@robot7:22", "cat -- /etc/shadow", status,
+                                      b"a stderr banner\n" + stderr)
+    assert message is not None and expected in message
+    assert message.startswith("rtredteam@robot7:22: `cat -- /etc/shadow` was not run: ")
+
+
+def test_a_commands_own_failure_is_not_a_sudo_refusal() -> None:
+    assert transport._sudo_refusal("u@h:22", "cat /x", 1, b"cat: /x: No such file or directory\n") is None
+    assert transport._sudo_refusal("u@h:22", "x", 127, b"sh: 1: systemd-detect-virt: not found\n") is None
+
+
+@pytest.fixture(scope="module")
+def open_sshd() -> Iterator[Sshd]:
+    """An sshd whose authorized_keys a non-root user can read (sshd reads it with the user's rights; pytest's
+    temporary directories are private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="rt-tune-sshd-"))
+    try:
+        d.chmod(0o755)
+        with sshd_server(d) as server:
+            yield server
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture()
+def sudo_user(tmp_path: Path) -> Iterator[str]:
+    """A throwaway non-root login user (removed afterwards) whose sudo rule the test writes."""
+    if shutil.which("sudo") is None or shutil.which("useradd") is None:
+        pytest.skip("needs sudo and useradd on this machine (apt-get install sudo)")
+    name = "rttune" + secrets.token_hex(3)
+    subprocess.run(["useradd", "-M", "-d", str(tmp_path), "-s", "/bin/sh", "-p", "*", name], check=True)
+    try:
+        yield name
+    finally:
+        Path(f"/etc/sudoers.d/{name}").unlink(missing_ok=True)
+        deadline = time.monotonic() + 5  # its sshd session may take a moment to end
+        while subprocess.run(["userdel", name], check=False, capture_output=True).returncode == 8:  # in use
+            if time.monotonic() > deadline:
+                subprocess.run(["userdel", "-f", name], check=False, capture_output=True)
+                break
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    (None, "sudo asks {user} for a password"),
+    ("{user} ALL=(ALL) ALL", "sudo asks {user} for a password"),
+    ("Defaults:{user} requiretty\n{user} ALL=(ALL) NOPASSWD: ALL", "add `Defaults:{user} !requiretty`"),
+])
+def test_a_sudo_that_refuses_is_an_error_even_without_check(open_sshd: Sshd, sudo_user: str,
+                                                            rule: str | None, expected: str) -> None:
+    """Before: `sudo: a password is required` was a CommandFailed, and with check=False the command looked as
+    if it had run and failed (status 1)."""
+    if rule is not None:
+        Path(f"/etc/sudoers.d/{sudo_user}").write_text(rule.format(user=sudo_user) + "\n")
+    with SSHTransport(open_sshd.endpoint(user=sudo_user, become=True), connect_deadline_s=5) as t:
+        assert t.run(["id", "-un"], sudo=False).stdout == f"{sudo_user}\n"
+        for check in (True, False):
+            with pytest.raises(AuthError) as info:
+                t.run(["id", "-u"], check=check)
+            assert f"{sudo_user}@127.0.0.1:{open_sshd.port}: `id -u` was not run: " in str(info.value)
+            assert expected.format(user=sudo_user) in str(info.value)
+    Path(f"/etc/sudoers.d/{sudo_user}").write_text(f"{sudo_user} ALL=(ALL) NOPASSWD: ALL\n")
+    with SSHTransport(open_sshd.endpoint(user=sudo_user, become=True), connect_deadline_s=5) as t:
+        assert t.run(["id", "-u"]).stdout == "0\n"
+        # a command's own failure under sudo is its answer
+        assert t.run(["cat", "/nonexistent"], check=False).exit_status == 1
