@@ -330,9 +330,9 @@ def _sudo_refusal(label: str, what: str, status: int, stderr: bytes) -> str | No
     user = label.rpartition("@")[0] or "the login user"
     if status == 127:
         if any(_SUDO_MISSING.fullmatch(line) for line in lines):
-            return (f"{label}: `{what}` was not run: the endpoint has become: true, but sudo is not installed "
-                    f"on the unit (or not in {user}'s PATH). Install it (apt-get install sudo) and give {user} "
-                    f"a NOPASSWD rule, or log in as root.")
+            return (f"{label}: `{what}` was not run: the endpoint has become: true, but sudo is not "
+                    f"installed on the unit (or not in {user}'s PATH). Install it (apt-get install sudo) and "
+                    f"give {user} a NOPASSWD rule, or log in as root.")
         return None
     for line in lines:
         match = _SUDO_REFUSED.fullmatch(line)
@@ -642,6 +642,11 @@ class _Trust:
                 missing.append(path)
                 continue
             whose = " named by the inventory" if endpoint.known_hosts is not None else ""
+            if os.path.realpath(path) == os.devnull:
+                raise InputError(f"{endpoint.label}: the known_hosts file{whose} is {path}, the OpenSSH idiom "
+                                 f"for turning host-key checking off; rt-tune always checks host keys: name a "
+                                 f"known_hosts file that lists this unit's key (ssh-keyscan, checked on its "
+                                 f"console)")
             data, _ = _read_regular(path, MAX_KNOWN_HOSTS_BYTES, endpoint.label,
                                     f"the known_hosts file {path}{whose}")
             found, without_port, notes = _known_keys(path, data, endpoint.host.lower(), endpoint.port)

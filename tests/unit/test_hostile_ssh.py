@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -306,6 +307,17 @@ def test_a_known_hosts_that_is_a_fifo_a_device_or_a_directory_is_refused_without
         assert f"the known_hosts file {path} named by the inventory is {kind}, not a regular file" in message
 
 
+def test_dev_null_as_known_hosts_never_turns_checking_off(sshd: Sshd, tmp_path: Path) -> None:
+    """`UserKnownHostsFile /dev/null` (often in ~/.ssh/config, which the inventory reads) disables checking
+    in OpenSSH with StrictHostKeyChecking=no; here it is refused, saying so (it said: add this line to
+    /dev/null)."""
+    link = tmp_path / "kh"
+    link.symlink_to(os.devnull)
+    for path in (os.devnull, str(link)):
+        message = refused_before_connecting(sshd.endpoint(known_hosts=path))
+        assert "the OpenSSH idiom for turning host-key checking off; rt-tune always checks" in message
+
+
 def test_a_known_hosts_over_the_limit_is_refused_unread(sshd: Sshd, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport, "MAX_KNOWN_HOSTS_BYTES", 4096)
@@ -581,3 +593,43 @@ def test_a_sudo_that_refuses_is_an_error_even_without_check(open_sshd: Sshd, sud
         assert t.run(["id", "-u"]).stdout == "0\n"
         # a command's own failure under sudo is its answer
         assert t.run(["cat", "/nonexistent"], check=False).exit_status == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Through the real CLI
+
+
+def test_the_cli_reports_hostile_units_with_their_exit_status_and_no_traceback(wrapped: Sshd,
+                                                                                tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    (tmp_path / "dir").mkdir()
+
+    def unit(name: str, port: int, key: Path | str = wrapped.client_key,
+             known: Path | str = wrapped.known_hosts) -> str:
+        return (f"  {name}:\n    host:\n      address: 127.0.0.1\n      port: {port}\n      key: {key}\n"
+                f"      known_hosts: {known}\n")
+
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("units:\n" + unit("noisy", wrapped.ports["noisy"])
+                         + unit("ignores", wrapped.ports["ignores"]) + unit("twice", wrapped.ports["twice"])
+                         + unit("fifokey", wrapped.port, key=fifo)
+                         + unit("khdir", wrapped.port, known=tmp_path / "dir"))
+    env = dict(os.environ, RT_TUNE_STATE=str(tmp_path / "state"), HOME=str(tmp_path))
+    cases = {
+        "noisy": (0, ""),
+        "ignores": (5, "was not run: the unit answered (exit status 0) without the markers"),
+        "twice": (5, "was run 2 times in one session"),
+        "fifokey": (2, f"the private key {fifo} named by the inventory is a FIFO, not a regular file"),
+        "khdir": (2, f"the known_hosts file {tmp_path / 'dir'} named by the inventory is a directory"),
+    }
+    for name, (status, expected) in cases.items():
+        argv = [sys.executable, "-m", "orchestrator", "facts", f"{name}.host", "-i", str(inventory)]
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert result.returncode == status, (name, result.stderr)
+        assert "Traceback" not in result.stderr + result.stdout
+        if status:
+            shown = " ".join(result.stderr.split())  # rich wraps long lines
+            assert "error: root@127.0.0.1:" in shown and expected in shown, result.stderr
+        else:
+            assert "boot_id" in result.stdout
