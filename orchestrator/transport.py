@@ -157,15 +157,22 @@ def _validate_argv(argv: Sequence[str]) -> list[str]:
 # The frame around a command: $1 is the marker; the command's stdout follows "<marker>{", and
 # "<marker>}<status>\n" follows it. The user's login shell only sees this `sh -c` with quoted words, as before
 # (no `$?` there: a non-POSIX login shell would not understand it).
-_FRAME_SCRIPT = 'm=$1; shift; printf "%s{" "$m"; "$@"; rc=$?; printf "%s}%d\\n" "$m" "$rc"; exit "$rc"'
+# When stdout and stderr are one stream (a ForceCommand wrapper or rc file with `2>&1`), the command's stderr
+# would land inside the frame and be read as its output (a warning parsed as data): it is then captured and
+# printed after the closing marker instead (`/dev/fd/N -ef` compares the pipes; false where /dev/fd is absent).
+_FRAME_RUN = (
+    'if [ /dev/fd/1 -ef /dev/fd/2 ]; then exec 3>&1; e=$("$@" 2>&1 1>&3 3>&-; echo "$?"); exec 3>&-; '
+    'rc=${e##*[!0-9]}; e=${e%"$rc"}; printf "%s}%d\\n" "$m" "$rc"; printf "%s" "$e" >&2; '
+    'else "$@"; rc=$?; printf "%s}%d\\n" "$m" "$rc"; fi; exit "$rc"'
+)
+_FRAME_SCRIPT = 'm=$1; shift; printf "%s{" "$m"; ' + _FRAME_RUN
 # The same for a command given stdin: $2 is a nonce sent as the first line of stdin. When it is not the first
 # line read here, something on the unit (a ForceCommand wrapper, a login rc file) read the stdin first: the
 # command is not run (it would get a truncated or empty stdin, e.g. write an empty file) and the status
 # field says "stdin". `read` takes a pipe byte by byte, so the command gets the rest exactly.
 _FRAME_STDIN_SCRIPT = (
     'm=$1; n=$2; shift 2; printf "%s{" "$m"; IFS= read -r s; '
-    'if [ "$s" != "$n" ]; then printf "%s}stdin\\n" "$m"; exit 125; fi; '
-    '"$@"; rc=$?; printf "%s}%d\\n" "$m" "$rc"; exit "$rc"'
+    'if [ "$s" != "$n" ]; then printf "%s}stdin\\n" "$m"; exit 125; fi; ' + _FRAME_RUN
 )
 
 

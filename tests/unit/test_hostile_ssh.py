@@ -25,7 +25,14 @@ import pytest
 
 from orchestrator import transport
 from orchestrator.boot.trial import run_power_cycle
-from orchestrator.errors import AuthError, CommandFailed, HostKeyError, InputError, TransportError
+from orchestrator.errors import (
+    AuthError,
+    CommandFailed,
+    CommandTimeout,
+    HostKeyError,
+    InputError,
+    TransportError,
+)
 from orchestrator.transport import Endpoint, SSHTransport, read_files
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server
 
@@ -49,6 +56,8 @@ WRAPPERS = {
     "twice": '/bin/sh -c "$SSH_ORIGINAL_COMMAND"\n/bin/sh -c "$SSH_ORIGINAL_COMMAND"\n',
     # exits 0 without running anything (a restricted account)
     "ignores": 'echo "This account is restricted."\nexit 0\n',
+    # one stream for stdout and stderr (a wrapper that logs everything)
+    "merges": 'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND" 2>&1\n',
     # a banner on stdout AND stderr, non-UTF-8 bytes and the shape of rt-tune's markers
     "noisy": 'printf "\\377\\376 MOTD @@rt-tune-0123456789abcdef{x}0\\n"; echo "stderr banner" >&2\n'
              'exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n',
@@ -121,6 +130,21 @@ def test_banners_on_both_streams_with_binary_and_marker_shaped_text_are_cut_off(
         assert t.run(["sh", "-c", "exit 3"], check=False).exit_status == 3
         t.write_file(str(tmp_path / "f"), b"\x00\xff data")
         assert t.read_file(str(tmp_path / "f")) == b"\x00\xff data"
+
+
+def test_a_wrapper_that_merges_stderr_into_stdout_cannot_put_warnings_in_the_output(wrapped: Sshd,
+                                                                                     tmp_path: Path) -> None:
+    """Before: `echo warning >&2; echo 42` answered 'warning\\n42\\n' as its stdout."""
+    with via(wrapped, "merges") as t:
+        result = t.run(["sh", "-c", "echo 'warning: deprecated' >&2; echo 42; echo 'more' >&2; exit 3"],
+                       check=False)
+        assert (result.stdout, result.exit_status) == ("42\n", 3)
+        t.write_file(str(tmp_path / "f"), b"\x00\xff data\n")
+        assert t.read_file(str(tmp_path / "f")) == b"\x00\xff data\n"
+        assert read_files(t, [str(tmp_path / "f"), str(tmp_path / "none")]) == {
+            str(tmp_path / "f"): b"\x00\xff data\n", str(tmp_path / "none"): None}
+        with pytest.raises(CommandTimeout):
+            t.run(["sleep", "30.5772"], timeout_s=1)
 
 
 # --------------------------------------------------------------------------------------------------------
