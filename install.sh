@@ -12,6 +12,7 @@ PKGS=(
   openssh-client openssh-server         # `tune lab ssh`; a real sshd for the transport tests
   procps iproute2 util-linux            # pgrep, ss, mount/findmnt used by tests
   sqlite3                               # the journal recovery that a damaged-journal error prints, run by a test
+  sudo                                  # become: tests with a throwaway non-root user and real sudo rules
   postgresql                            # the journal's PostgreSQL backend: its tests start a throwaway server
   python3 python3-venv python3-pip
   grub2-common systemd-boot u-boot-tools libubootenv-tool libvirt-clients linux-base  # bootloader tools the
