@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from orchestrator.cpulist import format_cpulist
 from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.errors import InputError, TuneError
 from orchestrator.names import SYSCTL_NAME, check_unit_name, service_to_disable  # whole-string, systemd's rules
+from orchestrator.profile import describe_vcpu_map
 from orchestrator.transport import Transport, read_files, read_optional
 
 State = dict[str, Any]
@@ -557,12 +558,15 @@ class VcpuPinningChange(Change):
         t.run(["python3", "-c", PIN_SCRIPT_BODY, "--restore", self._main_pid(t),
                json.dumps(_threads_of(before), sort_keys=True)], timeout_s=60)
 
-    def describe(self) -> str:
-        fifo = f" (SCHED_FIFO {self.rt_priority})" if self.rt_priority else ""
-        rt = "; ".join(f"vCPU {v} -> host CPU {c}{fifo}" for v, c in self.vcpus.items())
-        if self.housekeeping is None:
-            return f"pin {self.service}: {rt}"
-        return f"pin {self.service}: {rt}; other threads -> {format_cpulist(self.housekeeping)}"
+    def describe(self, other_vcpus: list[int] | None = None) -> str:
+        params = {"vcpus": self.vcpus, "housekeeping": self.housekeeping, "rt_priority": self.rt_priority}
+        return f"pin the threads of {self.service}: {describe_vcpu_map(params, other_vcpus)}"
+
+    def plan(self, t: Transport) -> Plan:
+        """As every change's, with the map named against the live QEMU: "...; vCPU 0, main loop, ... -> 0"."""
+        plan = super().plan(t)
+        others = sorted(int(v) for v in plan.before["threads"]["vcpus"] if int(v) not in self.vcpus)
+        return replace(plan, summary=self.describe(others) + (" (already in place)" if plan.noop else ""))
 
 
 def _threads_of(before: State) -> dict[str, Any]:

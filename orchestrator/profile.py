@@ -885,11 +885,15 @@ def _describe_artifact(a: Mapping[str, Any]) -> str:
     return what + (f" ({a['release']})" if a.get("release") else "")
 
 
-def describe_vcpu_map(p: Mapping[str, Any]) -> str:
-    """"vCPU 1 (guest RT CPU 1) -> host CPU 1 (SCHED_FIFO 1); vCPU 0, main loop, I/O threads -> 0"."""
+def describe_vcpu_map(p: Mapping[str, Any], other_vcpus: list[int] | None = None) -> str:
+    """"vCPU 1 (guest RT CPU 1) -> host CPU 1 (SCHED_FIFO 1); vCPU 0, main loop, I/O threads -> 0"; the other
+    vCPUs by number when they are known (read from the unit), else "other vCPUs"."""
     fifo = f" (SCHED_FIFO {p['rt_priority']})" if p.get("rt_priority") else ""
     rt = "; ".join(f"vCPU {v} (guest RT CPU {v}) -> host CPU {c}{fifo}" for v, c in p["vcpus"].items())
-    return f"{rt}; other vCPUs, main loop, I/O threads -> {format_cpulist(p['housekeeping'])}"
+    if p.get("housekeeping") is None:  # a map journaled by an older rt-tune: the other threads were left alone
+        return rt
+    others = "other vCPUs" if other_vcpus is None else ", ".join(f"vCPU {v}" for v in other_vcpus) or "no other vCPU"
+    return f"{rt}; {others}, main loop, I/O threads -> {format_cpulist(p['housekeeping'])}"
 
 
 def describe(spec: ChangeSpec) -> str:

@@ -112,3 +112,13 @@ def test_plan_line_names_the_map():
 def test_the_qemu_service_must_be_a_service_unit(service):
     with pytest.raises(InputError, match="QEMU service name"):
         VcpuPinningChange(service, {1: 1}, [0])
+
+
+def test_the_plan_names_the_map_against_the_live_vcpus():
+    """`tune plan` shows which vCPU goes where, the other vCPUs by number as read from the unit's QEMU."""
+    change = VcpuPinningChange("rt-guest-vm.service", {1: 1}, [0])
+    others = sorted(int(v) for v in PRISTINE["vcpus"] if int(v) not in change.vcpus)
+    assert change.describe(others) == ("pin the threads of rt-guest-vm.service: vCPU 1 (guest RT CPU 1) -> host "
+                                       "CPU 1; vCPU 0, main loop, I/O threads -> 0")
+    legacy = VcpuPinningChange.from_params({"service": "rt-guest-vm.service", "cpus": [1]})
+    assert legacy.describe() == "pin the threads of rt-guest-vm.service: vCPU 0 (guest RT CPU 0) -> host CPU 1"
