@@ -142,3 +142,17 @@ def sshd_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def wrapped_sshd_server(d: Path, wrappers: Mapping[str, str]) -> Iterator[Sshd]:
+    """An sshd whose extra ports (one per name in `wrappers`) run that shell body as a ForceCommand wrapper
+    around every command: banners, rc files and misbehaving wrappers as robots have them."""
+    commands = {}
+    for name, body in wrappers.items():
+        script = d / f"wrapper-{name}"
+        script.write_text("#!/bin/sh\n" + body)
+        script.chmod(0o755)
+        commands[name] = str(script)
+    with sshd_server(d, commands) as server:
+        yield server

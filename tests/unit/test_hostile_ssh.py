@@ -34,7 +34,7 @@ from orchestrator.errors import (
     TransportError,
 )
 from orchestrator.transport import Endpoint, SSHTransport, read_files
-from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server
+from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server, wrapped_sshd_server
 
 pytestmark = pytest.mark.unit
 
@@ -66,14 +66,7 @@ WRAPPERS = {
 
 @pytest.fixture(scope="module")
 def wrapped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    d = tmp_path_factory.mktemp("hostile-sshd")
-    commands = {}
-    for name, body in WRAPPERS.items():
-        script = d / f"wrapper-{name}"
-        script.write_text("#!/bin/sh\n" + body)
-        script.chmod(0o755)
-        commands[name] = str(script)
-    with sshd_server(d, commands) as server:
+    with wrapped_sshd_server(tmp_path_factory.mktemp("hostile-sshd"), WRAPPERS) as server:
         yield server
 
 

@@ -32,7 +32,7 @@ from orchestrator.transport import (
     read_optional,
     remote_command,
 )
-from tests.sshd import Sshd, free_port, keygen, sshd_server
+from tests.sshd import Sshd, free_port, keygen, sshd_server, wrapped_sshd_server
 
 pytestmark = pytest.mark.unit
 
@@ -69,14 +69,7 @@ WRAPPERS = {
 @pytest.fixture(scope="session")
 def wrapped_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """An sshd whose extra ports (by WRAPPERS name) run a wrapper around every command."""
-    d = tmp_path_factory.mktemp("wrapped-sshd")
-    commands = {}
-    for name, body in WRAPPERS.items():
-        script = d / f"wrapper-{name}"
-        script.write_text("#!/bin/sh\n" + body)
-        script.chmod(0o755)
-        commands[name] = str(script)
-    with sshd_server(d, commands) as server:
+    with wrapped_sshd_server(tmp_path_factory.mktemp("wrapped-sshd"), WRAPPERS) as server:
         yield server
 
 
