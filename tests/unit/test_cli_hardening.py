@@ -18,22 +18,12 @@ import pytest
 
 from orchestrator.journal import Journal
 from tests.conftest import REPO
+from tests.unit.cli_inputs import VARS, unit_yaml
 from tests.unit.readonly import run_read_only
 
 pytestmark = pytest.mark.unit
 
-VARS = ('{rt_cpus: "1", housekeeping_cpus: "0", guest_rt_cpus: "1", cpus: 2, guest_cpus: 2, '
-        'qemu_service: rt-guest-vm.service}')
-INVENTORY = f"""units:
-  lab1:
-    host: {{address: 127.0.0.1, port: 1}}
-    guest: {{address: 127.0.0.1, port: 1, via_host: true}}
-    vars: {VARS}
-  lab2:
-    host: {{address: 127.0.0.1, port: 1}}
-    guest: {{address: 127.0.0.1, port: 1, via_host: true}}
-    vars: {VARS}
-"""
+INVENTORY = "units:\n" + unit_yaml("lab1") + unit_yaml("lab2")
 
 
 class World:

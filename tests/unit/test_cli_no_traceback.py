@@ -21,20 +21,11 @@ from orchestrator import cli
 from orchestrator.errors import InputError, TuneError
 from orchestrator.journal import LockedError
 from tests.conftest import REPO
+from tests.unit.cli_inputs import unit_yaml
 
 pytestmark = pytest.mark.unit
 
-VARS = ('{rt_cpus: "1", housekeeping_cpus: "0", guest_rt_cpus: "1", cpus: 2, guest_cpus: 2, '
-        'qemu_service: rt-guest-vm.service}')
-INVENTORY = f"""units:
-  lab1:
-    host: {{address: 127.0.0.1, port: 1}}
-    guest: {{address: 127.0.0.1, port: 1, via_host: true}}
-    vars: {VARS}
-  lab2:
-    host: {{address: 127.0.0.1, port: 1}}
-    vars: {VARS}
-"""
+INVENTORY = "units:\n" + unit_yaml("lab1") + unit_yaml("lab2", guest=False)
 BOMB = "\n".join([
     'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
     *(f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)),

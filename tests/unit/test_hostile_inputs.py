@@ -15,17 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.unit.cli_inputs import unit_yaml
 
 pytestmark = pytest.mark.unit
 
-VARS = ('{rt_cpus: "1", housekeeping_cpus: "0", guest_rt_cpus: "1", cpus: 2, guest_cpus: 2, '
-        'qemu_service: rt-guest-vm.service}')
-INVENTORY = f"""units:
-  lab1:
-    host: {{address: 127.0.0.1, port: 1}}
-    guest: {{address: 127.0.0.1, port: 1, via_host: true}}
-    vars: {VARS}
-"""
+INVENTORY = "units:\n" + unit_yaml("lab1")
 HASH = "$6$Q7zX9$SECRETHASHk3Jd0"  # a recognisable secret that must never reach the terminal
 #: a file shaped like /etc/shadow: YAML reads it as a mapping whose keys are its lines
 SHADOW = "".join(f"{user}:{HASH}:20228:0:99999:7:::\n" for user in ("root", "daemon", "bin", "sys"))
