@@ -152,11 +152,13 @@ def lab_ssh(name: str, user: str, command: tuple[str, ...]) -> None:
 
 @lab.command("reset")
 @click.argument("names", nargs=-1)
+@click.option("--cold", is_flag=True, help="Boot on fresh disks even when a pristine snapshot could be restored.")
 @click.option("--json", "as_json", is_flag=True)
-def lab_reset(names: tuple[str, ...], as_json: bool) -> None:
-    """Return VMs (default: all) to their pristine disks and boot them again."""
-    state = _lab().reset(list(names) or None)
-    emit(json.loads(state.model_dump_json()), as_json, "reset to pristine disks and booted")
+def lab_reset(names: tuple[str, ...], cold: bool, as_json: bool) -> None:
+    """Return VMs (default: all) to pristine: restore the snapshot taken after their first pristine boot (disk
+    and memory, seconds), or boot them on fresh disks (--cold, or when no snapshot matches)."""
+    state = _lab().reset(list(names) or None, cold=cold)
+    emit(json.loads(state.model_dump_json()), as_json, "reset to pristine" + (" disks and booted" if cold else ""))
 
 
 @lab.command("power-cycle")

@@ -31,7 +31,7 @@ from orchestrator.errors import LabError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.lab import sh
 
-BUILDER_VERSION = 4  # bump when the build steps change in a way the recipe does not show
+BUILDER_VERSION = 5  # bump when the build steps change in a way the recipe does not show
 FILES_DIR = Path(__file__).parent / "files"
 ROLES = ("host", "guest")
 
@@ -52,6 +52,18 @@ NATIVE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 QEMU_USER_BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
 # modules the initramfs needs to mount a virtio root disk (MODULES=list during a foreign build)
 INITRAMFS_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "ext4")
+# What a lab unit does not need at boot, masked: each costs seconds under TCG (measured with systemd-analyze
+# blame, benchmarks/lab_bench.py). Kept: systemd, udev, journald, logind, networkd, sshd, the watchdog, tracefs
+# and debugfs (tune diagnose), systemd-coredump (the crash-looping service), GRUB from disk.
+MASKED_UNITS = (
+    "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer", "apt-daily.timer", "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer", "systemd-tmpfiles-clean.timer",  # periodic jobs that would run inside measurements
+    "getty.target", "serial-getty@.service", "getty@.service",  # nobody logs in on a console
+    "modprobe@drm.service", "modprobe@fuse.service", "modprobe@dm_mod.service", "modprobe@loop.service",
+    "modprobe@efi_pstore.service", "modprobe@configfs.service", "sys-kernel-config.mount",
+    "sys-fs-fuse-connections.mount", "dev-hugepages.mount", "dev-mqueue.mount",
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-pstore.service",
+)
 NESTED_GUEST_DIR = "var/lib/rt-lab/guest"  # inside the host's root: the nested guest's disk and kernel
 NESTED_GUEST_DISK_GIB = 2
 # units enabled per role; the files for both roles are in every image
@@ -208,7 +220,7 @@ def _build(recipe: ImageRecipe, work: Path, cache_dir: Path, events: EventSink) 
         shutil.copy(log, cache_dir / "images" / "last-failed-build.log")
         raise
     _step(events, key, 1, total, "configuring the image")
-    kernel = _configure_common(tree, recipe.arch)
+    kernel = _configure_common(tree, recipe.arch, foreign)
     _step(events, key, 2, total, "making the EFI system partition with GRUB")
     _make_esp(tree, out / "esp.img", recipe.arch, log)
     root_uuid = {}
@@ -318,7 +330,20 @@ def _copy_files(src: Path, tree: Path) -> None:
             os.chown(dest, 0, 0)
 
 
-def _configure_common(tree: Path, arch: str) -> str:
+def _small_initramfs(tree: Path, log: Path) -> None:
+    """Rebuild every kernel's initramfs with only what a virtio root disk needs (MODULES=list)."""
+    modules_d = tree / "usr/share/initramfs-tools/modules.d"
+    modules_d.mkdir(parents=True, exist_ok=True)
+    (modules_d / "rt-lab").write_text("\n".join(INITRAMFS_MODULES) + "\n")
+    build_conf = tree / "etc/initramfs-tools/conf.d/99-rt-lab-build.conf"
+    build_conf.write_text("MODULES=list\n")
+    try:
+        _chroot(tree, "update-initramfs", "-u", "-k", "all", log=log, timeout=900)
+    finally:
+        build_conf.unlink()
+
+
+def _configure_common(tree: Path, arch: str, foreign: bool) -> str:
     log = tree.parent / "build.log"
     for part in ("common", *ROLES):
         _copy_files(FILES_DIR / part, tree)
@@ -333,8 +358,12 @@ def _configure_common(tree: Path, arch: str) -> str:
     _chroot(tree, "useradd", "--create-home", "--shell", "/bin/bash", "--groups", "sudo", "tuner", log=log)
     _chroot(tree, "usermod", "--password", "*", "tuner", log=log)  # no password, not locked: key login only
     _chroot(tree, "systemctl", "enable", "systemd-networkd.service", "rt-lab-provision.service", log=log)
-    # nothing a robot unit needs at boot, and slow under emulation
-    _chroot(tree, "systemctl", "mask", "e2scrub_reap.service", "e2scrub_all.timer", log=log)
+    _chroot(tree, "systemctl", "mask", *MASKED_UNITS, log=log)  # nothing a lab unit needs, slow under TCG
+    if not foreign:
+        # debootstrap's kernel postinst made an initramfs with most modules (30 MB: GRUB reads it and the
+        # kernel unpacks it under TCG, about 10 s of each boot); the foreign build set this up before its
+        # second stage. The image keeps MODULES=dep for kernels installed inside the VM.
+        _small_initramfs(tree, log)
     (tree / "boot/grub").mkdir(parents=True, exist_ok=True)
     _chroot(tree, "grub-editenv", "/boot/grub/grubenv", "create", log=log)
     for d in (tree / "usr/lib/grub").iterdir():
@@ -371,7 +400,7 @@ esac
 
 
 def _configure_role(tree: Path, role: str, root_uuid: str, log: Path) -> None:
-    (tree / "etc/fstab").write_text(f"UUID={root_uuid}\t/\text4\terrors=remount-ro\t0\t1\n")
+    (tree / "etc/fstab").write_text(f"UUID={root_uuid}\t/\text4\terrors=remount-ro\t0\t0\n")
     (tree / "etc/hostname").write_text(f"rtlab-{role}\n")
     (tree / "etc/machine-id").write_text(uuid.uuid5(uuid.NAMESPACE_URL, f"rt-tune:{root_uuid}").hex + "\n")
     if ROLE_UNITS[role]:
@@ -403,7 +432,7 @@ def _nested_guest_disk(tree: Path, root_uuid: str, kernel: str, work: Path, log:
     The guest boots `kernel` with QEMU's -kernel/-initrd/-append (its command line belongs to the host's
     rt-guest-vm.service), so its disk leaves out /boot and the other kernels' modules.
     """
-    (tree / "etc/fstab").write_text(f"UUID={root_uuid}\t/\text4\terrors=remount-ro\t0\t1\n")
+    (tree / "etc/fstab").write_text(f"UUID={root_uuid}\t/\text4\terrors=remount-ro\t0\t0\n")
     (tree / "etc/hostname").write_text("rtlab-guest\n")
     (tree / "etc/machine-id").write_text(uuid.uuid5(uuid.NAMESPACE_URL, f"rt-tune:{root_uuid}").hex + "\n")
     if ROLE_UNITS["guest"]:

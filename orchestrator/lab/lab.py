@@ -16,10 +16,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from orchestrator.errors import LabError, TransportError
+from orchestrator.errors import HostKeyError, LabError, TransportError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.facts import BOOT_ID
-from orchestrator.lab import deps, images, vm
+from orchestrator.lab import deps, images, snapshot, vm
 from orchestrator.lab.qmp import qmp_call
 from orchestrator.paths import Paths
 from orchestrator.transport import Endpoint, SSHTransport
@@ -200,6 +200,7 @@ class Lab:
             (self.dir / "vms" / rec.name).mkdir(parents=True, exist_ok=True)
             (self.dir / "vms" / rec.name / "hostname").write_text(rec.name)
         started: list[VMRecord] = []
+        fresh: list[VMRecord] = []  # booting on new disks: snapshotted once up (pristine resets)
         try:
             for rec in recs:
                 if rec.name in running:
@@ -209,7 +210,8 @@ class Lab:
                     continue
                 spec = self.spec(state, rec)
                 # new images (a changed recipe): overlays of the old ones must not be booted on the new bases
-                vm.prepare_disks(spec, pristine=bool(old and old.image_dir != state.image_dir))
+                if self._prepare_disks(spec, pristine=bool(old and old.image_dir != state.image_dir)):
+                    fresh.append(rec)
                 (spec.directory / "hostname").write_text(rec.name)
                 rec.pid = self._start(spec, rec, taken)
                 started.append(rec)
@@ -217,7 +219,8 @@ class Lab:
                 self._save_state(state)
             self._write_known_hosts(state)
             self._save_state(state)
-            self.wait_ssh(state, [r.name for r in started], boot_timeout)
+            boot_ids = self.wait_ssh(state, [r.name for r in started], boot_timeout)
+            self._save_snapshots(state, fresh, boot_ids)
         except BaseException:
             # Ctrl-C or a failure while booting: leave nothing running that this call started
             for rec in started:
@@ -387,8 +390,30 @@ class Lab:
         except TransportError:
             return None
 
-    def reset(self, names: list[str] | None = None, boot_timeout: float = 300.0) -> LabState:
-        """Return VMs to their pristine disks: stop, fresh overlays and UEFI vars, boot, wait for SSH."""
+    def _prepare_disks(self, spec: vm.VMSpec, *, pristine: bool) -> bool:
+        fresh = vm.prepare_disks(spec, pristine=pristine)
+        if fresh:
+            snapshot.forget(spec)  # the old overlay, and the snapshot in it, are gone
+        return fresh
+
+    def _save_snapshots(self, state: LabState, recs: list[VMRecord], boot_ids: dict[str, str]) -> None:
+        """Snapshot VMs that just booted pristine (an arm64 host once its nested guest is up too). A failure
+        costs only the fast reset: it is reported, and the VM runs on."""
+        for rec in recs:
+            spec = self.spec(state, rec)
+            try:
+                saved = snapshot.save(spec, rec.pid or 0, boot_ids.get(rec.name, ""))
+            except LabError as exc:
+                self.events(Event("lab.snapshot.failed", rec.name, f"{exc}; `tune lab reset` will boot it"))
+                continue
+            self.events(Event("lab.snapshot.saved", rec.name, f"pristine snapshot saved in {saved.save_seconds} s",
+                              data={"seconds": saved.save_seconds}))
+
+    def reset(self, names: list[str] | None = None, boot_timeout: float = 300.0, *,
+              cold: bool = False) -> LabState:
+        """Return VMs to pristine: restore each one's pristine snapshot (disk and memory, about a second), or,
+        with `cold`, without a usable snapshot or when restoring fails, stop it, give it fresh overlays and UEFI
+        vars and boot it. A restored VM is checked (its host key, its snapshot's boot_id) and its clock set."""
         state = self._require()
         recs = [self.record(state, n) for n in names] if names else list(state.vms)
         for rec in [r for r in recs if r.nested_in]:
@@ -397,20 +422,82 @@ class Lab:
                                f"reset {rec.nested_in} too")
         waited = [r.name for r in recs]
         recs = [r for r in recs if not r.nested_in]
-        for rec in recs:
+        restored = self._restore_snapshots(state, [] if cold else recs)
+        booted = [r for r in recs if r.name not in restored]
+        for rec in booted:
             spec = self.spec(state, rec)
             vm.stop(spec, rec.pid)
-            vm.prepare_disks(spec, pristine=True)
+            self._prepare_disks(spec, pristine=True)
             rec.pid = None
         self._save_state(state)
         taken = {r.ssh_port for r in state.vms}
-        for rec in recs:
-            rec.pid = self._start(self.spec(state, rec), rec, taken)
-        self._write_known_hosts(state)
-        self._save_state(state)
-        self.wait_ssh(state, waited, boot_timeout)
+        try:
+            for rec in booted:
+                rec.pid = self._start(self.spec(state, rec), rec, taken)
+                self.events(Event("lab.reset.cold", rec.name, "booting on fresh disks"))
+            self._write_known_hosts(state)
+            self._save_state(state)
+            cold_names = [n for n in waited if n not in restored]
+            boot_ids = self.wait_ssh(state, cold_names, boot_timeout)
+            self._save_snapshots(state, booted, boot_ids)
+        except BaseException:
+            for rec in booted:  # Ctrl-C or a failure while booting: leave nothing half-started
+                vm.stop(self.spec(state, rec), rec.pid)
+                rec.pid = None
+            self._save_state(state)
+            raise
         self.write_inventory(state)
         return state
+
+    def _restore_snapshots(self, state: LabState, recs: list[VMRecord]) -> set[str]:
+        """Restore what can be restored; return the names now pristine (a host's nested guests included).
+        A VM whose snapshot does not match, or whose restore fails, is left for the cold path, and said so."""
+        done: set[str] = set()
+        for rec in recs:
+            spec = self.spec(state, rec)
+            reason = snapshot.unusable(spec)
+            if reason is None:
+                t0 = time.monotonic()
+                try:
+                    rec.pid = snapshot.restore(spec, rec.pid)
+                    self._save_state(state)
+                    self._check_restored(state, rec)
+                except LabError as exc:
+                    reason = f"restoring its snapshot failed: {exc}"
+                except BaseException:
+                    rec.pid = None
+                    self._save_state(state)
+                    raise
+                else:
+                    seconds = round(time.monotonic() - t0, 1)
+                    self.events(Event("lab.reset.restored", rec.name, f"pristine snapshot restored in {seconds} s",
+                                      data={"seconds": seconds}))
+                    done |= {rec.name, *(g.name for g in self.nested_guests(state, rec.name))}
+                    continue
+            self.events(Event("lab.reset.fallback", rec.name, f"{reason}: a cold reset instead"))
+        return done
+
+    def _check_restored(self, state: LabState, rec: VMRecord) -> None:
+        """A restored VM must be the snapshot's boot, answer with the lab's host key (SSHTransport checks it
+        against known_hosts), and have the controller's time, not the snapshot's (its nested guests too)."""
+        record = snapshot.load_record(self.spec(state, rec))
+        expected = record.boot_id if record else ""
+        for r in [rec, *self.nested_guests(state, rec.name)]:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with SSHTransport(self.endpoint(r), connect_deadline_s=10) as t:
+                        boot_id = BOOT_ID.gather(t, timeout_s=20)
+                        t.run(["date", "-u", "-s", f"@{time.time():.3f}"], timeout_s=20)
+                    break
+                except HostKeyError as exc:
+                    raise LabError(f"{r.name} answers with another host key than the lab's: {exc}") from exc
+                except TransportError as exc:
+                    if time.monotonic() > deadline:
+                        raise LabError(f"{r.name} does not answer SSH after the restore: {exc}") from exc
+                    time.sleep(0.5)
+            if r is rec and expected and boot_id != expected:
+                raise LabError(f"{r.name} came back with boot_id {boot_id}, the snapshot's is {expected}")
 
     def start(self, name: str, boot_timeout: float = 300.0) -> None:
         """Start a stopped (or killed) VM again on its current disks."""

@@ -98,14 +98,17 @@ def qemu_argv(spec: VMSpec) -> list[str]:
     return argv
 
 
-def prepare_disks(spec: VMSpec, *, pristine: bool) -> None:
-    """Create the VM's copy-on-write overlay (and UEFI vars) if absent, or anew when `pristine`."""
+def prepare_disks(spec: VMSpec, *, pristine: bool) -> bool:
+    """Create the VM's copy-on-write overlay (and UEFI vars) if absent, or anew when `pristine`. True when the
+    disks are new: the next boot is a pristine one."""
     spec.directory.mkdir(parents=True, exist_ok=True)
-    if pristine or not spec.overlay.exists():
+    fresh = pristine or not spec.overlay.exists()
+    if fresh:
         spec.overlay.unlink(missing_ok=True)
         sh.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", spec.base_image, spec.overlay])
-    if pristine or not spec.vars_file.exists():
+    if fresh or not spec.vars_file.exists():
         spec.vars_file.write_bytes(FIRMWARE[spec.arch][1].read_bytes())
+    return fresh
 
 
 def port_is_free(port: int) -> bool:
@@ -125,12 +128,13 @@ def pick_port(preferred: int, taken: set[int], span: int = 200) -> int:
     raise LabError(f"no free TCP port on 127.0.0.1 in {preferred}-{preferred + span - 1} for the lab's SSH forwards")
 
 
-def start(spec: VMSpec) -> int:
-    """Start QEMU daemonized; return its pid. Errors QEMU reports before daemonizing become LabError."""
+def start(spec: VMSpec, *, paused: bool = False) -> int:
+    """Start QEMU daemonized (`paused`: its CPUs stopped until QMP `cont`, e.g. to load a snapshot first);
+    return its pid. Errors QEMU reports before daemonizing become LabError."""
     spec.serial_log.unlink(missing_ok=True)
     spec.qmp_socket.unlink(missing_ok=True)
     spec.pidfile.unlink(missing_ok=True)
-    proc = subprocess.run(qemu_argv(spec), capture_output=True, timeout=120)
+    proc = subprocess.run([*qemu_argv(spec), *(["-S"] if paused else [])], capture_output=True, timeout=120)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
         if "hostfwd" in err or "host forwarding" in err:
