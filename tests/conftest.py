@@ -74,48 +74,61 @@ def tune_env(paths: Paths) -> dict[str, str]:
     return {**os.environ, "RT_TUNE_CACHE": str(paths.cache), "RT_TUNE_STATE": str(paths.state)}
 
 
-# ---- the arm64 lab: its images build in the background while the other tests run --------------------------
-ARM64_BUILD_LOG = "arm64-image-build.log"
+# ---- the lab images build in the background while the unit tests run ------------------------------------
+BUILD_LOG = "{arch}-image-build.log"
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` deselection: only what will run
 def pytest_collection_modifyitems(session, config, items):
-    """Run the arm64 lab tests last, and start building their images now, beside the other tests (the build
-    runs under qemu-user for about 15 minutes; the arm64 fixture's own build waits for this one's lock)."""
+    """Run the arm64 lab tests last, and start building the lab images now, beside the unit tests (which run
+    first): the x86 images (about 1.5 minutes) for tests/lab and tests/fleet, the arm64 ones (about 12 minutes,
+    under qemu-user) for tests/arm64. A lab fixture's own build waits for the background one's lock."""
     arm64 = [item for item in items if item.get_closest_marker("arm64")]
-    if not arm64:
-        return
     items[:] = [item for item in items if not item.get_closest_marker("arm64")] + arm64
-    if os.environ.get("RT_TUNE_TEST_REUSE_ARM64_STATE") or config.option.collectonly:
+    if config.option.collectonly:
         return
+    wanted = []
+    if any(item.get_closest_marker("lab") and not item.get_closest_marker("arm64") for item in items) \
+            and not REUSE:
+        wanted.append("amd64")
+    if arm64 and not os.environ.get("RT_TUNE_TEST_REUSE_ARM64_STATE"):
+        wanted.append("arm64")
     from orchestrator.lab import images
 
     cache = Paths.from_env().cache
-    if images.cached(images.ImageRecipe.default("arm64"), cache):
-        return
+    config._rt_tune_builds = []
+    for arch in wanted:
+        if images.cached(images.ImageRecipe.default(arch), cache):
+            continue
+        config._rt_tune_builds.append(_background_build(arch, cache))
+
+
+def _background_build(arch: str, cache: Path):
     import signal
     import subprocess
     import sys
 
     cache.mkdir(parents=True, exist_ok=True)
-    log = open(cache / ARM64_BUILD_LOG, "w")
-    config._rt_tune_arm64_build = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "lab", "build", "--arch", "arm64"], stdout=log,
-        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
-        env={**os.environ, "RT_TUNE_CACHE": str(cache)},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # SIGINT stops it (see sessionfinish)
-    print(f"\n[arm64 lab] building its images in the background (log: {cache / ARM64_BUILD_LOG})", flush=True)
+    log_path = cache / BUILD_LOG.format(arch=arch)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "lab", "build", "--arch", arch], stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+            env={**os.environ, "RT_TUNE_CACHE": str(cache)},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # SIGINT stops it (sessionfinish)
+    print(f"\n[{arch} lab] building its images in the background (log: {log_path})", flush=True)
+    return proc
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Never leave the background build running past the session (a killed build leaves no half cache)."""
+    """Never leave a background build running past the session (a killed build leaves no half cache)."""
     import signal
 
-    proc = getattr(session.config, "_rt_tune_arm64_build", None)
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: the build removes its work directory
-        try:
-            proc.wait(timeout=60)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    for proc in getattr(session.config, "_rt_tune_builds", []):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: the build removes its work directory
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -458,13 +458,16 @@ class Lab:
             reason = snapshot.unusable(spec)
             if reason is None:
                 t0 = time.monotonic()
+                old_pid = rec.pid
                 try:
                     rec.pid = snapshot.restore(spec, rec.pid)
                     self._save_state(state)
                     self._check_restored(state, rec)
                 except LabError as exc:
                     reason = f"restoring its snapshot failed: {exc}"
-                except BaseException:
+                except BaseException:  # Ctrl-C: no VM left half-restored, none left running
+                    vm.stop(spec, old_pid, grace=2.0)
+                    vm.stop(spec, rec.pid, grace=2.0)
                     rec.pid = None
                     self._save_state(state)
                     raise

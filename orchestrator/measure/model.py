@@ -196,6 +196,8 @@ class LoadSpec(BaseModel):
     kind: Literal["none", "stress-ng", "hackbench"] = "none"
     # extra arguments for the load tool, passed as argv (no shell): letters, digits and _.,:=+/%- only
     args: list[Annotated[str, Strict()]] = Field(default_factory=list, max_length=MAX_LOAD_ARGS)
+    # seconds the load runs before cyclictest starts, so that the first samples already see it at full strength
+    settle_s: Annotated[Number, Field(ge=0, le=60)] = 2.0
 
     @field_validator("args")
     @classmethod

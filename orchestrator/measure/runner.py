@@ -184,7 +184,7 @@ def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, 
         if load_cmd and load_unit:
             transport.run(_transient(load_unit, settings.duration_s + 60, load_cmd, wait=False), timeout_s=30)
             events(Event("measure.load", target, f"load started: {' '.join(load_cmd)}"))
-            time.sleep(2)  # let the load reach steady state before sampling
+            time.sleep(load.settle_s)  # let the load reach steady state before sampling
         worker = threading.Thread(target=run_cyclictest, daemon=True)
         worker.start()
         while worker.is_alive():

@@ -238,3 +238,28 @@ def test_pause_and_kill_through_qmp(lab):
     assert {s.name: s.running for s in lab.status()}["lab1-guest"] is False
     lab.start("lab1-guest")
     assert {s.name: s.ssh for s in lab.status()}["lab1-guest"] is True
+
+
+# ---- pristine resets from a snapshot -------------------------------------------------------------------------
+def test_reset_restores_the_pristine_snapshot_in_seconds_and_honestly(lab, lab_paths):
+    """`tune lab reset`: disk and memory back to the first pristine boot (a file and a runtime sysctl undone),
+    still that boot (no reboot), with the lab's host key (known_hosts is strict) and the controller's clock, not
+    the snapshot's (taken when the lab came up, minutes ago)."""
+    from orchestrator.lab import snapshot
+
+    state = lab.load_state()
+    rec = lab.record(state, "lab1-guest")
+    record = snapshot.load_record(lab.spec(state, rec))
+    assert record is not None and time.time() - record.saved_at > 60, record
+    with SSHTransport(lab.endpoint(rec)) as t:
+        t.run(["sh", "-c", "echo x > /root/rt-tune-reset-marker && sync && sysctl -qw kernel.timer_migration=0"])
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "lab", "reset", "lab1-guest"],
+                          env=tune_env(lab_paths), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "lab1-guest pristine snapshot restored in" in proc.stderr, proc.stderr
+    assert "cold" not in proc.stderr
+    with SSHTransport(lab.endpoint(rec)) as t:
+        assert t.run(["test", "-e", "/root/rt-tune-reset-marker"], check=False).exit_status == 1
+        assert t.run(["cat", "/proc/sys/kernel/timer_migration"]).stdout.strip() == "1"
+        assert BOOT_ID.gather(t) == record.boot_id
+        assert abs(float(t.run(["date", "+%s.%N"]).stdout) - time.time()) < 10

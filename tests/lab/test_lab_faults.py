@@ -101,3 +101,86 @@ def test_ctrl_c_during_image_build_leaves_no_half_cache(tmp_path):
     assert [p.name for p in images.iterdir() if not p.name.endswith(".lock")] == []
     assert _procs_mentioning(tmp_path) == []
     assert sh.mounts_below(tmp_path) == []
+
+
+def _qemu_pids(vm_dir: Path) -> list[int]:
+    from orchestrator.lab import vm
+
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and vm.pid_alive(int(proc.name)) and vm.is_our_qemu(int(proc.name), vm_dir):
+            out.append(int(proc.name))
+    return out
+
+
+def test_snapshot_faults_interrupts_and_a_failed_restore_fall_back_to_a_cold_reset(lab, lab_paths):
+    """Ctrl-C while a snapshot is restored or saved leaves no QEMU process and no half snapshot; a snapshot
+    that cannot be restored (QEMU is another version than the one that took it) gives a cold reset that says
+    so, and the VM, booted pristine again, gets a new snapshot."""
+    from orchestrator.lab import snapshot
+
+    state = lab.load_state()
+    rec = lab.record(state, "lab1-guest")
+    spec = lab.spec(state, rec)
+    old_pid = rec.pid
+    env = {**os.environ, "RT_TUNE_CACHE": str(lab_paths.cache), "RT_TUNE_STATE": str(lab_paths.state)}
+
+    # 1. Ctrl-C once the restore has started a new QEMU (paused, loading the snapshot)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "lab", "reset", "lab1-guest"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60  # the restore takes about a second: look often
+        while not any(p != old_pid for p in _qemu_pids(spec.directory)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no restoring QEMU seen"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert _qemu_pids(spec.directory) == []
+    assert snapshot.unusable(spec) is None  # a restore writes no snapshot: the pristine one is intact
+
+    # 2. a restore that fails (the record says another QEMU took it): a cold reset, said so, snapshotted anew
+    record = snapshot.load_record(spec)
+    snapshot.record_path(spec).write_text(record.model_copy(update={"qemu_version": "0.0.0"}).model_dump_json())
+    events = []
+    shown, lab.events = lab.events, events.append
+    try:
+        lab.reset(["lab1-guest"])
+    finally:
+        lab.events = shown
+    said = {e.kind: e.message for e in events}
+    assert "restoring its snapshot failed" in said["lab.reset.fallback"], said
+    assert "the snapshot was taken with 0.0.0" in said["lab.reset.fallback"]
+    assert "lab.reset.cold" in said and "lab.snapshot.saved" in said and "lab.reset.restored" not in said
+    renewed = snapshot.load_record(spec)
+    assert renewed.boot_id != record.boot_id and snapshot.unusable(spec) is None
+
+    # 3. Ctrl-C while a snapshot is saved: the VM is stopped and no part of the snapshot is left
+    pid = lab.load_state().vms[[v.name for v in lab.load_state().vms].index("lab1-guest")].pid
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            snapshot.save(spec, pid, renewed.boot_id)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert _qemu_pids(spec.directory) == []
+    assert snapshot.tagged(spec.overlay) is None and not snapshot.record_path(spec).exists()
+    events.clear()
+    lab.events = events.append
+    try:
+        lab.reset(["lab1-guest"])  # no snapshot: booted cold, and snapshotted
+    finally:
+        lab.events = shown
+    said = {e.kind: e.message for e in events}
+    assert said["lab.reset.fallback"] == "no pristine snapshot: a cold reset instead", said
+    assert snapshot.unusable(spec) is None
