@@ -604,7 +604,10 @@ class IrqAffinityChange(Change):
         return (
             "# rt-tune: irq_affinity change (removed when rt-tune rolls it back)\n"
             "[Unit]\nDescription=rt-tune: device IRQs to housekeeping CPUs " + self._want() + "\n"
-            "DefaultDependencies=no\nAfter=systemd-udev-settle.service local-fs.target\n\n"
+            # after udev has probed every device present at boot: a driver that coldplug loads (virtio_net, a
+            # NIC's) allocates its IRQs then, and an IRQ allocated after this unit ran would keep all CPUs
+            "DefaultDependencies=no\nWants=systemd-udev-settle.service\n"
+            "After=systemd-udev-settle.service local-fs.target\n\n"
             "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
             "ExecStart=/bin/sh -c 'for f in /proc/irq/[0-9]*/smp_affinity_list; do "
             f"echo {self._want()} > \"$$f\" 2>/dev/null || true; done'\n\n"

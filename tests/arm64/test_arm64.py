@@ -138,6 +138,45 @@ def test_arm64_unit_is_an_el2_host_with_a_nested_kvm_guest_reached_through_it(ar
     assert (b - a) / (tb - ta) > 5.0, (a, b)
 
 
+# The order saves boots: the host diagnosis runs while the guest idles from the lab's boot; the apply's
+# rollback reboots the host last, and the guest diagnosis restarts the nested guest anyway.
+def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, arm64_paths, arm64_inventory,
+                                                                     ahost, tmp_path):
+    """The host while its nested guest idles: WFI traps per VM, IPIs per CPU and who sent them (6.12 tracepoints)."""
+    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
+
+    _guest_cmdline(arm64_inventory, time.monotonic() + 400)  # the guest is up (and then idles), not booting
+    before = tracing_state(ahost)
+    vm_dir = ahost.run(["sh", "-c", "ls -d /sys/kernel/debug/kvm/*-*"], sudo=True).stdout.split()
+    [vm_dir] = vm_dir
+    outer0 = int(ahost.run(["cat", f"{vm_dir}/wfi_exit_stat"], sudo=True).stdout)
+    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "host", "--duration", "10s", "--json", "--html",
+                str(tmp_path / "host.html"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outer1 = int(ahost.run(["cat", f"{vm_dir}/wfi_exit_stat"], sudo=True).stdout)
+    d = json.loads(proc.stdout)
+    [host] = d["targets"]
+
+    # WFI exit rates per VM (KVM debugfs), with the change that stops the traps (6.12: the boot parameters)
+    [vm] = host["wfx"]
+    assert vm["vm"] == vm_dir.rsplit("/", 1)[1] and vm["name"] == "rtguest", vm
+    inner = vm["wfi_per_s"] * host["duration_s"]  # the window's count lies within what plain cat saw around it
+    assert 5.0 * host["duration_s"] < inner <= outer1 - outer0 + 1, (vm, outer0, outer1)
+    wfx = next(f for f in d["findings"] if f["kind"] == "wfx_traps")
+    assert wfx["change"] == "host.wfx_notrap" and "kvm-arm.wfi_trap_policy=notrap" in wfx["advice"], wfx
+    assert "rtguest" in (tmp_path / "host.html").read_text()
+
+    # IPIs per CPU (arm64 rows) and who sent them, from the ipi/csd tracepoints
+    rows = {r["row"] for r in host["ipis"]}
+    assert {"IPI0", "IPI1", "IPI5"} <= rows, rows
+    assert host["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), host["tracing"]
+    assert host["trace"]["ipi_sends"] and host["trace"]["callbacks"], host["trace"]["sources"]
+    assert {s["sender"] for s in host["trace"]["ipi_sends"]} & {"CPU 0/KVM", "CPU 1/KVM"}  # vCPU threads send
+
+    assert_same_tracing_state(before, tracing_state(ahost))
+    no_leftovers(ahost, "10")
+
+
 def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(arm64_lab, arm64_paths, ahost):
     tune(arm64_paths, "rollback", "lab1", "--all")
     cmdline_before = ahost.run(["cat", "/proc/cmdline"]).stdout.split()
@@ -226,43 +265,6 @@ def nohz_nested_guest(arm64_lab, arm64_inventory, ahost):
         ahost.run(["rm", "-f", GUEST_DROPIN])
         ahost.run(["systemctl", "daemon-reload"])
         ahost.run(["systemctl", "restart", "rt-guest-vm.service"])  # its own cmdline again (boots meanwhile)
-
-
-def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, arm64_paths, arm64_inventory,
-                                                                     ahost, tmp_path):
-    """The host while its nested guest idles: WFI traps per VM, IPIs per CPU and who sent them (6.12 tracepoints)."""
-    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
-
-    _guest_cmdline(arm64_inventory, time.monotonic() + 400)  # the guest is up (and then idles), not booting
-    before = tracing_state(ahost)
-    vm_dir = ahost.run(["sh", "-c", "ls -d /sys/kernel/debug/kvm/*-*"], sudo=True).stdout.split()
-    [vm_dir] = vm_dir
-    outer0 = int(ahost.run(["cat", f"{vm_dir}/wfi_exit_stat"], sudo=True).stdout)
-    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "host", "--duration", "10s", "--json", "--html",
-                str(tmp_path / "host.html"), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    outer1 = int(ahost.run(["cat", f"{vm_dir}/wfi_exit_stat"], sudo=True).stdout)
-    d = json.loads(proc.stdout)
-    [host] = d["targets"]
-
-    # WFI exit rates per VM (KVM debugfs), with the change that stops the traps (6.12: the boot parameters)
-    [vm] = host["wfx"]
-    assert vm["vm"] == vm_dir.rsplit("/", 1)[1] and vm["name"] == "rtguest", vm
-    inner = vm["wfi_per_s"] * host["duration_s"]  # the window's count lies within what plain cat saw around it
-    assert 5.0 * host["duration_s"] < inner <= outer1 - outer0 + 1, (vm, outer0, outer1)
-    wfx = next(f for f in d["findings"] if f["kind"] == "wfx_traps")
-    assert wfx["change"] == "host.wfx_notrap" and "kvm-arm.wfi_trap_policy=notrap" in wfx["advice"], wfx
-    assert "rtguest" in (tmp_path / "host.html").read_text()
-
-    # IPIs per CPU (arm64 rows) and who sent them, from the ipi/csd tracepoints
-    rows = {r["row"] for r in host["ipis"]}
-    assert {"IPI0", "IPI1", "IPI5"} <= rows, rows
-    assert host["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), host["tracing"]
-    assert host["trace"]["ipi_sends"] and host["trace"]["callbacks"], host["trace"]["sources"]
-    assert {s["sender"] for s in host["trace"]["ipi_sends"]} & {"CPU 0/KVM", "CPU 1/KVM"}  # vCPU threads send
-
-    assert_same_tracing_state(before, tracing_state(ahost))
-    no_leftovers(ahost, "10")
 
 
 def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
