@@ -467,7 +467,7 @@ class Lab:
                     reason = f"restoring its snapshot failed: {exc}"
                 except BaseException:  # Ctrl-C: no VM left half-restored, none left running
                     vm.stop(spec, old_pid, grace=2.0)
-                    vm.stop(spec, rec.pid, grace=2.0)
+                    vm.stop_all(spec)
                     rec.pid = None
                     self._save_state(state)
                     raise

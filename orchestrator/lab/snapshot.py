@@ -179,6 +179,7 @@ def save(spec: vm.VMSpec, pid: int, boot_id: str) -> SnapshotRecord:
     except BaseException:
         forget(spec)
         vm.stop(spec, pid, grace=2.0)
+        vm.stop_all(spec)
         _delete_tag_offline(spec)
         raise
 
@@ -258,6 +259,6 @@ def restore(spec: vm.VMSpec, pid: int | None) -> int:
             _run_job(q, "snapshot-load", vmstate=_root_node(q), devices=[_root_node(q)])
             q.command("cont")
     except BaseException:
-        vm.stop(spec, new_pid, grace=2.0)
+        vm.stop_all(spec)
         raise
     return new_pid

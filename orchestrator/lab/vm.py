@@ -134,7 +134,11 @@ def start(spec: VMSpec, *, paused: bool = False) -> int:
     spec.serial_log.unlink(missing_ok=True)
     spec.qmp_socket.unlink(missing_ok=True)
     spec.pidfile.unlink(missing_ok=True)
-    proc = subprocess.run([*qemu_argv(spec), *(["-S"] if paused else [])], capture_output=True, timeout=120)
+    try:
+        proc = subprocess.run([*qemu_argv(spec), *(["-S"] if paused else [])], capture_output=True, timeout=120)
+    except BaseException:
+        stop_all(spec)  # interrupted while QEMU daemonized: its pid never reached us, but it may be running
+        raise
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
         if "hostfwd" in err or "host forwarding" in err:
@@ -191,3 +195,18 @@ def stop(spec: VMSpec, pid: int | None, grace: float = 5.0) -> None:
         raise LabError(f"{spec.name}: QEMU pid {pid} survived SIGKILL")
     spec.qmp_socket.unlink(missing_ok=True)
     spec.pidfile.unlink(missing_ok=True)
+
+
+def qemu_pids(spec_dir: Path) -> list[int]:
+    """Every live QEMU process whose argv names this VM's directory (whatever pid files or state say)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and is_our_qemu(int(proc.name), spec_dir) and pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def stop_all(spec: VMSpec, grace: float = 2.0) -> None:
+    """Stop every QEMU running from the VM's directory: after an interrupt, when which pid is ours is unsure."""
+    for pid in qemu_pids(spec.directory):
+        stop(spec, pid, grace=grace)

@@ -104,11 +104,15 @@ def test_ctrl_c_during_image_build_leaves_no_half_cache(tmp_path):
 
 
 def _qemu_pids(vm_dir: Path) -> list[int]:
-    from orchestrator.lab import vm
-
+    """QEMU processes whose argv names the VM's directory, read from /proc here (not with the lab's code)."""
     out = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and vm.pid_alive(int(proc.name)) and vm.is_our_qemu(int(proc.name), vm_dir):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+            zombie = argv and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and not zombie and any(os.fsencode(vm_dir) in a for a in argv):
             out.append(int(proc.name))
     return out
 
@@ -119,9 +123,11 @@ def test_snapshot_faults_interrupts_and_a_failed_restore_fall_back_to_a_cold_res
     so, and the VM, booted pristine again, gets a new snapshot."""
     from orchestrator.lab import snapshot
 
+    lab.reset(["lab1-guest"])  # pristine, with its snapshot (restored, or booted and taken if it had none)
     state = lab.load_state()
     rec = lab.record(state, "lab1-guest")
     spec = lab.spec(state, rec)
+    assert snapshot.unusable(spec) is None
     old_pid = rec.pid
     env = {**os.environ, "RT_TUNE_CACHE": str(lab_paths.cache), "RT_TUNE_STATE": str(lab_paths.state)}
 
