@@ -80,11 +80,15 @@ BUILD_LOG = "{arch}-image-build.log"
 
 @pytest.hookimpl(trylast=True)  # after `-m` deselection: only what will run
 def pytest_collection_modifyitems(session, config, items):
-    """Run the arm64 lab tests last, and start building the lab images now, beside the unit tests (which run
-    first): the x86 images (about 1.5 minutes) for tests/lab and tests/fleet, the arm64 ones (about 12 minutes,
-    under qemu-user) for tests/arm64. A lab fixture's own build waits for the background one's lock."""
-    arm64 = [item for item in items if item.get_closest_marker("arm64")]
-    items[:] = [item for item in items if not item.get_closest_marker("arm64")] + arm64
+    """Run the unit tests first, then the x86 lab tests, the arm64 lab tests last; and start building the lab
+    images now, beside the unit tests: the x86 images (about 1.5 minutes) for tests/lab and tests/fleet, the
+    arm64 ones (about 12 minutes, under qemu-user) for tests/arm64. A lab fixture's own build waits for the
+    background one's lock."""
+    def stage(item) -> int:
+        return 2 if item.get_closest_marker("arm64") else 1 if item.get_closest_marker("lab") else 0
+
+    items.sort(key=stage)  # stable: the files' own order within each stage
+    arm64 = [item for item in items if stage(item) == 2]
     if config.option.collectonly:
         return
     wanted = []
