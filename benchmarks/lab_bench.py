@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.events import Event  # noqa: E402
 from orchestrator.facts import BOOT_ID  # noqa: E402
-from orchestrator.lab import vm  # noqa: E402
+from orchestrator.lab import snapshot, vm  # noqa: E402
 from orchestrator.lab.lab import Lab  # noqa: E402
 from orchestrator.paths import Paths  # noqa: E402
 from orchestrator.transport import SSHTransport  # noqa: E402
@@ -138,6 +138,8 @@ def bench_arch(arch: str, repeat: int, progress) -> dict[str, dict[str, list[flo
                     progress(f"{arch} {i + 1}/{repeat}: {name} cold reset")
                     out[kind].setdefault("cold_reset", []).append(
                         _timed(lambda: lab.reset([name, *also], boot_timeout=900, cold=True)))
+                    if arch not in snapshot.RESTORABLE_ARCHES:
+                        continue  # its resets boot (snapshot.RESTORABLE_ARCHES says why)
                     progress(f"{arch} {i + 1}/{repeat}: {name} snapshot reset")
                     events: list[Event] = []
                     lab.events = events.append
