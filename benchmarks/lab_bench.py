@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.events import Event  # noqa: E402
 from orchestrator.facts import BOOT_ID  # noqa: E402
-from orchestrator.lab import snapshot, vm  # noqa: E402
+from orchestrator.lab import snapshot  # noqa: E402
 from orchestrator.lab.lab import Lab  # noqa: E402
 from orchestrator.paths import Paths  # noqa: E402
 from orchestrator.transport import SSHTransport  # noqa: E402
@@ -46,34 +46,21 @@ def _quiet(_event: Event) -> None:
 
 
 def _fresh_start(lab: Lab, names: list[str]) -> dict[str, float]:
-    """Start `names` together on fresh disks; each one's seconds to SSH."""
-    state = lab.load_state()
+    """Start `names` together on fresh disks (a cold reset); each one's seconds to SSH."""
     t0 = time.monotonic()
-    recs = [lab.record(state, n) for n in names]
-    for rec in recs:
-        if rec.nested_in:
-            continue
-        spec = lab.spec(state, rec)
-        vm.stop(spec, rec.pid)
-        lab._prepare_disks(spec, pristine=True)
-        rec.pid = vm.start(spec)
-    lab._save_state(state)
     seen: dict[str, float] = {}
     lab.events = lambda e: seen.setdefault(e.subject, time.monotonic() - t0) if e.kind == "lab.vm.ssh" else None
     try:
-        lab.wait_ssh(state, names, 900)
+        lab.reset(names, boot_timeout=900, cold=True)
     finally:
         lab.events = _quiet
     return {n: round(seen[n], 1) for n in names}
 
 
 def _stop_all(lab: Lab) -> None:
-    state = lab.load_state()
-    for rec in state.vms:
+    for rec in lab.load_state().vms:
         if not rec.nested_in:
-            vm.stop(lab.spec(state, rec), rec.pid)
-            rec.pid = None
-    lab._save_state(state)
+            lab.kill(rec.name)
 
 
 def _reboot(lab: Lab, name: str, also: list[str]) -> float:

@@ -281,18 +281,7 @@ class Lab:
 
     def stray_qemu_pids(self) -> list[int]:
         """QEMU processes running from this lab's directory (what `down` must leave none of)."""
-        found = []
-        needle = os.fsencode(str(self.dir / "vms")) + b"/"
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and b"qemu-system" in argv[0] and any(needle in a for a in argv) and vm.pid_alive(int(proc.name)):
-                found.append(int(proc.name))
-        return found
+        return vm.qemu_pids(self.dir / "vms")
 
     # ---- waiting for SSH -------------------------------------------------------------------------------
     def wait_ssh(self, state: LabState, names: list[str], timeout: float,

@@ -197,11 +197,18 @@ def stop(spec: VMSpec, pid: int | None, grace: float = 5.0) -> None:
     spec.pidfile.unlink(missing_ok=True)
 
 
-def qemu_pids(spec_dir: Path) -> list[int]:
-    """Every live QEMU process whose argv names this VM's directory (whatever pid files or state say)."""
+def qemu_pids(directory: Path) -> list[int]:
+    """Every live QEMU process whose argv names a path below `directory` (whatever pid files or state say)."""
+    needle = os.fsencode(str(directory)) + b"/"
     found = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and is_our_qemu(int(proc.name), spec_dir) and pid_alive(int(proc.name)):
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(needle in a for a in argv) and pid_alive(int(proc.name)):
             found.append(int(proc.name))
     return found
 
