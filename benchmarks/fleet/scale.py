@@ -31,7 +31,7 @@ from orchestrator.transport import CommandResult
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))
 PROFILE = REPO / "tests" / "fleet" / "profile-fleet.yaml"
-# what a lab host answered (tests/recorded/lab-x86/README.md), replayed by the simulated preamble
+# what a lab host answered (tests/recorded/lab-x86/README.md), replayed by the simulated measurement run
 RECORDED_BOOT_ID = (REPO / "tests" / "recorded" / "lab-x86" / "host-boot_id.txt").read_text()
 RECORDED_CMDLINE = (REPO / "tests" / "recorded" / "lab-x86" / "host-proc-cmdline.txt").read_text()
 
@@ -63,17 +63,16 @@ class SimTransport:
     def run(self, argv, *, timeout_s=60.0, check=True, stdin=None, sudo=None) -> CommandResult:
         time.sleep(self.rtt_s)
         argv = list(argv)
-        if argv[:2] == ["sh", "-c"] and "boot_id" in argv[2]:  # the measurement preamble
-            return self._ok(argv, "@@\n" + RECORDED_BOOT_ID + "@@\n" + RECORDED_CMDLINE)
+        if argv[:2] == ["sh", "-c"] and "boot_id" in argv[2]:  # a measurement run: preamble, then cyclictest
+            time.sleep(self.cyclictest_s)
+            return self._ok(argv, "@@\n" + RECORDED_BOOT_ID + "@@\n" + RECORDED_CMDLINE + "@@\n"
+                            + next(self.outputs))
         if argv[:2] == ["sh", "-c"] and "present" in argv[2]:  # read_files: "absent" or "present BASE64"
-            lines = []
-            for path in argv[4:]:
+            marker, lines = argv[4], []  # the answer sits between two copies of the caller's marker line
+            for path in argv[5:]:
                 content = self.unit.files.get(path)
                 lines.append("absent" if content is None else "present " + base64.b64encode(content).decode())
-            return self._ok(argv, "".join(line + "\n" for line in lines))
-        if argv[0] == "systemd-run" and "cyclictest" in argv:
-            time.sleep(self.cyclictest_s)
-            return self._ok(argv, next(self.outputs))
+            return self._ok(argv, "".join(line + "\n" for line in [marker, *lines, marker]))
         if argv[0] == "sysctl":
             name, _, value = argv[-1].partition("=")
             self.unit.files["/proc/sys/" + name.replace(".", "/")] = (value + "\n").encode()

@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from orchestrator.events import Event, EventSink, discard
 from orchestrator.facts import BOOT_ID, CMDLINE
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest
-from orchestrator.transport import Transport
+from orchestrator.transport import CommandResult, Transport
 
 LOAD_TOOLS = {"stress-ng": "stress-ng", "hackbench": "hackbench"}
 DEFAULT_LOAD_ARGS = {"stress-ng": ["--cpu", "0", "--cpu-load", "80"], "hackbench": ["-l", "1000000"]}
@@ -134,57 +135,96 @@ def _stop(transport: Transport, unit: str) -> None:
         pass  # RuntimeMaxSec stops it anyway
 
 
-# one round trip before each run (a nested guest reached through its host pays seconds per command): the tools
-# that are missing, then the boot and the cmdline the run belongs to
-_PREAMBLE = 'for t in "$@"; do command -v "$t" >/dev/null || echo "missing $t"; done; echo @@; ' \
-            'cat /proc/sys/kernel/random/boot_id; echo @@; cat /proc/cmdline'
-
-
 TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng": "stress-ng",
                  "systemd-run": "systemd"}
+
+# One round trip per run (a nested guest reached through its host pays seconds per command): check the tools,
+# read the boot and the cmdline the run belongs to, start the load, let it settle, run cyclictest, stop the load.
+# Arguments: the number of tools, of load words, the settle time, the load's unit, then the tools, the load's
+# command and cyclictest's. The words are only ever expanded as "${N}" (eval sees the references, never a value),
+# so no argument is parsed by the remote shell. The load unit is stopped on every exit of the script.
+_RUN = r"""nt=$1 nl=$2 settle=$3 lu=$4; shift 4
+missing=
+while [ "$nt" -gt 0 ]; do command -v "$1" >/dev/null 2>&1 || missing="$missing $1"; shift; nt=$((nt - 1)); done
+if [ -n "$missing" ]; then echo "missing$missing"; exit 0; fi
+echo @@; cat /proc/sys/kernel/random/boot_id; echo @@; cat /proc/cmdline; echo @@
+if [ "$nl" -gt 0 ]; then
+  trap 'systemctl stop "$lu.service" >/dev/null 2>&1' EXIT
+  trap 'exit 143' HUP INT TERM
+  words= i=1
+  while [ "$i" -le "$nl" ]; do words="$words \"\${$i}\""; i=$((i + 1)); done
+  eval "$words" >&2 || { echo "load-failed $?"; exit 0; }
+  shift "$nl"
+  sleep "$settle"
+fi
+"$@"
+"""
 
 
 def measure_tools(load: LoadSpec) -> list[str]:
     return ["cyclictest", "systemd-run"] + ([LOAD_TOOLS[load.kind]] if load.kind != "none" else [])
 
 
-def preamble(transport: Transport, tools: list[str]) -> tuple[str, str]:
-    """(boot_id, cmdline) of the target; TuneError naming the Debian packages when a tool is missing."""
-    out = transport.run(["sh", "-c", _PREAMBLE, "-", *tools], timeout_s=30).stdout
-    parts = out.split("@@\n")
-    if len(parts) != 3:
-        raise TuneError(f"{transport.label}: unexpected output from the pre-run probe: {out[-300:]!r}")
-    missing = [line.split(" ", 1)[1] for line in parts[0].splitlines() if line.startswith("missing ")]
+@dataclass(frozen=True)
+class RunOutput:
+    """What one round trip of a run returned: the boot and cmdline before it started, the command's result."""
+
+    boot_id: str
+    cmdline: str
+    result: CommandResult
+
+
+def run_under_load(transport: Transport, tools: Sequence[str], load_cmd: Sequence[str] | None, load_unit: str,
+                   settle_s: float, command: Sequence[str], *, timeout_s: float) -> RunOutput:
+    """Run `command` on the target under `load_cmd` (started as it is, e.g. a `systemd-run` of unit `load_unit`,
+    stopped afterwards), in one round trip. TuneError naming the Debian packages when a tool is missing (nothing
+    is started then), or when the load does not start."""
+    load_words = list(load_cmd or [])
+    argv = ["sh", "-c", _RUN, "-", str(len(tools)), str(len(load_words)), f"{settle_s:g}", load_unit,
+            *tools, *load_words, *command]
+    res = transport.run(argv, timeout_s=timeout_s, check=False)
+    parts = res.stdout.split("@@\n", 3)
+    missing = [w for line in parts[0].splitlines() if line.startswith("missing ") for w in line.split()[1:]]
     if missing:
         raise TuneError(f"{transport.label}: missing {', '.join(missing)} (Debian packages: "
                         f"{', '.join(sorted({TOOL_PACKAGES.get(m, '?') for m in missing}))})")
-    return BOOT_ID.parse(parts[1]), CMDLINE.parse(parts[2])
+    if len(parts) != 4:
+        raise TuneError(f"{transport.label}: unexpected output from the measurement run (exit "
+                        f"{res.exit_status}): {(res.stdout + res.stderr)[-300:]!r}")
+    if parts[3].startswith("load-failed "):
+        raise TuneError(f"{transport.label}: the load did not start ({' '.join(load_words)}; exit "
+                        f"{parts[3].split()[1]}): {res.stderr[-500:]}")
+    return RunOutput(BOOT_ID.parse(parts[1]), CMDLINE.parse(parts[2]),
+                     CommandResult(argv=res.argv, exit_status=res.exit_status, stdout=parts[3],
+                                   stderr=res.stderr, duration_s=res.duration_s))
 
 
 def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, *, target: str,
             artifacts: Path, events: EventSink = discard) -> LatencyResult:
-    """One cyclictest run under `load`; raw output kept in `artifacts`; load always stopped afterwards."""
-    boot_id, cmdline = preamble(transport, measure_tools(load))
+    """One cyclictest run under `load`, in one round trip; raw output kept in `artifacts`; the load is always
+    stopped afterwards (by the run itself, by `systemctl stop` after an interruption, else by RuntimeMaxSec)."""
     artifacts.mkdir(parents=True, exist_ok=True)
     load_cmd = load_argv(load, settings.duration_s)
-    load_unit = _unit_name("load") if load_cmd else None
+    load_unit = _unit_name("load")
     ct_unit = _unit_name("cyclictest")
     started = time.time()
     outcome: dict[str, object] = {}
 
     def run_cyclictest() -> None:
         try:
-            outcome["result"] = transport.run(
+            outcome["result"] = run_under_load(
+                transport, measure_tools(load),
+                _transient(load_unit, settings.duration_s + 60, load_cmd, wait=False) if load_cmd else None,
+                load_unit, load.settle_s,
                 _transient(ct_unit, settings.duration_s + 60, cyclictest_argv(settings), wait=True),
-                timeout_s=settings.duration_s + 90, check=False)
+                timeout_s=settings.duration_s + load.settle_s + 120)
         except BaseException as exc:  # re-raised in the caller's thread
             outcome["error"] = exc
 
+    if load_cmd:
+        events(Event("measure.load", target, f"load: {' '.join(load_cmd)} (settles {load.settle_s:g} s, "
+                                             "stopped after the run)"))
     try:
-        if load_cmd and load_unit:
-            transport.run(_transient(load_unit, settings.duration_s + 60, load_cmd, wait=False), timeout_s=30)
-            events(Event("measure.load", target, f"load started: {' '.join(load_cmd)}"))
-            time.sleep(load.settle_s)  # let the load reach steady state before sampling
         worker = threading.Thread(target=run_cyclictest, daemon=True)
         worker.start()
         while worker.is_alive():
@@ -195,21 +235,21 @@ def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, 
     finally:
         events(Event("measure.progress", target, "cyclictest finished", done=settings.duration_s,
                      total=settings.duration_s))
-        if "result" not in outcome and "error" not in outcome:
-            _stop(transport, ct_unit)  # interrupted: do not leave cyclictest running
-        if load_unit:
-            _stop(transport, load_unit)
-            events(Event("measure.load", target, "load stopped"))
+        if "result" not in outcome and "error" not in outcome:  # interrupted: leave nothing running
+            _stop(transport, ct_unit)
+            if load_cmd:
+                _stop(transport, load_unit)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    res = outcome["result"]
+    run: RunOutput = outcome["result"]  # type: ignore[assignment]
+    res, boot_id, cmdline = run.result, run.boot_id, run.cmdline
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
     raw_path = artifacts / f"{target}-{stamp}-cyclictest.txt"
-    raw_path.write_text(res.stdout)  # type: ignore[attr-defined]
-    if res.exit_status != 0:  # type: ignore[attr-defined]
-        raise TuneError(f"{transport.label}: cyclictest failed (exit {res.exit_status}): "  # type: ignore
-                        f"{(res.stderr or res.stdout)[-500:]}")  # type: ignore[attr-defined]
-    result = parse_cyclictest(res.stdout, expected_threads=len(settings.cpus))  # type: ignore[attr-defined]
+    raw_path.write_text(res.stdout)
+    if res.exit_status != 0:
+        raise TuneError(f"{transport.label}: cyclictest failed (exit {res.exit_status}): "
+                        f"{(res.stderr or res.stdout)[-500:]}")
+    result = parse_cyclictest(res.stdout, expected_threads=len(settings.cpus))
     result = result.model_copy(update={
         "target": target, "settings": settings, "load": load, "started_at": started,
         "duration_s": round(time.time() - started, 2), "boot_id": boot_id, "cmdline": cmdline,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -41,14 +43,31 @@ def test_load_argv_bounds_the_load_and_rejects_shell_metacharacters():
             LoadSpec(kind="stress-ng", args=["--cpu", bad])
 
 
-def test_preamble_reads_boot_and_cmdline_in_one_command_and_names_missing_packages():
+def test_a_run_is_one_round_trip_that_passes_every_word_as_it_is_and_names_missing_packages(tmp_path):
+    """The run script over a real `sh` (LocalTransport): tools checked first, then the boot and cmdline, then
+    the load and the command with their words unchanged (spaces, quotes, `$(...)`, more than nine of them)."""
     from orchestrator.errors import TuneError
-    from orchestrator.measure.runner import preamble
+    from orchestrator.measure.runner import run_under_load
     from orchestrator.transport import LocalTransport
 
     t = LocalTransport()
-    boot_id, cmdline = preamble(t, ["sh"])
-    assert boot_id == open("/proc/sys/kernel/random/boot_id").read().strip()
-    assert cmdline == open("/proc/cmdline").read().strip()
-    with pytest.raises(TuneError, match=r"local: missing no-such-tool-1 \(Debian packages: \?\)"):
-        preamble(t, ["sh", "no-such-tool-1"])
+    loaded, ran = tmp_path / "loaded", tmp_path / "ran"
+    words = ["a b", "'q'", '"dq"', "$(touch x)", "*", "", "-n", "tab\tx", "w9", "w10", "w11"]
+    load = ["sh", "-c", 'printf "%s\\n" "$@" > "$0"', str(loaded), *words]
+    command = ["sh", "-c", 'printf "%s|" "$@"; echo >> "$0"; exit 3', str(ran), *words]
+    out = run_under_load(t, ["sh", "cat"], load, "rt-tune-load-test", 0, command, timeout_s=30)
+    assert out.boot_id == open("/proc/sys/kernel/random/boot_id").read().strip()
+    assert out.cmdline == open("/proc/cmdline").read().strip()
+    assert loaded.read_text() == "".join(w + "\n" for w in words)  # the load ran with its words as given
+    assert out.result.stdout == "".join(w + "|" for w in words) and ran.exists()  # then the command, its own
+    assert out.result.exit_status == 3  # and the command's exit status is the run's
+    assert not (tmp_path / "x").exists() and not (Path.cwd() / "x").exists()
+
+    ran.unlink()
+    with pytest.raises(TuneError, match=r"local: missing no-such-tool-1, no-such-tool-2 \(Debian packages: \?\)"):
+        run_under_load(t, ["sh", "no-such-tool-1", "no-such-tool-2"], load, "u", 0, command, timeout_s=30)
+    with pytest.raises(TuneError, match=r"local: the load did not start \(false; exit 1\)"):
+        run_under_load(t, ["sh"], ["false"], "u", 0, command, timeout_s=30)
+    assert not ran.exists()  # nothing ran after a missing tool or a load that did not start
+    out = run_under_load(t, ["sh"], None, "u", 0.1, ["echo", "no load"], timeout_s=30)
+    assert out.result.stdout == "no load\n" and out.result.exit_status == 0
