@@ -74,22 +74,43 @@ def tune_env(paths: Paths) -> dict[str, str]:
     return {**os.environ, "RT_TUNE_CACHE": str(paths.cache), "RT_TUNE_STATE": str(paths.state)}
 
 
-# ---- the lab images build in the background while the unit tests run ------------------------------------
+# ---- two lanes: the x86 lab tests beside the rest; the images build in the background -------------------
 BUILD_LOG = "{arch}-image-build.log"
+
+
+def lane(nodeid: str) -> str:
+    """README command (b) runs two pytest-xdist workers, one lane each, each in collection order: the x86 lab
+    tests (tests/lab), and beside them the unit tests, then the fleet lab, then the arm64 lab. A TCG lab keeps
+    about two thirds of this machine's two CPUs busy, the unit tests one CPU: two lanes fill both. Without
+    xdist everything runs in one process, in the same order."""
+    return "x86-lab" if nodeid.startswith("tests/lab/") else "unit-fleet-arm64"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each lane is one unit of work for one worker (xdist's scope scheduling, scoped by lane)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return LaneScheduling(config, log)
+
+
+def _stage(item) -> int:
+    return 3 if item.get_closest_marker("arm64") else 2 if lane(item.nodeid) == "x86-lab" \
+        else 1 if item.get_closest_marker("lab") else 0
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` deselection: only what will run
 def pytest_collection_modifyitems(session, config, items):
-    """Run the unit tests first, then the x86 lab tests, the arm64 lab tests last; and start building the lab
-    images now, beside the unit tests: the x86 images (about 1.5 minutes) for tests/lab and tests/fleet, the
-    arm64 ones (about 12 minutes, under qemu-user) for tests/arm64. A lab fixture's own build waits for the
-    background one's lock."""
-    def stage(item) -> int:
-        return 2 if item.get_closest_marker("arm64") else 1 if item.get_closest_marker("lab") else 0
-
-    items.sort(key=stage)  # stable: the files' own order within each stage
-    arm64 = [item for item in items if stage(item) == 2]
-    if config.option.collectonly:
+    """Order: the unit tests, the x86 lab tests, the fleet lab, the arm64 lab last (within each lane: units,
+    fleet, arm64). And start building the lab images now: the x86 images (about 1.5 minutes) for tests/lab and
+    tests/fleet, the arm64 ones (about 12 minutes, under qemu-user) for tests/arm64. A lab fixture's own build
+    waits for the background one's lock. Under xdist only the first worker starts them."""
+    items.sort(key=_stage)  # stable: the files' own order within each stage
+    arm64 = [item for item in items if _stage(item) == 3]
+    if config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
         return
     wanted = []
     if any(item.get_closest_marker("lab") and not item.get_closest_marker("arm64") for item in items) \

@@ -14,6 +14,7 @@ A profile names a kernel (see orchestrator/profile.py, "Kernel artifacts") as
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import re
 import shutil
@@ -206,9 +207,11 @@ def fetch_deb(package: str, dest_dir: Path, *, timeout_s: float = 1800.0) -> Pat
         raise InputError(f"apt-get cannot download package {package} on this machine: "
                          f"{res.stderr.strip() or res.stdout.strip() or 'no URI'}")
     target = dest_dir / uris[0]["file"]
-    if target.is_file() and sha256_of(target) == uris[0]["sha"]:
-        return target
-    res = _run(["apt-get", "download", package], cwd=dest_dir, timeout_s=timeout_s)
+    with open(dest_dir / ".fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another controller (or test) fetching into this cache: wait for it
+        if target.is_file() and sha256_of(target) == uris[0]["sha"]:
+            return target
+        res = _run(["apt-get", "download", package], cwd=dest_dir, timeout_s=timeout_s)
     if res.returncode != 0 or not target.is_file():
         raise ArtifactError(f"apt-get download {package} failed in {dest_dir}: {res.stderr.strip()}")
     if sha256_of(target) != uris[0]["sha"]:
