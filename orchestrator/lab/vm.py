@@ -162,13 +162,15 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
-def is_our_qemu(pid: int, spec_dir: Path) -> bool:
-    """Guard against pid reuse: the process must be a QEMU whose argv names this VM's directory."""
+def is_our_qemu(pid: int, directory: Path) -> bool:
+    """Guard against pid reuse: the process must be a QEMU whose argv names a path below `directory` (with its
+    slash: the VM `lab1-host` is not `lab1-host2`)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmd) and b"qemu-system" in cmd[0] and any(os.fsencode(spec_dir) in a for a in cmd)
+    needle = os.fsencode(str(directory)) + b"/"
+    return bool(cmd) and b"qemu-system" in cmd[0] and any(needle in a for a in cmd)
 
 
 def stop(spec: VMSpec, pid: int | None, grace: float = 5.0) -> None:
@@ -199,18 +201,8 @@ def stop(spec: VMSpec, pid: int | None, grace: float = 5.0) -> None:
 
 def qemu_pids(directory: Path) -> list[int]:
     """Every live QEMU process whose argv names a path below `directory` (whatever pid files or state say)."""
-    needle = os.fsencode(str(directory)) + b"/"
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(needle in a for a in argv) and pid_alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
+    return [int(proc.name) for proc in Path("/proc").iterdir()
+            if proc.name.isdigit() and is_our_qemu(int(proc.name), directory) and pid_alive(int(proc.name))]
 
 
 def stop_all(spec: VMSpec, grace: float = 2.0) -> None:
