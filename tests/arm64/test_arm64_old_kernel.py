@@ -21,7 +21,7 @@ def _reboot_host_into(arm64_lab, ahost, saved_entry: str) -> None:
     """Set GRUB's saved default on the host and reboot it (the guest comes back with it)."""
     old = ahost.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
     ahost.run(["grub-set-default", saved_entry])
-    ahost.run(["systemd-run", "--on-active=1", "systemctl", "reboot"])
+    ahost.run(["systemd-run", "--on-active=1", "--timer-property=AccuracySec=100ms", "systemctl", "reboot"])
     state = arm64_lab.load_state()
     arm64_lab.wait_ssh(state, ["lab1-host"], 600, old_boot_ids={"lab1-host": old})
     arm64_lab.wait_ssh(state, ["lab1-guest"], 600)
