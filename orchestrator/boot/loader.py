@@ -67,6 +67,15 @@ def restore_files(t: Transport, files: dict[str, str | None]) -> None:
 REBOOT_UNIT = "rt-tune-reboot"
 
 
+def one_second_later(argv: list[str], *, unit: str | None = None) -> list[str]:
+    """The `systemd-run` command that runs `argv` one second from now (after the SSH command that starts it has
+    returned), on a transient timer named `unit` when given. Its accuracy is 100 ms: systemd's default (1 min)
+    lets an idle unit fire it up to a minute late (measured 12-14 s late on the lab, with nothing else waking
+    systemd once the SSH session is gone)."""
+    named = [f"--unit={unit}", "--collect"] if unit else []
+    return ["systemd-run", *named, "--on-active=1", "--timer-property=AccuracySec=100ms", "--no-block", *argv]
+
+
 def cancel_reboot(t: Transport) -> None:
     """Stop a reboot rt-tune scheduled that has not started yet (no-op when there is none)."""
     t.run(["systemctl", "stop", f"{REBOOT_UNIT}.timer"], timeout_s=30, check=False)
@@ -101,12 +110,9 @@ class Bootloader(ABC):
 
     def reboot(self, t: Transport, verb: str = "reboot") -> None:
         """Start the reboot into the armed trial (or into the default when nothing is armed): a named timer a
-        second from now, so the SSH command returns first and a reconcile can still cancel it. The timer's
-        accuracy is 100 ms: systemd's default (1 min) lets an idle unit fire it up to a minute late (measured
-        12-14 s late on the lab, with nothing else waking systemd once the SSH session is gone)."""
+        second from now, so the SSH command returns first and a reconcile can still cancel it."""
         cancel_reboot(t)
-        t.run(["systemd-run", f"--unit={REBOOT_UNIT}", "--collect", "--on-active=1",
-               "--timer-property=AccuracySec=100ms", "--no-block", "systemctl", verb], timeout_s=30)
+        t.run(one_second_later(["systemctl", verb], unit=REBOOT_UNIT), timeout_s=30)
 
     @abstractmethod
     def commit(self, t: Transport, target: BootTarget) -> None:

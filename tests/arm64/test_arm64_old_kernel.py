@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from orchestrator.boot.loader import one_second_later
 from tests.arm64.test_arm64 import FAST, arm64_inventory, arm64_lab, arm64_paths, tune  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow_lab, pytest.mark.arm64]
@@ -21,7 +22,7 @@ def _reboot_host_into(arm64_lab, ahost, saved_entry: str) -> None:
     """Set GRUB's saved default on the host and reboot it (the guest comes back with it)."""
     old = ahost.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
     ahost.run(["grub-set-default", saved_entry])
-    ahost.run(["systemd-run", "--on-active=1", "--timer-property=AccuracySec=100ms", "systemctl", "reboot"])
+    ahost.run(one_second_later(["systemctl", "reboot"]))
     state = arm64_lab.load_state()
     arm64_lab.wait_ssh(state, ["lab1-host"], 600, old_boot_ids={"lab1-host": old})
     arm64_lab.wait_ssh(state, ["lab1-guest"], 600)

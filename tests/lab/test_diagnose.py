@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from orchestrator.boot.loader import one_second_later
 from orchestrator.facts import BOOT_ID
 from orchestrator.transport import SSHTransport
 from tests.conftest import REPO, tune_env
@@ -63,7 +64,7 @@ def tune(lab_paths, *args: str, timeout: float = 900) -> subprocess.CompletedPro
 
 def _reboot_and_wait(lab, t) -> None:
     old = BOOT_ID.gather(t)
-    t.run(["systemd-run", "--on-active=1", "--timer-property=AccuracySec=100ms", "systemctl", "reboot"])
+    t.run(one_second_later(["systemctl", "reboot"]))
     lab.wait_ssh(lab.load_state(), ["lab1-guest"], 300, old_boot_ids={"lab1-guest": old})
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from orchestrator.boot.loader import one_second_later
 from orchestrator.errors import HostKeyError, TransportError
 from orchestrator.facts import BOOT_ID, CMDLINE, gather_basic
 from orchestrator.transport import Endpoint, SSHTransport, host_key_fingerprint
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.lab
 def _reboot(t: SSHTransport) -> str:
     """Ask for a reboot that happens after this command returned; give the old boot_id."""
     old = BOOT_ID.gather(t)
-    t.run(["systemd-run", "--on-active=1", "--timer-property=AccuracySec=100ms", "systemctl", "reboot"])
+    t.run(one_second_later(["systemctl", "reboot"]))
     return old
 
 
@@ -210,8 +211,7 @@ def test_grub_is_real_cmdline_change_then_one_shot_entry_falls_back(lab, host):
 
 def test_panicking_kernel_resets_itself(lab, guest):
     old = BOOT_ID.gather(guest)
-    guest.run(["systemd-run", "--on-active=1", "--timer-property=AccuracySec=100ms", "sh", "-c",
-               "echo c > /proc/sysrq-trigger"])
+    guest.run(one_second_later(["sh", "-c", "echo c > /proc/sysrq-trigger"]))
     new = _wait_new_boot(lab, "lab1-guest", old)  # panic=10 reboots it; nobody touched QEMU
     assert new != old
     rec = lab.record(lab.load_state(), "lab1-guest")
