@@ -21,7 +21,10 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
+import os
 import re
+import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from orchestrator import tracing
 from orchestrator.diagnose import (MAX_DURATION_S, CrashLoop, TargetDiagnosis, analyse, findings,
                                    parse_duration, rt_hints_from_vars, state_differences, tracing_state_notes)
 from orchestrator.diagprobe import (BUFFER_KB, CLEANUP_SCRIPT, EVENTS, FALLBACK_FUNCTIONS, STATE_FILES,
-                                    WINDOW_SCRIPT, cleanup_argv, decode_trace, new_instance_name,
+                                    STOP_SLEEP, WINDOW_SCRIPT, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, window_argv)
 from orchestrator.errors import InputError, ParseError
 from orchestrator.facts import parse_coredumps
@@ -976,6 +979,30 @@ def test_window_argv():
     assert window_argv("m", 1.5, inst, "/run/p")[5] == "1.5"
     pidfile = f"/run/{inst}.pid"
     assert cleanup_argv(inst, pidfile) == ["sh", "-c", CLEANUP_SCRIPT, "-", inst, pidfile]
+
+
+def test_window_script_signal_between_fork_and_wait_leaves_no_sleep(tmp_path):
+    """A signal that dash handles right after `sleep &` (before any later command could record the pid) must
+    not orphan the sleep: the trap kills `$!`. The old trap killed `$sp`, set one command later: the CI found
+    its `sleep 30` left on the guest after a window timed out. Here the shell signals itself at that point."""
+    import subprocess
+
+    assert "trap '" + STOP_SLEEP + "; cleanup; exit 130' INT TERM HUP" in WINDOW_SCRIPT
+    assert 'sleep "$dur" &\nwait "$!"\nslept=1\n' in WINDOW_SCRIPT
+    tag = f"{os.getpid() % 1000 + 1000}.{secrets.randbelow(10**6):06d}"  # a duration no other process sleeps
+    script = ("trap '" + STOP_SLEEP + "; exit 130' TERM\nslept=\n"
+              f"sleep {tag} &\nkill -TERM $$\nwait \"$!\"\nslept=1\necho not reached\n")
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (130, "")
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", f"^sleep {tag}$"], capture_output=True, text=True).stdout
+    assert left == "", left
+    # and once the wait is over, a late signal leaves alone whatever now has that pid
+    script = ("trap 'echo trapped; " + STOP_SLEEP + "; exit 130' TERM\nslept=\n"
+              "sleep 0.01 &\nwait \"$!\"\nslept=1\nkill -TERM $$\n")
+    done = subprocess.run(["sh", "-xc", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 130 and "trapped" in done.stdout
+    assert "+ kill -KILL" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("name", ["mine", "", "rt-tune-diag-", "rt-tune-diag-0123456789AB",
