@@ -13,6 +13,8 @@ from orchestrator.paths import Paths
 REPO = Path(__file__).resolve().parent.parent
 RECORDED = Path(__file__).resolve().parent / "recorded"
 
+pytest_plugins = ["tests.lab_cpu"]  # CPU time per test, QEMU included, printed at the end
+
 
 REUSE = os.environ.get("RT_TUNE_TEST_REUSE_STATE")  # a developer's running lab: reused, left running
 

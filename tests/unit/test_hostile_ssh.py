@@ -612,6 +612,18 @@ def test_a_sudo_that_refuses_is_an_error_even_without_check(open_sshd: Sshd, sud
         assert t.run(["cat", "/nonexistent"], check=False).exit_status == 1
 
 
+def test_as_root_needs_no_sudo_for_a_root_login(open_sshd: Sshd, sudo_user: str) -> None:
+    """`sudo=True` means "as root": a root login runs the command as it is (sudo costs a PAM session per
+    command), a non-root login through sudo (which sets SUDO_USER)."""
+    probe = ["sh", "-c", 'echo "$(id -u) ${SUDO_USER-none}"']
+    with SSHTransport(open_sshd.endpoint(), connect_deadline_s=5) as t:
+        assert t.run(probe, sudo=True).stdout == "0 none\n"
+    Path(f"/etc/sudoers.d/{sudo_user}").write_text(f"{sudo_user} ALL=(ALL) NOPASSWD: ALL\n")
+    with SSHTransport(open_sshd.endpoint(user=sudo_user), connect_deadline_s=5) as t:
+        assert t.run(probe, sudo=True).stdout == f"0 {sudo_user}\n"
+        assert t.run(["id", "-u"]).stdout != "0\n"  # become: false, so no sudo unless asked
+
+
 # --------------------------------------------------------------------------------------------------------
 # Through the real CLI
 
