@@ -78,8 +78,10 @@ class CpuAccount:
 
     def __init__(self) -> None:
         self.cpu: dict[str, dict[str, float]] = defaultdict(dict)  # nodeid -> phase -> CPU seconds
+        self.wall: dict[str, float] = defaultdict(float)  # nodeid -> seconds
 
     def pytest_runtest_logreport(self, report):
+        self.wall[report.nodeid] += report.duration
         for name, value in report.user_properties:
             if name == "cpu_s":
                 self.cpu[report.nodeid][report.when] = value
@@ -95,11 +97,13 @@ class CpuAccount:
         tr.section(f"most CPU time: {TOP} test phases (pytest, its commands and its labs' QEMU)")
         for s, phase, nodeid in rows[:TOP]:
             tr.write_line(f"{s:8.1f} CPU-s {phase:<8} {nodeid}")
-        lanes: dict[str, float] = defaultdict(float)
+        lanes: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for nodeid, phases in self.cpu.items():
-            lanes[lane(nodeid)] += sum(phases.values())
-        tr.write_line("CPU per lane: " + ", ".join(f"{name} {s / 60:.1f} min"
-                                                   for name, s in sorted(lanes.items())))
+            lanes[lane(nodeid)][0] += sum(phases.values())
+        for nodeid, seconds in self.wall.items():
+            lanes[lane(nodeid)][1] += seconds
+        tr.write_line("per lane: " + ", ".join(f"{name} {cpu / 60:.1f} CPU-min in {wall / 60:.1f} min"
+                                               for name, (cpu, wall) in sorted(lanes.items())))
 
 
 def pytest_configure(config):

@@ -257,6 +257,14 @@ def nohz_nested_guest(arm64_lab, arm64_inventory, ahost):
         assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400)
         units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
         with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
+            # the crash loop restarts once a minute here: wait for its first restart (a core dump and
+            # NRestarts 1), before the busy loops take CPU 1. A run lives 4 s, less than the diagnosis window,
+            # so from then on the window either sees a restart or ends in the restart wait after a core dump.
+            deadline = time.monotonic() + 300
+            while int(g.run(["systemctl", "show", "-p", "NRestarts", "--value",
+                             "mirobot_teleoperate.service"]).stdout) < 1:
+                assert time.monotonic() < deadline, "the nested guest's crash loop did not restart in 5 minutes"
+                time.sleep(5)
             for u in units:
                 g.run(["systemd-run", f"--unit={u}", "--property=CPUAffinity=1", "sh", "-c", "while :; do :; done"])
             pids = [int(g.run(["systemctl", "show", "-p", "MainPID", "--value", u]).stdout) for u in units]
