@@ -74,6 +74,18 @@ class Change(ABC):
     @abstractmethod
     def describe(self) -> str: ...
 
+    #: `switch` toggles the effect only and leaves what makes it persistent in place, so a change measured
+    #: "before" after its first apply still needs its `rollback` when it is not kept.
+    switch_keeps_persistence: bool = False
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        """Between measurement runs: the change's effect on (an "after" run) or off (a "before" run); the caller
+        verifies an "on". By default the whole `apply` or `rollback`."""
+        if on:
+            self.apply(t, before)
+        else:
+            self.rollback(t, before)
+
     def in_place(self, live: State, desired: State) -> bool:
         """Does the live state already satisfy the desired one? (Default: every desired key matches.)"""
         return all(live.get(k) == v for k, v in desired.items())
@@ -557,6 +569,20 @@ class VcpuPinningChange(Change):
         # every thread's previous affinity and policy, put back by the same helper, run in memory
         t.run(["python3", "-c", PIN_SCRIPT_BODY, "--restore", self._main_pid(t),
                json.dumps(_threads_of(before), sort_keys=True)], timeout_s=60)
+
+    switch_keeps_persistence = True
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        """Only the threads: their placement is what the runs compare. The drop-in, the pin script and the
+        qemu-affinity copy stay from the first apply to the decision: each way they cost a daemon-reload (7-9 s
+        and 14-18 CPU-s on the arm64 lab host, measured), and they only act when QEMU starts."""
+        import json
+
+        if on:
+            t.run([PIN_SCRIPT, self._main_pid(t), *self._pin_args()], timeout_s=60)
+        else:
+            t.run(["python3", "-c", PIN_SCRIPT_BODY, "--restore", self._main_pid(t),
+                   json.dumps(_threads_of(before), sort_keys=True)], timeout_s=60)
 
     def describe(self, other_vcpus: list[int] | None = None) -> str:
         params = {"vcpus": self.vcpus, "housekeeping": self.housekeeping, "rt_priority": self.rt_priority}

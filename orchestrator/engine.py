@@ -221,11 +221,9 @@ class Engine:
                     while (side := seq.next_side()) is not None:
                         want = side == "after"
                         if want != applied:
+                            change.switch(t, plan.before, want)
                             if want:
-                                change.apply(t, plan.before)
                                 change.verify(t, plan)
-                            else:
-                                change.rollback(t, plan.before)
                             applied = want
                         result = measure(mt, self.plan.cyclictest, self.plan.load, target=f"{unit}.{mtarget}",
                                          artifacts=self.artifacts, events=self.events)
@@ -242,12 +240,12 @@ class Engine:
             dec = json.loads(decision.model_dump_json())
             if decision.action == "keep":
                 if not applied:
-                    change.apply(t, plan.before)
+                    change.switch(t, plan.before, True)
                 change.verify(t, plan)
                 self.journal.mark(rec, "kept", decision=dec)
                 status: Status = "kept"
             else:
-                if applied:
+                if applied or change.switch_keeps_persistence:
                     change.rollback(t, plan.before)
                 change.verify_rolled_back(t, plan.before)
                 self.journal.mark(rec, "rolled_back", decision=dec)

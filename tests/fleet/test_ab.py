@@ -34,7 +34,8 @@ def test_ab_alternates_abba_reports_effects_and_leaves_the_unit_as_found(fleet_l
         assert e["verdict"] in ("B better", "A better", "no difference shown")
     saved = json.loads(Path(result["report"]).read_text())
     assert [len(arm["runs"]) for arm in saved["arms"]] == [4, 4]
-    assert all(r["all"]["samples"] > 1000 for arm in saved["arms"] for r in arm["runs"])  # real 2 s runs at 1 kHz
+    # real 1 s runs at 1 kHz (fewer cycles under TCG, where the loop overruns; 1,000 at most)
+    assert all(300 < r["all"]["samples"] <= 1010 for arm in saved["arms"] for r in arm["runs"])
     page = html.read_text()
     assert page.count("data:image/png;base64,") >= 3 and "Cliff" in page
     assert live(fleet_paths, "lab2") == ("1", False)  # as found: no drop-in left, timer migration back on

@@ -21,7 +21,7 @@ from tests.qemu_threads import assert_vcpu_map, qemu_threads
 pytestmark = pytest.mark.lab
 
 PLAYBOOK = str(REPO / "playbooks" / "measurement-lab.yaml")  # README command (a)'s plan
-FAST = str(REPO / "tests" / "lab" / "playbook-fast.yaml")  # 4 + 4 runs of 2 s: the same flow in less time
+FAST = str(REPO / "tests" / "lab" / "playbook-fast.yaml")  # 4 + 4 runs of 1 s: the same flow in less time
 
 
 def tune(lab_paths, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:

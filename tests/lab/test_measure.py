@@ -33,14 +33,14 @@ def _leftovers(t) -> str:
     return out.stdout.strip()
 
 
-def test_guest_measured_30s_under_stress_ng(guest, tmp_path):
-    settings = CyclictestSettings(cpus=[1], duration_s=30, histogram_us=20000)
-    result = measure(guest, settings, LoadSpec(kind="stress-ng", args=["--cpu", "2"]), target="lab1.guest",
+def test_guest_measured_10s_under_stress_ng(guest, tmp_path):
+    settings = CyclictestSettings(cpus=[1], duration_s=10, histogram_us=20000)
+    result = measure(guest, settings, LoadSpec(kind="stress-ng", args=["--cpu", "1"]), target="lab1.guest",
                      artifacts=tmp_path)
     a = result.all
-    # 30 s at 1 ms is 30,000 cycles at most; under TCG and stress-ng the loop overruns and completes fewer
+    # 10 s at 1 ms is 10,000 cycles at most; under TCG and stress-ng the loop overruns and completes fewer
     # (10,500 to 19,500 per 20 s in the recorded runs, tests/recorded/cyclictest/lab)
-    assert 8000 <= a.samples <= 30500, a.samples
+    assert 2500 <= a.samples <= 10200, a.samples
     assert sum(a.histogram.values()) + a.overflows == a.samples
     for key, fraction in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
         assert getattr(a, key) == _brute_percentile(a.histogram, a.overflows, fraction), key
