@@ -12,6 +12,8 @@ def qemu_threads(t, service: str = "rt-guest-vm.service") -> dict[str, list[str]
     threads: dict[str, list[str]] = {}
     for line in out.splitlines():
         name, allowed = line.split("\t")
+        if not name and not allowed:  # a thread that ended between the listing and the read (QEMU's workers)
+            continue
         threads.setdefault(name, []).append(allowed)
     return threads
 
