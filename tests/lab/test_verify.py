@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.lab.test_apply import PLAYBOOK, tune
+from tests.lab.test_apply import FAST, tune
 
 pytestmark = pytest.mark.lab
 
@@ -24,7 +24,7 @@ def test_verify_reports_drift_and_leaves_it(lab, lab_paths, guest, tmp_path):
     profile.write_text(PROFILE)
     tune(lab_paths, "rollback", "lab1", "--all")
     try:
-        applied = tune(lab_paths, "apply", str(profile), "--playbook", PLAYBOOK, "--json")
+        applied = tune(lab_paths, "apply", str(profile), "--playbook", FAST, "--json")
         assert applied.returncode == 0, applied.stderr[-3000:]
         [outcome] = json.loads(applied.stdout)["results"][0]["outcomes"]
         assert outcome["status"] == "kept", outcome  # the lab playbook keeps what is not shown to do harm
