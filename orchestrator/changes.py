@@ -158,6 +158,12 @@ class SysctlChange(Change):
         t.run(["sysctl", "-q", "-w", f"{self.name}={before['value']}"], timeout_s=30)
         restore_file(t, self.dropin, _unb64(before["dropin"]))
 
+    switch_keeps_persistence = True
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        """The runtime value only: the drop-in acts at the next boot, and a measurement run does not boot."""
+        t.run(["sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}"], timeout_s=30)
+
     def describe(self) -> str:
         return f"sysctl {self.name}={self.value}"
 
@@ -218,6 +224,22 @@ class ServiceDisableChange(Change):
         elif before["file_state"] == "masked":
             t.run(["systemctl", "mask", "--quiet", self.unit], timeout_s=30)
         if before["active"] == "active":
+            t.run(["systemctl", "start", "--no-block", self.unit], timeout_s=60)
+
+    @property
+    def switch_keeps_persistence(self) -> bool:  # type: ignore[override]
+        return not self.mask
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        """Stop or start the service and leave it disabled between runs: `disable` and `enable` each reload
+        systemd (seconds on a small or nested unit), and the enablement only acts at the next boot. A masked
+        unit cannot be started, so masking toggles whole."""
+        if self.mask:
+            super().switch(t, before, on)
+        elif on:
+            t.run(["systemctl", "stop", self.unit], timeout_s=90)
+            t.run(["systemctl", "reset-failed", self.unit], timeout_s=30, check=False)
+        elif before["load"] != "not-found" and before["active"] == "active":
             t.run(["systemctl", "start", "--no-block", self.unit], timeout_s=60)
 
     def verify_rolled_back(self, t: Transport, before: State) -> None:
@@ -676,10 +698,13 @@ class IrqAffinityChange(Change):
                                                and live.get("enabled") == desired["enabled"])
         return irqs_ok and persist_ok
 
-    def apply(self, t: Transport, before: State) -> None:
+    def _move_irqs(self, t: Transport, before: State) -> None:
         movable = [irq for irq in before["irqs"] if irq not in before["fixed"]]
         script = 'want=$1; shift; for irq in "$@"; do echo "$want" > /proc/irq/"$irq"/smp_affinity_list; done'
         t.run(["sh", "-c", script, "-", self._want(), *movable], timeout_s=60)
+
+    def apply(self, t: Transport, before: State) -> None:
+        self._move_irqs(t, before)
         t.write_file(IRQ_UNIT, self._unit_bytes())
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
         t.run(["systemctl", "enable", "rt-tune-irq-affinity.service"], timeout_s=60)
@@ -689,6 +714,19 @@ class IrqAffinityChange(Change):
             t.run(["systemctl", "disable", "rt-tune-irq-affinity.service"], timeout_s=60, check=False)
         restore_file(t, IRQ_UNIT, _unb64(before.get("unit")))
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
+        self._restore_irqs(t, before)
+
+    switch_keeps_persistence = True
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        """The IRQs' affinity only: the boot-time unit stays from the first apply to the decision (installing
+        and removing it costs two systemd reloads each way) and acts only at boot."""
+        if on:
+            self._move_irqs(t, before)
+        else:
+            self._restore_irqs(t, before)
+
+    def _restore_irqs(self, t: Transport, before: State) -> None:
         pairs = [f"{irq}={cpus}" for irq, cpus in sorted(before["irqs"].items())]
         script = ('for p in "$@"; do irq=${p%%=*}; cpus=${p#*=}; '
                   'echo "$cpus" > /proc/irq/"$irq"/smp_affinity_list 2>/dev/null || true; done')

@@ -39,6 +39,11 @@ def test_sysctl_runtime_value_and_owned_dropin(guest):
     change.verify(guest, plan)
     assert guest.read_file("/proc/sys/kernel/timer_migration").strip() == b"0"
     assert b"kernel.timer_migration = 0" in guest.read_file(change.dropin)
+    # a measurement toggle switches the runtime value and leaves the drop-in to the decision
+    change.switch(guest, plan.before, False)
+    assert change.read(guest) == {"value": "1", "dropin": plan.desired["dropin"]}
+    change.switch(guest, plan.before, True)
+    change.verify(guest, plan)
     change.rollback(guest, plan.before)
     assert change.read(guest) == plan.before
     assert read_optional(guest, change.dropin) is None
@@ -55,19 +60,35 @@ def test_sysctl_rollback_restores_a_prior_file_byte_exact(guest):
         guest.run(["rm", "-f", change.dropin])
 
 
+def _wait_active(t, change, want: str) -> dict:
+    deadline = time.monotonic() + 30
+    while (live := change.read(t))["active"] != want and time.monotonic() < deadline:
+        time.sleep(1)
+    return live
+
+
 def test_disable_crash_looping_service_and_restore(guest):
     change = ServiceDisableChange("mirobot_teleoperate")
-    plan = _round_trip(guest, change)
+    plan = change.plan(guest)
     assert plan.before == {"load": "loaded", "file_state": "enabled", "active": "active"}
-    deadline = time.monotonic() + 30
-    while change.read(guest)["active"] != "active" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert change.read(guest) == plan.before  # running (crash-looping) again, enabled again
+    change.apply(guest, plan.before)
+    change.verify(guest, plan)
+    assert dataclasses.replace(change).plan(guest).noop
+    # a measurement toggle starts and stops the service; it stays disabled until the decision (no reloads)
+    assert change.switch_keeps_persistence
+    change.switch(guest, plan.before, False)
+    assert _wait_active(guest, change, "active") == {"load": "loaded", "file_state": "disabled", "active": "active"}
+    change.switch(guest, plan.before, True)
+    change.verify(guest, plan)
+    change.rollback(guest, plan.before)
+    change.verify_rolled_back(guest, plan.before)
+    assert _wait_active(guest, change, "active") == plan.before  # running (crash-looping) again, enabled again
 
 
 def test_mask_and_unmask(guest):
     change = ServiceDisableChange("mirobot_teleoperate.service", mask=True)
     plan = change.plan(guest)
+    assert not change.switch_keeps_persistence  # a masked unit cannot be started: its toggles are whole
     try:
         change.apply(guest, plan.before)
         state = guest.run(["systemctl", "is-enabled", "mirobot_teleoperate.service"], check=False).stdout.strip()
@@ -138,6 +159,15 @@ def test_irq_affinity_to_housekeeping_survives_a_reboot_and_back(lab, host):
         change.apply(host, plan.before)
         change.verify(host, plan)
         assert host.run(["systemctl", "is-enabled", "rt-tune-irq-affinity.service"]).stdout.strip() == "enabled"
+        # a measurement toggle moves the IRQs back and forth; the boot-time unit stays until the decision
+        change.switch(host, plan.before, False)
+        off = change.read(host)
+        assert off["enabled"] and off["unit"] == plan.desired["unit"]
+        assert not change.in_place(off, plan.desired)
+        assert all(off["irqs"][i] == cpus for i, cpus in plan.before["irqs"].items()
+                   if i in off["irqs"] and i not in off["fixed"])
+        change.switch(host, plan.before, True)
+        change.verify(host, plan)
         old = _reboot(host)
         _wait_new_boot(lab, "lab1-host", old)
         assert BOOT_ID.gather(host) != old
