@@ -280,6 +280,10 @@ def _apply_table(results) -> Table:
     return table
 
 
+_boot_timeout_option = click.option(
+    "--boot-timeout", type=click.FloatRange(min=10), default=300.0, show_default=True,
+    help="Seconds to wait for a unit (and the guest it runs) to come back from a reboot before power-cycling it "
+         "(and again after the power cycle).")
 _db_option = click.option(
     "--db", default=None, metavar="URL|FILE", envvar="RT_TUNE_DB",
     help="The journal: a SQLite file (default: the state directory's) or postgresql://... shared by several "
@@ -309,9 +313,7 @@ def _units(inv, units: tuple[str, ...]) -> list[str]:
 @click.option("--accept-boot-risk", is_flag=True,
               help="Trial-boot cmdline/kernel changes even where preflight finds that a failed trial could not "
                    "fall back by itself (e.g. GRUB_DEFAULT is not saved).")
-@click.option("--boot-timeout", type=click.FloatRange(min=10), default=300.0, show_default=True,
-              help="Seconds to wait for a unit to come back from a reboot before power-cycling it (and again "
-                   "after the power cycle).")
+@_boot_timeout_option
 @_db_option
 @click.option("--json", "as_json", is_flag=True)
 def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
@@ -380,7 +382,7 @@ def _rollout_table(summary) -> Table:
 @click.option("--status", "status_id", type=int, default=None, metavar="ID", help="Show rollout ID; 0: list all.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Units this controller works on at once (default: the policy's max_in_flight).")
-@click.option("--boot-timeout", type=click.FloatRange(min=10), default=300.0, show_default=True)
+@_boot_timeout_option
 @click.option("--accept-boot-risk", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[str, ...], playbook: Path | None,
@@ -597,16 +599,19 @@ def status_cmd(inventory_file: str | None, units: tuple[str, ...], as_json: bool
 @click.option("--change", "change_id", default=None, help="Undo one kept change (its id from `tune status`).")
 @click.option("--inventory", "-i", "inventory_file", default=None)
 @click.option("--force-unlock", default=None, metavar="LOCK_ID")
+@_boot_timeout_option
 @_db_option
 @click.option("--json", "as_json", is_flag=True)
 def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: str | None,
-                 force_unlock: str | None, as_json: bool, db: str | None = None) -> None:
+                 force_unlock: str | None, as_json: bool, db: str | None = None,
+                 boot_timeout: float = 300.0) -> None:
     """Return UNIT to its state before rt-tune: every kept change (--all) or one (--change ID)."""
     from orchestrator.errors import InputError
 
     if all_ == (change_id is not None):
         raise InputError("give exactly one of --all or --change ID")
     engine, _ = _engine(inventory_file, db, (unit,))
+    engine.boot_timeout_s = boot_timeout
     undone = engine.rollback(unit, change_id, force_unlock=force_unlock)
     emit({"unit": unit, "rolled_back": undone}, as_json, f"{unit}: rolled back {', '.join(undone) or 'nothing'}")
 

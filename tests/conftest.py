@@ -1,5 +1,5 @@
-"""Shared fixtures. The lab fixture boots one real x86 unit (host VM + guest VM) once for tests/lab; the arm64
-unit is tests/arm64's own."""
+"""Shared helpers and the lanes. tests/lab/conftest.py boots one real x86 unit (host VM + guest VM) for tests/lab;
+the fleet's and the arm64 unit are tests/fleet's and tests/arm64's own."""
 
 from __future__ import annotations
 
@@ -39,39 +39,6 @@ def running_lab(paths: Paths, *, arch: str, reuse: bool, label: str, units: int 
     assert the_lab.stray_qemu_pids() == [], "tune lab down left QEMU processes behind"
 
 
-@pytest.fixture(scope="session")
-def lab_paths(tmp_path_factory) -> Paths:
-    return lab_state_paths(tmp_path_factory, REUSE, "rt-tune-state")
-
-
-@pytest.fixture(scope="package")  # down before the arm64 tests (tests/arm64, run last) boot their own lab
-def lab(lab_paths):
-    yield from running_lab(lab_paths, arch="amd64", reuse=bool(REUSE), label="lab")
-
-
-@pytest.fixture(scope="package")
-def inventory(lab, lab_paths):
-    from orchestrator.inventory import load_inventory
-
-    return load_inventory(lab_paths.lab_inventory)
-
-
-@pytest.fixture()
-def host(inventory):
-    from orchestrator.transport import SSHTransport
-
-    with SSHTransport(inventory.endpoint("lab1", "host")) as t:
-        yield t
-
-
-@pytest.fixture()
-def guest(inventory):
-    from orchestrator.transport import SSHTransport
-
-    with SSHTransport(inventory.endpoint("lab1", "guest")) as t:
-        yield t
-
-
 def tune_env(paths: Paths) -> dict[str, str]:
     return {**os.environ, "RT_TUNE_CACHE": str(paths.cache), "RT_TUNE_STATE": str(paths.state)}
 
@@ -80,20 +47,13 @@ def tune_env(paths: Paths) -> dict[str, str]:
 BUILD_LOG = "{arch}-image-build.log"
 
 
-#: x86 lab test files run in the other lane, on an x86 lab of their own (its boot costs about a minute): the
-#: x86 lane was the longer by 10 minutes (warm, 2026-12-05: 43.0 against 33.2), and with only one lane left
-#: running one CPU idles.
-OTHER_LANE_LAB_FILES = ("tests/lab/test_diagnose.py", "tests/lab/test_verify.py", "tests/lab/test_measure.py")
-
-
 def lane(nodeid: str) -> str:
     """README command (b) runs two pytest-xdist workers, one lane each, each in collection order: the x86 lab
-    tests (tests/lab), and beside them the unit tests, then the fleet lab, then a few x86 lab files
-    (OTHER_LANE_LAB_FILES), then the arm64 lab. A TCG lab keeps about two thirds of this machine's two CPUs
-    busy, the unit tests one CPU: two lanes fill both. Without xdist everything runs in one process, in the
-    same order."""
-    if nodeid.startswith(OTHER_LANE_LAB_FILES):
-        return "unit-fleet-arm64"
+    tests (tests/lab), and beside them the unit tests, then the fleet lab, then the arm64 lab. A TCG lab keeps
+    about two thirds of this machine's two CPUs busy, the unit tests one CPU: two lanes fill both. (Moving three
+    x86 lab files to the other lane on an x86 lab of its own balanced a warm run, but a cold one, where that lane
+    also waits for the arm64 images, took 72 minutes, not 47: 2026-12-05.) Without xdist everything runs in one
+    process, in the same order."""
     return "x86-lab" if nodeid.startswith("tests/lab/") else "unit-fleet-arm64"
 
 

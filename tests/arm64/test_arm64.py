@@ -65,7 +65,15 @@ def aguest(arm64_inventory):
         yield t
 
 
+#: A host reboot with its nested guest back takes 3.5 minutes alone and up to 5 beside the other lane (CI,
+#: 2026-12-05: a trial boot judged unhealthy at the default 300 s and fallen back): the commands that reboot
+#: wait 600 s, as a user would give a slow unit.
+BOOT_TIMEOUT = ("--boot-timeout", "600")
+
+
 def tune(paths: Paths, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
+    if args and args[0] in ("apply", "rollback"):
+        args = (*args, *BOOT_TIMEOUT)
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=tune_env(paths),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
