@@ -144,6 +144,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("rollout without a mode", ["rollout"], 2, "give exactly one of"),
     ("rollback without --all", ["rollback", "lab1", "-i", "{d}/inventory.yaml"], 2, "--all"),
     ("boot timeout too small", ["apply", "rt-profile", "--boot-timeout", "5"], 2, "--boot-timeout"),
+    ("rollback boot timeout not a number", ["rollback", "lab1", "--all", "--boot-timeout", "soon"], 2,
+     "Invalid value for '--boot-timeout'"),
     ("rollout workers 0", ["rollout", "rt-profile", "--workers", "0"], 2, "--workers"),
     ("rollout status not a number", ["rollout", "--status", "abc"], 2, "--status"),
     ("measure zero histogram and interval", ["measure", "lab1.host", "--histogram", "0", "--interval", "0",
