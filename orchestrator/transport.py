@@ -1144,6 +1144,28 @@ class SSHTransport(_CommandTransport):
             raise ConnectError(f"{self.label}: connection failed while running `{what}`: {exc}") from exc
 
 
+class _JumpChannel:
+    """A direct-tcpip channel used as the socket of the connection through it, whose close() cannot raise.
+
+    paramiko's transport thread closes its socket when it ends; through a jump host that is a channel, and closing
+    it sends a message on the jump host's connection. When the jump host has just gone away (it rebooted, with
+    its guest) or was closed first, that send raises EOFError in the thread, which Python prints as a traceback
+    on stderr. The channel is gone either way, so the error says nothing: it is dropped here.
+    """
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+
+    def close(self) -> None:
+        try:
+            self._channel.close()
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+
+    def __getattr__(self, name: str):  # recv, send, settimeout, getpeername, _closed, ...
+        return getattr(self._channel, name)
+
+
 def _open_client(
     endpoint: Endpoint,
     *,
@@ -1153,7 +1175,7 @@ def _open_client(
 ) -> tuple[paramiko.SSHClient, list[paramiko.SSHClient]]:
     """One connection attempt (through the jump chain); returns the client and the jump clients to close."""
     jump_clients: list[paramiko.SSHClient] = []
-    sock: paramiko.Channel | None = None
+    sock: _JumpChannel | None = None
     timeout = max(1.0, min(endpoint.connect_timeout, deadline - time.monotonic()))
     try:
         if endpoint.jump is not None:
@@ -1166,9 +1188,9 @@ def _open_client(
             jump_transport = jump_client.get_transport()
             assert jump_transport is not None
             try:
-                sock = jump_transport.open_channel(
+                sock = _JumpChannel(jump_transport.open_channel(
                     "direct-tcpip", (endpoint.host, endpoint.port), ("127.0.0.1", 0), timeout=timeout
-                )
+                ))
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 raise ConnectError(
                     f"{endpoint.label}: jump host {endpoint.jump.label} could not reach "
@@ -1185,7 +1207,7 @@ def _open_client(
 def _connect_client(
     endpoint: Endpoint,
     *,
-    sock: paramiko.Channel | None,
+    sock: _JumpChannel | None,
     timeout: float,
     passphrase: str | None,
     defaults: Sequence[str] = DEFAULT_KNOWN_HOSTS,
@@ -1199,12 +1221,14 @@ def _connect_client(
     with_key = pkey is not None
     log.debug("%s: connecting%s", label, f" via {endpoint.jump.label}" if endpoint.jump else "")
     try:
+        conn: _JumpChannel | socket.socket
         if sock is None:
             # Our own socket, with Nagle off: every command is a small request awaiting a small answer, and
             # with Nagle each one waits out the peer's delayed ACK (~40 ms on Linux) before it is sent.
-            tcp = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock = tcp
+            conn = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            conn = sock
         client.connect(
             endpoint.host,
             port=endpoint.port,
@@ -1216,7 +1240,7 @@ def _connect_client(
             banner_timeout=timeout,
             auth_timeout=timeout,
             channel_timeout=timeout,
-            sock=sock,
+            sock=conn,  # type: ignore[arg-type]  # paramiko wants a socket-like object
             transport_factory=trust.transport,
         )
     except _HostKeyRefused as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -238,6 +239,24 @@ def test_ssh_jump_host(sshd: Sshd) -> None:
         ).stdout
         assert '"sshd"' in owners and f"pid={os.getpid()}," not in owners, owners
         assert transport.read_file("/proc/sys/kernel/hostname").strip()
+
+
+def test_closing_a_connection_whose_jump_link_is_gone_raises_nothing(sshd: Sshd) -> None:
+    """The arm64 host reboots with its guest: the guest connection's transport thread closes its socket, a
+    channel of the host connection that can no longer send. paramiko then raised EOFError in that thread, and
+    Python printed its traceback on the user's terminal (seen in CI on `tune rollback`)."""
+    endpoint = sshd.endpoint(jump=sshd.endpoint())
+    with SSHTransport(endpoint, connect_deadline_s=5) as transport:
+        assert transport.run(["echo", "up"]).stdout == "up\n"
+        jump = transport._jump_clients[-1].get_transport()
+        target = transport._client.get_transport()
+        assert jump is not None and target is not None
+        jump.sock.shutdown(socket.SHUT_WR)  # nothing more reaches the jump host
+        target.sock.close()  # what the target's transport thread does when it ends
+        target.close()
+        assert not target.is_active()
+        # the next command connects again, through a new jump connection
+        assert transport.run(["echo", "again"]).stdout == "again\n"
 
 
 def test_ssh_connection_lost_mid_command_then_reconnect(ssh: SSHTransport) -> None:
