@@ -166,7 +166,8 @@ def lab_reset(names: tuple[str, ...], cold: bool, as_json: bool) -> None:
 @click.option("--no-wait", is_flag=True, help="Return right after the reset, do not wait for SSH.")
 @click.option("--json", "as_json", is_flag=True)
 def lab_power_cycle(name: str, no_wait: bool, as_json: bool) -> None:
-    """Hard-reset VM NAME through QMP, like pulling a unit's power."""
+    """Hard-reset VM NAME like pulling a unit's power: a QMP reset; a nested guest's QEMU is killed on its host and
+    systemd starts it again."""
     boot_id = _lab().power_cycle(name, wait=not no_wait)
     emit({"name": name, "boot_id": boot_id}, as_json, f"{name} power-cycled" + (f"; boot_id {boot_id}" if boot_id else ""))
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
-from orchestrator.boot.trial import Health, TrialBoot, UnitLostError
+from orchestrator.boot.trial import Dependent, Health, TrialBoot, UnitLostError
 from orchestrator.decide import SequentialDecision
 from orchestrator.errors import InputError, TransportError, TuneError
 from orchestrator.events import Event
@@ -224,11 +224,12 @@ class BootChangeRunner:
         us = self.e.inventory.unit(unit)
         power = us.power_cycle if target == "host" else (us.guest_power_cycle or None)
         services: tuple[str, ...] = ()
-        dependents: tuple = ()
+        dependents: tuple[Dependent, ...] = ()
         qemu = us.vars.get("qemu_service")
         if target == "host" and qemu and us.guest is not None:
             services = (str(qemu),)
-            dependents = ((f"{unit}.guest", self._conn(unit, "guest")),)  # its QEMU restarts with the host
+            # its QEMU restarts with the host
+            dependents = (Dependent(f"{unit}.guest", self._conn(unit, "guest"), us.guest_power_cycle or None),)
         return TrialBoot(loader=plan.loader, control=self._conn(unit, plan.control_target),
                          observe=self._conn(unit, target), subject=f"{unit}.{target}",
                          power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,

@@ -86,6 +86,16 @@ def vcpu_threads(host) -> dict[str, str]:
     return dict(line.split("\t") for line in out.splitlines() if line.startswith("CPU "))
 
 
+def guest_seen_from_host(host) -> str:
+    """For a failure message: the nested guest's QEMU service and the end of its console, as its host sees them
+    (a guest that never answered after a host reboot left nothing else to look at)."""
+    try:
+        return host.run(["sh", "-c", "systemctl status --no-pager -n 5 rt-guest-vm.service; "
+                                     "tail -c 3000 /var/log/rt-guest-vm.console"], check=False, timeout_s=60).stdout
+    except Exception as exc:  # noqa: BLE001 - the host itself may be what is gone
+        return f"(the host did not answer either: {exc})"
+
+
 def wfi_exits(host) -> tuple[int, float]:
     counter = host.run(["cat", "/sys/kernel/debug/kvm/wfi_exit_stat"], sudo=True).stdout.strip()
     uptime = host.run(["cat", "/proc/uptime"]).stdout.split()[0]
@@ -191,7 +201,7 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
     cmdline_before = ahost.run(["cat", "/proc/cmdline"]).stdout.split()
     assert not any(a.startswith("kvm-arm.wf") for a in cmdline_before)
     proc = tune(arm64_paths, "apply", PROFILE, "--playbook", FAST, "--json")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:] + guest_seen_from_host(ahost)
     result = json.loads(proc.stdout)
     outcomes = {o["id"]: o for o in result["results"][0]["outcomes"]}
 
@@ -223,7 +233,8 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
 
     # rollback --all: the host boots its old cmdline again, the threads run anywhere
     proc = tune(arm64_paths, "rollback", "lab1", "--all", "--json")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:] + guest_seen_from_host(ahost)
+    assert "Traceback" not in proc.stderr, proc.stderr  # the host rebooted under open guest connections
     assert ahost.run(["cat", "/proc/cmdline"]).stdout.split() == cmdline_before
     assert set(vcpu_threads(ahost).values()) == {"0-1"}
 
@@ -246,10 +257,12 @@ def _guest_cmdline(arm64_inventory, deadline: float) -> str:
 
 
 @pytest.fixture()
-def nohz_nested_guest(arm64_lab, arm64_inventory, ahost):
+def nohz_nested_guest(arm64_lab, arm64_paths, arm64_inventory, ahost):
     """The nested guest restarted once with nohz_full=1 (a runtime drop-in on the host's rt-guest-vm.service
     adds it to QEMU's -append), with two busy loops pinned to its CPU 1; afterwards the drop-in removed and the
-    guest restarted on its own command line."""
+    guest restarted on its own command line. The first restart is `tune lab power-cycle` of the nested guest
+    (its QEMU killed on the host, systemd starts it again: the inventory's guest_power_cycle, which a trial
+    boot runs for a guest that does not come back with its host): the new cmdline proves it restarted."""
     from orchestrator.transport import SSHTransport
 
     unit = ahost.run(["systemctl", "cat", "rt-guest-vm.service"]).stdout
@@ -261,7 +274,8 @@ def nohz_nested_guest(arm64_lab, arm64_inventory, ahost):
         'panic=10 quiet"', 'panic=10 quiet nohz_full=1"') + "\n").encode())
     try:
         ahost.run(["systemctl", "daemon-reload"])
-        ahost.run(["systemctl", "restart", "rt-guest-vm.service"])
+        cycled = tune(arm64_paths, "lab", "power-cycle", "lab1-guest", "--no-wait")
+        assert cycled.returncode == 0, cycled.stderr[-2000:]
         time.sleep(5)
         assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400)
         units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
