@@ -77,8 +77,24 @@ def _paths() -> Paths:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rt-tune")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log every remote command on stderr with its exit status and time, and every connection.")
+def cli(verbose: bool) -> None:
     """rt-tune: tune real-time KVM units, measure every change, keep only what helps."""
+    if verbose:
+        _log_to_stderr()
+
+
+def _log_to_stderr() -> None:
+    """rt-tune's own debug log (not paramiko's) on stderr, with wall-clock times: where a slow or stuck unit
+    spends its time. Commands are shown as their argv (cut at 200 characters), never what is sent on stdin."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("orchestrator")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 # ---- lab -----------------------------------------------------------------------------------------------

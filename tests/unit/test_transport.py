@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -464,3 +465,26 @@ def test_local_write_and_read_file(tmp_path: Path) -> None:
     local.write_file(str(target), data, mode=0o751)
     assert local.read_file(str(target)) == data
     assert target.stat().st_mode & 0o7777 == 0o751
+
+
+def test_verbose_logs_each_remote_command_with_its_status_and_time(sshd: Sshd, tmp_path: Path) -> None:
+    """`tune -v`: where a slow or stuck unit spends its time, one timestamped line per command."""
+    import re
+    import sys
+
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(f"units:\n  u1:\n    host:\n      address: 127.0.0.1\n      port: {sshd.port}\n      user: root\n"
+                   f"      key: {sshd.client_key}\n      known_hosts: {sshd.known_hosts}\n")
+
+    def facts(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "orchestrator", *flags, "facts", "u1.host", "-i", str(inv),
+                               "--json"], capture_output=True, text=True, timeout=120)
+    loud = facts("-v")
+    assert loud.returncode == 0, loud.stderr
+    lines = re.findall(r"^\d\d:\d\d:\d\d\.\d{3} root@127\.0\.0\.1:\d+: (.+) -> exit (\d+) in [\d.]+s$",
+                       loud.stderr, re.M)
+    assert lines and all(status == "0" for _, status in lines), loud.stderr  # the facts, in one round trip
+    assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} root@127\.0\.0\.1:\d+: connected$", loud.stderr, re.M), loud.stderr
+    quiet = facts()
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert json.loads(quiet.stdout) == json.loads(loud.stdout) | {"boot_id": json.loads(quiet.stdout)["boot_id"]}
