@@ -13,7 +13,8 @@ import json
 import pytest
 
 from orchestrator.boot.loader import one_second_later
-from tests.arm64.test_arm64 import FAST, arm64_inventory, arm64_lab, arm64_paths, tune  # noqa: F401 (fixtures)
+from tests.arm64.test_arm64 import (arm64_inventory, arm64_lab, arm64_paths, nested_playbook,  # noqa: F401
+                                    tune)  # (fixtures)
 
 pytestmark = [pytest.mark.slow_lab, pytest.mark.arm64]
 
@@ -29,7 +30,7 @@ def _reboot_host_into(arm64_lab, ahost, saved_entry: str) -> None:
 
 
 def test_old_host_kernel_needs_a_patched_kernel_and_an_unpatched_one_is_rolled_back_on_exit_rates(
-        arm64_lab, arm64_paths, arm64_inventory, tmp_path):
+        arm64_lab, arm64_paths, arm64_inventory, nested_playbook, tmp_path):
     """On bookworm's 6.1 (no trap-policy parameters) `wfx_notrap: true` is refused with what to do, before
     anything changes. A profile that names a 'patched' kernel which is not one (backports' 6.12, booted without
     the parameters) trial-boots healthy, but the WFI exit rate does not fall: rolled back on that evidence."""
@@ -57,7 +58,7 @@ def test_old_host_kernel_needs_a_patched_kernel_and_an_unpatched_one_is_rolled_b
             boot_before = h.run(["sh", "-c", "cat /proc/cmdline; sha256sum /boot/grub/grub.cfg"]).stdout
         only_wfx = tmp_path / "wfx.yaml"
         only_wfx.write_text("name: wfx-only\nhost:\n  wfx_notrap: true\n")
-        proc = tune(arm64_paths, "apply", str(only_wfx), "--playbook", FAST, "--json")
+        proc = tune(arm64_paths, "apply", str(only_wfx), "--playbook", nested_playbook, "--json")
         outcome = json.loads(proc.stdout)["results"][0]["outcomes"][0]
         assert outcome["status"] == "failed" and "not started" in outcome["reason"], outcome
         assert "Linux >= 6.11" in outcome["reason"] and "patched host kernel" in outcome["reason"]
@@ -65,7 +66,7 @@ def test_old_host_kernel_needs_a_patched_kernel_and_an_unpatched_one_is_rolled_b
         not_patched = tmp_path / "not-patched.yaml"
         not_patched.write_text(f"name: wfx-not-patched\nhost:\n  wfx_notrap:\n    kernel:\n"
                                f"      package: {new_package}\n      release: \"{new_release}\"\n")
-        proc = tune(arm64_paths, "apply", str(not_patched), "--playbook", FAST, "--json")
+        proc = tune(arm64_paths, "apply", str(not_patched), "--playbook", nested_playbook, "--json")
         outcome = json.loads(proc.stdout)["results"][0]["outcomes"][0]
         assert outcome["status"] == "rolled_back", outcome
         assert "booted the trial, but" in outcome["reason"] and "WFI" in outcome["reason"], outcome
