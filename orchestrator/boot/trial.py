@@ -270,9 +270,8 @@ class TrialBoot:
             if dep.power_cycle is None:
                 problems.append(f"{dep.name} {waited}")
                 continue
-            self._emit("trial.dependent_power_cycle", f"{dep.name} {waited}: running its power_cycle command",
-                       dependent=dep.name)
-            failure = run_power_cycle(dep.power_cycle, self.power_cycle_timeout_s)
+            failure = self._power_cycle(f"{dep.name} {waited}", dep.power_cycle, kind="trial.dependent_power_cycle",
+                                        dependent=dep.name)
             if failure is not None:
                 problems.append(f"{dep.name} {waited}; its power cycle failed: {failure}")
                 continue
@@ -284,11 +283,13 @@ class TrialBoot:
             self._emit("trial.dependents", "answering again: " + ", ".join(d.name for d in self.dependents))
         return problems
 
-    def _power_cycle(self, why: str) -> str | None:
-        """Run the inventory's power_cycle command once; None when it ran, else why it failed (also recorded as
-        a `trial.power_cycle_failed` event, which the journal receives)."""
-        self._emit("trial.power_cycle", f"{why}: running the inventory's power_cycle command")
-        argv = self.power_cycle or []
+    def _power_cycle(self, why: str, argv: Sequence[str] | None = None, kind: str = "trial.power_cycle",
+                     **data) -> str | None:
+        """Run a power_cycle command once (the unit's, unless `argv`: a dependent's); None when it ran, else why
+        it failed (also recorded as a `trial.power_cycle_failed` event, which the journal receives)."""
+        self._emit(kind, f"{why}: running " + ("its" if argv is not None else "the inventory's")
+                   + " power_cycle command", **data)
+        argv = (self.power_cycle or []) if argv is None else argv
         failure = run_power_cycle(argv, self.power_cycle_timeout_s)
         if failure is not None:
             shown = shlex.join(str(a) for a in argv) if argv else "[]"

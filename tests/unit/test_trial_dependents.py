@@ -79,5 +79,8 @@ def test_a_guest_still_silent_after_its_power_cycle_is_a_problem_saying_both(tmp
 def test_a_failing_guest_power_cycle_is_named_in_the_problem():
     connect, _ = flaky(10**9)
     argv = [sys.executable, "-c", "import sys; print('bmc says no'); sys.exit(3)"]
-    problems = trial((Dependent("u.guest", connect, argv),), timeout=0.2).dependents_back()
+    events = []
+    problems = trial((Dependent("u.guest", connect, argv),), timeout=0.2, events=events).dependents_back()
     assert len(problems) == 1 and "its power cycle failed" in problems[0] and "bmc says no" in problems[0], problems
+    # journaled as a failed power cycle, like the host's
+    assert [e.kind for e in events] == ["trial.dependent_power_cycle", "trial.power_cycle_failed"], events
