@@ -42,6 +42,10 @@ from orchestrator.transport import Transport
 MIN_DURATION_S = 2.0
 MAX_DURATION_S = 3600.0
 WINDOW_OVERHEAD_S = 240.0  # sampling, core dump query and trace read on a slow nested guest, beyond the window
+#: The tracing state probe reads ~1700 event directories: 3-5 s on the arm64 lab's host, 4-8 s in its nested guest
+#: idle (2026-12-05); in CI, beside the other lane and with busy loops in the guest, the probe's older form (26 s
+#: idle there) ran past 60 s.
+STATE_TIMEOUT_S = 180.0
 RT_IPI_PER_S = 5.0  # RES/CAL (IPI0/IPI1) per second on an RT CPU above which isolation is recommended
 SEVERITY_ORDER = {"high": 0, "medium": 1, "info": 2}
 CRASH_RESTARTS = 3  # NRestarts at least this, with core dumps in the last hour: a crash loop even if quiet now
@@ -535,7 +539,7 @@ class Window:
         self._cancelled = threading.Event()
 
     def state(self) -> dict[str, str]:
-        return parse_tracing_state(self.t.run(state_argv(), sudo=True, timeout_s=60).stdout)
+        return parse_tracing_state(self.t.run(state_argv(), sudo=True, timeout_s=STATE_TIMEOUT_S).stdout)
 
     def run(self) -> dict[str, str]:
         self.before = self.state()

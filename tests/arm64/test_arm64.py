@@ -174,8 +174,9 @@ def test_arm64_unit_is_an_el2_host_with_a_nested_kvm_guest_reached_through_it(ar
     assert (b - a) / (tb - ta) > 5.0, (a, b)
 
 
-# The order saves boots: the host diagnosis runs while the guest idles from the lab's boot; the apply's
-# rollback reboots the host last, and the guest diagnosis restarts the nested guest anyway.
+# The order saves boots: both diagnoses run on the guest up since the lab's boot (the lab boots it with
+# nohz_full=1, so its diagnosis needs no restart of its own, which took 4-8 minutes in CI); the apply's trial boot
+# and rollback reboot the host after them; the guest's power cycle is last, when nothing waits for its boot.
 def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, arm64_paths, arm64_inventory,
                                                                      ahost, tmp_path):
     """The host while its nested guest idles: WFI traps per VM, IPIs per CPU and who sent them (6.12 tracepoints)."""
@@ -211,6 +212,75 @@ def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, a
 
     assert_same_tracing_state(before, tracing_state(ahost))
     no_leftovers(ahost, "10")
+
+
+def _guest_cmdline(arm64_inventory, deadline: float) -> str:
+    """The nested guest's /proc/cmdline once it answers SSH again (through its host)."""
+    from orchestrator.errors import TransportError
+    from orchestrator.transport import SSHTransport
+
+    while True:
+        try:
+            with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
+                return g.run(["cat", "/proc/cmdline"], timeout_s=30).stdout
+        except TransportError:
+            assert time.monotonic() < deadline, "the nested guest did not come back"
+            time.sleep(3)
+
+
+@pytest.fixture()
+def nohz_nested_guest(arm64_lab, arm64_inventory):
+    """Two busy loops pinned to the nested guest's CPU 1, which the lab boots with nohz_full=1 (its QEMU's
+    -append), once the guest's crash loop has restarted at least once; stopped afterwards."""
+    from orchestrator.transport import SSHTransport
+
+    assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400).split()
+    units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
+    with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
+        # the crash loop restarts once a minute here: wait for its first restart (a core dump and NRestarts 1),
+        # before the busy loops take CPU 1. A run lives 4 s, less than the diagnosis window, so from then on
+        # the window either sees a restart or ends in the restart wait after a core dump.
+        deadline = time.monotonic() + 300
+        while int(g.run(["systemctl", "show", "-p", "NRestarts", "--value", "mirobot_teleoperate.service"],
+                        timeout_s=120).stdout) < 1:
+            assert time.monotonic() < deadline, "the nested guest's crash loop did not restart in 5 minutes"
+            time.sleep(5)
+        try:
+            for u in units:
+                g.run(["systemd-run", f"--unit={u}", "--property=CPUAffinity=1", "sh", "-c", "while :; do :; done"],
+                      timeout_s=120)
+            yield [int(g.run(["systemctl", "show", "-p", "MainPID", "--value", u], timeout_s=120).stdout)
+                   for u in units]
+        finally:
+            g.run(["systemctl", "stop", *units], timeout_s=300)
+
+
+def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
+                                                                       nohz_nested_guest, tmp_path):
+    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
+    from orchestrator.transport import SSHTransport
+
+    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
+        before = tracing_state(g)
+    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "guest", "--duration", "10s", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d = json.loads(proc.stdout)
+    [guest] = d["targets"]
+    kinds = {f["kind"]: f for f in d["findings"]}
+
+    assert {"IPI0", "IPI1", "IPI5"} <= {r["row"] for r in guest["ipis"]}
+    assert guest["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), guest["tracing"]
+    loop = kinds["crash_loop"]
+    assert loop["change"] == "guest.service.mirobot_teleoperate.service"
+    [cpu1] = [n for n in guest["nohz"] if n["cpu"] == 1]
+    assert cpu1["tick_stopped"] is False and not cpu1["tick_ok"], cpu1
+    listed = " ".join(cpu1["runnable"] + [cpu1["current"] or ""])
+    assert all(str(p) in listed for p in nohz_nested_guest), (nohz_nested_guest, cpu1)
+    assert "CPU 1" in kinds["nohz_tick"]["title"]
+
+    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
+        assert_same_tracing_state(before, tracing_state(g))
+        no_leftovers(g, "10")
 
 
 @pytest.mark.timeout(3600)  # two host reboots with its nested guest: 10-18 min, over 30 on a slow machine
@@ -258,91 +328,25 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
     assert set(vcpu_threads(ahost).values()) == {"0-1"}
 
 
-GUEST_DROPIN = "/run/systemd/system/rt-guest-vm.service.d/50-rt-tune-test-nohz.conf"
+def test_lab_power_cycle_restarts_the_nested_guest_s_qemu(arm64_lab, arm64_paths, ahost):
+    """`tune lab power-cycle lab1-guest`: the inventory's guest_power_cycle, which a trial boot runs for a guest
+    that does not come back with its host. Its QEMU is killed and systemd starts a new one (last in the module:
+    nothing waits for the guest's boot)."""
+    def qemu() -> tuple[str, str]:
+        out = ahost.run(["systemctl", "show", "-p", "MainPID", "-p", "ActiveState", "rt-guest-vm.service"]).stdout
+        props = dict(line.split("=", 1) for line in out.split())
+        return props["MainPID"], props["ActiveState"]
 
-
-def _guest_cmdline(arm64_inventory, deadline: float) -> str:
-    """The nested guest's /proc/cmdline once it answers SSH again (through its host)."""
-    from orchestrator.errors import TransportError
-    from orchestrator.transport import SSHTransport
-
-    while True:
-        try:
-            with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
-                return g.run(["cat", "/proc/cmdline"], timeout_s=30).stdout
-        except TransportError:
-            assert time.monotonic() < deadline, "the nested guest did not come back"
-            time.sleep(3)
-
-
-@pytest.fixture()
-def nohz_nested_guest(arm64_lab, arm64_paths, arm64_inventory, ahost):
-    """The nested guest restarted once with nohz_full=1 (a runtime drop-in on the host's rt-guest-vm.service
-    adds it to QEMU's -append), with two busy loops pinned to its CPU 1; afterwards the drop-in removed and the
-    guest restarted on its own command line. The first restart is `tune lab power-cycle` of the nested guest
-    (its QEMU killed on the host, systemd starts it again: the inventory's guest_power_cycle, which a trial
-    boot runs for a guest that does not come back with its host): the new cmdline proves it restarted."""
-    from orchestrator.transport import SSHTransport
-
-    unit = ahost.run(["systemctl", "cat", "rt-guest-vm.service"]).stdout
-    start = unit.index("ExecStart=")
-    exec_start = unit[start:unit.index("\nRestart=", start)]
-    assert 'panic=10 quiet"' in exec_start, exec_start
-    ahost.run(["mkdir", "-p", GUEST_DROPIN.rsplit("/", 1)[0]])
-    ahost.write_file(GUEST_DROPIN, ("[Service]\nExecStart=\n" + exec_start.replace(
-        'panic=10 quiet"', 'panic=10 quiet nohz_full=1"') + "\n").encode())
-    try:
-        ahost.run(["systemctl", "daemon-reload"])
-        cycled = tune(arm64_paths, "lab", "power-cycle", "lab1-guest", "--no-wait")
-        assert cycled.returncode == 0, cycled.stderr[-2000:]
-        time.sleep(5)
-        assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400)
-        units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
-        with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
-            # the crash loop restarts once a minute here: wait for its first restart (a core dump and
-            # NRestarts 1), before the busy loops take CPU 1. A run lives 4 s, less than the diagnosis window,
-            # so from then on the window either sees a restart or ends in the restart wait after a core dump.
-            deadline = time.monotonic() + 300
-            while int(g.run(["systemctl", "show", "-p", "NRestarts", "--value",
-                             "mirobot_teleoperate.service"]).stdout) < 1:
-                assert time.monotonic() < deadline, "the nested guest's crash loop did not restart in 5 minutes"
-                time.sleep(5)
-            for u in units:
-                g.run(["systemd-run", f"--unit={u}", "--property=CPUAffinity=1", "sh", "-c", "while :; do :; done"])
-            pids = [int(g.run(["systemctl", "show", "-p", "MainPID", "--value", u]).stdout) for u in units]
-        yield pids
-    finally:
-        ahost.run(["rm", "-f", GUEST_DROPIN])
-        ahost.run(["systemctl", "daemon-reload"])
-        ahost.run(["systemctl", "restart", "rt-guest-vm.service"])  # its own cmdline again (boots meanwhile)
-
-
-def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
-                                                                       nohz_nested_guest, tmp_path):
-    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
-    from orchestrator.transport import SSHTransport
-
-    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
-        before = tracing_state(g)
-    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "guest", "--duration", "10s", "--json", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    d = json.loads(proc.stdout)
-    [guest] = d["targets"]
-    kinds = {f["kind"]: f for f in d["findings"]}
-
-    assert {"IPI0", "IPI1", "IPI5"} <= {r["row"] for r in guest["ipis"]}
-    assert guest["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), guest["tracing"]
-    loop = kinds["crash_loop"]
-    assert loop["change"] == "guest.service.mirobot_teleoperate.service"
-    [cpu1] = [n for n in guest["nohz"] if n["cpu"] == 1]
-    assert cpu1["tick_stopped"] is False and not cpu1["tick_ok"], cpu1
-    listed = " ".join(cpu1["runnable"] + [cpu1["current"] or ""])
-    assert all(str(p) in listed for p in nohz_nested_guest), (nohz_nested_guest, cpu1)
-    assert "CPU 1" in kinds["nohz_tick"]["title"]
-
-    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
-        assert_same_tracing_state(before, tracing_state(g))
-        no_leftovers(g, "10")
+    pid, state = qemu()
+    assert state == "active" and pid != "0", (pid, state)
+    cycled = tune(arm64_paths, "lab", "power-cycle", "lab1-guest", "--no-wait")
+    assert cycled.returncode == 0, cycled.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    while qemu()[0] in (pid, "0") or qemu()[1] != "active":
+        assert time.monotonic() < deadline, ("the guest's QEMU was not restarted", pid, qemu())
+        time.sleep(1)
+    comm = ahost.run(["cat", f"/proc/{qemu()[0]}/comm"]).stdout.strip()
+    assert comm.startswith("qemu-system"), comm
 
 
 def load_guest_endpoint(paths: Paths):

@@ -133,6 +133,39 @@ def test_preflight_refuses_unwritable_grubenv_and_grub_default_not_saved(lab_pat
         guest.write_file("/etc/default/grub", grub)
 
 
+def test_staging_and_discarding_a_trial_write_what_grub_mkconfig_would(guest, pristine_guest):
+    """The GRUB backend places the trial entry's section in grub.cfg itself (one update-grub less per trial):
+    the file it writes is byte for byte what grub-mkconfig makes with the trial script there, and discarding
+    gives back what grub-mkconfig makes without it, which is the grub.cfg from before."""
+    from orchestrator.boot.grub import GrubBackend, with_section
+    from orchestrator.boot.loader import BootTarget
+
+    def mkconfig() -> bytes:
+        return guest.run(["sh", "-c", 'grub-mkconfig -o "$1" 2>/dev/null && cat "$1"; rm -f "$1"', "-",
+                          "/run/rt-tune-test-grub.cfg"], timeout_s=300).stdout.encode()
+
+    grub = GrubBackend()
+    snap = grub.snapshot(guest)
+    try:
+        guest.run(["update-grub"], timeout_s=300)  # grub.cfg as this machine's grub-mkconfig makes it
+        before = guest.read_file(grub.cfg)
+        mode = guest.run(["stat", "-c", "%a", grub.cfg]).stdout.strip()
+        assert grub.preflight(guest) == []
+        grub.stage_trial(guest, BootTarget(add={"rt_tune_test.staged": "1"}))
+        staged = guest.read_file(grub.cfg)
+        assert b"--id rt-tune-trial" in staged and b"rt_tune_test.staged=1" in staged
+        entry = b"".join(guest.read_file(grub.trial_script).splitlines(keepends=True)[3:]).decode()
+        assert with_section(before.decode(), grub.trial_script, entry) == staged.decode()  # placed, not update-grub
+        assert staged == mkconfig()
+        assert guest.run(["stat", "-c", "%a", grub.cfg]).stdout.strip() == mode
+        assert grub.env(guest).get("next_entry") == "rt-tune-trial"
+        grub.discard(guest)
+        assert guest.read_file(grub.cfg) == before == mkconfig()
+        assert "next_entry" not in grub.env(guest)
+    finally:
+        grub.restore(guest, snap)
+
+
 def test_trial_that_never_becomes_healthy_is_power_cycled_back_to_the_old_cmdline(lab_paths, guest,
                                                                                    pristine_guest, tmp_path):
     _, old = pristine_guest

@@ -33,7 +33,8 @@ def tracing_state(t) -> dict[str, str]:
     """The top-level tracing state, read with cat and ls (independent of rt-tune's probe)."""
     script = "; ".join(f'printf "@@{f}\\n"; cat {TRACEFS}/{f}' for f in STATE_FILES)
     out = t.run(["sh", "-c", script + f'; printf "@@instances\\n"; ls {TRACEFS}/instances; '
-                 f'printf "@@enabled\\n"; grep -l 1 {TRACEFS}/events/*/*/enable; true'], sudo=True).stdout
+                 f'printf "@@enabled\\n"; grep -l 1 {TRACEFS}/events/*/*/enable; true'], sudo=True,
+                timeout_s=240).stdout  # 15-30 s in the arm64 lab's nested guest
     return {chunk.split("\n", 1)[0]: chunk.split("\n", 1)[1] for chunk in out.split("@@")[1:]}
 
 
@@ -182,3 +183,40 @@ def test_ctrl_c_and_timeout_leave_no_tracing_behind(lab, lab_paths, inventory):
     with SSHTransport(ep) as g:
         assert_same_tracing_state(before, tracing_state(g))
         no_leftovers(g, "30")
+
+
+def test_the_tracing_state_probe_sees_each_kind_of_change_someone_else_leaves(lab, inventory):
+    """rt-tune's state probe (one awk, one cksum and one grep over every event, so it stays quick in a nested
+    guest) on the real tracefs: a filter, a trigger, a kprobe, a tracer, a cpumask and an instance made with
+    plain shell each show up in the item that names them, and the state reads equal again once they are undone."""
+    from orchestrator.diagnose import Window, state_differences
+
+    ev = f"{TRACEFS}/events/sched/sched_wakeup"
+    with SSHTransport(inventory.endpoint("lab1", "guest")) as g:
+        probe = Window(g, "lab1.guest", 1.0, lambda e: None)
+        before = probe.state()
+        cpumask = g.run(["cat", f"{TRACEFS}/tracing_cpumask"], sudo=True).stdout.strip()
+        assert before["tracing_cpumask"] == cpumask and before["filters"] and before["triggers"], before
+        changes = [  # (item, also allowed to differ while it is in place, make, undo)
+            ("filters", set(), f"echo 'pid > 1' > {ev}/filter", f"echo 0 > {ev}/filter"),
+            ("triggers", {"set_event"}, f"echo stacktrace > {ev}/trigger", f"echo '!stacktrace' > {ev}/trigger"),
+            ("kprobe_events", {"dynamic_events"}, f"echo 'p:rt_tune_test_kp do_sys_openat2' >> {TRACEFS}/kprobe_events",
+             f"echo '-:rt_tune_test_kp' >> {TRACEFS}/kprobe_events"),
+            ("current_tracer", {"trace_options"}, f"echo function > {TRACEFS}/current_tracer",
+             f"echo nop > {TRACEFS}/current_tracer"),
+            ("tracing_cpumask", set(), f"echo 1 > {TRACEFS}/tracing_cpumask",
+             f"echo {cpumask} > {TRACEFS}/tracing_cpumask"),
+            ("instances", set(), f"mkdir {TRACEFS}/instances/rt-tune-test-other",
+             f"rmdir {TRACEFS}/instances/rt-tune-test-other"),
+        ]
+        try:
+            for item, extra, make, undo in changes:
+                g.run(["sh", "-c", make], sudo=True)
+                try:
+                    seen = {d.split(":", 1)[0] for d in state_differences(before, probe.state())}
+                finally:
+                    g.run(["sh", "-c", undo], sudo=True)
+                assert item in seen and seen <= {item} | extra, (item, seen)
+        finally:
+            g.run(["sh", "-c", "; ".join(c[3] for c in changes) + "; true"], sudo=True, check=False)
+        assert state_differences(before, probe.state()) == []

@@ -1086,3 +1086,36 @@ def test_bls_grubby_preflight(rhel):
     problems = b.preflight(t)
     assert any("GRUB_DEFAULT is '0'" in p for p in problems)
     assert any("no saved_entry" in p for p in problems)
+
+
+# ---- GRUB: the trial section placed in grub.cfg where grub-mkconfig puts it -----------------------------------
+def test_grub_trial_section_goes_where_grub_mkconfig_puts_it_and_comes_out_again():
+    """On the x86 lab host's grub.cfg (written by the real grub-mkconfig; tests/recorded/lab-x86): a script after
+    41_custom ends the file, one named between two others lands between their sections, and taking it out gives
+    back the file byte for byte. The lab test compares the result with grub-mkconfig's own output."""
+    from orchestrator.boot.grub import with_section, without_section
+    from orchestrator.boot.grubcfg import parse_grub_cfg
+
+    cfg = (RECORDED / "lab-x86" / "host-boot-grub.cfg").read_text()
+    entry = "menuentry 'rt-tune trial' --id rt-tune-trial {\n\tlinux\t/vmlinuz root=/dev/vda ro quiet\n}\n"
+    last = with_section(cfg, "/etc/grub.d/42_rt-tune-trial", entry)
+    assert last == cfg + ("\n### BEGIN /etc/grub.d/42_rt-tune-trial ###\n" + entry
+                          + "### END /etc/grub.d/42_rt-tune-trial ###\n")
+    assert [e.id for e in parse_grub_cfg(last)][-1] == "rt-tune-trial"
+    assert without_section(last, "/etc/grub.d/42_rt-tune-trial") == cfg
+
+    middle = with_section(cfg, "/etc/grub.d/25_rt-tune-trial", entry)
+    assert middle is not None and without_section(middle, "/etc/grub.d/25_rt-tune-trial") == cfg
+    sections = [line for line in middle.splitlines() if line.startswith("### ")]
+    at = sections.index("### BEGIN /etc/grub.d/25_rt-tune-trial ###")
+    assert sections[at - 1] == "### END /etc/grub.d/20_linux_xen ###"
+    assert sections[at + 2] == "### BEGIN /etc/grub.d/30_os-prober ###"
+    assert "### END /etc/grub.d/20_linux_xen ###\n\n### BEGIN /etc/grub.d/25_rt-tune-trial ###\n" in middle
+    assert "### END /etc/grub.d/25_rt-tune-trial ###\n\n### BEGIN /etc/grub.d/30_os-prober ###\n" in middle
+
+    # no frames (a hand-written grub.cfg), the section already there, an output without its newline: None,
+    # so the backend runs update-grub instead
+    assert with_section("menuentry 'x' {\n}\n", "/etc/grub.d/42_rt-tune-trial", entry) is None
+    assert with_section(last, "/etc/grub.d/42_rt-tune-trial", entry) is None
+    assert with_section(cfg, "/etc/grub.d/42_rt-tune-trial", entry.rstrip("\n")) is None
+    assert without_section(cfg, "/etc/grub.d/42_rt-tune-trial") is None
