@@ -10,9 +10,9 @@ GRUB_DEFAULT=saved and a grubenv GRUB itself can write at boot (not on Btrfs, ZF
 so no update-grub is needed to undo.
 
 Staging and discarding a trial write the trial script's section into grub.cfg (or take it out) where
-grub-mkconfig puts it, instead of running update-grub: preflight has just checked that grub.cfg is what
-grub-mkconfig makes, and update-grub took 7-10 s on the x86 lab's guest and 40-50 s on the arm64 lab's host.
-The lab test compares the result with grub-mkconfig's, byte for byte. Committing runs update-grub (the drop-in
+grub-mkconfig puts it and leave the rest of the file alone, instead of running update-grub (7-10 s on the x86
+lab's guest, 40-50 s on the arm64 lab's host): preflight has just checked that grub.cfg's default entry is what
+grub-mkconfig makes. On a fresh grub.cfg the result is grub-mkconfig's output byte for byte (the lab test). Committing runs update-grub (the drop-in
 changes GRUB_CMDLINE_LINUX), which also keeps the trial script's entry while it exists.
 """
 
