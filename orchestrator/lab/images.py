@@ -102,7 +102,7 @@ class ImageRecipe:
         h = hashlib.sha256()
         h.update(json.dumps({**asdict(self), "builder": BUILDER_VERSION}, sort_keys=True).encode())
         h.update(Path(__file__).read_bytes())  # the build steps themselves are part of the recipe
-        for path in sorted(FILES_DIR.rglob("*")):
+        for path in sorted(p for d in file_dirs(self.arch) for p in d.rglob("*")):
             if path.is_file():
                 h.update(path.relative_to(FILES_DIR).as_posix().encode())
                 h.update(path.read_bytes())
@@ -343,12 +343,22 @@ def _small_initramfs(tree: Path, log: Path) -> None:
         build_conf.unlink()
 
 
+def file_dirs(arch: str) -> list[Path]:
+    """The directories of files copied into an image of `arch`, in copy order: each part's common files, then
+    what differs on this architecture (console, QEMU). Only these are in the recipe's key, so a change to
+    another architecture's files does not rebuild this one's images."""
+    dirs = []
+    for part in ("common", *ROLES):
+        dirs.append(FILES_DIR / part)
+        if (FILES_DIR / f"{part}-{arch}").is_dir():
+            dirs.append(FILES_DIR / f"{part}-{arch}")
+    return dirs
+
+
 def _configure_common(tree: Path, arch: str, foreign: bool) -> str:
     log = tree.parent / "build.log"
-    for part in ("common", *ROLES):
-        _copy_files(FILES_DIR / part, tree)
-        if (FILES_DIR / f"{part}-{arch}").is_dir():  # what differs on this architecture (console, QEMU)
-            _copy_files(FILES_DIR / f"{part}-{arch}", tree)
+    for d in file_dirs(arch):
+        _copy_files(d, tree)
     os.chmod(tree / "etc/sudoers.d/tuner", 0o440)
     (tree / "etc/resolv.conf").unlink(missing_ok=True)
     (tree / "etc/resolv.conf").write_text("nameserver 10.0.2.3\n")  # QEMU user networking's DNS

@@ -66,6 +66,27 @@ def test_recipe_key_is_stable_and_follows_the_recipe():
         images.ImageRecipe.default("mips")
 
 
+def test_recipe_key_hashes_only_the_files_its_architecture_copies(tmp_path, monkeypatch):
+    """A change to the arm64 host's files rebuilds the arm64 images, not the x86 ones; a change to the common
+    files rebuilds both (the key is the files images copy, nothing more or less)."""
+    import shutil
+
+    files = tmp_path / "files"
+    shutil.copytree(images.FILES_DIR, files)
+    monkeypatch.setattr(images, "FILES_DIR", files)
+    x86, arm = images.ImageRecipe.default("amd64"), images.ImageRecipe.default("arm64")
+    keys = x86.key(), arm.key()
+    assert [d.name for d in images.file_dirs("amd64")] == ["common", "host", "guest"]
+    assert "host-arm64" in [d.name for d in images.file_dirs("arm64")]
+
+    service = files / "host-arm64" / "etc" / "systemd" / "system" / "rt-guest-vm.service"
+    service.write_text(service.read_text().replace("nohz_full=1", "nohz_full=1 rcu_nocbs=1"))
+    assert x86.key() == keys[0] and arm.key() != keys[1]
+    arm_now = arm.key()
+    (files / "common" / "etc" / "rt-tune-test-marker").write_text("x\n")
+    assert x86.key() != keys[0] and arm.key() != arm_now
+
+
 def test_interrupted_build_leaves_no_half_cache(tmp_path, monkeypatch):
     recipe = images.ImageRecipe.default("amd64")
 
