@@ -12,14 +12,16 @@ so no update-grub is needed to undo.
 Staging and discarding a trial write the trial script's section into grub.cfg (or take it out) where
 grub-mkconfig puts it and leave the rest of the file alone, instead of running update-grub (7-10 s on the x86
 lab's guest, 40-50 s on the arm64 lab's host): preflight has just checked that grub.cfg's default entry is what
-grub-mkconfig makes. On a fresh grub.cfg the result is grub-mkconfig's output byte for byte (the lab test). Committing runs update-grub (the drop-in
-changes GRUB_CMDLINE_LINUX), which also keeps the trial script's entry while it exists.
+grub-mkconfig makes. On a fresh grub.cfg the result is grub-mkconfig's output byte for byte (the lab test).
+Committing runs update-grub (the drop-in changes GRUB_CMDLINE_LINUX), which also keeps the trial script's entry
+while it exists.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from typing import ClassVar
 
 from orchestrator.boot import cmdline
@@ -181,24 +183,25 @@ class GrubBackend(Bootloader):
         return (f"menuentry {shlex.quote(title)} --id {TRIAL_ID} {{\n" + "\n".join(lines).rstrip("\n")
                 + "\n}\n")
 
-    def _write_cfg(self, t: Transport, cfg: str | None) -> None:
-        """grub.cfg as given (same mode), or update-grub when the section could not be placed by hand."""
+    def _edit_cfg(self, t: Transport, edit: Callable[[str], str | None]) -> None:
+        """grub.cfg rewritten by `edit` (same mode), or update-grub when `edit` cannot place the change (None)."""
+        cfg = edit(t.read_file(self.cfg).decode("utf-8", "surrogateescape"))
         if cfg is None:
             self._mkconfig(t)
             return
         mode = t.run(["stat", "-c", "%a", "--", self.cfg], timeout_s=30).stdout.strip()
-        t.write_file(self.cfg, cfg.encode("utf-8", "surrogateescape"), mode=int(mode, 8))
+        t.write_file(self.cfg, _bytes(cfg), mode=int(mode, 8))
 
     def stage_trial(self, t: Transport, target: BootTarget) -> None:
         entry = self._trial_entry(t, target)
         script = "#!/bin/sh\n# rt-tune: one-shot trial entry (armed with grub-reboot); removed on commit or discard\n" \
                  "exec tail -n +4 \"$0\"\n" + entry
         t.write_file(self.trial_script, script.encode(), mode=0o755)
-        self._write_cfg(t, with_section(t.read_file(self.cfg).decode("utf-8", "surrogateescape"),
-                                        self.trial_script, entry))
+        self._edit_cfg(t, lambda cfg: with_section(cfg, self.trial_script, entry))
         staged = [e for e in self.entries(t) if e.id == TRIAL_ID]
         if len(staged) != 1:
-            raise BootError(f"{t.label}: update-grub did not produce the trial entry {TRIAL_ID!r}")
+            raise BootError(f"{t.label}: {self.cfg} has {len(staged)} trial entries {TRIAL_ID!r} after staging, "
+                            "not one")
         self.arm(t)
 
     def arm(self, t: Transport) -> None:
@@ -236,8 +239,7 @@ class GrubBackend(Bootloader):
     def discard(self, t: Transport) -> None:
         t.run(["rm", "-f", "--", self.trial_script], timeout_s=30)
         self.disarm(t)
-        self._write_cfg(t, without_section(t.read_file(self.cfg).decode("utf-8", "surrogateescape"),
-                                           self.trial_script))
+        self._edit_cfg(t, lambda cfg: without_section(cfg, self.trial_script))
 
     def pin_default(self, t: Transport) -> str:
         """Name the current default entry by its stable id path in saved_entry, so that installing a kernel

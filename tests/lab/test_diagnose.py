@@ -34,7 +34,7 @@ def tracing_state(t) -> dict[str, str]:
     script = "; ".join(f'printf "@@{f}\\n"; cat {TRACEFS}/{f}' for f in STATE_FILES)
     out = t.run(["sh", "-c", script + f'; printf "@@instances\\n"; ls {TRACEFS}/instances; '
                  f'printf "@@enabled\\n"; grep -l 1 {TRACEFS}/events/*/*/enable; true'], sudo=True,
-                timeout_s=240).stdout  # 15-30 s in the arm64 lab's nested guest
+                timeout_s=240).stdout  # slow in the arm64 lab's nested guest (rt-tune's own probe took 16-26 s there)
     return {chunk.split("\n", 1)[0]: chunk.split("\n", 1)[1] for chunk in out.split("@@")[1:]}
 
 
