@@ -173,16 +173,16 @@ class Engine:
 
     def _plan_boot(self, unit: str, spec: ChangeSpec) -> ChangeOutcome:
         base = dict(id=spec.id, target=spec.target, kind=spec.kind)
-        runner = BootChangeRunner(self)
-        try:
-            plan = runner.plan(unit, spec)
-        except TuneError as exc:
-            return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"cannot plan: {exc}")
-        if plan.skip_reason:
-            return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
-        if plan.noop:
-            return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
-        problems = runner.preflight(unit, plan)
+        with BootChangeRunner(self) as runner:
+            try:
+                plan = runner.plan(unit, spec)
+            except TuneError as exc:
+                return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"cannot plan: {exc}")
+            if plan.skip_reason:
+                return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
+            if plan.noop:
+                return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
+            problems = runner.preflight(unit, plan)
         status: Status = "refused" if problems and not self.accept_boot_risk else "planned"
         return ChangeOutcome(**base, description=plan.summary + " (trial boot)", status=status,
                              reason="; ".join(problems) or json.dumps({"default_args": plan.default_args,
@@ -197,7 +197,8 @@ class Engine:
         change = build_change(spec.kind, spec.params)
         base = dict(id=spec.id, target=spec.target, kind=spec.kind)
         if change is None:
-            return BootChangeRunner(self).run(unit, run_id, spec)
+            with BootChangeRunner(self) as runner:
+                return runner.run(unit, run_id, spec)
         with self.connect(self.inventory, unit, spec.target) as t:
             plan = change.plan(t)
             if plan.noop:
@@ -284,8 +285,8 @@ class Engine:
     def _undo(self, unit: str, rec: ChangeRecord, note: str) -> None:
         change = build_change(rec.kind, rec.desired["params"])
         if change is None:  # a boot change: restore the journaled boot files, boot the old default if needed
-            runner = BootChangeRunner(self)
-            runner.undo(unit, rec.target, rec.before, None, on_trial=None)
+            with BootChangeRunner(self) as runner:
+                runner.undo(unit, rec.target, rec.before, None, on_trial=None)
             self.journal.mark(rec.id, "rolled_back", message=note)
             with self.connect(self.inventory, unit, rec.target) as t:
                 self._write_marker(t, unit, rec.target)
@@ -335,7 +336,8 @@ class Engine:
         for rec in self.journal.active_changes(unit):
             change = build_change(rec.kind, rec.desired["params"])
             if change is None:
-                res = BootChangeRunner(self).verify(unit, rec)
+                with BootChangeRunner(self) as runner:
+                    res = runner.verify(unit, rec)
                 ok, live = res["in_place"], res["live"]
             else:
                 with self.connect(self.inventory, unit, rec.target) as t:

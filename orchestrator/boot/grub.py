@@ -70,14 +70,21 @@ def without_section(cfg: str, script: str) -> str | None:
     return cfg[:m.start()] + cfg[m.end():] if m else None
 
 
+# What grub-mkconfig reads that a person or a package changes: its settings, its scripts, /boot (a kernel added or
+# removed changes the directory's time; grub.cfg's own directory is left out, rt-tune and grub-editenv write there).
+MKCONFIG_INPUTS = ("/etc/default/grub", "/etc/default/grub.d", "/etc/grub.d", "/boot")
+
+
 class GrubBackend(Bootloader):
     kind: ClassVar[str] = "grub"
 
     def __init__(self, *, cfg: str = "/boot/grub/grub.cfg", grubenv: str = "/boot/grub/grubenv",
                  dropin: str = "/etc/default/grub.d/90-rt-tune.cfg",
-                 trial_script: str = "/etc/grub.d/42_rt-tune-trial", mkconfig: str = "update-grub"):
+                 trial_script: str = "/etc/grub.d/42_rt-tune-trial", mkconfig: str = "update-grub",
+                 mkconfig_inputs: tuple[str, ...] = MKCONFIG_INPUTS):
         self.cfg, self.grubenv, self.dropin, self.trial_script, self.mkconfig = (
             cfg, grubenv, dropin, trial_script, mkconfig)
+        self.mkconfig_inputs = mkconfig_inputs
 
     # ---- reading -------------------------------------------------------------------------------------
     def _files(self) -> list[str]:
@@ -137,9 +144,24 @@ class GrubBackend(Bootloader):
                 problems.append(p)
         return problems
 
+    def changed_inputs(self, t: Transport) -> list[str] | None:
+        """What grub-mkconfig reads (its settings, its scripts, the kernels in /boot) that changed after grub.cfg
+        was written, by modification time; None when that cannot be told (grub.cfg dated in the future, as after
+        a clock that went back, or a path that cannot be read)."""
+        script = ('cfg=$1; shift; [ "$(stat -c %Y "$cfg")" -le "$(date +%s)" ] || exit 3; '
+                  'for p in "$@"; do [ -e "$p" ] || continue; '
+                  'find "$p" -maxdepth 1 ! -path "${cfg%/*}" -newer "$cfg" -print || exit 4; done')
+        res = t.run(["sh", "-c", script, "-", self.cfg, *self.mkconfig_inputs], timeout_s=60, check=False)
+        return res.stdout.split("\n")[:-1] if res.ok else None
+
     def _stale(self, t: Transport) -> list[str]:
-        """Staging and committing run update-grub; when grub.cfg is out of date with /etc/default/grub (someone
-        edited it without update-grub), that would change other arguments than rt-tune's: refuse instead."""
+        """Committing runs update-grub; when grub.cfg is out of date with /etc/default/grub (someone edited it
+        without update-grub), that would change other arguments than rt-tune's: refuse instead. Running
+        grub-mkconfig to compare costs 10-50 s on a small unit, so it runs only when something it reads changed
+        after grub.cfg was written (an edit by hand, a kernel installed or removed); a file given an old date
+        on purpose (`touch -d`, `cp -p`) goes unseen."""
+        if self.changed_inputs(t) == []:
+            return []
         probe = "/run/rt-tune-grub-preflight.cfg"
         res = t.run(["sh", "-c", 'grub-mkconfig -o "$1" >/dev/null 2>&1; rc=$?; cat "$1"; rm -f "$1"; exit $rc',
                      "-", probe], timeout_s=300, check=False)

@@ -15,8 +15,10 @@ reboot to undo: the one-shot entry is gone and the unit already runs the old def
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
@@ -45,23 +47,31 @@ def loader_for(kind: str, vars: dict[str, Any], target: str) -> Bootloader:
     return backend_for(kind)
 
 
-class ReusedConnection:
-    """One connection to the measured target, reused across runs until the unit reboots (a guest behind its
-    host costs two SSH handshakes per connection)."""
+class SharedConnections:
+    """One connection per unit and target for the steps of a boot change between reboots: an SSH handshake costs
+    1-2 s on a small unit and twice that for a guest behind its host, and a boot change took about ten of them.
+    Dropped before the unit reboots (the trial boot itself connects afresh) and when the change is done."""
 
-    def __init__(self, connect) -> None:
-        self.connect = connect
-        self.transport: Transport | None = None
+    def __init__(self, connect: Callable[[str, str], Transport]) -> None:
+        self._connect = connect
+        self._open: dict[tuple[str, str], Transport] = {}
 
-    def get(self) -> Transport:
-        if self.transport is None:
-            self.transport = self.connect().__enter__()
-        return self.transport
+    def get(self, unit: str, target: str) -> Transport:
+        key = (unit, target)
+        if key not in self._open:
+            self._open[key] = self._connect(unit, target).__enter__()
+        return self._open[key]
+
+    @contextmanager
+    def use(self, unit: str, target: str) -> Iterator[Transport]:
+        yield self.get(unit, target)
 
     def drop(self) -> None:
-        if self.transport is not None:
-            t, self.transport = self.transport, None
-            t.__exit__(None, None, None)
+        """Close every connection (before a reboot: the next step connects to the unit as it comes back)."""
+        while self._open:
+            _, t = self._open.popitem()
+            with suppress(TransportError, OSError):
+                t.__exit__(None, None, None)
 
 
 @dataclass
@@ -89,9 +99,21 @@ class BootChangeRunner:
 
     def __init__(self, engine: Engine):
         self.e = engine
+        self.shared = SharedConnections(lambda unit, target: self.e.connect(self.e.inventory, unit, target))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shared.drop()
 
     # ---- planning ----------------------------------------------------------------------------------------
     def _conn(self, unit: str, target: str):
+        """The steps' connection to `target`, shared until the next reboot (see SharedConnections)."""
+        return lambda: self.shared.use(unit, target)
+
+    def _fresh(self, unit: str, target: str):
+        """A new connection each time: what a trial boot uses to watch a unit go down and come back."""
         return lambda: self.e.connect(self.e.inventory, unit, target)
 
     def _vars(self, unit: str) -> dict[str, Any]:
@@ -229,9 +251,9 @@ class BootChangeRunner:
         if target == "host" and qemu and us.guest is not None:
             services = (str(qemu),)
             # its QEMU restarts with the host
-            dependents = (Dependent(f"{unit}.guest", self._conn(unit, "guest"), us.guest_power_cycle or None),)
-        return TrialBoot(loader=plan.loader, control=self._conn(unit, plan.control_target),
-                         observe=self._conn(unit, target), subject=f"{unit}.{target}",
+            dependents = (Dependent(f"{unit}.guest", self._fresh(unit, "guest"), us.guest_power_cycle or None),)
+        return TrialBoot(loader=plan.loader, control=self._fresh(unit, plan.control_target),
+                         observe=self._fresh(unit, target), subject=f"{unit}.{target}",
                          power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,
                          dependents=dependents, events=self._record)
 
@@ -293,11 +315,9 @@ class BootChangeRunner:
         seq = SequentialDecision(rule)
         on_trial = False
         mtarget = self.e._measure_target(unit)
-        mconn = ReusedConnection(self._conn(unit, mtarget))
         try:
             while (side := seq.next_side()) is not None:
                 if side == "after" and not on_trial:
-                    mconn.drop()  # the unit reboots
                     failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=not seq.runs["after"])
                     if failed is not None:
                         return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary,
@@ -305,17 +325,16 @@ class BootChangeRunner:
                                              before=seq.runs["before"])
                     on_trial = True
                 elif side == "before" and on_trial:
-                    mconn.drop()
                     with self._conn(unit, plan.control_target)() as c:
                         plan.loader.discard(c)
+                    self.shared.drop()  # the unit reboots
                     trial.back_to_default(plan.old_cmdline, plan.old_kernel)
                     on_trial = False
-                result = measure(mconn.get(), self.e.plan.cyclictest, self.e.plan.load,
+                result = measure(self.shared.get(unit, mtarget), self.e.plan.cyclictest, self.e.plan.load,
                                  target=f"{unit}.{mtarget}", artifacts=self.e.artifacts, events=self.e.events)
                 seq.add(side, result)
                 self.e._emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
                              side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
-            mconn.drop()
             decision = seq.decision
             assert decision is not None
             dec = json.loads(decision.model_dump_json())
@@ -348,8 +367,6 @@ class BootChangeRunner:
         except BaseException:
             self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
             raise
-        finally:
-            mconn.drop()
         with self._conn(unit, spec.target)() as t:
             self.e._write_marker(t, unit, spec.target)
         self.e._emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)
@@ -365,6 +382,7 @@ class BootChangeRunner:
             self.e.journal.mark(rec, "applied", message="trial entry staged and armed for one boot")
         with self._conn(unit, spec.target)() as t:
             bid = BOOT_ID.gather(t)
+        self.shared.drop()  # the unit reboots
         out = trial.run(plan.target, plan.old_cmdline, plan.old_kernel, bid)
         if out.result == "healthy" and spec.kind == "wfx_notrap":
             problem = self.wfx_evidence(unit, spec, plan)
@@ -402,6 +420,7 @@ class BootChangeRunner:
         for attempt in (1, 2):
             try:
                 if on_trial is None:
+                    self.shared.drop()  # the unit may be rebooting
                     trial.reachable()
                 return self._undo_once(unit, target, before, loader, trial, on_trial=on_trial)
             except TransportError:
@@ -425,6 +444,7 @@ class BootChangeRunner:
             needs_reboot = needs_reboot or on_trial
         health = Health(boot_id="", kernel=live_kernel, cmdline=live_cmdline, on_trial=False, on_old=True)
         if needs_reboot:
+            self.shared.drop()  # the unit reboots
             health = trial.back_to_default(before["cmdline"], before["kernel"])
         if before.get("installed_package"):  # only now: never purge the kernel the unit is running
             from orchestrator.boot.kernel import remove_kernel

@@ -1119,3 +1119,51 @@ def test_grub_trial_section_goes_where_grub_mkconfig_puts_it_and_comes_out_again
     assert with_section(last, "/etc/grub.d/42_rt-tune-trial", entry) is None
     assert with_section(cfg, "/etc/grub.d/42_rt-tune-trial", entry.rstrip("\n")) is None
     assert without_section(cfg, "/etc/grub.d/42_rt-tune-trial") is None
+
+
+def test_grub_staleness_runs_grub_mkconfig_only_when_something_it_reads_changed_after_grub_cfg(tmp_path):
+    """The preflight's grub-mkconfig comparison (10-50 s on a small unit) is skipped when nothing grub-mkconfig
+    reads is newer than grub.cfg. Real files, real stat/find through LocalTransport: an edit of the settings, a
+    new drop-in, a kernel added to /boot and a grub.cfg dated in the future each force the comparison; rt-tune's
+    own writes in grub.cfg's directory do not."""
+    from orchestrator.boot.grub import GrubBackend
+
+    boot, etc = tmp_path / "boot", tmp_path / "etc"
+    (boot / "grub").mkdir(parents=True)
+    (etc / "default" / "grub.d").mkdir(parents=True)
+    (etc / "grub.d").mkdir()
+    settings, dropins, scripts = etc / "default" / "grub", etc / "default" / "grub.d", etc / "grub.d"
+    settings.write_text('GRUB_CMDLINE_LINUX="panic=10"\n')
+    (scripts / "10_linux").write_text("#!/bin/sh\n")
+    (boot / "vmlinuz-6.1.0-50-amd64").write_text("k")
+    cfg = boot / "grub" / "grub.cfg"
+    grub = GrubBackend(cfg=str(cfg), mkconfig_inputs=(str(settings), str(dropins), str(scripts), str(boot),
+                                                      str(etc / "absent")))
+    t = LocalTransport()
+
+    def written_at(path: Path, when: float) -> None:
+        os.utime(path, (when, when))
+
+    now = int(__import__("time").time())
+    for p in (settings, dropins, scripts, scripts / "10_linux", boot, boot / "vmlinuz-6.1.0-50-amd64"):
+        written_at(p, now - 100)
+    cfg.write_text("# grub.cfg\n")
+    written_at(cfg, now - 50)
+    assert grub.changed_inputs(t) == []
+    (boot / "grub" / "grubenv").write_text("# GRUB Environment Block\n")  # grub.cfg's own directory: ignored
+    assert grub.changed_inputs(t) == []
+
+    written_at(settings, now - 10)  # an edit without update-grub
+    assert grub.changed_inputs(t) == [str(settings)]
+    written_at(settings, now - 100)
+    (dropins / "50-user.cfg").write_text('GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX quiet"\n')
+    assert set(grub.changed_inputs(t) or []) == {str(dropins), str(dropins / "50-user.cfg")}
+    (dropins / "50-user.cfg").unlink()
+    written_at(dropins, now - 100)
+    (boot / "vmlinuz-6.1.0-51-amd64").write_text("k")  # a kernel installed without update-grub
+    assert set(grub.changed_inputs(t) or []) == {str(boot), str(boot / "vmlinuz-6.1.0-51-amd64")}
+    (boot / "vmlinuz-6.1.0-51-amd64").unlink()
+    written_at(boot, now - 100)
+    assert grub.changed_inputs(t) == []
+    written_at(cfg, now + 3600)  # the clock went back since grub.cfg was written: cannot tell
+    assert grub.changed_inputs(t) is None
