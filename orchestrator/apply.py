@@ -15,11 +15,11 @@ from orchestrator.errors import InputError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.journal import Journal
-from orchestrator.paths import Paths, missing_inventory
-from orchestrator.profile import PROFILES_DIR, ChangeSpec, load_profile, resolve
+from orchestrator.paths import Paths, missing_inventory, shipped
+from orchestrator.profile import ChangeSpec, load_profile, resolve
 from orchestrator.report import ChangeReport, Report, render_html, save_report
 
-PLAYBOOKS_DIR = PROFILES_DIR.parent / "playbooks"
+PLAYBOOKS_DIR = shipped("playbooks")
 DEFAULT_PLAN = PLAYBOOKS_DIR / "measurement.yaml"
 
 

@@ -10,6 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
+def shipped(name: str) -> Path:
+    """rt-tune's own `profiles/` or `playbooks/`: inside the package when installed from a wheel (setup.py copies
+    them to orchestrator/_data/), else the checkout's, beside the package (an editable install, a source tree)."""
+    packaged = PACKAGE / "_data" / name
+    return packaged if packaged.is_dir() else PACKAGE.parent / name
+
+
 @dataclass(frozen=True)
 class Paths:
     cache: Path  # rebuildable artifacts (lab images, .deb cache)

@@ -128,6 +128,7 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 
 from orchestrator.cpulist import CPU_CEILING, CpuListError, format_cpulist, parse_cpulist
 from orchestrator.errors import InputError
+from orchestrator.paths import shipped
 from orchestrator.names import (
     DISABLE_TYPES,
     SYSCTL_NAME,
@@ -141,7 +142,7 @@ from orchestrator.names import (
 from orchestrator.yamlio import key_path, line_of, plain, read_yaml
 from orchestrator.yamlio import shown as short_repr
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = shipped("profiles")
 
 Target = Literal["host", "guest"]
 Kind = Literal["service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "kernel", "wfx_notrap"]
