@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 
 from orchestrator.boot.wfx import NEAR_ZERO_PER_S, POLICY_SINCE, parse_kernel_version
+from orchestrator import duration
 from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.diagprobe import (PIDFILE_DIR, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, state_argv, window_argv)
@@ -63,13 +64,7 @@ class TracingStateChanged(TuneError):
 
 def parse_duration(text: str) -> float:
     """`30s`, `2m`, `90` (seconds), `1.5m` -> seconds, within MIN_DURATION_S..MAX_DURATION_S."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min)?\s*", text)
-    if not m:
-        raise InputError(f"--duration: expected seconds like 30s, 2m or 45, got {text!r}")
-    value = float(m.group(1)) * (60 if (m.group(2) or "s").startswith("m") else 1)
-    if not MIN_DURATION_S <= value <= MAX_DURATION_S:
-        raise InputError(f"--duration: expected {MIN_DURATION_S:g}s to {MAX_DURATION_S:g}s, got {text!r}")
-    return value
+    return duration.parse_duration(text, what="--duration", minimum_s=MIN_DURATION_S, maximum_s=MAX_DURATION_S)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ stopped on error or Ctrl-C by `systemctl stop`, and stop by themselves even if t
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from orchestrator import duration
 from orchestrator.cpulist import CpuListError, parse_cpulist
 from orchestrator.errors import InputError, TransportError, TuneError
 from orchestrator.events import Event, EventSink, discard
@@ -30,16 +30,8 @@ DEFAULT_LOAD_ARGS = {"stress-ng": ["--cpu", "0", "--cpu-load", "80"], "hackbench
 
 
 def parse_duration(text: str) -> float:
-    """'60', '60s', '5m', '1h', '500ms' -> seconds (ASCII digits only: float() would also take '١٠')."""
-    m = re.fullmatch(r"[ \t]*([0-9]{1,12}(?:\.[0-9]{1,12})?)[ \t]*(ms|s|m|h)?[ \t]*", str(text))
-    if not m:
-        raise InputError(f"duration {text!r}: expected a number with an optional unit ms, s, m or h "
-                         "(e.g. 60s)")
-    value, unit = float(m.group(1)), m.group(2) or "s"
-    seconds = value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
-    if seconds < 1:
-        raise InputError(f"duration {text!r}: at least 1 s is needed for a latency measurement")
-    return seconds
+    """'60', '60s', '5m', '1h', '500ms' -> seconds: at least one second of cyclictest."""
+    return duration.parse_duration(text, minimum_s=1.0, why_minimum=" is needed for a latency measurement")
 
 
 _FLAG = {"cpus": "--cpus", "duration_s": "--duration", "histogram_us": "--histogram",
