@@ -16,8 +16,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from orchestrator import jsonio
-from orchestrator.errors import (EXIT_BROKEN_PIPE, EXIT_DRIFT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO,
-                                 TuneError)
+from orchestrator.errors import ExitStatus, TuneError
 from orchestrator.events import Event
 from orchestrator.paths import Paths, default_inventory, inventory_search
 
@@ -647,7 +646,7 @@ def verify_cmd(unit: str, inventory_file: str | None, as_json: bool, db: str | N
         table.add_row(r["change"], r["target"], "yes" if r["in_place"] else "DRIFTED")
     emit(report, as_json, table)
     if any(not r["in_place"] for r in report):
-        sys.exit(EXIT_DRIFT)
+        sys.exit(ExitStatus.DRIFT)
 
 
 # ---- measurement -----------------------------------------------------------------------------------------
@@ -822,18 +821,18 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
 
 
 def exit_status(exc: BaseException) -> int:
-    """THE mapping of an exception to `tune`'s exit status (the table is in orchestrator/errors.py)."""
+    """THE mapping of an exception to `tune`'s exit status (the table: orchestrator.errors.ExitStatus)."""
     if isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
-        return EXIT_INTERRUPTED
+        return ExitStatus.INTERRUPTED
     if isinstance(exc, click.ClickException):
         return exc.exit_code
     if isinstance(exc, TuneError):
         return exc.exit_code
     if isinstance(exc, BrokenPipeError):
-        return EXIT_BROKEN_PIPE
+        return ExitStatus.BROKEN_PIPE
     if isinstance(exc, OSError):
-        return EXIT_IO
-    return EXIT_INTERNAL
+        return ExitStatus.IO
+    return ExitStatus.INTERNAL
 
 
 def _passwords_given() -> list[str]:
@@ -904,7 +903,7 @@ def _report(exc: BaseException) -> int:
     else:
         if isinstance(exc, TuneError):
             text = f"[bold red]error:[/bold red] {escape(redact_url(str(exc), passwords))}"
-        elif status == EXIT_IO:
+        elif status == ExitStatus.IO:
             assert isinstance(exc, OSError)
             where = " ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
             what = f"{exc.strerror or exc}" + (f": {where}" if where else "")
@@ -930,5 +929,5 @@ def main() -> None:
         except BaseException as failed:  # noqa: BLE001 - reporting itself failed: still no traceback
             sys.stderr.write(f"internal error: {type(exc).__name__} (and {type(failed).__name__} while "
                              "reporting it)\n")
-            status = EXIT_INTERNAL
+            status = ExitStatus.INTERNAL
         sys.exit(status)

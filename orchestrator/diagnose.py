@@ -32,7 +32,7 @@ from orchestrator import duration
 from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.diagprobe import (PIDFILE_DIR, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, state_argv, window_argv)
-from orchestrator.errors import InputError, ParseError, TuneError
+from orchestrator.errors import ExitStatus, InputError, ParseError, TuneError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.facts import Irq, is_ipi_row, parse_coredumps, parse_interrupts
 from orchestrator.kstate import (ServiceState, parse_kvm_vms, parse_sched_debug, parse_service_states,
@@ -59,7 +59,7 @@ class DiagnosisCancelled(TuneError):
 class TracingStateChanged(TuneError):
     """The target's tracing state after the diagnosis differs from before: named item by item."""
 
-    exit_code = 11
+    exit_code = ExitStatus.TRACING_CHANGED
 
 
 def parse_duration(text: str) -> float:

@@ -1,50 +1,60 @@
-"""One exception root for the whole core; the CLI maps each class to an exit code in one place.
-
-Exit statuses of `tune` (decided in orchestrator/cli.py `exit_status`): 0 success; a TuneError's own
-`exit_code` (1 TuneError and JournalError, 2 InputError and usage errors, 3 MissingDependencyError,
-4 LabError, 5 TransportError, 6 ParseError, 7 LockedError, 9 and 10 a rollout's, 11 a diagnosis that left
-tracing changed); 8 drift found by `tune verify`; 70 an internal error (a bug: the traceback is logged, never
-printed); 74 a file or directory of the controller's own could not be read or written; 130 interrupted;
-141 stdout was closed."""
+"""One exception root for the whole core, and `tune`'s exit statuses in one table (ExitStatus): each TuneError
+class names its status; orchestrator/cli.py `exit_status` maps any exception to one, in one place."""
 
 from __future__ import annotations
 
-EXIT_USAGE = 2  # click's usage errors, like InputError
-EXIT_DRIFT = 8  # `tune verify` found kept changes drifted
-EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: a bug in rt-tune
-EXIT_IO = 74  # sysexits.h EX_IOERR: an OSError on the controller (a file it could not read or write)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: whoever read stdout went away
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """Every exit status `tune` has."""
+
+    OK = 0
+    ERROR = 1  # TuneError, JournalError
+    USAGE = 2  # InputError, click's usage errors, a bad --db URL
+    MISSING_DEPENDENCY = 3  # a program or file this machine needs (the message names the Debian package)
+    LAB = 4  # LabError
+    TRANSPORT = 5  # TransportError: connection, host key, authentication, a command
+    PARSE = 6  # ParseError: a tool's output could not be parsed
+    LOCKED = 7  # LockedError: another controller holds the unit
+    DRIFT = 8  # `tune verify` found kept changes drifted
+    ROLLOUT = 9  # FleetError: a rollout could not go on
+    ROLLOUT_HALTED = 10  # RolloutHalted: too many failures or a latency regression
+    TRACING_CHANGED = 11  # a diagnosis left the target's tracing state changed
+    INTERNAL = 70  # sysexits.h EX_SOFTWARE: a bug in rt-tune (the traceback is logged, never printed)
+    IO = 74  # sysexits.h EX_IOERR: a file or directory of the controller's own could not be read or written
+    INTERRUPTED = 130  # 128 + SIGINT
+    BROKEN_PIPE = 141  # 128 + SIGPIPE: whoever read stdout went away
 
 
 class TuneError(Exception):
     """Root of every error rt-tune raises on purpose. `exit_code` is what the CLI exits with."""
 
-    exit_code = 1
+    exit_code: int = ExitStatus.ERROR
 
 
 class InputError(TuneError):
     """Bad input from the user (file, flag, inventory): reported before anything touches a unit."""
 
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
 
 
 class MissingDependencyError(TuneError):
     """A program or file this machine needs is not installed; the message names the Debian package."""
 
-    exit_code = 3
+    exit_code = ExitStatus.MISSING_DEPENDENCY
 
 
 class LabError(TuneError):
     """The rehearsal lab could not be built, booted, reached or stopped."""
 
-    exit_code = 4
+    exit_code = ExitStatus.LAB
 
 
 class TransportError(TuneError):
     """Talking to a unit failed."""
 
-    exit_code = 5
+    exit_code = ExitStatus.TRANSPORT
 
 
 class ConnectError(TransportError):
@@ -76,4 +86,4 @@ class CommandFailed(TransportError):
 class ParseError(TuneError):
     """A tool's output could not be parsed: never a silent zero."""
 
-    exit_code = 6
+    exit_code = ExitStatus.PARSE

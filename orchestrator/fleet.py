@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.decide import load_measurement_plan, median_is_bound, run_values
 from orchestrator.engine import ApplyResult, Engine
-from orchestrator.errors import InputError, TuneError
+from orchestrator.errors import ExitStatus, InputError, TuneError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.journal import Journal, JournalError, RolloutRecord, RolloutUnit, default_owner
 from orchestrator.measure.model import Int, Number
@@ -54,13 +54,13 @@ TERMINAL_CHANGE_EVENTS = ("change.noop", "change.kept", "change.rolled_back", "c
 class FleetError(TuneError):
     """A rollout could not go on (unknown rollout, nothing to do, a rollout that is not resumable)."""
 
-    exit_code = 9
+    exit_code = ExitStatus.ROLLOUT
 
 
 class RolloutHalted(FleetError):
     """The rollout stopped itself: too many failures or a latency regression (the message says which unit)."""
 
-    exit_code = 10
+    exit_code = ExitStatus.ROLLOUT_HALTED
 
 
 # ------------------------------------------------------------------------------------------------ policy

@@ -83,7 +83,7 @@ from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.errors import TuneError
+from orchestrator.errors import ExitStatus, TuneError
 from orchestrator.events import Event, EventSink, discard
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -92,7 +92,7 @@ from orchestrator.events import Event, EventSink, discard
 class JournalError(TuneError):
     """The journal refused an operation or could not be read or written (unknown record, bad state, I/O)."""
 
-    exit_code = 1
+    exit_code = ExitStatus.ERROR
 
 
 class InvalidTransition(JournalError):
@@ -111,13 +111,13 @@ class JournalDamaged(JournalError):
 class JournalURLError(JournalError):
     """A `--db` URL that is no usable PostgreSQL URL: refused before libpq sees it, its password redacted."""
 
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
 
 
 class LockedError(TuneError):
     """Another controller holds the unit's lock (or `--force-unlock` named the wrong lock)."""
 
-    exit_code = 7
+    exit_code = ExitStatus.LOCKED
 
     def __init__(self, message: str, *, unit: str = "", lock_id: str = "", owner: str = "",
                  since: float | None = None, stale: bool | None = None):

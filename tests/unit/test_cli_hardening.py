@@ -236,3 +236,28 @@ def test_status_before_anything_was_done_creates_nothing(world):
     assert not world.state.exists()
     proc = world.tune("status", "-i", str(world.inventory), "--db", str(world.root / "typo.sqlite"))
     assert proc.returncode == 2 and "typo.sqlite (--db) does not exist" in proc.stderr
+
+
+def test_every_error_class_exits_with_a_status_from_the_one_table():
+    """Exit statuses live in one enum (orchestrator.errors.ExitStatus): every TuneError subclass in the package
+    names one of its members, and the CLI's mapping returns only members."""
+    import importlib
+    import pkgutil
+
+    import orchestrator
+    from orchestrator.cli import exit_status
+    from orchestrator.errors import ExitStatus, TuneError
+
+    for mod in pkgutil.walk_packages(orchestrator.__path__, "orchestrator."):
+        if ".lab.files" not in mod.name and not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+    seen, todo = set(), [TuneError]
+    while todo:
+        cls = todo.pop()
+        seen.add(cls)
+        todo += [c for c in cls.__subclasses__() if c not in seen]
+    assert len(seen) >= 25  # the package's error classes were found, not just the root
+    for cls in seen:
+        assert isinstance(cls.exit_code, ExitStatus), (cls, cls.exit_code)
+    for exc in (KeyboardInterrupt(), BrokenPipeError(), OSError(2, "x"), RuntimeError("bug"), TuneError("x")):
+        assert isinstance(exit_status(exc), ExitStatus), exc
