@@ -9,11 +9,9 @@ two controllers off one unit.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -25,23 +23,13 @@ from orchestrator.changes import (
     SysctlChange,
     VcpuPinningChange,
 )
-from orchestrator.decide import MeasurementPlan, SequentialDecision
+from orchestrator.context import ChangeOutcome, RunContext, Status
+from orchestrator.decide import SequentialDecision
 from orchestrator.errors import InputError, TuneError
-from orchestrator.events import Event, EventSink, discard
-from orchestrator.inventory import Inventory
-from orchestrator.journal import ChangeRecord, Journal
-from orchestrator.measure.model import LatencyResult
+from orchestrator.journal import ChangeRecord
 from orchestrator.measure.runner import measure
 from orchestrator.profile import ChangeSpec, load_profile, resolve
-from orchestrator.transport import SSHTransport, Transport
-
-MARKER = "/var/lib/rt-tune/changes.json"
-Status = Literal["kept", "rolled_back", "noop", "failed", "skipped", "planned", "refused"]
-Connect = Callable[[Inventory, str, str], Transport]
-
-
-def ssh_connect(inv: Inventory, unit: str, target: str) -> Transport:
-    return SSHTransport(inv.endpoint(unit, target))  # type: ignore[arg-type]
+from orchestrator.transport import Transport
 
 
 def split_cmdline(spec: ChangeSpec) -> list[ChangeSpec]:
@@ -67,30 +55,6 @@ def build_change(kind: str, params: dict[str, Any]) -> Change | None:
     raise InputError(f"unknown change kind {kind!r}")
 
 
-class ChangeOutcome(BaseModel):
-    id: str
-    target: str
-    kind: str
-    description: str
-    status: Status
-    reason: str = ""
-    journal_id: int | None = None
-    decision: dict | None = None
-    before: list[LatencyResult] = []
-    after: list[LatencyResult] = []
-    evidence: dict | None = None  # what a trial showed besides latency (wfx_notrap: WFI exit rates)
-
-    def figures(self) -> dict[str, float | None]:
-        import statistics
-
-        def med(rs: list[LatencyResult], key: str) -> float | None:
-            vals = [getattr(r.all, key) for r in rs if getattr(r.all, key) is not None]
-            return statistics.median(vals) if vals else None
-
-        return {f"{side}_{k}": med(rs, k) for side, rs in (("before", self.before), ("after", self.after))
-                for k in ("p999_us", "max_us")}
-
-
 class ApplyResult(BaseModel):
     unit: str
     profile: str
@@ -100,22 +64,8 @@ class ApplyResult(BaseModel):
 
 
 @dataclass
-class Engine:
-    inventory: Inventory
-    journal: Journal
-    plan: MeasurementPlan
-    artifacts: Path
-    events: EventSink = discard
-    connect: Connect = ssh_connect
-    #: Trial-boot a change even when preflight says a failed trial could not fall back by itself.
-    accept_boot_risk: bool = False
-    #: How long to wait for a unit to come back from a reboot (then power-cycle it, then as long again).
-    boot_timeout_s: float = 300.0
-
-    def _emit(self, kind: str, subject: str, message: str, **data: Any) -> None:
-        event = Event(kind, subject, message, data=data)
-        self.journal(event)
-        self.events(event)
+class Engine(RunContext):
+    """The apply loop and its reconcile, rollback and verify, over one RunContext (the engine is its context)."""
 
     # ---- apply ---------------------------------------------------------------------------------------
     def specs(self, unit: str, profile_path: Path) -> list[ChangeSpec]:
@@ -189,9 +139,6 @@ class Engine:
                                                                        "add": plan.target.add,
                                                                        "kernel": plan.target.kernel}))
 
-    def _measure_target(self, unit: str) -> str:
-        return "guest" if self.inventory.unit(unit).guest is not None else "host"
-
     def _one(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
         subject = f"{unit}.{spec.target}"
         change = build_change(spec.kind, spec.params)
@@ -202,11 +149,11 @@ class Engine:
         with self.connect(self.inventory, unit, spec.target) as t:
             plan = change.plan(t)
             if plan.noop:
-                self._emit("change.noop", subject, plan.summary)
+                self.emit("change.noop", subject, plan.summary)
                 return ChangeOutcome(**base, description=change.describe(), status="noop", reason="already in place")
             rec = self.journal.record_intent(run_id, unit, spec.target, spec.id, spec.kind, before=plan.before,
                                              desired={"params": spec.params, "state": plan.desired})
-            self._emit("change.intent", subject, change.describe(), journal_id=rec)
+            self.emit("change.intent", subject, change.describe(), journal_id=rec)
             try:
                 change.apply(t, plan.before)
                 self.journal.mark(rec, "applied")
@@ -216,7 +163,7 @@ class Engine:
                 return self._fail(t, change, plan.before, rec, base, exc)
             applied = True
             seq = SequentialDecision(self.plan.decision)
-            mtarget = self._measure_target(unit)
+            mtarget = self.measure_target(unit)
             with self.connect(self.inventory, unit, mtarget) as mt:
                 try:
                     while (side := seq.next_side()) is not None:
@@ -229,7 +176,7 @@ class Engine:
                         result = measure(mt, self.plan.cyclictest, self.plan.load, target=f"{unit}.{mtarget}",
                                          artifacts=self.artifacts, events=self.events)
                         seq.add(side, result)
-                        self._emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
+                        self.emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
                                    side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
                 except (TuneError, KeyError, ValueError) as exc:
                     return self._fail(t, change, plan.before, rec, base, exc)
@@ -251,8 +198,8 @@ class Engine:
                 change.verify_rolled_back(t, plan.before)
                 self.journal.mark(rec, "rolled_back", decision=dec)
                 status = "rolled_back"
-            self._write_marker(t, unit, spec.target)
-            self._emit(f"change.{status}", subject, f"{change.describe()}: {decision.verdict} -> {status}",
+            self.write_marker(t, unit, spec.target)
+            self.emit(f"change.{status}", subject, f"{change.describe()}: {decision.verdict} -> {status}",
                        journal_id=rec)
             return ChangeOutcome(**base, description=change.describe(), status=status, reason=decision.reason,
                                  journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
@@ -269,17 +216,8 @@ class Engine:
             self.journal.mark(rec, "failed", error=str(exc))
             self.journal.mark(rec, "rollback_failed", error=f"{exc2}")
             reason = f"failed: {exc}; ROLLBACK FAILED: {exc2}"
-        self._emit("change.failed", base["id"], reason, journal_id=rec)
+        self.emit("change.failed", base["id"], reason, journal_id=rec)
         return ChangeOutcome(**base, description=change.describe(), status="failed", reason=reason, journal_id=rec)
-
-    def _write_marker(self, t: Transport, unit: str, target: str) -> None:
-        """A marker on the unit naming what rt-tune changed there (for humans and other tools)."""
-        kept = [r for r in self.journal.active_changes(unit) if r.target == target]
-        doc = {"managed_by": "rt-tune", "unit": unit, "target": target, "updated_at": time.time(),
-               "changes": [{"id": r.change_id, "kind": r.kind, "journal_id": r.id,
-                            "desired": r.desired.get("params")} for r in kept]}
-        t.run(["mkdir", "-p", MARKER.rsplit("/", 1)[0]], timeout_s=30)
-        t.write_file(MARKER, (json.dumps(doc, indent=2) + "\n").encode())
 
     # ---- reconcile / rollback / verify -------------------------------------------------------------------
     def _undo(self, unit: str, rec: ChangeRecord, note: str) -> None:
@@ -289,15 +227,15 @@ class Engine:
                 runner.undo(unit, rec.target, rec.before, None, on_trial=None)
             self.journal.mark(rec.id, "rolled_back", message=note)
             with self.connect(self.inventory, unit, rec.target) as t:
-                self._write_marker(t, unit, rec.target)
-            self._emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
+                self.write_marker(t, unit, rec.target)
+            self.emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
             return
         with self.connect(self.inventory, unit, rec.target) as t:
             change.rollback(t, rec.before)
             change.verify_rolled_back(t, rec.before)
             self.journal.mark(rec.id, "rolled_back", message=note)
-            self._write_marker(t, unit, rec.target)
-        self._emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
+            self.write_marker(t, unit, rec.target)
+        self.emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
 
     def reconcile(self, unit: str) -> list[int]:
         """Changes a dead controller left in flight (intent/applied/verified) are undone to their journaled
@@ -349,5 +287,5 @@ class Engine:
         state = "degraded" if drifted else "done"
         self.journal.set_unit_state(unit, state, f"{drifted} change(s) drifted" if drifted else "verified")
         if drifted:
-            self._emit("unit.degraded", unit, f"{drifted} kept change(s) drifted from the journal")
+            self.emit("unit.degraded", unit, f"{drifted} kept change(s) drifted from the journal")
         return report

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Self
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
 from orchestrator.boot.trial import Dependent, Health, TrialBoot, UnitLostError
+from orchestrator.context import ChangeOutcome
 from orchestrator.decide import SequentialDecision
 from orchestrator.errors import InputError, TransportError, TuneError
 from orchestrator.events import Event
@@ -32,7 +33,7 @@ from orchestrator.profile import ChangeSpec
 from orchestrator.transport import Transport
 
 if TYPE_CHECKING:
-    from orchestrator.engine import ChangeOutcome, Engine
+    from orchestrator.context import RunContext
 
 BOOT_KINDS = ("cmdline", "kernel", "wfx_notrap")
 
@@ -95,10 +96,10 @@ class BootPlan:
 
 
 class BootChangeRunner:
-    """Runs one boot ChangeSpec for an Engine (journal, connect, measurement plan, events are the engine's)."""
+    """Runs one boot ChangeSpec in a RunContext (its journal, connections, measurement plan and events)."""
 
-    def __init__(self, engine: Engine):
-        self.e = engine
+    def __init__(self, context: RunContext):
+        self.e = context
         self.shared = SharedConnections(lambda unit, target: self.e.connect(self.e.inventory, unit, target))
 
     def __enter__(self) -> Self:
@@ -264,45 +265,43 @@ class BootChangeRunner:
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
-        from orchestrator.engine import ChangeOutcome
-
         subject = f"{unit}.{spec.target}"
         base = dict(id=spec.id, target=spec.target, kind=spec.kind)
         try:
             plan = self.plan(unit, spec)
         except TuneError as exc:
-            self.e._emit("change.failed", subject, f"{spec.id}: {exc}")
+            self.e.emit("change.failed", subject, f"{spec.id}: {exc}")
             return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")
         if plan.skip_reason:
-            self.e._emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
+            self.e.emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
             return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
         if plan.noop:
-            self.e._emit("change.noop", subject, plan.summary)
+            self.e.emit("change.noop", subject, plan.summary)
             return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
         problems = self.preflight(unit, plan)
         if problems and not self.e.accept_boot_risk:
             reason = "refused by preflight (a failed trial could not fall back by itself; --accept-boot-risk " \
                      "overrides): " + "; ".join(problems)
-            self.e._emit("change.refused", subject, f"{spec.id}: {reason}")
+            self.e.emit("change.refused", subject, f"{spec.id}: {reason}")
             return ChangeOutcome(**base, description=plan.summary, status="refused", reason=reason)
         with self._conn(unit, plan.control_target)() as c:
             snap = plan.loader.snapshot(c)
             if spec.kind == "wfx_notrap":
                 plan.wfi_rate_before, why = self.wfi_rate(c)
                 if why:
-                    self.e._emit("wfx.evidence", subject, f"WFI exit counters unreadable before the change: {why}")
+                    self.e.emit("wfx.evidence", subject, f"WFI exit counters unreadable before the change: {why}")
         before = {"loader": plan.loader.kind, "control": plan.control_target, "snapshot": snap,
                   "cmdline": plan.old_cmdline, "kernel": plan.old_kernel, "boot_id": plan.old_boot_id,
                   "installed_package": plan.install_package}
         desired = {"params": spec.params, "state": {"add": plan.target.add, "kernel": plan.target.kernel}}
         rec = self.e.journal.record_intent(run_id, unit, spec.target, spec.id, spec.kind, before=before,
                                            desired=desired)
-        self.e._emit("change.intent", subject, plan.summary, journal_id=rec, preflight_overridden=problems)
+        self.e.emit("change.intent", subject, plan.summary, journal_id=rec, preflight_overridden=problems)
         if plan.target.kernel and plan.artifact is not None:
             try:
                 from orchestrator.boot.kernel import install_kernel
 
-                self.e._emit("kernel.install", subject, f"installing {plan.install_package or 'nothing'} "
+                self.e.emit("kernel.install", subject, f"installing {plan.install_package or 'nothing'} "
                              f"for kernel {plan.target.kernel}")
                 with self._conn(unit, plan.control_target)() as c:
                     install_kernel(c, plan.artifact, plan.target.kernel, plan.loader)
@@ -314,7 +313,7 @@ class BootChangeRunner:
         rule = self.e.plan.decision.model_copy(update={"order": "blocked"})
         seq = SequentialDecision(rule)
         on_trial = False
-        mtarget = self.e._measure_target(unit)
+        mtarget = self.e.measure_target(unit)
         try:
             while (side := seq.next_side()) is not None:
                 if side == "after" and not on_trial:
@@ -333,7 +332,7 @@ class BootChangeRunner:
                 result = measure(self.shared.get(unit, mtarget), self.e.plan.cyclictest, self.e.plan.load,
                                  target=f"{unit}.{mtarget}", artifacts=self.e.artifacts, events=self.e.events)
                 seq.add(side, result)
-                self.e._emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
+                self.e.emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
                              side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
             decision = seq.decision
             assert decision is not None
@@ -357,7 +356,7 @@ class BootChangeRunner:
                 self.e.journal.mark(rec, "rolled_back", decision=dec)
                 status = "rolled_back"
         except UnitLostError as exc:  # journaled as rollback_failed already; nothing to reach
-            self.e._emit("change.failed", subject, str(exc), journal_id=rec)
+            self.e.emit("change.failed", subject, str(exc), journal_id=rec)
             return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed",
                                  reason=str(exc), journal_id=rec, before=seq.runs["before"], after=seq.runs["after"])
         except (TuneError, KeyError, ValueError) as exc:
@@ -368,8 +367,8 @@ class BootChangeRunner:
             self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
             raise
         with self._conn(unit, spec.target)() as t:
-            self.e._write_marker(t, unit, spec.target)
-        self.e._emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)
+            self.e.write_marker(t, unit, spec.target)
+        self.e.emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)
         return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status=status, reason=decision.reason,
                              journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
 
@@ -404,9 +403,9 @@ class BootChangeRunner:
         note = "rolled back by fallback: " + out.reason if out.result == "fallback" else \
             "rolled back: " + out.reason
         self.e.journal.mark(rec, "rolled_back", message=note)
-        self.e._emit("change.rolled_back", f"{unit}.{spec.target}", f"{spec.id}: {note}", journal_id=rec)
+        self.e.emit("change.rolled_back", f"{unit}.{spec.target}", f"{spec.id}: {note}", journal_id=rec)
         with self._conn(unit, spec.target)() as t:
-            self.e._write_marker(t, unit, spec.target)
+            self.e.write_marker(t, unit, spec.target)
         return note
 
     def undo(self, unit: str, target: str, before: dict, boot: BootTarget | None, *, on_trial: bool | None) -> Health:
@@ -464,7 +463,7 @@ class BootChangeRunner:
             self.e.journal.mark(rec, "failed", error=str(exc))
             self.e.journal.mark(rec, "rollback_failed", error=str(exc2))
             reason = f"failed: {exc}; ROLLBACK FAILED: {exc2}"
-        self.e._emit("change.failed", f"{unit}.{target}", reason, journal_id=rec)
+        self.e.emit("change.failed", f"{unit}.{target}", reason, journal_id=rec)
         return reason
 
     def verify(self, unit: str, rec) -> dict[str, Any]:

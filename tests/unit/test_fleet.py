@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine import ApplyResult, ChangeOutcome
+from orchestrator.context import ChangeOutcome
+from orchestrator.engine import ApplyResult
 from orchestrator.errors import InputError, TransportError
 from orchestrator.fleet import (
     FleetRunner,
