@@ -1,0 +1,115 @@
+"""The apply loop (Engine) on the in-memory fake transport, without VMs: a fresh apply, the second apply as
+no-ops, rollback to the original bytes, a failed verify rolled back at once, and the reconcile of an intent a
+dead controller left. The unit answers measurements with real cyclictest outputs recorded on the x86 lab guest
+(tests/recorded/cyclictest/lab/README.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.decide import load_measurement_plan
+from orchestrator.engine import Engine
+from orchestrator.fake import FakeTransport, FakeUnit
+from orchestrator.inventory import Inventory
+from orchestrator.journal import Journal
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))
+PLAYBOOK = REPO / "tests" / "lab" / "playbook-fast.yaml"
+TM = "/proc/sys/kernel/timer_migration"
+DROPIN = "/etc/sysctl.d/90-rt-tune-kernel.timer_migration.conf"
+MARKER = "/var/lib/rt-tune/changes.json"
+
+
+@pytest.fixture
+def world(tmp_path):
+    unit = FakeUnit(files={TM: b"1\n", "/proc/sys/kernel/sched_rt_runtime_us": b"950000\n"},
+                    cyclictest_outputs=[p.read_text() for p in RECORDED])
+    connections: list[FakeTransport] = []
+
+    def connect(inv, name, target):
+        connections.append(FakeTransport(unit, f"{name}.{target}"))
+        return connections[-1]
+
+    inv = Inventory.model_validate({"units": {"u1": {"host": {"address": "fake.invalid"},
+                                                     "vars": {"cpus": 2}}}})
+    journal = Journal(tmp_path / "journal.sqlite")
+    engine = Engine(inventory=inv, journal=journal, plan=load_measurement_plan(PLAYBOOK),
+                    artifacts=tmp_path / "artifacts", connect=connect)
+    profile = tmp_path / "profile.yaml"
+    profile.write_text('name: t\nhost:\n  sysctl:\n    kernel.timer_migration: "0"\n'
+                       '    kernel.sched_rt_runtime_us: "-1"\n')
+    yield unit, engine, profile, connections
+    journal.close()
+
+
+def states(engine: Engine) -> dict[str, str]:
+    """Each change's latest journal state (history is oldest first)."""
+    return {r.change_id: r.state for r in engine.journal.history("u1")}
+
+
+def test_fresh_apply_then_a_second_apply_of_no_ops_then_rollback_to_the_original_bytes(world):
+    unit, engine, profile, connections = world
+    original = dict(unit.files)
+
+    result = engine.apply("u1", profile)
+    by_id = {o.id: o for o in result.outcomes}
+    assert set(by_id) == {"host.sysctl.kernel.timer_migration", "host.sysctl.kernel.sched_rt_runtime_us"}
+    for o in by_id.values():  # the lab playbook keeps an inconclusive change, after 4 runs a side
+        assert o.status == "kept" and len(o.before) == 4 and len(o.after) == 4, o
+        assert o.decision and o.decision["runs_before"] == 4
+    assert unit.files[TM] == b"0\n" and unit.files["/proc/sys/kernel/sched_rt_runtime_us"] == b"-1\n"
+    assert unit.files[DROPIN] == (b"# managed by rt-tune: sysctl.kernel.timer_migration\n"
+                                  b"kernel.timer_migration = 0\n")
+    assert b'"managed_by": "rt-tune"' in unit.files[MARKER]
+    assert set(states(engine).values()) == {"kept"}
+    assert all(c.closed for c in connections)  # every connection the loop opened was closed
+
+    sent = len(unit.log)
+    again = engine.apply("u1", profile)
+    assert [o.status for o in again.outcomes] == ["noop", "noop"]
+    assert not any(argv[0] == "sysctl" for argv in unit.log[sent:])  # nothing written on a no-op
+
+    assert sorted(engine.rollback("u1")) == sorted(by_id)
+    assert {p: c for p, c in unit.files.items() if p != MARKER} == original  # byte for byte, drop-ins gone
+    assert set(states(engine).values()) == {"rolled_back"}
+
+
+def test_a_change_whose_verify_fails_is_rolled_back_at_once_and_the_rest_goes_on(world):
+    unit, engine, profile, _ = world
+    unit.stuck_sysctls.add("kernel.timer_migration")  # the write is accepted and does not take
+    result = engine.apply("u1", profile)
+    by_id = {o.id: o for o in result.outcomes}
+    failed = by_id["host.sysctl.kernel.timer_migration"]
+    assert failed.status == "failed" and "verify failed" in failed.reason and "rolled back" in failed.reason
+    assert failed.before == [] and failed.after == []  # never measured
+    assert DROPIN not in unit.files and unit.files[TM] == b"1\n"  # the drop-in it wrote is gone again
+    assert by_id["host.sysctl.kernel.sched_rt_runtime_us"].status == "kept"
+    assert states(engine)["host.sysctl.kernel.timer_migration"] == "failed"
+
+
+def test_reconcile_undoes_the_change_a_dead_controller_left_in_flight(world):
+    unit, engine, profile, _ = world
+    run = engine.journal.begin_run("u1", str(profile), controller="tune apply")
+    rec = engine.journal.record_intent(run, "u1", "host", "host.sysctl.kernel.timer_migration", "sysctl",
+                                       before={"value": "1", "dropin": None},
+                                       desired={"params": {"name": "kernel.timer_migration", "value": "0"},
+                                                "state": {}})
+    engine.journal.mark(rec, "applied")
+    unit.files[TM] = b"0\n"  # what it had done before it died
+    unit.files[DROPIN] = b"kernel.timer_migration = 0\n"
+
+    assert engine.reconcile("u1") == [rec]
+    assert unit.files[TM] == b"1\n" and DROPIN not in unit.files
+    assert engine.journal.get(rec).state == "rolled_back"
+    assert [r.id for r in engine.journal.open_runs("u1")] == []  # the dead run is closed
+
+
+def test_a_command_the_fake_does_not_know_fails_loudly(tmp_path):
+    t = FakeTransport(FakeUnit(), "u1.host")
+    res = t.run(["reboot"], check=False)
+    assert res.exit_status == 127 and "no handler for `reboot`" in res.stderr
+    with pytest.raises(Exception, match="No such file"):
+        t.read_file("/nonexistent")
