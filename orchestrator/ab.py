@@ -25,12 +25,13 @@ from orchestrator.experiment import ABArm, ABResult, ab_schedule, analyse, rende
 from orchestrator.measure.model import LatencyResult
 from orchestrator.measure.runner import measure
 from orchestrator.profile import ChangeSpec
+from orchestrator.transaction import JournaledChange
 from orchestrator.transport import Transport
 
 
 @dataclass
 class _Applied:
-    rec_id: int
+    record: JournaledChange
     change: Change
     plan: Plan
     target: str
@@ -77,14 +78,13 @@ class ABExperiment:
             plan = change.plan(t)
             if plan.noop:
                 continue
-            rec = self.engine.journal.record_intent(run_id, self.unit, spec.target, f"ab.{side}.{spec.id}",
-                                                    spec.kind, before=plan.before,
-                                                    desired={"params": spec.params, "state": plan.desired})
-            self._applied.append(_Applied(rec, change, plan, spec.target))
+            record = JournaledChange.begin(self.engine, run_id, self.unit, spec,
+                                           change_id=f"ab.{side}.{spec.id}", before=plan.before,
+                                           state=plan.desired, summary=None)
+            self._applied.append(_Applied(record, change, plan, spec.target))
             change.apply(t, plan.before)
-            self.engine.journal.mark(rec, "applied")
-            live = change.verify(t, plan)
-            self.engine.journal.mark(rec, "verified", after=live)
+            record.applied()
+            record.verified(change.verify(t, plan))
 
     def _leave(self) -> None:
         """Undo the current side's changes, newest first, to their journaled previous state."""
@@ -93,7 +93,7 @@ class ABExperiment:
             t = self._t(a.target)
             a.change.rollback(t, a.plan.before)
             a.change.verify_rolled_back(t, a.plan.before)
-            self.engine.journal.mark(a.rec_id, "rolled_back", message="A/B: side switch or end of experiment")
+            a.record.rolled_back(message="A/B: side switch or end of experiment")
             self._applied.pop()
 
     def run(self, *, confidence: float = 0.95, seed: int = 0) -> ABResult:
@@ -102,7 +102,7 @@ class ABExperiment:
         schedule = ab_schedule(self.rounds, self.order)  # type: ignore[arg-type]
         sides = {"A": self._specs(self.profile_a), "B": self._specs(self.profile_b)}  # input errors first
         engine = self.engine
-        mtarget = "guest" if engine.inventory.unit(self.unit).guest is not None else "host"
+        mtarget = engine.measure_target(self.unit)
         runs: dict[str, list[LatencyResult]] = {"A": [], "B": []}
         sequence: list[str] = []
         total = len(schedule) * self.runs_per_block

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from orchestrator.decide import MeasurementPlan
+from orchestrator.errors import TransportError
 from orchestrator.events import Event, EventSink, discard
 from orchestrator.inventory import Inventory
 from orchestrator.journal import Journal
@@ -88,3 +90,30 @@ class RunContext:
                             "desired": r.desired.get("params")} for r in kept]}
         t.run(["mkdir", "-p", MARKER.rsplit("/", 1)[0]], timeout_s=30)
         t.write_file(MARKER, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+class SharedConnections:
+    """One connection per unit and target for the steps of a boot change between reboots: an SSH handshake costs
+    1-2 s on a small unit and twice that for a guest behind its host, and a boot change took about ten of them.
+    Dropped before the unit reboots (the trial boot itself connects afresh) and when the change is done."""
+
+    def __init__(self, connect: Callable[[str, str], Transport]) -> None:
+        self._connect = connect
+        self._open: dict[tuple[str, str], Transport] = {}
+
+    def get(self, unit: str, target: str) -> Transport:
+        key = (unit, target)
+        if key not in self._open:
+            self._open[key] = self._connect(unit, target).__enter__()
+        return self._open[key]
+
+    @contextmanager
+    def use(self, unit: str, target: str) -> Iterator[Transport]:
+        yield self.get(unit, target)
+
+    def drop(self) -> None:
+        """Close every connection (before a reboot: the next step connects to the unit as it comes back)."""
+        while self._open:
+            _, t = self._open.popitem()
+            with suppress(TransportError, OSError):
+                t.__exit__(None, None, None)

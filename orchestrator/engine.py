@@ -19,16 +19,16 @@ from orchestrator.boot.runner import BOOT_KINDS, BootChangeRunner
 from orchestrator.changes import (
     Change,
     IrqAffinityChange,
+    Plan,
     ServiceDisableChange,
     SysctlChange,
     VcpuPinningChange,
 )
-from orchestrator.context import ChangeOutcome, RunContext, Status
-from orchestrator.decide import SequentialDecision
+from orchestrator.context import ChangeOutcome, RunContext, SharedConnections, Status
 from orchestrator.errors import InputError, TuneError
 from orchestrator.journal import ChangeRecord
-from orchestrator.measure.runner import measure
 from orchestrator.profile import ChangeSpec, load_profile, resolve
+from orchestrator.transaction import JournaledChange, Planned, run_change
 from orchestrator.transport import Transport
 
 
@@ -53,6 +53,71 @@ def build_change(kind: str, params: dict[str, Any]) -> Change | None:
     if kind in BOOT_KINDS:
         return None
     raise InputError(f"unknown change kind {kind!r}")
+
+
+class RuntimeActive:
+    """A runtime change's side of the transaction (orchestrator.transaction): apply and verify at once, switch
+    on and off between runs in the rule's order, keep by verifying, undo by its byte-exact rollback."""
+
+    eager = True
+    order = None
+    evidence = None
+
+    def __init__(self, ctx: RunContext, unit: str, spec: ChangeSpec, change: Change) -> None:
+        self.ctx, self.unit, self.spec, self.change = ctx, unit, spec, change
+        self.shared = SharedConnections(lambda u, target: ctx.connect(ctx.inventory, u, target))
+        self._plan: Plan | None = None
+
+    def __enter__(self) -> RuntimeActive:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shared.drop()
+
+    @property
+    def t(self) -> Transport:
+        return self.shared.get(self.unit, self.spec.target)
+
+    @property
+    def planned(self) -> Plan:
+        assert self._plan is not None, "plan() first"
+        return self._plan
+
+    def plan(self) -> Planned:
+        self._plan = p = self.change.plan(self.t)
+        return Planned(summary=self.change.describe(), noop_message=p.summary, before=p.before, state=p.desired,
+                       noop=p.noop)
+
+    def prepare(self) -> None:
+        pass
+
+    def apply(self) -> str | None:
+        self.change.apply(self.t, self.planned.before)
+        return None
+
+    def verify(self) -> dict | None:
+        return self.change.verify(self.t, self.planned)
+
+    def switch(self, on: bool) -> None:
+        self.change.switch(self.t, self.planned.before, on)
+        if on:
+            self.change.verify(self.t, self.planned)
+
+    def keep(self, on: bool) -> None:
+        if not on:
+            self.change.switch(self.t, self.planned.before, True)
+        self.change.verify(self.t, self.planned)
+
+    def undo(self, on: bool | None) -> None:
+        if on is None or on or self.change.switch_keeps_persistence:
+            self.change.rollback(self.t, self.planned.before)
+        self.change.verify_rolled_back(self.t, self.planned.before)
+
+    def measure_on(self) -> Transport:
+        return self.shared.get(self.unit, self.ctx.measure_target(self.unit))
+
+    def mark(self) -> None:
+        self.ctx.write_marker(self.t, self.unit, self.spec.target)
 
 
 class ApplyResult(BaseModel):
@@ -140,84 +205,12 @@ class Engine(RunContext):
                                                                        "kernel": plan.target.kernel}))
 
     def _one(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
-        subject = f"{unit}.{spec.target}"
         change = build_change(spec.kind, spec.params)
-        base = dict(id=spec.id, target=spec.target, kind=spec.kind)
         if change is None:
             with BootChangeRunner(self) as runner:
                 return runner.run(unit, run_id, spec)
-        with self.connect(self.inventory, unit, spec.target) as t:
-            plan = change.plan(t)
-            if plan.noop:
-                self.emit("change.noop", subject, plan.summary)
-                return ChangeOutcome(**base, description=change.describe(), status="noop", reason="already in place")
-            rec = self.journal.record_intent(run_id, unit, spec.target, spec.id, spec.kind, before=plan.before,
-                                             desired={"params": spec.params, "state": plan.desired})
-            self.emit("change.intent", subject, change.describe(), journal_id=rec)
-            try:
-                change.apply(t, plan.before)
-                self.journal.mark(rec, "applied")
-                live = change.verify(t, plan)
-                self.journal.mark(rec, "verified", after=live)
-            except (TuneError, KeyError, ValueError) as exc:
-                return self._fail(t, change, plan.before, rec, base, exc)
-            applied = True
-            seq = SequentialDecision(self.plan.decision)
-            mtarget = self.measure_target(unit)
-            with self.connect(self.inventory, unit, mtarget) as mt:
-                try:
-                    while (side := seq.next_side()) is not None:
-                        want = side == "after"
-                        if want != applied:
-                            change.switch(t, plan.before, want)
-                            if want:
-                                change.verify(t, plan)
-                            applied = want
-                        result = measure(mt, self.plan.cyclictest, self.plan.load, target=f"{unit}.{mtarget}",
-                                         artifacts=self.artifacts, events=self.events)
-                        seq.add(side, result)
-                        self.emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
-                                   side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
-                except (TuneError, KeyError, ValueError) as exc:
-                    return self._fail(t, change, plan.before, rec, base, exc)
-                except BaseException:  # Ctrl-C: undo now rather than leave it to the next run's reconcile
-                    self._fail(t, change, plan.before, rec, base, TuneError("interrupted"))
-                    raise
-            decision = seq.decision
-            assert decision is not None
-            dec = json.loads(decision.model_dump_json())
-            if decision.action == "keep":
-                if not applied:
-                    change.switch(t, plan.before, True)
-                change.verify(t, plan)
-                self.journal.mark(rec, "kept", decision=dec)
-                status: Status = "kept"
-            else:
-                if applied or change.switch_keeps_persistence:
-                    change.rollback(t, plan.before)
-                change.verify_rolled_back(t, plan.before)
-                self.journal.mark(rec, "rolled_back", decision=dec)
-                status = "rolled_back"
-            self.write_marker(t, unit, spec.target)
-            self.emit(f"change.{status}", subject, f"{change.describe()}: {decision.verdict} -> {status}",
-                       journal_id=rec)
-            return ChangeOutcome(**base, description=change.describe(), status=status, reason=decision.reason,
-                                 journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
-
-    def _fail(self, t: Transport, change: Change, before: dict, rec: int, base: dict,
-              exc: BaseException) -> ChangeOutcome:
-        """Nothing stays half-applied: roll back to the journaled state, then record the failure."""
-        try:
-            change.rollback(t, before)
-            change.verify_rolled_back(t, before)
-            self.journal.mark(rec, "failed", error=str(exc))
-            reason = f"failed and rolled back: {exc}"
-        except (TuneError, KeyError, ValueError) as exc2:
-            self.journal.mark(rec, "failed", error=str(exc))
-            self.journal.mark(rec, "rollback_failed", error=f"{exc2}")
-            reason = f"failed: {exc}; ROLLBACK FAILED: {exc2}"
-        self.emit("change.failed", base["id"], reason, journal_id=rec)
-        return ChangeOutcome(**base, description=change.describe(), status="failed", reason=reason, journal_id=rec)
+        with RuntimeActive(self, unit, spec, change) as active:
+            return run_change(self, unit, run_id, spec, active)
 
     # ---- reconcile / rollback / verify -------------------------------------------------------------------
     def _undo(self, unit: str, rec: ChangeRecord, note: str) -> None:
@@ -225,7 +218,7 @@ class Engine(RunContext):
         if change is None:  # a boot change: restore the journaled boot files, boot the old default if needed
             with BootChangeRunner(self) as runner:
                 runner.undo(unit, rec.target, rec.before, None, on_trial=None)
-            self.journal.mark(rec.id, "rolled_back", message=note)
+            JournaledChange.resume(self, unit, rec.target, rec.id).rolled_back(message=note)
             with self.connect(self.inventory, unit, rec.target) as t:
                 self.write_marker(t, unit, rec.target)
             self.emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
@@ -233,7 +226,7 @@ class Engine(RunContext):
         with self.connect(self.inventory, unit, rec.target) as t:
             change.rollback(t, rec.before)
             change.verify_rolled_back(t, rec.before)
-            self.journal.mark(rec.id, "rolled_back", message=note)
+            JournaledChange.resume(self, unit, rec.target, rec.id).rolled_back(message=note)
             self.write_marker(t, unit, rec.target)
         self.emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
 

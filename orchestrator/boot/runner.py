@@ -14,22 +14,18 @@ reboot to undo: the one-shot entry is gone and the unit already runs the old def
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
 from orchestrator.boot.trial import Dependent, Health, TrialBoot, UnitLostError
-from orchestrator.context import ChangeOutcome
-from orchestrator.decide import SequentialDecision
+from orchestrator.context import ChangeOutcome, SharedConnections
 from orchestrator.errors import InputError, TransportError, TuneError
 from orchestrator.events import Event
 from orchestrator.facts import ARCH, BOOT_ID, BOOTLOADER, CMDLINE, KERNEL_RELEASE
-from orchestrator.measure.runner import measure
 from orchestrator.profile import ChangeSpec
+from orchestrator.transaction import ChangeUndone, Planned, UnitLost, run_change
 from orchestrator.transport import Transport
 
 if TYPE_CHECKING:
@@ -46,33 +42,6 @@ def loader_for(kind: str, vars: dict[str, Any], target: str) -> Bootloader:
     if kind == "libvirt":
         return backend_for(kind, domain=str(vars.get("libvirt_domain", "")))
     return backend_for(kind)
-
-
-class SharedConnections:
-    """One connection per unit and target for the steps of a boot change between reboots: an SSH handshake costs
-    1-2 s on a small unit and twice that for a guest behind its host, and a boot change took about ten of them.
-    Dropped before the unit reboots (the trial boot itself connects afresh) and when the change is done."""
-
-    def __init__(self, connect: Callable[[str, str], Transport]) -> None:
-        self._connect = connect
-        self._open: dict[tuple[str, str], Transport] = {}
-
-    def get(self, unit: str, target: str) -> Transport:
-        key = (unit, target)
-        if key not in self._open:
-            self._open[key] = self._connect(unit, target).__enter__()
-        return self._open[key]
-
-    @contextmanager
-    def use(self, unit: str, target: str) -> Iterator[Transport]:
-        yield self.get(unit, target)
-
-    def drop(self) -> None:
-        """Close every connection (before a reboot: the next step connects to the unit as it comes back)."""
-        while self._open:
-            _, t = self._open.popitem()
-            with suppress(TransportError, OSError):
-                t.__exit__(None, None, None)
 
 
 @dataclass
@@ -265,148 +234,8 @@ class BootChangeRunner:
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
-        subject = f"{unit}.{spec.target}"
-        base = dict(id=spec.id, target=spec.target, kind=spec.kind)
-        try:
-            plan = self.plan(unit, spec)
-        except TuneError as exc:
-            self.e.emit("change.failed", subject, f"{spec.id}: {exc}")
-            return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")
-        if plan.skip_reason:
-            self.e.emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
-            return ChangeOutcome(**base, description=spec.id, status="skipped", reason=plan.skip_reason)
-        if plan.noop:
-            self.e.emit("change.noop", subject, plan.summary)
-            return ChangeOutcome(**base, description=plan.summary, status="noop", reason="already in place")
-        problems = self.preflight(unit, plan)
-        if problems and not self.e.accept_boot_risk:
-            reason = "refused by preflight (a failed trial could not fall back by itself; --accept-boot-risk " \
-                     "overrides): " + "; ".join(problems)
-            self.e.emit("change.refused", subject, f"{spec.id}: {reason}")
-            return ChangeOutcome(**base, description=plan.summary, status="refused", reason=reason)
-        with self._conn(unit, plan.control_target)() as c:
-            snap = plan.loader.snapshot(c)
-            if spec.kind == "wfx_notrap":
-                plan.wfi_rate_before, why = self.wfi_rate(c)
-                if why:
-                    self.e.emit("wfx.evidence", subject, f"WFI exit counters unreadable before the change: {why}")
-        before = {"loader": plan.loader.kind, "control": plan.control_target, "snapshot": snap,
-                  "cmdline": plan.old_cmdline, "kernel": plan.old_kernel, "boot_id": plan.old_boot_id,
-                  "installed_package": plan.install_package}
-        desired = {"params": spec.params, "state": {"add": plan.target.add, "kernel": plan.target.kernel}}
-        rec = self.e.journal.record_intent(run_id, unit, spec.target, spec.id, spec.kind, before=before,
-                                           desired=desired)
-        self.e.emit("change.intent", subject, plan.summary, journal_id=rec, preflight_overridden=problems)
-        if plan.target.kernel and plan.artifact is not None:
-            try:
-                from orchestrator.boot.kernel import install_kernel
-
-                self.e.emit("kernel.install", subject, f"installing {plan.install_package or 'nothing'} "
-                             f"for kernel {plan.target.kernel}")
-                with self._conn(unit, plan.control_target)() as c:
-                    install_kernel(c, plan.artifact, plan.target.kernel, plan.loader)
-            except (TuneError, KeyError, ValueError) as exc:
-                reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
-                return ChangeOutcome(**base, description=plan.summary, status="failed", reason=reason,
-                                     journal_id=rec)
-        trial = self.trial(unit, spec.target, plan)
-        rule = self.e.plan.decision.model_copy(update={"order": "blocked"})
-        seq = SequentialDecision(rule)
-        on_trial = False
-        mtarget = self.e.measure_target(unit)
-        try:
-            while (side := seq.next_side()) is not None:
-                if side == "after" and not on_trial:
-                    failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=not seq.runs["after"])
-                    if failed is not None:
-                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary,
-                                             status="rolled_back", reason=failed, journal_id=rec,
-                                             before=seq.runs["before"])
-                    on_trial = True
-                elif side == "before" and on_trial:
-                    with self._conn(unit, plan.control_target)() as c:
-                        plan.loader.discard(c)
-                    self.shared.drop()  # the unit reboots
-                    trial.back_to_default(plan.old_cmdline, plan.old_kernel)
-                    on_trial = False
-                result = measure(self.shared.get(unit, mtarget), self.e.plan.cyclictest, self.e.plan.load,
-                                 target=f"{unit}.{mtarget}", artifacts=self.e.artifacts, events=self.e.events)
-                seq.add(side, result)
-                self.e.emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
-                             side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
-            decision = seq.decision
-            assert decision is not None
-            dec = json.loads(decision.model_dump_json())
-            if decision.action == "keep":
-                if not on_trial:
-                    failed = self._boot_trial(unit, spec, plan, trial, rec, before, first=False)
-                    if failed is not None:
-                        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary,
-                                             status="rolled_back", reason=failed, journal_id=rec, decision=dec,
-                                             before=seq.runs["before"], after=seq.runs["after"])
-                with self._conn(unit, plan.control_target)() as c:
-                    plan.loader.commit(c, plan.target)
-                    problems = plan.loader.committed(c, plan.target)
-                if problems:
-                    raise TuneError("commit did not take: " + "; ".join(problems))
-                self.e.journal.mark(rec, "kept", decision=dec)
-                status = "kept"
-            else:
-                self.undo(unit, spec.target, before, plan.target, on_trial=on_trial)
-                self.e.journal.mark(rec, "rolled_back", decision=dec)
-                status = "rolled_back"
-        except UnitLostError as exc:  # journaled as rollback_failed already; nothing to reach
-            self.e.emit("change.failed", subject, str(exc), journal_id=rec)
-            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed",
-                                 reason=str(exc), journal_id=rec, before=seq.runs["before"], after=seq.runs["after"])
-        except (TuneError, KeyError, ValueError) as exc:
-            reason = self._fail(unit, spec.target, before, plan.target, rec, exc)
-            return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status="failed",
-                                 reason=reason, journal_id=rec, before=seq.runs["before"], after=seq.runs["after"])
-        except BaseException:
-            self._fail(unit, spec.target, before, plan.target, rec, TuneError("interrupted"))
-            raise
-        with self._conn(unit, spec.target)() as t:
-            self.e.write_marker(t, unit, spec.target)
-        self.e.emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}", journal_id=rec)
-        return ChangeOutcome(**base, evidence=plan.evidence, description=plan.summary, status=status, reason=decision.reason,
-                             journal_id=rec, decision=dec, before=seq.runs["before"], after=seq.runs["after"])
-
-    def _boot_trial(self, unit: str, spec: ChangeSpec, plan: BootPlan, trial: TrialBoot, rec: int,
-                    before: dict, *, first: bool) -> str | None:
-        """Stage, arm and boot the trial. None when healthy; else the reason, with the change rolled back."""
-        with self._conn(unit, plan.control_target)() as c:
-            plan.loader.stage_trial(c, plan.target)
-        if first:
-            self.e.journal.mark(rec, "applied", message="trial entry staged and armed for one boot")
-        with self._conn(unit, spec.target)() as t:
-            bid = BOOT_ID.gather(t)
-        self.shared.drop()  # the unit reboots
-        out = trial.run(plan.target, plan.old_cmdline, plan.old_kernel, bid)
-        if out.result == "healthy" and spec.kind == "wfx_notrap":
-            problem = self.wfx_evidence(unit, spec, plan)
-            if problem is not None:
-                out = out.model_copy(update={"result": "unhealthy", "reason": f"booted the trial, but: {problem}"})
-        if out.result == "healthy":
-            if first:
-                self.e.journal.mark(rec, "verified", after=out.health.model_dump() if out.health else None)
-            return None
-        if out.result == "lost":
-            self.e.journal.mark(rec, "failed", error=out.reason)
-            self.e.journal.mark(rec, "rollback_failed", error="the unit did not come back; it needs a human "
-                                "(its boot configuration still has the journaled default entry)")
-            self.e.journal.set_unit_state(unit, "degraded", f"{spec.id}: {out.reason}")
-            raise UnitLostError(f"{unit}.{spec.target}: {out.reason}; the trial was armed for one boot only, so its "
-                            "next successful boot is the old default")
-        # fallback (old default already running) or unhealthy trial (reboot into the untouched default)
-        self.undo(unit, spec.target, before, plan.target, on_trial=out.result == "unhealthy")
-        note = "rolled back by fallback: " + out.reason if out.result == "fallback" else \
-            "rolled back: " + out.reason
-        self.e.journal.mark(rec, "rolled_back", message=note)
-        self.e.emit("change.rolled_back", f"{unit}.{spec.target}", f"{spec.id}: {note}", journal_id=rec)
-        with self._conn(unit, spec.target)() as t:
-            self.e.write_marker(t, unit, spec.target)
-        return note
+        """One boot change through the transaction (orchestrator.transaction), trial-booted."""
+        return run_change(self.e, unit, run_id, spec, BootActive(self, unit, spec))
 
     def undo(self, unit: str, target: str, before: dict, boot: BootTarget | None, *, on_trial: bool | None) -> Health:
         """Back to the journaled boot configuration, byte for byte, and onto the old default. `on_trial=None`:
@@ -453,19 +282,6 @@ class BootChangeRunner:
                 loader.restore(c, before["snapshot"])  # the purge's update-grub rewrote grub.cfg
         return health
 
-    def _fail(self, unit: str, target: str, before: dict, boot: BootTarget, rec: int, exc: BaseException) -> str:
-        try:
-            self.undo(unit, target, before, boot, on_trial=None)
-            self.e.journal.mark(rec, "failed", error=str(exc))
-            self.e.journal.mark(rec, "rolled_back", message=f"undone after: {exc}")
-            reason = f"failed and rolled back: {exc}"
-        except (TuneError, KeyError, ValueError, OSError) as exc2:
-            self.e.journal.mark(rec, "failed", error=str(exc))
-            self.e.journal.mark(rec, "rollback_failed", error=str(exc2))
-            reason = f"failed: {exc}; ROLLBACK FAILED: {exc2}"
-        self.e.emit("change.failed", f"{unit}.{target}", reason, journal_id=rec)
-        return reason
-
     def verify(self, unit: str, rec) -> dict[str, Any]:
         """A kept boot change is in place when the default entry still has its arguments/kernel and the running
         kernel booted with them."""
@@ -481,3 +297,130 @@ class BootChangeRunner:
         if target.kernel and kernel != target.kernel:
             problems.append(f"running {kernel}, not {target.kernel}")
         return {"in_place": not problems, "live": {"problems": problems, "cmdline": live, "kernel": kernel}}
+
+
+class BootActive:
+    """A boot change's side of the transaction: applied by staging a trial entry, in effect (and verified) once
+    the trial boots healthy, switched by rebooting, kept by committing the entry as the default, undone by
+    restoring the journaled boot files byte for byte and booting the old default. Measured `blocked`: every
+    side switch costs a reboot. A failed trial needs no extra reboot to undo: the one-shot entry is gone and
+    the unit already runs the old default."""
+
+    eager = False
+    order = "blocked"
+
+    def __init__(self, runner: BootChangeRunner, unit: str, spec: ChangeSpec) -> None:
+        self.r, self.ctx, self.unit, self.spec = runner, runner.e, unit, spec
+        self.subject = f"{unit}.{spec.target}"
+        self._plan: BootPlan | None = None
+        self._trial: TrialBoot | None = None
+        self.before: dict = {}
+
+    @property
+    def evidence(self) -> dict | None:
+        return self._plan.evidence if self._plan is not None else None
+
+    @property
+    def p(self) -> BootPlan:
+        assert self._plan is not None, "plan() first"
+        return self._plan
+
+    @property
+    def trial(self) -> TrialBoot:
+        if self._trial is None:
+            self._trial = self.r.trial(self.unit, self.spec.target, self.p)
+        return self._trial
+
+    def plan(self) -> Planned:
+        r, unit, spec = self.r, self.unit, self.spec
+        self._plan = plan = r.plan(unit, spec)
+        out = Planned(summary=plan.summary, noop=plan.noop, skip_reason=plan.skip_reason)
+        if plan.noop or plan.skip_reason:
+            return out
+        out.problems = r.preflight(unit, plan)
+        if out.problems and not self.ctx.accept_boot_risk:
+            return out
+        with r._conn(unit, plan.control_target)() as c:
+            snap = plan.loader.snapshot(c)
+            if spec.kind == "wfx_notrap":
+                plan.wfi_rate_before, why = r.wfi_rate(c)
+                if why:
+                    self.ctx.emit("wfx.evidence", self.subject,
+                                  f"WFI exit counters unreadable before the change: {why}")
+        self.before = {"loader": plan.loader.kind, "control": plan.control_target, "snapshot": snap,
+                       "cmdline": plan.old_cmdline, "kernel": plan.old_kernel, "boot_id": plan.old_boot_id,
+                       "installed_package": plan.install_package}
+        out.before = self.before
+        out.state = {"add": plan.target.add, "kernel": plan.target.kernel}
+        return out
+
+    def prepare(self) -> None:
+        plan = self.p
+        if plan.target.kernel and plan.artifact is not None:
+            from orchestrator.boot.kernel import install_kernel
+
+            self.ctx.emit("kernel.install", self.subject, f"installing {plan.install_package or 'nothing'} "
+                          f"for kernel {plan.target.kernel}")
+            with self.r._conn(self.unit, plan.control_target)() as c:
+                install_kernel(c, plan.artifact, plan.target.kernel, plan.loader)
+
+    def apply(self) -> str | None:
+        with self.r._conn(self.unit, self.p.control_target)() as c:
+            self.p.loader.stage_trial(c, self.p.target)
+        return "trial entry staged and armed for one boot"
+
+    def verify(self) -> dict | None:
+        """The trial boot: healthy (the health journaled), or ChangeUndone / UnitLost."""
+        r, plan, spec = self.r, self.p, self.spec
+        with r._conn(self.unit, spec.target)() as t:
+            bid = BOOT_ID.gather(t)
+        r.shared.drop()  # the unit reboots
+        out = self.trial.run(plan.target, plan.old_cmdline, plan.old_kernel, bid)
+        if out.result == "healthy" and spec.kind == "wfx_notrap":
+            problem = r.wfx_evidence(self.unit, spec, plan)
+            if problem is not None:
+                out = out.model_copy(update={"result": "unhealthy", "reason": f"booted the trial, but: {problem}"})
+        if out.result == "healthy":
+            return out.health.model_dump() if out.health else None
+        if out.result == "lost":
+            raise UnitLost(f"{self.subject}: {out.reason}; the trial was armed for one boot only, so its next "
+                           "successful boot is the old default", reason=out.reason,
+                           attention="the unit did not come back; it needs a human (its boot configuration "
+                                     "still has the journaled default entry)")
+        # fallback (old default already running) or unhealthy trial (reboot into the untouched default)
+        r.undo(self.unit, spec.target, self.before, plan.target, on_trial=out.result == "unhealthy")
+        raise ChangeUndone("rolled back by fallback: " + out.reason if out.result == "fallback"
+                           else "rolled back: " + out.reason)
+
+    def switch(self, on: bool) -> None:
+        if on:
+            self.apply()
+            self.verify()
+            return
+        with self.r._conn(self.unit, self.p.control_target)() as c:
+            self.p.loader.discard(c)
+        self.r.shared.drop()  # the unit reboots
+        try:
+            self.trial.back_to_default(self.p.old_cmdline, self.p.old_kernel)
+        except UnitLostError as exc:
+            raise UnitLost(str(exc), reason=str(exc), attention="the unit did not come back from its reboot into "
+                           "the old default; it needs a human") from exc
+
+    def keep(self, on: bool) -> None:
+        if not on:
+            self.switch(True)
+        with self.r._conn(self.unit, self.p.control_target)() as c:
+            self.p.loader.commit(c, self.p.target)
+            problems = self.p.loader.committed(c, self.p.target)
+        if problems:
+            raise TuneError("commit did not take: " + "; ".join(problems))
+
+    def undo(self, on: bool | None) -> None:
+        self.r.undo(self.unit, self.spec.target, self.before, self.p.target, on_trial=on)
+
+    def measure_on(self) -> Transport:
+        return self.r.shared.get(self.unit, self.ctx.measure_target(self.unit))
+
+    def mark(self) -> None:
+        with self.r._conn(self.unit, self.spec.target)() as t:
+            self.ctx.write_marker(t, self.unit, self.spec.target)

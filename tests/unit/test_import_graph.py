@@ -99,3 +99,20 @@ def test_the_package_imports_without_a_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_only_the_transaction_records_intents_and_moves_change_records():
+    """One owner of "journal the intent, apply, verify, measure, decide, keep or undo": no other module calls
+    the journal's record_intent or mark (runtime and boot changes and `tune ab` all go through it)."""
+    owners = {"orchestrator.journal", "orchestrator.transaction"}
+    callers = set()
+    for path in PACKAGE.rglob("*.py"):
+        if "files" in path.relative_to(PACKAGE).parts[:2] or module_name(path) in owners:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("record_intent", "mark") and "journal" in ast.unparse(node.func.value):
+                callers.add(f"{module_name(path)}:{node.lineno}")
+    assert callers == set()
+    transaction = (PACKAGE / "transaction.py").read_text()
+    assert "journal.record_intent(" in transaction and "journal.mark(" in transaction

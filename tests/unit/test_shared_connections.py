@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.boot.runner import SharedConnections
+from orchestrator.context import SharedConnections
 from orchestrator.errors import TransportError
 from orchestrator.transport import LocalTransport
 
