@@ -116,3 +116,17 @@ def test_only_the_transaction_records_intents_and_moves_change_records():
     assert callers == set()
     transaction = (PACKAGE / "transaction.py").read_text()
     assert "journal.record_intent(" in transaction and "journal.mark(" in transaction
+
+
+def test_the_core_imports_neither_click_nor_rich():
+    """The CLI parses and prints; everything else is the core, usable without a terminal."""
+    thin = {"orchestrator.cli", "orchestrator.__main__"}
+    offenders = set()
+    for path in PACKAGE.rglob("*.py"):
+        if "files" in path.relative_to(PACKAGE).parts[:2] or module_name(path) in thin:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders |= {f"{module_name(path)}: {n}" for n in names if n.split(".")[0] in ("click", "rich")}
+    assert offenders == set()
