@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from orchestrator.context import ChangeOutcome, RunContext, Status
 from orchestrator.decide import SequentialDecision
-from orchestrator.errors import TuneError
+from orchestrator.errors import TransportError, TuneError
 from orchestrator.measure.model import LatencyResult
 from orchestrator.measure.runner import measure
 from orchestrator.profile import ChangeSpec
@@ -168,6 +168,8 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
     base: dict[str, Any] = {"id": spec.id, "target": spec.target, "kind": spec.kind}
     try:
         plan = active.plan()
+    except TransportError:
+        raise  # the unit cannot be reached: nothing of this unit can be done (a rollout counts it failed)
     except TuneError as exc:
         ctx.emit("change.failed", subject, f"{spec.id}: {exc}")
         return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")

@@ -113,3 +113,24 @@ def test_a_command_the_fake_does_not_know_fails_loudly(tmp_path):
     assert res.exit_status == 127 and "no handler for `reboot`" in res.stderr
     with pytest.raises(Exception, match="No such file"):
         t.read_file("/nonexistent")
+
+
+def test_an_unreachable_unit_ends_the_apply_and_a_change_that_cannot_be_planned_is_not_started(world):
+    """A unit that cannot be reached raises out of the apply (a rollout counts the unit failed); a change
+    that cannot be planned on a reachable unit is failed, not started, and the next change still runs."""
+    from orchestrator.errors import ConnectError
+
+    unit, engine, profile, _ = world
+    engine.connect = lambda inv, name, target: (_ for _ in ()).throw(ConnectError("no route to host"))
+    with pytest.raises(ConnectError):
+        engine.apply("u1", profile)
+    assert [r.status for r in engine.journal.runs("u1")] == ["interrupted"]
+
+    engine.connect = lambda inv, name, target: FakeTransport(unit, f"{name}.{target}")
+    del unit.files[TM]  # a kernel without this sysctl
+    by_id = {o.id: o for o in engine.apply("u1", profile).outcomes}
+    missing = by_id["host.sysctl.kernel.timer_migration"]
+    assert missing.status == "failed" and missing.reason.startswith("not started:")
+    assert "no sysctl" in missing.reason
+    assert missing.journal_id is None  # refused before anything was journaled
+    assert by_id["host.sysctl.kernel.sched_rt_runtime_us"].status == "kept"
