@@ -40,15 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from orchestrator.decide import load_measurement_plan, median_is_bound, run_values
 from orchestrator.engine import ApplyResult, Engine
 from orchestrator.errors import ExitStatus, InputError, TuneError
-from orchestrator.events import Event, EventSink, discard
+from orchestrator.events import CHANGE_ENDED, Event, EventSink, discard
 from orchestrator.journal import Journal, JournalError, RolloutRecord, RolloutUnit, default_owner
 from orchestrator.measure.model import Int, Number
 from orchestrator.yamlio import load_model
 
 METRICS = ("p99_us", "p999_us", "max_us", "avg_us")
 FINISHED = ("done", "degraded", "failed")
-TERMINAL_CHANGE_EVENTS = ("change.noop", "change.kept", "change.rolled_back", "change.failed", "change.skipped",
-                          "change.refused")
+TERMINAL_CHANGE_EVENTS = CHANGE_ENDED
 
 
 class FleetError(TuneError):

@@ -248,8 +248,8 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
         _undo_after(change, active, TuneError("interrupted"))
         raise
     active.mark()
-    ctx.emit(f"change.{status}", subject, f"{plan.summary}: {decision.verdict} -> {status}",
-             journal_id=change.rec)
+    ctx.emit("change.kept" if status == "kept" else "change.rolled_back", subject,
+             f"{plan.summary}: {decision.verdict} -> {status}", journal_id=change.rec)
     return outcome(status, decision.reason)
 
 
