@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -917,17 +918,27 @@ def _report(exc: BaseException) -> int:
     return status
 
 
-def main() -> None:
-    """The `tune` entry point: every exception ends as a message and an exit status, never a traceback."""
+def run(argv: Sequence[str] | None = None) -> int:
+    """`tune ARGV...` as a function (tests, embedding): the exit status, every exception reported as `tune`
+    reports it (a message, never a traceback); nothing raised. `argv=None` reads sys.argv."""
     try:
-        cli.main(standalone_mode=False)
-    except SystemExit:
-        raise
+        cli.main(args=None if argv is None else list(argv), prog_name="tune" if argv is not None else None,
+                 standalone_mode=False)
+    except SystemExit as exc:  # a command's own exit status (`tune verify` finding drift)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or ExitStatus.OK
+        sys.stderr.write(f"{exc.code}\n")
+        return ExitStatus.ERROR
     except BaseException as exc:  # noqa: BLE001 - the one place every error is turned into an exit status
         try:
-            status = _report(exc)
+            return _report(exc)
         except BaseException as failed:  # noqa: BLE001 - reporting itself failed: still no traceback
             sys.stderr.write(f"internal error: {type(exc).__name__} (and {type(failed).__name__} while "
                              "reporting it)\n")
-            status = ExitStatus.INTERNAL
-        sys.exit(status)
+            return ExitStatus.INTERNAL
+    return ExitStatus.OK
+
+
+def main() -> None:
+    """The `tune` entry point: every exception ends as a message and an exit status, never a traceback."""
+    sys.exit(run())

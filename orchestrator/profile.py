@@ -512,6 +512,7 @@ def find_profile(name: str, search: tuple[Path, ...] | None = None) -> Path:
     if is_file(given):
         return given
     dirs = search if search is not None else (Path.cwd() / "profiles", PROFILES_DIR)
+    dirs = tuple(dict.fromkeys(d.absolute() for d in dirs))  # run from the checkout: one directory, named once
     for d in dirs:
         for candidate in (d / name, d / f"{name}.yaml"):
             if is_file(candidate):

@@ -261,3 +261,19 @@ def test_every_error_class_exits_with_a_status_from_the_one_table():
         assert isinstance(cls.exit_code, ExitStatus), (cls, cls.exit_code)
     for exc in (KeyboardInterrupt(), BrokenPipeError(), OSError(2, "x"), RuntimeError("bug"), TuneError("x")):
         assert isinstance(exit_status(exc), ExitStatus), exc
+
+
+def test_tune_as_a_function_returns_its_exit_status_and_raises_nothing(tmp_path, monkeypatch, capsys):
+    """cli.run(argv) is `tune ARGV...` without a process: the status from the one table, the message on
+    stderr, no exception (the same argv through `tune` itself gives the same status)."""
+    from orchestrator.cli import run
+    from orchestrator.errors import ExitStatus
+
+    monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))
+    assert run(["profile", "validate", "rt-profile", "--json"]) == ExitStatus.OK
+    assert '"profile": "rt-profile"' in capsys.readouterr().out
+    assert run(["profile", "validate", str(tmp_path / "missing.yaml")]) == ExitStatus.USAGE
+    assert "no profile" in capsys.readouterr().err
+    assert run(["no-such-command"]) == ExitStatus.USAGE
+    assert run(["--help"]) == ExitStatus.OK
+    assert "Usage: tune" in capsys.readouterr().out
