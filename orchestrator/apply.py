@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.context import Connect, ssh_connect
-from orchestrator.decide import load_measurement_plan
+from orchestrator.playbook import load_measurement_plan
 from orchestrator.engine import ApplyResult, Engine
 from orchestrator.errors import InputError
 from orchestrator.events import Event, EventSink, discard

@@ -93,7 +93,6 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -101,7 +100,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from orchestrator.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, Int, LatencyResult, LoadSpec, Number
-from orchestrator.yamlio import load_model
 
 MetricName = Literal["p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us", "avg_us"]
 PERCENTILE_METRICS = ("p50_us", "p90_us", "p99_us", "p999_us", "p9999_us")
@@ -191,16 +189,6 @@ class MeasurementPlan(BaseModel):
             raise ValueError(f"run_duration_s ({decision.run_duration_s:g}) must be the same as "
                              f"cyclictest.duration_s ({cyclictest.duration_s:g})")
         return decision
-
-
-def load_measurement_plan(path: Path) -> MeasurementPlan:
-    """Load a measurement plan; errors name file:line and key (InputError)."""
-    return load_model(MeasurementPlan, Path(path), "measurement plan")
-
-
-def load_decision_rule(path: Path) -> DecisionRule:
-    """The `decision:` section of a measurement plan (the whole plan is validated, errors give file:line)."""
-    return load_measurement_plan(path).decision
 
 
 class MetricComparison(BaseModel):

@@ -37,7 +37,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.decide import load_measurement_plan, median_is_bound, run_values
+from orchestrator.decide import median_is_bound, run_values
+from orchestrator.playbook import load_measurement_plan
 from orchestrator.engine import ApplyResult, Engine
 from orchestrator.errors import ExitStatus, InputError, TuneError
 from orchestrator.events import CHANGE_ENDED, Event, EventSink, discard

@@ -148,7 +148,7 @@ def test_health_check_reads_what_this_machine_booted():
 
 
 def test_a_bad_boot_policy_in_a_playbook_names_file_line_key_and_value(tmp_path):
-    from orchestrator.decide import load_measurement_plan
+    from orchestrator.playbook import load_measurement_plan
     from orchestrator.errors import InputError
 
     text = (Path(__file__).parent.parent / "lab" / "playbook-fast.yaml").read_text() + "boot:\n  cmdline: per_arg\n"

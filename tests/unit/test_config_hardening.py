@@ -20,7 +20,7 @@ from orchestrator.boot.registry import BACKENDS
 from orchestrator.boot.wfx import wfx_exits_fact
 from orchestrator.changes import ServiceDisableChange, SysctlChange
 from orchestrator.cpulist import parse_cpulist
-from orchestrator.decide import load_measurement_plan
+from orchestrator.playbook import load_measurement_plan
 from orchestrator.errors import InputError
 from orchestrator.fleet import load_rollout_policy
 from orchestrator.inventory import BOOTLOADERS, GUEST_BOOTLOADERS, Inventory, load_inventory

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.decide import DecisionRule, SequentialDecision, decide, load_decision_rule, run_values
+from orchestrator.decide import DecisionRule, SequentialDecision, decide, run_values
+from orchestrator.playbook import load_decision_rule
 from orchestrator.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest_file

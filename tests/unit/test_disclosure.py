@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from orchestrator.decide import load_measurement_plan
+from orchestrator.playbook import load_measurement_plan
 from orchestrator.errors import InputError
 from orchestrator.fleet import load_rollout_policy
 from orchestrator.inventory import load_inventory

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.decide import load_measurement_plan
+from orchestrator.playbook import load_measurement_plan
 from orchestrator.engine import Engine
 from orchestrator.fake import FakeTransport, FakeUnit
 from orchestrator.inventory import Inventory

@@ -130,3 +130,24 @@ def test_the_core_imports_neither_click_nor_rich():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders |= {f"{module_name(path)}: {n}" for n in names if n.split(".")[0] in ("click", "rich")}
     assert offenders == set()
+
+
+def test_the_statistics_and_the_journal_import_neither_reports_nor_config():
+    """The decision rule and the journal are pure of presentation and of file formats: nothing they import,
+    however indirectly, reads YAML or writes HTML."""
+    g = graph()
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for m in g.get(todo.pop(), ()):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return seen
+
+    forbidden = {"orchestrator.yamlio", "orchestrator.playbook", "orchestrator.profile", "orchestrator.inventory",
+                 "orchestrator.report", "orchestrator.diagreport", "orchestrator.experiment"}
+    for module in ("orchestrator.decide", "orchestrator.journal"):
+        assert reach(module) & forbidden == set(), module
+    assert "orchestrator.yamlio" in reach("orchestrator.playbook")  # the check sees a real path

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.decide import MeasurementPlan, load_decision_rule, load_measurement_plan
+from orchestrator.decide import MeasurementPlan
+from orchestrator.playbook import load_decision_rule, load_measurement_plan
 from orchestrator.errors import InputError
 from orchestrator.fleet import load_rollout_policy
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
