@@ -374,13 +374,25 @@ def _callback_cpus(trace: TraceSummary | None, function: str, *, from_ipi_only: 
 
 
 def findings(d: TargetDiagnosis) -> list[Finding]:
-    """What the evidence says, each with the change that addresses it or the reason none does."""
+    """What the evidence says, each with the change that addresses it or the reason none does: one function
+    per kind of finding, most severe first."""
+    out: list[Finding] = []
+    for find in (_find_crash_loops, _find_kick_all_cpus, _find_page_table_teardown, _find_nohz_ticks, _find_no_nohz_full,
+                 _find_timer_migration, _find_rt_cpu_ipis, _find_vcpu_wakeups, _find_wfx_traps):
+        out += find(d)
+    return sorted(out, key=lambda f: SEVERITY_ORDER[f.severity])
+
+
+def _kicks(d: TargetDiagnosis) -> tuple[Counter, Counter]:
+    """kick_all_cpus_sync senders and the CPUs do_nothing ran on (field notes §1)."""
+    return (_senders(d.trace, ("kick_all_cpus_sync",)),
+            _callback_cpus(d.trace, "do_nothing", from_ipi_only=False))
+
+
+def _find_crash_loops(d: TargetDiagnosis) -> list[Finding]:
     out: list[Finding] = []
     t = d.target
-    trace = d.trace
-    kick_senders = _senders(trace, ("kick_all_cpus_sync",))
-    do_nothing = _callback_cpus(trace, "do_nothing", from_ipi_only=False)
-
+    kick_senders, do_nothing = _kicks(d)
     for loop in d.crash_loops:
         ev = [f"{loop.unit}: NRestarts={loop.restarts_total}, {loop.restarts_in_window} restart(s) during the "
               f"{d.duration_s:.0f} s window, state {loop.state}, unit file {loop.unit_file_state}"]
@@ -399,6 +411,13 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
             profile=f"{t}:\n  services:\n    disable: [{loop.unit}]\n",
             advice="each crash runs systemd-coredump on some CPU and may IPI every CPU; disable the service "
                    "on RT units (field notes §1)"))
+    return out
+
+
+def _find_kick_all_cpus(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t = d.target
+    kick_senders, do_nothing = _kicks(d)
     if (kick_senders or do_nothing) and not d.crash_loops:
         out.append(Finding(
             target=t, kind="kick_all_cpus", severity="medium",
@@ -408,6 +427,12 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
             advice="kick_all_cpus_sync runs after BPF JIT compiles and module/text changes; find what loads BPF "
                    "programs (a crash handler, a monitoring agent) and stop it on RT units"))
 
+    return out
+
+
+def _find_page_table_teardown(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t, trace = d.target, d.trace
     teardown_senders = _senders(trace, ("tlb_remove_table_sync_one", "tlb_remove_table"),
                                 callback="tlb_remove_table_smp_sync")
     teardown_cpus = _callback_cpus(trace, "tlb_remove_table_smp_sync", from_ipi_only=True)
@@ -422,6 +447,12 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
                    "locklessly (gup_fast). In RT processes pre-fault memory, mlockall(MCL_CURRENT|MCL_FUTURE), "
                    "and avoid mmap/munmap churn; keep the unmapping processes off the unit if they are not needed"))
 
+    return out
+
+
+def _find_nohz_ticks(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t = d.target
     for n in d.nohz:
         if not n.tick_ok:
             ev = [f"CPU {n.cpu}: /proc/timer_list tick_stopped=0 while {n.current or 'a task'} runs "
@@ -449,6 +480,12 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
                        + ("; RCU callbacks: add rcu_nocbs" if "RCU" in n.tick_dependencies else "")
                        + ("; a POSIX CPU timer of the task: remove it" if "POSIX_TIMER" in n.tick_dependencies
                           else "")))
+    return out
+
+
+def _find_no_nohz_full(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t = d.target
     rt_not_nohz = [c for c in d.rt_cpus if c not in d.nohz_full]
     if rt_not_nohz and not d.nohz_full:
         out.append(Finding(
@@ -460,6 +497,12 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
             change=f"{t}.cmdline",
             profile=f"{t}:\n  cmdline:\n    nohz_full: \"{_cpus(rt_not_nohz)}\"\n    rcu_nocbs: \"{_cpus(rt_not_nohz)}\"\n"))
 
+    return out
+
+
+def _find_timer_migration(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t, trace = d.target, d.trace
     if d.timer_migration == 1 and (d.nohz_full or d.rt_cpus):
         wakeups = sum(c.count for c in (trace.callbacks if trace else [])
                       if c.cpu in d.rt_cpus and c.function in ("nohz_csd_func", "sched_ttwu_pending") and c.from_ipi)
@@ -472,6 +515,12 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
             change=f"{t}.sysctl.kernel.timer_migration",
             profile=f"{t}:\n  sysctl:\n    kernel.timer_migration: \"0\"\n"))
 
+    return out
+
+
+def _find_rt_cpu_ipis(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t = d.target
     res_cal = {"RES", "CAL", "IPI0", "IPI1"}
     for cpu in d.rt_cpus:
         rate = sum(r.per_cpu.get(cpu, 0.0) for r in d.ipis if r.row in res_cal)
@@ -483,38 +532,53 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
                           if r.row in res_cal],
                 change=f"{t}.cmdline",
                 profile=f"{t}:\n  cmdline:\n    isolcpus: \"domain,managed_irq,{_cpus(d.rt_cpus)}\"\n"))
-    if t == "host" and d.wfx:
-        ttwu_runs = [c for c in (trace.callbacks if trace else []) if c.function == "sched_ttwu_pending"
-                     and c.from_ipi and (c.cpu in d.rt_cpus or not d.rt_cpus)]  # on the vCPUs' CPUs if known
-        ttwu = sum(c.count for c in ttwu_runs)
-        if ttwu:
+    return out
+
+
+def _find_vcpu_wakeups(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t, trace = d.target, d.trace
+    if t != "host" or not d.wfx:
+        return out
+    ttwu_runs = [c for c in (trace.callbacks if trace else []) if c.function == "sched_ttwu_pending"
+                 and c.from_ipi and (c.cpu in d.rt_cpus or not d.rt_cpus)]  # on the vCPUs' CPUs if known
+    ttwu = sum(c.count for c in ttwu_runs)
+    if ttwu:
+        out.append(Finding(
+            target=t, kind="vcpu_wakeup_ipis", severity="medium",
+            title=f"sched_ttwu_pending cross-calls on the host: {ttwu} in {d.duration_s:.0f} s",
+            evidence=[f"CPU {c.cpu}: {c.count} (interrupting {c.interrupted})" for c in ttwu_runs],
+            change="host.vcpu_pinning",
+            profile="host:\n  vcpu_pinning:\n    service: \"${qemu_service}\"\n    cpus: \"${rt_cpus}\"\n"
+                    "    vcpus: \"${guest_rt_cpus}\"\n    housekeeping: \"${housekeeping_cpus}\"\n",
+            advice="wake-ups of vCPU threads queued to another CPU; one vCPU per isolated host CPU keeps "
+                   "them local (field notes §1)"))
+    return out
+
+
+def _find_wfx_traps(d: TargetDiagnosis) -> list[Finding]:
+    out: list[Finding] = []
+    t = d.target
+    if t != "host":
+        return out
+    for vm in d.wfx:
+        if vm.wfi_per_s > NEAR_ZERO_PER_S:
+            try:
+                since = parse_kernel_version(d.kernel) >= (*POLICY_SINCE, 0)
+            except ParseError:
+                since = False
+            how = ("boot parameters kvm-arm.wfi_trap_policy=notrap kvm-arm.wfe_trap_policy=notrap "
+                   f"(Linux {d.kernel} >= 6.11)" if since else
+                   f"a patched host kernel (Linux {d.kernel} < 6.11 has no trap policy parameter)")
             out.append(Finding(
-                target=t, kind="vcpu_wakeup_ipis", severity="medium",
-                title=f"sched_ttwu_pending cross-calls on the host: {ttwu} in {d.duration_s:.0f} s",
-                evidence=[f"CPU {c.cpu}: {c.count} (interrupting {c.interrupted})" for c in ttwu_runs],
-                change="host.vcpu_pinning",
-                profile="host:\n  vcpu_pinning:\n    service: \"${qemu_service}\"\n    cpus: \"${rt_cpus}\"\n"
-                        "    vcpus: \"${guest_rt_cpus}\"\n    housekeeping: \"${housekeeping_cpus}\"\n",
-                advice="wake-ups of vCPU threads queued to another CPU; one vCPU per isolated host CPU keeps "
-                       "them local (field notes §1)"))
-        for vm in d.wfx:
-            if vm.wfi_per_s > NEAR_ZERO_PER_S:
-                try:
-                    since = parse_kernel_version(d.kernel) >= (*POLICY_SINCE, 0)
-                except ParseError:
-                    since = False
-                how = ("boot parameters kvm-arm.wfi_trap_policy=notrap kvm-arm.wfe_trap_policy=notrap "
-                       f"(Linux {d.kernel} >= 6.11)" if since else
-                       f"a patched host kernel (Linux {d.kernel} < 6.11 has no trap policy parameter)")
-                out.append(Finding(
-                    target=t, kind="wfx_traps", severity="medium",
-                    title=f"VM {vm.name}: guest WFI traps to KVM {vm.wfi_per_s:.0f}/s",
-                    evidence=[f"{vm.vm} ({vm.name}): wfi_exit_stat {vm.wfi_per_s:.1f}/s, wfe_exit_stat "
-                              f"{vm.wfe_per_s:.1f}/s" + (f", all exits {vm.exits_per_s:.0f}/s"
-                                                         if vm.exits_per_s is not None else "")],
-                    change="host.wfx_notrap", profile="host:\n  wfx_notrap: true\n",
-                    advice=f"stop trapping WFI/WFE with {how} (field notes §2)"))
-    return sorted(out, key=lambda f: SEVERITY_ORDER[f.severity])
+                target=t, kind="wfx_traps", severity="medium",
+                title=f"VM {vm.name}: guest WFI traps to KVM {vm.wfi_per_s:.0f}/s",
+                evidence=[f"{vm.vm} ({vm.name}): wfi_exit_stat {vm.wfi_per_s:.1f}/s, wfe_exit_stat "
+                          f"{vm.wfe_per_s:.1f}/s" + (f", all exits {vm.exits_per_s:.0f}/s"
+                                                     if vm.exits_per_s is not None else "")],
+                change="host.wfx_notrap", profile="host:\n  wfx_notrap: true\n",
+                advice=f"stop trapping WFI/WFE with {how} (field notes §2)"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
