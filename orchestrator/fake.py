@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.measure.runner import _RUN as MEASUREMENT_RUN
@@ -28,22 +28,23 @@ class FakeUnit:
     #: what `command -v` finds (a measurement run checks for its tools first)
     programs: set[str] = field(
         default_factory=lambda: {"cyclictest", "systemd-run", "stress-ng", "hackbench"})
-    boot_id: str = "00000000-0000-4000-8000-000000000001"
-    cmdline: str = "BOOT_IMAGE=/vmlinuz root=/dev/vda ro"
+    #: what a measurement run reads before it starts: give a real unit's (recorded), never made-up values
+    boot_id: str = ""
+    cmdline: str = ""
     #: cyclictest outputs (recorded from real runs) answered in turn by measurement runs
     cyclictest_outputs: list[str] = field(default_factory=list)
     #: sysctls whose writes are accepted and do not take (as a kernel may do): a change's verify must catch it
     stuck_sysctls: set[str] = field(default_factory=set)
     #: every command the unit received, in order (argv as sent)
     log: list[tuple[str, ...]] = field(default_factory=list)
-    _outputs: Iterable[str] | None = field(default=None, repr=False)
+    _outputs: Iterator[str] | None = field(default=None, repr=False)
 
     def next_cyclictest_output(self) -> str:
-        if not self.cyclictest_outputs:
-            raise AssertionError("this FakeUnit has no recorded cyclictest output to answer a measurement")
-        if self._outputs is None:
-            self._outputs = itertools.cycle(self.cyclictest_outputs)
-        return next(iter(self._outputs))
+        if not (self.cyclictest_outputs and self.boot_id and self.cmdline):
+            raise AssertionError("this FakeUnit has no recorded cyclictest output, boot_id and cmdline to answer "
+                                 "a measurement with")
+        self._outputs = self._outputs or itertools.cycle(self.cyclictest_outputs)
+        return next(self._outputs)
 
     def sysctl_path(self, name: str) -> str:
         return "/proc/sys/" + name.replace(".", "/")
@@ -88,8 +89,8 @@ class FakeTransport(_CommandTransport):
                 return self._measurement(args)
         program = argv[0]
         if program == "cat" and argv[1:2] == ["--"] and len(argv) == 3:
-            if argv[2] not in files:
-                return 1, "", f"cat: {argv[2]}: No such file or directory\n"
+            if argv[2] not in files:  # the fake's own words: no tool output is imitated
+                return 1, "", f"fake unit {self._label}: no file {argv[2]}\n"
             return 0, files[argv[2]], ""
         if argv[:3] == ["rm", "-f", "--"]:
             for path in argv[3:]:
@@ -101,7 +102,7 @@ class FakeTransport(_CommandTransport):
             name, _, value = argv[-1].partition("=")
             path = self.unit.sysctl_path(name)
             if path not in files:
-                return 255, "", f"sysctl: cannot stat {path}: No such file or directory\n"
+                return 255, "", f"fake unit {self._label}: no file {path}\n"
             if name not in self.unit.stuck_sysctls:
                 files[path] = (value + "\n").encode()
             return 0, "", ""

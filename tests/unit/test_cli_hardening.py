@@ -273,7 +273,14 @@ def test_tune_as_a_function_returns_its_exit_status_and_raises_nothing(tmp_path,
     assert run(["profile", "validate", "rt-profile", "--json"]) == ExitStatus.OK
     assert '"profile": "rt-profile"' in capsys.readouterr().out
     assert run(["profile", "validate", str(tmp_path / "missing.yaml")]) == ExitStatus.USAGE
-    assert "no profile" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no profile" in err
+    monkeypatch.chdir(REPO)  # from the checkout, ./profiles is rt-tune's own: named once
+    assert run(["profile", "validate", "no-such-profile"]) == ExitStatus.USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count(str(REPO / "profiles")) == 1, err
+    assert run(["diagnose", "lab1", "--duration", "500ms"]) == ExitStatus.USAGE  # ms read, then bounded
+    assert "--duration '500ms': expected 2s to 3600s" in " ".join(capsys.readouterr().err.split())
     assert run(["no-such-command"]) == ExitStatus.USAGE
     assert run(["--help"]) == ExitStatus.OK
     assert "Usage: tune" in capsys.readouterr().out

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.playbook import load_measurement_plan
 from orchestrator.engine import Engine
 from orchestrator.fake import FakeTransport, FakeUnit
 from orchestrator.inventory import Inventory
 from orchestrator.journal import Journal
+from orchestrator.playbook import load_measurement_plan
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
 
 RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))
+LAB_X86 = REPO / "tests" / "recorded" / "lab-x86"  # what the x86 lab's host answered (its README)
 PLAYBOOK = REPO / "tests" / "lab" / "playbook-fast.yaml"
 TM = "/proc/sys/kernel/timer_migration"
 DROPIN = "/etc/sysctl.d/90-rt-tune-kernel.timer_migration.conf"
@@ -26,7 +27,9 @@ MARKER = "/var/lib/rt-tune/changes.json"
 @pytest.fixture
 def world(tmp_path):
     unit = FakeUnit(files={TM: b"1\n", "/proc/sys/kernel/sched_rt_runtime_us": b"950000\n"},
-                    cyclictest_outputs=[p.read_text() for p in RECORDED])
+                    cyclictest_outputs=[p.read_text() for p in RECORDED],
+                    boot_id=(LAB_X86 / "host-boot_id.txt").read_text().strip(),
+                    cmdline=(LAB_X86 / "host-proc-cmdline.txt").read_text().strip())
     connections: list[FakeTransport] = []
 
     def connect(inv, name, target):
@@ -60,6 +63,7 @@ def test_fresh_apply_then_a_second_apply_of_no_ops_then_rollback_to_the_original
     for o in by_id.values():  # the lab playbook keeps an inconclusive change, after 4 runs a side
         assert o.status == "kept" and len(o.before) == 4 and len(o.after) == 4, o
         assert o.decision and o.decision["runs_before"] == 4
+        assert {r.boot_id for r in o.before + o.after} == {unit.boot_id}  # each run read the unit's boot
     assert unit.files[TM] == b"0\n" and unit.files["/proc/sys/kernel/sched_rt_runtime_us"] == b"-1\n"
     assert unit.files[DROPIN] == (b"# managed by rt-tune: sysctl.kernel.timer_migration\n"
                                   b"kernel.timer_migration = 0\n")
@@ -111,7 +115,7 @@ def test_a_command_the_fake_does_not_know_fails_loudly(tmp_path):
     t = FakeTransport(FakeUnit(), "u1.host")
     res = t.run(["reboot"], check=False)
     assert res.exit_status == 127 and "no handler for `reboot`" in res.stderr
-    with pytest.raises(Exception, match="No such file"):
+    with pytest.raises(Exception, match="no file /nonexistent"):
         t.read_file("/nonexistent")
 
 
