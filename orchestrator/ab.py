@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.changes import Change, Plan
+from orchestrator.context import SharedConnections
 from orchestrator.engine import Engine, build_change
 from orchestrator.errors import InputError, TuneError
 from orchestrator.events import Event
@@ -48,7 +49,6 @@ class ABExperiment:
     rounds: int = 4
     runs_per_block: int = 2
     order: str = "ABBA"
-    _conns: dict[str, Transport] = field(default_factory=dict)
     _applied: list[_Applied] = field(default_factory=list)
 
     def _emit(self, kind: str, message: str, **kw: Any) -> None:
@@ -67,10 +67,12 @@ class ABExperiment:
             out.append((spec, change))
         return out
 
+    def __post_init__(self) -> None:
+        self._shared = SharedConnections(lambda unit, target: self.engine.connect(self.engine.inventory, unit,
+                                                                                  target))
+
     def _t(self, target: str) -> Transport:
-        if target not in self._conns:
-            self._conns[target] = self.engine.connect(self.engine.inventory, self.unit, target)
-        return self._conns[target]
+        return self._shared.get(self.unit, target)
 
     def _enter(self, side: str, changes: list[tuple[ChangeSpec, Change]], run_id: int) -> None:
         for spec, change in changes:
@@ -139,9 +141,7 @@ class ABExperiment:
                     raise
                 finally:
                     engine.journal.end_run(run_id, status)
-                    for t in self._conns.values():
-                        t.close()
-                    self._conns.clear()
+                    self._shared.drop()
         effects = analyse(runs["A"], runs["B"], confidence=confidence, seed=seed)
         return ABResult(
             unit=self.unit, target=mtarget, profiles={"A": str(self.profile_a), "B": str(self.profile_b)},

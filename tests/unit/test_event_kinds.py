@@ -12,7 +12,7 @@ from orchestrator.boot.trial import TrialOutcome
 from orchestrator.events import CHANGE_ENDED, KINDS
 from orchestrator.fleet import TERMINAL_CHANGE_EVENTS
 from orchestrator.journal import TRANSITIONS
-from tests.conftest import REPO
+from tests.unit.test_import_graph import trees
 
 pytestmark = pytest.mark.unit
 
@@ -24,10 +24,8 @@ def kinds_in_source() -> tuple[set[str], set[str]]:
     string defaults of parameters named `kind`."""
     literal: set[str] = set()
     built: set[str] = set()
-    for path in (REPO / "orchestrator").rglob("*.py"):
-        if "files" in path.relative_to(REPO / "orchestrator").parts[:2]:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for _, tree in trees(set()):
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call):  # a kind passed on by keyword (kind="trial.dependent_power_cycle")
                 for kw in node.keywords:
                     if kw.arg == "kind" and isinstance(kw.value, ast.Constant) and "." in str(kw.value.value):

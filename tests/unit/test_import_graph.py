@@ -49,8 +49,20 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found - {me}
 
 
+def package_files() -> list[Path]:
+    """The package's Python files (not the lab images' files, which run on the VMs)."""
+    return [p for p in PACKAGE.rglob("*.py") if "files" not in p.relative_to(PACKAGE).parts[:2]]
+
+
+def trees(skip: set[str]):
+    """(module name, its syntax tree) for each module of the package not in `skip`."""
+    for path in package_files():
+        if module_name(path) not in skip:
+            yield module_name(path), ast.parse(path.read_text(), str(path))
+
+
 def graph() -> dict[str, set[str]]:
-    files = [p for p in PACKAGE.rglob("*.py") if "files" not in p.relative_to(PACKAGE).parts[:2]]
+    files = package_files()
     modules = {module_name(p) for p in files}
     return {module_name(p): imports_of(p, modules) - {"orchestrator"} for p in files}
 
@@ -106,13 +118,11 @@ def test_only_the_transaction_records_intents_and_moves_change_records():
     the journal's record_intent or mark (runtime and boot changes and `tune ab` all go through it)."""
     owners = {"orchestrator.journal", "orchestrator.transaction"}
     callers = set()
-    for path in PACKAGE.rglob("*.py"):
-        if "files" in path.relative_to(PACKAGE).parts[:2] or module_name(path) in owners:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for name, tree in trees(owners):
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                     and node.func.attr in ("record_intent", "mark") and "journal" in ast.unparse(node.func.value):
-                callers.add(f"{module_name(path)}:{node.lineno}")
+                callers.add(f"{name}:{node.lineno}")
     assert callers == set()
     transaction = (PACKAGE / "transaction.py").read_text()
     assert "journal.record_intent(" in transaction and "journal.mark(" in transaction
@@ -122,13 +132,11 @@ def test_the_core_imports_neither_click_nor_rich():
     """The CLI parses and prints; everything else is the core, usable without a terminal."""
     thin = {"orchestrator.cli", "orchestrator.__main__"}
     offenders = set()
-    for path in PACKAGE.rglob("*.py"):
-        if "files" in path.relative_to(PACKAGE).parts[:2] or module_name(path) in thin:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for name, tree in trees(thin):
+        for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders |= {f"{module_name(path)}: {n}" for n in names if n.split(".")[0] in ("click", "rich")}
+            offenders |= {f"{name}: {n}" for n in names if n.split(".")[0] in ("click", "rich")}
     assert offenders == set()
 
 
