@@ -1,5 +1,5 @@
 """The build step pyproject.toml cannot express: ship the checkout's profiles/ and playbooks/ inside the package
-(orchestrator/_data/), so an installed wheel finds its default profile and playbooks (orchestrator.paths.shipped).
+(orchestrator/_data/), so an installed wheel finds its default profile and playbooks (orchestrator.core.paths.shipped).
 Everything else about the package is in pyproject.toml."""
 
 from pathlib import Path

@@ -58,8 +58,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.decide import DecisionRule, SequentialDecision
-from orchestrator.playbook import load_decision_rule
+from orchestrator.stats.decide import DecisionRule, SequentialDecision
+from orchestrator.config.playbook import load_decision_rule
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats
 from orchestrator.measure.parse import parse_cyclictest_file
 from orchestrator.measure.runner import parse_duration

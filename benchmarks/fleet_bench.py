@@ -319,7 +319,7 @@ def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> d
     for _ in range(3):
         t = time.monotonic()
         subprocess.run([sys.executable, "-c",
-                        "import orchestrator.changes, orchestrator.facts, orchestrator.transport"],
+                        "import orchestrator.changes, orchestrator.facts, orchestrator.remote.transport"],
                        env=dict(env, PYTHONPATH=str(REPO)), check=True)
         starts.append(time.monotonic() - t)
     prof["python_start_and_imports_s"] = statistics.median(starts)
@@ -662,7 +662,7 @@ def confirm_targets(fleet: SshFleet) -> dict:
     private directory (same device:inode as <base>/tN/sysctl.d here, and empty)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     def one(pair):
         target, ep = pair

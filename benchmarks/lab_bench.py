@@ -32,12 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.boot.loader import one_second_later  # noqa: E402
-from orchestrator.events import Event  # noqa: E402
+from orchestrator.core.events import Event  # noqa: E402
 from orchestrator.facts import BOOT_ID  # noqa: E402
 from orchestrator.lab import snapshot  # noqa: E402
 from orchestrator.lab.lab import Lab  # noqa: E402
-from orchestrator.paths import Paths  # noqa: E402
-from orchestrator.transport import SSHTransport  # noqa: E402
+from orchestrator.core.paths import Paths  # noqa: E402
+from orchestrator.remote.transport import SSHTransport  # noqa: E402
 
 GOALS = {("amd64", "ssh_alone"): 20.0, ("any", "snapshot_reset"): 10.0, ("arm64-host", "reboot"): 120.0}
 

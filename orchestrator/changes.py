@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cpulist import format_cpulist
-from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list
-from orchestrator.errors import InputError, TuneError
-from orchestrator.names import SYSCTL_NAME, check_unit_name, service_to_disable  # whole-string, systemd's rules
-from orchestrator.profile import describe_vcpu_map
-from orchestrator.transport import Transport, read_files, read_optional
+from orchestrator.core.cpulist import format_cpulist
+from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
+from orchestrator.core.errors import InputError, TuneError
+from orchestrator.core.names import SYSCTL_NAME, check_unit_name, service_to_disable  # whole-string, systemd's rules
+from orchestrator.config.profile import describe_vcpu_map
+from orchestrator.remote.transport import Transport, read_files, read_optional
 
 State = dict[str, Any]
 
@@ -178,7 +178,7 @@ class ServiceDisableChange(Change):
     kind: str = field(default="service_disable", init=False)
 
     def __post_init__(self) -> None:
-        # the profile's rule (orchestrator.names): ".service" appended only without a unit-type suffix, and
+        # the profile's rule (orchestrator.core.names): ".service" appended only without a unit-type suffix, and
         # only units that `disable --now` stops for good (never `dev-sda2.swap` + ".service")
         self.unit = service_to_disable(self.unit)
         self.change_id = f"service.{self.unit}"

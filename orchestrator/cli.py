@@ -16,10 +16,10 @@ from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn, Tim
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from orchestrator import jsonio
-from orchestrator.errors import ExitStatus, TuneError
-from orchestrator.events import Event
-from orchestrator.paths import Paths, default_inventory, inventory_search
+from orchestrator.core import jsonio
+from orchestrator.core.errors import ExitStatus, TuneError
+from orchestrator.core.events import Event
+from orchestrator.core.paths import Paths, default_inventory, inventory_search
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -215,7 +215,7 @@ def _output_path(path: Path | str | None, flag: str, *, directory: bool = False)
     """An output written when the command ends (after minutes or hours of measuring), checked before anything
     runs, so a path that cannot be written fails at once, not after the run. Nothing is created here: the
     nearest existing directory above it must be one rt-tune can write in (the writer makes the rest)."""
-    from orchestrator.errors import InputError
+    from orchestrator.core.errors import InputError
 
     if path is None:
         return
@@ -242,7 +242,7 @@ def _inventory_source(given: str | None) -> tuple[Path, str]:
 
 def _load_inventory(given: str | None):
     """The inventory (`--inventory`, else the default); a missing one says where rt-tune looked."""
-    from orchestrator.apply import read_inventory
+    from orchestrator.run.apply import read_inventory
 
     return read_inventory(_paths(), *_inventory_source(given))
 
@@ -254,8 +254,8 @@ def _load_inventory(given: str | None):
 def facts_cmd(target: str, inventory_file: str | None, as_json: bool) -> None:
     """Basic facts of UNIT.host or UNIT.guest: kernel, arch, CPUs, /proc/cmdline, boot_id."""
     from orchestrator.facts import gather_basic
-    from orchestrator.inventory import split_target
-    from orchestrator.transport import SSHTransport
+    from orchestrator.config.inventory import split_target
+    from orchestrator.remote.transport import SSHTransport
 
     inv = _load_inventory(inventory_file)
     unit, role = split_target(target)
@@ -310,7 +310,7 @@ _db_option = click.option(
 
 def _units(inv, units: tuple[str, ...]) -> list[str]:
     """The units named (default: all of the inventory's); unknown ones: one InputError listing the known."""
-    from orchestrator.errors import InputError
+    from orchestrator.core.errors import InputError
 
     unknown = [u for u in dict.fromkeys(units) if u not in inv.units]
     if unknown:
@@ -340,8 +340,8 @@ def apply_cmd(profile: str, inventory_file: str | None, units: tuple[str, ...], 
 
     Against the local lab's inventory, boots the lab first when it is not running (a dry run never does).
     """
-    from orchestrator.apply import check_profile, load_for_apply, make_engine, write_reports
-    from orchestrator.profile import find_profile
+    from orchestrator.run.apply import check_profile, load_for_apply, make_engine, write_reports
+    from orchestrator.config.profile import find_profile
 
     paths = _paths()
     progress = Progress()
@@ -410,12 +410,12 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
 
     Per-unit state lives in the journal; `--resume ID` continues after a controller crash without redoing
     finished units, and several controllers may work on one rollout (`--db postgresql://...`)."""
-    from orchestrator.apply import (PLAYBOOKS_DIR, check_profile, fleet_runner, load_for_apply,
+    from orchestrator.run.apply import (PLAYBOOKS_DIR, check_profile, fleet_runner, load_for_apply,
                                     open_controller_journal, policy_for_journal, write_fleet_reports)
-    from orchestrator.errors import InputError
-    from orchestrator.fleet import (LoadedPolicy, RolloutHalted, RolloutPolicy, load_rollout_policy,
+    from orchestrator.core.errors import InputError
+    from orchestrator.run.fleet import (LoadedPolicy, RolloutHalted, RolloutPolicy, load_rollout_policy,
                                     rollout_summary)
-    from orchestrator.profile import find_profile
+    from orchestrator.config.profile import find_profile
 
     modes = sum(x is not None for x in (profile, resume_id, pause_id, status_id))
     if modes != 1:
@@ -508,10 +508,10 @@ def ab_cmd(profile_a: str, profile_b: str, unit: str, rounds: int, runs_per_bloc
            as_json: bool, db: str | None = None) -> None:
     """A/B latency experiment: PROFILE_A vs PROFILE_B on one unit, alternating ABBA under the same load; per
     metric the difference with a bootstrap confidence interval and Cliff's delta; HTML with overlaid plots."""
-    from orchestrator.ab import ABExperiment, write_ab_reports
-    from orchestrator.apply import load_for_apply, make_engine
-    from orchestrator.experiment import render_ab_html
-    from orchestrator.profile import find_profile
+    from orchestrator.run.ab import ABExperiment, write_ab_reports
+    from orchestrator.run.apply import load_for_apply, make_engine
+    from orchestrator.report.ab import render_ab_html
+    from orchestrator.config.profile import find_profile
 
     _output_path(html_out, "--html")
     paths = _paths()
@@ -560,8 +560,8 @@ def profile() -> None:
 def profile_validate(name: str, inventory_file: str | None, units: tuple[str, ...], as_json: bool) -> None:
     """Check PROFILE (a file, or a name as `tune apply` takes it: rt-profile) and, with an inventory, resolve
     it for each unit (every unit's errors at once) without touching anything."""
-    from orchestrator.apply import check_profile
-    from orchestrator.profile import describe, find_profile, load_profile
+    from orchestrator.run.apply import check_profile
+    from orchestrator.config.profile import describe, find_profile, load_profile
 
     file = find_profile(name)
     prof = load_profile(file)
@@ -579,7 +579,7 @@ def profile_validate(name: str, inventory_file: str | None, units: tuple[str, ..
 def _engine(inventory_file: str | None, db: str | None = None, units: tuple[str, ...] = (), *,
             read_only: bool = False):
     """The engine and the chosen units: unknown units are refused before the journal is even opened."""
-    from orchestrator.apply import make_engine
+    from orchestrator.run.apply import make_engine
 
     inv = _load_inventory(inventory_file)
     chosen = _units(inv, units)
@@ -623,7 +623,7 @@ def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: s
                  force_unlock: str | None, as_json: bool, db: str | None = None,
                  boot_timeout: float = 300.0) -> None:
     """Return UNIT to its state before rt-tune: every kept change (--all) or one (--change ID)."""
-    from orchestrator.errors import InputError
+    from orchestrator.core.errors import InputError
 
     if all_ == (change_id is not None):
         raise InputError("give exactly one of --all or --change ID")
@@ -690,9 +690,9 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
                 histogram_us: int, interval_us: int, out_dir: str, inventory_file: str | None,
                 as_json: bool) -> None:
     """Measure latency with cyclictest on UNIT.host or UNIT.guest, under an optional declared load."""
-    from orchestrator.inventory import load_inventory, split_target
+    from orchestrator.config.inventory import load_inventory, split_target
     from orchestrator.measure.runner import measure, measurement_from_flags
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     flags = {"duration": duration, "histogram_us": histogram_us, "interval_us": interval_us, "load": load,
              "load_args": load_args}
@@ -720,7 +720,7 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
 @click.option("--json", "as_json", is_flag=True)
 def report_cmd(result_file: Path, html_out: Path | None, as_json: bool) -> None:
     """Show a result (a measurement, a list of them, or a report) as tables; optionally as HTML with plots."""
-    from orchestrator.report import SUMMARY_COLUMNS, load_report, render_html, summary_rows
+    from orchestrator.report.latency import SUMMARY_COLUMNS, load_report, render_html, summary_rows
 
     _output_path(html_out, "--html")
     report = load_report(result_file)
@@ -780,10 +780,10 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     """
     import time
 
-    from orchestrator.apply import open_controller_journal
-    from orchestrator.diagnose import diagnose, parse_duration, rt_hints_from_vars
-    from orchestrator.diagreport import save_diagnosis
-    from orchestrator.transport import SSHTransport
+    from orchestrator.run.apply import open_controller_journal
+    from orchestrator.diagnose.diagnosis import diagnose, parse_duration, rt_hints_from_vars
+    from orchestrator.report.diagnosis import save_diagnosis
+    from orchestrator.remote.transport import SSHTransport
 
     seconds = parse_duration(duration)
     _output_path(html_file, "--html")
@@ -822,7 +822,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
 
 
 def exit_status(exc: BaseException) -> int:
-    """THE mapping of an exception to `tune`'s exit status (the table: orchestrator.errors.ExitStatus)."""
+    """THE mapping of an exception to `tune`'s exit status (the table: orchestrator.core.errors.ExitStatus)."""
     if isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
         return ExitStatus.INTERRUPTED
     if isinstance(exc, click.ClickException):

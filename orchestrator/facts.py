@@ -16,10 +16,10 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from orchestrator.cpulist import parse_kernel_cpulist as parse_cpu_list  # for kernel output
-from orchestrator.errors import ParseError
-from orchestrator.names import UNIT_TYPES, check_sysctl_name, check_unit_name
-from orchestrator.transport import Transport
+from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list  # for kernel output
+from orchestrator.core.errors import ParseError
+from orchestrator.core.names import UNIT_TYPES, check_sysctl_name, check_unit_name
+from orchestrator.remote.transport import Transport
 
 T = TypeVar("T")
 
@@ -317,7 +317,7 @@ _UNIT_PROPS = (
 
 
 def validate_unit_name(unit: str) -> str:
-    """`unit` when systemd would take it (orchestrator.names: any unit type, no template); else InvalidName, a
+    """`unit` when systemd would take it (orchestrator.core.names: any unit type, no template); else InvalidName, a
     ValueError."""
     return check_unit_name(unit, types=UNIT_TYPES)
 

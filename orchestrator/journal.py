@@ -83,8 +83,8 @@ from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.errors import ExitStatus, TuneError
-from orchestrator.events import Event, EventSink, discard
+from orchestrator.core.errors import ExitStatus, TuneError
+from orchestrator.core.events import Event, EventSink, discard
 
 # --------------------------------------------------------------------------------------------------- errors
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.paths import Paths
+from orchestrator.core.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDED = Path(__file__).resolve().parent / "recorded"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.transport import Endpoint
+from orchestrator.remote.transport import Endpoint
 
 SSHD = "/usr/sbin/sshd"
 

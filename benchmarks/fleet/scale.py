@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.decide import DecisionRule, MeasurementPlan
-from orchestrator.engine import Engine
-from orchestrator.fleet import FleetRunner, RolloutPolicy
-from orchestrator.inventory import Inventory
+from orchestrator.stats.decide import DecisionRule, MeasurementPlan
+from orchestrator.run.engine import Engine
+from orchestrator.run.fleet import FleetRunner, RolloutPolicy
+from orchestrator.config.inventory import Inventory
 from orchestrator.journal import Journal
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
-from orchestrator.transport import CommandResult
+from orchestrator.remote.transport import CommandResult
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))

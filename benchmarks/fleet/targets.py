@@ -330,7 +330,7 @@ class SshFleet:
     # -- use ---------------------------------------------------------------------------------------------
 
     def endpoints(self):
-        from orchestrator.transport import Endpoint
+        from orchestrator.remote.transport import Endpoint
 
         return [Endpoint(host=t.addr, port=22, user="root", key_file=str(self.client_key),
                          known_hosts=str(self.known_hosts)) for t in self.targets]

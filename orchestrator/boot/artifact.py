@@ -1,7 +1,7 @@
 """Kernel artifacts on the controller: what a profile's `kernel: {deb: ...}` really contains, before any unit
 sees it, and fetching a kernel .deb from this machine's apt repositories.
 
-A profile names a kernel (see orchestrator/profile.py, "Kernel artifacts") as
+A profile names a kernel (see orchestrator/config/profile.py, "Kernel artifacts") as
   - `deb: FILE`: a .deb here. `inspect_deb` reads its control fields and file list with dpkg-deb, finds the one
     kernel image it installs (`./boot/vmlinuz-<release>`, `Image-<release>` or `vmlinux-<release>`), so the
     kernel release it boots as, and checks it against the profile's `release`. The sha256 lets the engine
@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.errors import InputError, MissingDependencyError, ParseError, TuneError
-from orchestrator.paths import Paths
+from orchestrator.core.errors import InputError, MissingDependencyError, ParseError, TuneError
+from orchestrator.core.paths import Paths
 
 IMAGE_PREFIXES = ("vmlinuz-", "Image-", "vmlinux-")
 #: Debian architecture -> `uname -m` of the machines that boot its kernels.

@@ -41,7 +41,7 @@ from orchestrator.boot.common import (
     path_exists,
     swap_version,
 )
-from orchestrator.transport import Transport
+from orchestrator.remote.transport import Transport
 
 # --------------------------------------------------------------------------------------------------------
 # BLS type #1 entries

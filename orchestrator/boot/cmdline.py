@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from orchestrator.errors import InputError
+from orchestrator.core.errors import InputError
 
 #: Arguments that decide whether the unit boots at all; rt-tune never adds or changes them.
 FORBIDDEN = ("root", "rootfstype", "rootflags", "rootwait", "rootdelay", "init", "rdinit", "initrd", "ro", "rw",

@@ -6,7 +6,7 @@ import posixpath
 
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import BootError
-from orchestrator.transport import Transport
+from orchestrator.remote.transport import Transport
 
 # --------------------------------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from orchestrator.boot.loader import (
     restore_files,
     snapshot_files,
 )
-from orchestrator.transport import Transport
+from orchestrator.remote.transport import Transport
 
 _LINE = re.compile(r"^(?P<lead>[ \t]*)(?P<kw>\S+)(?P<sep>[ \t]*)(?P<value>.*?)(?P<trail>[ \t]*)$")
 

@@ -36,9 +36,9 @@ from orchestrator.boot.loader import (
     restore_files,
     snapshot_files,
 )
-from orchestrator.errors import ParseError, TuneError
+from orchestrator.core.errors import ParseError, TuneError
 from orchestrator.facts import BOOTLOADER
-from orchestrator.transport import Transport
+from orchestrator.remote.transport import Transport
 
 TRIAL_ID = "rt-tune-trial"
 

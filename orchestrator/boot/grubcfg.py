@@ -12,7 +12,7 @@ import shlex
 
 from pydantic import BaseModel
 
-from orchestrator.errors import ParseError
+from orchestrator.core.errors import ParseError
 
 
 class MenuEntry(BaseModel):

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from orchestrator.boot.loader import BootError
-from orchestrator.transport import Transport
+from orchestrator.remote.transport import Transport
 
 REMOTE_DIR = "/var/cache/rt-tune/kernels"
 ENV = ["env", "DEBIAN_FRONTEND=noninteractive"]

@@ -17,9 +17,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from orchestrator.errors import TuneError
-from orchestrator.transport import Transport, read_files
-from orchestrator.transport import read_optional as read_optional  # the backends import it from here
+from orchestrator.core.errors import TuneError
+from orchestrator.remote.transport import Transport, read_files
+from orchestrator.remote.transport import read_optional as read_optional  # the backends import it from here
 
 State = dict[str, Any]
 

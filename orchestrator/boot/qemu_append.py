@@ -48,8 +48,8 @@ from orchestrator.boot.loader import (
     restore_files,
     snapshot_files,
 )
-from orchestrator.errors import InputError, ParseError
-from orchestrator.transport import Transport
+from orchestrator.core.errors import InputError, ParseError
+from orchestrator.remote.transport import Transport
 
 _SERVICE = re.compile(r"^[A-Za-z0-9:_.@\\-]+$")
 TRIAL_DROPIN = "50-rt-tune-trial.conf"

@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from orchestrator.boot.loader import Bootloader
-from orchestrator.errors import InputError
+from orchestrator.core.errors import InputError
 
 #: kind -> (module, class)
 BACKENDS: dict[str, tuple[str, str]] = {

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any, Self
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
 from orchestrator.boot.trial import Dependent, Health, TrialBoot, UnitLostError
-from orchestrator.context import ChangeOutcome, SharedConnections
-from orchestrator.errors import InputError, TransportError, TuneError
-from orchestrator.events import Event
+from orchestrator.run.context import ChangeOutcome, SharedConnections
+from orchestrator.core.errors import InputError, TransportError, TuneError
+from orchestrator.core.events import Event
 from orchestrator.facts import ARCH, BOOT_ID, BOOTLOADER, CMDLINE, KERNEL_RELEASE
-from orchestrator.profile import ChangeSpec
-from orchestrator.transaction import ChangeUndone, Planned, UnitLost, run_change
-from orchestrator.transport import Transport
+from orchestrator.config.profile import ChangeSpec
+from orchestrator.run.transaction import ChangeUndone, Planned, UnitLost, run_change
+from orchestrator.remote.transport import Transport
 
 if TYPE_CHECKING:
-    from orchestrator.context import RunContext
+    from orchestrator.run.context import RunContext
 
 BOOT_KINDS = ("cmdline", "kernel", "wfx_notrap")
 
@@ -234,7 +234,7 @@ class BootChangeRunner:
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
-        """One boot change through the transaction (orchestrator.transaction), trial-booted."""
+        """One boot change through the transaction (orchestrator.run.transaction), trial-booted."""
         return run_change(self.e, unit, run_id, spec, BootActive(self, unit, spec))
 
     def undo(self, unit: str, target: str, before: dict, boot: BootTarget | None, *, on_trial: bool | None) -> Health:

@@ -33,8 +33,8 @@ from orchestrator.boot.loader import (
     restore_files,
     snapshot_files,
 )
-from orchestrator.errors import ParseError
-from orchestrator.transport import Transport
+from orchestrator.core.errors import ParseError
+from orchestrator.remote.transport import Transport
 
 TRIAL_ID = "rt-tune-trial.conf"
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"

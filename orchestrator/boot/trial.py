@@ -28,10 +28,10 @@ from pydantic import BaseModel
 
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import BootTarget, Bootloader
-from orchestrator.errors import TuneError
-from orchestrator.events import Event, EventSink, discard
+from orchestrator.core.errors import TuneError
+from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.facts import BOOT_ID, CMDLINE, ISOLATED_CPUS, KERNEL_RELEASE, NOHZ_FULL_CPUS, parse_cpu_list
-from orchestrator.transport import Transport, printable
+from orchestrator.remote.transport import Transport, printable
 
 Connect = Callable[[], Transport]
 TrialResult = Literal["healthy", "unhealthy", "fallback", "lost"]

@@ -24,8 +24,8 @@ from typing import ClassVar
 from orchestrator.boot import cmdline
 from orchestrator.boot.common import command_exists, panic_problem, path_exists
 from orchestrator.boot.loader import BootError, Bootloader, BootTarget, State
-from orchestrator.errors import ParseError
-from orchestrator.transport import Transport
+from orchestrator.core.errors import ParseError
+from orchestrator.remote.transport import Transport
 
 PREFIX = "rt_tune_prev_"
 #: Every variable the trial changes (each saved as rt_tune_prev_NAME when it exists).

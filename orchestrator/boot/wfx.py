@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.errors import InputError, ParseError, TuneError
+from orchestrator.core.errors import InputError, ParseError, TuneError
 from orchestrator.facts import Fact
 
 ARM64_ARCHES = ("aarch64", "arm64")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import MissingDependencyError
+from orchestrator.core.errors import MissingDependencyError
 
 README_HINT = "run the README's first set-up command, or: apt-get install -y {pkgs}"
 

@@ -27,8 +27,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from orchestrator.errors import LabError
-from orchestrator.events import Event, EventSink, discard
+from orchestrator.core.errors import LabError
+from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.lab import sh
 
 BUILDER_VERSION = 5  # bump when the build steps change in a way the recipe does not show

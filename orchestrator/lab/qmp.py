@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import LabError
+from orchestrator.core.errors import LabError
 
 
 class QMP:

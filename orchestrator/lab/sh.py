@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.errors import LabError
+from orchestrator.core.errors import LabError
 
 
 def run(

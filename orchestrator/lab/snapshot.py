@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.errors import LabError
+from orchestrator.core.errors import LabError
 from orchestrator.lab import vm
 from orchestrator.lab.qmp import QMP
 

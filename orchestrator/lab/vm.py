@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.errors import LabError
+from orchestrator.core.errors import LabError
 from orchestrator.lab import sh
 from orchestrator.lab.qmp import qmp_call
 

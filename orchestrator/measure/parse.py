@@ -16,7 +16,7 @@ samples = Total + Overflows = cycles. The JSON has no overflow count: overflows 
 
 Hostile or damaged input is refused with the field named (ParseError), never a traceback or a silent figure:
 numbers are ASCII digits of at most 20 (cyclictest prints unsigned long), the --json document goes through
-`orchestrator.jsonio` (size, depth, no NaN/Infinity, 64-bit integers), counts are integers (not floats or
+`orchestrator.core.jsonio` (size, depth, no NaN/Infinity, 64-bit integers), counts are integers (not floats or
 booleans), and every thread's figures must describe one distribution (`LatencyStats` checks min <= avg <= max
 and the rest). Output larger than MAX_OUTPUT_BYTES is refused unread: the largest histogram a plan may ask for
 (MAX_HIST_CELLS buckets over all threads, ~7 bytes each) stays well below it.
@@ -31,8 +31,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator import jsonio
-from orchestrator.errors import ParseError
+from orchestrator.core import jsonio
+from orchestrator.core.errors import ParseError
 from orchestrator.measure.model import HIST_MAX, MAX_CPU, PERCENTILES, LatencyResult, LatencyStats, OutputForm
 
 __all__ = ["MAX_OUTPUT_BYTES", "parse_cyclictest", "parse_cyclictest_file", "percentile",

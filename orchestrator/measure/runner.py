@@ -16,14 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator import duration
-from orchestrator.cpulist import CpuListError, parse_cpulist
-from orchestrator.errors import InputError, TransportError, TuneError
-from orchestrator.events import Event, EventSink, discard
+from orchestrator.core import duration
+from orchestrator.core.cpulist import CpuListError, parse_cpulist
+from orchestrator.core.errors import InputError, TransportError, TuneError
+from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.facts import BOOT_ID, CMDLINE
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest
-from orchestrator.transport import CommandResult, Transport
+from orchestrator.remote.transport import CommandResult, Transport
 
 LOAD_TOOLS = {"stress-ng": "stress-ng", "hackbench": "hackbench"}
 DEFAULT_LOAD_ARGS = {"stress-ng": ["--cpu", "0", "--cpu-load", "80"], "hackbench": ["-l", "1000000"]}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.paths import Paths
+from orchestrator.core.paths import Paths
 from orchestrator.changes import VcpuPinningChange
 from tests.conftest import REPO, running_lab, lab_state_paths, tune_env
 from tests.qemu_threads import assert_vcpu_map, qemu_threads
@@ -59,14 +59,14 @@ def arm64_lab(arm64_paths):
 
 @pytest.fixture(scope="module")
 def arm64_inventory(arm64_lab, arm64_paths):
-    from orchestrator.inventory import load_inventory
+    from orchestrator.config.inventory import load_inventory
 
     return load_inventory(arm64_paths.lab_inventory)
 
 
 @pytest.fixture()
 def ahost(arm64_inventory):
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     with SSHTransport(arm64_inventory.endpoint("lab1", "host")) as t:
         yield t
@@ -74,7 +74,7 @@ def ahost(arm64_inventory):
 
 @pytest.fixture()
 def aguest(arm64_inventory):
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as t:
         yield t
@@ -216,8 +216,8 @@ def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, a
 
 def _guest_cmdline(arm64_inventory, deadline: float) -> str:
     """The nested guest's /proc/cmdline once it answers SSH again (through its host)."""
-    from orchestrator.errors import TransportError
-    from orchestrator.transport import SSHTransport
+    from orchestrator.core.errors import TransportError
+    from orchestrator.remote.transport import SSHTransport
 
     while True:
         try:
@@ -232,7 +232,7 @@ def _guest_cmdline(arm64_inventory, deadline: float) -> str:
 def nohz_nested_guest(arm64_lab, arm64_inventory):
     """Two busy loops pinned to the nested guest's CPU 1, which the lab boots with nohz_full=1 (its QEMU's
     -append), once the guest's crash loop has restarted at least once; stopped afterwards."""
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400).split()
     units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
@@ -258,7 +258,7 @@ def nohz_nested_guest(arm64_lab, arm64_inventory):
 def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
                                                                        nohz_nested_guest, tmp_path):
     from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
         before = tracing_state(g)
@@ -350,6 +350,6 @@ def test_lab_power_cycle_restarts_the_nested_guest_s_qemu(arm64_lab, arm64_paths
 
 
 def load_guest_endpoint(paths: Paths):
-    from orchestrator.inventory import load_inventory
+    from orchestrator.config.inventory import load_inventory
 
     return load_inventory(paths.lab_inventory).endpoint("lab1", "guest")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.inventory import load_inventory
+from orchestrator.config.inventory import load_inventory
 from orchestrator.journal import Journal
-from orchestrator.transport import SSHTransport
+from orchestrator.remote.transport import SSHTransport
 from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab

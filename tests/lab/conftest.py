@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.paths import Paths
+from orchestrator.core.paths import Paths
 from tests.conftest import REUSE, lab_state_paths, running_lab
 
 
@@ -24,14 +24,14 @@ def lab(lab_paths):
 
 @pytest.fixture(scope="package")
 def inventory(lab, lab_paths):
-    from orchestrator.inventory import load_inventory
+    from orchestrator.config.inventory import load_inventory
 
     return load_inventory(lab_paths.lab_inventory)
 
 
 @pytest.fixture()
 def host(inventory):
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     with SSHTransport(inventory.endpoint("lab1", "host")) as t:
         yield t
@@ -39,7 +39,7 @@ def host(inventory):
 
 @pytest.fixture()
 def guest(inventory):
-    from orchestrator.transport import SSHTransport
+    from orchestrator.remote.transport import SSHTransport
 
     with SSHTransport(inventory.endpoint("lab1", "guest")) as t:
         yield t

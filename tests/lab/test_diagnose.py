@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.boot.loader import one_second_later
 from orchestrator.facts import BOOT_ID
-from orchestrator.transport import SSHTransport
+from orchestrator.remote.transport import SSHTransport
 from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab
@@ -39,7 +39,7 @@ def tracing_state(t) -> dict[str, str]:
 
 
 def assert_same_tracing_state(before: dict[str, str], after: dict[str, str]) -> None:
-    """Equal, except the one documented kernel side effect of Linux 6.1 (orchestrator/diagprobe.py): the
+    """Equal, except the one documented kernel side effect of Linux 6.1 (orchestrator/diagnose/probe.py): the
     deferred top-level buffer allocated at its configured size on first use ("7 (expanded: 1408)" -> "1410")."""
     b, a = dict(before), dict(after)
     if b["buffer_size_kb"].startswith("7 (expanded: 1408)"):
@@ -170,8 +170,8 @@ def test_ctrl_c_and_timeout_leave_no_tracing_behind(lab, lab_paths, inventory):
         no_leftovers(g, "120")
 
     # a window that overruns its deadline: the command times out, the window is killed and cleaned up
-    from orchestrator import diagnose
-    from orchestrator.errors import CommandTimeout
+    from orchestrator.diagnose import diagnosis as diagnose
+    from orchestrator.core.errors import CommandTimeout
 
     mp = pytest.MonkeyPatch()
     mp.setattr(diagnose, "WINDOW_OVERHEAD_S", -25.0)  # deadline 5 s into a 30 s window
@@ -189,7 +189,7 @@ def test_the_tracing_state_probe_sees_each_kind_of_change_someone_else_leaves(la
     """rt-tune's state probe (one awk, one cksum and one grep over every event, so it stays quick in a nested
     guest) on the real tracefs: a filter, a trigger, a kprobe, a tracer, a cpumask and an instance made with
     plain shell each show up in the item that names them, and the state reads equal again once they are undone."""
-    from orchestrator.diagnose import Window, state_differences
+    from orchestrator.diagnose.diagnosis import Window, state_differences
 
     ev = f"{TRACEFS}/events/sched/sched_wakeup"
     with SSHTransport(inventory.endpoint("lab1", "guest")) as g:

@@ -11,7 +11,7 @@ from typing import TypeVar
 import pytest
 
 from orchestrator import facts
-from orchestrator.transport import SSHTransport
+from orchestrator.remote.transport import SSHTransport
 
 pytestmark = pytest.mark.lab
 

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from orchestrator.boot.loader import one_second_later
-from orchestrator.errors import HostKeyError, TransportError
+from orchestrator.core.errors import HostKeyError, TransportError
 from orchestrator.facts import BOOT_ID, CMDLINE, gather_basic
-from orchestrator.transport import Endpoint, SSHTransport, host_key_fingerprint
+from orchestrator.remote.transport import Endpoint, SSHTransport, host_key_fingerprint
 from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.lab import sh
-from orchestrator.paths import Paths
+from orchestrator.core.paths import Paths
 
 pytestmark = pytest.mark.lab
 

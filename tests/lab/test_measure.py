@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from orchestrator.errors import TuneError
+from orchestrator.core.errors import TuneError
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest_file
 from orchestrator.measure.runner import measure

@@ -21,8 +21,8 @@ from orchestrator.boot.artifact import (
     resolve_artifact,
     resolve_image_package,
 )
-from orchestrator.errors import InputError, ParseError
-from orchestrator.paths import Paths
+from orchestrator.core.errors import InputError, ParseError
+from orchestrator.core.paths import Paths
 
 pytestmark = pytest.mark.unit
 

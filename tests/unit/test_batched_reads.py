@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.errors import ParseError
+from orchestrator.core.errors import ParseError
 from orchestrator.facts import CPU_COUNT, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
-from orchestrator.transport import LocalTransport, read_files, read_optional
+from orchestrator.remote.transport import LocalTransport, read_files, read_optional
 
 pytestmark = pytest.mark.unit
 

@@ -23,8 +23,8 @@ import pytest
 from orchestrator.boot import bls, common, extlinux, qemu_append, registry, systemd_boot, uboot
 from orchestrator.boot.cmdline import CmdlineError
 from orchestrator.boot.loader import BootError, Bootloader, BootTarget
-from orchestrator.errors import CommandFailed, InputError, ParseError
-from orchestrator.transport import CommandResult, LocalTransport
+from orchestrator.core.errors import CommandFailed, InputError, ParseError
+from orchestrator.remote.transport import CommandResult, LocalTransport
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,7 @@ from orchestrator.boot.cmdline import CmdlineError
 from orchestrator.boot.grub import TRIAL_ID
 from orchestrator.boot.grubcfg import default_entry, entry_for_release, parse_grub_cfg, parse_grubenv
 from orchestrator.boot.trial import cpus_of, same_cmdline
-from orchestrator.errors import ParseError
+from orchestrator.core.errors import ParseError
 
 pytestmark = pytest.mark.unit
 REC = Path(__file__).parent.parent / "recorded" / "lab-x86"
@@ -83,7 +83,7 @@ def test_trial_entry_from_the_recorded_default(tmp_path):
     """The trial entry is the default's body with the arguments appended to its linux line only."""
     from orchestrator.boot.grub import GrubBackend
     from orchestrator.boot.loader import BootTarget
-    from orchestrator.transport import LocalTransport
+    from orchestrator.remote.transport import LocalTransport
 
     (tmp_path / "grub.cfg").write_text(GRUB_CFG)
     (tmp_path / "grubenv").write_bytes((REC / "host-boot-grub-grubenv").read_bytes())
@@ -113,8 +113,8 @@ def test_sysfs_expectations_and_cmdline_equality():
 
 
 def test_playbook_can_split_a_cmdline_section_into_one_trial_boot_per_argument():
-    from orchestrator.engine import split_cmdline
-    from orchestrator.profile import ChangeSpec
+    from orchestrator.run.engine import split_cmdline
+    from orchestrator.config.profile import ChangeSpec
 
     spec = ChangeSpec(id="guest.cmdline", target="guest", kind="cmdline", needs_reboot=True,
                       params={"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1", "nosoftlockup": None}})
@@ -130,7 +130,7 @@ def test_health_check_reads_what_this_machine_booted():
     """health_check on the controller itself (a real /proc/cmdline, uname and sysfs) through LocalTransport."""
     from orchestrator.boot.loader import BootTarget
     from orchestrator.boot.trial import health_check
-    from orchestrator.transport import LocalTransport
+    from orchestrator.remote.transport import LocalTransport
 
     proc = Path("/proc/cmdline").read_text().strip()
     kernel = __import__("os").uname().release
@@ -148,8 +148,8 @@ def test_health_check_reads_what_this_machine_booted():
 
 
 def test_a_bad_boot_policy_in_a_playbook_names_file_line_key_and_value(tmp_path):
-    from orchestrator.playbook import load_measurement_plan
-    from orchestrator.errors import InputError
+    from orchestrator.config.playbook import load_measurement_plan
+    from orchestrator.core.errors import InputError
 
     text = (Path(__file__).parent.parent / "lab" / "playbook-fast.yaml").read_text() + "boot:\n  cmdline: per_arg\n"
     path = tmp_path / "plan.yaml"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.changes import IrqAffinityChange, VcpuPinningChange
-from orchestrator.errors import InputError
-from orchestrator.profile import describe_vcpu_map
+from orchestrator.core.errors import InputError
+from orchestrator.config.profile import describe_vcpu_map
 
 pytestmark = pytest.mark.unit
 

@@ -239,14 +239,14 @@ def test_status_before_anything_was_done_creates_nothing(world):
 
 
 def test_every_error_class_exits_with_a_status_from_the_one_table():
-    """Exit statuses live in one enum (orchestrator.errors.ExitStatus): every TuneError subclass in the package
+    """Exit statuses live in one enum (orchestrator.core.errors.ExitStatus): every TuneError subclass in the package
     names one of its members, and the CLI's mapping returns only members."""
     import importlib
     import pkgutil
 
     import orchestrator
     from orchestrator.cli import exit_status
-    from orchestrator.errors import ExitStatus, TuneError
+    from orchestrator.core.errors import ExitStatus, TuneError
 
     for mod in pkgutil.walk_packages(orchestrator.__path__, "orchestrator."):
         if ".lab.files" not in mod.name and not mod.name.endswith("__main__"):
@@ -267,7 +267,7 @@ def test_tune_as_a_function_returns_its_exit_status_and_raises_nothing(tmp_path,
     """cli.run(argv) is `tune ARGV...` without a process: the status from the one table, the message on
     stderr, no exception (the same argv through `tune` itself gives the same status)."""
     from orchestrator.cli import run
-    from orchestrator.errors import ExitStatus
+    from orchestrator.core.errors import ExitStatus
 
     monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))
     assert run(["profile", "validate", "rt-profile", "--json"]) == ExitStatus.OK

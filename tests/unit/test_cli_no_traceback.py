@@ -18,7 +18,7 @@ import click
 import pytest
 
 from orchestrator import cli
-from orchestrator.errors import InputError, TuneError
+from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal import LockedError
 from tests.conftest import REPO
 from tests.unit.cli_inputs import unit_yaml

@@ -13,19 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import facts, names
+from orchestrator import facts
+
+from orchestrator.core import names
 from orchestrator.boot import cmdline as boot_cmdline
 from orchestrator.boot.qemu_append import QemuAppendBackend
 from orchestrator.boot.registry import BACKENDS
 from orchestrator.boot.wfx import wfx_exits_fact
 from orchestrator.changes import ServiceDisableChange, SysctlChange
-from orchestrator.cpulist import parse_cpulist
-from orchestrator.playbook import load_measurement_plan
-from orchestrator.errors import InputError
-from orchestrator.fleet import load_rollout_policy
-from orchestrator.inventory import BOOTLOADERS, GUEST_BOOTLOADERS, Inventory, load_inventory
-from orchestrator.profile import PROFILES_DIR, load_profile
-from orchestrator.yamlio import MAX_BYTES, MAX_DEPTH, read_yaml
+from orchestrator.core.cpulist import parse_cpulist
+from orchestrator.config.playbook import load_measurement_plan
+from orchestrator.core.errors import InputError
+from orchestrator.run.fleet import load_rollout_policy
+from orchestrator.config.inventory import BOOTLOADERS, GUEST_BOOTLOADERS, Inventory, load_inventory
+from orchestrator.config.profile import PROFILES_DIR, load_profile
+from orchestrator.config.yamlio import MAX_BYTES, MAX_DEPTH, read_yaml
 
 pytestmark = pytest.mark.unit
 
@@ -297,8 +299,8 @@ def test_cpu_lists_the_kernel_refuses_are_refused(tmp_path, text):
 
 def test_the_kernels_stride_groups_are_cpu_lists(tmp_path):
     p = write(tmp_path / "p.yaml", 'name: p\nhost:\n  irq_affinity: {housekeeping: "0-7:1/2"}\n')
-    from orchestrator.inventory import UnitSpec
-    from orchestrator.profile import resolve
+    from orchestrator.config.inventory import UnitSpec
+    from orchestrator.config.profile import resolve
 
     spec = UnitSpec.model_validate({"host": {"address": "h"}, "vars": {"cpus": 8}})
     assert resolve(load_profile(p), "u", spec)[0].params == {"housekeeping": [0, 2, 4, 6]}

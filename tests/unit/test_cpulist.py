@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 from orchestrator import facts
-from orchestrator.cpulist import (
+from orchestrator.core.cpulist import (
     CPU_CEILING,
     MAX_TEXT,
     CpuListError,
@@ -17,7 +17,7 @@ from orchestrator.cpulist import (
     parse_cpulist,
     parse_kernel_cpulist,
 )
-from orchestrator.errors import InputError, ParseError
+from orchestrator.core.errors import InputError, ParseError
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

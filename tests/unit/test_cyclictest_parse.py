@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from orchestrator.errors import InputError, ParseError
+from orchestrator.core.errors import InputError, ParseError
 from orchestrator.measure.model import PERCENTILES, LatencyResult
 from orchestrator.measure.parse import (
     parse_cyclictest,

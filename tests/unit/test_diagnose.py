@@ -30,17 +30,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tracing
-from orchestrator.diagnose import (MAX_DURATION_S, CrashLoop, TargetDiagnosis, analyse, findings,
+from orchestrator.diagnose import tracing
+from orchestrator.diagnose.diagnosis import (MAX_DURATION_S, CrashLoop, TargetDiagnosis, analyse, findings,
                                    parse_duration, rt_hints_from_vars, state_differences, tracing_state_notes)
-from orchestrator.diagprobe import (BUFFER_KB, CLEANUP_SCRIPT, EVENTS, FALLBACK_FUNCTIONS, STATE_FILES,
+from orchestrator.diagnose.probe import (BUFFER_KB, CLEANUP_SCRIPT, EVENTS, FALLBACK_FUNCTIONS, STATE_FILES,
                                     STOP_SLEEP, WINDOW_SCRIPT, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, window_argv)
-from orchestrator.errors import InputError, ParseError
+from orchestrator.core.errors import InputError, ParseError
 from orchestrator.facts import parse_coredumps
-from orchestrator.kstate import (SchedTask, ServiceState, VmCounters, parse_kvm_vms, parse_sched_debug,
+from orchestrator.diagnose.kstate import (SchedTask, ServiceState, VmCounters, parse_kvm_vms, parse_sched_debug,
                                  parse_service_states, parse_timer_list)
-from orchestrator.tracing import (CallbackRun, IpiSend, SendCall, TaskRun, TickStop, TimerFire, TraceRecord,
+from orchestrator.diagnose.tracing import (CallbackRun, IpiSend, SendCall, TaskRun, TickStop, TimerFire, TraceRecord,
                                   fields, parse_trace, strip_offset, summarize_trace)
 
 pytestmark = pytest.mark.unit
@@ -1031,7 +1031,7 @@ def test_cleanup_argv_refuses_names_new_instance_name_cannot_make(name):
 def test_trace_overruns_from_the_recorded_per_cpu_stats():
     """`trace_stats` of the recordings: every CPU listed, nothing lost (overrun 0, dropped events 0); a copy of
     a real block with its overrun count raised is counted as lost events of that CPU."""
-    from orchestrator.diagnose import parse_trace_overruns
+    from orchestrator.diagnose.diagnosis import parse_trace_overruns
 
     for prefix in ("x86-guest", "arm64-host", "arm64-guest", "x86-guest-nohz-busy"):
         stats = _sections(prefix)["trace_stats"]
@@ -1098,7 +1098,7 @@ class _StateOnlyTransport:
         self.commands: list[list[str]] = []
 
     def run(self, argv, **kwargs):
-        from orchestrator.transport import CommandResult
+        from orchestrator.remote.transport import CommandResult
 
         self.commands.append(list(argv))
         out = _read("arm64-host", "state-before") if argv[2].lstrip().startswith("raw=") else ""
@@ -1106,7 +1106,7 @@ class _StateOnlyTransport:
 
 
 def test_a_window_aborted_before_it_started_never_starts_and_needs_no_cleanup():
-    from orchestrator.diagnose import DiagnosisCancelled, Window
+    from orchestrator.diagnose.diagnosis import DiagnosisCancelled, Window
 
     t = _StateOnlyTransport()
     w = Window(t, "lab1.host", 10, lambda e: None)
@@ -1118,7 +1118,7 @@ def test_a_window_aborted_before_it_started_never_starts_and_needs_no_cleanup():
 
 
 def test_a_window_aborted_after_its_state_was_read_is_cleaned_up_twice():
-    from orchestrator.diagnose import Window
+    from orchestrator.diagnose.diagnosis import Window
 
     t = _StateOnlyTransport()
     w = Window(t, "lab1.host", 10, lambda e: None)

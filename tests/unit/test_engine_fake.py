@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.engine import Engine
-from orchestrator.fake import FakeTransport, FakeUnit
-from orchestrator.inventory import Inventory
+from orchestrator.run.engine import Engine
+from orchestrator.remote.fake import FakeTransport, FakeUnit
+from orchestrator.config.inventory import Inventory
 from orchestrator.journal import Journal
-from orchestrator.playbook import load_measurement_plan
+from orchestrator.config.playbook import load_measurement_plan
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -122,7 +122,7 @@ def test_a_command_the_fake_does_not_know_fails_loudly(tmp_path):
 def test_an_unreachable_unit_ends_the_apply_and_a_change_that_cannot_be_planned_is_not_started(world):
     """A unit that cannot be reached raises out of the apply (a rollout counts the unit failed); a change
     that cannot be planned on a reachable unit is failed, not started, and the next change still runs."""
-    from orchestrator.errors import ConnectError
+    from orchestrator.core.errors import ConnectError
 
     unit, engine, profile, _ = world
     engine.connect = lambda inv, name, target: (_ for _ in ()).throw(ConnectError("no route to host"))

@@ -1,4 +1,4 @@
-"""Every event kind rt-tune emits is in orchestrator.events.KINDS (and every listed kind is emitted): read
+"""Every event kind rt-tune emits is in orchestrator.core.events.KINDS (and every listed kind is emitted): read
 from the source with ast, so a kind built or typed somewhere else cannot drift from what consumers look for."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import get_args
 import pytest
 
 from orchestrator.boot.trial import TrialOutcome
-from orchestrator.events import CHANGE_ENDED, KINDS
-from orchestrator.fleet import TERMINAL_CHANGE_EVENTS
+from orchestrator.core.events import CHANGE_ENDED, KINDS
+from orchestrator.run.fleet import TERMINAL_CHANGE_EVENTS
 from orchestrator.journal import TRANSITIONS
 from tests.unit.test_import_graph import trees
 

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from orchestrator import report
-from orchestrator.errors import InputError
-from orchestrator.experiment import (
+from orchestrator.measure.pooled import PooledRuns
+from orchestrator.report import plots
+from orchestrator.report.ab import render_ab_html
+from orchestrator.core.errors import InputError
+from orchestrator.stats.ab import (
     ABArm,
     ABResult,
     ab_schedule,
@@ -28,7 +30,6 @@ from orchestrator.experiment import (
     cliffs_magnitude,
     hodges_lehmann,
     load_ab,
-    render_ab_html,
     run_sequence,
     save_ab,
 )
@@ -154,10 +155,10 @@ def test_stress_is_shown_worse_than_idle(idle, stress, idle_vs_stress):
 
 
 def test_pooled_figures_are_the_pooled_histograms(idle, stress, idle_vs_stress):
-    pooled = report._Dist(idle)
+    pooled = PooledRuns(idle)
     e = idle_vs_stress["p99_us"]
     assert e.pooled_a == pooled.percentile(0.99)
-    assert idle_vs_stress["p999_us"].pooled_b == report._Dist(stress).percentile(0.999)
+    assert idle_vs_stress["p999_us"].pooled_b == PooledRuns(stress).percentile(0.999)
     assert idle_vs_stress["max_us"].pooled_a == max(r.all.max_us for r in idle)
     assert idle_vs_stress["max_us"].pooled_b == max(r.all.max_us for r in stress)
     samples = sum(r.all.samples for r in idle)
@@ -287,7 +288,7 @@ def test_build_ab_result(ab, idle, stress):
 
 
 def test_result_as_the_runner_builds_it(idle, stress):
-    # the keywords orchestrator/ab.py passes: the arm of every run in measuring order, profiles, started/ended
+    # the keywords orchestrator/run/ab.py passes: the arm of every run in measuring order, profiles, started/ended
     a, b = idle[:4], stress[:4]
     order = [arm for arm in ab_schedule(2) for _ in range(2)]  # ABBA, 2 runs per block
     result = ABResult(unit="u1", target="guest", profiles={"A": "a.yaml", "B": "b.yaml"}, rounds=2, order=order,
@@ -345,10 +346,10 @@ def test_load_ab_refuses_other_files(tmp_path):
 
 
 def test_render_ab_html(ab, tmp_path):
-    colors_before = dict(report.SIDE_COLOR)
+    colors_before = dict(plots.SIDE_COLOR)
     path = render_ab_html(ab, tmp_path / "ab.html")
     text = path.read_text(encoding="utf-8")
-    assert report.SIDE_COLOR == colors_before  # the A/B colours were only lent to report's plots
+    assert plots.SIDE_COLOR == colors_before  # the A/B colours are passed to the plots, not lent to them
 
     # self-contained: every src is a data: URI, nothing is loaded from elsewhere
     srcs = re.findall(r'\bsrc\s*=\s*"([^"]*)"', text)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from orchestrator import facts
-from orchestrator.errors import ParseError
+from orchestrator.core.errors import ParseError
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.context import ChangeOutcome
-from orchestrator.engine import ApplyResult
-from orchestrator.errors import InputError, TransportError
-from orchestrator.fleet import (
+from orchestrator.run.context import ChangeOutcome
+from orchestrator.run.engine import ApplyResult
+from orchestrator.core.errors import InputError, TransportError
+from orchestrator.run.fleet import (
     FleetRunner,
     RolloutPolicy,
     halt_reason,
     load_rollout_policy,
     plan_waves,
-    render_fleet_html,
     summarize,
 )
 from orchestrator.journal import Journal, this_host
+from orchestrator.report.fleet import render_fleet_html
 from orchestrator.measure.parse import parse_cyclictest_file
 
 pytestmark = pytest.mark.unit
@@ -317,10 +317,10 @@ def test_rollout_table_shows_each_unit_with_its_figures(journal, tmp_path):
 def test_ab_refuses_a_boot_change_before_touching_the_unit(journal, tmp_path):
     """`tune ab` with a profile holding a cmdline change: InputError naming the file and the change; the
     refusal comes before any connection (connect would raise) and before the unit is locked."""
-    from orchestrator.ab import ABExperiment
-    from orchestrator.decide import DecisionRule, MeasurementPlan
-    from orchestrator.engine import Engine
-    from orchestrator.inventory import Inventory
+    from orchestrator.run.ab import ABExperiment
+    from orchestrator.stats.decide import DecisionRule, MeasurementPlan
+    from orchestrator.run.engine import Engine
+    from orchestrator.config.inventory import Inventory
     from orchestrator.measure.model import CyclictestSettings, LoadSpec
 
     boot = tmp_path / "boot.yaml"

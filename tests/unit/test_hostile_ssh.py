@@ -23,9 +23,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from orchestrator import transport
+from orchestrator.remote import transport
 from orchestrator.boot.trial import run_power_cycle
-from orchestrator.errors import (
+from orchestrator.core.errors import (
     AuthError,
     CommandFailed,
     CommandTimeout,
@@ -33,7 +33,7 @@ from orchestrator.errors import (
     InputError,
     TransportError,
 )
-from orchestrator.transport import Endpoint, SSHTransport, read_files
+from orchestrator.remote.transport import Endpoint, SSHTransport, read_files
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server, wrapped_sshd_server
 
 pytestmark = pytest.mark.unit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import facts
-from orchestrator.errors import InputError, ParseError
-from orchestrator.inventory import load_inventory, split_target
+from orchestrator.core.errors import InputError, ParseError
+from orchestrator.config.inventory import load_inventory, split_target
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit
@@ -96,7 +96,7 @@ def test_truncated_output_is_an_error_not_an_empty_fact():
 
 
 def test_ssh_config_fills_what_the_inventory_leaves_out(tmp_path, monkeypatch):
-    from orchestrator import inventory as inv_mod
+    from orchestrator.config import inventory as inv_mod
 
     cfg = tmp_path / "config"
     cfg.write_text("Host robot1-host\n  HostName 10.1.2.3\n  Port 2222\n  User tuner\n"

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import journal as journal_mod
-from orchestrator.errors import TuneError
-from orchestrator.events import Event, EventLog
+from orchestrator.core.errors import TuneError
+from orchestrator.core.events import Event, EventLog
 from orchestrator.journal import (
     InvalidTransition,
     Journal,

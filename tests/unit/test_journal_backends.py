@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from orchestrator import journal as journal_mod
-from orchestrator.events import Event, EventLog
+from orchestrator.core.events import Event, EventLog
 from orchestrator.journal import (
     PG_ADVISORY_LOCK_KEY,
     SCHEMA_VERSION,

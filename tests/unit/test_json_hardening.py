@@ -15,12 +15,12 @@ import sys
 
 import pytest
 
-from orchestrator import jsonio
-from orchestrator.errors import InputError, ParseError
-from orchestrator.experiment import load_ab
+from orchestrator.core import jsonio
+from orchestrator.core.errors import InputError, ParseError
+from orchestrator.stats.ab import load_ab
 from orchestrator.measure import parse
 from orchestrator.measure.parse import parse_cyclictest, parse_cyclictest_file
-from orchestrator.report import load_report
+from orchestrator.report.latency import load_report
 from tests.conftest import RECORDED, REPO
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ import sys
 import pytest
 from pathlib import Path
 
-from orchestrator.errors import LabError, MissingDependencyError
+from orchestrator.core.errors import LabError, MissingDependencyError
 from orchestrator.lab import deps, images, vm
 
 pytestmark = pytest.mark.unit
@@ -197,9 +197,9 @@ def test_arm64_lab_missing_packages_are_named():
 
 
 def test_nested_guest_is_reached_through_its_host_in_the_inventory(tmp_path):
-    from orchestrator.inventory import load_inventory
+    from orchestrator.config.inventory import load_inventory
     from orchestrator.lab.lab import Lab, LabState, VMRecord
-    from orchestrator.paths import Paths
+    from orchestrator.core.paths import Paths
 
     lab = Lab(Paths(cache=tmp_path / "cache", state=tmp_path / "state"))
     lab.dir.mkdir(parents=True)

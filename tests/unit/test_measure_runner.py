@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.errors import InputError
+from orchestrator.core.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
 from orchestrator.measure.runner import cyclictest_argv, load_argv, parse_duration
 
@@ -46,9 +46,9 @@ def test_load_argv_bounds_the_load_and_rejects_shell_metacharacters():
 def test_a_run_is_one_round_trip_that_passes_every_word_as_it_is_and_names_missing_packages(tmp_path):
     """The run script over a real `sh` (LocalTransport): tools checked first, then the boot and cmdline, then
     the load and the command with their words unchanged (spaces, quotes, `$(...)`, more than nine of them)."""
-    from orchestrator.errors import TuneError
+    from orchestrator.core.errors import TuneError
     from orchestrator.measure.runner import run_under_load
-    from orchestrator.transport import LocalTransport
+    from orchestrator.remote.transport import LocalTransport
 
     t = LocalTransport()
     loaded, ran = tmp_path / "loaded", tmp_path / "ran"

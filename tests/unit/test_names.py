@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator import facts
 from orchestrator.changes import ServiceDisableChange
-from orchestrator.errors import InputError
-from orchestrator.names import (
+from orchestrator.core.errors import InputError
+from orchestrator.core.names import (
     DISABLE_TYPES,
     UNIT_NAME,
     UNIT_TYPES,

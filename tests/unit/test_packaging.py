@@ -49,7 +49,7 @@ def test_a_wheel_in_a_fresh_venv_run_elsewhere_finds_rt_profile_and_its_playbook
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RT_TUNE"))}
     env.update(HOME=str(tmp_path / "home"), RT_TUNE_STATE=str(tmp_path / "state"))
-    probe = subprocess.run([str(py), "-c", "import orchestrator, orchestrator.apply as a; "
+    probe = subprocess.run([str(py), "-c", "import orchestrator, orchestrator.run.apply as a; "
                             "print(orchestrator.__file__); print(a.DEFAULT_PLAN)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.errors import InputError
-from orchestrator.inventory import UnitSpec
-from orchestrator.profile import (
+from orchestrator.core.errors import InputError
+from orchestrator.config.inventory import UnitSpec
+from orchestrator.config.profile import (
     KIND_ORDER,
     NEEDS_REBOOT,
     ChangeSpec,

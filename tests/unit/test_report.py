@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import InputError
+from orchestrator.core.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest_file
-from orchestrator.report import (
+from orchestrator.report.plots import render_ccdf_png, render_histogram_png
+from orchestrator.report.latency import (
     SUMMARY_COLUMNS,
     ChangeReport,
     Report,
     load_report,
-    render_ccdf_png,
-    render_histogram_png,
     render_html,
     save_report,
     summary_rows,
@@ -231,7 +230,7 @@ def test_html_escapes_all_text(runs, tmp_path):
 
 
 def test_html_with_a_real_decision(runs, tmp_path):
-    from orchestrator.decide import decide
+    from orchestrator.stats.decide import decide
 
     before, after = [runs["h2000"], runs["json400"]], [runs["h8000"], runs["h400"]]
     decision = decide(before, after)
@@ -254,7 +253,7 @@ def test_core_imports_no_cli_or_plot_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, orchestrator.report; "
+    code = ("import sys, orchestrator.report.latency; "
             "print(sorted(m for m in ('rich', 'click', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

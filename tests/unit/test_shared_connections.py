@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.context import SharedConnections
-from orchestrator.errors import TransportError
-from orchestrator.transport import LocalTransport
+from orchestrator.run.context import SharedConnections
+from orchestrator.core.errors import TransportError
+from orchestrator.remote.transport import LocalTransport
 
 pytestmark = pytest.mark.unit
 

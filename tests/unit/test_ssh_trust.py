@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import ConnectError, HostKeyError, InputError
-from orchestrator.transport import DEFAULT_KNOWN_HOSTS, Endpoint, SSHTransport
+from orchestrator.core.errors import ConnectError, HostKeyError, InputError
+from orchestrator.remote.transport import DEFAULT_KNOWN_HOSTS, Endpoint, SSHTransport
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server
 
 pytestmark = pytest.mark.unit
@@ -261,7 +261,7 @@ def test_a_private_key_only_its_owner_may_read_is_used(sshd: Sshd, home: Path) -
 
 
 def test_a_missing_private_key_is_an_input_error_before_connecting(tmp_path: Path) -> None:
-    from orchestrator.transport import Endpoint
+    from orchestrator.remote.transport import Endpoint
 
     endpoint = Endpoint(host="127.0.0.1", port=free_port(), user="root", key_file=str(tmp_path / "no such key"))
     start = time.monotonic()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import (
+from orchestrator.core.errors import (
     AuthError,
     CommandFailed,
     CommandTimeout,
@@ -24,7 +24,7 @@ from orchestrator.errors import (
     TransportError,
 )
 from orchestrator.facts import BOOT_ID, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
-from orchestrator.transport import (
+from orchestrator.remote.transport import (
     CommandResult,
     Endpoint,
     LocalTransport,

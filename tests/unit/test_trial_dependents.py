@@ -8,8 +8,8 @@ import pytest
 import sys
 
 from orchestrator.boot.trial import Dependent, TrialBoot
-from orchestrator.errors import TransportError
-from orchestrator.transport import LocalTransport
+from orchestrator.core.errors import TransportError
+from orchestrator.remote.transport import LocalTransport
 
 pytestmark = pytest.mark.unit
 

@@ -15,10 +15,10 @@ import pytest
 
 from orchestrator.boot.loader import BootTarget
 from orchestrator.boot.trial import TrialBoot, UnitLostError
-from orchestrator.errors import TuneError
-from orchestrator.events import Event
+from orchestrator.core.errors import TuneError
+from orchestrator.core.events import Event
 from orchestrator.journal import Journal
-from orchestrator.transport import LocalTransport
+from orchestrator.remote.transport import LocalTransport
 
 pytestmark = pytest.mark.unit
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from orchestrator.boot.loader import BootTarget
 from orchestrator.boot.qemu_append import QemuAppendBackend, append_value
 from orchestrator.lab.lab import Lab
-from orchestrator.paths import Paths
-from orchestrator.transport import SSHTransport
+from orchestrator.core.paths import Paths
+from orchestrator.remote.transport import SSHTransport
 
 HERE = Path(__file__).resolve().parent / "qemu-append"
 UNIT = "/etc/systemd/system/rtvm.service"

@@ -3,17 +3,17 @@
 Usage: RT_TUNE_STATE=DIR python tests/recorded/diagnose/record.py PREFIX TARGET [DURATION]
   (TARGET lab1.host or lab1.guest). Writes PREFIX-window.txt (the window script's unchanged stdout),
 PREFIX-marker.txt (its section marker), PREFIX-state-before.txt and PREFIX-state-after.txt. Every file is the
-stdout of the same argv `tune diagnose` runs (orchestrator/diagprobe.py), over SSH, through sudo.
+stdout of the same argv `tune diagnose` runs (orchestrator/diagnose/probe.py), over SSH, through sudo.
 """
 
 import secrets
 import sys
 from pathlib import Path
 
-from orchestrator.diagprobe import new_instance_name, state_argv, window_argv
-from orchestrator.inventory import load_inventory, split_target
-from orchestrator.paths import default_inventory, Paths
-from orchestrator.transport import SSHTransport
+from orchestrator.diagnose.probe import new_instance_name, state_argv, window_argv
+from orchestrator.config.inventory import load_inventory, split_target
+from orchestrator.core.paths import default_inventory, Paths
+from orchestrator.remote.transport import SSHTransport
 
 prefix, target = sys.argv[1], sys.argv[2]
 duration = float(sys.argv[3]) if len(sys.argv) > 3 else 10

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from orchestrator import facts
-from orchestrator.inventory import load_inventory
-from orchestrator.paths import Paths
-from orchestrator.transport import SSHTransport
+from orchestrator.config.inventory import load_inventory
+from orchestrator.core.paths import Paths
+from orchestrator.remote.transport import SSHTransport
 
 HERE = Path(__file__).resolve().parent
 MIROBOT = "mirobot_teleoperate.service"

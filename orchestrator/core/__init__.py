@@ -1,0 +1,1 @@
+"""The core every other package stands on: errors and exit statuses, events, paths, names, small parsers."""

@@ -1,0 +1,212 @@
+"""Parsers of kernel and systemd state the diagnosis reads: /proc/timer_list, /sys/kernel/debug/sched/debug,
+`systemctl show` of many units, and the KVM per-VM debugfs counters. Pure functions, tested on output recorded
+from the lab's 6.1 (x86) and 6.12 (arm64) kernels (tests/recorded/diagnose/README.md)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel
+
+from orchestrator.core.errors import ParseError
+
+# --------------------------------------------------------------------------------------------------------
+# /proc/timer_list (field notes §3: "which timers are active on that CPU, and whether tick_stopped is 1")
+
+
+class CpuTimers(BaseModel):
+    cpu: int
+    #: The callback of each active hrtimer on this CPU, all clock bases ("tick_sched_timer", "posix_timer_fn").
+    active: list[str]
+    #: The tick-sched fields (".tick_stopped", ".nohz_mode", ".idle_calls", ...) as printed, without the dot.
+    tick: dict[str, str]
+
+    @property
+    def tick_stopped(self) -> bool | None:
+        value = self.tick.get("tick_stopped")
+        return None if value is None else value.strip() != "0"
+
+
+_TIMER_ROW = re.compile(r"\s#\d+: <[0-9a-f]+>, (?P<fn>[^,]+), S:[0-9a-f]+")
+_FIELD = re.compile(r"\s+\.(?P<key>[a-z_]+)\s*: ?(?P<value>.*)")
+_CLOCK_BASE_KEYS = ("base", "index", "resolution", "get_time", "offset")
+
+
+def parse_timer_list(text: str) -> dict[int, CpuTimers]:
+    """/proc/timer_list -> per CPU: active hrtimers and the tick-sched fields (tick_stopped, nohz_mode ...)."""
+    if not text.startswith("Timer List Version:"):
+        raise ParseError(f"expected /proc/timer_list (`Timer List Version: ...`), got {text[:100]!r}")
+    cpus: dict[int, CpuTimers] = {}
+    cur: CpuTimers | None = None
+    for line in text.split("\n"):
+        m = re.fullmatch(r"cpu: (\d+)", line)
+        if m:
+            cur = CpuTimers(cpu=int(m.group(1)), active=[], tick={})
+            cpus[cur.cpu] = cur
+            continue
+        if cur is None:
+            continue
+        if line.startswith("Tick Device:") or line.startswith("jiffies:"):
+            cur = None
+            continue
+        t = _TIMER_ROW.match(line)
+        if t:
+            cur.active.append(t.group("fn").split(" [")[0].strip())
+            continue
+        f = _FIELD.fullmatch(line)  # tick-sched fields; the clock bases' own fields are left out
+        if f and line.startswith("  .") and not line.startswith("   ") and f.group("key") not in _CLOCK_BASE_KEYS:
+            cur.tick[f.group("key")] = f.group("value").strip()
+    if not cpus:
+        raise ParseError("no `cpu: N` section in /proc/timer_list")
+    return cpus
+
+
+# --------------------------------------------------------------------------------------------------------
+# /sys/kernel/debug/sched/debug (field notes §3: "the CPU's cfs_rq nr_running and its runnable task list")
+
+
+class SchedTask(BaseModel):
+    state: str  # "R" runnable, "S" sleeping, "I" idle kthread, ...
+    current: bool  # the task on the CPU when the file was read (">R")
+    comm: str
+    pid: int
+
+
+class SchedCpu(BaseModel):
+    cpu: int
+    nr_running: int
+    curr_pid: int | None
+    tasks: list[SchedTask]  # every task on this CPU's run queue lists, sleeping ones too (6.1 and 6.12 alike)
+
+    @property
+    def runnable(self) -> list[SchedTask]:
+        return [t for t in self.tasks if t.state == "R"]
+
+
+def parse_sched_debug(text: str) -> dict[int, SchedCpu]:
+    """/sys/kernel/debug/sched/debug -> per CPU: `.nr_running`, `.curr->pid`, and the `runnable tasks:` table.
+    The table's rows are ` S %15s %5d ...` (">R" marks the current task), so the comm is read by column: it may
+    hold spaces (QEMU's "CPU 0/KVM")."""
+    if not text.startswith("Sched Debug Version:"):
+        raise ParseError(f"expected /sys/kernel/debug/sched/debug (`Sched Debug Version: ...`), got {text[:100]!r}")
+    cpus: dict[int, SchedCpu] = {}
+    cur: SchedCpu | None = None
+    section = ""
+    in_tasks = False
+    for line in text.split("\n"):
+        m = re.match(r"cpu#(\d+)", line)
+        if m:
+            cur = SchedCpu(cpu=int(m.group(1)), nr_running=0, curr_pid=None, tasks=[])
+            cpus[cur.cpu] = cur
+            section, in_tasks = "cpu", False
+            continue
+        if cur is None:
+            continue
+        if not line.strip():
+            in_tasks = False
+            continue
+        if re.match(r"(cfs_rq|rt_rq|dl_rq|dl_server)\[", line):
+            section = line.split("[", 1)[0]
+            continue
+        if line.startswith("runnable tasks:"):
+            in_tasks = True
+            continue
+        if in_tasks:
+            if line.startswith(" S ") and "task" in line and "PID" in line or set(line.strip()) == {"-"}:
+                continue
+            if len(line) < 20 or line[2] != " ":
+                raise ParseError(f"expected a `runnable tasks:` row (` S            comm   PID ...`), got "
+                                 f"{line[:120]!r}")
+            rest = line[19:].split()
+            if not rest or not rest[0].isdigit():
+                raise ParseError(f"expected the PID after the 15-column comm, got {line[:120]!r}")
+            state = line[:2]
+            cur.tasks.append(SchedTask(state="R" if state == ">R" else state.strip(), current=state == ">R",
+                                       comm=line[3:18].strip(), pid=int(rest[0])))
+            continue
+        f = _FIELD.fullmatch(line)
+        if f and section == "cpu":
+            if f.group("key") == "nr_running":
+                cur.nr_running = int(f.group("value").split()[0])
+        elif line.startswith("  .curr->pid") and section == "cpu":
+            cur.curr_pid = int(line.split(":", 1)[1].split()[0])
+    if not cpus:
+        raise ParseError("no `cpu#N` section in sched/debug")
+    return cpus
+
+
+# --------------------------------------------------------------------------------------------------------
+# systemctl show -p ... '*.service' (field notes §1: "find it (restart counts, coredumps) and stop it")
+
+
+class ServiceState(BaseModel):
+    id: str
+    n_restarts: int
+    active_state: str
+    sub_state: str
+    unit_file_state: str
+    result: str
+    main_pid: int
+
+
+def parse_service_states(text: str) -> dict[str, ServiceState]:
+    """`systemctl show -p Id,NRestarts,ActiveState,SubState,UnitFileState,Result,ExecMainPID '*.service'`:
+    blank-line separated blocks of KEY=VALUE, in any key order."""
+    units: dict[str, ServiceState] = {}
+    for block in re.split(r"\n\s*\n", text.strip()):
+        if not block.strip():
+            continue
+        kv: dict[str, str] = {}
+        for line in block.split("\n"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ParseError(f"expected KEY=VALUE in `systemctl show` output, got {line[:120]!r}")
+            kv[key] = value
+        if "Id" not in kv:
+            raise ParseError(f"a `systemctl show` block without Id=: {block[:200]!r}")
+        try:
+            restarts = int(kv.get("NRestarts") or 0)
+            pid = int(kv.get("ExecMainPID") or 0)
+        except ValueError:
+            raise ParseError(f"expected numbers in NRestarts/ExecMainPID, got {block[:200]!r}") from None
+        units[kv["Id"]] = ServiceState(id=kv["Id"], n_restarts=restarts, active_state=kv.get("ActiveState", ""),
+                                       sub_state=kv.get("SubState", ""), unit_file_state=kv.get("UnitFileState", ""),
+                                       result=kv.get("Result", ""), main_pid=pid)
+    return units
+
+
+# --------------------------------------------------------------------------------------------------------
+# KVM per-VM debugfs counters (reference.md: `wfi_exit_stat`, `wfe_exit_stat`, `exits`)
+
+
+class VmCounters(BaseModel):
+    vm: str  # the debugfs directory "<pid>-<fd>"
+    pid: int
+    comm: str
+    name: str  # QEMU's -name (e.g. "rtguest,debug-threads=on" -> "rtguest"), or "-"
+    counters: dict[str, int]
+
+
+def parse_kvm_vms(text: str) -> dict[str, VmCounters]:
+    """The window's `kvm` section: `vm <pid>-<fd> COMM NAME` then `<counter> <value>` lines, per VM."""
+    vms: dict[str, VmCounters] = {}
+    cur: VmCounters | None = None
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"vm (\d+)-(\d+) (.*?) (\S+)", line)
+        if m:
+            name = m.group(4)
+            if name != "-":
+                fields = dict(p.split("=", 1) if "=" in p else ("guest", p) for p in name.split(","))
+                name = fields.get("guest", name)
+            cur = VmCounters(vm=f"{m.group(1)}-{m.group(2)}", pid=int(m.group(1)), comm=m.group(3), name=name,
+                             counters={})
+            vms[cur.vm] = cur
+            continue
+        c = re.fullmatch(r"([a-z_]+) (\d+)", line)
+        if c and cur is not None:
+            cur.counters[c.group(1)] = int(c.group(2))
+            continue
+        raise ParseError(f"unexpected line in the KVM counters section: {line[:120]!r}")
+    return vms

@@ -1,0 +1,122 @@
+"""An in-memory unit behind the Transport protocol: tests and simulations of the apply loop without VMs.
+
+A FakeUnit is files (its /proc/sys values are files too), the programs it has, and a recorded cyclictest
+output to answer measurement runs with. FakeTransport answers each command rt-tune sends by what it is: the
+program (`sysctl`, `cat`, `rm`, `mkdir`, `systemctl`), or for rt-tune's own remote scripts the script itself
+(the constant the caller sends, compared whole: never a guess from a piece of its text). A command it does not
+know exits 127 with a message naming it, so a test that reaches one fails loudly instead of passing on a
+made-up answer. Semantics (check, CommandFailed, sudo) are the real transports', from the shared base class.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from orchestrator.measure.runner import _RUN as MEASUREMENT_RUN
+from orchestrator.remote.transport import _READ_FILES, _WRITE_SCRIPT, _CommandTransport, _Raw
+
+
+@dataclass
+class FakeUnit:
+    """One unit's state as rt-tune's runtime changes and measurements see it."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    #: what `command -v` finds (a measurement run checks for its tools first)
+    programs: set[str] = field(
+        default_factory=lambda: {"cyclictest", "systemd-run", "stress-ng", "hackbench"})
+    #: what a measurement run reads before it starts: give a real unit's (recorded), never made-up values
+    boot_id: str = ""
+    cmdline: str = ""
+    #: cyclictest outputs (recorded from real runs) answered in turn by measurement runs
+    cyclictest_outputs: list[str] = field(default_factory=list)
+    #: sysctls whose writes are accepted and do not take (as a kernel may do): a change's verify must catch it
+    stuck_sysctls: set[str] = field(default_factory=set)
+    #: every command the unit received, in order (argv as sent)
+    log: list[tuple[str, ...]] = field(default_factory=list)
+    _outputs: Iterator[str] | None = field(default=None, repr=False)
+
+    def next_cyclictest_output(self) -> str:
+        if not (self.cyclictest_outputs and self.boot_id and self.cmdline):
+            raise AssertionError("this FakeUnit has no recorded cyclictest output, boot_id and cmdline to answer "
+                                 "a measurement with")
+        self._outputs = self._outputs or itertools.cycle(self.cyclictest_outputs)
+        return next(self._outputs)
+
+    def sysctl_path(self, name: str) -> str:
+        return "/proc/sys/" + name.replace(".", "/")
+
+
+class FakeTransport(_CommandTransport):
+    """The Transport protocol over a FakeUnit (a context manager, like the real ones)."""
+
+    def __init__(self, unit: FakeUnit, label: str = "fake") -> None:
+        self.unit = unit
+        self._label = label
+        self.closed = False
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _exec(self, argv: list[str], *, timeout_s: float | None, stdin: bytes | None, sudo: bool) -> _Raw:
+        start = time.monotonic()
+        self.unit.log.append(tuple(argv))
+        status, out, err = self._answer(argv, stdin)
+        data = out.encode() if isinstance(out, str) else out
+        return _Raw(status, data, err.encode(), time.monotonic() - start)
+
+    # ---- the commands ---------------------------------------------------------------------------------
+    def _answer(self, argv: list[str], stdin: bytes | None) -> tuple[int, str | bytes, str]:
+        files = self.unit.files
+        if argv[:2] == ["sh", "-c"] and len(argv) > 2:
+            script, args = argv[2], argv[4:]
+            if script == _READ_FILES:
+                marker, paths = args[0], args[1:]
+                lines = ["absent" if files.get(p) is None
+                         else "present " + base64.b64encode(files[p]).decode() for p in paths]
+                return 0, "".join(f"{line}\n" for line in [marker, *lines, marker]), ""
+            if script == _WRITE_SCRIPT:  # sh TMP MODE PATH
+                files[args[2]] = stdin or b""
+                return 0, "", ""
+            if script == MEASUREMENT_RUN:
+                return self._measurement(args)
+        program = argv[0]
+        if program == "cat" and argv[1:2] == ["--"] and len(argv) == 3:
+            if argv[2] not in files:  # the fake's own words: no tool output is imitated
+                return 1, "", f"fake unit {self._label}: no file {argv[2]}\n"
+            return 0, files[argv[2]], ""
+        if argv[:3] == ["rm", "-f", "--"]:
+            for path in argv[3:]:
+                files.pop(path, None)
+            return 0, "", ""
+        if program == "mkdir":
+            return 0, "", ""
+        if program == "sysctl" and argv[-1].count("=") >= 1 and "-w" in argv:
+            name, _, value = argv[-1].partition("=")
+            path = self.unit.sysctl_path(name)
+            if path not in files:
+                return 255, "", f"fake unit {self._label}: no file {path}\n"
+            if name not in self.unit.stuck_sysctls:
+                files[path] = (value + "\n").encode()
+            return 0, "", ""
+        if program == "systemctl" and argv[1:2] in (["stop"], ["daemon-reload"]):
+            return 0, "", ""
+        return 127, "", f"fake unit {self._label}: no handler for `{' '.join(argv)[:200]}`\n"
+
+    def _measurement(self, args: list[str]) -> tuple[int, str, str]:
+        """measure.runner's one round trip (NTOOLS NLOAD SETTLE LOADUNIT TOOLS... LOAD... COMMAND...): its
+        tools checked, the boot and the cmdline, then a recorded cyclictest output."""
+        n_tools = int(args[0])
+        tools = args[4:4 + n_tools]
+        missing = [t for t in tools if t not in self.unit.programs]
+        if missing:
+            return 0, "missing " + " ".join(missing) + "\n", ""
+        return 0, (f"@@\n{self.unit.boot_id}\n@@\n{self.unit.cmdline}\n@@\n"
+                   + self.unit.next_cyclictest_output()), ""

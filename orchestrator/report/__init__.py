@@ -1,0 +1,1 @@
+"""Reports people read: self-contained HTML with plots, and their JSON."""

@@ -1,0 +1,1 @@
+"""Running changes on units: the run context, THE journaled-change transaction, the engine, fleets, A/B."""
