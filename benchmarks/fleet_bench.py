@@ -319,7 +319,7 @@ def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> d
     for _ in range(3):
         t = time.monotonic()
         subprocess.run([sys.executable, "-c",
-                        "import orchestrator.changes, orchestrator.facts, orchestrator.remote.transport"],
+                        "import orchestrator.changes, orchestrator.facts.base, orchestrator.remote.transport"],
                        env=dict(env, PYTHONPATH=str(REPO)), check=True)
         starts.append(time.monotonic() - t)
     prof["python_start_and_imports_s"] = statistics.median(starts)

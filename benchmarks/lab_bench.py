@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.boot.loader import one_second_later  # noqa: E402
 from orchestrator.core.events import Event  # noqa: E402
-from orchestrator.facts import BOOT_ID  # noqa: E402
+from orchestrator.facts.base import BOOT_ID
 from orchestrator.lab import snapshot  # noqa: E402
 from orchestrator.lab.lab import Lab  # noqa: E402
 from orchestrator.core.paths import Paths  # noqa: E402

@@ -253,7 +253,7 @@ def _load_inventory(given: str | None):
 @click.option("--json", "as_json", is_flag=True)
 def facts_cmd(target: str, inventory_file: str | None, as_json: bool) -> None:
     """Basic facts of UNIT.host or UNIT.guest: kernel, arch, CPUs, /proc/cmdline, boot_id."""
-    from orchestrator.facts import gather_basic
+    from orchestrator.facts.base import gather_basic
     from orchestrator.config.inventory import split_target
     from orchestrator.remote.transport import SSHTransport
 

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from orchestrator.changes import SysctlChange  # noqa: E402
-from orchestrator.facts import gather_basic  # noqa: E402
+from orchestrator.facts.base import gather_basic
 from orchestrator.remote.transport import Endpoint, SSHTransport  # noqa: E402
 
 SYSCTL_NAME = "net.ipv4.ip_forward"

@@ -37,7 +37,7 @@ from orchestrator.boot.loader import (
     snapshot_files,
 )
 from orchestrator.core.errors import ParseError, TuneError
-from orchestrator.facts import BOOTLOADER
+from orchestrator.facts.bootloader import BOOTLOADER
 from orchestrator.remote.transport import Transport
 
 TRIAL_ID = "rt-tune-trial"

@@ -23,7 +23,8 @@ from orchestrator.boot.trial import Dependent, Health, TrialBoot, UnitLostError
 from orchestrator.run.context import ChangeOutcome, SharedConnections
 from orchestrator.core.errors import InputError, TransportError, TuneError
 from orchestrator.core.events import Event
-from orchestrator.facts import ARCH, BOOT_ID, BOOTLOADER, CMDLINE, KERNEL_RELEASE
+from orchestrator.facts.base import ARCH, BOOT_ID, CMDLINE, KERNEL_RELEASE
+from orchestrator.facts.bootloader import BOOTLOADER
 from orchestrator.config.profile import ChangeSpec
 from orchestrator.run.transaction import ChangeUndone, Planned, UnitLost, run_change
 from orchestrator.remote.transport import Transport

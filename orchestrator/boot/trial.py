@@ -30,7 +30,9 @@ from orchestrator.boot import cmdline
 from orchestrator.boot.loader import BootTarget, Bootloader
 from orchestrator.core.errors import TuneError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.facts import BOOT_ID, CMDLINE, ISOLATED_CPUS, KERNEL_RELEASE, NOHZ_FULL_CPUS, parse_cpu_list
+from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
+from orchestrator.facts.base import BOOT_ID, CMDLINE, KERNEL_RELEASE
+from orchestrator.facts.cpus import ISOLATED_CPUS, NOHZ_FULL_CPUS
 from orchestrator.remote.transport import Transport, printable
 
 Connect = Callable[[], Transport]

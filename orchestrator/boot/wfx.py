@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.core.errors import InputError, ParseError, TuneError
-from orchestrator.facts import Fact
+from orchestrator.facts.base import Fact
 
 ARM64_ARCHES = ("aarch64", "arm64")
 POLICY_SINCE = (6, 11)  # first Linux with kvm-arm.wfi_trap_policy / wfe_trap_policy

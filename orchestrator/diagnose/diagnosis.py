@@ -34,7 +34,8 @@ from orchestrator.diagnose.probe import (PIDFILE_DIR, cleanup_argv, decode_trace
                                     parse_tracing_state, split_sections, state_argv, window_argv)
 from orchestrator.core.errors import ExitStatus, InputError, ParseError, TuneError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.facts import Irq, is_ipi_row, parse_coredumps, parse_interrupts
+from orchestrator.facts.irqs import Irq, is_ipi_row, parse_interrupts
+from orchestrator.facts.systemd import parse_coredumps
 from orchestrator.diagnose.kstate import (ServiceState, parse_kvm_vms, parse_sched_debug, parse_service_states,
                                  parse_timer_list)
 from orchestrator.diagnose.tracing import TraceSummary, parse_trace, summarize_trace

@@ -28,7 +28,7 @@ import shlex
 import zlib
 
 from orchestrator.core.errors import ParseError
-from orchestrator.facts import coredumps_fact
+from orchestrator.facts.systemd import coredumps_fact
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 INSTANCE_PREFIX = "rt-tune-diag-"

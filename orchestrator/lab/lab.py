@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from orchestrator.core.errors import HostKeyError, LabError, TransportError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.facts import BOOT_ID
+from orchestrator.facts.base import BOOT_ID
 from orchestrator.lab import deps, images, snapshot, vm
 from orchestrator.lab.qmp import qmp_call
 from orchestrator.core.paths import Paths

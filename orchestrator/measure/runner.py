@@ -20,7 +20,7 @@ from orchestrator.core import duration
 from orchestrator.core.cpulist import CpuListError, parse_cpulist
 from orchestrator.core.errors import InputError, TransportError, TuneError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.facts import BOOT_ID, CMDLINE
+from orchestrator.facts.base import BOOT_ID, CMDLINE
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest
 from orchestrator.remote.transport import CommandResult, Transport

@@ -122,7 +122,8 @@ def wfi_exits(host) -> tuple[int, float]:
 
 def test_arm64_unit_is_an_el2_host_with_a_nested_kvm_guest_reached_through_it(arm64_lab, arm64_inventory,
                                                                              ahost, aguest):
-    from orchestrator.facts import IRQS, QEMU_PROCESSES
+    from orchestrator.facts.irqs import IRQS
+    from orchestrator.facts.qemu import QEMU_PROCESSES
 
     assert ahost.run(["uname", "-m"]).stdout.strip() == "aarch64"
     release = ahost.run(["uname", "-r"]).stdout.strip()

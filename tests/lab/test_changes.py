@@ -150,7 +150,7 @@ def test_vcpu_map_with_sched_fifo(host):
 def test_irq_affinity_to_housekeeping_survives_a_reboot_and_back(lab, host):
     """/proc/irq settings die with the boot; rt-tune's oneshot unit puts them back at every boot (trial boots of
     later boot changes reboot the unit)."""
-    from orchestrator.facts import BOOT_ID
+    from orchestrator.facts.base import BOOT_ID
     from tests.lab.test_lab import _reboot, _wait_new_boot
 
     change = IrqAffinityChange([0])

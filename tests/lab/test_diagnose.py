@@ -17,7 +17,7 @@ import time
 import pytest
 
 from orchestrator.boot.loader import one_second_later
-from orchestrator.facts import BOOT_ID
+from orchestrator.facts.base import BOOT_ID
 from orchestrator.remote.transport import SSHTransport
 from tests.conftest import REPO, tune_env
 

@@ -10,7 +10,13 @@ from typing import TypeVar
 
 import pytest
 
-from orchestrator import facts
+from orchestrator.facts.base import BOOT_ID, CMDLINE, CPUS_ONLINE
+from orchestrator.facts.bootloader import BOOTLOADER
+from orchestrator.facts.cpus import CPUS_POSSIBLE, CPUS_PRESENT, CPU_COUNT, ISOLATED_CPUS, NOHZ_FULL_CPUS
+from orchestrator.facts.irqs import IRQS, ipi_counts
+from orchestrator.facts.qemu import QEMU_PROCESSES
+from orchestrator.facts.sysctl import SYSCTL_FILES, effective_sysctl_settings, sysctl_fact
+from orchestrator.facts.systemd import COREDUMPS, coredumps_fact, unit_state_fact
 from orchestrator.remote.transport import SSHTransport
 
 pytestmark = pytest.mark.lab
@@ -35,48 +41,48 @@ def _wait_for(what: str, probe: Callable[[], T], ok: Callable[[T], bool], timeou
 
 def test_sysctl_values_on_pristine_vms(host: SSHTransport, guest: SSHTransport):
     for t in (host, guest):
-        assert facts.sysctl_fact("kernel.timer_migration").gather(t) == "1"
-        assert facts.sysctl_fact("kernel.ostype").gather(t) == "Linux"
+        assert sysctl_fact("kernel.timer_migration").gather(t) == "1"
+        assert sysctl_fact("kernel.ostype").gather(t) == "Linux"
         # systemd-sysctl applied the shipped files: the live value is what the effective configuration says.
-        effective = facts.effective_sysctl_settings(facts.SYSCTL_FILES.gather(t))
+        effective = effective_sysctl_settings(SYSCTL_FILES.gather(t))
         value, source = effective["kernel.core_pattern"]
         assert source == "/usr/lib/sysctl.d/50-coredump.conf"
-        assert facts.sysctl_fact("kernel.core_pattern").gather(t) == value
-        assert facts.sysctl_fact("kernel.pid_max").gather(t) == effective["kernel.pid_max"][0]
+        assert sysctl_fact("kernel.core_pattern").gather(t) == value
+        assert sysctl_fact("kernel.pid_max").gather(t) == effective["kernel.pid_max"][0]
 
 
 def test_cpu_facts_agree(host: SSHTransport, guest: SSHTransport):
     for t in (host, guest):
-        online = facts.CPUS_ONLINE.gather(t)
-        assert facts.CPU_COUNT.gather(t) == len(online) == 2
-        assert set(online) <= set(facts.CPUS_PRESENT.gather(t)) <= set(facts.CPUS_POSSIBLE.gather(t))
-        cmdline = facts.CMDLINE.gather(t).split()
+        online = CPUS_ONLINE.gather(t)
+        assert CPU_COUNT.gather(t) == len(online) == 2
+        assert set(online) <= set(CPUS_PRESENT.gather(t)) <= set(CPUS_POSSIBLE.gather(t))
+        cmdline = CMDLINE.gather(t).split()
         # Pristine VMs boot without isolcpus=/nohz_full=: nothing isolated, nothing tickless.
         assert not any(a.startswith(("isolcpus=", "nohz_full=")) for a in cmdline)
-        assert facts.ISOLATED_CPUS.gather(t) == []
-        assert facts.NOHZ_FULL_CPUS.gather(t) == []
+        assert ISOLATED_CPUS.gather(t) == []
+        assert NOHZ_FULL_CPUS.gather(t) == []
 
 
 def test_unit_states(host: SSHTransport, guest: SSHTransport):
     vm = _wait_for(
         "rt-guest-vm.service",
-        lambda: facts.unit_state_fact(RT_GUEST_VM).gather(host),
+        lambda: unit_state_fact(RT_GUEST_VM).gather(host),
         lambda s: s.sub_state == "running",
     )
     assert (vm.name, vm.load_state, vm.unit_file_state, vm.active_state) == (
         RT_GUEST_VM, "loaded", "enabled", "active")  # fmt: skip
     assert vm.main_pid is not None and vm.n_restarts is not None
-    missing = facts.unit_state_fact("rt-tune-no-such-unit.service").gather(guest)
+    missing = unit_state_fact("rt-tune-no-such-unit.service").gather(guest)
     assert (missing.load_state, missing.exists, missing.main_pid) == ("not-found", False, None)
     crashy = _wait_for(
         MIROBOT,
-        lambda: facts.unit_state_fact(MIROBOT).gather(guest),
+        lambda: unit_state_fact(MIROBOT).gather(guest),
         lambda s: (s.n_restarts or 0) > 0,
     )
     assert (crashy.load_state, crashy.unit_file_state) == ("loaded", "enabled")
     assert crashy.active_state in ("active", "activating")
     # Both VMs come from one image: the host has the guest's service installed but not enabled, never started.
-    on_host = facts.unit_state_fact(MIROBOT).gather(host)
+    on_host = unit_state_fact(MIROBOT).gather(host)
     assert (on_host.load_state, on_host.unit_file_state, on_host.active_state) == (
         "loaded",
         "disabled",
@@ -86,10 +92,10 @@ def test_unit_states(host: SSHTransport, guest: SSHTransport):
 
 
 def test_coredumps_of_the_crash_looping_service(host: SSHTransport, guest: SSHTransport):
-    boot_id = facts.BOOT_ID.gather(guest).replace("-", "")
+    boot_id = BOOT_ID.gather(guest).replace("-", "")
     # earlier lab tests reboot the guest (trial boots): the last hour's dumps span boots; look at this boot's
     dumps = _wait_for(
-        "core dumps of mirobot_teleoperate in this boot", lambda: facts.COREDUMPS.gather(guest),
+        "core dumps of mirobot_teleoperate in this boot", lambda: COREDUMPS.gather(guest),
         lambda d: len([x for x in d if x.boot_id == boot_id]) >= 2
     )
     ours = [d for d in dumps if d.unit == MIROBOT and d.boot_id == boot_id]
@@ -99,22 +105,22 @@ def test_coredumps_of_the_crash_looping_service(host: SSHTransport, guest: SSHTr
         assert d.filename and d.filename.startswith("/var/lib/systemd/coredump/core.")
     assert len({d.pid for d in ours}) == len(ours)
     assert [d.timestamp for d in ours] == sorted(d.timestamp for d in ours)
-    only = facts.coredumps_fact(3600, unit=MIROBOT).gather(guest)
+    only = coredumps_fact(3600, unit=MIROBOT).gather(guest)
     assert only and all(d.unit == MIROBOT for d in only)
     # Restarts and core dumps tell the same story: the service keeps crashing.
-    assert (facts.unit_state_fact(MIROBOT).gather(guest).n_restarts or 0) >= 1
-    assert all(d.unit != MIROBOT for d in facts.COREDUMPS.gather(host))
+    assert (unit_state_fact(MIROBOT).gather(guest).n_restarts or 0) >= 1
+    assert all(d.unit != MIROBOT for d in COREDUMPS.gather(host))
 
 
 def test_qemu_processes_on_the_host(host: SSHTransport, guest: SSHTransport):
     state = _wait_for(
         "rt-guest-vm.service",
-        lambda: facts.unit_state_fact(RT_GUEST_VM).gather(host),
+        lambda: unit_state_fact(RT_GUEST_VM).gather(host),
         lambda s: s.sub_state == "running" and s.main_pid is not None,
     )
     procs = _wait_for(
         "QEMU with 2 vCPU threads",
-        lambda: facts.QEMU_PROCESSES.gather(host),
+        lambda: QEMU_PROCESSES.gather(host),
         lambda ps: any(p.pid == state.main_pid and len(p.vcpus) == 2 for p in ps),
     )
     (qemu,) = [p for p in procs if p.pid == state.main_pid]
@@ -125,7 +131,7 @@ def test_qemu_processes_on_the_host(host: SSHTransport, guest: SSHTransport):
         (0, "CPU 0/TCG", "TCG"),
         (1, "CPU 1/TCG", "TCG"),
     ]
-    online = set(facts.CPUS_ONLINE.gather(host))
+    online = set(CPUS_ONLINE.gather(host))
     assert set(qemu.cpus_allowed) <= online
     assert all(set(v.cpus_allowed) <= online for v in qemu.vcpus)
     # The threads are the process's tasks, as /proc lists them.
@@ -133,12 +139,12 @@ def test_qemu_processes_on_the_host(host: SSHTransport, guest: SSHTransport):
     assert {v.tid for v in qemu.vcpus} | {t.tid for t in qemu.other_threads} == tasks
     assert qemu.pid in {t.tid for t in qemu.other_threads}
     # The guest VM runs no QEMU.
-    assert facts.QEMU_PROCESSES.gather(guest) == []
+    assert QEMU_PROCESSES.gather(guest) == []
 
 
 def test_bootloader_is_grub_with_saved_default(host: SSHTransport, guest: SSHTransport):
     for t in (host, guest):
-        info = facts.BOOTLOADER.gather(t)
+        info = BOOTLOADER.gather(t)
         assert info.kind == "grub" and info.candidates == ["grub"]
         assert info.grub_default == "saved" and info.grub_default_saved
         assert info.grubenv == "/boot/grub/grubenv"
@@ -149,15 +155,15 @@ def test_bootloader_is_grub_with_saved_default(host: SSHTransport, guest: SSHTra
 
 def test_irqs_and_ipis(host: SSHTransport, guest: SSHTransport):
     for t in (host, guest):
-        online = facts.CPUS_ONLINE.gather(t)
-        before = facts.IRQS.gather(t)
+        online = CPUS_ONLINE.gather(t)
+        before = IRQS.gather(t)
         time.sleep(1)
-        after = facts.IRQS.gather(t)
+        after = IRQS.gather(t)
         by_name = {i.irq: i for i in after}
         assert all(i.cpus == online for i in after)
         assert by_name["LOC"].per_cpu and all(c > 0 for c in by_name["LOC"].per_cpu_counts)
         assert not by_name["ERR"].per_cpu
-        ipis_before, ipis_after = facts.ipi_counts(before), facts.ipi_counts(after)
+        ipis_before, ipis_after = ipi_counts(before), ipi_counts(after)
         assert {"RES", "CAL", "TLB", "IWI"} <= set(ipis_after)
         for name, counts in ipis_after.items():
             assert len(counts) == len(online)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.core.errors import ParseError
-from orchestrator.facts import CPU_COUNT, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
+from orchestrator.facts.base import CPUS_ONLINE, HOSTNAME, Fact, gather_facts
+from orchestrator.facts.cpus import CPU_COUNT
 from orchestrator.remote.transport import LocalTransport, read_files, read_optional
 
 pytestmark = pytest.mark.unit

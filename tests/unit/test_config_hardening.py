@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import facts
+from orchestrator.facts.sysctl import sysctl_path
+from orchestrator.facts.systemd import validate_unit_name
 
 from orchestrator.core import names
 from orchestrator.boot import cmdline as boot_cmdline
@@ -219,8 +220,8 @@ def _validators(tmp_path: Path) -> dict:
         "names.check_unit_name": ("rt-guest-vm.service", names.check_unit_name),
         "names.service_to_disable": ("foo.service", names.service_to_disable),
         "names.check_sysctl_name": ("kernel.timer_migration", names.check_sysctl_name),
-        "facts.validate_unit_name": ("foo.service", facts.validate_unit_name),
-        "facts.sysctl_path": ("kernel.timer_migration", facts.sysctl_path),
+        "validate_unit_name": ("foo.service", validate_unit_name),
+        "sysctl_path": ("kernel.timer_migration", sysctl_path),
         "cpulist.parse_cpulist": ("1-3", parse_cpulist),
         "changes.ServiceDisableChange": ("foo.service", ServiceDisableChange),
         "changes.SysctlChange.name": ("kernel.timer_migration", lambda v: SysctlChange(v, "0")),

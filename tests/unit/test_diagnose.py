@@ -37,7 +37,7 @@ from orchestrator.diagnose.probe import (BUFFER_KB, CLEANUP_SCRIPT, EVENTS, FALL
                                     STOP_SLEEP, WINDOW_SCRIPT, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, window_argv)
 from orchestrator.core.errors import InputError, ParseError
-from orchestrator.facts import parse_coredumps
+from orchestrator.facts.systemd import parse_coredumps
 from orchestrator.diagnose.kstate import (SchedTask, ServiceState, VmCounters, parse_kvm_vms, parse_sched_debug,
                                  parse_service_states, parse_timer_list)
 from orchestrator.diagnose.tracing import (CallbackRun, IpiSend, SendCall, TaskRun, TickStop, TimerFire, TraceRecord,

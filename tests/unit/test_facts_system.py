@@ -9,7 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from orchestrator import facts
+from orchestrator.facts.bootloader import BOOTLOADER, choose_bootloader
+from orchestrator.facts.cpus import CPUS_POSSIBLE, CPU_COUNT, ISOLATED_CPUS, NOHZ_FULL_CPUS
+from orchestrator.facts.irqs import IRQS, Irq, ipi_counts
+from orchestrator.facts.qemu import QEMU_PROCESSES, parse_qemu_argv, split_qemu_opts
+from orchestrator.facts.sysctl import SYSCTL_FILES, effective_sysctl_settings, normalize_sysctl_key, parse_sysctl_conf, sysctl_fact, sysctl_path
+from orchestrator.facts.systemd import COREDUMPS, COREDUMP_MESSAGE_ID, coredumps_fact, parse_unit_state, unit_state_fact
 from orchestrator.core.errors import ParseError
 from tests.conftest import RECORDED
 
@@ -29,37 +34,37 @@ def _drop_last_lines(text: str, n: int) -> str:
 
 # ---- CPUs ------------------------------------------------------------------------------------------------
 def test_cpu_counts_on_recorded_output():
-    assert facts.CPU_COUNT.parse(rec("host-cpu-online.txt")) == 2
+    assert CPU_COUNT.parse(rec("host-cpu-online.txt")) == 2
     for vm in ("host", "guest"):
-        assert facts.CPUS_POSSIBLE.parse(rec(f"{vm}-facts-cpus-possible.txt")) == [0, 1]
+        assert CPUS_POSSIBLE.parse(rec(f"{vm}-facts-cpus-possible.txt")) == [0, 1]
     for bad in ("", "\n", "0-1", "0-1\n2\n", "x\n"):
         with pytest.raises(ParseError):
-            facts.CPU_COUNT.parse(bad)
+            CPU_COUNT.parse(bad)
 
 
 def test_isolated_and_nohz_full_on_pristine_vms():
     for vm in ("host", "guest"):
         assert rec(f"{vm}-facts-isolated.txt") == "\n"
-        assert facts.ISOLATED_CPUS.parse(rec(f"{vm}-facts-isolated.txt")) == []
+        assert ISOLATED_CPUS.parse(rec(f"{vm}-facts-isolated.txt")) == []
         # nohz_full exists (Debian's kernel has CONFIG_NO_HZ_FULL) and reads "(null)" without nohz_full=.
         assert rec(f"{vm}-facts-nohz_full.txt") == "(null)\n"
-        assert facts.NOHZ_FULL_CPUS.parse(rec(f"{vm}-facts-nohz_full.txt")) == []
+        assert NOHZ_FULL_CPUS.parse(rec(f"{vm}-facts-nohz_full.txt")) == []
     # What the fact's own script prints when the file does not exist (no CONFIG_NO_HZ_FULL).
-    assert facts.NOHZ_FULL_CPUS.parse("(absent)\n") == []
-    assert facts.NOHZ_FULL_CPUS.argv[:2] == ("sh", "-c")
+    assert NOHZ_FULL_CPUS.parse("(absent)\n") == []
+    assert NOHZ_FULL_CPUS.argv[:2] == ("sh", "-c")
 
 
 @pytest.mark.parametrize("bad", ["", "1-3", "1-3\n4\n", "1-a\n", "3-1\n"])
 def test_cpu_list_facts_refuse_garbage(bad):
     with pytest.raises(ParseError):
-        facts.ISOLATED_CPUS.parse(bad)
+        ISOLATED_CPUS.parse(bad)
     with pytest.raises(ParseError):
-        facts.NOHZ_FULL_CPUS.parse(bad)
+        NOHZ_FULL_CPUS.parse(bad)
 
 
 # ---- sysctl ----------------------------------------------------------------------------------------------
 def test_sysctl_fact_on_recorded_output():
-    fact = facts.sysctl_fact("kernel.timer_migration")
+    fact = sysctl_fact("kernel.timer_migration")
     assert fact.argv == ("cat", "/proc/sys/kernel/timer_migration")
     for vm in ("host", "guest"):
         assert fact.parse(rec(f"{vm}-facts-sysctl-kernel.timer_migration.txt")) == "1"
@@ -74,17 +79,17 @@ def test_sysctl_fact_on_recorded_output():
 )
 def test_sysctl_names_are_validated(name):
     with pytest.raises(ValueError):
-        facts.sysctl_fact(name)
+        sysctl_fact(name)
 
 
 def test_sysctl_path_keeps_dashes_and_underscores():
-    assert facts.sysctl_path("net.ipv4.conf.all.rp_filter") == "/proc/sys/net/ipv4/conf/all/rp_filter"
-    assert facts.sysctl_path("vm.stat-x_1") == "/proc/sys/vm/stat-x_1"
+    assert sysctl_path("net.ipv4.conf.all.rp_filter") == "/proc/sys/net/ipv4/conf/all/rp_filter"
+    assert sysctl_path("vm.stat-x_1") == "/proc/sys/vm/stat-x_1"
 
 
 def test_sysctl_files_on_recorded_output():
     for vm in ("host", "guest"):
-        files = facts.SYSCTL_FILES.parse(rec(f"{vm}-facts-sysctl-files.txt"))
+        files = SYSCTL_FILES.parse(rec(f"{vm}-facts-sysctl-files.txt"))
         assert [f.path for f in files] == [
             "/etc/sysctl.d/99-sysctl.conf",
             "/usr/lib/sysctl.d/50-coredump.conf",
@@ -102,7 +107,7 @@ def test_sysctl_files_on_recorded_output():
             .startswith("|/lib/systemd/systemd-coredump ")
         )
         assert all(f.invalid_lines == [] for f in files)
-        effective = facts.effective_sysctl_settings(files)
+        effective = effective_sysctl_settings(files)
         assert effective["fs.protected_regular"] == ("2", "/usr/lib/sysctl.d/99-protect-links.conf")
         assert "kernel.timer_migration" not in effective
 
@@ -118,13 +123,13 @@ def test_sysctl_files_refuse_broken_output():
         "garbage\nend\n",
     ):
         with pytest.raises(ParseError):
-            facts.SYSCTL_FILES.parse(bad)
-    assert facts.SYSCTL_FILES.parse("end\n") == []
+            SYSCTL_FILES.parse(bad)
+    assert SYSCTL_FILES.parse("end\n") == []
 
 
 def test_sysctl_conf_syntax():
     # sysctl.d(5) configuration syntax (a file's content, not tool output).
-    f = facts.parse_sysctl_conf(
+    f = parse_sysctl_conf(
         "/etc/sysctl.d/90-rt.conf",
         "# comment\n; comment\nkernel.timer_migration = 0\n-kernel/sched_rt_runtime_us=-1\n"
         "no assignment here\nkernel.timer_migration=1\n",
@@ -133,24 +138,24 @@ def test_sysctl_conf_syntax():
     assert f.ignore_failure == ["kernel.sched_rt_runtime_us"]
     assert f.invalid_lines == [5]
     assert (
-        facts.normalize_sysctl_key("net/ipv4/conf/enp3s0.200/forwarding")
+        normalize_sysctl_key("net/ipv4/conf/enp3s0.200/forwarding")
         == "net.ipv4.conf.enp3s0/200.forwarding"
     )
-    assert facts.normalize_sysctl_key("net.ipv4.conf.all.rp_filter") == "net.ipv4.conf.all.rp_filter"
+    assert normalize_sysctl_key("net.ipv4.conf.all.rp_filter") == "net.ipv4.conf.all.rp_filter"
 
 
 def test_effective_sysctl_settings_follow_systemd_precedence():
-    etc = facts.parse_sysctl_conf("/etc/sysctl.d/50-pid-max.conf", "kernel.pid_max = 32768\n")
-    usr = facts.parse_sysctl_conf("/usr/lib/sysctl.d/50-pid-max.conf", "kernel.pid_max = 4194304\n")
-    later = facts.parse_sysctl_conf("/usr/lib/sysctl.d/60-x.conf", "kernel.pid_max = 65536\n")
+    etc = parse_sysctl_conf("/etc/sysctl.d/50-pid-max.conf", "kernel.pid_max = 32768\n")
+    usr = parse_sysctl_conf("/usr/lib/sysctl.d/50-pid-max.conf", "kernel.pid_max = 4194304\n")
+    later = parse_sysctl_conf("/usr/lib/sysctl.d/60-x.conf", "kernel.pid_max = 65536\n")
     # The /etc file masks the /usr/lib one of the same name; a later name overrides both.
-    assert facts.effective_sysctl_settings([usr, etc]) == {"kernel.pid_max": ("32768", etc.path)}
-    assert facts.effective_sysctl_settings([usr, etc, later])["kernel.pid_max"] == ("65536", later.path)
+    assert effective_sysctl_settings([usr, etc]) == {"kernel.pid_max": ("32768", etc.path)}
+    assert effective_sysctl_settings([usr, etc, later])["kernel.pid_max"] == ("65536", later.path)
 
 
 # ---- systemd units ---------------------------------------------------------------------------------------
 def test_unit_state_of_the_hosts_qemu_service():
-    s = facts.parse_unit_state(rec("host-facts-unit-rt-guest-vm.txt"))
+    s = parse_unit_state(rec("host-facts-unit-rt-guest-vm.txt"))
     assert s.model_dump() == {
         "name": "rt-guest-vm.service",
         "load_state": "loaded",
@@ -165,12 +170,12 @@ def test_unit_state_of_the_hosts_qemu_service():
 
 
 def test_unit_state_of_the_crash_looping_service():
-    running = facts.parse_unit_state(rec("guest-facts-unit-mirobot_teleoperate.txt"))
+    running = parse_unit_state(rec("guest-facts-unit-mirobot_teleoperate.txt"))
     assert (running.name, running.unit_file_state, running.active_state, running.sub_state) == (
         MIROBOT, "enabled", "active", "running")  # fmt: skip
     assert running.n_restarts == 9 and running.n_restarts > 0
     assert running.main_pid == 678
-    crashed = facts.parse_unit_state(rec("guest-facts-unit-mirobot_teleoperate-auto-restart.txt"))
+    crashed = parse_unit_state(rec("guest-facts-unit-mirobot_teleoperate-auto-restart.txt"))
     assert (crashed.active_state, crashed.sub_state, crashed.main_pid) == ("activating", "auto-restart", None)
     assert crashed.exec_main_status == 11  # SIGSEGV
     assert crashed.n_restarts == 10 > running.n_restarts
@@ -178,7 +183,7 @@ def test_unit_state_of_the_crash_looping_service():
 
 def test_unit_state_of_a_unit_that_does_not_exist():
     for vm in ("host", "guest"):
-        s = facts.parse_unit_state(rec(f"{vm}-facts-unit-nonexistent.txt"))
+        s = parse_unit_state(rec(f"{vm}-facts-unit-nonexistent.txt"))
         assert (s.name, s.load_state, s.unit_file_state, s.active_state, s.sub_state) == (
             "rt-tune-no-such-unit.service", "not-found", "", "inactive", "dead")  # fmt: skip
         assert not s.exists and s.main_pid is None
@@ -197,26 +202,26 @@ def test_unit_state_refuses_broken_output():
         "Failed to connect to bus\n",
     ):
         with pytest.raises(ParseError):
-            facts.parse_unit_state(bad)
+            parse_unit_state(bad)
 
 
 def test_unit_state_fact_command_and_name_validation():
-    fact = facts.unit_state_fact(MIROBOT)
+    fact = unit_state_fact(MIROBOT)
     assert fact.argv == (
         "systemctl", "show",
         "-p", "Id,LoadState,UnitFileState,ActiveState,SubState,NRestarts,MainPID,ExecMainStatus",
         "--no-pager", "--", MIROBOT,
     )  # fmt: skip
-    facts.unit_state_fact("getty@tty1.service")
-    facts.unit_state_fact("sys-kernel-debug.mount")
+    unit_state_fact("getty@tty1.service")
+    unit_state_fact("sys-kernel-debug.mount")
     for bad in ("", "mirobot", "-x.service", "a b.service", "x.service;reboot", "../x.service", "x.servic"):
         with pytest.raises(ValueError):
-            facts.unit_state_fact(bad)
+            unit_state_fact(bad)
 
 
 # ---- core dumps ------------------------------------------------------------------------------------------
 def test_coredumps_of_the_guests_crash_looping_service():
-    dumps = facts.COREDUMPS.parse(rec("guest-facts-coredumps-3600s.txt"))
+    dumps = COREDUMPS.parse(rec("guest-facts-coredumps-3600s.txt"))
     assert len(dumps) == 43
     assert {d.unit for d in dumps} == {MIROBOT}
     assert {(d.signal, d.signal_name, d.exe, d.comm) for d in dumps} == {
@@ -233,19 +238,19 @@ def test_coredumps_of_the_guests_crash_looping_service():
         "/var/lib/systemd/coredump/core.mirobot_teleope.0.d96cdb8ac5cb401aa3f48994c022759a.332.1795609965000000.zst"
     )
     # The main PID recorded while the service ran (678) is the last process that dumped core.
-    assert last.pid == facts.parse_unit_state(rec("guest-facts-unit-mirobot_teleoperate.txt")).main_pid
+    assert last.pid == parse_unit_state(rec("guest-facts-unit-mirobot_teleoperate.txt")).main_pid
     assert [d.timestamp for d in dumps] == sorted(d.timestamp for d in dumps)
 
 
 def test_coredumps_of_one_unit_in_the_last_600_s():
-    dumps = facts.COREDUMPS.parse(rec("guest-facts-coredumps-600s-mirobot_teleoperate.txt"))
+    dumps = COREDUMPS.parse(rec("guest-facts-coredumps-600s-mirobot_teleoperate.txt"))
     assert len(dumps) == 33 and {d.unit for d in dumps} == {MIROBOT}
     assert dumps[-1].timestamp - dumps[0].timestamp <= timedelta(seconds=600)
 
 
 def test_no_coredumps_on_the_host():
     assert rec("host-facts-coredumps-3600s.txt") == ""
-    assert facts.COREDUMPS.parse(rec("host-facts-coredumps-3600s.txt")) == []
+    assert COREDUMPS.parse(rec("host-facts-coredumps-3600s.txt")) == []
 
 
 def test_coredumps_refuse_broken_output():
@@ -261,26 +266,26 @@ def test_coredumps_refuse_broken_output():
         json.dumps({**entry, "COREDUMP_TIMESTAMP": None}) + "\n",
     ):
         with pytest.raises(ParseError):
-            facts.COREDUMPS.parse(bad)
+            COREDUMPS.parse(bad)
 
 
 def test_coredumps_fact_command():
-    fact = facts.coredumps_fact(600, unit=MIROBOT)
+    fact = coredumps_fact(600, unit=MIROBOT)
     assert fact.sudo
     assert fact.argv[:5] == ("journalctl", "-o", "json", "--no-pager", "-q")
     assert "--since=-600s" in fact.argv
-    assert fact.argv[-2:] == (f"MESSAGE_ID={facts.COREDUMP_MESSAGE_ID}", f"COREDUMP_UNIT={MIROBOT}")
-    assert facts.COREDUMPS.argv[-1] == f"MESSAGE_ID={facts.COREDUMP_MESSAGE_ID}"
+    assert fact.argv[-2:] == (f"MESSAGE_ID={COREDUMP_MESSAGE_ID}", f"COREDUMP_UNIT={MIROBOT}")
+    assert COREDUMPS.argv[-1] == f"MESSAGE_ID={COREDUMP_MESSAGE_ID}"
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError):
-            facts.coredumps_fact(bad)
+            coredumps_fact(bad)
     with pytest.raises(ValueError):
-        facts.coredumps_fact(60, unit="x.service ; reboot")
+        coredumps_fact(60, unit="x.service ; reboot")
 
 
 # ---- QEMU ------------------------------------------------------------------------------------------------
 def test_qemu_process_of_rt_guest_vm():
-    (q,) = facts.QEMU_PROCESSES.parse(rec("host-facts-qemu-processes.txt"))
+    (q,) = QEMU_PROCESSES.parse(rec("host-facts-qemu-processes.txt"))
     assert (q.pid, q.exe, q.name, q.debug_threads) == (336, "/usr/bin/qemu-system-x86_64", "rtguest", True)
     assert q.argv[:3] == ["/usr/bin/qemu-system-x86_64", "-name", "rtguest,debug-threads=on"]
     assert q.qmp_sockets == ["/run/rt-guest-vm/qmp.sock"]
@@ -292,18 +297,18 @@ def test_qemu_process_of_rt_guest_vm():
     assert [(t.tid, t.comm) for t in q.other_threads] == [
         (336, "qemu-system-x86"), (349, "qemu-system-x86"), (350, "IO mon_iothread")]  # fmt: skip
     # The unit's MainPID (recorded in the same session) is this QEMU.
-    assert facts.parse_unit_state(rec("host-facts-unit-rt-guest-vm.txt")).main_pid == q.pid
+    assert parse_unit_state(rec("host-facts-unit-rt-guest-vm.txt")).main_pid == q.pid
 
 
 def test_qemu_process_after_pinning_one_vcpu():
-    (q,) = facts.QEMU_PROCESSES.parse(rec("host-facts-qemu-processes-vcpu1-pinned.txt"))
+    (q,) = QEMU_PROCESSES.parse(rec("host-facts-qemu-processes-vcpu1-pinned.txt"))
     assert [(v.tid, v.cpus_allowed) for v in q.vcpus] == [(351, [0, 1]), (352, [1])]
     assert q.cpus_allowed == [0, 1]
 
 
 def test_no_qemu_on_the_guest():
     assert rec("guest-facts-qemu-processes.txt") == "done\n"
-    assert facts.QEMU_PROCESSES.parse(rec("guest-facts-qemu-processes.txt")) == []
+    assert QEMU_PROCESSES.parse(rec("guest-facts-qemu-processes.txt")) == []
 
 
 def test_qemu_processes_refuse_broken_output():
@@ -321,28 +326,28 @@ def test_qemu_processes_refuse_broken_output():
         "hello\ndone\n",
     ):
         with pytest.raises(ParseError):
-            facts.QEMU_PROCESSES.parse(bad)
+            QEMU_PROCESSES.parse(bad)
 
 
 def test_qemu_argv_forms():
     # Command lines (argv lists), in the forms QEMU documents and libvirt uses.
-    a = facts.parse_qemu_argv(
+    a = parse_qemu_argv(
         ["qemu-system-aarch64", "-name", "guest=rt,,vm,debug-threads=on", "-chardev",
          "socket,id=charmonitor,path=/var/lib/libvirt/qemu/domain-1-rt/monitor.sock,server=on,wait=off",
          "-mon", "chardev=charmonitor,id=monitor,mode=control", "--qmp-pretty", "unix:/tmp/q2.sock,server"]
     )  # fmt: skip
     assert (a.name, a.debug_threads) == ("rt,vm", True)
     assert a.qmp_sockets == ["/tmp/q2.sock", "/var/lib/libvirt/qemu/domain-1-rt/monitor.sock"]
-    b = facts.parse_qemu_argv(["qemu-system-x86_64", "-name", "plain", "-qmp", "tcp:127.0.0.1:4444,server"])
+    b = parse_qemu_argv(["qemu-system-x86_64", "-name", "plain", "-qmp", "tcp:127.0.0.1:4444,server"])
     assert (b.name, b.debug_threads, b.qmp_sockets) == ("plain", False, [])
-    assert facts.parse_qemu_argv(["qemu-system-x86_64"]).name is None
-    assert facts.split_qemu_opts("a,,b,c=d") == ["a,b", "c=d"]
+    assert parse_qemu_argv(["qemu-system-x86_64"]).name is None
+    assert split_qemu_opts("a,,b,c=d") == ["a,b", "c=d"]
 
 
 # ---- bootloader ------------------------------------------------------------------------------------------
 def test_bootloader_is_grub_with_saved_default():
     for vm in ("host", "guest"):
-        b = facts.BOOTLOADER.parse(rec(f"{vm}-facts-bootloader.txt"))
+        b = BOOTLOADER.parse(rec(f"{vm}-facts-bootloader.txt"))
         assert (b.kind, b.candidates) == ("grub", ["grub"])
         assert b.evidence == [
             "file /etc/default/grub",
@@ -372,14 +377,14 @@ def test_bootloader_refuses_broken_output():
         "surprise\n" + good,
     ):
         with pytest.raises(ParseError):
-            facts.BOOTLOADER.parse(bad)
+            BOOTLOADER.parse(bad)
 
 
 def test_bootloader_choice_rules():
     # The rules on structured inputs; only the grub case has a recording (the lab boots through GRUB).
     none = {c: None for c in ("update-grub", "grub-mkconfig", "fw_printenv", "bootctl")}
-    assert facts.choose_bootloader({}, none, {}, None) == ("unknown", [], [])
-    kind, cands, ev = facts.choose_bootloader(
+    assert choose_bootloader({}, none, {}, None) == ("unknown", [], [])
+    kind, cands, ev = choose_bootloader(
         {"/boot/efi/loader/loader.conf": True}, none, {"/boot/efi/loader/entries": 2}, True
     )
     assert (kind, cands) == ("systemd-boot", ["systemd-boot"])
@@ -388,15 +393,15 @@ def test_bootloader_choice_rules():
         "file /boot/efi/loader/loader.conf",
         "2 entries in /boot/efi/loader/entries",
     ]
-    kind, cands, _ = facts.choose_bootloader(
+    kind, cands, _ = choose_bootloader(
         {"/boot/extlinux/extlinux.conf": True, "/etc/fw_env.config": True},
         {**none, "fw_printenv": "/usr/bin/fw_printenv"}, {}, None,
     )  # fmt: skip
     assert (kind, cands) == ("extlinux", ["extlinux", "u-boot"])
     # /etc/default/grub alone (no grub-mkconfig, no grub.cfg) is not GRUB.
-    assert facts.choose_bootloader({"/etc/default/grub": True}, none, {}, None)[0] == "unknown"
+    assert choose_bootloader({"/etc/default/grub": True}, none, {}, None)[0] == "unknown"
     # A Fedora-style ESP grub.cfg matches the glob pattern.
-    kind, _, ev = facts.choose_bootloader(
+    kind, _, ev = choose_bootloader(
         {"/etc/default/grub": True, "/boot/efi/EFI/fedora/grub.cfg": True},
         {**none, "grub2-mkconfig": "/usr/sbin/grub2-mkconfig"}, {"/boot/loader/entries": 3}, None,
     )  # fmt: skip
@@ -405,7 +410,7 @@ def test_bootloader_choice_rules():
 
 # ---- IRQs ------------------------------------------------------------------------------------------------
 def test_irqs_on_the_x86_host():
-    irqs = facts.IRQS.parse(rec("host-facts-irqs.txt"))
+    irqs = IRQS.parse(rec("host-facts-irqs.txt"))
     by = {i.irq: i for i in irqs}
     assert all(i.cpus == [0, 1] for i in irqs)
     timer = by["0"]
@@ -425,7 +430,7 @@ def test_irqs_on_the_x86_host():
     assert by["LOC"].chip is None and by["LOC"].smp_affinity_list is None
     assert (by["ERR"].per_cpu, by["ERR"].per_cpu_counts, by["ERR"].description) == (False, [0], None)
     assert (by["MIS"].per_cpu, by["MIS"].total) == (False, 0)
-    assert facts.ipi_counts(irqs) == {"IWI": [0, 0], "RES": [1268, 1071], "CAL": [7301, 6832], "TLB": [5, 9]}
+    assert ipi_counts(irqs) == {"IWI": [0, 0], "RES": [1268, 1071], "CAL": [7301, 6832], "TLB": [5, 9]}
     # IRQ 2 (cascade) has a /proc/irq directory but no /proc/interrupts row; its effective affinity is empty.
     assert "2" not in by and "irq 2 smp=0-1 eff=\n" in rec("host-facts-irqs.txt")
     assert [i.irq for i in irqs if i.irq.isdigit()] == [
@@ -441,8 +446,8 @@ def test_irqs_on_the_x86_host():
 
 
 def test_irqs_on_the_x86_guest():
-    irqs = facts.IRQS.parse(rec("guest-facts-irqs.txt"))
-    assert facts.ipi_counts(irqs) == {
+    irqs = IRQS.parse(rec("guest-facts-irqs.txt"))
+    assert ipi_counts(irqs) == {
         "IWI": [0, 0],
         "RES": [1489, 1394],
         "CAL": [9702, 5582],
@@ -467,13 +472,13 @@ def test_irqs_refuse_broken_output():
         good.replace("NMI:", "NMI", 1),
     ):
         with pytest.raises(ParseError):
-            facts.IRQS.parse(bad)
+            IRQS.parse(bad)
 
 
 def test_ipi_counts_selects_ipi_rows():
     # Structured input (models, not tool output): arm64 IPI names are IPI rows, per-CPU rows only.
     def row(name, counts, per_cpu=True):
-        return facts.Irq(irq=name, cpus=[0, 1], per_cpu_counts=counts, per_cpu=per_cpu)
+        return Irq(irq=name, cpus=[0, 1], per_cpu_counts=counts, per_cpu=per_cpu)
 
     irqs = [
         row("IPI0", [5, 6]),
@@ -482,12 +487,12 @@ def test_ipi_counts_selects_ipi_rows():
         row("42", [1, 2]),
         row("ERR", [0], False),
     ]
-    assert facts.ipi_counts(irqs) == {"IPI0": [5, 6], "IPI5": [1, 0]}
+    assert ipi_counts(irqs) == {"IPI0": [5, 6], "IPI5": [1, 0]}
 
 
 def test_arm64_proc_interrupts_from_the_arm64_lab():
     """Recorded on the arm64 lab (tests/recorded/lab-arm64/README.md): GICv3/ITS rows and IPI0..IPI7 per CPU."""
-    from orchestrator.facts import parse_interrupts
+    from orchestrator.facts.irqs import parse_interrupts
 
     here = RECORDED / "lab-arm64"
     host = {r.irq: r for r in parse_interrupts((here / "host-proc-interrupts.txt").read_text())}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import facts
+from orchestrator.facts.base import ARCH, BOOT_ID, CMDLINE, CPUS_ONLINE, KERNEL_RELEASE
+from orchestrator.core.cpulist import parse_kernel_cpulist
 from orchestrator.core.errors import InputError, ParseError
 from orchestrator.config.inventory import load_inventory, split_target
 from tests.conftest import RECORDED
@@ -71,28 +72,28 @@ def _rec(name: str) -> str:
 
 
 def test_fact_parsers_on_recorded_lab_output():
-    assert facts.KERNEL_RELEASE.parse(_rec("host-uname-r.txt")) == "6.1.0-50-amd64"
-    assert facts.ARCH.parse(_rec("host-uname-m.txt")) == "x86_64"
-    assert facts.CPUS_ONLINE.parse(_rec("host-cpu-online.txt")) == [0, 1]
-    assert facts.CMDLINE.parse(_rec("host-proc-cmdline.txt")).endswith("panic=10")
-    assert facts.BOOT_ID.parse(_rec("host-boot_id.txt")) == "3cb44cdb-a139-4488-8161-6b707f123119"
+    assert KERNEL_RELEASE.parse(_rec("host-uname-r.txt")) == "6.1.0-50-amd64"
+    assert ARCH.parse(_rec("host-uname-m.txt")) == "x86_64"
+    assert CPUS_ONLINE.parse(_rec("host-cpu-online.txt")) == [0, 1]
+    assert CMDLINE.parse(_rec("host-proc-cmdline.txt")).endswith("panic=10")
+    assert BOOT_ID.parse(_rec("host-boot_id.txt")) == "3cb44cdb-a139-4488-8161-6b707f123119"
 
 
 def test_cpu_list_forms_and_garbage():
-    assert facts.parse_cpu_list("0-3,5,8-9\n") == [0, 1, 2, 3, 5, 8, 9]
-    assert facts.parse_cpu_list("\n") == []
+    assert parse_kernel_cpulist("0-3,5,8-9\n") == [0, 1, 2, 3, 5, 8, 9]
+    assert parse_kernel_cpulist("\n") == []
     for bad in ("a-b", "3-1", "1,,2"):
         with pytest.raises(ParseError):
-            facts.parse_cpu_list(bad)
+            parse_kernel_cpulist(bad)
 
 
 def test_truncated_output_is_an_error_not_an_empty_fact():
     with pytest.raises(ParseError):
-        facts.BOOT_ID.parse("")
+        BOOT_ID.parse("")
     with pytest.raises(ParseError):
-        facts.BOOT_ID.parse("3cb44cdb-a139")
+        BOOT_ID.parse("3cb44cdb-a139")
     with pytest.raises(ParseError):
-        facts.CMDLINE.parse("a\nb\n")
+        CMDLINE.parse("a\nb\n")
 
 
 def test_ssh_config_fills_what_the_inventory_leaves_out(tmp_path, monkeypatch):

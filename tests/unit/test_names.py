@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from orchestrator import facts
+from orchestrator.facts.sysctl import sysctl_path
+from orchestrator.facts.systemd import unit_state_fact, validate_unit_name
 from orchestrator.changes import ServiceDisableChange
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import (
@@ -96,12 +97,12 @@ def test_service_disable_change_acts_on_the_unit_the_profile_names():
 
 
 def test_facts_uses_the_same_validator():
-    assert facts.validate_unit_name("dev-sda2.swap") == "dev-sda2.swap"
+    assert validate_unit_name("dev-sda2.swap") == "dev-sda2.swap"
     for bad in ("foo", "foo.service\n", "getty@.service", "-x.service"):
         with pytest.raises(ValueError):
-            facts.validate_unit_name(bad)
+            validate_unit_name(bad)
         with pytest.raises(ValueError):
-            facts.unit_state_fact(bad)
+            unit_state_fact(bad)
 
 
 @pytest.mark.parametrize("name, ok", [
@@ -112,9 +113,9 @@ def test_facts_uses_the_same_validator():
 def test_sysctl_names(name, ok):
     if ok:
         assert check_sysctl_name(name) == name
-        assert facts.sysctl_path(name) == "/proc/sys/" + name.replace(".", "/")
+        assert sysctl_path(name) == "/proc/sys/" + name.replace(".", "/")
     else:
         with pytest.raises(InvalidName, match="not a sysctl name"):
             check_sysctl_name(name)
         with pytest.raises(ValueError):
-            facts.sysctl_path(name)
+            sysctl_path(name)

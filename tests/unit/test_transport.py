@@ -23,7 +23,7 @@ from orchestrator.core.errors import (
     HostKeyError,
     TransportError,
 )
-from orchestrator.facts import BOOT_ID, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
+from orchestrator.facts.base import BOOT_ID, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
 from orchestrator.remote.transport import (
     CommandResult,
     Endpoint,

@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator import facts
+from orchestrator.facts.base import Fact
+from orchestrator.facts.bootloader import BOOTLOADER
+from orchestrator.facts.cpus import CPUS_POSSIBLE, ISOLATED_CPUS, NOHZ_FULL_CPUS
+from orchestrator.facts.irqs import IRQS
+from orchestrator.facts.qemu import QEMU_PROCESSES
+from orchestrator.facts.sysctl import SYSCTL_FILES, sysctl_fact
+from orchestrator.facts.systemd import COREDUMPS, coredumps_fact, unit_state_fact
 from orchestrator.config.inventory import load_inventory
 from orchestrator.core.paths import Paths
 from orchestrator.remote.transport import SSHTransport
@@ -27,27 +33,27 @@ HERE = Path(__file__).resolve().parent
 MIROBOT = "mirobot_teleoperate.service"
 
 COMMON = {
-    "sysctl-kernel.timer_migration": facts.sysctl_fact("kernel.timer_migration"),
-    "sysctl-files": facts.SYSCTL_FILES,
-    "isolated": facts.ISOLATED_CPUS,
-    "nohz_full": facts.NOHZ_FULL_CPUS,
-    "cpus-possible": facts.CPUS_POSSIBLE,
-    "unit-nonexistent": facts.unit_state_fact("rt-tune-no-such-unit.service"),
-    "coredumps-3600s": facts.COREDUMPS,
-    "qemu-processes": facts.QEMU_PROCESSES,
-    "bootloader": facts.BOOTLOADER,
-    "irqs": facts.IRQS,
+    "sysctl-kernel.timer_migration": sysctl_fact("kernel.timer_migration"),
+    "sysctl-files": SYSCTL_FILES,
+    "isolated": ISOLATED_CPUS,
+    "nohz_full": NOHZ_FULL_CPUS,
+    "cpus-possible": CPUS_POSSIBLE,
+    "unit-nonexistent": unit_state_fact("rt-tune-no-such-unit.service"),
+    "coredumps-3600s": COREDUMPS,
+    "qemu-processes": QEMU_PROCESSES,
+    "bootloader": BOOTLOADER,
+    "irqs": IRQS,
 }
 PER_VM = {
-    "host": {"unit-rt-guest-vm": facts.unit_state_fact("rt-guest-vm.service")},
+    "host": {"unit-rt-guest-vm": unit_state_fact("rt-guest-vm.service")},
     "guest": {
-        "unit-mirobot_teleoperate": facts.unit_state_fact(MIROBOT),
-        "coredumps-600s-mirobot_teleoperate": facts.coredumps_fact(600, unit=MIROBOT),
+        "unit-mirobot_teleoperate": unit_state_fact(MIROBOT),
+        "coredumps-600s-mirobot_teleoperate": coredumps_fact(600, unit=MIROBOT),
     },
 }
 
 
-def record(t: SSHTransport, vm: str, stem: str, fact: facts.Fact) -> object:
+def record(t: SSHTransport, vm: str, stem: str, fact: Fact) -> object:
     result = t.run(fact.argv, sudo=fact.sudo, timeout_s=60)
     value = fact.parse(result.stdout)  # a recording must parse
     path = HERE / f"{vm}-facts-{stem}.txt"
@@ -56,7 +62,7 @@ def record(t: SSHTransport, vm: str, stem: str, fact: facts.Fact) -> object:
     return value
 
 
-def wait(t: SSHTransport, fact: facts.Fact, ok, timeout_s: float = 120) -> None:
+def wait(t: SSHTransport, fact: Fact, ok, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not ok(fact.gather(t)):
         if time.monotonic() > deadline:
@@ -68,7 +74,7 @@ def main(vms: list[str]) -> int:
     inventory = load_inventory(Paths.from_env().lab_inventory)
     if "guest" in vms:
         with SSHTransport(inventory.endpoint("lab1", "guest")) as guest:
-            mirobot = facts.unit_state_fact(MIROBOT)
+            mirobot = unit_state_fact(MIROBOT)
             wait(guest, mirobot, lambda s: (s.n_restarts or 0) >= 2 and s.sub_state == "running")
             for stem, fact in {**PER_VM["guest"], **COMMON}.items():
                 record(guest, "guest", stem, fact)
@@ -77,12 +83,12 @@ def main(vms: list[str]) -> int:
     if "host" not in vms:
         return 0
     with SSHTransport(inventory.endpoint("lab1", "host")) as host:
-        wait(host, facts.QEMU_PROCESSES, lambda ps: len(ps) == 1 and len(ps[0].vcpus) == 2)
+        wait(host, QEMU_PROCESSES, lambda ps: len(ps) == 1 and len(ps[0].vcpus) == 2)
         for stem, fact in {**PER_VM["host"], **COMMON}.items():
             record(host, "host", stem, fact)
-        (qemu,) = facts.QEMU_PROCESSES.gather(host)
+        (qemu,) = QEMU_PROCESSES.gather(host)
         host.run(["taskset", "-pc", "1", str(qemu.vcpus[1].tid)])
-        record(host, "host", "qemu-processes-vcpu1-pinned", facts.QEMU_PROCESSES)
+        record(host, "host", "qemu-processes-vcpu1-pinned", QEMU_PROCESSES)
     return 0
 
 
