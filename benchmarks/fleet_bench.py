@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from fleet.targets import SshFleet  # noqa: E402
 
-from orchestrator.changes import SysctlChange  # noqa: E402
+from orchestrator.changes.sysctl import SysctlChange
 
 FLEET_DIR = REPO / "benchmarks" / "fleet"
 PLAYBOOK = FLEET_DIR / "ansible_playbook.yml"
@@ -319,7 +319,7 @@ def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> d
     for _ in range(3):
         t = time.monotonic()
         subprocess.run([sys.executable, "-c",
-                        "import orchestrator.changes, orchestrator.facts.base, orchestrator.remote.transport"],
+                        "import orchestrator.changes.sysctl, orchestrator.facts.base, orchestrator.remote.transport"],
                        env=dict(env, PYTHONPATH=str(REPO)), check=True)
         starts.append(time.monotonic() - t)
     prof["python_start_and_imports_s"] = statistics.median(starts)

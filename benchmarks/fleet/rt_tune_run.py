@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from orchestrator.changes import SysctlChange  # noqa: E402
+from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.facts.base import gather_basic
 from orchestrator.remote.transport import Endpoint, SSHTransport  # noqa: E402
 

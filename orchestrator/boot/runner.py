@@ -32,7 +32,6 @@ from orchestrator.remote.transport import Transport
 if TYPE_CHECKING:
     from orchestrator.run.context import RunContext
 
-BOOT_KINDS = ("cmdline", "kernel", "wfx_notrap")
 
 
 def loader_for(kind: str, vars: dict[str, Any], target: str) -> Bootloader:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.changes import Change, Plan
+from orchestrator.changes.base import Change, Plan
+from orchestrator.changes.registry import build_change, is_boot_kind
 from orchestrator.run.context import SharedConnections
-from orchestrator.run.engine import Engine, build_change
+from orchestrator.run.engine import Engine
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.core.events import Event
 from orchestrator.report.ab import render_ab_html
@@ -60,12 +61,11 @@ class ABExperiment:
     def _specs(self, profile: Path) -> list[tuple[ChangeSpec, Change]]:
         out = []
         for spec in self.engine.specs(self.unit, profile):
-            change = build_change(spec.kind, spec.params)
-            if change is None:
+            if is_boot_kind(spec.kind):
                 raise InputError(f"{profile}: {spec.id}: `tune ab` compares runtime changes only; a {spec.kind} "
                                  "change needs a reboot at every side switch (use `tune apply`, which trial-boots "
                                  "it and measures before and after)")
-            out.append((spec, change))
+            out.append((spec, build_change(spec.kind, spec.params)))
         return out
 
     def __post_init__(self) -> None:

@@ -15,15 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator.boot.runner import BOOT_KINDS, BootChangeRunner
-from orchestrator.changes import (
-    Change,
-    IrqAffinityChange,
-    Plan,
-    ServiceDisableChange,
-    SysctlChange,
-    VcpuPinningChange,
-)
+from orchestrator.boot.runner import BootChangeRunner
+from orchestrator.changes.base import Change, Plan
+from orchestrator.changes.registry import build_change, is_boot_kind
 from orchestrator.run.context import ChangeOutcome, RunContext, SharedConnections, Status
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal import ChangeRecord
@@ -38,21 +32,6 @@ def split_cmdline(spec: ChangeSpec) -> list[ChangeSpec]:
         return [spec]
     return [spec.model_copy(update={"id": f"{spec.id}.{key}", "params": {"add": {key: value}}})
             for key, value in spec.params["add"].items()]
-
-
-def build_change(kind: str, params: dict[str, Any]) -> Change | None:
-    """The runtime Change for a resolved profile entry; None for boot changes (orchestrator.boot.runner)."""
-    if kind == "sysctl":
-        return SysctlChange(params["name"], str(params["value"]))
-    if kind == "service_disable":
-        return ServiceDisableChange(params["unit"], mask=bool(params.get("mask", False)))
-    if kind == "vcpu_pinning":
-        return VcpuPinningChange.from_params(params)
-    if kind == "irq_affinity":
-        return IrqAffinityChange(list(params["housekeeping"]))
-    if kind in BOOT_KINDS:
-        return None
-    raise InputError(f"unknown change kind {kind!r}")
 
 
 class RuntimeActive:
@@ -168,22 +147,18 @@ class Engine(RunContext):
 
     def _plan_only(self, unit: str, specs: list[ChangeSpec]) -> list[ChangeOutcome]:
         out = []
-        conns: dict[str, Transport] = {}
+        shared = SharedConnections(lambda u, target: self.connect(self.inventory, u, target))
         try:
             for spec in specs:
-                change = build_change(spec.kind, spec.params)
-                if change is None:
+                if is_boot_kind(spec.kind):
                     out.append(self._plan_boot(unit, spec))
                     continue
-                t = conns.get(spec.target) or conns.setdefault(spec.target, self.connect(self.inventory, unit,
-                                                                                         spec.target))
-                plan = change.plan(t)
+                plan = build_change(spec.kind, spec.params).plan(shared.get(unit, spec.target))
                 out.append(ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, description=plan.summary,
                                          status="noop" if plan.noop else "planned",
                                          reason=json.dumps({"before": plan.before, "desired": plan.desired})[:500]))
         finally:
-            for t in conns.values():
-                t.close()
+            shared.drop()
         return out
 
     def _plan_boot(self, unit: str, spec: ChangeSpec) -> ChangeOutcome:
@@ -205,17 +180,15 @@ class Engine(RunContext):
                                                                        "kernel": plan.target.kernel}))
 
     def _one(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
-        change = build_change(spec.kind, spec.params)
-        if change is None:
+        if is_boot_kind(spec.kind):
             with BootChangeRunner(self) as runner:
                 return runner.run(unit, run_id, spec)
-        with RuntimeActive(self, unit, spec, change) as active:
+        with RuntimeActive(self, unit, spec, build_change(spec.kind, spec.params)) as active:
             return run_change(self, unit, run_id, spec, active)
 
     # ---- reconcile / rollback / verify -------------------------------------------------------------------
     def _undo(self, unit: str, rec: ChangeRecord, note: str) -> None:
-        change = build_change(rec.kind, rec.desired["params"])
-        if change is None:  # a boot change: restore the journaled boot files, boot the old default if needed
+        if is_boot_kind(rec.kind):  # restore the journaled boot files, boot the old default if needed
             with BootChangeRunner(self) as runner:
                 runner.undo(unit, rec.target, rec.before, None, on_trial=None)
             JournaledChange.resume(self, unit, rec.target, rec.id).rolled_back(message=note)
@@ -223,6 +196,7 @@ class Engine(RunContext):
                 self.write_marker(t, unit, rec.target)
             self.emit("change.rolled_back", f"{unit}.{rec.target}", f"{rec.change_id}: {note}", journal_id=rec.id)
             return
+        change = build_change(rec.kind, rec.desired["params"])
         with self.connect(self.inventory, unit, rec.target) as t:
             change.rollback(t, rec.before)
             change.verify_rolled_back(t, rec.before)
@@ -265,12 +239,12 @@ class Engine(RunContext):
         report = []
         drifted = 0
         for rec in self.journal.active_changes(unit):
-            change = build_change(rec.kind, rec.desired["params"])
-            if change is None:
+            if is_boot_kind(rec.kind):
                 with BootChangeRunner(self) as runner:
                     res = runner.verify(unit, rec)
                 ok, live = res["in_place"], res["live"]
             else:
+                change = build_change(rec.kind, rec.desired["params"])
                 with self.connect(self.inventory, unit, rec.target) as t:
                     live = change.read(t)
                 ok = change.in_place(live, rec.desired["state"])

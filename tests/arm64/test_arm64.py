@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.paths import Paths
-from orchestrator.changes import VcpuPinningChange
+from orchestrator.changes.vcpu_pinning import VcpuPinningChange
 from tests.conftest import REPO, running_lab, lab_state_paths, tune_env
 from tests.qemu_threads import assert_vcpu_map, qemu_threads
 

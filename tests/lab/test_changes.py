@@ -8,13 +8,11 @@ import time
 
 import pytest
 
-from orchestrator.changes import (
-    IrqAffinityChange,
-    ServiceDisableChange,
-    SysctlChange,
-    VcpuPinningChange,
-    read_optional,
-)
+from orchestrator.changes.irq_affinity import IrqAffinityChange
+from orchestrator.changes.service import ServiceDisableChange
+from orchestrator.changes.sysctl import SysctlChange
+from orchestrator.changes.vcpu_pinning import VcpuPinningChange
+from orchestrator.remote.transport import read_optional
 from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
 pytestmark = pytest.mark.lab

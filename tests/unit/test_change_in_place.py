@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.changes import IrqAffinityChange, VcpuPinningChange
+from orchestrator.changes.irq_affinity import IrqAffinityChange
+from orchestrator.changes.vcpu_pinning import VcpuPinningChange
 from orchestrator.core.errors import InputError
 from orchestrator.config.profile import describe_vcpu_map
 

@@ -21,7 +21,8 @@ from orchestrator.boot import cmdline as boot_cmdline
 from orchestrator.boot.qemu_append import QemuAppendBackend
 from orchestrator.boot.registry import BACKENDS
 from orchestrator.boot.wfx import wfx_exits_fact
-from orchestrator.changes import ServiceDisableChange, SysctlChange
+from orchestrator.changes.service import ServiceDisableChange
+from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.core.cpulist import parse_cpulist
 from orchestrator.config.playbook import load_measurement_plan
 from orchestrator.core.errors import InputError

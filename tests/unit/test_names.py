@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.facts.sysctl import sysctl_path
 from orchestrator.facts.systemd import unit_state_fact, validate_unit_name
-from orchestrator.changes import ServiceDisableChange
+from orchestrator.changes.service import ServiceDisableChange
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import (
     DISABLE_TYPES,

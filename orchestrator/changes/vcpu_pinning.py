@@ -1,259 +1,28 @@
-"""Runtime changes: each reads the live state, plans a diff (no-op when already in place), applies, verifies by
-reading again, and rolls back to the exact previous state.
-
-A change's `read()` returns a JSON-able snapshot that is journaled *before* the change is applied; `rollback()`
-restores that snapshot byte for byte (files are kept base64-encoded). rt-tune owns only what it creates: its
-sysctl drop-in files, its systemd drop-ins and scripts, which are named `*rt-tune*`.
-"""
+"""The vCPU map: each RT vCPU thread of a QEMU alone on its host CPU, every other QEMU thread on the housekeeping
+CPUs, now and at every restart of the QEMU service."""
 
 from __future__ import annotations
 
-import base64
-import re
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.cpulist import format_cpulist
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
-from orchestrator.core.errors import InputError, TuneError
-from orchestrator.core.names import SYSCTL_NAME, check_unit_name, service_to_disable  # whole-string, systemd's rules
+from orchestrator.core.errors import InputError
+from orchestrator.core.names import check_unit_name  # whole-string, systemd's rules
 from orchestrator.config.profile import describe_vcpu_map
-from orchestrator.remote.transport import Transport, read_files, read_optional
+from orchestrator.remote.transport import Transport, read_files
 
-State = dict[str, Any]
-
-
-class ChangeError(TuneError):
-    """A change could not be applied, verified or rolled back."""
+from orchestrator.changes.base import Change, ChangeError, Plan, State, b64, restore_file, unb64
 
 
-@dataclass(frozen=True)
-class Plan:
-    change_id: str
-    before: State
-    desired: State
-    noop: bool
-    summary: str
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
-
-
-def restore_file(t: Transport, path: str, content: bytes | None, mode: int = 0o644) -> None:
-    if content is None:
-        t.run(["rm", "-f", "--", path], timeout_s=30)
-    else:
-        t.write_file(path, content, mode=mode)
-
-
-class Change(ABC):
-    """One tuning change on one target (a unit's host or guest)."""
-
-    kind: str
-    change_id: str
-
-    @abstractmethod
-    def read(self, t: Transport) -> State: ...
-
-    @abstractmethod
-    def desired(self, before: State) -> State: ...
-
-    @abstractmethod
-    def apply(self, t: Transport, before: State) -> None: ...
-
-    @abstractmethod
-    def rollback(self, t: Transport, before: State) -> None: ...
-
-    @abstractmethod
-    def describe(self) -> str: ...
-
-    #: `switch` toggles the effect only and leaves what makes it persistent in place, so a change measured
-    #: "before" after its first apply still needs its `rollback` when it is not kept.
-    switch_keeps_persistence: bool = False
-
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        """Between measurement runs: the change's effect on (an "after" run) or off (a "before" run); the caller
-        verifies an "on". By default the whole `apply` or `rollback`."""
-        if on:
-            self.apply(t, before)
-        else:
-            self.rollback(t, before)
-
-    def in_place(self, live: State, desired: State) -> bool:
-        """Does the live state already satisfy the desired one? (Default: every desired key matches.)"""
-        return all(live.get(k) == v for k, v in desired.items())
-
-    def plan(self, t: Transport) -> Plan:
-        before = self.read(t)
-        want = self.desired(before)
-        noop = self.in_place(before, want)
-        return Plan(self.change_id, before, want, noop, self.describe() + (" (already in place)" if noop else ""))
-
-    def verify(self, t: Transport, plan: Plan) -> State:
-        live = self.read(t)
-        if not self.in_place(live, plan.desired):
-            raise ChangeError(f"{t.label}: {self.describe()}: verify failed: live {live} != desired {plan.desired}")
-        return live
-
-    def verify_rolled_back(self, t: Transport, before: State) -> None:
-        live = self.read(t)
-        if live != before:
-            raise ChangeError(f"{t.label}: {self.describe()}: rollback did not restore the previous state: "
-                              f"live {live} != before {before}")
-
-
-# ---- sysctl ------------------------------------------------------------------------------------------------
-@dataclass
-class SysctlChange(Change):
-    """A sysctl: the runtime value now, and a drop-in file rt-tune owns so it survives a reboot."""
-
-    name: str
-    value: str
-    kind: str = field(default="sysctl", init=False)
-
-    def __post_init__(self) -> None:
-        if not SYSCTL_NAME.match(self.name):
-            raise InputError(f"sysctl name {self.name!r}: expected dotted lowercase words like kernel.timer_migration")
-        if not re.fullmatch(r"[A-Za-z0-9 _./:,-]*", self.value) or "\n" in self.value:
-            raise InputError(f"sysctl {self.name} value {self.value!r}: no shell metacharacters or newlines")
-        self.change_id = f"sysctl.{self.name}"
-
-    @property
-    def proc_path(self) -> str:
-        return "/proc/sys/" + self.name.replace(".", "/")
-
-    @property
-    def dropin(self) -> str:
-        return f"/etc/sysctl.d/90-rt-tune-{self.name}.conf"
-
-    def read(self, t: Transport) -> State:
-        files = read_files(t, [self.proc_path, self.dropin])  # one round trip
-        if files[self.proc_path] is None:
-            raise ChangeError(f"{t.label}: no sysctl {self.name} ({self.proc_path} does not exist)")
-        return {"value": files[self.proc_path].decode().strip(), "dropin": _b64(files[self.dropin])}
-
-    def _dropin_bytes(self) -> bytes:
-        return f"# managed by rt-tune: {self.change_id}\n{self.name} = {self.value}\n".encode()
-
-    def desired(self, before: State) -> State:
-        return {"value": self.value, "dropin": _b64(self._dropin_bytes())}
-
-    def in_place(self, live: State, desired: State) -> bool:
-        # compare numbers by value: the kernel prints "0", a profile may say "0" or " 0"
-        return " ".join(live["value"].split()) == " ".join(str(desired["value"]).split()) and \
-            live["dropin"] == desired["dropin"]
-
-    def apply(self, t: Transport, before: State) -> None:
-        t.write_file(self.dropin, self._dropin_bytes())
-        t.run(["sysctl", "-q", "-w", f"{self.name}={self.value}"], timeout_s=30)
-
-    def rollback(self, t: Transport, before: State) -> None:
-        t.run(["sysctl", "-q", "-w", f"{self.name}={before['value']}"], timeout_s=30)
-        restore_file(t, self.dropin, _unb64(before["dropin"]))
-
-    switch_keeps_persistence = True
-
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        """The runtime value only: the drop-in acts at the next boot, and a measurement run does not boot."""
-        t.run(["sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}"], timeout_s=30)
-
-    def describe(self) -> str:
-        return f"sysctl {self.name}={self.value}"
-
-
-# ---- systemd service disable -------------------------------------------------------------------------------
-@dataclass
-class ServiceDisableChange(Change):
-    """Stop and disable a service (optionally mask it); rollback restores enabled/masked and active states."""
-
-    unit: str
-    mask: bool = False
-    kind: str = field(default="service_disable", init=False)
-
-    def __post_init__(self) -> None:
-        # the profile's rule (orchestrator.core.names): ".service" appended only without a unit-type suffix, and
-        # only units that `disable --now` stops for good (never `dev-sda2.swap` + ".service")
-        self.unit = service_to_disable(self.unit)
-        self.change_id = f"service.{self.unit}"
-
-    def read(self, t: Transport) -> State:
-        out = t.run(["systemctl", "show", "--no-pager", "-p", "LoadState,UnitFileState,ActiveState", self.unit],
-                    timeout_s=30).stdout
-        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-        if props.get("LoadState") == "not-found":
-            return {"load": "not-found", "file_state": "", "active": "inactive"}
-        active = props.get("ActiveState", "")
-        # a crash-looping service is "activating" (auto-restart) most of the time: it counts as running
-        running = "active" if active in ("active", "activating", "reloading") else "inactive"
-        return {"load": props.get("LoadState", ""), "file_state": props.get("UnitFileState", ""),
-                "active": running}
-
-    def desired(self, before: State) -> State:
-        if before["load"] == "not-found":
-            return dict(before)
-        return {"file_state": "masked" if self.mask else "disabled", "active": "inactive"}
-
-    def in_place(self, live: State, desired: State) -> bool:
-        if live.get("load") == "not-found":
-            return True
-        ok_states = {"masked"} if self.mask else {"disabled", "masked", "static", "indirect"}
-        if desired.get("file_state") == "disabled" and live.get("file_state") == "static":
-            ok_states = {"static"}
-        return live.get("file_state") in ok_states and live.get("active") == "inactive"
-
-    def apply(self, t: Transport, before: State) -> None:
-        t.run(["systemctl", "disable", "--now", "--quiet", self.unit], timeout_s=90)
-        if self.mask:
-            t.run(["systemctl", "mask", "--quiet", self.unit], timeout_s=30)
-        t.run(["systemctl", "reset-failed", self.unit], timeout_s=30, check=False)
-
-    def rollback(self, t: Transport, before: State) -> None:
-        if before["load"] == "not-found":
-            return
-        if self.mask and before["file_state"] != "masked":
-            t.run(["systemctl", "unmask", "--quiet", self.unit], timeout_s=30)
-        if before["file_state"] == "enabled":
-            t.run(["systemctl", "enable", "--quiet", self.unit], timeout_s=30)
-        elif before["file_state"] == "masked":
-            t.run(["systemctl", "mask", "--quiet", self.unit], timeout_s=30)
-        if before["active"] == "active":
-            t.run(["systemctl", "start", "--no-block", self.unit], timeout_s=60)
-
-    @property
-    def switch_keeps_persistence(self) -> bool:  # type: ignore[override]
-        return not self.mask
-
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        """Stop or start the service and leave it disabled between runs: `disable` and `enable` each reload
-        systemd (seconds on a small or nested unit), and the enablement only acts at the next boot. A masked
-        unit cannot be started, so masking toggles whole."""
-        if self.mask:
-            super().switch(t, before, on)
-        elif on:
-            t.run(["systemctl", "stop", self.unit], timeout_s=90)
-            t.run(["systemctl", "reset-failed", self.unit], timeout_s=30, check=False)
-        elif before["load"] != "not-found" and before["active"] == "active":
-            t.run(["systemctl", "start", "--no-block", self.unit], timeout_s=60)
-
-    def verify_rolled_back(self, t: Transport, before: State) -> None:
-        live = self.read(t)
-        if live["file_state"] != before["file_state"]:
-            raise ChangeError(f"{t.label}: {self.unit}: file state {live['file_state']} != {before['file_state']}")
-
-    def describe(self) -> str:
-        return f"{'mask' if self.mask else 'disable'} {self.unit}"
-
-
-# ---- vCPU pinning ------------------------------------------------------------------------------------------
 PIN_SCRIPT = "/usr/local/sbin/rt-tune-pin-vcpus"
+
+
 QA_COPY = "/usr/local/lib/rt-tune/qemu_affinity.py"  # qemu-affinity, installed by rt-tune when absent
+
+
 PIN_SCRIPT_BODY = r"""#!/usr/bin/env python3
 # managed by rt-tune: the vCPU map of a QEMU. Also run by systemd (ExecStartPost), so a restarted QEMU is pinned
 # again.  rt-tune-pin-vcpus MAINPID --map VCPU:CPU[,VCPU:CPU...] --housekeeping CPUS [--fifo PRIO]
@@ -512,15 +281,15 @@ class VcpuPinningChange(Change):
     def read(self, t: Transport) -> State:
         has_tool = t.run(["sh", "-c", "command -v qemu-affinity || true"], timeout_s=30).stdout.strip() != ""
         files = read_files(t, [self.dropin, PIN_SCRIPT, QA_COPY])
-        return {"threads": self._threads(t), "dropin": _b64(files[self.dropin]),
-                "script": _b64(files[PIN_SCRIPT]), "qa_copy": _b64(files[QA_COPY]),
+        return {"threads": self._threads(t), "dropin": b64(files[self.dropin]),
+                "script": b64(files[PIN_SCRIPT]), "qa_copy": b64(files[QA_COPY]),
                 "unit_has_qemu_affinity": has_tool}
 
     def desired(self, before: State) -> State:
-        qa = before["qa_copy"] if before["unit_has_qemu_affinity"] else _b64(qemu_affinity_source())
+        qa = before["qa_copy"] if before["unit_has_qemu_affinity"] else b64(qemu_affinity_source())
         return {"map": {str(v): c for v, c in self.vcpus.items()}, "housekeeping": self.housekeeping,
-                "rt_priority": self.rt_priority, "dropin": _b64(self._dropin_bytes()),
-                "script": _b64(PIN_SCRIPT_BODY.encode()), "qa_copy": qa}
+                "rt_priority": self.rt_priority, "dropin": b64(self._dropin_bytes()),
+                "script": b64(PIN_SCRIPT_BODY.encode()), "qa_copy": qa}
 
     def misplaced(self, threads: dict[str, Any]) -> list[str]:
         """What breaks the map, one line per thread group (empty: the map holds)."""
@@ -584,9 +353,9 @@ class VcpuPinningChange(Change):
     def rollback(self, t: Transport, before: State) -> None:
         import json
 
-        restore_file(t, self.dropin, _unb64(before["dropin"]))
-        restore_file(t, PIN_SCRIPT, _unb64(before["script"]), mode=0o755)
-        restore_file(t, QA_COPY, _unb64(before["qa_copy"]))
+        restore_file(t, self.dropin, unb64(before["dropin"]))
+        restore_file(t, PIN_SCRIPT, unb64(before["script"]), mode=0o755)
+        restore_file(t, QA_COPY, unb64(before["qa_copy"]))
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
         # every thread's previous affinity and policy, put back by the same helper, run in memory
         t.run(["python3", "-c", PIN_SCRIPT_BODY, "--restore", self._main_pid(t),
@@ -624,123 +393,3 @@ def _threads_of(before: State) -> dict[str, Any]:
         return before["threads"]
     return {"main": None, "threads": {},
             "vcpus": {name.split()[1]: {"cpus": format_cpulist(cpus)} for name, cpus in before["affinity"].items()}}
-
-
-# ---- IRQ affinity ------------------------------------------------------------------------------------------
-IRQ_UNIT = "/etc/systemd/system/rt-tune-irq-affinity.service"
-IRQ_UNIT_LINK = "/etc/systemd/system/multi-user.target.wants/rt-tune-irq-affinity.service"
-
-
-@dataclass
-class IrqAffinityChange(Change):
-    """Move every movable device IRQ to the housekeeping CPUs (smp_affinity_list), now and at every boot (a
-    oneshot unit of rt-tune's: /proc/irq settings do not survive the reboots of trial boots); rollback restores
-    each IRQ and removes the unit."""
-
-    housekeeping: list[int]
-    kind: str = field(default="irq_affinity", init=False)
-
-    def __post_init__(self) -> None:
-        if not self.housekeeping:
-            raise InputError("IRQ affinity needs at least one housekeeping CPU")
-        self.change_id = "irq_affinity"
-
-    def _want(self) -> str:
-        return ",".join(str(c) for c in self.housekeeping)
-
-    def _unit_bytes(self) -> bytes:
-        return (
-            "# rt-tune: irq_affinity change (removed when rt-tune rolls it back)\n"
-            "[Unit]\nDescription=rt-tune: device IRQs to housekeeping CPUs " + self._want() + "\n"
-            # after udev has probed every device present at boot: a driver that coldplug loads (virtio_net, a
-            # NIC's) allocates its IRQs then, and an IRQ allocated after this unit ran would keep all CPUs
-            "DefaultDependencies=no\nWants=systemd-udev-settle.service\n"
-            "After=systemd-udev-settle.service local-fs.target\n\n"
-            "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-            "ExecStart=/bin/sh -c 'for f in /proc/irq/[0-9]*/smp_affinity_list; do "
-            f"echo {self._want()} > \"$$f\" 2>/dev/null || true; done'\n\n"
-            "[Install]\nWantedBy=multi-user.target\n"
-        ).encode()
-
-    def read(self, t: Transport) -> State:
-        """Each IRQ's affinity, which ones the kernel refuses to move (per-CPU, managed, the timer): found by
-        writing the current value back, which changes nothing for an IRQ that can move and fails for one that
-        cannot; and rt-tune's boot-time unit."""
-        script = ('for d in /proc/irq/[0-9]*; do f="$d/smp_affinity_list"; [ -r "$f" ] || continue; '
-                  'cur=$(cat "$f"); if echo "$cur" > "$f" 2>/dev/null; then m=1; else m=0; fi; '
-                  'printf "%s %s %s\\n" "${d##*/}" "$cur" "$m"; done; echo end')
-        out = t.run(["sh", "-c", script], timeout_s=60).stdout.splitlines()
-        if not out or out[-1] != "end":
-            raise ChangeError(f"{t.label}: truncated IRQ listing")
-        irqs, fixed = {}, []
-        for line in out[:-1]:
-            irq, cpus, movable = line.split(" ")
-            irqs[irq] = cpus
-            if movable != "1":
-                fixed.append(irq)
-        link = t.run(["sh", "-c", 'if [ -L "$1" ]; then readlink "$1"; fi', "-", IRQ_UNIT_LINK], timeout_s=30)
-        return {"irqs": irqs, "fixed": sorted(fixed, key=int), "unit": _b64(read_optional(t, IRQ_UNIT)),
-                "enabled": bool(link.stdout.strip())}
-
-    def desired(self, before: State) -> State:
-        want = self._want()
-        return {"irqs": {irq: want for irq in before["irqs"] if irq not in before["fixed"]},
-                "unit": _b64(self._unit_bytes()), "enabled": True}
-
-    def in_place(self, live: State, desired: State) -> bool:
-        """Every IRQ that exists and can move now is on the housekeeping CPUs. (After a reboot an IRQ may have
-        become one the kernel manages, e.g. with isolcpus=managed_irq: that is the kernel's call, not drift.)"""
-        fixed = set(live.get("fixed", []))
-        irqs_ok = all(irq not in live["irqs"] or irq in fixed
-                      or parse_cpu_list(live["irqs"][irq]) == parse_cpu_list(v)
-                      for irq, v in desired["irqs"].items())
-        persist_ok = "unit" not in desired or (live.get("unit") == desired["unit"]
-                                               and live.get("enabled") == desired["enabled"])
-        return irqs_ok and persist_ok
-
-    def _move_irqs(self, t: Transport, before: State) -> None:
-        movable = [irq for irq in before["irqs"] if irq not in before["fixed"]]
-        script = 'want=$1; shift; for irq in "$@"; do echo "$want" > /proc/irq/"$irq"/smp_affinity_list; done'
-        t.run(["sh", "-c", script, "-", self._want(), *movable], timeout_s=60)
-
-    def apply(self, t: Transport, before: State) -> None:
-        self._move_irqs(t, before)
-        t.write_file(IRQ_UNIT, self._unit_bytes())
-        t.run(["systemctl", "daemon-reload"], timeout_s=60)
-        t.run(["systemctl", "enable", "rt-tune-irq-affinity.service"], timeout_s=60)
-
-    def rollback(self, t: Transport, before: State) -> None:
-        if not before.get("enabled"):
-            t.run(["systemctl", "disable", "rt-tune-irq-affinity.service"], timeout_s=60, check=False)
-        restore_file(t, IRQ_UNIT, _unb64(before.get("unit")))
-        t.run(["systemctl", "daemon-reload"], timeout_s=60)
-        self._restore_irqs(t, before)
-
-    switch_keeps_persistence = True
-
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        """The IRQs' affinity only: the boot-time unit stays from the first apply to the decision (installing
-        and removing it costs two systemd reloads each way) and acts only at boot."""
-        if on:
-            self._move_irqs(t, before)
-        else:
-            self._restore_irqs(t, before)
-
-    def _restore_irqs(self, t: Transport, before: State) -> None:
-        pairs = [f"{irq}={cpus}" for irq, cpus in sorted(before["irqs"].items())]
-        script = ('for p in "$@"; do irq=${p%%=*}; cpus=${p#*=}; '
-                  'echo "$cpus" > /proc/irq/"$irq"/smp_affinity_list 2>/dev/null || true; done')
-        t.run(["sh", "-c", script, "-", *pairs], timeout_s=60)
-
-    def verify_rolled_back(self, t: Transport, before: State) -> None:
-        state = self.read(t)
-        live, fixed = state["irqs"], set(state["fixed"])
-        wrong = [i for i, v in before["irqs"].items()
-                 if i in live and i not in fixed and parse_cpu_list(live[i]) != parse_cpu_list(v)]
-        if wrong:
-            raise ChangeError(f"{t.label}: IRQs {', '.join(wrong)} did not return to their previous affinity")
-        if state["unit"] != before.get("unit") or state["enabled"] != bool(before.get("enabled")):
-            raise ChangeError(f"{t.label}: {IRQ_UNIT} is not back to its previous state")
-
-    def describe(self) -> str:
-        return f"IRQ affinity -> housekeeping CPUs {','.join(map(str, self.housekeeping))}"
