@@ -838,7 +838,7 @@ def exit_status(exc: BaseException) -> int:
 
 def _passwords_given() -> list[str]:
     """Passwords the user gave rt-tune (URLs in the arguments or RT_TUNE_DB, PGPASSWORD): kept out of logs."""
-    from orchestrator.journal import url_secrets
+    from orchestrator.journal.urls import url_secrets
 
     found = [os.environ.get("PGPASSWORD", "")]
     for arg in [*sys.argv[1:], os.environ.get("RT_TUNE_DB", "")]:
@@ -857,7 +857,7 @@ def _log_internal_error(exc: BaseException, passwords: list[str]) -> Path | str:
     import traceback
     from importlib.metadata import PackageNotFoundError, version
 
-    from orchestrator.journal import redact_url
+    from orchestrator.journal.urls import redact_url
 
     try:
         ours = version("rt-tune")
@@ -885,7 +885,7 @@ def _log_internal_error(exc: BaseException, passwords: list[str]) -> Path | str:
 
 def _report(exc: BaseException) -> int:
     """Print what went wrong (never a traceback) and return the exit status."""
-    from orchestrator.journal import redact_url
+    from orchestrator.journal.urls import redact_url
 
     status = exit_status(exc)
     passwords = _passwords_given()

@@ -24,7 +24,7 @@ from orchestrator.stats.decide import DecisionRule, MeasurementPlan
 from orchestrator.run.engine import Engine
 from orchestrator.run.fleet import FleetRunner, RolloutPolicy
 from orchestrator.config.inventory import Inventory
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
 from orchestrator.remote.transport import CommandResult
 

@@ -15,7 +15,7 @@ from orchestrator.run.engine import ApplyResult, Engine
 from orchestrator.core.errors import InputError
 from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.config.inventory import Inventory, load_inventory
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from orchestrator.core.paths import Paths, missing_inventory, shipped
 from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.report.latency import ChangeReport, Report, render_html, save_report

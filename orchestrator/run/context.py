@@ -22,7 +22,7 @@ from orchestrator.stats.decide import MeasurementPlan
 from orchestrator.core.errors import TransportError
 from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.config.inventory import Inventory
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import LatencyResult
 from orchestrator.remote.transport import SSHTransport, Transport
 

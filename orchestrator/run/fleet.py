@@ -41,7 +41,10 @@ from orchestrator.config.playbook import load_measurement_plan
 from orchestrator.run.engine import ApplyResult, Engine
 from orchestrator.core.errors import ExitStatus, InputError, TuneError
 from orchestrator.core.events import CHANGE_ENDED, Event, EventSink, discard
-from orchestrator.journal import Journal, JournalError, RolloutRecord, RolloutUnit, default_owner
+from orchestrator.journal.errors import JournalError
+from orchestrator.journal.journal import Journal
+from orchestrator.journal.owners import default_owner
+from orchestrator.journal.records import RolloutRecord, RolloutUnit
 from orchestrator.measure.model import Int, Number
 from orchestrator.config.yamlio import load_model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from tests.fleet.test_rollout import PROFILE, live, tune
 
 pytestmark = pytest.mark.lab

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.inventory import load_inventory
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from orchestrator.remote.transport import SSHTransport
 from tests.conftest import REPO, tune_env
 

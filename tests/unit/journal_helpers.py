@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator.journal import open_journal
+from orchestrator.journal.journal import open_journal
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

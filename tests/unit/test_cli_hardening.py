@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from tests.conftest import REPO
 from tests.unit.cli_inputs import VARS, unit_yaml
 from tests.unit.readonly import run_read_only

@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.core.errors import InputError, TuneError
-from orchestrator.journal import LockedError
+from orchestrator.journal.errors import LockedError
 from tests.conftest import REPO
 from tests.unit.cli_inputs import unit_yaml
 
@@ -178,7 +178,7 @@ def state(tmp_path, request) -> Path:
     case = request.node.callspec.params["case"][0]
     if case.startswith("journal garbage pages"):
         st.mkdir()
-        from orchestrator.journal import Journal
+        from orchestrator.journal.journal import Journal
 
         with Journal(st / "journal.sqlite") as j:
             for i in range(200):

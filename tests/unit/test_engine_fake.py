@@ -10,7 +10,7 @@ import pytest
 from orchestrator.run.engine import Engine
 from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.config.inventory import Inventory
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from orchestrator.config.playbook import load_measurement_plan
 from tests.conftest import REPO
 

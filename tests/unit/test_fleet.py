@@ -26,7 +26,8 @@ from orchestrator.run.fleet import (
     plan_waves,
     summarize,
 )
-from orchestrator.journal import Journal, this_host
+from orchestrator.journal.journal import Journal
+from orchestrator.journal.owners import this_host
 from orchestrator.report.fleet import render_fleet_html
 from orchestrator.measure.parse import parse_cyclictest_file
 

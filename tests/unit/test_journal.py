@@ -19,18 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import journal as journal_mod
+from orchestrator.journal import schema as journal_mod
+from orchestrator.journal.sqlite import _SQLiteDB
 from orchestrator.core.errors import TuneError
 from orchestrator.core.events import Event, EventLog
-from orchestrator.journal import (
-    InvalidTransition,
-    Journal,
-    JournalDamaged,
-    JournalError,
-    LockedError,
-    LockLostError,
-    UnreconciledError,
-)
+from orchestrator.journal.errors import InvalidTransition, JournalDamaged, JournalError, LockedError, LockLostError, UnreconciledError
+from orchestrator.journal.journal import Journal
 
 from tests.unit.readonly import run_read_only
 
@@ -187,7 +181,7 @@ def test_damage_met_by_a_query_is_a_journal_damaged_error_too(db, monkeypatch):
     """Damage the open-time check does not see (simulated by skipping it) is reported by the query that meets
     it, as JournalDamaged, on reads and in write transactions alike."""
     db.write_bytes(damaged(filled_journal(db), "page 40"))
-    monkeypatch.setattr(journal_mod._SQLiteDB, "_quick_check", lambda self, conn: None)
+    monkeypatch.setattr(_SQLiteDB, "_quick_check", lambda self, conn: None)
     with Journal(db) as j:
         with pytest.raises(JournalDamaged, match=str(db)):
             for i in range(300):
@@ -254,7 +248,8 @@ def test_read_only_works_in_a_read_only_state_directory(db):
     filled_journal(db)
     before = sorted(p.name for p in db.parent.iterdir())
     snippet = f"""
-        from orchestrator.journal import Journal, JournalError
+        from orchestrator.journal.journal import Journal
+        from orchestrator.journal.errors import JournalError
         with Journal({str(db)!r}, read_only=True) as j:
             print("kept", [r.change_id for r in j.active_changes("lab1")], len(j.unit_states()))
         with Journal({str(db.parent / "other.db")!r}, read_only=True) as j:
@@ -284,7 +279,7 @@ def test_a_new_journal_is_complete_before_it_has_its_name(db, monkeypatch):
         assert not Path(dst).exists()
         return real_link(src, dst, *a, **kw)
 
-    monkeypatch.setattr(journal_mod.os, "link", link)
+    monkeypatch.setattr(os, "link", link)
     with Journal(db) as j:
         j.set_unit_state("lab1", "done")
     assert seen and seen[0] >= PAGE
@@ -308,7 +303,7 @@ def test_sigkill_mid_change_leaves_a_record_the_next_run_must_reconcile(db, last
     marks = {"intent": [], "applied": ["applied"], "verified": ["applied", "verified"]}[last_step]
     proc = python(f"""
         import os, signal
-        from orchestrator.journal import Journal
+        from orchestrator.journal.journal import Journal
         j = Journal({str(db)!r})
         run = j.begin_run("lab1", "rt-profile", "ctl")
         rec = j.record_intent(run, "lab1", "host", "sysctl.timer_migration", "sysctl", {BEFORE!r}, {DESIRED!r})
@@ -485,7 +480,8 @@ def test_two_processes_racing_for_one_unit_lock_exactly_one_wins(db, tmp_path):
     snippet = f"""
         import os, sys, time
         from pathlib import Path
-        from orchestrator.journal import Journal, LockedError
+        from orchestrator.journal.journal import Journal
+        from orchestrator.journal.errors import LockedError
         j = Journal({str(db)!r})
         Path({str(tmp_path)!r}, f"ready-{{os.getpid()}}").touch()
         deadline = time.time() + 30

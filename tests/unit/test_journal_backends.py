@@ -21,20 +21,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator import journal as journal_mod
+from orchestrator.journal import schema as journal_mod
 from orchestrator.core.events import Event, EventLog
-from orchestrator.journal import (
-    PG_ADVISORY_LOCK_KEY,
-    SCHEMA_VERSION,
-    InvalidTransition,
-    Journal,
-    JournalError,
-    LockedError,
-    LockLostError,
-    UnreconciledError,
-    open_journal,
-    redact_url,
-)
+from orchestrator.journal.errors import InvalidTransition, JournalError, LockedError, LockLostError, UnreconciledError
+from orchestrator.journal.journal import Journal, open_journal
+from orchestrator.journal.postgres import PG_ADVISORY_LOCK_KEY
+from orchestrator.journal.schema import SCHEMA_VERSION
+from orchestrator.journal.urls import redact_url
 from tests.unit.journal_helpers import in_thread, is_pg, j, target  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.unit
@@ -163,7 +156,7 @@ def test_a_schema_1_journal_is_upgraded_with_its_data_kept(target, monkeypatch):
 
 def test_processes_opening_a_new_journal_at_once_migrate_it_once(target, tmp_path):
     outs = race(f"""
-        from orchestrator.journal import Journal
+        from orchestrator.journal.journal import Journal
         barrier()
         with Journal({target!r}) as j:
             print(j.schema_version, flush=True)
@@ -265,7 +258,8 @@ def test_lock_is_exclusive_across_connections(target):
 def test_processes_racing_for_one_lock_exactly_one_wins(target, tmp_path):
     Journal(target).close()
     outs = race(f"""
-        from orchestrator.journal import Journal, LockedError
+        from orchestrator.journal.journal import Journal
+        from orchestrator.journal.errors import LockedError
         j = Journal({target!r})
         barrier()
         try:

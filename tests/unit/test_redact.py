@@ -12,14 +12,9 @@ import traceback
 
 import pytest
 
-from orchestrator.journal import (
-    Journal,
-    JournalError,
-    JournalURLError,
-    check_db_url,
-    redact_url,
-    url_secrets,
-)
+from orchestrator.journal.errors import JournalError, JournalURLError
+from orchestrator.journal.journal import Journal
+from orchestrator.journal.urls import check_db_url, redact_url, url_secrets
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit

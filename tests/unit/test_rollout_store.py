@@ -17,14 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator.journal import (
-    PG_ADVISORY_LOCK_KEY,
-    ClaimLostError,
-    Journal,
-    JournalError,
-    RolloutUnit,
-    this_host,
-)
+from orchestrator.journal.errors import ClaimLostError, JournalError
+from orchestrator.journal.journal import Journal
+from orchestrator.journal.owners import this_host
+from orchestrator.journal.postgres import PG_ADVISORY_LOCK_KEY
+from orchestrator.journal.records import RolloutUnit
 from tests.unit.journal_helpers import in_thread, is_pg, j, target  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.unit
@@ -276,7 +273,7 @@ def test_many_processes_claim_every_unit_exactly_once(target, tmp_path):
         rec = j.create_rollout("p", "inv", POLICY, [units])
     procs = start_together(f"""
         import json
-        from orchestrator.journal import Journal
+        from orchestrator.journal.journal import Journal
         j = Journal({target!r})
         mine = []
         barrier()
@@ -311,7 +308,7 @@ def test_many_processes_never_exceed_max_in_flight(target, tmp_path):
     with Journal(target) as j:
         rec = j.create_rollout("p", "inv", POLICY, [units])
     procs = start_together(f"""
-        from orchestrator.journal import Journal
+        from orchestrator.journal.journal import Journal
         j = Journal({target!r})
         barrier()
         deadline = time.time() + 60

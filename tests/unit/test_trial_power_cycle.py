@@ -17,7 +17,7 @@ from orchestrator.boot.loader import BootTarget
 from orchestrator.boot.trial import TrialBoot, UnitLostError
 from orchestrator.core.errors import TuneError
 from orchestrator.core.events import Event
-from orchestrator.journal import Journal
+from orchestrator.journal.journal import Journal
 from orchestrator.remote.transport import LocalTransport
 
 pytestmark = pytest.mark.unit
