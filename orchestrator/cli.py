@@ -781,7 +781,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     import time
 
     from orchestrator.run.apply import open_controller_journal
-    from orchestrator.diagnose.diagnosis import diagnose, parse_duration, rt_hints_from_vars
+    from orchestrator.diagnose.window import diagnose, parse_duration, rt_hints_from_vars
     from orchestrator.report.diagnosis import save_diagnosis
     from orchestrator.remote.transport import SSHTransport
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from pydantic import BaseModel
 
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
-from orchestrator.diagnose.probe import CALLBACK_FUNCTIONS, SEND_FUNCTIONS
 from orchestrator.core.errors import ParseError
+from orchestrator.diagnose.probe import CALLBACK_FUNCTIONS, SEND_FUNCTIONS
 
 # `<comm>-<pid> [<cpu>] <flags> <ts>: <rest>`; comm may hold spaces and dashes ("CPU 0/KVM-325").
 _LINE = re.compile(r"\s*(?P<comm>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d{3,})\]\s+"

@@ -170,7 +170,7 @@ def test_ctrl_c_and_timeout_leave_no_tracing_behind(lab, lab_paths, inventory):
         no_leftovers(g, "120")
 
     # a window that overruns its deadline: the command times out, the window is killed and cleaned up
-    from orchestrator.diagnose import diagnosis as diagnose
+    from orchestrator.diagnose import window as diagnose
     from orchestrator.core.errors import CommandTimeout
 
     mp = pytest.MonkeyPatch()
@@ -189,7 +189,8 @@ def test_the_tracing_state_probe_sees_each_kind_of_change_someone_else_leaves(la
     """rt-tune's state probe (one awk, one cksum and one grep over every event, so it stays quick in a nested
     guest) on the real tracefs: a filter, a trigger, a kprobe, a tracer, a cpumask and an instance made with
     plain shell each show up in the item that names them, and the state reads equal again once they are undone."""
-    from orchestrator.diagnose.diagnosis import Window, state_differences
+    from orchestrator.diagnose.analysis import state_differences
+    from orchestrator.diagnose.window import Window
 
     ev = f"{TRACEFS}/events/sched/sched_wakeup"
     with SSHTransport(inventory.endpoint("lab1", "guest")) as g:

@@ -31,8 +31,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.diagnose import tracing
-from orchestrator.diagnose.diagnosis import (MAX_DURATION_S, CrashLoop, TargetDiagnosis, analyse, findings,
-                                   parse_duration, rt_hints_from_vars, state_differences, tracing_state_notes)
+from orchestrator.diagnose.analysis import analyse, state_differences, tracing_state_notes
+from orchestrator.diagnose.findings import findings
+from orchestrator.diagnose.model import CrashLoop, TargetDiagnosis
+from orchestrator.diagnose.window import MAX_DURATION_S, parse_duration, rt_hints_from_vars
 from orchestrator.diagnose.probe import (BUFFER_KB, CLEANUP_SCRIPT, EVENTS, FALLBACK_FUNCTIONS, STATE_FILES,
                                     STOP_SLEEP, WINDOW_SCRIPT, cleanup_argv, decode_trace, new_instance_name,
                                     parse_tracing_state, split_sections, window_argv)
@@ -1031,7 +1033,7 @@ def test_cleanup_argv_refuses_names_new_instance_name_cannot_make(name):
 def test_trace_overruns_from_the_recorded_per_cpu_stats():
     """`trace_stats` of the recordings: every CPU listed, nothing lost (overrun 0, dropped events 0); a copy of
     a real block with its overrun count raised is counted as lost events of that CPU."""
-    from orchestrator.diagnose.diagnosis import parse_trace_overruns
+    from orchestrator.diagnose.analysis import parse_trace_overruns
 
     for prefix in ("x86-guest", "arm64-host", "arm64-guest", "x86-guest-nohz-busy"):
         stats = _sections(prefix)["trace_stats"]
@@ -1106,7 +1108,7 @@ class _StateOnlyTransport:
 
 
 def test_a_window_aborted_before_it_started_never_starts_and_needs_no_cleanup():
-    from orchestrator.diagnose.diagnosis import DiagnosisCancelled, Window
+    from orchestrator.diagnose.window import DiagnosisCancelled, Window
 
     t = _StateOnlyTransport()
     w = Window(t, "lab1.host", 10, lambda e: None)
@@ -1118,7 +1120,7 @@ def test_a_window_aborted_before_it_started_never_starts_and_needs_no_cleanup():
 
 
 def test_a_window_aborted_after_its_state_was_read_is_cleaned_up_twice():
-    from orchestrator.diagnose.diagnosis import Window
+    from orchestrator.diagnose.window import Window
 
     t = _StateOnlyTransport()
     w = Window(t, "lab1.host", 10, lambda e: None)
