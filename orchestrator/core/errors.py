@@ -1,5 +1,5 @@
 """One exception root for the whole core, and `tune`'s exit statuses in one table (ExitStatus): each TuneError
-class names its status; orchestrator/cli.py `exit_status` maps any exception to one, in one place."""
+class names its status; orchestrator/cli/main.py `exit_status` maps any exception to one, in one place."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ Kept out of cli.py so the CLI only parses and prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from orchestrator.run.context import Connect, ssh_connect
 from orchestrator.config.playbook import load_measurement_plan
@@ -192,3 +193,68 @@ def write_fleet_reports(summary, artifacts: Path) -> tuple[Path, Path]:
     (artifacts / "fleet.json").write_text(summary.model_dump_json(indent=2))
     render_fleet_html(summary, artifacts / "fleet.html")
     return artifacts / "fleet.json", artifacts / "fleet.html"
+
+
+def choose_units(inv: Inventory, units: Sequence[str]) -> list[str]:
+    """The units named, in the order given (default: all of the inventory's, sorted); unknown ones are one
+    InputError listing the known."""
+    unknown = [u for u in dict.fromkeys(units) if u not in inv.units]
+    if unknown:
+        raise InputError(f"no unit {', '.join(map(repr, unknown))} in the inventory; its units: "
+                         f"{', '.join(sorted(inv.units)) or '(none)'}")
+    return list(dict.fromkeys(units)) or sorted(inv.units)
+
+
+def unit_status(journal: Journal, units: list[str]) -> dict[str, dict[str, Any]]:
+    """Per unit, from the journal: its state, kept changes, changes in flight and its lock."""
+    states = journal.unit_states()
+    out = {}
+    for unit in units:
+        lock = journal.lock_info(unit)
+        st = states.get(unit)
+        out[unit] = {"state": st.state if st else None, "detail": st.detail if st else None,
+                     "kept": [r.change_id for r in journal.active_changes(unit)],
+                     "in_flight": [r.change_id for r in journal.incomplete(unit)],
+                     "lock": lock.lock_id if lock else None}
+    return out
+
+
+def pause_rollout(journal: Journal, rollout_id: int) -> None:
+    """Ask a running rollout to pause (its controllers stop after the units they are working on)."""
+    rec = journal.get_rollout(rollout_id)
+    if not journal.set_rollout_status(rollout_id, "pausing", "pause requested", expect=("running",)):
+        raise InputError(f"rollout {rollout_id} is {rec.status}, not running: nothing to pause")
+
+
+def start_rollout(paths: Paths, journal: Journal, inv_path: Path, profile_path: Path, units: list[str] | None,
+                  policy_file: Path | None, events: EventSink, **runner_kw: Any) -> tuple[Any, int]:
+    """A new rollout of `profile_path` over `units` (all of the inventory's when None): every unit's input
+    errors come before the rollout is recorded. The runner and the rollout's id."""
+    from orchestrator.run.fleet import load_rollout_policy
+
+    loaded = load_rollout_policy(policy_file or PLAYBOOKS_DIR / "rollout.yaml")
+    inv, _ = load_for_apply(paths, inv_path, events)
+    chosen = choose_units(inv, units or ())
+    check_profile(inv, chosen, profile_path)
+    runner = fleet_runner(paths, journal, inv, loaded, events, **runner_kw)
+    runner.policy = policy_for_journal(loaded)
+    return runner, runner.create(profile_path.resolve(), inv_path.resolve(), chosen).id
+
+
+def resume_rollout(paths: Paths, journal: Journal, rollout_id: int, inv_path: Path | None, events: EventSink,
+                   **runner_kw: Any) -> Any:
+    """The runner that continues rollout `rollout_id` with the policy recorded with it (the inventory recorded
+    with it too, unless another is given)."""
+    from orchestrator.run.fleet import LoadedPolicy, RolloutPolicy
+
+    rec = journal.get_rollout(rollout_id)
+    policy = LoadedPolicy(RolloutPolicy.model_validate(rec.policy), Path("/"))
+    inv, _ = load_for_apply(paths, inv_path or Path(rec.inventory), events)
+    return fleet_runner(paths, journal, inv, policy, events, **runner_kw)
+
+
+def finish_rollout(paths: Paths, runner: Any, rollout_id: int, *, retry_failed: bool = False) -> Any:
+    """Run the rollout to its end (done, halted or paused) and write its reports; the summary, with them."""
+    summary = runner.run(rollout_id, retry_failed=retry_failed)
+    report_json, report_html = write_fleet_reports(summary, paths.state / "artifacts" / f"rollout-{rollout_id}")
+    return summary.model_copy(update={"report_json": str(report_json), "report_html": str(report_html)})

@@ -245,7 +245,7 @@ def test_every_error_class_exits_with_a_status_from_the_one_table():
     import pkgutil
 
     import orchestrator
-    from orchestrator.cli import exit_status
+    from orchestrator.cli.main import exit_status
     from orchestrator.core.errors import ExitStatus, TuneError
 
     for mod in pkgutil.walk_packages(orchestrator.__path__, "orchestrator."):
@@ -266,7 +266,7 @@ def test_every_error_class_exits_with_a_status_from_the_one_table():
 def test_tune_as_a_function_returns_its_exit_status_and_raises_nothing(tmp_path, monkeypatch, capsys):
     """cli.run(argv) is `tune ARGV...` without a process: the status from the one table, the message on
     stderr, no exception (the same argv through `tune` itself gives the same status)."""
-    from orchestrator.cli import run
+    from orchestrator.cli.main import run
     from orchestrator.core.errors import ExitStatus
 
     monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))

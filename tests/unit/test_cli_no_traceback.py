@@ -1,6 +1,6 @@
 """Issue #15 item 19: no input a user can give makes `tune` print a Python traceback.
 
-The real entry point (`python -m orchestrator`, as `.venv/bin/tune` runs `orchestrator.cli:main`) runs in a
+The real entry point (`python -m orchestrator`, as `.venv/bin/tune` runs `orchestrator.cli.main:main`) runs in a
 subprocess over a table of hostile inputs of every class of the issue; each row checks the exit status, the
 message and that no traceback reached stdout or stderr. The processes run with a 2 GiB address-space limit and a
 timeout, so a memory or CPU bomb that got through fails its row instead of the machine. An unexpected exception
@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 import pytest
 
-from orchestrator import cli
+from orchestrator.cli import common as cli_common
+from orchestrator.cli import main as cli
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal.errors import LockedError
 from tests.conftest import REPO
@@ -238,7 +239,7 @@ def test_an_unexpected_exception_is_an_internal_error_with_a_logged_traceback(mo
     state = tmp_path / "state"
     monkeypatch.setenv("RT_TUNE_STATE", str(state))
     monkeypatch.setenv("RT_TUNE_DB", SECRET_URL)
-    monkeypatch.setattr(cli, "_units", boom)
+    monkeypatch.setattr(cli_common, "_units", boom)
     code, out, err = run_main(monkeypatch, capsys, ["status", "-i", str(inv), "--db", SECRET_URL])
     assert code == 70
     assert err.startswith("internal error: ZeroDivisionError: injected, near postgresql://tuner:***@db.lan/j\n")
@@ -260,7 +261,7 @@ def test_the_log_goes_to_the_temp_directory_when_the_state_directory_is_not_writ
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(tmp))
-    monkeypatch.setattr(cli, "_units", boom)
+    monkeypatch.setattr(cli_common, "_units", boom)
     inv = tmp_path / "inventory.yaml"
     inv.write_text(INVENTORY)
     code, _out, err = run_main(monkeypatch, capsys, ["status", "-i", str(inv)])
@@ -275,7 +276,7 @@ def test_an_os_error_of_the_controller_is_a_message_naming_the_file(monkeypatch,
         raise PermissionError(13, "Permission denied", "/var/lib/rt-tune/x")
 
     monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))
-    monkeypatch.setattr(cli, "_units", denied)
+    monkeypatch.setattr(cli_common, "_units", denied)
     inv = tmp_path / "inventory.yaml"
     inv.write_text(INVENTORY)
     code, _out, err = run_main(monkeypatch, capsys, ["status", "-i", str(inv)])
@@ -297,5 +298,5 @@ def test_the_entry_point_is_main():
     """`tune` and `python -m orchestrator` both end in cli.main: what the table above runs is what users run."""
     from importlib.metadata import entry_points
 
-    assert [e.value for e in entry_points(group="console_scripts") if e.name == "tune"] == ["orchestrator.cli:main"]
+    assert [e.value for e in entry_points(group="console_scripts") if e.name == "tune"] == ["orchestrator.cli.main:main"]
     assert "main()" in (REPO / "orchestrator" / "__main__.py").read_text()

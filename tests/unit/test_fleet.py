@@ -279,7 +279,7 @@ def test_summarize_counts_overflowed_percentiles_as_lower_bounds():
 
 def test_cli_refuses_bad_input_before_touching_any_unit(tmp_path, monkeypatch):
     """No lab, no SSH: these errors come before any inventory or unit is touched (exit 2, InputError)."""
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))
     bad = tmp_path / "rollout.yaml"
@@ -300,7 +300,7 @@ def test_cli_refuses_bad_input_before_touching_any_unit(tmp_path, monkeypatch):
 def test_rollout_table_shows_each_unit_with_its_figures(journal, tmp_path):
     from rich.console import Console
 
-    from orchestrator.cli import _rollout_table
+    from orchestrator.cli.rollout import _rollout_table
 
     world = _world(unreachable={"u3"})
     runner = _runner(journal, RolloutPolicy(canary=1, batch=5, max_fail_percent=50, on_halt="leave"), world)

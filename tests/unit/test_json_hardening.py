@@ -102,7 +102,7 @@ def test_output_is_always_valid_json():
 
 
 def test_cli_emit_never_prints_nan(capsys):
-    from orchestrator.cli import emit
+    from orchestrator.cli.common import emit
 
     emit({"rank_ci_high": float("inf"), "avg_us": float("nan"), "p99_us": 40}, as_json=True)
     out = capsys.readouterr().out
