@@ -3,7 +3,8 @@
     python benchmarks/decision_bench.py [--trials N] [--fixed-trials N] [--seed S] [--data DIR] [--what-if H:S,...]
 
 Data. Recorded cyclictest runs (`--json` output, one file per run): the lab's
-`tests/recorded/cyclictest/lab/guest-stress-*.json` once that folder has at least 8 of them, else `benchmarks/data/local-x86/run*.json`
+`tests/recorded/cyclictest/lab/guest-stress-*.json` once that folder has at least 8 of them, else
+`benchmarks/data/local-x86/run*.json`
 (see the README there for how they were recorded). Both are real measurements; nothing is invented.
 
 Model (fitted to the recorded runs, nonparametric, two levels):
@@ -58,11 +59,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.stats.decide import DecisionRule, SequentialDecision
 from orchestrator.config.playbook import load_decision_rule
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats
 from orchestrator.measure.parse import parse_cyclictest_file
 from orchestrator.measure.runner import parse_duration
+from orchestrator.stats.decide import DecisionRule, SequentialDecision
 
 LAB = REPO / "tests" / "recorded" / "cyclictest" / "lab"
 LOCAL = REPO / "benchmarks" / "data" / "local-x86"
@@ -430,13 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for T in FIXED_T:
         keep_safe = cal[T]["safe"][1]
-        print(f"| {T} | {cal[T]['max0']:.1%} | {cal[T]['max'][0]:.2f} | {cal[T]['max'][1]:.1%} | {cal[T]['p999'][0]:.2f} | "
+        print(f"| {T} | {cal[T]['max0']:.1%} | {cal[T]['max'][0]:.2f} | {cal[T]['max'][1]:.1%} | "
+              f"{cal[T]['p999'][0]:.2f} | "
               f"{cal[T]['p999'][1]:.1%} | {1 - keep_safe[-0.30]:.0%} / {1 - keep_safe[-0.10]:.0%} |")
     (t_max, ok_max), (t_p, ok_p) = res["T_max"], res["T_p999"]
     t_same = min(FIXED_T, key=lambda T: abs(2 * T - res["mean_time"]))
     print(f"\nThe rule, and the baselines at the rule's mean measuring time (T = {t_same} s per side):\n")
     print("| e on p99.9 | wrong if | rule: keep / rollback / inconclusive | rule wrong | rule runs (both sides) | "
-          f"rule time (s) | rteval max (best tau) @{t_same} s: keep | wrong | fixed p99.9 (best tau) @{t_same} s: keep | "
+          f"rule time (s) | rteval max (best tau) @{t_same} s: keep | wrong | "
+          f"fixed p99.9 (best tau) @{t_same} s: keep | "
           "wrong |")
     print("|---|---|---|---|---|---|---|---|---|---|")
 
@@ -477,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nWhat if the target were calmer (every recorded run's distribution shrunk toward the pooled one: "
               "heterogeneity 1 = as recorded, 0 = runs differ only by sampling) or the runs longer; same rule "
               f"otherwise, {max(args.trials // 2, 20)} decisions per effect:\n")
-        print("| heterogeneity | run (s) | run p99.9 log-SD | rule wrong at -30% / -10% / 0% | rule false keeps (worst) | "
+        print("| heterogeneity | run (s) | run p99.9 log-SD | rule wrong at -30% / -10% / 0% | "
+              "rule false keeps (worst) | "
               "rule mean time (s) | fixed p99.9: T* per side for the same max error | time ratio |")
         print("|---|---|---|---|---|---|---|---|")
         for lam, dur in cases:

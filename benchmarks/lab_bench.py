@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.boot.loader import one_second_later  # noqa: E402
 from orchestrator.core.events import Event  # noqa: E402
+from orchestrator.core.paths import Paths  # noqa: E402
 from orchestrator.facts.base import BOOT_ID
 from orchestrator.lab import snapshot  # noqa: E402
 from orchestrator.lab.lab import Lab  # noqa: E402
-from orchestrator.core.paths import Paths  # noqa: E402
 from orchestrator.remote.transport import SSHTransport  # noqa: E402
 
 GOALS = {("amd64", "ssh_alone"): 20.0, ("any", "snapshot_reset"): 10.0, ("arm64-host", "reboot"): 120.0}
@@ -125,13 +125,13 @@ def bench_arch(arch: str, repeat: int, progress) -> dict[str, dict[str, list[flo
                     out[kind].setdefault("reboot", []).append(_reboot(lab, name, also))
                     progress(f"{arch} {i + 1}/{repeat}: {name} cold reset")
                     out[kind].setdefault("cold_reset", []).append(
-                        _timed(lambda: lab.reset([name, *also], boot_timeout=900, cold=True)))
+                        _timed(lambda names=[name, *also]: lab.reset(names, boot_timeout=900, cold=True)))
                     if arch not in snapshot.RESTORABLE_ARCHES:
                         continue  # its resets boot (snapshot.RESTORABLE_ARCHES says why)
                     progress(f"{arch} {i + 1}/{repeat}: {name} snapshot reset")
                     events: list[Event] = []
                     lab.events = events.append
-                    seconds = _timed(lambda: lab.reset([name, *also]))
+                    seconds = _timed(lambda names=[name, *also]: lab.reset(names))
                     lab.events = _quiet
                     if not any(e.kind == "lab.reset.restored" for e in events):
                         raise SystemExit(f"{name}: the snapshot reset booted instead: "

@@ -5,7 +5,8 @@ claims and locks) over a SIMULATED transport.
 The simulated transport stands in for SSH only: each unit is an in-memory /proc/sys and /etc/sysctl.d; every
 command costs a network round trip (sleep), a connection costs a handshake, and "cyclictest" sleeps for its run
 and answers with a REAL cyclictest output recorded on the lab guest (tests/recorded/cyclictest/lab/, see its
-README); the pre-run probe answers with a lab host's recorded boot_id and /proc/cmdline. Nothing else is faked. What is measured is the controller process: CPU seconds and resident memory.
+README); the pre-run probe answers with a lab host's recorded boot_id and /proc/cmdline. Nothing else is faked.
+What is measured is the controller process: CPU seconds and resident memory.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.stats.decide import DecisionRule, MeasurementPlan
-from orchestrator.run.engine import Engine
-from orchestrator.run.fleet import FleetRunner, RolloutPolicy
 from orchestrator.config.inventory import Inventory
 from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
 from orchestrator.remote.transport import CommandResult
+from orchestrator.run.engine import Engine
+from orchestrator.run.fleet import FleetRunner, RolloutPolicy
+from orchestrator.stats.decide import DecisionRule, MeasurementPlan
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))

@@ -81,7 +81,7 @@ _BASHRC = "# ~/.bashrc of the rt-tune fleet benchmark's targets: as Debian's def
 
 
 def _run(argv: list[str], *, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=check, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(argv, check=check, input=input, capture_output=True)
 
 
 def _keygen(path: Path, comment: str) -> None:

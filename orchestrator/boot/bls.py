@@ -24,6 +24,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from orchestrator.boot import cmdline
+from orchestrator.boot.common import (
+    command_exists,
+    default_args_problems,
+    file_mode,
+    grubenv_location_problems,
+    path_exists,
+    swap_version,
+)
 from orchestrator.boot.loader import (
     BootError,
     Bootloader,
@@ -32,14 +40,6 @@ from orchestrator.boot.loader import (
     read_optional,
     restore_files,
     snapshot_files,
-)
-from orchestrator.boot.common import (
-    default_args_problems,
-    command_exists,
-    file_mode,
-    grubenv_location_problems,
-    path_exists,
-    swap_version,
 )
 from orchestrator.remote.transport import Transport
 

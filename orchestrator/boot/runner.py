@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, Self
 from orchestrator.boot import cmdline
 from orchestrator.boot.loader import Bootloader, BootTarget, cancel_reboot
 from orchestrator.boot.trial import Dependent, Health, TrialBoot, UnitLostError
-from orchestrator.run.context import ChangeOutcome, SharedConnections
+from orchestrator.config.profile import ChangeSpec
 from orchestrator.core.errors import InputError, TransportError, TuneError
 from orchestrator.core.events import Event
 from orchestrator.facts.base import ARCH, BOOT_ID, CMDLINE, KERNEL_RELEASE
 from orchestrator.facts.bootloader import BOOTLOADER
-from orchestrator.config.profile import ChangeSpec
-from orchestrator.run.transaction import ChangeUndone, Planned, UnitLost, run_change
 from orchestrator.remote.transport import Transport
+from orchestrator.run.context import ChangeOutcome, SharedConnections
+from orchestrator.run.transaction import ChangeUndone, Planned, UnitLost, run_change
 
 if TYPE_CHECKING:
     from orchestrator.run.context import RunContext

@@ -27,10 +27,10 @@ from typing import Literal
 from pydantic import BaseModel
 
 from orchestrator.boot import cmdline
-from orchestrator.boot.loader import BootTarget, Bootloader
+from orchestrator.boot.loader import Bootloader, BootTarget
+from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import TuneError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.facts.base import BOOT_ID, CMDLINE, KERNEL_RELEASE
 from orchestrator.facts.cpus import ISOLATED_CPUS, NOHZ_FULL_CPUS
 from orchestrator.remote.transport import Transport, printable

@@ -1,5 +1,5 @@
-"""The contract of a runtime change: it reads the live state, plans a diff (no-op when already in place), applies, verifies by
-reading again, and rolls back to the exact previous state.
+"""The contract of a runtime change: it reads the live state, plans a diff (no-op when already in place),
+applies, verifies by reading again, and rolls back to the exact previous state.
 
 A change's `read()` returns a JSON-able snapshot that is journaled *before* the change is applied; `rollback()`
 restores that snapshot byte for byte (files are kept base64-encoded). rt-tune owns only what it creates: its

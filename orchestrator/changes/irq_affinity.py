@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import InputError
 from orchestrator.remote.transport import Transport, read_optional
-
-from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
-
 
 IRQ_UNIT = "/etc/systemd/system/rt-tune-irq-affinity.service"
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.changes.base import Change, ChangeError, State
 from orchestrator.core.names import service_to_disable  # whole-string, systemd's rules
 from orchestrator.remote.transport import Transport
-
-from orchestrator.changes.base import Change, ChangeError, State
 
 
 @dataclass

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import SYSCTL_NAME  # whole-string, systemd's rules
 from orchestrator.remote.transport import Transport, read_files
-
-from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
 
 
 @dataclass

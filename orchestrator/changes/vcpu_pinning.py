@@ -7,15 +7,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator.changes.base import Change, ChangeError, Plan, State, b64, restore_file, unb64
+from orchestrator.config.profile import describe_vcpu_map
 from orchestrator.core.cpulist import format_cpulist
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import check_unit_name  # whole-string, systemd's rules
-from orchestrator.config.profile import describe_vcpu_map
 from orchestrator.remote.transport import Transport, read_files
-
-from orchestrator.changes.base import Change, ChangeError, Plan, State, b64, restore_file, unb64
-
 
 PIN_SCRIPT = "/usr/local/sbin/rt-tune-pin-vcpus"
 

@@ -98,7 +98,8 @@ def lab_power_cycle(name: str, no_wait: bool, as_json: bool) -> None:
     """Hard-reset VM NAME like pulling a unit's power: a QMP reset; a nested guest's QEMU is killed on its host and
     systemd starts it again."""
     boot_id = _lab().power_cycle(name, wait=not no_wait)
-    emit({"name": name, "boot_id": boot_id}, as_json, f"{name} power-cycled" + (f"; boot_id {boot_id}" if boot_id else ""))
+    emit({"name": name, "boot_id": boot_id}, as_json,
+         f"{name} power-cycled" + (f"; boot_id {boot_id}" if boot_id else ""))
 
 
 @lab.command("start")

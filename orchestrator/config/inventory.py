@@ -37,11 +37,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from orchestrator.config.yamlio import load_model
 from orchestrator.core.cpulist import CPU_CEILING, CpuListError, format_cpulist, parse_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import InvalidName, check_unit_name, with_unit_suffix
 from orchestrator.remote.transport import Endpoint
-from orchestrator.config.yamlio import load_model
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)  # unit and group names, whole-string
 NAME_MAX = 64

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.stats.decide import DecisionRule, MeasurementPlan
 from orchestrator.config.yamlio import load_model
+from orchestrator.stats.decide import DecisionRule, MeasurementPlan
 
 
 def load_measurement_plan(path: Path) -> MeasurementPlan:

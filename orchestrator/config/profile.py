@@ -126,9 +126,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from orchestrator.config.yamlio import key_path, line_of, plain, read_yaml
+from orchestrator.config.yamlio import shown as short_repr
 from orchestrator.core.cpulist import CPU_CEILING, CpuListError, format_cpulist, parse_cpulist
 from orchestrator.core.errors import InputError
-from orchestrator.core.paths import shipped
 from orchestrator.core.names import (
     DISABLE_TYPES,
     SYSCTL_NAME,
@@ -139,8 +140,7 @@ from orchestrator.core.names import (
     service_to_disable,
     with_unit_suffix,
 )
-from orchestrator.config.yamlio import key_path, line_of, plain, read_yaml
-from orchestrator.config.yamlio import shown as short_repr
+from orchestrator.core.paths import shipped
 
 PROFILES_DIR = shipped("profiles")
 
@@ -598,8 +598,8 @@ class _Resolver:
             outside = [c for c in cpus if c >= n]
             if outside:
                 rng = "0" if n == 1 else f"0-{n - 1}"
-                self.p.add(loc, f"CPU{'s' if len(outside) > 1 else ''} {format_cpulist(outside)} outside the unit's {target} CPUs {rng} "
-                                f"({n} CPUs)", shown, raw)
+                self.p.add(loc, f"CPU{'s' if len(outside) > 1 else ''} {format_cpulist(outside)} outside the unit's "
+                                f"{target} CPUs {rng} ({n} CPUs)", shown, raw)
                 return None
         return cpus
 
@@ -639,7 +639,7 @@ class _Resolver:
                 return rt_sets, None
         if not (unit and cpus and vcpus and hk):
             return rt_sets, None
-        return rt_sets, {"service": unit, "vcpus": {str(v): c for v, c in zip(vcpus, cpus)},
+        return rt_sets, {"service": unit, "vcpus": {str(v): c for v, c in zip(vcpus, cpus, strict=False)},
                          "housekeeping": hk, "rt_priority": pin.rt_priority}
 
     def service(self, loc: tuple, raw: str, kinds: tuple[str, ...] = ("service",)) -> str | None:
@@ -716,8 +716,9 @@ class _Resolver:
                 for key, cpus, rt_text in rt_sets:
                     both = sorted(set(hk) & set(cpus))
                     if both:
-                        self.p.add(loc, f"housekeeping CPU{'s' if len(both) > 1 else ''} {format_cpulist(both)} also in the RT CPUs of {key} "
-                                        f"({rt_text}); housekeeping and RT CPU sets must not overlap", text, raw)
+                        self.p.add(loc, f"housekeeping CPU{'s' if len(both) > 1 else ''} {format_cpulist(both)} also "
+                                        f"in the RT CPUs of {key} ({rt_text}); housekeeping and RT CPU sets must "
+                                        "not overlap", text, raw)
                         hk = None
                         break
             if hk:

@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 PACKAGE = Path(__file__).resolve().parent.parent  # orchestrator/, this file being orchestrator/core/paths.py
 
 

@@ -29,8 +29,6 @@ from orchestrator.diagnose.tracing import TraceSummary, parse_trace, summarize_t
 from orchestrator.facts.irqs import Irq, is_ipi_row, parse_interrupts
 from orchestrator.facts.systemd import parse_coredumps
 
-
-
 CRASH_RESTARTS = 3  # NRestarts at least this, with core dumps in the last hour: a crash loop even if quiet now
 
 
@@ -187,8 +185,8 @@ def parse_trace_overruns(text: str) -> dict[int, int]:
 def tracing_state_notes(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """Differences between two tracing states that are not changes of state: Linux before 6.7 allocates the
     top-level ring buffer it had deferred ("7 (expanded: 1408)" -> "1410", whole pages) the first time any
-    instance enables an event. The configured size is the same; nothing rt-tune can or should undo (shrinking it would set a
-    7 KB buffer)."""
+    instance enables an event. The configured size is the same; nothing rt-tune can or should undo (shrinking it would
+    set a 7 KB buffer)."""
     notes = []
     b, a = before.get("buffer_size_kb", ""), after.get("buffer_size_kb", "")
     m = re.fullmatch(r"\d+ \(expanded: (\d+)\)", b)

@@ -43,8 +43,8 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
     """What the evidence says, each with the change that addresses it or the reason none does: one function
     per kind of finding, most severe first."""
     out: list[Finding] = []
-    for find in (_find_crash_loops, _find_kick_all_cpus, _find_page_table_teardown, _find_nohz_ticks, _find_no_nohz_full,
-                 _find_timer_migration, _find_rt_cpu_ipis, _find_vcpu_wakeups, _find_wfx_traps):
+    for find in (_find_crash_loops, _find_kick_all_cpus, _find_page_table_teardown, _find_nohz_ticks,
+                 _find_no_nohz_full, _find_timer_migration, _find_rt_cpu_ipis, _find_vcpu_wakeups, _find_wfx_traps):
         out += find(d)
     return sorted(out, key=lambda f: SEVERITY_ORDER[f.severity])
 
@@ -161,7 +161,8 @@ def _find_no_nohz_full(d: TargetDiagnosis) -> list[Finding]:
             + [f"local timer interrupts on CPU {c}: {d.timer_irq_per_s[c]:.0f}/s" for c in rt_not_nohz
                if c in d.timer_irq_per_s],
             change=f"{t}.cmdline",
-            profile=f"{t}:\n  cmdline:\n    nohz_full: \"{_cpus(rt_not_nohz)}\"\n    rcu_nocbs: \"{_cpus(rt_not_nohz)}\"\n"))
+            profile=f"{t}:\n  cmdline:\n    nohz_full: \"{_cpus(rt_not_nohz)}\"\n"
+                    f"    rcu_nocbs: \"{_cpus(rt_not_nohz)}\"\n"))
 
     return out
 

@@ -5,16 +5,17 @@ Why one script: on a nested guest every round trip goes through the host, and th
 trace window exactly. Why a private instance (`instances/rt-tune-diag-<token>`, like trace-cmd's `-B`): the
 events, tracer, filters and buffers rt-tune sets live in that instance only, so the top-level tracing state the
 user or another tool set up is never written; rmdir of the instance is the whole undo. One kernel side effect
-remains on older kernels (the lab's 6.1; not its 6.12): the first event enabled anywhere makes the kernel allocate the top-level buffer it had
-deferred (`7 (expanded: 1408)` -> `1408`), as any first use of tracing does. Events are enabled before the
+remains on older kernels (the lab's 6.1; not its 6.12): the first event enabled anywhere makes the kernel
+allocate the top-level buffer it had deferred (`7 (expanded: 1408)` -> `1408`), as any first use of tracing
+does. Events are enabled before the
 instance's buffer is resized, because resizing first would mark the top-level buffer expanded without
 allocating it (stuck at 7 KB for the next user). The script removes it on
 exit and on INT/TERM/HUP; the controller checks the target's tracing state before and after (`tracing_state`)
 and, on error, timeout or Ctrl-C, kills the script by its pid file and removes the instance itself.
 
 The output is framed: `\\n<marker> <section>\\n` lines with a random marker, each followed by one command's raw
-output. The parsers of each section are pure functions (orchestrator/diagnose/kstate.py, orchestrator/diagnose/tracing.py) tested
-on recorded real output.
+output. The parsers of each section are pure functions (orchestrator/diagnose/kstate.py,
+orchestrator/diagnose/tracing.py) tested on recorded real output.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ trap '{STOP}; cleanup; exit 130' INT TERM HUP
 sample() {
   sec "uptime$1"; cat /proc/uptime
   sec "interrupts$1"; cat /proc/interrupts
-  sec "units$1"; systemctl show --no-pager -p Id,NRestarts,ActiveState,SubState,UnitFileState,Result,ExecMainPID '*.service' 2>/dev/null
+  sec "units$1"
+  systemctl show --no-pager -p Id,NRestarts,ActiveState,SubState,UnitFileState,Result,ExecMainPID \
+    '*.service' 2>/dev/null
   sec "kvm$1"
   for v in /sys/kernel/debug/kvm/[0-9]*-[0-9]*; do
     [ -d "$v" ] || continue

@@ -1,4 +1,5 @@
-"""The facts every probe stands on: `Fact` (a command and a pure parser), gathering several in one round trip, and the unit's basic facts (kernel, arch, CPUs, cmdline, boot id, hostname)."""
+"""The facts every probe stands on: `Fact` (a command and a pure parser), gathering several in one round trip,
+and the unit's basic facts (kernel, arch, CPUs, cmdline, boot id, hostname)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from orchestrator.core.events import Event, EventSink, discard
+from orchestrator.journal import schema
 from orchestrator.journal.errors import (
     InvalidTransition,
     JournalError,
@@ -35,7 +36,6 @@ from orchestrator.journal.records import (
     _row_run,
 )
 from orchestrator.journal.rollouts import RolloutOps
-from orchestrator.journal import schema
 from orchestrator.journal.schema import _run_migrations
 from orchestrator.journal.scrub import _dump_strict, _load, _scrub
 from orchestrator.journal.sqlite import _SQLiteDB

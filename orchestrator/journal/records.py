@@ -191,6 +191,7 @@ def _row_rollout(row: Any) -> RolloutRecord:
 
 def _row_rollout_unit(row: Any) -> RolloutUnit:
     return RolloutUnit(rollout_id=row["rollout_id"], unit=row["unit"], wave=row["wave"],
-                       position=row["position"], state=row["state"], claimed_by=row["claimed_by"], claimed_at=row["claimed_at"],
+                       position=row["position"], state=row["state"], claimed_by=row["claimed_by"],
+                       claimed_at=row["claimed_at"],
                        attempts=row["attempts"], detail=row["detail"], result=_load(row["result"]),
                        updated_at=row["updated_at"])

@@ -13,8 +13,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from orchestrator.journal.errors import JournalDamaged, JournalError
 from orchestrator.journal import schema
+from orchestrator.journal.errors import JournalDamaged, JournalError
 from orchestrator.journal.schema import _run_migrations
 
 

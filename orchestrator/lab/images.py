@@ -91,7 +91,7 @@ class ImageRecipe:
     nested_guest: bool = False
 
     @classmethod
-    def default(cls, arch: str = "amd64") -> "ImageRecipe":
+    def default(cls, arch: str = "amd64") -> ImageRecipe:
         if arch not in ARCH_PACKAGES:
             raise LabError(f"no lab image recipe for architecture {arch!r}; known: {', '.join(ARCH_PACKAGES)}")
         nested = arch in NESTED_GUEST_ARCHES
@@ -129,7 +129,7 @@ class ImageSet:
         return self.directory / "esp.img"
 
     @classmethod
-    def load(cls, directory: Path) -> "ImageSet":
+    def load(cls, directory: Path) -> ImageSet:
         manifest = json.loads((directory / "manifest.json").read_text())
         return cls(directory=directory, arch=manifest["arch"], kernel=manifest["kernel"],
                    root_uuid=manifest["root_uuid"], nested_guest=manifest.get("nested_guest", False),

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from orchestrator.config.yamlio import dump_yaml
 from orchestrator.core.errors import HostKeyError, LabError, TransportError
 from orchestrator.core.events import Event, EventSink, discard
+from orchestrator.core.paths import Paths
 from orchestrator.facts.base import BOOT_ID
 from orchestrator.lab import deps, images, snapshot, vm
 from orchestrator.lab.qmp import qmp_call
-from orchestrator.core.paths import Paths
 from orchestrator.remote.transport import Endpoint, SSHTransport
-from orchestrator.config.yamlio import dump_yaml
 
 FIRST_SSH_PORT = 2230
 ROLE_MEMORY_MIB = {"host": 1536, "guest": 1024}  # one unit in <= 3 GiB with QEMU's own overhead

@@ -27,9 +27,9 @@ PERCENTILES: dict[str, float] = {"p50_us": 0.50, "p90_us": 0.90, "p99_us": 0.99,
                                  "p9999_us": 0.9999}
 OutputForm = Literal["summary", "histogram", "json"]
 #: How tables, plots and decisions name each figure of a result.
-METRIC_LABEL: dict[str, str] = {"samples": "samples", "min_us": "min", "avg_us": "avg", "p50_us": "p50", "p90_us": "p90",
-                                "p99_us": "p99", "p999_us": "p99.9", "p9999_us": "p99.99", "max_us": "max",
-                                "overflows": "overflows"}
+METRIC_LABEL: dict[str, str] = {"samples": "samples", "min_us": "min", "avg_us": "avg", "p50_us": "p50",
+                                "p90_us": "p90", "p99_us": "p99", "p999_us": "p99.9", "p9999_us": "p99.99",
+                                "max_us": "max", "overflows": "overflows"}
 
 MAX_CPU = 8191  # the kernel's CONFIG_NR_CPUS ceiling (8192 CPUs): a CPU number above it cannot exist
 HIST_MAX = 1_000_000  # cyclictest's HIST_MAX: a larger -h is silently cut to this many buckets

@@ -15,10 +15,17 @@ from orchestrator.measure.model import METRIC_LABEL, PERCENTILES
 from orchestrator.measure.pooled import PooledRuns, histogram_limit, run_value
 from orchestrator.report.html import BASE_CSS, escape, fmt_time, img_tag, page, write_page
 from orchestrator.report.latency import conditions_table, fmt_value, overflow_warning
-from orchestrator.report.plots import (figure_png, legend_name, log_x_axis, new_figure, no_data_png,
-                                       render_ccdf_png, render_histogram_png, use_log_x)
+from orchestrator.report.plots import (
+    figure_png,
+    legend_name,
+    log_x_axis,
+    new_figure,
+    no_data_png,
+    render_ccdf_png,
+    render_histogram_png,
+    use_log_x,
+)
 from orchestrator.stats.ab import ABResult, run_sequence
-
 
 ARM_COLOR = {"A": "#1f77b4", "B": "#d62728"}
 

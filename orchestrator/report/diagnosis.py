@@ -14,10 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from orchestrator.diagnose.model import Diagnosis, Finding, TargetDiagnosis
 from orchestrator.report.html import escape as _e
 from orchestrator.report.html import img_tag, page, write_page
 from orchestrator.report.plots import figure_png, new_figure
-from orchestrator.diagnose.model import Diagnosis, Finding, TargetDiagnosis
 
 TOP_SENDS = 20  # rows of the "who sends them" table
 TOP_TIMERS = 10  # timers shown per CPU

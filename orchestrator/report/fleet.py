@@ -26,7 +26,7 @@ def render_fleet_html(summary: RolloutSummary, path: Path) -> Path:
         bounds = set(o.get("bounds") or [])
         b, a = {**b, "_side": "before"}, {**a, "_side": "after"}
 
-        def f(d: dict, k: str) -> str:
+        def f(d: dict, k: str, bounds: set = bounds) -> str:
             if d.get(k) is None:
                 return "-"
             return (">=" if f"{d['_side']}.{k}" in bounds else "") + f"{d[k]:.0f}"

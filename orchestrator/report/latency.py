@@ -260,7 +260,8 @@ def conditions_table(labeled: Sequence[tuple[str, LatencyResult]]) -> str:
         res = info[key]
         s = res.settings
         settings = ("not recorded" if s is None else
-                    f"cpus {','.join(map(str, s.cpus))}, {s.policy} priority {s.priority}, interval {s.interval_us} us, "
+                    f"cpus {','.join(map(str, s.cpus))}, {s.policy} priority {s.priority}, "
+                    f"interval {s.interval_us} us, "
                     f"{s.duration_s:g} s, histogram {s.histogram_us} us, mlockall {'on' if s.mlockall else 'off'}")
         load = _load_text(res) or "not recorded"
         rows.append(

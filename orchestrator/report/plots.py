@@ -15,7 +15,6 @@ from types import MappingProxyType
 from orchestrator.measure.model import METRIC_LABEL, PERCENTILES, LatencyResult
 from orchestrator.measure.pooled import PooledRuns
 
-
 CCDF_MARKS = ("p50_us", "p99_us", "p999_us", "p9999_us")
 
 

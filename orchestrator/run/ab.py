@@ -1,4 +1,5 @@
-"""`tune ab`: run an A/B latency experiment on a real unit (the statistics: orchestrator.stats.ab; the report: orchestrator.report.ab).
+"""`tune ab`: run an A/B latency experiment on a real unit (the statistics: orchestrator.stats.ab; the report:
+orchestrator.report.ab).
 
 Each arm is the unit as it stands plus that profile's runtime changes. The sides alternate in ABBA order (drift
 in the unit, thermal or background, hits both arms alike), every block of runs under the measurement plan's
@@ -19,17 +20,17 @@ from typing import Any
 
 from orchestrator.changes.base import Change, Plan
 from orchestrator.changes.registry import build_change, is_boot_kind
-from orchestrator.run.context import SharedConnections
-from orchestrator.run.engine import Engine
+from orchestrator.config.profile import ChangeSpec
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.core.events import Event
-from orchestrator.report.ab import render_ab_html
-from orchestrator.stats.ab import ABArm, ABResult, ab_schedule, analyse, save_ab
 from orchestrator.measure.model import LatencyResult
 from orchestrator.measure.runner import measure
-from orchestrator.config.profile import ChangeSpec
-from orchestrator.run.transaction import JournaledChange
 from orchestrator.remote.transport import Transport
+from orchestrator.report.ab import render_ab_html
+from orchestrator.run.context import SharedConnections
+from orchestrator.run.engine import Engine
+from orchestrator.run.transaction import JournaledChange
+from orchestrator.stats.ab import ABArm, ABResult, ab_schedule, analyse, save_ab
 
 
 @dataclass

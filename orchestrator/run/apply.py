@@ -10,16 +10,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.run.context import Connect, ssh_connect
+from orchestrator.config.inventory import Inventory, load_inventory
 from orchestrator.config.playbook import load_measurement_plan
-from orchestrator.run.engine import ApplyResult, Engine
+from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.core.errors import InputError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.config.inventory import Inventory, load_inventory
-from orchestrator.journal.journal import Journal
 from orchestrator.core.paths import Paths, missing_inventory, shipped
-from orchestrator.config.profile import ChangeSpec, load_profile, resolve
+from orchestrator.journal.journal import Journal
 from orchestrator.report.latency import ChangeReport, Report, render_html, save_report
+from orchestrator.run.context import Connect, ssh_connect
+from orchestrator.run.engine import ApplyResult, Engine
 
 PLAYBOOKS_DIR = shipped("playbooks")
 DEFAULT_PLAN = PLAYBOOKS_DIR / "measurement.yaml"

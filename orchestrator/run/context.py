@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from orchestrator.stats.decide import MeasurementPlan
+from orchestrator.config.inventory import Inventory
 from orchestrator.core.errors import TransportError
 from orchestrator.core.events import Event, EventSink, discard
-from orchestrator.config.inventory import Inventory
 from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import LatencyResult
 from orchestrator.remote.transport import SSHTransport, Transport
+from orchestrator.stats.decide import MeasurementPlan
 
 MARKER = "/var/lib/rt-tune/changes.json"
 Status = Literal["kept", "rolled_back", "noop", "failed", "skipped", "planned", "refused"]

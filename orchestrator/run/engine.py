@@ -18,12 +18,12 @@ from pydantic import BaseModel
 from orchestrator.boot.runner import BootChangeRunner
 from orchestrator.changes.base import Change, Plan
 from orchestrator.changes.registry import build_change, is_boot_kind
-from orchestrator.run.context import ChangeOutcome, RunContext, SharedConnections, Status
+from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal.records import ChangeRecord
-from orchestrator.config.profile import ChangeSpec, load_profile, resolve
-from orchestrator.run.transaction import JournaledChange, Planned, run_change
 from orchestrator.remote.transport import Transport
+from orchestrator.run.context import ChangeOutcome, RunContext, SharedConnections, Status
+from orchestrator.run.transaction import JournaledChange, Planned, run_change
 
 
 def split_cmdline(spec: ChangeSpec) -> list[ChangeSpec]:

@@ -36,9 +36,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.stats.decide import median_is_bound, run_values
 from orchestrator.config.playbook import load_measurement_plan
-from orchestrator.run.engine import ApplyResult, Engine
+from orchestrator.config.yamlio import load_model
 from orchestrator.core.errors import ExitStatus, InputError, TuneError
 from orchestrator.core.events import CHANGE_ENDED, Event, EventSink, discard
 from orchestrator.journal.errors import JournalError
@@ -46,7 +45,8 @@ from orchestrator.journal.journal import Journal
 from orchestrator.journal.owners import default_owner
 from orchestrator.journal.records import RolloutRecord, RolloutUnit
 from orchestrator.measure.model import Int, Number
-from orchestrator.config.yamlio import load_model
+from orchestrator.run.engine import ApplyResult, Engine
+from orchestrator.stats.decide import median_is_bound, run_values
 
 METRICS = ("p99_us", "p999_us", "max_us", "avg_us")
 FINISHED = ("done", "degraded", "failed")

@@ -19,13 +19,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestrator.run.context import ChangeOutcome, RunContext, Status
-from orchestrator.stats.decide import SequentialDecision
+from orchestrator.config.profile import ChangeSpec
 from orchestrator.core.errors import TransportError, TuneError
 from orchestrator.measure.model import LatencyResult
 from orchestrator.measure.runner import measure
-from orchestrator.config.profile import ChangeSpec
 from orchestrator.remote.transport import Transport
+from orchestrator.run.context import ChangeOutcome, RunContext, Status
+from orchestrator.stats.decide import SequentialDecision
 
 
 class ChangeUndone(TuneError):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.core.paths import Paths
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
-from tests.conftest import REPO, running_lab, lab_state_paths, tune_env
+from orchestrator.core.paths import Paths
+from tests.conftest import REPO, lab_state_paths, running_lab, tune_env
 from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
 pytestmark = [pytest.mark.lab, pytest.mark.arm64]
@@ -258,8 +258,8 @@ def nohz_nested_guest(arm64_lab, arm64_inventory):
 
 def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
                                                                        nohz_nested_guest, tmp_path):
-    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
     from orchestrator.remote.transport import SSHTransport
+    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
 
     with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
         before = tracing_state(g)

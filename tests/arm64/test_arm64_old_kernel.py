@@ -13,8 +13,13 @@ import json
 import pytest
 
 from orchestrator.boot.loader import one_second_later
-from tests.arm64.test_arm64 import (arm64_inventory, arm64_lab, arm64_paths, nested_playbook,  # noqa: F401
-                                    tune)  # (fixtures)
+from tests.arm64.test_arm64 import (  # noqa: F401
+    arm64_inventory,
+    arm64_lab,
+    arm64_paths,
+    nested_playbook,
+    tune,  # (fixtures)
+)
 
 pytestmark = [pytest.mark.slow_lab, pytest.mark.arm64]
 

@@ -9,7 +9,6 @@ import pytest
 
 from tests.conftest import lab_state_paths, running_lab
 
-
 REUSE = os.environ.get("RT_TUNE_TEST_REUSE_FLEET_STATE")  # a developer's running 3-unit lab: reused, left running
 
 

@@ -11,7 +11,6 @@ Each test ends with the guest's boot files byte-identical to the start and the o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import sqlite3

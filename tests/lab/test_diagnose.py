@@ -170,8 +170,8 @@ def test_ctrl_c_and_timeout_leave_no_tracing_behind(lab, lab_paths, inventory):
         no_leftovers(g, "120")
 
     # a window that overruns its deadline: the command times out, the window is killed and cleaned up
-    from orchestrator.diagnose import window as diagnose
     from orchestrator.core.errors import CommandTimeout
+    from orchestrator.diagnose import window as diagnose
 
     mp = pytest.MonkeyPatch()
     mp.setattr(diagnose, "WINDOW_OVERHEAD_S", -25.0)  # deadline 5 s into a 30 s window

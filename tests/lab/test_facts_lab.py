@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.facts.base import BOOT_ID, CMDLINE, CPUS_ONLINE
 from orchestrator.facts.bootloader import BOOTLOADER
-from orchestrator.facts.cpus import CPUS_POSSIBLE, CPUS_PRESENT, CPU_COUNT, ISOLATED_CPUS, NOHZ_FULL_CPUS
+from orchestrator.facts.cpus import CPU_COUNT, CPUS_POSSIBLE, CPUS_PRESENT, ISOLATED_CPUS, NOHZ_FULL_CPUS
 from orchestrator.facts.irqs import IRQS, ipi_counts
 from orchestrator.facts.qemu import QEMU_PROCESSES
 from orchestrator.facts.sysctl import SYSCTL_FILES, effective_sysctl_settings, sysctl_fact

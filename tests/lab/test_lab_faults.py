@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lab import sh
 from orchestrator.core.paths import Paths
+from orchestrator.lab import sh
 
 pytestmark = pytest.mark.lab
 

@@ -113,8 +113,8 @@ def test_sysfs_expectations_and_cmdline_equality():
 
 
 def test_playbook_can_split_a_cmdline_section_into_one_trial_boot_per_argument():
-    from orchestrator.run.engine import split_cmdline
     from orchestrator.config.profile import ChangeSpec
+    from orchestrator.run.engine import split_cmdline
 
     spec = ChangeSpec(id="guest.cmdline", target="guest", kind="cmdline", needs_reboot=True,
                       params={"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1", "nosoftlockup": None}})

@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator.changes.irq_affinity import IrqAffinityChange
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
-from orchestrator.core.errors import InputError
 from orchestrator.config.profile import describe_vcpu_map
+from orchestrator.core.errors import InputError
 
 pytestmark = pytest.mark.unit
 

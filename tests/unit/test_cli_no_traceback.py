@@ -298,5 +298,6 @@ def test_the_entry_point_is_main():
     """`tune` and `python -m orchestrator` both end in cli.main: what the table above runs is what users run."""
     from importlib.metadata import entry_points
 
-    assert [e.value for e in entry_points(group="console_scripts") if e.name == "tune"] == ["orchestrator.cli.main:main"]
+    tune = [e.value for e in entry_points(group="console_scripts") if e.name == "tune"]
+    assert tune == ["orchestrator.cli.main:main"]
     assert "main()" in (REPO / "orchestrator" / "__main__.py").read_text()

@@ -13,23 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.facts.sysctl import sysctl_path
-from orchestrator.facts.systemd import validate_unit_name
-
-from orchestrator.core import names
 from orchestrator.boot import cmdline as boot_cmdline
 from orchestrator.boot.qemu_append import QemuAppendBackend
 from orchestrator.boot.registry import BACKENDS
 from orchestrator.boot.wfx import wfx_exits_fact
 from orchestrator.changes.service import ServiceDisableChange
 from orchestrator.changes.sysctl import SysctlChange
-from orchestrator.core.cpulist import parse_cpulist
-from orchestrator.config.playbook import load_measurement_plan
-from orchestrator.core.errors import InputError
-from orchestrator.run.fleet import load_rollout_policy
 from orchestrator.config.inventory import BOOTLOADERS, GUEST_BOOTLOADERS, Inventory, load_inventory
+from orchestrator.config.playbook import load_measurement_plan
 from orchestrator.config.profile import PROFILES_DIR, load_profile
 from orchestrator.config.yamlio import MAX_BYTES, MAX_DEPTH, read_yaml
+from orchestrator.core import names
+from orchestrator.core.cpulist import parse_cpulist
+from orchestrator.core.errors import InputError
+from orchestrator.facts.sysctl import sysctl_path
+from orchestrator.facts.systemd import validate_unit_name
+from orchestrator.run.fleet import load_rollout_policy
 
 pytestmark = pytest.mark.unit
 
@@ -60,7 +59,7 @@ LOADERS = {"profile": load_profile, "inventory": load_inventory, "measurement pl
 def billion_laughs() -> str:
     """The classic: 9 levels of 9 aliases each, 565 bytes of YAML that expand to 9**9 strings."""
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, cur in zip("abcdefgh", "bcdefghi"):
+    for prev, cur in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
     return "\n".join(lines) + "\n"
 

@@ -8,8 +8,6 @@ import tracemalloc
 
 import pytest
 
-from orchestrator.facts import base as facts_base
-from orchestrator.facts import cpus as facts_cpus
 from orchestrator.core.cpulist import (
     CPU_CEILING,
     MAX_TEXT,
@@ -19,6 +17,8 @@ from orchestrator.core.cpulist import (
     parse_kernel_cpulist,
 )
 from orchestrator.core.errors import InputError, ParseError
+from orchestrator.facts import base as facts_base
+from orchestrator.facts import cpus as facts_cpus
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

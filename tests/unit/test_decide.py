@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.stats.decide import DecisionRule, SequentialDecision, decide, run_values
 from orchestrator.config.playbook import load_decision_rule
 from orchestrator.core.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest_file
+from orchestrator.stats.decide import DecisionRule, SequentialDecision, decide, run_values
 
 pytestmark = pytest.mark.unit
 

@@ -30,20 +30,50 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.errors import InputError, ParseError
 from orchestrator.diagnose import tracing
 from orchestrator.diagnose.analysis import analyse, state_differences, tracing_state_notes
 from orchestrator.diagnose.findings import findings
+from orchestrator.diagnose.kstate import (
+    SchedTask,
+    ServiceState,
+    VmCounters,
+    parse_kvm_vms,
+    parse_sched_debug,
+    parse_service_states,
+    parse_timer_list,
+)
 from orchestrator.diagnose.model import CrashLoop, TargetDiagnosis
+from orchestrator.diagnose.probe import (
+    BUFFER_KB,
+    CLEANUP_SCRIPT,
+    EVENTS,
+    FALLBACK_FUNCTIONS,
+    STATE_FILES,
+    STOP_SLEEP,
+    WINDOW_SCRIPT,
+    cleanup_argv,
+    decode_trace,
+    new_instance_name,
+    parse_tracing_state,
+    split_sections,
+    window_argv,
+)
+from orchestrator.diagnose.tracing import (
+    CallbackRun,
+    IpiSend,
+    SendCall,
+    TaskRun,
+    TickStop,
+    TimerFire,
+    TraceRecord,
+    fields,
+    parse_trace,
+    strip_offset,
+    summarize_trace,
+)
 from orchestrator.diagnose.window import MAX_DURATION_S, parse_duration, rt_hints_from_vars
-from orchestrator.diagnose.probe import (BUFFER_KB, CLEANUP_SCRIPT, EVENTS, FALLBACK_FUNCTIONS, STATE_FILES,
-                                    STOP_SLEEP, WINDOW_SCRIPT, cleanup_argv, decode_trace, new_instance_name,
-                                    parse_tracing_state, split_sections, window_argv)
-from orchestrator.core.errors import InputError, ParseError
 from orchestrator.facts.systemd import parse_coredumps
-from orchestrator.diagnose.kstate import (SchedTask, ServiceState, VmCounters, parse_kvm_vms, parse_sched_debug,
-                                 parse_service_states, parse_timer_list)
-from orchestrator.diagnose.tracing import (CallbackRun, IpiSend, SendCall, TaskRun, TickStop, TimerFire, TraceRecord,
-                                  fields, parse_trace, strip_offset, summarize_trace)
 
 pytestmark = pytest.mark.unit
 
@@ -691,13 +721,13 @@ def test_trace_nohz_busy_tick_timers_tasks():
 
 @pytest.mark.parametrize(("prefix", "pattern", "cut"), [
     # a real function-tracer line cut after its timestamp (no `: ` and rest)
-    ("x86-guest", r"sched_ttwu_pending <-__sysvec_call_function_single", lambda l: l[: l.index(": ")]),
+    ("x86-guest", r"sched_ttwu_pending <-__sysvec_call_function_single", lambda line: line[: line.index(": ")]),
     # a real sched_switch line cut right after the event name (no `: ARGS`)
-    ("x86-guest", r": sched_switch: ", lambda l: l[: l.index(": sched_switch") + len(": sched_switch")]),
+    ("x86-guest", r": sched_switch: ", lambda line: line[: line.index(": sched_switch") + len(": sched_switch")]),
     # a real function-tracer line cut after ` <-` (no parent)
-    ("x86-guest", r"native_smp_send_reschedule <-", lambda l: l[: l.index("<-") + 2]),
+    ("x86-guest", r"native_smp_send_reschedule <-", lambda line: line[: line.index("<-") + 2]),
     # a real arm64 line without its `[CPU]` column
-    ("arm64-host", r"ipi_send_cpu: ", lambda l: re.sub(r"\[\d{3}\] ", "", l, count=1)),
+    ("arm64-host", r"ipi_send_cpu: ", lambda line: re.sub(r"\[\d{3}\] ", "", line, count=1)),
 ])
 def test_parse_trace_refuses_an_unknown_line_format(prefix, pattern, cut):
     text = _trace(prefix)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.diagnose.analysis import _nohz, analyse
+from orchestrator.diagnose.kstate import parse_sched_debug, parse_timer_list
 from orchestrator.diagnose.model import Diagnosis, TargetDiagnosis
 from orchestrator.diagnose.probe import parse_tracing_state, split_sections
 from orchestrator.report.diagnosis import TOP_SENDS, TOP_TIMERS, render_diagnosis_html, save_diagnosis
-from orchestrator.diagnose.kstate import parse_sched_debug, parse_timer_list
 
 pytestmark = pytest.mark.unit
 
@@ -297,9 +297,9 @@ def test_save_diagnosis_writes_json_and_html(targets, tmp_path):
 
 def test_what_ran_per_cpu_lists_the_busy_tasks_of_the_nohz_cpu():
     """x86-guest-nohz-busy: the two busy `sh` loops (PIDs 360, 362) were switched in on CPU 1 during the window."""
-    from orchestrator.diagnose.probe import parse_tracing_state, split_sections
     from orchestrator.diagnose.analysis import analyse
     from orchestrator.diagnose.model import Diagnosis
+    from orchestrator.diagnose.probe import parse_tracing_state, split_sections
 
     p = REC / "x86-guest-nohz-busy"
     s = split_sections(Path(f"{p}-window.txt").read_text(), Path(f"{p}-marker.txt").read_text().strip())

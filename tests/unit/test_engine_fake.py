@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.run.engine import Engine
-from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.config.inventory import Inventory
-from orchestrator.journal.journal import Journal
 from orchestrator.config.playbook import load_measurement_plan
+from orchestrator.journal.journal import Journal
+from orchestrator.remote.fake import FakeTransport, FakeUnit
+from orchestrator.run.engine import Engine
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit

@@ -10,8 +10,8 @@ import pytest
 
 from orchestrator.boot.trial import TrialOutcome
 from orchestrator.core.events import CHANGE_ENDED, KINDS
-from orchestrator.run.fleet import TERMINAL_CHANGE_EVENTS
 from orchestrator.journal.records import TRANSITIONS
+from orchestrator.run.fleet import TERMINAL_CHANGE_EVENTS
 from tests.unit.test_import_graph import trees
 
 pytestmark = pytest.mark.unit

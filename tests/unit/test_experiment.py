@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from orchestrator.core.errors import InputError
+from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
+from orchestrator.measure.parse import parse_cyclictest_file
 from orchestrator.measure.pooled import PooledRuns
 from orchestrator.report import plots
 from orchestrator.report.ab import render_ab_html
-from orchestrator.core.errors import InputError
 from orchestrator.stats.ab import (
     ABArm,
     ABResult,
@@ -33,8 +35,6 @@ from orchestrator.stats.ab import (
     run_sequence,
     save_ab,
 )
-from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
-from orchestrator.measure.parse import parse_cyclictest_file
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

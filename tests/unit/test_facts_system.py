@@ -9,13 +9,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from orchestrator.core.errors import ParseError
 from orchestrator.facts.bootloader import BOOTLOADER, choose_bootloader
-from orchestrator.facts.cpus import CPUS_POSSIBLE, CPU_COUNT, ISOLATED_CPUS, NOHZ_FULL_CPUS
+from orchestrator.facts.cpus import CPU_COUNT, CPUS_POSSIBLE, ISOLATED_CPUS, NOHZ_FULL_CPUS
 from orchestrator.facts.irqs import IRQS, Irq, ipi_counts
 from orchestrator.facts.qemu import QEMU_PROCESSES, parse_qemu_argv, split_qemu_opts
-from orchestrator.facts.sysctl import SYSCTL_FILES, effective_sysctl_settings, normalize_sysctl_key, parse_sysctl_conf, sysctl_fact, sysctl_path
-from orchestrator.facts.systemd import COREDUMPS, COREDUMP_MESSAGE_ID, coredumps_fact, parse_unit_state, unit_state_fact
-from orchestrator.core.errors import ParseError
+from orchestrator.facts.sysctl import (
+    SYSCTL_FILES,
+    effective_sysctl_settings,
+    normalize_sysctl_key,
+    parse_sysctl_conf,
+    sysctl_fact,
+    sysctl_path,
+)
+from orchestrator.facts.systemd import COREDUMP_MESSAGE_ID, COREDUMPS, coredumps_fact, parse_unit_state, unit_state_fact
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

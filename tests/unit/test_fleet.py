@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.errors import InputError, TransportError
+from orchestrator.journal.journal import Journal
+from orchestrator.journal.owners import this_host
+from orchestrator.measure.parse import parse_cyclictest_file
+from orchestrator.report.fleet import render_fleet_html
 from orchestrator.run.context import ChangeOutcome
 from orchestrator.run.engine import ApplyResult
-from orchestrator.core.errors import InputError, TransportError
 from orchestrator.run.fleet import (
     FleetRunner,
     RolloutPolicy,
@@ -26,10 +30,6 @@ from orchestrator.run.fleet import (
     plan_waves,
     summarize,
 )
-from orchestrator.journal.journal import Journal
-from orchestrator.journal.owners import this_host
-from orchestrator.report.fleet import render_fleet_html
-from orchestrator.measure.parse import parse_cyclictest_file
 
 pytestmark = pytest.mark.unit
 
@@ -318,11 +318,11 @@ def test_rollout_table_shows_each_unit_with_its_figures(journal, tmp_path):
 def test_ab_refuses_a_boot_change_before_touching_the_unit(journal, tmp_path):
     """`tune ab` with a profile holding a cmdline change: InputError naming the file and the change; the
     refusal comes before any connection (connect would raise) and before the unit is locked."""
-    from orchestrator.run.ab import ABExperiment
-    from orchestrator.stats.decide import DecisionRule, MeasurementPlan
-    from orchestrator.run.engine import Engine
     from orchestrator.config.inventory import Inventory
     from orchestrator.measure.model import CyclictestSettings, LoadSpec
+    from orchestrator.run.ab import ABExperiment
+    from orchestrator.run.engine import Engine
+    from orchestrator.stats.decide import DecisionRule, MeasurementPlan
 
     boot = tmp_path / "boot.yaml"
     boot.write_text("name: boot\nhost:\n  cmdline:\n    nohz_full: \"1\"\n")

@@ -180,8 +180,8 @@ def test_an_html_report_into_a_directory_that_does_not_exist_yet_is_written(d):
 ])
 def test_a_bad_value_from_the_users_ssh_config_is_an_input_error_naming_it(tmp_path, config, message):
     """Before: ValueError/UnicodeDecodeError from int() or paramiko, an internal error (exit 70)."""
-    from orchestrator.core.errors import InputError
     from orchestrator.config.inventory import EndpointSpec, _endpoint
+    from orchestrator.core.errors import InputError
 
     path = tmp_path / "config"
     path.write_bytes(config if isinstance(config, bytes) else config.encode())

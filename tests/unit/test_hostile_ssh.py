@@ -23,7 +23,6 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from orchestrator.remote import transport
 from orchestrator.boot.trial import run_power_cycle
 from orchestrator.core.errors import (
     AuthError,
@@ -33,6 +32,7 @@ from orchestrator.core.errors import (
     InputError,
     TransportError,
 )
+from orchestrator.remote import transport
 from orchestrator.remote.transport import Endpoint, SSHTransport, read_files
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server, wrapped_sshd_server
 

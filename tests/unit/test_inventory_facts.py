@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.facts.base import ARCH, BOOT_ID, CMDLINE, CPUS_ONLINE, KERNEL_RELEASE
+from orchestrator.config.inventory import load_inventory, split_target
 from orchestrator.core.cpulist import parse_kernel_cpulist
 from orchestrator.core.errors import InputError, ParseError
-from orchestrator.config.inventory import load_inventory, split_target
+from orchestrator.facts.base import ARCH, BOOT_ID, CMDLINE, CPUS_ONLINE, KERNEL_RELEASE
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

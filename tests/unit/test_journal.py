@@ -19,13 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.journal import schema as journal_mod
-from orchestrator.journal.sqlite import _SQLiteDB
 from orchestrator.core.errors import TuneError
 from orchestrator.core.events import Event, EventLog
-from orchestrator.journal.errors import InvalidTransition, JournalDamaged, JournalError, LockedError, LockLostError, UnreconciledError
+from orchestrator.journal import schema as journal_mod
+from orchestrator.journal.errors import (
+    InvalidTransition,
+    JournalDamaged,
+    JournalError,
+    LockedError,
+    LockLostError,
+    UnreconciledError,
+)
 from orchestrator.journal.journal import Journal
-
+from orchestrator.journal.sqlite import _SQLiteDB
 from tests.unit.readonly import run_read_only
 
 pytestmark = pytest.mark.unit
@@ -265,7 +271,7 @@ def test_read_only_works_in_a_read_only_state_directory(db):
     lines = proc.stdout.splitlines()
     assert lines[0] == "kept ['sysctl.timer_migration'] 300"
     assert lines[1] == "missing []"
-    assert lines[2].startswith(f"read-write refused: ") and str(db) in lines[2]
+    assert lines[2].startswith("read-write refused: ") and str(db) in lines[2]
     assert sorted(p.name for p in db.parent.iterdir()) == before
 
 

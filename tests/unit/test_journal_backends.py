@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator.journal import schema as journal_mod
 from orchestrator.core.events import Event, EventLog
+from orchestrator.journal import schema as journal_mod
 from orchestrator.journal.errors import InvalidTransition, JournalError, LockedError, LockLostError, UnreconciledError
 from orchestrator.journal.journal import Journal, open_journal
 from orchestrator.journal.postgres import PG_ADVISORY_LOCK_KEY

@@ -17,10 +17,10 @@ import pytest
 
 from orchestrator.core import jsonio
 from orchestrator.core.errors import InputError, ParseError
-from orchestrator.stats.ab import load_ab
 from orchestrator.measure import parse
 from orchestrator.measure.parse import parse_cyclictest, parse_cyclictest_file
 from orchestrator.report.latency import load_report
+from orchestrator.stats.ab import load_ab
 from tests.conftest import RECORDED, REPO
 
 pytestmark = pytest.mark.unit

@@ -6,9 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from orchestrator.core.errors import LabError, MissingDependencyError
 from orchestrator.lab import deps, images, vm
@@ -150,7 +150,8 @@ def test_remove_tree_unmounts_what_a_build_left_mounted(tmp_path):
 
 
 # ---- the arm64 lab (issue #6) ---------------------------------------------------------------------------
-RECORDED_INDEX = Path(__file__).resolve().parent.parent / "recorded" / "lab" / "bookworm-backports-arm64-Packages.excerpt"
+RECORDED_INDEX = (Path(__file__).resolve().parent.parent / "recorded" / "lab"
+                  / "bookworm-backports-arm64-Packages.excerpt")
 
 
 def test_newest_kernel_is_what_the_suites_metapackage_depends_on():
@@ -198,8 +199,8 @@ def test_arm64_lab_missing_packages_are_named():
 
 def test_nested_guest_is_reached_through_its_host_in_the_inventory(tmp_path):
     from orchestrator.config.inventory import load_inventory
-    from orchestrator.lab.lab import Lab, LabState, VMRecord
     from orchestrator.core.paths import Paths
+    from orchestrator.lab.lab import Lab, LabState, VMRecord
 
     lab = Lab(Paths(cache=tmp_path / "cache", state=tmp_path / "state"))
     lab.dir.mkdir(parents=True)

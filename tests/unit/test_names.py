@@ -7,8 +7,6 @@ import subprocess
 
 import pytest
 
-from orchestrator.facts.sysctl import sysctl_path
-from orchestrator.facts.systemd import unit_state_fact, validate_unit_name
 from orchestrator.changes.service import ServiceDisableChange
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import (
@@ -21,6 +19,8 @@ from orchestrator.core.names import (
     service_to_disable,
     with_unit_suffix,
 )
+from orchestrator.facts.sysctl import sysctl_path
+from orchestrator.facts.systemd import unit_state_fact, validate_unit_name
 
 pytestmark = pytest.mark.unit
 

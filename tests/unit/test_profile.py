@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.core.errors import InputError
 from orchestrator.config.inventory import UnitSpec
 from orchestrator.config.profile import (
     KIND_ORDER,
@@ -19,6 +18,7 @@ from orchestrator.config.profile import (
     load_profile,
     resolve,
 )
+from orchestrator.core.errors import InputError
 
 pytestmark = pytest.mark.unit
 

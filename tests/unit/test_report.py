@@ -19,7 +19,6 @@ import pytest
 from orchestrator.core.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest_file
-from orchestrator.report.plots import render_ccdf_png, render_histogram_png
 from orchestrator.report.latency import (
     SUMMARY_COLUMNS,
     ChangeReport,
@@ -29,6 +28,7 @@ from orchestrator.report.latency import (
     save_report,
     summary_rows,
 )
+from orchestrator.report.plots import render_ccdf_png, render_histogram_png
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

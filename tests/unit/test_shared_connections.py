@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.run.context import SharedConnections
 from orchestrator.core.errors import TransportError
 from orchestrator.remote.transport import LocalTransport
+from orchestrator.run.context import SharedConnections
 
 pytestmark = pytest.mark.unit
 

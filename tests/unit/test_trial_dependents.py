@@ -3,9 +3,9 @@ trial counts as healthy (on a robot, and in the arm64 lab, the guest reboots wit
 
 from __future__ import annotations
 
-import pytest
-
 import sys
+
+import pytest
 
 from orchestrator.boot.trial import Dependent, TrialBoot
 from orchestrator.core.errors import TransportError

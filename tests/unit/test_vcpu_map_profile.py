@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.core.errors import InputError
 from orchestrator.config.profile import describe, load_profile, resolve
+from orchestrator.core.errors import InputError
 from tests.unit.test_profile import RT_PROFILE, unit, write
 
 pytestmark = pytest.mark.unit

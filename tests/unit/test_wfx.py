@@ -25,9 +25,9 @@ from orchestrator.boot.wfx import (
     wfx_exits_fact,
     wfx_exits_script,
 )
-from orchestrator.core.errors import InputError, ParseError
 from orchestrator.config.inventory import UnitSpec
 from orchestrator.config.profile import load_profile, resolve
+from orchestrator.core.errors import InputError, ParseError
 
 pytestmark = pytest.mark.unit
 

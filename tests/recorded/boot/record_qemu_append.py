@@ -16,8 +16,8 @@ from pathlib import Path
 
 from orchestrator.boot.loader import BootTarget
 from orchestrator.boot.qemu_append import QemuAppendBackend, append_value
-from orchestrator.lab.lab import Lab
 from orchestrator.core.paths import Paths
+from orchestrator.lab.lab import Lab
 from orchestrator.remote.transport import SSHTransport
 
 HERE = Path(__file__).resolve().parent / "qemu-append"

@@ -10,9 +10,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from orchestrator.diagnose.probe import new_instance_name, state_argv, window_argv
 from orchestrator.config.inventory import load_inventory, split_target
-from orchestrator.core.paths import default_inventory, Paths
+from orchestrator.core.paths import Paths, default_inventory
+from orchestrator.diagnose.probe import new_instance_name, state_argv, window_argv
 from orchestrator.remote.transport import SSHTransport
 
 prefix, target = sys.argv[1], sys.argv[2]

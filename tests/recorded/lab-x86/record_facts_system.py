@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.config.inventory import load_inventory
+from orchestrator.core.paths import Paths
 from orchestrator.facts.base import Fact
 from orchestrator.facts.bootloader import BOOTLOADER
 from orchestrator.facts.cpus import CPUS_POSSIBLE, ISOLATED_CPUS, NOHZ_FULL_CPUS
@@ -25,8 +27,6 @@ from orchestrator.facts.irqs import IRQS
 from orchestrator.facts.qemu import QEMU_PROCESSES
 from orchestrator.facts.sysctl import SYSCTL_FILES, sysctl_fact
 from orchestrator.facts.systemd import COREDUMPS, coredumps_fact, unit_state_fact
-from orchestrator.config.inventory import load_inventory
-from orchestrator.core.paths import Paths
 from orchestrator.remote.transport import SSHTransport
 
 HERE = Path(__file__).resolve().parent
