@@ -265,7 +265,7 @@ class ExtlinuxBackend(Bootloader):
         if self._read_sys(t, self.kexec_loaded) != "1":
             raise BootError(f"{t.label}: `kexec -l` succeeded but {self.kexec_loaded} is not 1")
 
-    def reboot(self, t: Transport) -> None:
+    def reboot(self, t: Transport, verb: str = "reboot") -> None:
         if self._read_sys(t, self.kexec_loaded) != "1":
             raise BootError(
                 f"{t.label}: no kexec kernel is loaded ({self.kexec_loaded}); stage the trial first"

@@ -55,7 +55,7 @@ def _entry_header(rest: str) -> tuple[str, str | None]:
 def parse_grub_cfg(text: str) -> list[MenuEntry]:
     """Every menu entry, submenus flattened (with `>` paths), in file order."""
     entries: list[MenuEntry] = []
-    stack: list[tuple[str, str | None, int]] = []  # open submenus: (id or title, index, count of children)
+    stack: list[tuple[str, int, int]] = []  # open submenus: (id or title, index, count of children)
     counters = [0]
     cur: dict | None = None
     depth_in_entry = 0

@@ -351,7 +351,7 @@ class QemuAppendBackend(Bootloader):
                 f"{new!r} (another drop-in sorting after {TRIAL_DROPIN} sets ExecStart?)"
             )
 
-    def reboot(self, t: Transport) -> None:
+    def reboot(self, t: Transport, verb: str = "reboot") -> None:
         t.run([*self.systemctl, "restart", self.service], timeout_s=180)
 
     def commit(self, t: Transport, target: BootTarget) -> None:
@@ -575,7 +575,7 @@ class LibvirtBackend(Bootloader):
             time.sleep(self.poll_s)
         t.run(self._virsh("destroy", self.domain), timeout_s=60)
 
-    def reboot(self, t: Transport) -> None:
+    def reboot(self, t: Transport, verb: str = "reboot") -> None:
         """Shut the guest down (destroy it after `shutdown_timeout_s`), then start the armed trial
         transiently, or the persistent definition when nothing is armed."""
         self._stop(t)

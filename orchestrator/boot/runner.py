@@ -119,7 +119,7 @@ class BootChangeRunner:
             return None, None, method.reason
         if method.method == "cmdline":
             return BootTarget(add=dict(method.add)), None, ""
-        art = dict(method.artifact)
+        art = dict(method.artifact or {})
         return BootTarget(kernel=self._release(art)), art, ""
 
     @staticmethod

@@ -36,9 +36,10 @@ class SysctlChange(Change):
 
     def read(self, t: Transport) -> State:
         files = read_files(t, [self.proc_path, self.dropin])  # one round trip
-        if files[self.proc_path] is None:
+        value = files[self.proc_path]
+        if value is None:
             raise ChangeError(f"{t.label}: no sysctl {self.name} ({self.proc_path} does not exist)")
-        return {"value": files[self.proc_path].decode().strip(), "dropin": b64(files[self.dropin])}
+        return {"value": value.decode().strip(), "dropin": b64(files[self.dropin])}
 
     def _dropin_bytes(self) -> bytes:
         return f"# managed by rt-tune: {self.change_id}\n{self.name} = {self.value}\n".encode()

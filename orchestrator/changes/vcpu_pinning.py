@@ -388,6 +388,7 @@ def _threads_of(before: State) -> dict[str, Any]:
     """The thread state a before-snapshot holds; a snapshot journaled by an older rt-tune kept only
     {"affinity": {"CPU i": [cpus]}} (vCPUs by index)."""
     if "threads" in before:
-        return before["threads"]
+        threads: dict[str, Any] = before["threads"]
+        return threads
     return {"main": None, "threads": {},
             "vcpus": {name.split()[1]: {"cpus": format_cpulist(cpus)} for name, cpus in before["affinity"].items()}}

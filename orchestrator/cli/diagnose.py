@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli.common import (
-    Progress,
     _db_option,
     _load_inventory,
     _output_path,
     cli_paths,
     emit,
     err,
+    new_progress,
 )
 from orchestrator.core.events import Event
+
+if TYPE_CHECKING:
+    from orchestrator.remote.transport import Transport
 
 
 def _diagnose_table(diag):
@@ -75,7 +79,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
     roles = ["host", "guest"] if target == "both" else [target]
     hints = rt_hints_from_vars(spec.vars)
     endpoints = {role: inv.endpoint(unit, role) for role in roles}  # input errors before any connection
-    progress = Progress(quiet=as_json)
+    progress = new_progress(quiet=as_json)
     journal = open_controller_journal(cli_paths(), db)
 
     def sink(event: Event) -> None:  # the journal keeps what was done to the unit, not the progress ticks
@@ -83,7 +87,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
             journal(event)
         progress(event)
 
-    transports = {}
+    transports: dict[str, Transport] = {}
     try:
         for role, ep in endpoints.items():
             transports[role] = SSHTransport(ep)

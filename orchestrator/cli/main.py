@@ -143,7 +143,7 @@ def _report(exc: BaseException, inv: Cli) -> int:
     elif isinstance(exc, click.exceptions.Abort):
         inv.err.print("interrupted")
     elif isinstance(exc, click.ClickException):
-        exc.message = redact_url(exc.message, passwords)
+        exc.message = redact_url(exc.message, passwords)  # type: ignore[misc]  # what click prints, redacted
         exc.show()
     elif isinstance(exc, BrokenPipeError):
         try:  # no "Exception ignored ... BrokenPipeError" when Python flushes stdout on exit

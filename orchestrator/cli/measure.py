@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli.common import (
-    Progress,
     _db_option,
     _inventory_path,
     _output_path,
@@ -124,8 +124,8 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
     from orchestrator.measure.runner import measure, measurement_from_flags
     from orchestrator.remote.transport import SSHTransport
 
-    flags = {"duration": duration, "histogram_us": histogram_us, "interval_us": interval_us, "load": load,
-             "load_args": load_args}
+    flags: dict[str, Any] = {"duration": duration, "histogram_us": histogram_us, "interval_us": interval_us,
+                             "load": load, "load_args": load_args}
     # every flag is checked before the inventory is read or a unit reached
     settings, load_spec = measurement_from_flags(cpus=cpus if cpus is not None else "1", **flags)
     _output_path(out_dir, "--out", directory=True)
@@ -138,7 +138,7 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
         cpu_count=unit_vars.get(count_var), cpu_count_from=f"unit {unit}'s {count_var} var", **flags)
     with SSHTransport(inv.endpoint(unit, role)) as t:
         result = measure(t, settings, load_spec, target=f"{unit}.{role}",
-                         artifacts=Path(out_dir), events=Progress(quiet=False))
+                         artifacts=Path(out_dir), events=new_progress())
     emit({**result.public(), "raw_artifact": result.raw_artifact, "target": result.target}, as_json,
          _stats_table(result))
 

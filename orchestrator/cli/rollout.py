@@ -88,7 +88,9 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
     if pause_id is not None:
         pause_rollout(journal, pause_id)
     if status_id is not None or pause_id is not None:
-        summary = rollout_summary(journal, pause_id if pause_id is not None else status_id)
+        rid = pause_id if pause_id is not None else status_id
+        assert rid is not None  # one of them, by the mode check above
+        summary = rollout_summary(journal, rid)
         emit(summary.model_dump(mode="json"), as_json, _rollout_table(summary))
         return
     progress = new_progress()
@@ -98,6 +100,7 @@ def rollout_cmd(profile: str | None, inventory_file: str | None, units: tuple[st
                                 progress, **runner_kw)
         rollout_id = resume_id
     else:
+        assert profile is not None  # the fourth mode, by the mode check above
         runner, rollout_id = start_rollout(paths, journal, _inventory_path(inventory_file), find_profile(profile),
                                            list(units) or None, playbook, progress, **runner_kw)
     try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -214,6 +214,12 @@ def _argv(v: list[str] | None) -> list[str] | None:
 Argv = Annotated[list[StrictStr] | None, AfterValidator(_argv)]
 
 
+if TYPE_CHECKING:
+    VarsField = dict[str, Any]  # what the field holds once validated
+else:
+    VarsField = Annotated[UnitVars, AfterValidator(_vars_dict)]
+
+
 class UnitSpec(_Strict):
     host: EndpointSpec
     guest: EndpointSpec | None = None
@@ -221,7 +227,7 @@ class UnitSpec(_Strict):
     #: The same for the guest alone (e.g. restart its QEMU, or a lab VM's reset); None: wait for its watchdog.
     guest_power_cycle: Argv = None
     #: validated as UnitVars, kept as the plain dict of the vars the file sets
-    vars: Annotated[UnitVars, AfterValidator(_vars_dict)] = Field(default_factory=dict)  # type: ignore
+    vars: VarsField = Field(default_factory=dict)
 
 
 def _name(what: str) -> Any:

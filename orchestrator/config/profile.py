@@ -679,6 +679,7 @@ class _Resolver:
             out.append(ChangeSpec(id=id, target=t, kind=kind, params=params,  # type: ignore[arg-type]
                                   needs_reboot=kind in NEEDS_REBOOT))
 
+        loc: tuple[Any, ...]
         for i, raw in enumerate(sec.services.disable):
             loc = (t, "services", "disable", i)
             unit = self.service(loc, raw, DISABLE_TYPES)

@@ -73,7 +73,7 @@ def check_unit_name(name: object, *, types: tuple[str, ...] = UNIT_TYPES, templa
     kind = unit_type(name)
     if kind not in types:
         raise InvalidName(name, f"a .{kind} unit; expected {', '.join('.' + t for t in types)}", what)
-    base = name[: -len(kind) - 1]  # type: ignore[arg-type]
+    base = name[: -len(kind) - 1]
     if not template and base.endswith("@") and "@" not in base[:-1]:
         raise InvalidName(name, f"a template: name an instance such as {base}NAME.{kind}", what)
     return name

@@ -198,7 +198,7 @@ def parse_kvm_vms(text: str) -> dict[str, VmCounters]:
         if m:
             name = m.group(4)
             if name != "-":
-                fields = dict(p.split("=", 1) if "=" in p else ("guest", p) for p in name.split(","))
+                fields = dict(tuple(p.split("=", 1)) if "=" in p else ("guest", p) for p in name.split(","))
                 name = fields.get("guest", name)
             cur = VmCounters(vm=f"{m.group(1)}-{m.group(2)}", pid=int(m.group(1)), comm=m.group(3), name=name,
                              counters={})

@@ -82,7 +82,7 @@ _GATHER = ('set -f; m=$1; shift; IFS=$(printf "\\037"); for spec in "$@"; do nam
            'printf "%s %s %s\\n%s" "$m" "$name" "$rc" "${o%x}"; done')
 
 
-def gather_facts(transport: Transport, facts: Sequence[Fact], timeout_s: float = 30.0) -> dict[str, Any]:
+def gather_facts(transport: Transport, facts: Sequence[Fact[Any]], timeout_s: float = 30.0) -> dict[str, Any]:
     """Gather facts with one command per sudo setting (one round trip), each parsed by its own parser."""
     values: dict[str, Any] = {}
     for sudo in sorted({f.sudo for f in facts}):

@@ -210,7 +210,7 @@ def parse_qemu_processes(text: str) -> list[QemuProcess]:
     def close_task() -> None:
         nonlocal task
         if task is not None:
-            if "comm" not in task or "cpus" not in task:
+            if block is None or "comm" not in task or "cpus" not in task:
                 raise ParseError(f"expected Name: and Cpus_allowed_list: lines for task {task['tid']}")
             block["tasks"].append(QemuThread(tid=task["tid"], comm=task["comm"], cpus_allowed=task["cpus"]))
             task = None

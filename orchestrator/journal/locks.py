@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from orchestrator.core.events import Event
+from orchestrator.journal.base import JournalBase
 from orchestrator.journal.errors import JournalError, LockedError, LockLostError
 from orchestrator.journal.owners import (
     _ago,
@@ -19,7 +20,7 @@ from orchestrator.journal.owners import (
 from orchestrator.journal.records import Lock, LockInfo
 
 
-class LockOps:
+class LockOps(JournalBase):
     """The journal's lock operations (mixed into `Journal`)."""
 
     @staticmethod
@@ -85,10 +86,10 @@ class LockOps:
                 self._insert_event(conn, ev, self._run_for_subject(unit))
                 events.append(ev)
         except self._db.integrity_error as exc:  # the UNIQUE constraint: someone else won (defence in depth)
-            info = self.lock_info(unit)
-            if info is None:
+            held = self.lock_info(unit)
+            if held is None:
                 raise JournalError(f"locking unit {unit}: {exc}") from exc
-            raise self._locked_error(info, now) from exc
+            raise self._locked_error(held, now) from exc
         finally:
             if refused is not None:
                 self._record_refusal(unit, owner, refused)
@@ -131,4 +132,4 @@ class LockOps:
                        {"lock_id": lock.lock_id, "owner": lock.owner}, at=now)
             self._insert_event(conn, ev, self._run_for_subject(lock.unit))
         self._forward([ev])
-        return released
+        return bool(released)

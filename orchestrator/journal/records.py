@@ -11,7 +11,7 @@ from orchestrator.core.events import Event
 from orchestrator.journal.scrub import _load
 
 if TYPE_CHECKING:
-    from orchestrator.journal.journal import Journal
+    from orchestrator.journal.locks import LockOps
 
 ChangeState = Literal["intent", "applied", "verified", "kept", "rolled_back", "failed", "rollback_failed"]
 UnitStateName = Literal["pending", "working", "done", "degraded", "failed"]
@@ -146,7 +146,7 @@ class Lock:
     owner: str  # "host:pid"
     acquired_at: float
     heartbeat_at: float
-    _journal: Journal | None = field(default=None, repr=False, compare=False)
+    _journal: LockOps | None = field(default=None, repr=False, compare=False)
 
     def __enter__(self) -> Self:
         return self

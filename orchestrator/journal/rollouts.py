@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from orchestrator.core.events import Event
+from orchestrator.journal.base import JournalBase
 from orchestrator.journal.errors import ClaimLostError, JournalError
 from orchestrator.journal.owners import _judge_owner, _owner_start, default_owner
 from orchestrator.journal.records import (
@@ -22,7 +23,7 @@ from orchestrator.journal.records import (
 from orchestrator.journal.scrub import _dump_strict, _load
 
 
-class RolloutOps:
+class RolloutOps(JournalBase):
     """The journal's rollout operations (mixed into `Journal`)."""
 
     @staticmethod

@@ -219,7 +219,7 @@ class _SQLiteDB:
         deadline = time.monotonic() + self._busy_timeout_s
         while True:
             try:
-                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise

@@ -265,7 +265,7 @@ def newest_kernel(mirror: str, suite: str, arch: str) -> DebRef:
 
 
 def kernel_from_packages_index(text: str, arch: str, where: str) -> DebRef:
-    stanzas = {}
+    stanzas: dict[str, list[dict[str, str]]] = {}
     for stanza in text.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " ")
         if "Package" in fields:

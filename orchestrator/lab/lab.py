@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -327,7 +328,7 @@ class Lab:
             raise LabError(f"no lab in {self.dir}; run `tune lab up` first")
         return state
 
-    def qmp(self, name: str, command: str, **args: object) -> object:
+    def qmp(self, name: str, command: str, **args: Any) -> Any:
         state = self._require()
         rec = self.record(state, name)
         if rec.nested_in:

@@ -197,7 +197,7 @@ def _pool(threads: list[LatencyStats]) -> LatencyStats:
     max_us = max(maxes) if len(maxes) == len(threads) else None
     avg_us = None
     if all(t.avg_us is not None for t in threads):
-        avg_us = round(sum(t.avg_us * t.samples for t in threads) / samples, 2)  # type: ignore[operator]
+        avg_us = round(sum((t.avg_us or 0.0) * t.samples for t in threads) / samples, 2)
     overflows = sum(t.overflows for t in threads)
     if any(t.histogram is None for t in threads):
         return _stats(

@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 import paramiko
 from tenacity import (
@@ -267,7 +267,11 @@ def _quoted(out: bytes, err: bytes) -> str:
 
 @runtime_checkable
 class Transport(Protocol):
-    """What higher layers use to talk to a unit."""
+    """What higher layers use to talk to a unit; a context manager that closes it."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
 
     @property
     def label(self) -> str: ...
@@ -1027,7 +1031,7 @@ class SSHTransport(_CommandTransport):
         marker = "@@rt-tune-" + secrets.token_hex(8)
         # With stdin, a nonce line first, so a wrapper that reads stdin before the command cannot go unseen.
         nonce = secrets.token_hex(8) if stdin is not None else None
-        if nonce is not None:
+        if nonce is not None and stdin is not None:
             stdin = nonce.encode() + b"\n" + stdin
         command = remote_command(argv, timeout_s=timeout_s, sudo=sudo, frame=marker, stdin_nonce=nonce)
         what = _describe(argv)

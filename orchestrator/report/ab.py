@@ -114,7 +114,8 @@ def render_runs_png(result: ABResult, metrics: Sequence[str] = ("p999_us", "p99_
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax, metric in zip(axes, metrics, strict=True):
         for arm in ("A", "B"):
-            pts, cens = [], []
+            pts: list[tuple[int, float]] = []
+            cens: list[tuple[int, float]] = []
             for x, (name, _, res) in zip(xs, seq, strict=True):
                 if name != arm:
                     continue

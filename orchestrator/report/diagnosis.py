@@ -150,7 +150,7 @@ def _findings_html(diag: Diagnosis) -> str:
 
 
 def _header_html(i: int, d: TargetDiagnosis) -> str:
-    rows = [["kernel", d.kernel], ["arch", d.arch], ["window", f"{d.duration_s:.1f} s"],
+    rows: list[list[Any]] = [["kernel", d.kernel], ["arch", d.arch], ["window", f"{d.duration_s:.1f} s"],
             ["CPUs", _cpus(d.cpus)], ["RT CPUs", (_cpus(d.rt_cpus), "rt")], ["nohz_full", _cpus(d.nohz_full)],
             ["isolated", _cpus(d.isolated)],
             ["timer_migration", "unknown" if d.timer_migration is None else d.timer_migration],
@@ -173,7 +173,7 @@ def _ipi_html(d: TargetDiagnosis) -> str:
             cls = "rt" if c in d.rt_cpus else "n"
             row += [(_rate(r.per_cpu.get(c)), cls), (r.counts.get(c, "-"), cls)]
         rows.append(row)
-    timer = ["local timer", "interrupts per CPU (x86 LOC, arm64 arch_timer)"]
+    timer: list[Any] = ["local timer", "interrupts per CPU (x86 LOC, arm64 arch_timer)"]
     for c in d.cpus:
         cls = "rt" if c in d.rt_cpus else "n"
         timer += [(_rate(d.timer_irq_per_s.get(c)), cls), ("", cls)]

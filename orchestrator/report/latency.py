@@ -463,17 +463,17 @@ def _summary_html(report: Report) -> str:
     meas = [r for r in rows if r["kind"] == "measurement"]
     if meas:
         keys = ("samples", "p50_us", "p99_us", "p999_us", "max_us", "overflows")
-        body = []
+        mbody: list[str] = []
         for i, (r, res) in enumerate(zip(meas, report.measurements, strict=True)):
             a = res.all
             fmt = {k: fmt_value(k, r[k], overflows=a.overflows, limit=histogram_limit(res),
                                  has_hist=a.histogram is not None)[0] for k in keys}
-            cells = "".join(f'<td data-metric="{k}">{escape(fmt[k])}</td>' for k in keys)
-            body.append(f'<tr><td class="l"><a href="#measurement-{i + 1}">{escape(r["name"])}</a></td>'
-                        f'<td class="l">{escape(r["load"] or "-")}</td>{cells}</tr>')
+            figures = "".join(f'<td data-metric="{k}">{escape(fmt[k])}</td>' for k in keys)
+            mbody.append(f'<tr><td class="l"><a href="#measurement-{i + 1}">{escape(r["name"])}</a></td>'
+                         f'<td class="l">{escape(r["load"] or "-")}</td>{figures}</tr>')
         out.append("<h3>Measurements (all threads, us)</h3><table class=\"summary\"><tr>"
                    + "".join(f'<th class="l">{h}</th>' for h in ("measurement", "load"))
-                   + "".join(f"<th>{escape(METRIC_LABEL[k])}</th>" for k in keys) + "</tr>" + "".join(body)
+                   + "".join(f"<th>{escape(METRIC_LABEL[k])}</th>" for k in keys) + "</tr>" + "".join(mbody)
                    + "</table>")
     if not out:
         out.append("<p>The report is empty: no changes and no measurements.</p>")

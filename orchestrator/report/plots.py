@@ -62,9 +62,9 @@ def log_x_axis(ax, lo: float, hi: float) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _series(sides: dict[str, Sequence[LatencyResult]] | Sequence[LatencyResult],
+def _series(sides: Mapping[str, Sequence[LatencyResult]] | Sequence[LatencyResult],
             colors: Mapping[str, str]) -> list[tuple[str, PooledRuns, str]]:
-    if isinstance(sides, dict):
+    if isinstance(sides, Mapping):
         return [(name, PooledRuns(results), colors.get(name, SINGLE_COLOR)) for name, results in sides.items()]
     return [("", PooledRuns(sides), SINGLE_COLOR)]
 
@@ -127,7 +127,7 @@ def no_data_png(title: str, message: str) -> bytes:
     return figure_png(fig)
 
 
-def render_histogram_png(sides: dict[str, Sequence[LatencyResult]] | Sequence[LatencyResult],
+def render_histogram_png(sides: Mapping[str, Sequence[LatencyResult]] | Sequence[LatencyResult],
                          title: str = "Latency histogram", *, colors: Mapping[str, str] = SIDE_COLOR) -> bytes:
     """Histogram(s) of the all-threads latency (1 us buckets, log-scale counts), pooled over the runs of each
     side and overlaid (`{"before": [...], "after": [...]}`, coloured by `colors`), or of one list of
@@ -169,7 +169,7 @@ def render_histogram_png(sides: dict[str, Sequence[LatencyResult]] | Sequence[La
     return figure_png(fig)
 
 
-def render_ccdf_png(sides: dict[str, Sequence[LatencyResult]] | Sequence[LatencyResult],
+def render_ccdf_png(sides: Mapping[str, Sequence[LatencyResult]] | Sequence[LatencyResult],
                     title: str = "Latency tail (1 - CDF)", *, colors: Mapping[str, str] = SIDE_COLOR) -> bytes:
     """Complementary CDF: the fraction of samples >= x on a log axis, so p99 (1e-2), p99.9 (1e-3) and p99.99
     (1e-4) are readable; each side's percentiles are marked with vertical lines. Beyond the histogram only
@@ -184,7 +184,7 @@ def render_ccdf_png(sides: dict[str, Sequence[LatencyResult]] | Sequence[Latency
     n_max = max(d.samples for _, d, _ in drawn)
     bottom = 0.4 / n_max
     lo = min(min(d.hist) for _, d, _ in drawn)
-    right = lo + 1
+    right: float = lo + 1
     notes = []
     for i, (name, d, color) in enumerate(drawn):
         buckets = sorted(d.hist)
@@ -207,7 +207,7 @@ def render_ccdf_png(sides: dict[str, Sequence[LatencyResult]] | Sequence[Latency
         if d.overflows:  # beyond the limit: between 1/N and overflows/N, shape unknown, up to the max
             frac = d.overflows / d.samples
             if d.max_us is None or d.max_us > exact_end:  # (runs with different limits: max may lie inside)
-                end = d.max_us if d.max_us is not None else exact_end * 1.5
+                end: float = d.max_us if d.max_us is not None else exact_end * 1.5
                 ax.fill_between([exact_end, end], [1.0 / d.samples] * 2, [frac] * 2, color=color, alpha=0.10,
                                 hatch="//", edgecolor=color, linewidth=0)
                 ax.plot([exact_end, end], [frac, frac], color=color, linestyle="--", linewidth=1.0)

@@ -43,10 +43,10 @@ class ChangeOutcome(BaseModel):
     status: Status
     reason: str = ""
     journal_id: int | None = None
-    decision: dict | None = None
+    decision: dict[str, Any] | None = None
     before: list[LatencyResult] = []
     after: list[LatencyResult] = []
-    evidence: dict | None = None  # what a trial showed besides latency (wfx_notrap: WFI exit rates)
+    evidence: dict[str, Any] | None = None  # what a trial showed besides latency (wfx_notrap: WFI exit rates)
 
     def figures(self) -> dict[str, float | None]:
         import statistics

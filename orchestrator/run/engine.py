@@ -20,7 +20,7 @@ from orchestrator.changes.base import Change, Plan
 from orchestrator.changes.registry import build_change, is_boot_kind
 from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.core.errors import InputError, TuneError
-from orchestrator.journal.records import ChangeRecord
+from orchestrator.journal.records import ChangeRecord, UnitStateName
 from orchestrator.remote.transport import Transport
 from orchestrator.run.context import ChangeOutcome, RunContext, SharedConnections, Status
 from orchestrator.run.transaction import JournaledChange, Planned, run_change
@@ -130,7 +130,7 @@ class Engine(RunContext):
             reconciled = self.reconcile(unit)
             run_id = self.journal.begin_run(unit, str(profile_path), controller="tune apply")
             outcomes: list[ChangeOutcome] = []
-            status = "done"
+            status: UnitStateName = "done"
             try:
                 for spec in specs:
                     outcome = self._one(unit, run_id, spec)
@@ -251,7 +251,7 @@ class Engine(RunContext):
             drifted += not ok
             report.append({"change": rec.change_id, "target": rec.target, "in_place": ok,
                            "live": live if not ok else None})
-        state = "degraded" if drifted else "done"
+        state: UnitStateName = "degraded" if drifted else "done"
         self.journal.set_unit_state(unit, state, f"{drifted} change(s) drifted" if drifted else "verified")
         if drifted:
             self.emit("unit.degraded", unit, f"{drifted} kept change(s) drifted from the journal")

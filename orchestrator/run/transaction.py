@@ -65,7 +65,7 @@ class JournaledChange:
 
     @classmethod
     def begin(cls, ctx: RunContext, run_id: int, unit: str, spec: ChangeSpec, *,
-              change_id: str | None = None, before: dict, state: dict, summary: str | None,
+              change_id: str | None = None, before: dict[str, Any], state: dict[str, Any], summary: str | None,
               **event_data: Any) -> JournaledChange:
         """Journal the intent with the exact previous state; announce it (`summary`) unless None."""
         rec = ctx.journal.record_intent(run_id, unit, spec.target, change_id or spec.id, spec.kind,
@@ -75,17 +75,16 @@ class JournaledChange:
         return cls(ctx, unit, spec.target, rec)
 
     def applied(self, message: str | None = None) -> None:
-        self.ctx.journal.mark(self.rec, "applied", **({"message": message} if message else {}))
+        self.ctx.journal.mark(self.rec, "applied", message=message or "")
 
-    def verified(self, after: dict | None) -> None:
+    def verified(self, after: dict[str, Any] | None) -> None:
         self.ctx.journal.mark(self.rec, "verified", after=after)
 
-    def kept(self, decision: dict) -> None:
+    def kept(self, decision: dict[str, Any]) -> None:
         self.ctx.journal.mark(self.rec, "kept", decision=decision)
 
-    def rolled_back(self, *, decision: dict | None = None, message: str | None = None) -> None:
-        kw: dict[str, Any] = {"decision": decision} if decision is not None else {}
-        self.ctx.journal.mark(self.rec, "rolled_back", **kw, **({"message": message} if message else {}))
+    def rolled_back(self, *, decision: dict[str, Any] | None = None, message: str | None = None) -> None:
+        self.ctx.journal.mark(self.rec, "rolled_back", decision=decision, message=message or "")
 
     def failed(self, error: BaseException, undo_error: BaseException | None) -> str:
         """A failure, undone (or not: `undo_error`); the reason an outcome gives, published as
@@ -115,8 +114,8 @@ class Planned:
 
     summary: str
     noop_message: str | None = None  # the change.noop event's text, when not the summary
-    before: dict = field(default_factory=dict)
-    state: dict = field(default_factory=dict)  # the desired state journaled beside the profile's params
+    before: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # the desired state journaled beside the profile's params
     noop: bool = False
     skip_reason: str = ""
     problems: list[str] = field(default_factory=list)  # preflight: refused unless the user accepts the risk
@@ -125,12 +124,18 @@ class Planned:
 class ActiveChange(Protocol):
     """One kind's side of the transaction, for one change on one unit."""
 
-    #: apply and verify right after the intent (a runtime change), or at the first `after` run (a trial boot)
-    eager: bool
-    #: the measurement order the kind needs ("blocked" when a side switch is a reboot), else the rule's
-    order: str | None
-    #: what the change showed besides latency (the WFI exit rates of a no-trap trial), for the outcome
-    evidence: dict | None
+    @property
+    def eager(self) -> bool:
+        """Apply and verify right after the intent (a runtime change), or at the first `after` run (a trial
+        boot)."""
+
+    @property
+    def order(self) -> str | None:
+        """The measurement order the kind needs ("blocked" when a side switch is a reboot), else the rule's."""
+
+    @property
+    def evidence(self) -> dict[str, Any] | None:
+        """What the change showed besides latency (the WFI exit rates of a no-trap trial), for the outcome."""
 
     def plan(self) -> Planned: ...
 
@@ -140,7 +145,7 @@ class ActiveChange(Protocol):
     def apply(self) -> str | None:
         """Put the change in effect the first time; the message journaled with `applied`."""
 
-    def verify(self) -> dict | None:
+    def verify(self) -> dict[str, Any] | None:
         """The change is in effect: the state journaled with `verified`; a TuneError when it is not."""
 
     def switch(self, on: bool) -> None:
@@ -185,7 +190,7 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
                   "overrides): " + "; ".join(plan.problems))
         ctx.emit("change.refused", subject, f"{spec.id}: {reason}")
         return ChangeOutcome(**base, status="refused", reason=reason)
-    extra = {"preflight_overridden": plan.problems} if plan.problems else {}
+    extra: dict[str, Any] = {"preflight_overridden": plan.problems} if plan.problems else {}
     change = JournaledChange.begin(ctx, run_id, unit, spec, before=plan.before, state=plan.state,
                                    summary=plan.summary, **extra)
     base["journal_id"] = change.rec
@@ -194,7 +199,7 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
         rule = rule.model_copy(update={"order": active.order})
     seq = SequentialDecision(rule)
     runs: dict[str, list[LatencyResult]] = seq.runs
-    dec: dict | None = None
+    dec: dict[str, Any] | None = None
 
     def outcome(status: Status, reason: str) -> ChangeOutcome:
         return ChangeOutcome(**base, status=status, reason=reason, decision=dec, evidence=active.evidence,

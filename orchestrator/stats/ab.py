@@ -174,7 +174,7 @@ class ABResult(BaseModel):
     def _consistent(self) -> ABResult:
         if [a.name for a in self.arms] != ["A", "B"]:
             raise ValueError(f"arms must be [A, B] in that order, got {[a.name for a in self.arms]}")
-        own = {a.name: a.profile for a in self.arms}
+        own: dict[str, str] = {a.name: a.profile for a in self.arms}
         if not self.profiles:
             self.profiles = own
         elif self.profiles != own:
@@ -205,8 +205,8 @@ class ABResult(BaseModel):
         if k is None:
             return None
         for design in ("ABBA", "AB"):
-            if self.order == [arm for arm in ab_schedule(self.rounds, design) for _ in range(k)]:  # type: ignore[arg-type]
-                return design  # type: ignore[return-value]
+            if self.order == [arm for arm in ab_schedule(self.rounds, design) for _ in range(k)]:
+                return design
         return None
 
     def effect(self, metric: str) -> MetricEffect:
@@ -219,7 +219,7 @@ class ABResult(BaseModel):
 # ------------------------------------------------------------------------------------------------ statistics
 
 
-def cliffs_delta(a: Sequence[float], b: Sequence[float]) -> float:
+def cliffs_delta(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """P(B > A) - P(B < A) over all (a_i, b_j) pairs, in [-1, 1]; ties count 0. Positive = B higher (worse).
 
     Chosen for latency because it depends only on the order of the values: a run with one wild spike moves it
@@ -241,7 +241,7 @@ def cliffs_magnitude(delta: float) -> Magnitude:
     return "large"
 
 
-def hodges_lehmann(a: Sequence[float], b: Sequence[float]) -> float:
+def hodges_lehmann(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """The Hodges-Lehmann shift: the median of all pairwise differences b_j - a_i."""
     x = np.asarray(a, dtype=float)
     y = np.asarray(b, dtype=float)
@@ -283,10 +283,11 @@ def _check_comparable(a_runs: Sequence[LatencyResult], b_runs: Sequence[LatencyR
 def _pooled(runs: Sequence[LatencyResult], metric: str) -> tuple[float | None, bool]:
     """(value, is lower bound) of one metric over every sample of every run (exact pooled histogram)."""
     if metric == "avg_us":  # cyclictest's own average covers all samples, overflows included
-        pairs = [(r.all.avg_us, r.all.samples) for r in runs]
-        if any(v is None for v, _ in pairs) or not sum(n for _, n in pairs):
+        avgs = [r.all.avg_us for r in runs]
+        total = sum(r.all.samples for r in runs)
+        if any(v is None for v in avgs) or not total:
             return None, False
-        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs), False  # type: ignore[operator]
+        return sum((v or 0.0) * r.all.samples for v, r in zip(avgs, runs, strict=True)) / total, False
     d = PooledRuns(runs)
     if metric == "max_us":
         return (float(d.max_us), False) if d.max_us is not None else (None, False)

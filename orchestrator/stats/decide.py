@@ -92,6 +92,7 @@ Defaults, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cache
 from typing import Annotated, Literal
 
@@ -110,6 +111,9 @@ Tolerance = Annotated[Number, Field(ge=0.0, le=10.0)]  # 0.25 = 25% worse
 
 
 
+_DEFAULT_GUARDS: dict[MetricName, float] = {"max_us": 0.25, "p99_us": 0.10}
+
+
 class DecisionRule(BaseModel):
     """How one change is judged (see the module docstring for the rule itself)."""
 
@@ -117,7 +121,7 @@ class DecisionRule(BaseModel):
 
     primary: MetricName = "p999_us"
     # guard metric -> relative tolerance: a regression beyond it, once shown, rolls the change back
-    guards: dict[MetricName, Tolerance] = Field(default_factory=lambda: {"max_us": 0.25, "p99_us": 0.10})
+    guards: dict[MetricName, Tolerance] = Field(default_factory=lambda: _DEFAULT_GUARDS.copy())
     min_effect: Number = Field(0.05, gt=0.0, lt=1.0)  # eps: smaller relative effects are irrelevant
     confidence: Number = Field(0.95, ge=0.5, lt=1.0)  # overall, over all looks (Bonferroni-split)
     k_min: Int = Field(5, ge=2, le=100)  # runs per side at the first look
@@ -237,11 +241,9 @@ class Decision(BaseModel):
 def _u_sf(m: int, n: int) -> np.ndarray:
     """sf[s] = P(U >= s) for the Mann-Whitney count U of m x n pairs under the null (no ties), s = 0..mn+1."""
     # counts of arrangements with U = u are the coefficients of the Gaussian binomial [m+n choose m]_q
-    prev = [np.ones(1)] + [None] * n  # prev[j]: polynomial for (i-1, j)
-    for j in range(1, n + 1):
-        prev[j] = np.ones(1)  # i = 0
+    prev = [np.ones(1) for _ in range(n + 1)]  # prev[j]: polynomial for (i-1, j); i = 0: all ones
     for i in range(1, m + 1):
-        cur = [np.ones(1)] + [None] * n
+        cur = [np.ones(1) for _ in range(n + 1)]  # cur[0]; cur[1..n] are computed below
         for j in range(1, n + 1):
             a = prev[j]  # (i-1, j) shifted by j
             b = cur[j - 1]  # (i, j-1)
@@ -253,7 +255,7 @@ def _u_sf(m: int, n: int) -> np.ndarray:
     counts = prev[n]
     p = counts / counts.sum()
     sf = np.concatenate([np.cumsum(p[::-1])[::-1], [0.0]])
-    return sf
+    return np.asarray(sf, dtype=float)
 
 
 def _u_tail_min(m: int, n: int) -> float:
@@ -268,7 +270,7 @@ def _crit(m: int, n: int, a: float) -> int:
 
 
 def _log_diffs(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (np.log(y)[None, :] - np.log(x)[:, None]).ravel()
+    return np.asarray((np.log(y)[None, :] - np.log(x)[:, None]).ravel(), dtype=float)
 
 
 def _rank_claims(d: np.ndarray, m: int, n: int, a: float, bound: float) -> tuple[bool, bool]:
@@ -396,7 +398,8 @@ def decide(before: list[LatencyResult], after: list[LatencyResult], rule: Decisi
 
     metrics: dict[str, MetricComparison] = {}
     shown: dict[str, dict[str, bool]] = {}
-    roles = [(rule.primary, "primary", None)] + [(g, "guard", t) for g, t in rule.guards.items()]
+    roles: list[tuple[MetricName, Literal["primary", "guard"], float]] = [(rule.primary, "primary", 0.0)]
+    roles += [(g, "guard", t) for g, t in rule.guards.items()]  # a primary's tolerance is never read
     for idx, (metric, role, tol) in enumerate(roles):
         x, cx = run_values(before, metric, "before")
         y, cy = run_values(after, metric, "after")
@@ -405,10 +408,11 @@ def decide(before: list[LatencyResult], after: list[LatencyResult], rule: Decisi
         lo, hi = _bootstrap(x, y, a, rule.bootstrap_resamples, rng)
         est, rlo, rhi = _rank_interval(d, m, n, a)
 
-        def below(c: float, d=d, hi=hi) -> bool:  # delta < c shown by both the rank test and the bootstrap
+        # delta < c shown by both the rank test and the bootstrap
+        def below(c: float, d: np.ndarray = d, hi: float = hi) -> bool:
             return _rank_claims(d, m, n, a, c)[0] and hi < c
 
-        def above(c: float, d=d, lo=lo) -> bool:
+        def above(c: float, d: np.ndarray = d, lo: float = lo) -> bool:
             return _rank_claims(d, m, n, a, c)[1] and lo > c
 
         if role == "primary":
@@ -464,7 +468,8 @@ def _describe(c: MetricComparison) -> str:
 
 
 def _reason(rule: DecisionRule, metrics: dict[str, MetricComparison], verdict: str, action: str, final: bool,
-            stop_reason: str, regressed: list[str], m: int, n: int, conf: float, look: int, looks: int) -> str:
+            stop_reason: str, regressed: Sequence[MetricName], m: int, n: int, conf: float, look: int,
+            looks: int) -> str:
     prim = metrics[rule.primary]
     head = (f"Look {look}/{looks}, {m} before and {n} after runs of {rule.run_duration_s:g} s, "
             f"intervals at {conf * 100:.2f}% (overall {rule.confidence * 100:g}% split over {looks} look(s)). "
@@ -545,6 +550,8 @@ class SequentialDecision:
         need = {"before": k - nb, "after": k - na}
         order = self.rule.order
         if order == "blocked":
+            first: Side
+            second: Side
             first, second = ("before", "after") if self._look % 2 == 0 else ("after", "before")
             return first if need[first] > 0 else second
         if order == "ABAB":
