@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import InputError
+from orchestrator.facts.irqs import IRQ_AFFINITY
+from orchestrator.facts.systemd import symlink_fact
 from orchestrator.remote.transport import Transport, read_optional
 
 IRQ_UNIT = "/etc/systemd/system/rt-tune-irq-affinity.service"
@@ -47,24 +49,12 @@ class IrqAffinityChange(Change):
         ).encode()
 
     def read(self, t: Transport) -> State:
-        """Each IRQ's affinity, which ones the kernel refuses to move (per-CPU, managed, the timer): found by
-        writing the current value back, which changes nothing for an IRQ that can move and fails for one that
-        cannot; and rt-tune's boot-time unit."""
-        script = ('for d in /proc/irq/[0-9]*; do f="$d/smp_affinity_list"; [ -r "$f" ] || continue; '
-                  'cur=$(cat "$f"); if echo "$cur" > "$f" 2>/dev/null; then m=1; else m=0; fi; '
-                  'printf "%s %s %s\\n" "${d##*/}" "$cur" "$m"; done; echo end')
-        out = t.run(["sh", "-c", script], timeout_s=60).stdout.splitlines()
-        if not out or out[-1] != "end":
-            raise ChangeError(f"{t.label}: truncated IRQ listing")
-        irqs, fixed = {}, []
-        for line in out[:-1]:
-            irq, cpus, movable = line.split(" ")
-            irqs[irq] = cpus
-            if movable != "1":
-                fixed.append(irq)
-        link = t.run(["sh", "-c", 'if [ -L "$1" ]; then readlink "$1"; fi', "-", IRQ_UNIT_LINK], timeout_s=30)
-        return {"irqs": irqs, "fixed": sorted(fixed, key=int), "unit": b64(read_optional(t, IRQ_UNIT)),
-                "enabled": bool(link.stdout.strip())}
+        """Each IRQ's affinity and which ones the kernel refuses to move (facts.irqs.IRQ_AFFINITY), and
+        rt-tune's boot-time unit."""
+        irqs = IRQ_AFFINITY.gather(t, timeout_s=60)
+        link = symlink_fact(IRQ_UNIT_LINK).gather(t)
+        return {"irqs": irqs.irqs, "fixed": irqs.fixed, "unit": b64(read_optional(t, IRQ_UNIT)),
+                "enabled": link is not None}
 
     def desired(self, before: State) -> State:
         want = self._want()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.changes.base import Change, ChangeError, State
 from orchestrator.core.names import service_to_disable  # whole-string, systemd's rules
+from orchestrator.facts.systemd import unit_state_fact
 from orchestrator.remote.transport import Transport
 
 
@@ -24,16 +25,12 @@ class ServiceDisableChange(Change):
         self.change_id = f"service.{self.unit}"
 
     def read(self, t: Transport) -> State:
-        out = t.run(["systemctl", "show", "--no-pager", "-p", "LoadState,UnitFileState,ActiveState", self.unit],
-                    timeout_s=30).stdout
-        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-        if props.get("LoadState") == "not-found":
+        st = unit_state_fact(self.unit).gather(t)
+        if not st.exists:
             return {"load": "not-found", "file_state": "", "active": "inactive"}
-        active = props.get("ActiveState", "")
         # a crash-looping service is "activating" (auto-restart) most of the time: it counts as running
-        running = "active" if active in ("active", "activating", "reloading") else "inactive"
-        return {"load": props.get("LoadState", ""), "file_state": props.get("UnitFileState", ""),
-                "active": running}
+        running = "active" if st.active_state in ("active", "activating", "reloading") else "inactive"
+        return {"load": st.load_state, "file_state": st.unit_file_state, "active": running}
 
     def desired(self, before: State) -> State:
         if before["load"] == "not-found":

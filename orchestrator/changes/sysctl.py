@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import SYSCTL_NAME  # whole-string, systemd's rules
+from orchestrator.facts.sysctl import sysctl_path
 from orchestrator.remote.transport import Transport, read_files
 
 
@@ -28,7 +29,7 @@ class SysctlChange(Change):
 
     @property
     def proc_path(self) -> str:
-        return "/proc/sys/" + self.name.replace(".", "/")
+        return sysctl_path(self.name)
 
     @property
     def dropin(self) -> str:

@@ -30,6 +30,7 @@ import zlib
 
 from orchestrator.core.errors import ParseError
 from orchestrator.facts.systemd import coredumps_fact
+from orchestrator.remote.remote_scripts import load_script
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 INSTANCE_PREFIX = "rt-tune-diag-"
@@ -65,146 +66,18 @@ BUFFER_KB = 4096  # per CPU, in the instance only
 # `$!` is empty before the fork; after the wait `slept` keeps a reused pid from being signalled.
 STOP_SLEEP = 'if [ -z "$slept" ] && [ -n "$!" ]; then kill -KILL "$!" 2>/dev/null; fi'
 
-WINDOW_SCRIPT = r"""
-M=$1; dur=$2; inst=$3; pidf=$4; kb=$5; cdcmd=$6; events=$7; funcs=$8
-sec() { printf '\n%s %s\n' "$M" "$1"; }
-echo $$ > "$pidf"
-# run on CPU 0 (the kernel keeps it a housekeeping CPU): the probe's own cat must not be the task it finds
-# running on a nohz_full CPU
-taskset -pc 0 $$ > /dev/null 2>&1
-T=
-for d in /sys/kernel/tracing /sys/kernel/debug/tracing; do
-  if [ -e "$d/instances" ]; then T=$d; break; fi
-done
-I=
-cleanup() {
-  if [ -n "$I" ] && [ -d "$I" ]; then
-    echo 0 > "$I/tracing_on" 2>/dev/null
-    echo nop > "$I/current_tracer" 2>/dev/null
-    echo > "$I/set_ftrace_filter" 2>/dev/null
-    echo 0 > "$I/events/enable" 2>/dev/null
-    rmdir "$I" 2>/dev/null
-  fi
-  rm -f "$pidf"
-}
-slept=
-trap '{STOP}; cleanup; exit 130' INT TERM HUP
-sample() {
-  sec "uptime$1"; cat /proc/uptime
-  sec "interrupts$1"; cat /proc/interrupts
-  sec "units$1"
-  systemctl show --no-pager -p Id,NRestarts,ActiveState,SubState,UnitFileState,Result,ExecMainPID \
-    '*.service' 2>/dev/null
-  sec "kvm$1"
-  for v in /sys/kernel/debug/kvm/[0-9]*-[0-9]*; do
-    [ -d "$v" ] || continue
-    pid=${v##*/}; pid=${pid%%-*}
-    name=$(tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | grep -A1 -x -e -name | tail -n 1)
-    printf 'vm %s %s %s\n' "${v##*/}" "$(cat "/proc/$pid/comm" 2>/dev/null || echo -)" "${name:--}"
-    for f in wfi_exit_stat wfe_exit_stat exits signal_exits; do
-      [ -r "$v/$f" ] && printf '%s %s\n' "$f" "$(cat "$v/$f")"
-    done
-  done
-}
-sec meta
-printf 'kernel %s\narch %s\ntracefs %s\n' "$(uname -r)" "$(uname -m)" "${T:--}"
-sample 0
-sec setup
-if [ -n "$T" ] && mkdir "$T/instances/$inst"; then
-  I=$T/instances/$inst
-  echo 0 > "$I/tracing_on"
-  for e in $events; do
-    if [ -e "$I/events/$e/enable" ] && echo 1 > "$I/events/$e/enable"; then echo "event $e"; fi
-  done
-  echo "$kb" > "$I/buffer_size_kb" && echo "buffer_kb $kb"
-  if [ ! -e "$I/events/ipi/ipi_send_cpu" ] && [ -e "$I/events/ipi/ipi_raise" ] \
-     && echo 1 > "$I/events/ipi/ipi_raise/enable"; then echo "event ipi/ipi_raise"; fi
-  if [ ! -e "$I/events/csd/csd_function_entry" ] && [ -e "$I/set_ftrace_filter" ]; then
-    n=0
-    for f in $(printf '%s\n' $funcs | grep -x -F -f /dev/stdin "$T/available_filter_functions" | sort -u); do
-      if echo "$f" >> "$I/set_ftrace_filter"; then echo "function $f"; n=$((n+1)); fi
-    done
-    if [ $n -gt 0 ] && echo function > "$I/current_tracer"; then echo "tracer function"; fi
-  fi
-  echo 1 > "$I/tracing_on" && echo "tracing on"
-else
-  echo "no-instance ${T:--}"
-fi
-sleep "$dur" &
-wait "$!"
-slept=1
-[ -n "$I" ] && echo 0 > "$I/tracing_on"
-sample 1
-sec timer_list; cat /proc/timer_list 2>/dev/null
-sec sched_debug; cat /sys/kernel/debug/sched/debug 2>/dev/null
-sec nohz_full; cat /sys/devices/system/cpu/nohz_full 2>/dev/null
-sec isolated; cat /sys/devices/system/cpu/isolated 2>/dev/null
-sec online; cat /sys/devices/system/cpu/online
-sec timer_migration; cat /proc/sys/kernel/timer_migration 2>/dev/null
-sec cmdline; cat /proc/cmdline
-sec coredumps; eval "$cdcmd" 2>/dev/null
-if [ -n "$I" ]; then
-  sec trace_stats
-  for c in "$I"/per_cpu/cpu*; do printf 'cpu %s\n' "${c##*cpu}"; cat "$c/stats"; done
-  sec trace; gzip -1 < "$I/trace" 2>/dev/null | base64 | tr -d '\n'
-fi
-cleanup
-sec end
-""".replace("{STOP}", STOP_SLEEP)
+WINDOW_SCRIPT = load_script("diagnose_window.sh").replace('{STOP}', STOP_SLEEP)
 
 # Removes a window's leftovers after the controller lost it (error, timeout, Ctrl-C): kills the script (its
 # sleep included) and removes the instance. $1 instance name $2 pid file.
-CLEANUP_SCRIPT = r"""
-inst=$1; pidf=$2
-if [ -r "$pidf" ]; then
-  p=$(cat "$pidf")
-  case $p in (*[!0-9]*|'') ;; (*) pkill -TERM -P "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null;; esac
-  sleep 1
-fi
-for d in /sys/kernel/tracing /sys/kernel/debug/tracing; do
-  I=$d/instances/$inst
-  if [ -d "$I" ]; then
-    echo 0 > "$I/tracing_on"; echo nop > "$I/current_tracer"; echo > "$I/set_ftrace_filter"
-    echo 0 > "$I/events/enable"; rmdir "$I" && echo "removed $I"
-  fi
-done
-rm -f "$pidf"
-echo done
-"""
+CLEANUP_SCRIPT = load_script("diagnose_cleanup.sh")
 
 #: What "the tracing state" is: the top-level files that select what is traced and how, plus the instance
 #: list, kprobes/uprobes and every event with a filter or trigger set. Compared before and after a window.
 STATE_FILES = ("current_tracer", "tracing_on", "buffer_size_kb", "trace_clock", "set_event", "set_ftrace_filter",
                "set_ftrace_notrace", "set_graph_function", "set_ftrace_pid", "set_event_pid", "tracing_cpumask",
                "trace_options", "kprobe_events", "uprobe_events", "dynamic_events")
-STATE_SCRIPT = r"""
-raw=" current_tracer tracing_on buffer_size_kb trace_clock tracing_cpumask "
-T=
-for d in /sys/kernel/tracing /sys/kernel/debug/tracing; do
-  if [ -e "$d/instances" ]; then T=$d; break; fi
-done
-[ -n "$T" ] || { echo "tracefs -"; exit 0; }
-echo "tracefs $T"
-cd "$T" || exit 1
-firsts= sums=
-for f in "$@"; do
-  [ -r "$f" ] || continue
-  case $raw in (*" $f "*) firsts="$firsts $f";; (*) sums="$sums $f";; esac
-done
-[ -z "$firsts" ] || awk 'BEGIN { for (i = 1; i < ARGC; i++) v[ARGV[i]] = "" }
-  FNR == 1 { v[FILENAME] = substr($0, 1, 200) }
-  END { for (i = 1; i < ARGC; i++) printf "@@ %s %s\n", ARGV[i], v[ARGV[i]] }' $firsts
-[ -z "$sums" ] || cksum $sums | while read -r crc size name; do printf '@@ %s %s-%s\n' "$name" "$crc" "$size"; done
-printf '@@ instances %s\n' "$(ls instances | tr '\n' ' ')"
-set -- $(grep -l -v -x -e none -e '#.*' events/*/*/filter events/*/*/trigger 2>/dev/null)
-filters= triggers=
-for h in "$@"; do
-  case $h in (*/filter) filters="$filters $h";; (*) triggers="$triggers $h";; esac
-done
-printf '@@ filters %s\n' "$(printf '%s' "$filters" | cksum | tr ' ' '-')"
-printf '@@ triggers %s\n' "$(printf '%s' "$triggers" | cksum | tr ' ' '-')"
-echo end
-"""
+STATE_SCRIPT = load_script("tracing_state.sh")
 
 
 def new_instance_name() -> str:

@@ -120,3 +120,9 @@ def one_line(what: str, text: str) -> str:
     if not text.endswith("\n") or text.count("\n") != 1:
         raise ParseError(f"expected exactly one newline-terminated line of {what}, got {text[:200]!r}")
     return text[:-1]
+
+
+def program_fact(name: str) -> Fact[bool]:
+    """Whether the unit has the program `name` on its PATH."""
+    return Fact(f"program:{name}", ("sh", "-c", 'command -v "$1" || true', "-", name),
+                lambda text: text.strip() != "")

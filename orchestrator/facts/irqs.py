@@ -172,3 +172,39 @@ def is_ipi_row(irq: Irq) -> bool:
 def ipi_counts(irqs: list[Irq]) -> dict[str, list[int]]:
     """IPI row name -> per-CPU counts (x86 RES/CAL/TLB/IWI, arm64 IPI0..IPIn), in /proc/interrupts order."""
     return {i.irq: list(i.per_cpu_counts) for i in irqs if is_ipi_row(i) and i.per_cpu}
+
+
+#: Each IRQ's smp_affinity_list and whether the kernel lets it move: found by writing the current value back,
+#: which changes nothing for an IRQ that can move and fails for one that cannot (per-CPU, managed, the timer).
+#: That write is the only probe the kernel offers; it leaves every affinity as it was.
+IRQ_AFFINITY_SCRIPT = ('for d in /proc/irq/[0-9]*; do f="$d/smp_affinity_list"; [ -r "$f" ] || continue; '
+                       'cur=$(cat "$f"); if echo "$cur" > "$f" 2>/dev/null; then m=1; else m=0; fi; '
+                       'printf "%s %s %s\\n" "${d##*/}" "$cur" "$m"; done; echo end')
+
+
+class IrqAffinity(BaseModel):
+    """IRQ number -> its smp_affinity_list, and the IRQs the kernel refuses to move."""
+
+    irqs: dict[str, str]
+    fixed: list[str]
+
+
+def parse_irq_affinity(text: str) -> IrqAffinity:
+    """`IRQ CPULIST MOVABLE` lines and a final `end` (a cut listing is refused, not read as fewer IRQs)."""
+    lines = text.splitlines()
+    if not lines or lines[-1] != "end":
+        raise ParseError(f"truncated IRQ listing (no final `end`): {text[-200:]!r}")
+    irqs: dict[str, str] = {}
+    fixed: list[str] = []
+    for line in lines[:-1]:
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("0", "1"):
+            raise ParseError(f"expected `IRQ CPULIST 0|1`, got {line[:200]!r}")
+        parse_cpu_list(parts[1])  # a cpulist the kernel printed, or the listing is not what it claims
+        irqs[parts[0]] = parts[1]
+        if parts[2] != "1":
+            fixed.append(parts[0])
+    return IrqAffinity(irqs=irqs, fixed=sorted(fixed, key=int))
+
+
+IRQ_AFFINITY = Fact("irq_affinity", ("sh", "-c", IRQ_AFFINITY_SCRIPT), parse_irq_affinity)

@@ -7,36 +7,22 @@ import binascii
 import re
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.core.cpulist import (
     parse_kernel_cpulist as parse_cpu_list,  # for kernel output
 )
 from orchestrator.core.errors import ParseError
+from orchestrator.core.validation import validation_problems
 from orchestrator.facts.base import Fact
+from orchestrator.remote.remote_scripts import PIN_VCPUS, load_script
 
 # For every process whose /proc/PID/exe basename starts with qemu-system: a block
 #   process PID / exe BASE64(path) / cmdline BASE64(NUL-separated argv) /
 #   (task TID / Name:<TAB>comm / Cpus_allowed_list:<TAB>list)... / end
 # and, after all blocks, a final `done` line.
 # A process or task that exits while it is read is left out (a block is only printed once complete).
-QEMU_SCRIPT = r"""for d in /proc/[0-9]*; do
-  exe=$(readlink "$d/exe" 2>/dev/null) || continue
-  case "${exe##*/}" in qemu-system*) ;; *) continue ;; esac
-  cmdline=$(base64 -w0 "$d/cmdline" 2>/dev/null) || continue
-  [ -n "$cmdline" ] || continue
-  tasks=
-  for t in "$d"/task/[0-9]*; do
-    st=$(grep -E '^(Name|Cpus_allowed_list):' "$t/status" 2>/dev/null) || continue
-    tasks="$tasks
-task ${t##*/}
-$st"
-  done
-  [ -n "$tasks" ] || continue
-  printf 'process %s\nexe %s\ncmdline %s%s\nend\n' "${d#/proc/}" "$(printf %s "$exe" | base64 -w0)" "$cmdline" "$tasks"
-done
-echo done
-"""
+QEMU_SCRIPT = load_script("qemu_processes.sh")
 
 _VCPU_COMM = re.compile(r"CPU (\d+)/([A-Za-z]+)")
 
@@ -256,3 +242,49 @@ def parse_qemu_processes(text: str) -> list[QemuProcess]:
 
 # Reading another user's /proc/PID/exe needs root.
 QEMU_PROCESSES = Fact("qemu_processes", ("sh", "-c", QEMU_SCRIPT), parse_qemu_processes, sudo=True)
+
+
+class ThreadPlacement(BaseModel):
+    """Where one thread may run and how it is scheduled (`rt-tune-pin-vcpus --list`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    cpus: str  # the kernel's cpulist form, e.g. "0-1"
+    policy: str  # other, fifo, rr, batch, idle, deadline (or the number of an unknown one)
+    prio: int
+
+
+class QemuThreadListing(BaseModel):
+    """Every thread of one QEMU: the main thread, each vCPU by index, the others grouped by name (worker threads
+    come and go; their name is what is stable). `via`: how vCPU threads were found (thread names with
+    debug-threads, else QMP's query-cpus-fast). A thread that exited while listed is None."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    via: str
+    main: ThreadPlacement | None
+    vcpus: dict[str, ThreadPlacement | None]
+    threads: dict[str, list[ThreadPlacement]]
+
+
+def parse_thread_listing(text: str) -> dict[str, Any]:
+    """The JSON line `rt-tune-pin-vcpus --list PID` prints last, checked, as the plain dict a change journals
+    ({"main", "vcpus", "threads"})."""
+    lines = text.strip().splitlines()
+    if not lines:
+        raise ParseError("expected the thread listing's JSON line, got no output")
+    try:
+        listing = QemuThreadListing.model_validate_json(lines[-1])
+    except ValidationError as exc:
+        raise ParseError(f"not a thread listing: {validation_problems(exc)}: {lines[-1][:200]!r}") from None
+    if any(not v.isdigit() for v in listing.vcpus):
+        raise ParseError(f"vCPU indexes must be numbers, got {sorted(listing.vcpus)}")
+    dumped: dict[str, Any] = listing.model_dump(include={"main", "vcpus", "threads"})
+    return dumped
+
+
+def thread_listing_fact(pid: int) -> Fact[dict[str, Any]]:
+    """QEMU process `pid`'s threads, by the same helper that pins them (run in memory: nothing installed)."""
+    if pid <= 0:
+        raise ParseError(f"not a process id: {pid}")
+    return Fact(f"qemu_threads:{pid}", ("python3", "-c", PIN_VCPUS, "--list", str(pid)), parse_thread_listing)

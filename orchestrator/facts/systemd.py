@@ -195,3 +195,15 @@ def coredumps_fact(since_s: int = 3600, unit: str | None = None) -> Fact[list[Co
 
 
 COREDUMPS = coredumps_fact()
+
+
+def parse_symlink(text: str) -> str | None:
+    """`readlink` output: the target, or None when the path is no symlink (no output)."""
+    value = text.strip()
+    return value or None
+
+
+def symlink_fact(path: str) -> Fact[str | None]:
+    """Where the symlink `path` points (e.g. a unit's link in a target's .wants/, i.e. whether it is enabled)."""
+    return Fact(f"symlink:{path}", ("sh", "-c", 'if [ -L "$1" ]; then readlink "$1"; fi', "-", path),
+                parse_symlink)

@@ -23,6 +23,7 @@ from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.facts.base import BOOT_ID, CMDLINE
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest
+from orchestrator.remote.remote_scripts import load_script
 from orchestrator.remote.transport import CommandResult, Transport
 
 LOAD_TOOLS = {"stress-ng": "stress-ng", "hackbench": "hackbench"}
@@ -135,22 +136,7 @@ TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng":
 # Arguments: the number of tools, of load words, the settle time, the load's unit, then the tools, the load's
 # command and cyclictest's. The words are only ever expanded as "${N}" (eval sees the references, never a value),
 # so no argument is parsed by the remote shell. The load unit is stopped on every exit of the script.
-_RUN = r"""nt=$1 nl=$2 settle=$3 lu=$4; shift 4
-missing=
-while [ "$nt" -gt 0 ]; do command -v "$1" >/dev/null 2>&1 || missing="$missing $1"; shift; nt=$((nt - 1)); done
-if [ -n "$missing" ]; then echo "missing$missing"; exit 0; fi
-echo @@; cat /proc/sys/kernel/random/boot_id; echo @@; cat /proc/cmdline; echo @@
-if [ "$nl" -gt 0 ]; then
-  trap 'systemctl stop "$lu.service" >/dev/null 2>&1' EXIT
-  trap 'exit 143' HUP INT TERM
-  words= i=1
-  while [ "$i" -le "$nl" ]; do words="$words \"\${$i}\""; i=$((i + 1)); done
-  eval "$words" >&2 || { echo "load-failed $?"; exit 0; }
-  shift "$nl"
-  sleep "$settle"
-fi
-"$@"
-"""
+_RUN = load_script("measure_run.sh")
 
 
 def measure_tools(load: LoadSpec) -> list[str]:

@@ -513,3 +513,44 @@ def test_arm64_proc_interrupts_from_the_arm64_lab():
     assert host["Err"].per_cpu_counts == [0] and not host["Err"].per_cpu
     guest = {r.irq: r for r in parse_interrupts((here / "guest-proc-interrupts.txt").read_text())}
     assert guest["11"].actions == ["arch_timer"] and guest["IPI0"].cpus == [0, 1]
+
+
+# ---- the vCPU map's thread listing (`rt-tune-pin-vcpus --list`, the same helper that pins) -------------------
+
+
+def test_thread_listing_parses_the_recorded_listings():
+    from orchestrator.facts.qemu import parse_thread_listing
+
+    pristine = parse_thread_listing(rec("host-vcpu-threads-pristine.json"))
+    mapped = parse_thread_listing(rec("host-vcpu-threads-mapped.json"))
+    assert set(pristine) == {"main", "vcpus", "threads"}  # `via` is how, not what: not journaled
+    assert pristine["vcpus"]["1"] == {"cpus": "0-1", "policy": "other", "prio": 0}
+    assert mapped["vcpus"]["1"]["cpus"] == "1" and mapped["vcpus"]["0"]["cpus"] == "0"
+    assert all(st["cpus"] == "0" for sts in mapped["threads"].values() for st in sts)
+
+
+@pytest.mark.parametrize("bad", [
+    "",  # no output at all
+    '{"via": "names", "main": null, "vcpus": {"0": {"cpus": "0", "policy": "other"}}, "threads": {}}',  # no prio
+    '{"via": "names", "main": null, "vcpus": {"x": null}, "threads": {}}',  # not a vCPU index
+    '{"via": "names", "main": null, "vcpus": {}, "threads": {}, "extra": 1}',  # not what the helper prints
+    '{"via": "names", "main": null, "vcpus": {"0": {"cpus": "0", "policy": "other", "prio": "0"}}, "threads": {}}',
+])
+def test_thread_listing_refuses_what_the_helper_does_not_print(bad):
+    from orchestrator.facts.qemu import parse_thread_listing
+
+    with pytest.raises(ParseError):
+        parse_thread_listing(bad)
+
+
+def test_thread_listing_fact_runs_the_shipped_helper_in_memory():
+    """The fact's command is the helper rt-tune installs (remote/scripts/pin_vcpus.py), run with python3 -c:
+    reading a QEMU's threads installs nothing."""
+    from orchestrator.facts.qemu import thread_listing_fact
+    from orchestrator.remote.remote_scripts import PIN_VCPUS, QA_COPY, SCRIPTS_DIR
+
+    fact = thread_listing_fact(4242)
+    assert fact.argv == ("python3", "-c", PIN_VCPUS, "--list", "4242")
+    assert QA_COPY in PIN_VCPUS and "@QA_COPY@" in (SCRIPTS_DIR / "pin_vcpus.py").read_text()
+    with pytest.raises(ParseError):
+        thread_listing_fact(0)

@@ -32,7 +32,7 @@ def test_a_wheel_in_a_fresh_venv_run_elsewhere_finds_rt_profile_and_its_playbook
     wheel, = out.glob("rt_tune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"orchestrator/_data/profiles/rt-profile.yaml", "orchestrator/_data/playbooks/measurement.yaml",
-            "orchestrator/_data/playbooks/rollout.yaml"} <= names
+            "orchestrator/_data/playbooks/rollout.yaml", "orchestrator/remote/scripts/pin_vcpus.py"} <= names
 
     venv = tmp_path / "venv"  # fresh: no pip, no site packages; rt-tune's dependencies come from this venv's
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -50,6 +50,7 @@ def test_a_wheel_in_a_fresh_venv_run_elsewhere_finds_rt_profile_and_its_playbook
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RT_TUNE"))}
     env.update(HOME=str(tmp_path / "home"), RT_TUNE_STATE=str(tmp_path / "state"))
     probe = subprocess.run([str(py), "-c", "import orchestrator, orchestrator.run.apply as a; "
+                            "import orchestrator.changes.registry; "  # the remote scripts load at import
                             "print(orchestrator.__file__); print(a.DEFAULT_PLAN)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
