@@ -195,7 +195,7 @@ class BootChangeRunner:
             return f"cannot read the WFI exit counters on the trial boot: {why}"
         verdict = verify_notrap(plan.wfi_rate_before, after)
         plan.evidence = {"wfi_exits": verdict.model_dump()}
-        self._record(Event("wfx.evidence", f"{unit}.{spec.target}", verdict.reason,
+        self.e.publish(Event("wfx.evidence", f"{unit}.{spec.target}", verdict.reason,
                            data=verdict.model_dump()))
         return None if verdict.in_effect else verdict.reason
 
@@ -225,12 +225,7 @@ class BootChangeRunner:
         return TrialBoot(loader=plan.loader, control=self._fresh(unit, plan.control_target),
                          observe=self._fresh(unit, target), subject=f"{unit}.{target}",
                          power_cycle=power, boot_timeout_s=self.e.boot_timeout_s, services=services,
-                         dependents=dependents, events=self._record)
-
-    def _record(self, event) -> None:
-        """Trial-boot events go where the engine's go: the journal (the record) and the progress display."""
-        self.e.journal(event)
-        self.e.events(event)
+                         dependents=dependents, events=self.e.publish)
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, unit: str, run_id: int, spec: ChangeSpec) -> ChangeOutcome:
@@ -254,7 +249,7 @@ class BootChangeRunner:
             except TransportError:
                 if attempt == 2 or on_trial is not None:
                     raise
-                self._record(Event("trial.reconnect", f"{unit}.{target}", "the unit went away during the undo "
+                self.e.publish(Event("trial.reconnect", f"{unit}.{target}", "the unit went away during the undo "
                                    "(a scheduled reboot?): waiting for it, then undoing again"))
         raise AssertionError("unreachable")
 

@@ -55,9 +55,7 @@ class ABExperiment:
     _applied: list[_Applied] = field(default_factory=list)
 
     def _emit(self, kind: str, message: str, **kw: Any) -> None:
-        event = Event(kind, self.unit, message, **kw)
-        self.engine.journal(event)
-        self.engine.events(event)
+        self.engine.publish(Event(kind, self.unit, message, **kw))
 
     def _specs(self, profile: Path) -> list[tuple[ChangeSpec, Change]]:
         out = []

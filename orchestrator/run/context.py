@@ -72,11 +72,13 @@ class RunContext:
     #: How long to wait for a unit to come back from a reboot (then power-cycle it, then as long again).
     boot_timeout_s: float = 300.0
 
-    def emit(self, kind: str, subject: str, message: str, **data: Any) -> None:
+    def publish(self, event: Event) -> None:
         """The one publish path: the journal (the record) first, then whoever listens (progress, reports)."""
-        event = Event(kind, subject, message, data=data)
         self.journal(event)
         self.events(event)
+
+    def emit(self, kind: str, subject: str, message: str, **data: Any) -> None:
+        self.publish(Event(kind, subject, message, data=data))
 
     def measure_target(self, unit: str) -> str:
         """Where cyclictest runs for `unit`: its guest when it has one (the RT workload), else its host."""
