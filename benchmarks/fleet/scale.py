@@ -2,29 +2,26 @@
 SysctlChange, the measurement runner, cyclictest's parser, the decision rule, a real SQLite journal with its
 claims and locks) over a SIMULATED transport.
 
-The simulated transport stands in for SSH only: each unit is an in-memory /proc/sys and /etc/sysctl.d; every
-command costs a network round trip (sleep), a connection costs a handshake, and "cyclictest" sleeps for its run
-and answers with a REAL cyclictest output recorded on the lab guest (tests/recorded/cyclictest/lab/, see its
+The simulated transport is rt-tune's own in-memory unit (orchestrator/remote/fake.py, the one the engine's unit
+tests use) and stands in for SSH only: each unit is an in-memory /proc/sys and /etc/sysctl.d; every command
+costs a network round trip (sleep), a connection costs a handshake, and "cyclictest" sleeps for its run and
+answers with a REAL cyclictest output recorded on the lab guest (tests/recorded/cyclictest/lab/, see its
 README); the pre-run probe answers with a lab host's recorded boot_id and /proc/cmdline. Nothing else is faked.
 What is measured is the controller process: CPU seconds and resident memory.
 """
 
 from __future__ import annotations
 
-import base64
-import itertools
 import os
 import resource
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config.inventory import Inventory
 from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
-from orchestrator.remote.transport import CommandResult
+from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.run.engine import Engine
 from orchestrator.run.fleet import FleetRunner, RolloutPolicy
 from orchestrator.stats.decide import DecisionRule, MeasurementPlan
@@ -33,74 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECORDED = sorted((REPO / "tests" / "recorded" / "cyclictest" / "lab").glob("guest-stress-h20000-run*.txt"))
 PROFILE = REPO / "tests" / "fleet" / "profile-fleet.yaml"
 # what a lab host answered (tests/recorded/lab-x86/README.md), replayed by the simulated measurement run
-RECORDED_BOOT_ID = (REPO / "tests" / "recorded" / "lab-x86" / "host-boot_id.txt").read_text()
-RECORDED_CMDLINE = (REPO / "tests" / "recorded" / "lab-x86" / "host-proc-cmdline.txt").read_text()
-
-
-@dataclass
-class SimUnit:
-    """One simulated unit's state: the files the sysctl change reads and writes."""
-
-    files: dict[str, bytes] = field(default_factory=lambda: {"/proc/sys/kernel/timer_migration": b"1\n"})
-
-
-@dataclass
-class SimTransport:
-    """The Transport protocol over a SimUnit, with a round-trip delay per command (as SSH on a LAN)."""
-
-    unit: SimUnit
-    name: str
-    rtt_s: float
-    cyclictest_s: float
-    outputs: itertools.cycle
-
-    @property
-    def label(self) -> str:
-        return f"sim:{self.name}"
-
-    def _ok(self, argv, stdout: str = "") -> CommandResult:
-        return CommandResult(argv=tuple(argv), exit_status=0, stdout=stdout, stderr="", duration_s=self.rtt_s)
-
-    def run(self, argv, *, timeout_s=60.0, check=True, stdin=None, sudo=None) -> CommandResult:
-        time.sleep(self.rtt_s)
-        argv = list(argv)
-        if argv[:2] == ["sh", "-c"] and "boot_id" in argv[2]:  # a measurement run: preamble, then cyclictest
-            time.sleep(self.cyclictest_s)
-            return self._ok(argv, "@@\n" + RECORDED_BOOT_ID + "@@\n" + RECORDED_CMDLINE + "@@\n"
-                            + next(self.outputs))
-        if argv[:2] == ["sh", "-c"] and "present" in argv[2]:  # read_files: "absent" or "present BASE64"
-            marker, lines = argv[4], []  # the answer sits between two copies of the caller's marker line
-            for path in argv[5:]:
-                content = self.unit.files.get(path)
-                lines.append("absent" if content is None else "present " + base64.b64encode(content).decode())
-            return self._ok(argv, "".join(line + "\n" for line in [marker, *lines, marker]))
-        if argv[0] == "sysctl":
-            name, _, value = argv[-1].partition("=")
-            self.unit.files["/proc/sys/" + name.replace(".", "/")] = (value + "\n").encode()
-            return self._ok(argv)
-        if argv[:2] == ["rm", "-f"]:
-            self.unit.files.pop(argv[-1], None)
-            return self._ok(argv)
-        if argv[0] in ("mkdir", "systemctl", "systemd-run"):
-            return self._ok(argv)
-        raise AssertionError(f"the simulation does not know {argv!r}")
-
-    def read_file(self, path: str) -> bytes:
-        time.sleep(self.rtt_s)
-        return self.unit.files[path]
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        time.sleep(self.rtt_s)
-        self.unit.files[path] = bytes(data)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+RECORDED_BOOT_ID = (REPO / "tests" / "recorded" / "lab-x86" / "host-boot_id.txt").read_text().strip()
+RECORDED_CMDLINE = (REPO / "tests" / "recorded" / "lab-x86" / "host-proc-cmdline.txt").read_text().strip()
 
 
 def _rss_kib(field_name: str) -> int:
@@ -114,15 +45,14 @@ def run_scale(n_units: int = 1000, *, max_in_flight: int = 100, rtt_ms: float = 
               cyclictest_s: float = 0.5) -> dict:
     """Roll the fleet profile out to `n_units` simulated units; the controller's CPU and memory per unit."""
     outputs_text = [p.read_text() for p in RECORDED]
-    units = {f"u{i:04d}": SimUnit() for i in range(n_units)}
-    lock = threading.Lock()
-    cycle = itertools.cycle(outputs_text)
+    units = {f"u{i:04d}": FakeUnit(files={"/proc/sys/kernel/timer_migration": b"1\n"}, boot_id=RECORDED_BOOT_ID,
+                                   cmdline=RECORDED_CMDLINE, programs={"cyclictest", "systemd-run"},
+                                   cyclictest_outputs=[outputs_text[i % len(outputs_text)]])  # one recorded run each
+             for i in range(n_units)}
 
     def connect(inv, unit, target):
         time.sleep(connect_ms / 1000)
-        with lock:
-            outputs = itertools.cycle([next(cycle)])  # each connection replays one recorded run
-        return SimTransport(units[unit], unit, rtt_ms / 1000, cyclictest_s, outputs)
+        return FakeTransport(units[unit], unit, rtt_s=rtt_ms / 1000, run_s=cyclictest_s)
 
     inv = Inventory.model_validate({"units": {u: {"host": {"address": "sim.invalid"}, "vars": {"cpus": 2}}
                                               for u in units}})

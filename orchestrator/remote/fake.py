@@ -53,9 +53,13 @@ class FakeUnit:
 class FakeTransport(_CommandTransport):
     """The Transport protocol over a FakeUnit (a context manager, like the real ones)."""
 
-    def __init__(self, unit: FakeUnit, label: str = "fake") -> None:
+    def __init__(self, unit: FakeUnit, label: str = "fake", *, rtt_s: float = 0.0, run_s: float = 0.0) -> None:
+        """`rtt_s`: a network round trip slept per command (a simulated fleet on a LAN); `run_s`: slept by a
+        measurement run, as cyclictest runs for its duration."""
         self.unit = unit
         self._label = label
+        self.rtt_s = rtt_s
+        self.run_s = run_s
         self.closed = False
 
     @property
@@ -67,6 +71,8 @@ class FakeTransport(_CommandTransport):
 
     def _exec(self, argv: list[str], *, timeout_s: float | None, stdin: bytes | None, sudo: bool) -> _Raw:
         start = time.monotonic()
+        if self.rtt_s:
+            time.sleep(self.rtt_s)
         self.unit.log.append(tuple(argv))
         status, out, err = self._answer(argv, stdin)
         data = out.encode() if isinstance(out, str) else out
@@ -118,5 +124,7 @@ class FakeTransport(_CommandTransport):
         missing = [t for t in tools if t not in self.unit.programs]
         if missing:
             return 0, "missing " + " ".join(missing) + "\n", ""
+        if self.run_s:
+            time.sleep(self.run_s)
         return 0, (f"@@\n{self.unit.boot_id}\n@@\n{self.unit.cmdline}\n@@\n"
                    + self.unit.next_cyclictest_output()), ""
