@@ -279,17 +279,14 @@ def test_summarize_counts_overflowed_percentiles_as_lower_bounds():
 
 def test_cli_refuses_bad_input_before_touching_any_unit(tmp_path, monkeypatch):
     """No lab, no SSH: these errors come before any inventory or unit is touched (exit 2, InputError)."""
-    from orchestrator.cli.main import main
+    from orchestrator.cli.main import run as tune
 
-    monkeypatch.setenv("RT_TUNE_STATE", str(tmp_path / "state"))
+    env = {**os.environ, "RT_TUNE_STATE": str(tmp_path / "state")}
     bad = tmp_path / "rollout.yaml"
     bad.write_text("canary: 1\nmax_fail_percent: 150\n")
 
     def run(*args):
-        monkeypatch.setattr("sys.argv", ["tune", *args])
-        with pytest.raises(SystemExit) as exc:
-            main()
-        return exc.value.code
+        return tune(list(args), env)  # `tune ARGS` as a function: its exit status, the environment given
 
     assert run("rollout") == 2
     assert run("rollout", "rt-profile", "--resume", "1") == 2
