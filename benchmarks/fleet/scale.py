@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 from orchestrator.config.inventory import Inventory
+from orchestrator.config.playbook import RolloutPolicy
 from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
 from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.run.engine import Engine
-from orchestrator.run.fleet import FleetRunner, RolloutPolicy
+from orchestrator.run.fleet import FleetRunner
 from orchestrator.stats.decide import DecisionRule, MeasurementPlan
 
 REPO = Path(__file__).resolve().parents[2]

@@ -38,7 +38,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from orchestrator.config.yamlio import load_model
-from orchestrator.core.cpulist import CPU_CEILING, CpuListError, format_cpulist, parse_cpulist
+from orchestrator.core.cpulist import (
+    CPU_CEILING,
+    CpuListError,
+    format_cpulist,
+    parse_cpulist,
+)
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import InvalidName, check_unit_name, with_unit_suffix
 from orchestrator.remote.transport import Endpoint

@@ -128,7 +128,12 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 
 from orchestrator.config.yamlio import key_path, line_of, plain, read_yaml
 from orchestrator.config.yamlio import shown as short_repr
-from orchestrator.core.cpulist import CPU_CEILING, CpuListError, format_cpulist, parse_cpulist
+from orchestrator.core.cpulist import (
+    CPU_CEILING,
+    CpuListError,
+    format_cpulist,
+    parse_cpulist,
+)
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import (
     DISABLE_TYPES,

@@ -230,7 +230,7 @@ def start_rollout(paths: Paths, journal: Journal, inv_path: Path, profile_path: 
                   policy_file: Path | None, events: EventSink, **runner_kw: Any) -> tuple[Any, int]:
     """A new rollout of `profile_path` over `units` (all of the inventory's when None): every unit's input
     errors come before the rollout is recorded. The runner and the rollout's id."""
-    from orchestrator.run.fleet import load_rollout_policy
+    from orchestrator.config.playbook import load_rollout_policy
 
     loaded = load_rollout_policy(policy_file or PLAYBOOKS_DIR / "rollout.yaml")
     inv, _ = load_for_apply(paths, inv_path, events)
@@ -245,7 +245,7 @@ def resume_rollout(paths: Paths, journal: Journal, rollout_id: int, inv_path: Pa
                    **runner_kw: Any) -> Any:
     """The runner that continues rollout `rollout_id` with the policy recorded with it (the inventory recorded
     with it too, unless another is given)."""
-    from orchestrator.run.fleet import LoadedPolicy, RolloutPolicy
+    from orchestrator.config.playbook import LoadedPolicy, RolloutPolicy
 
     rec = journal.get_rollout(rollout_id)
     policy = LoadedPolicy(RolloutPolicy.model_validate(rec.policy), Path("/"))

@@ -20,7 +20,7 @@ from orchestrator.boot.wfx import wfx_exits_fact
 from orchestrator.changes.service import ServiceDisableChange
 from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.config.inventory import BOOTLOADERS, GUEST_BOOTLOADERS, Inventory, load_inventory
-from orchestrator.config.playbook import load_measurement_plan
+from orchestrator.config.playbook import load_measurement_plan, load_rollout_policy
 from orchestrator.config.profile import PROFILES_DIR, load_profile
 from orchestrator.config.yamlio import MAX_BYTES, MAX_DEPTH, read_yaml
 from orchestrator.core import names
@@ -28,7 +28,6 @@ from orchestrator.core.cpulist import parse_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.facts.sysctl import sysctl_path
 from orchestrator.facts.systemd import validate_unit_name
-from orchestrator.run.fleet import load_rollout_policy
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,8 @@ import sys
 import pytest
 
 from orchestrator.config.inventory import load_inventory
-from orchestrator.config.playbook import load_measurement_plan
+from orchestrator.config.playbook import load_measurement_plan, load_rollout_policy
 from orchestrator.core.errors import InputError
-from orchestrator.run.fleet import load_rollout_policy
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.playbook import RolloutPolicy, load_rollout_policy
 from orchestrator.core.errors import InputError, TransportError
 from orchestrator.journal.journal import Journal
 from orchestrator.journal.owners import this_host
@@ -24,9 +25,7 @@ from orchestrator.run.context import ChangeOutcome
 from orchestrator.run.engine import ApplyResult
 from orchestrator.run.fleet import (
     FleetRunner,
-    RolloutPolicy,
     halt_reason,
-    load_rollout_policy,
     plan_waves,
     summarize,
 )

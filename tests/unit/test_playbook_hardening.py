@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.playbook import load_decision_rule, load_measurement_plan
+from orchestrator.config.playbook import load_decision_rule, load_measurement_plan, load_rollout_policy
 from orchestrator.core.errors import InputError
 from orchestrator.measure.model import CyclictestSettings, LoadSpec
 from orchestrator.measure.runner import cyclictest_argv, measurement_from_flags
-from orchestrator.run.fleet import load_rollout_policy
 from orchestrator.stats.decide import MeasurementPlan
 from tests.conftest import REPO
 
