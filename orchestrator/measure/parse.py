@@ -311,7 +311,28 @@ def _parse_histogram(lines: list[str], expected_threads: int | None) -> LatencyR
     starts = [i for i, line in enumerate(lines) if line == "# Histogram"]
     if len(starts) != 1:
         raise ParseError(f"cyclictest histogram: expected one '# Histogram' line, found {len(starts)}")
-    i = starts[0] + 1
+    rows, i = _histogram_rows(lines, starts[0] + 1)
+    trailer, i = _histogram_trailer(lines, i)
+    nthreads, histofall = _histogram_shape(rows, trailer, expected_threads)
+    _check_overflow_lists(lines, i, nthreads, trailer)
+    threads = _thread_stats(rows, trailer, nthreads)
+    result = _result("histogram", threads)
+    if histofall:
+        _check_all_column(rows, trailer, nthreads, result.all)
+
+    summary = _summary_lines(lines[: starts[0]])
+    if summary:  # redrawn summary lines before the histogram (no -q): they must describe the same threads
+        final = _final_summary(summary)
+        if len(final) != nthreads:
+            raise ParseError(
+                f"cyclictest output: the summary lines list {len(final)} threads but the histogram "
+                f"has {nthreads}: expected the same threads"
+            )
+    return result
+
+
+def _histogram_rows(lines: list[str], i: int) -> tuple[list[list[int]], int]:
+    """The `000000 <count>...` rows from line `i`: buckets 0, 1, 2, ... without gaps, one column count."""
     rows: list[list[int]] = []
     while i < len(lines) and (m := _ROW.fullmatch(lines[i])):
         bucket, counts = int(m.group(1)), [int(c) for c in m.group(2).split("\t")]
@@ -332,6 +353,11 @@ def _parse_histogram(lines: list[str], expected_threads: int | None) -> LatencyR
         raise ParseError(
             f"cyclictest histogram: expected rows '000000 <count>...' after '# Histogram', found {found}"
         )
+    return rows, i
+
+
+def _histogram_trailer(lines: list[str], i: int) -> tuple[dict[str, list[int]], int]:
+    """The `# Total:` ... `# Histogram Overflows:` lines after the rows, each one required, in order."""
     trailer: dict[str, list[int]] = {}
     for label in _TRAILER_ORDER:
         if i >= len(lines) or not lines[i]:
@@ -345,6 +371,12 @@ def _parse_histogram(lines: list[str], expected_threads: int | None) -> LatencyR
         trailer[label] = _trailer_values(lines[i], i + 1, label)
         i += 1
 
+    return trailer, i
+
+
+def _histogram_shape(rows: list[list[int]], trailer: dict[str, list[int]],
+                     expected_threads: int | None) -> tuple[int, bool]:
+    """(threads, whether there is -H's all-threads column): the rows and every trailer line must agree."""
     nthreads = len(trailer["Min Latencies"])
     columns = len(rows[0])
     histofall = nthreads > 1 and columns == nthreads + 1
@@ -369,8 +401,12 @@ def _parse_histogram(lines: list[str], expected_threads: int | None) -> LatencyR
     if expected_threads is not None and nthreads != expected_threads:
         raise ParseError(f"cyclictest histogram: expected {expected_threads} threads, found {nthreads}")
 
-    # The overflow cycle numbers: up to one list per thread, `# N others` for the rest. Checking that they add
-    # up to the overflow count catches output cut off inside the list.
+    return nthreads, histofall
+
+
+def _check_overflow_lists(lines: list[str], i: int, nthreads: int, trailer: dict[str, list[int]]) -> None:
+    """The overflow cycle numbers: up to one list per thread, `# N others` for the rest. Checking that they add
+    up to the overflow count catches output cut off inside the list."""
     if i >= len(lines) or lines[i] != _OUTLIERS_HEADER:
         found = _show(lines[i]) if i < len(lines) else "end of output"
         raise ParseError(
@@ -399,6 +435,9 @@ def _parse_histogram(lines: list[str], expected_threads: int | None) -> LatencyR
             )
         i += 1
 
+
+def _thread_stats(rows: list[list[int]], trailer: dict[str, list[int]], nthreads: int) -> list[LatencyStats]:
+    """Each thread's exact figures from its histogram column and its trailer values."""
     threads = []
     for t in range(nthreads):
         hist = {b: row[t] for b, row in enumerate(rows) if row[t]}
@@ -417,19 +456,7 @@ def _parse_histogram(lines: list[str], expected_threads: int | None) -> LatencyR
                 max_us=trailer["Max Latencies"][t],
             )
         )
-    result = _result("histogram", threads)
-    if histofall:
-        _check_all_column(rows, trailer, nthreads, result.all)
-
-    summary = _summary_lines(lines[: starts[0]])
-    if summary:  # redrawn summary lines before the histogram (no -q): they must describe the same threads
-        final = _final_summary(summary)
-        if len(final) != nthreads:
-            raise ParseError(
-                f"cyclictest output: the summary lines list {len(final)} threads but the histogram "
-                f"has {nthreads}: expected the same threads"
-            )
-    return result
+    return threads
 
 
 def _check_all_column(
