@@ -1,4 +1,4 @@
-"""Which change a profile entry is: runtime kinds are built here; boot kinds are run by orchestrator/boot/runner.py
+"""Which change a profile entry is: runtime kinds are built here; boot kinds are run by orchestrator/run/boot.py
 (a trial boot). The one place a kind name is mapped to code."""
 
 from __future__ import annotations

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Self, get_args
+from typing import Any, Literal, Protocol, Self, get_args
 
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.core.events import Event
 from orchestrator.journal.scrub import _load
-
-if TYPE_CHECKING:
-    from orchestrator.journal.locks import LockOps
 
 ChangeState = Literal["intent", "applied", "verified", "kept", "rolled_back", "failed", "rollback_failed"]
 UnitStateName = Literal["pending", "working", "done", "degraded", "failed"]
@@ -137,6 +134,12 @@ class RolloutUnit(BaseModel):
     updated_at: float
 
 
+class _Releaser(Protocol):
+    """What a lock handle needs of its journal (orchestrator.journal.locks.LockOps)."""
+
+    def release_lock(self, lock: Lock) -> bool: ...
+
+
 @dataclass
 class Lock:
     """A held unit lock. A context manager: leaving the `with` block releases it."""
@@ -146,7 +149,7 @@ class Lock:
     owner: str  # "host:pid"
     acquired_at: float
     heartbeat_at: float
-    _journal: LockOps | None = field(default=None, repr=False, compare=False)
+    _journal: _Releaser | None = field(default=None, repr=False, compare=False)
 
     def __enter__(self) -> Self:
         return self

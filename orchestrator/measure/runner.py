@@ -23,7 +23,7 @@ from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.facts.base import BOOT_ID, CMDLINE
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest
-from orchestrator.remote.remote_scripts import load_script
+from orchestrator.remote.remote_scripts import MEASURE_RUN
 from orchestrator.remote.transport import CommandResult, Transport
 
 LOAD_TOOLS = {"stress-ng": "stress-ng", "hackbench": "hackbench"}
@@ -136,7 +136,7 @@ TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng":
 # Arguments: the number of tools, of load words, the settle time, the load's unit, then the tools, the load's
 # command and cyclictest's. The words are only ever expanded as "${N}" (eval sees the references, never a value),
 # so no argument is parsed by the remote shell. The load unit is stopped on every exit of the script.
-_RUN = load_script("measure_run.sh")
+_RUN = MEASURE_RUN
 
 
 def measure_tools(load: LoadSpec) -> list[str]:

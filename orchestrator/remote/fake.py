@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from orchestrator.measure.runner import _RUN as MEASUREMENT_RUN
+from orchestrator.remote.remote_scripts import MEASURE_RUN as MEASUREMENT_RUN
 from orchestrator.remote.transport import _READ_FILES, _WRITE_SCRIPT, _CommandTransport, _Raw
 
 

@@ -20,3 +20,5 @@ def load_script(name: str) -> str:
 
 #: `rt-tune-pin-vcpus`: pins a QEMU's threads to the vCPU map (and, with --list, only reads them)
 PIN_VCPUS = load_script("pin_vcpus.py").replace("@QA_COPY@", QA_COPY)
+#: one measurement run in one round trip: tools checked, boot and cmdline read, load started, cyclictest, load stopped
+MEASURE_RUN = load_script("measure_run.sh")

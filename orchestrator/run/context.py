@@ -2,7 +2,7 @@
 the journal, the measurement plan, where artifacts go, who hears events, how to connect. Also the outcome of
 one change (ChangeOutcome), which the apply loop, boot changes, rollouts and reports share.
 
-The apply loop (orchestrator.run.engine) and boot changes (orchestrator.boot.runner) both take a RunContext, so
+The apply loop (orchestrator.run.engine) and boot changes (orchestrator.run.boot) both take a RunContext, so
 neither imports the other's module for it.
 """
 

@@ -15,13 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator.boot.runner import BootChangeRunner
 from orchestrator.changes.base import Change, Plan
 from orchestrator.changes.registry import build_change, is_boot_kind
 from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal.records import ChangeRecord, UnitStateName
 from orchestrator.remote.transport import Transport
+from orchestrator.run.boot import BootChangeRunner
 from orchestrator.run.context import ChangeOutcome, RunContext, SharedConnections, Status
 from orchestrator.run.transaction import JournaledChange, Planned, run_change
 
