@@ -554,3 +554,30 @@ def test_thread_listing_fact_runs_the_shipped_helper_in_memory():
     assert QA_COPY in PIN_VCPUS and "@QA_COPY@" in (SCRIPTS_DIR / "pin_vcpus.py").read_text()
     with pytest.raises(ParseError):
         thread_listing_fact(0)
+
+
+# ---- IRQ affinity with movability (what the IRQ-affinity change reads) --------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    "",  # nothing at all
+    "24 0-1 1\n25 0-1 0\n",  # cut before the final `end`
+    "24 0-1 1\nend\nend\n",  # a second `end`: not one listing
+    "24 0-1\nend\n",  # a field missing
+    "x 0-1 1\nend\n",  # not an IRQ number
+    "24 0-1 2\nend\n",  # movable is 0 or 1
+    "24 0-x 1\nend\n",  # not a cpulist
+])
+def test_irq_affinity_refuses_a_cut_or_foreign_listing(bad):
+    from orchestrator.facts.irqs import parse_irq_affinity
+
+    with pytest.raises(ParseError):
+        parse_irq_affinity(bad)
+
+
+def test_irq_affinity_keeps_each_irq_and_which_cannot_move():
+    from orchestrator.facts.irqs import parse_irq_affinity
+
+    got = parse_irq_affinity("0 0-1 0\n24 1 1\n10 0 0\nend\n")
+    assert got.irqs == {"0": "0-1", "24": "1", "10": "0"} and got.fixed == ["0", "10"]
+    assert parse_irq_affinity("end\n").irqs == {}  # a unit without readable IRQs: an empty listing, not an error
