@@ -662,7 +662,7 @@ def confirm_targets(fleet: SshFleet) -> dict:
     private directory (same device:inode as <base>/tN/sysctl.d here, and empty)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     def one(pair):
         target, ep = pair

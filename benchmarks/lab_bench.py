@@ -37,7 +37,7 @@ from orchestrator.core.paths import Paths  # noqa: E402
 from orchestrator.facts.base import BOOT_ID
 from orchestrator.lab import snapshot  # noqa: E402
 from orchestrator.lab.lab import Lab  # noqa: E402
-from orchestrator.remote.transport import SSHTransport  # noqa: E402
+from orchestrator.remote.ssh import SSHTransport  # noqa: E402
 
 GOALS = {("amd64", "ssh_alone"): 20.0, ("any", "snapshot_reset"): 10.0, ("arm64-host", "reboot"): 120.0}
 

@@ -36,7 +36,8 @@ if str(REPO) not in sys.path:
 
 from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.facts.base import gather_basic
-from orchestrator.remote.transport import Endpoint, SSHTransport  # noqa: E402
+from orchestrator.remote.ssh import SSHTransport  # noqa: E402
+from orchestrator.remote.transport import Endpoint  # noqa: E402
 
 SYSCTL_NAME = "net.ipv4.ip_forward"
 SYSCTL_VALUE = "1"
@@ -76,8 +77,8 @@ def enable_nodelay_what_if() -> None:
     TCP_NODELAY set before the handshake (passed to paramiko as `sock=`). Neither paramiko nor rt-tune sets it;
     without it, a command that follows another on the same connection waits for the peer's delayed ACK of the
     previous channel's last small packet (Nagle), about 40 ms per command. This is the change proposed for
-    orchestrator/remote/transport.py's `_connect_client`."""
-    import orchestrator.remote.transport as tr
+    orchestrator/remote/ssh.py's `_connect_client`."""
+    import orchestrator.remote.ssh as tr
     from orchestrator.core.errors import ConnectError
 
     original = tr._connect_client

@@ -32,7 +32,7 @@ def facts_cmd(target: str, inventory_file: str | None, as_json: bool) -> None:
     """Basic facts of UNIT.host or UNIT.guest: kernel, arch, CPUs, /proc/cmdline, boot_id."""
     from orchestrator.config.inventory import split_target
     from orchestrator.facts.base import gather_basic
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     inv = _load_inventory(inventory_file)
     unit, role = split_target(target)

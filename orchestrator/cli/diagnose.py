@@ -67,7 +67,7 @@ def diagnose_cmd(unit: str, inventory_file: str | None, target: str | None, dura
         parse_duration,
         rt_hints_from_vars,
     )
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
     from orchestrator.report.diagnosis import save_diagnosis
     from orchestrator.run.apply import open_controller_journal
 

@@ -122,7 +122,7 @@ def measure_cmd(target: str, duration: str, load: str, load_args: tuple[str, ...
     """Measure latency with cyclictest on UNIT.host or UNIT.guest, under an optional declared load."""
     from orchestrator.config.inventory import load_inventory, split_target
     from orchestrator.measure.runner import measure, measurement_from_flags
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     flags: dict[str, Any] = {"duration": duration, "histogram_us": histogram_us, "interval_us": interval_us,
                              "load": load, "load_args": load_args}

@@ -24,7 +24,8 @@ from orchestrator.core.paths import Paths
 from orchestrator.facts.base import BOOT_ID
 from orchestrator.lab import deps, images, snapshot, vm
 from orchestrator.lab.qmp import qmp_call
-from orchestrator.remote.transport import Endpoint, SSHTransport
+from orchestrator.remote.ssh import SSHTransport
+from orchestrator.remote.transport import Endpoint
 
 FIRST_SSH_PORT = 2230
 ROLE_MEMORY_MIB = {"host": 1536, "guest": 1024}  # one unit in <= 3 GiB with QEMU's own overhead

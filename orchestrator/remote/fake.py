@@ -17,7 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.remote.remote_scripts import MEASURE_RUN as MEASUREMENT_RUN
-from orchestrator.remote.transport import _READ_FILES, _WRITE_SCRIPT, _CommandTransport, _Raw
+from orchestrator.remote.transport import (
+    _READ_FILES,
+    _WRITE_SCRIPT,
+    _CommandTransport,
+    _Raw,
+)
 
 
 @dataclass

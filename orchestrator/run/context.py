@@ -23,7 +23,8 @@ from orchestrator.core.errors import TransportError
 from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.journal.journal import Journal
 from orchestrator.measure.model import LatencyResult
-from orchestrator.remote.transport import SSHTransport, Transport
+from orchestrator.remote.ssh import SSHTransport
+from orchestrator.remote.transport import Transport
 from orchestrator.stats.decide import MeasurementPlan
 
 MARKER = "/var/lib/rt-tune/changes.json"

@@ -66,7 +66,7 @@ def arm64_inventory(arm64_lab, arm64_paths):
 
 @pytest.fixture()
 def ahost(arm64_inventory):
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     with SSHTransport(arm64_inventory.endpoint("lab1", "host")) as t:
         yield t
@@ -74,7 +74,7 @@ def ahost(arm64_inventory):
 
 @pytest.fixture()
 def aguest(arm64_inventory):
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as t:
         yield t
@@ -218,7 +218,7 @@ def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, a
 def _guest_cmdline(arm64_inventory, deadline: float) -> str:
     """The nested guest's /proc/cmdline once it answers SSH again (through its host)."""
     from orchestrator.core.errors import TransportError
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     while True:
         try:
@@ -233,7 +233,7 @@ def _guest_cmdline(arm64_inventory, deadline: float) -> str:
 def nohz_nested_guest(arm64_lab, arm64_inventory):
     """Two busy loops pinned to the nested guest's CPU 1, which the lab boots with nohz_full=1 (its QEMU's
     -append), once the guest's crash loop has restarted at least once; stopped afterwards."""
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400).split()
     units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
@@ -258,7 +258,7 @@ def nohz_nested_guest(arm64_lab, arm64_inventory):
 
 def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
                                                                        nohz_nested_guest, tmp_path):
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
     from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
 
     with SSHTransport(load_guest_endpoint(arm64_paths)) as g:

@@ -41,7 +41,7 @@ def test_old_host_kernel_needs_a_patched_kernel_and_an_unpatched_one_is_rolled_b
     the parameters) trial-boots healthy, but the WFI exit rate does not fall: rolled back on that evidence."""
     import re
 
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     def host():
         return SSHTransport(arm64_inventory.endpoint("lab1", "host"), connect_deadline_s=60)

@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.config.inventory import load_inventory
 from orchestrator.journal.journal import Journal
-from orchestrator.remote.transport import SSHTransport
+from orchestrator.remote.ssh import SSHTransport
 from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab

@@ -31,7 +31,7 @@ def inventory(lab, lab_paths):
 
 @pytest.fixture()
 def host(inventory):
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     with SSHTransport(inventory.endpoint("lab1", "host")) as t:
         yield t
@@ -39,7 +39,7 @@ def host(inventory):
 
 @pytest.fixture()
 def guest(inventory):
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     with SSHTransport(inventory.endpoint("lab1", "guest")) as t:
         yield t

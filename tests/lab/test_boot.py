@@ -89,7 +89,7 @@ def last_event_id(lab_paths) -> int:
 @pytest.fixture()
 def pristine_guest(lab, lab_paths, inventory):
     """Nothing of rt-tune's on the unit before; afterwards the guest's boot files and cmdline are as before."""
-    from orchestrator.remote.transport import SSHTransport
+    from orchestrator.remote.ssh import SSHTransport
 
     tune(lab_paths, "rollback", "lab1", "--all")
     with SSHTransport(inventory.endpoint("lab1", "guest")) as t:

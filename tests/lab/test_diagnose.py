@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.boot.loader import one_second_later
 from orchestrator.facts.base import BOOT_ID
-from orchestrator.remote.transport import SSHTransport
+from orchestrator.remote.ssh import SSHTransport
 from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab

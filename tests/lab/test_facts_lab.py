@@ -17,7 +17,7 @@ from orchestrator.facts.irqs import IRQS, ipi_counts
 from orchestrator.facts.qemu import QEMU_PROCESSES
 from orchestrator.facts.sysctl import SYSCTL_FILES, effective_sysctl_settings, sysctl_fact
 from orchestrator.facts.systemd import COREDUMPS, coredumps_fact, unit_state_fact
-from orchestrator.remote.transport import SSHTransport
+from orchestrator.remote.ssh import SSHTransport
 
 pytestmark = pytest.mark.lab
 

@@ -12,7 +12,8 @@ import pytest
 from orchestrator.boot.loader import one_second_later
 from orchestrator.core.errors import HostKeyError, TransportError
 from orchestrator.facts.base import BOOT_ID, CMDLINE, gather_basic
-from orchestrator.remote.transport import Endpoint, SSHTransport, host_key_fingerprint
+from orchestrator.remote.ssh import SSHTransport, host_key_fingerprint
+from orchestrator.remote.transport import Endpoint
 from tests.conftest import REPO, tune_env
 
 pytestmark = pytest.mark.lab

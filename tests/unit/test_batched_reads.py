@@ -8,7 +8,8 @@ import pytest
 from orchestrator.core.errors import ParseError
 from orchestrator.facts.base import CPUS_ONLINE, HOSTNAME, Fact, gather_facts
 from orchestrator.facts.cpus import CPU_COUNT
-from orchestrator.remote.transport import LocalTransport, read_files, read_optional
+from orchestrator.remote.local import LocalTransport
+from orchestrator.remote.transport import read_files, read_optional
 
 pytestmark = pytest.mark.unit
 

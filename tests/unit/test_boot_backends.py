@@ -24,7 +24,8 @@ from orchestrator.boot import bls, common, extlinux, qemu_append, registry, syst
 from orchestrator.boot.cmdline import CmdlineError
 from orchestrator.boot.loader import BootError, Bootloader, BootTarget
 from orchestrator.core.errors import CommandFailed, InputError, ParseError
-from orchestrator.remote.transport import CommandResult, LocalTransport
+from orchestrator.remote.local import LocalTransport
+from orchestrator.remote.transport import CommandResult
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit

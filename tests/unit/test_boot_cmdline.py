@@ -83,7 +83,7 @@ def test_trial_entry_from_the_recorded_default(tmp_path):
     """The trial entry is the default's body with the arguments appended to its linux line only."""
     from orchestrator.boot.grub import GrubBackend
     from orchestrator.boot.loader import BootTarget
-    from orchestrator.remote.transport import LocalTransport
+    from orchestrator.remote.local import LocalTransport
 
     (tmp_path / "grub.cfg").write_text(GRUB_CFG)
     (tmp_path / "grubenv").write_bytes((REC / "host-boot-grub-grubenv").read_bytes())
@@ -130,7 +130,7 @@ def test_health_check_reads_what_this_machine_booted():
     """health_check on the controller itself (a real /proc/cmdline, uname and sysfs) through LocalTransport."""
     from orchestrator.boot.loader import BootTarget
     from orchestrator.boot.trial import health_check
-    from orchestrator.remote.transport import LocalTransport
+    from orchestrator.remote.local import LocalTransport
 
     proc = Path("/proc/cmdline").read_text().strip()
     kernel = __import__("os").uname().release

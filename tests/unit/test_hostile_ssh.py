@@ -32,8 +32,9 @@ from orchestrator.core.errors import (
     InputError,
     TransportError,
 )
-from orchestrator.remote import transport
-from orchestrator.remote.transport import Endpoint, SSHTransport, read_files
+from orchestrator.remote import ssh, transport
+from orchestrator.remote.ssh import SSHTransport
+from orchestrator.remote.transport import Endpoint, read_files
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server, wrapped_sshd_server
 
 pytestmark = pytest.mark.unit
@@ -337,12 +338,12 @@ def test_dev_null_as_known_hosts_never_turns_checking_off(sshd: Sshd, tmp_path: 
 
 def test_a_known_hosts_over_the_limit_is_refused_unread(sshd: Sshd, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport, "MAX_KNOWN_HOSTS_BYTES", 4096)
+    monkeypatch.setattr(ssh, "MAX_KNOWN_HOSTS_BYTES", 4096)
     big = tmp_path / "known_hosts"
     big.write_text("# padding\n" * 500 + host_line(sshd))
     message = refused_before_connecting(sshd.endpoint(known_hosts=str(big)))
     assert f"the known_hosts file {big} named by the inventory is {big.stat().st_size} bytes" in message
-    monkeypatch.setattr(transport, "MAX_KNOWN_HOSTS_BYTES", 64 * 2**20)
+    monkeypatch.setattr(ssh, "MAX_KNOWN_HOSTS_BYTES", 64 * 2**20)
     with SSHTransport(sshd.endpoint(known_hosts=str(big)), connect_deadline_s=5) as t:
         assert t.run(["echo", "in"]).stdout == "in\n"
 

@@ -48,7 +48,7 @@ def test_a_run_is_one_round_trip_that_passes_every_word_as_it_is_and_names_missi
     the load and the command with their words unchanged (spaces, quotes, `$(...)`, more than nine of them)."""
     from orchestrator.core.errors import TuneError
     from orchestrator.measure.runner import run_under_load
-    from orchestrator.remote.transport import LocalTransport
+    from orchestrator.remote.local import LocalTransport
 
     t = LocalTransport()
     loaded, ran = tmp_path / "loaded", tmp_path / "ran"

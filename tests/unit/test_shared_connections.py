@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.core.errors import TransportError
-from orchestrator.remote.transport import LocalTransport
+from orchestrator.remote.local import LocalTransport
 from orchestrator.run.context import SharedConnections
 
 pytestmark = pytest.mark.unit

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.errors import ConnectError, HostKeyError, InputError
-from orchestrator.remote.transport import DEFAULT_KNOWN_HOSTS, Endpoint, SSHTransport
+from orchestrator.remote.ssh import DEFAULT_KNOWN_HOSTS, SSHTransport
+from orchestrator.remote.transport import Endpoint
 from tests.sshd import Sshd, free_port, keygen, public_key, sshd_server
 
 pytestmark = pytest.mark.unit

@@ -24,16 +24,9 @@ from orchestrator.core.errors import (
     TransportError,
 )
 from orchestrator.facts.base import BOOT_ID, CPUS_ONLINE, HOSTNAME, Fact, gather_facts
-from orchestrator.remote.transport import (
-    CommandResult,
-    Endpoint,
-    LocalTransport,
-    SSHTransport,
-    Transport,
-    read_files,
-    read_optional,
-    remote_command,
-)
+from orchestrator.remote.local import LocalTransport
+from orchestrator.remote.ssh import SSHTransport
+from orchestrator.remote.transport import CommandResult, Endpoint, Transport, read_files, read_optional, remote_command
 from tests.sshd import Sshd, free_port, keygen, sshd_server, wrapped_sshd_server
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.boot.trial import Dependent, TrialBoot
 from orchestrator.core.errors import TransportError
-from orchestrator.remote.transport import LocalTransport
+from orchestrator.remote.local import LocalTransport
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from orchestrator.boot.trial import TrialBoot, UnitLostError
 from orchestrator.core.errors import TuneError
 from orchestrator.core.events import Event
 from orchestrator.journal.journal import Journal
-from orchestrator.remote.transport import LocalTransport
+from orchestrator.remote.local import LocalTransport
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from orchestrator.boot.loader import BootTarget
 from orchestrator.boot.qemu_append import QemuAppendBackend, append_value
 from orchestrator.core.paths import Paths
 from orchestrator.lab.lab import Lab
-from orchestrator.remote.transport import SSHTransport
+from orchestrator.remote.ssh import SSHTransport
 
 HERE = Path(__file__).resolve().parent / "qemu-append"
 UNIT = "/etc/systemd/system/rtvm.service"

@@ -13,7 +13,7 @@ from pathlib import Path
 from orchestrator.config.inventory import load_inventory, split_target
 from orchestrator.core.paths import Paths, default_inventory
 from orchestrator.diagnose.probe import new_instance_name, state_argv, window_argv
-from orchestrator.remote.transport import SSHTransport
+from orchestrator.remote.ssh import SSHTransport
 
 prefix, target = sys.argv[1], sys.argv[2]
 duration = float(sys.argv[3]) if len(sys.argv) > 3 else 10

@@ -27,7 +27,7 @@ from orchestrator.facts.irqs import IRQS
 from orchestrator.facts.qemu import QEMU_PROCESSES
 from orchestrator.facts.sysctl import SYSCTL_FILES, sysctl_fact
 from orchestrator.facts.systemd import COREDUMPS, coredumps_fact, unit_state_fact
-from orchestrator.remote.transport import SSHTransport
+from orchestrator.remote.ssh import SSHTransport
 
 HERE = Path(__file__).resolve().parent
 MIROBOT = "mirobot_teleoperate.service"
