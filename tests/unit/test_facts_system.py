@@ -581,3 +581,18 @@ def test_irq_affinity_keeps_each_irq_and_which_cannot_move():
     got = parse_irq_affinity("0 0-1 0\n24 1 1\n10 0 0\nend\n")
     assert got.irqs == {"0": "0-1", "24": "1", "10": "0"} and got.fixed == ["0", "10"]
     assert parse_irq_affinity("end\n").irqs == {}  # a unit without readable IRQs: an empty listing, not an error
+
+
+@pytest.mark.parametrize("vm", ["host", "guest"])
+def test_irq_affinity_parses_the_recorded_listing(vm):
+    """Recorded from the x86 lab (tests/recorded/lab-x86/README.md): 29 IRQs on CPUs 0-1, the timer (0), the
+    cascade (2) and the virtio disks' per-queue request IRQs (25, 26, 28, 29: managed by the kernel) refusing to
+    move."""
+    from orchestrator.facts.irqs import parse_irq_affinity
+
+    text = rec(f"{vm}-irq-affinity.txt")
+    got = parse_irq_affinity(text)
+    assert len(got.irqs) == 29 and got.irqs["1"] == "0-1"
+    assert got.fixed == ["0", "2", "25", "26", "28", "29"]
+    with pytest.raises(ParseError):
+        parse_irq_affinity(_drop_last_lines(text, 1))  # cut: no `end`
