@@ -529,18 +529,32 @@ def test_thread_listing_parses_the_recorded_listings():
     assert all(st["cpus"] == "0" for sts in mapped["threads"].values() for st in sts)
 
 
-@pytest.mark.parametrize("bad", [
-    "",  # no output at all
-    '{"via": "names", "main": null, "vcpus": {"0": {"cpus": "0", "policy": "other"}}, "threads": {}}',  # no prio
-    '{"via": "names", "main": null, "vcpus": {"x": null}, "threads": {}}',  # not a vCPU index
-    '{"via": "names", "main": null, "vcpus": {}, "threads": {}, "extra": 1}',  # not what the helper prints
-    '{"via": "names", "main": null, "vcpus": {"0": {"cpus": "0", "policy": "other", "prio": "0"}}, "threads": {}}',
-])
-def test_thread_listing_refuses_what_the_helper_does_not_print(bad):
+def _listing_mutations() -> list[tuple[str, object]]:
+    """The recorded pristine listing, broken one way each (the recording itself parses: test above)."""
+    import copy
+
+    doc = json.loads(rec("host-vcpu-threads-pristine.json"))
+    out: list[tuple[str, object]] = [("no output", "")]
+    no_prio = copy.deepcopy(doc)
+    del no_prio["vcpus"]["0"]["prio"]
+    out.append(("a field missing", no_prio))
+    bad_index = copy.deepcopy(doc)
+    bad_index["vcpus"]["x"] = bad_index["vcpus"].pop("0")
+    out.append(("not a vCPU index", bad_index))
+    extra = {**doc, "extra": 1}
+    out.append(("a key the helper does not print", extra))
+    text_prio = copy.deepcopy(doc)
+    text_prio["vcpus"]["0"]["prio"] = "0"
+    out.append(("a number as text", text_prio))
+    return out
+
+
+@pytest.mark.parametrize(("why", "bad"), _listing_mutations(), ids=lambda v: v if isinstance(v, str) else "")
+def test_thread_listing_refuses_what_the_helper_does_not_print(why, bad):
     from orchestrator.facts.qemu import parse_thread_listing
 
     with pytest.raises(ParseError):
-        parse_thread_listing(bad)
+        parse_thread_listing(bad if isinstance(bad, str) else json.dumps(bad))
 
 
 def test_thread_listing_fact_runs_the_shipped_helper_in_memory():
@@ -559,28 +573,27 @@ def test_thread_listing_fact_runs_the_shipped_helper_in_memory():
 # ---- IRQ affinity with movability (what the IRQ-affinity change reads) --------------------------------------
 
 
-@pytest.mark.parametrize("bad", [
-    "",  # nothing at all
-    "24 0-1 1\n25 0-1 0\n",  # cut before the final `end`
-    "24 0-1 1\nend\nend\n",  # a second `end`: not one listing
-    "24 0-1\nend\n",  # a field missing
-    "x 0-1 1\nend\n",  # not an IRQ number
-    "24 0-1 2\nend\n",  # movable is 0 or 1
-    "24 0-x 1\nend\n",  # not a cpulist
-])
-def test_irq_affinity_refuses_a_cut_or_foreign_listing(bad):
+def _irq_mutations() -> list[tuple[str, str]]:
+    """The recorded host listing, broken one way each."""
+    text = rec("host-irq-affinity.txt")
+    first = text.splitlines(keepends=True)[0]  # "0 0-1 0"
+    return [
+        ("nothing at all", ""),
+        ("cut before the final end", _drop_last_lines(text, 1)),
+        ("a second end", text + "end\n"),
+        ("a field missing", text.replace(first, first.rsplit(" ", 1)[0] + "\n", 1)),
+        ("not an IRQ number", text.replace(first, "x" + first[1:], 1)),
+        ("movable neither 0 nor 1", text.replace(first, first[:-2] + "2\n", 1)),
+        ("not a cpulist", text.replace(first, first.replace("0-1", "0-x"), 1)),
+    ]
+
+
+@pytest.mark.parametrize(("why", "bad"), _irq_mutations(), ids=lambda v: v if " " in v or not v else "")
+def test_irq_affinity_refuses_a_cut_or_foreign_listing(why, bad):
     from orchestrator.facts.irqs import parse_irq_affinity
 
     with pytest.raises(ParseError):
         parse_irq_affinity(bad)
-
-
-def test_irq_affinity_keeps_each_irq_and_which_cannot_move():
-    from orchestrator.facts.irqs import parse_irq_affinity
-
-    got = parse_irq_affinity("0 0-1 0\n24 1 1\n10 0 0\nend\n")
-    assert got.irqs == {"0": "0-1", "24": "1", "10": "0"} and got.fixed == ["0", "10"]
-    assert parse_irq_affinity("end\n").irqs == {}  # a unit without readable IRQs: an empty listing, not an error
 
 
 @pytest.mark.parametrize("vm", ["host", "guest"])
