@@ -52,7 +52,8 @@ def lane(nodeid: str) -> str:
     tests (tests/lab), and beside them the unit tests, then the fleet lab, then the arm64 lab. A TCG lab keeps
     about two thirds of this machine's two CPUs busy, the unit tests one CPU: two lanes fill both. (Moving three
     x86 lab files to the other lane on an x86 lab of its own balanced a warm run, but a cold one, where that lane
-    also waits for the arm64 images, took 72 minutes, not 47: 2026-12-05.) Without xdist everything runs in one
+    also waits for the arm64 images, took 72 minutes, not 47: 2026-12-05. The kernel test needs only a host: it
+    runs on the fleet lab, already up in the other lane.) Without xdist everything runs in one
     process, in the same order."""
     return "x86-lab" if nodeid.startswith("tests/lab/") else "unit-fleet-arm64"
 

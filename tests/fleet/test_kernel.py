@@ -4,6 +4,9 @@ the package and leaves the boot files byte for byte as before.
 
 Debian's real linux-image-*-rt-amd64 stands in for the WFI/WFE-patched kernel; it is downloaded once into the
 cache (`apt-get download`) by orchestrator.boot.artifact.
+
+It runs on the fleet lab's third unit (a host, as the kernel change is), not on tests/lab's unit: the test is
+about 5 minutes of installing, booting and measuring, and the fleet lab's lane has the room (issue #16).
 """
 
 from __future__ import annotations
@@ -12,30 +15,40 @@ import json
 
 import pytest
 
+from orchestrator.config.inventory import load_inventory
+from orchestrator.remote.ssh import SSHTransport
 from tests.lab.test_boot import PLAYBOOK, boot_files, cmdline_of, outcome, tune, write_profile
 
 pytestmark = pytest.mark.lab
 
+UNIT = "lab3"  # test_ab takes lab2; test_rollout (after this file) starts from a rollback of every unit
+
+
+@pytest.fixture()
+def host(fleet_lab, fleet_paths):
+    with SSHTransport(load_inventory(fleet_paths.lab_inventory).endpoint(UNIT, "host")) as t:
+        yield t
+
 
 @pytest.fixture(scope="module")
-def rt_kernel_deb(lab_paths):
+def rt_kernel_deb(fleet_paths):
     from orchestrator.boot.artifact import deb_cache_dir, fetch_deb, inspect_deb, resolve_image_package
 
-    deb = fetch_deb(resolve_image_package("linux-image-rt-amd64"), deb_cache_dir(lab_paths))
+    deb = fetch_deb(resolve_image_package("linux-image-rt-amd64"), deb_cache_dir(fleet_paths))
     return deb, inspect_deb(deb)
 
 
-def test_second_kernel_trial_boot_keep_then_rollback_to_the_previous_kernel(lab, lab_paths, host, tmp_path,
+def test_second_kernel_trial_boot_keep_then_rollback_to_the_previous_kernel(fleet_paths, host, tmp_path,
                                                                              rt_kernel_deb):
     deb, art = rt_kernel_deb
-    tune(lab_paths, "rollback", "lab1", "--all")
+    tune(fleet_paths, "rollback", UNIT, "--all")
     old_kernel = host.run(["uname", "-r"]).stdout.strip()
     old_cmdline = cmdline_of(host)
     files = boot_files(host)
     assert art.release != old_kernel and art.release.endswith("-rt-amd64")
     profile = write_profile(tmp_path, f"host:\n  kernel:\n    deb: {deb}\n    release: \"{art.release}\"\n")
 
-    o = outcome(tune(lab_paths, "apply", profile, "--unit", "lab1", "--playbook", PLAYBOOK, "--json"),
+    o = outcome(tune(fleet_paths, "apply", profile, "--unit", UNIT, "--playbook", PLAYBOOK, "--json"),
                 "host.kernel")
     assert o["status"] in ("kept", "rolled_back"), o
     assert o["decision"]["runs_before"] == 4 and o["decision"]["runs_after"] == 4  # old kernel, then the trial
@@ -44,7 +57,7 @@ def test_second_kernel_trial_boot_keep_then_rollback_to_the_previous_kernel(lab,
         env = host.run(["grub-editenv", "list"]).stdout
         assert f"gnulinux-{art.release}-advanced-" in env  # the default is now the new kernel's entry
         assert host.run(["dpkg-query", "-W", "-f", "${Status}", art.package]).stdout == "install ok installed"
-        undone = tune(lab_paths, "rollback", "lab1", "--all", "--json")
+        undone = tune(fleet_paths, "rollback", UNIT, "--all", "--json")
         assert undone.returncode == 0, undone.stderr[-3000:]
         assert "host.kernel" in json.loads(undone.stdout)["rolled_back"]
 
