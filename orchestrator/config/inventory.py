@@ -231,6 +231,10 @@ class UnitSpec(_Strict):
     power_cycle: Argv = None  # argv run on the controller when the unit does not come back
     #: The same for the guest alone (e.g. restart its QEMU, or a lab VM's reset); None: wait for its watchdog.
     guest_power_cycle: Argv = None
+    #: The guest is a VM of this unit's host (as on a robot). False when it runs elsewhere (the x86 lab's guest is
+    #: a sibling VM of its host): a host change then cannot act on the guest's latency, so that latency is not
+    #: evidence about it; the decision rests on the host's own counters.
+    guest_on_host: StrictBool = True
     #: validated as UnitVars, kept as the plain dict of the vars the file sets
     vars: VarsField = Field(default_factory=dict)
 

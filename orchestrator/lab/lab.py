@@ -549,6 +549,8 @@ class Lab:
             if rec.nested_in:
                 # its command line is its host's: -append in rt-guest-vm.service
                 unit["vars"]["guest_bootloader"] = "qemu-append"
+            elif rec.role == "guest":
+                unit["guest_on_host"] = False  # a sibling VM: the host's QEMU stand-in is not this guest
             unit[rec.role] = ep
         doc = {"units": {u: units[u] for u in sorted(units)}, "groups": {"lab": sorted(units)}}
         path = self.paths.lab_inventory

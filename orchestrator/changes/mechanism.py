@@ -1,0 +1,124 @@
+"""What each change kind acts through: the kernel counters that should move when the change works.
+
+The field notes did not find their problems in cyclictest's tail but by counting: IPIs per CPU by type, the
+local timer on nohz_full CPUs, RCU softirqs, KVM's WFI/WFE exits, vCPU threads moving between CPUs. A tuning
+change acts through one of these mechanisms, and its counts move by orders of magnitude where the latency tail
+moves by percent under noise. Each kind declares here what it targets and in which direction, so the decision
+can keep a change whose latency is shown not worse and whose mechanism is shown reduced (issue #18), and the
+report can show the counts beside the latency.
+
+A mechanism names counter *classes*, not /proc/interrupts row names, because the rows differ by architecture:
+function-call IPIs are `CAL` on x86 and `IPI1` on arm64, the local timer is `LOC` on x86 and the `arch_timer`
+PPI on arm64. `irq_class` maps a row to its class from the description or handler the kernel prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: IRQ classes a mechanism can count (/proc/interrupts rows, classified by `irq_class`).
+IrqClass = Literal["function_call_ipi", "irq_work_ipi", "reschedule_ipi", "tlb_ipi", "local_timer", "device"]
+Source = Literal["irq", "softirq", "kvm", "thread"]
+
+_IPI_DESCRIPTIONS: dict[str, IrqClass] = {
+    "function call interrupts": "function_call_ipi",
+    "single function call interrupts": "function_call_ipi",
+    "irq work interrupts": "irq_work_ipi",
+    "rescheduling interrupts": "reschedule_ipi",
+    "tlb shootdowns": "tlb_ipi",
+    "local timer interrupts": "local_timer",
+}
+#: Handlers of per-CPU timer IRQs (numbered rows): arm64's architected timer; x86's IRQ 0 is the legacy PIT.
+_TIMER_ACTIONS = ("arch_timer",)
+_NOT_DEVICE_ACTIONS = ("arch_timer", "timer", "cascade", "arm-pmu", "kvm guest vtimer", "kvm guest ptimer")
+
+
+def irq_class(name: str, description: str | None, actions: list[str]) -> IrqClass | None:
+    """The class of one /proc/interrupts row: `name` its first column ("CAL", "IPI1", "27"), `description` the
+    text of a named row, `actions` the handlers of a numbered row. None: a row no mechanism counts (NMI, ERR)."""
+    if description is not None and not name.isdigit():
+        return _IPI_DESCRIPTIONS.get(description.strip().lower())
+    if not name.isdigit():
+        return None
+    handlers = [a.strip().lower() for a in actions]
+    if any(h in _TIMER_ACTIONS for h in handlers):
+        return "local_timer"
+    if handlers and not any(h in _NOT_DEVICE_ACTIONS for h in handlers):
+        return "device"
+    return None
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One counter a change targets, summed over the CPUs it concerns and read as a rate around each run.
+
+    `source`: irq (classes of /proc/interrupts rows), softirq (/proc/softirqs rows, e.g. "RCU"), kvm (per-VM
+    counters in KVM's debugfs, read on the host: `wfi_exit_stat`), thread (scheduler counters of the guest's
+    vCPU threads on the host: `nr_migrations`). `on`: counted on the changed target, or on the unit's host (KVM
+    and vCPU threads live there). `cpus`: the target's RT CPUs, or all of them."""
+
+    label: str
+    source: Source
+    names: tuple[str, ...]
+    on: Literal["target", "host"] = "target"
+    cpus: Literal["rt", "all"] = "rt"
+    direction: Literal["down"] = "down"
+
+    def public(self) -> dict[str, Any]:
+        return {"label": self.label, "source": self.source, "names": list(self.names), "on": self.on,
+                "cpus": self.cpus, "direction": self.direction}
+
+
+_RESCHED = Mechanism("reschedule IPIs on the RT CPUs", "irq", ("reschedule_ipi",))
+_TIMER = Mechanism("local timer interrupts on the RT CPUs", "irq", ("local_timer",))
+_IRQ_WORK = Mechanism("IRQ-work IPIs on the RT CPUs", "irq", ("irq_work_ipi",))
+_RCU = Mechanism("RCU softirqs on the RT CPUs", "softirq", ("RCU",))
+_DEVICE = Mechanism("device interrupts on the RT CPUs", "irq", ("device",))
+_WFX = Mechanism("WFI/WFE exits of the guest's VM", "kvm", ("wfi_exit_stat", "wfe_exit_stat"), on="host",
+                 cpus="all")
+_EXITS = Mechanism("KVM exits of the guest's VM", "kvm", ("exits",), on="host", cpus="all")
+
+#: cmdline argument -> what it acts through (isolation stops the scheduler's IPIs and IRQ work there, nohz_full
+#: the tick, rcu_nocbs the RCU callbacks, the trap policies the WFx exits, GICv4 direct injection the exits).
+CMDLINE_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
+    "isolcpus": (_RESCHED, _IRQ_WORK),
+    "nohz_full": (_TIMER,),
+    "rcu_nocbs": (_RCU,),
+    "irqaffinity": (_DEVICE,),
+    "kvm-arm.wfi_trap_policy": (_WFX,),
+    "kvm-arm.wfe_trap_policy": (_WFX,),
+    "kvm-arm.vgic_v4_enable": (_EXITS,),
+}
+
+#: sysctl -> what it acts through: with timer migration on, a timer armed for a nohz CPU fires elsewhere and an
+#: IPI wakes the CPU (field notes section 4).
+SYSCTL_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
+    "kernel.timer_migration": (_RESCHED,),
+}
+
+
+def mechanisms_for(kind: str, params: dict[str, Any]) -> tuple[Mechanism, ...]:
+    """The mechanisms a resolved profile entry targets (empty: the kind or this entry declares none, so only
+    its latency can be evidence)."""
+    if kind == "service_disable":
+        # a crash loop's core dumps kick every CPU (kick_all_cpus_sync: function-call IPIs) and queue IRQ work
+        return (Mechanism("function-call and IRQ-work IPIs on the RT CPUs", "irq",
+                          ("function_call_ipi", "irq_work_ipi")),)
+    if kind == "sysctl":
+        return SYSCTL_MECHANISMS.get(str(params.get("name", "")).replace("/", "."), ())
+    if kind == "vcpu_pinning":
+        return (Mechanism("migrations of the guest's vCPU threads", "thread", ("nr_migrations",), on="host",
+                          cpus="all"),)
+    if kind == "irq_affinity":
+        return (_DEVICE,)
+    if kind == "wfx_notrap":
+        return (_WFX,)
+    if kind == "cmdline":
+        found: list[Mechanism] = []
+        for key in params.get("add", {}):
+            for mech in CMDLINE_MECHANISMS.get(str(key), ()):
+                if mech not in found:
+                    found.append(mech)
+        return tuple(found)
+    return ()  # kernel (a different kernel acts through everything), other sysctls

@@ -1,0 +1,61 @@
+"""The mechanism each change kind declares, and the IRQ classes it counts, on /proc/interrupts recorded from the
+x86 lab (tests/recorded/lab-x86) and the arm64 lab (tests/recorded/lab-arm64), whose row names differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.changes.mechanism import CMDLINE_MECHANISMS, irq_class, mechanisms_for
+from orchestrator.facts.irqs import parse_interrupts, parse_irqs
+
+REC = Path(__file__).resolve().parent.parent / "recorded"
+
+
+def classes(irqs) -> dict[str, str | None]:
+    return {i.irq: irq_class(i.irq, i.description, i.actions) for i in irqs}
+
+
+def test_x86_rows_are_classified_by_what_the_kernel_prints():
+    c = classes(parse_irqs((REC / "lab-x86" / "guest-facts-irqs.txt").read_text()))
+    assert (c["CAL"], c["IWI"], c["RES"], c["TLB"], c["LOC"]) == (
+        "function_call_ipi", "irq_work_ipi", "reschedule_ipi", "tlb_ipi", "local_timer")
+    assert c["0"] is None  # the legacy PIT ("timer") is neither the local timer nor a device
+    assert c["26"] == "device" and c["4"] == "device"  # virtio queues, the serial port
+    assert c["NMI"] is None and c["ERR"] is None and c["MCP"] is None
+
+
+@pytest.mark.parametrize("which", ["host", "guest"])
+def test_arm64_rows_are_classified_by_description_and_handler(which):
+    c = classes(parse_interrupts((REC / "lab-arm64" / f"{which}-proc-interrupts.txt").read_text()))
+    assert (c["IPI0"], c["IPI1"], c["IPI5"]) == ("reschedule_ipi", "function_call_ipi", "irq_work_ipi")
+    assert c["IPI2"] is None and c["IPI4"] is None  # CPU stop, timer broadcast: nothing declares them
+    timers = [name for name, cls in c.items() if cls == "local_timer"]
+    assert timers and all(name.isdigit() for name in timers)  # the arch_timer PPI, a numbered row
+    assert "device" in c.values()
+
+
+def test_each_kind_of_the_rt_profile_declares_its_mechanism():
+    (svc,) = mechanisms_for("service_disable", {"unit": "mirobot_teleoperate.service"})
+    assert svc.names == ("function_call_ipi", "irq_work_ipi") and svc.on == "target" and svc.cpus == "rt"
+    assert mechanisms_for("sysctl", {"name": "kernel.timer_migration", "value": "0"})[0].names == ("reschedule_ipi",)
+    assert mechanisms_for("sysctl", {"name": "kernel/timer_migration", "value": "0"})  # the /proc/sys spelling
+    assert mechanisms_for("sysctl", {"name": "vm.swappiness", "value": "10"}) == ()  # nothing declared
+    (pin,) = mechanisms_for("vcpu_pinning", {"cpus": [1]})
+    assert (pin.source, pin.names, pin.on) == ("thread", ("nr_migrations",), "host")
+    assert mechanisms_for("irq_affinity", {"housekeeping": [0]})[0].names == ("device",)
+    (wfx,) = mechanisms_for("wfx_notrap", {})
+    assert (wfx.source, wfx.on, set(wfx.names)) == ("kvm", "host", {"wfi_exit_stat", "wfe_exit_stat"})
+    assert mechanisms_for("kernel", {"deb": "/x.deb"}) == ()
+
+
+def test_a_cmdline_change_targets_the_union_of_its_arguments_once_each():
+    mechs = mechanisms_for("cmdline", {"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1",
+                                               "rcu_nocbs": "1", "quiet": None}})
+    names = [m.names for m in mechs]
+    assert names == [("reschedule_ipi",), ("irq_work_ipi",), ("local_timer",), ("RCU",)]
+    both = mechanisms_for("cmdline", {"add": {"kvm-arm.wfi_trap_policy": "notrap",
+                                              "kvm-arm.wfe_trap_policy": "notrap"}})
+    assert len(both) == 1 and both == CMDLINE_MECHANISMS["kvm-arm.wfi_trap_policy"]
+    assert mechanisms_for("cmdline", {"add": {"quiet": None}}) == ()
