@@ -1,46 +1,44 @@
-"""How often does the keep/rollback rule decide wrongly, and how much measuring time does it use?
+"""How often does a keep/rollback rule decide wrongly, and how much measuring time does it use?
 
-    python benchmarks/decision_bench.py [--trials N] [--fixed-trials N] [--seed S] [--data DIR] [--what-if H:S,...]
+    python benchmarks/decision_bench.py [--data DIR] [--trials N] [--fixed-trials N] [--seed S] [--quick] [--json]
 
-Data. Recorded cyclictest runs (`--json` output, one file per run): the lab's
-`tests/recorded/cyclictest/lab/guest-stress-*.json` once that folder has at least 8 of them, else
-`benchmarks/data/local-x86/run*.json`
-(see the README there for how they were recorded). Both are real measurements; nothing is invented.
+Data. A folder of recorded runs (`runNN.json`: LatencyResult JSON as `orchestrator.measure.runner.measure()`
+writes it, or cyclictest's own `--json`), boots taken from `boot_id` or the subfolder. Default: the lab
+recording `tests/recorded/noise-lab-x86` once it holds >= 30 runs across >= 3 boots, else the
+development-machine series `benchmarks/data/local-x86` (40 consecutive 10 s runs, one boot: the boot effect
+is then not estimable and is set to the prior `--boot-sd-prior`, 0 unless told, and labelled so).
 
-Model (fitted to the recorded runs, nonparametric, two levels):
-  - between runs: a simulated 10 s segment picks one recorded run at random, so the run-to-run spread
-    (drift and bursts of the recording included) is exactly the recorded one;
-  - within a run: the body (values below the tail start) and the number of tail samples ("spikes",
-    overflows included) are a multinomial draw of the recorded size from that run's histogram; each tail
-    sample is one of that run's own tail samples with log-normal jitter (a smoothed bootstrap: Gaussian
-    kernel on log(size), Silverman bandwidth capped at 0.1), so long runs see spikes between and beyond the
-    recorded ones instead of repeating the recorded maximum. The tail starts at the pooled p99.9 of all
-    recorded samples. Overflow samples are known only by count and by the run's max: one is the max, the
-    others are put at the histogram size (the lower bound, as the rule itself does).
-  A run of duration D is D / (recorded run length) independent segments: the model for long runs, compared
-  with real long runs when `long*.json` files are present ("model check"; not used in the fit).
-  Drawing the recorded runs' samples again adds their sampling noise a second time, so simulated runs are a
-  little noisier than real ones; this handicaps every method alike.
+Model (benchmarks/decision/model.py): run-level log p99, log p99.9 and log max, each = mean + boot offset
+(random per boot) + AR(1) drift between consecutive runs + independent run-level spread, fitted by REML per
+metric; the components correlated across the three metrics (drift from lag-1 cross-covariances, run spread
+from what is left at lag 0; boots like the drift), so the guards move with the primary as recorded. Printed:
+the fitted parameters and, as a check, the recorded series' lag-1 autocorrelation, halves' ratio and spread
+next to the same figures of series simulated from the fit (where the recorded figure falls among them).
+When the data is the lab's, the development-machine series is fitted and checked too.
 
-Effects. "After" runs get a true effect e on the latency tail: every value v above m0 (the median run-level
-p50) is stretched, v -> m0 + (v - m0) * s, with s chosen so the population median of the run-level p99.9 (the
-rule's estimand) changes by exactly e. The body (below the median) is untouched; p99 and max move by the
-printed amounts. The same base draws serve every effect (common random numbers).
+Effects. An "after" run's values get a true effect e on the median run-level p99.9: the tail above the median
+p50 is stretched so that p99.9 moves by exactly e; p99 and max move by what that stretch does to their medians
+(printed). Effects -30%, -10%, 0, +10%; the same simulated noise serves every effect and rule (common random
+numbers). Times are runs x the recorded run length (switching a change on and off, reboots, not counted).
 
-What counts as wrong (on the action taken, i.e. after the inconclusive policy): keeping a change whose true
-effect on p99.9 is >= 0 (no improvement or a regression); rolling back a change whose true effect is an
-improvement of at least the minimum relevant effect (e <= -min_effect). Between -min_effect and 0 neither
-action is wrong (no such effect is simulated).
+Rules, in one run:
+  - new: the rule in orchestrator/stats as committed now, driven through its own API (`SequentialDecision`);
+  - old: orchestrator/stats/decide.py at commit 61f7220, its decision logic frozen in benchmarks/decision/rules.py
+    (checked against that commit's code by tests/unit/test_decision_bench.py);
+  - fixed: a fixed-length design, n runs per side (ABBA) and one one-sided Mann-Whitney test at 5%, n sized
+    for 95% power at -10% (interpolated, see below).
+Reference of equal error: for each rule, the fixed design at the rule's false-keep rate at 0 (as its one-sided
+level, floored at 0.5%, capped at 5%) with the rule's power at -10%; its n per side is interpolated between
+the simulated n = 1..n_max, linearly in (sqrt n, probit power), extrapolated on that line beyond n_max
+(flagged). time_ratio = the rule's mean time (the mean of its expected times at 0 and at -10%) / 2 n x run.
 
-Baselines (fixed length, rteval-style): one long run of T seconds per side, then
-  - "rteval max": keep iff max(after) < (1 - tau) * max(before) (tau = 0 is how it is done in practice);
-  - "fixed p99.9": the same on the p99.9 of the one long run.
-Each baseline is also given its best threshold tau in hindsight (the one minimising its worst wrong rate over
-the effects, chosen knowing the simulated truth, which no real procedure can), and T* is the shortest T whose
-worst wrong rate is <= the rule's worst wrong rate ("the same max error"); the time ratio is the rule's mean
-measuring time / 2 T*. A second view holds fixed p99.9 to the rule's false-keep rate (again with the
-threshold set from the simulated truth) and shows its wrong rollbacks. A what-if table repeats the
-comparison with the run-to-run heterogeneity shrunk and with longer runs, to show what a calmer target needs.
+Wrong: a keep at e >= 0 (false keep at 0; keep at +10%); a rollback at e <= -min_effect (= 1 - power at -10%
+and -30%: under `inconclusive: rollback` every non-keep is a rollback). Goals (issue #18): false keeps <= 5%
+at 0, power >= 95% at -10%, mean time <= 0.35 of the fixed-length time of equal error.
+
+Boot changes: runs grouped by boot, order blocked, a new boot at every side switch (and whenever the rule asks
+for one), the fitted boot effect present: the old rule treats all runs of a side as independent
+(pseudo-replication); the new one summarises each boot to one value with its boots per side.
 """
 
 from __future__ import annotations
@@ -48,456 +46,256 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.config.playbook import load_decision_rule
-from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats
-from orchestrator.measure.parse import parse_cyclictest_file
-from orchestrator.measure.runner import parse_duration
-from orchestrator.stats.decide import DecisionRule, SequentialDecision
+from benchmarks.decision.data import LABEL, METRICS, Series, load_series, pooled_lag1, run_files, series_figures
+from benchmarks.decision.model import NoiseModel, fit_model
+from benchmarks.decision.newrule import new_rule_factory
+from benchmarks.decision.rules import OldRule
+from benchmarks.decision.sim import Effects, fixed_curves, fixed_row, run_rule, summarise
 
-LAB = REPO / "tests" / "recorded" / "cyclictest" / "lab"
+LAB = REPO / "tests" / "recorded" / "noise-lab-x86"
 LOCAL = REPO / "benchmarks" / "data" / "local-x86"
-PLAYBOOK = REPO / "playbooks" / "measurement.yaml"
-MIN_RUNS = 8  # recorded runs needed to fit the between-run spread at all
-LAB_PATTERN = "guest-stress-*.json"  # one condition only: runs under the same load
-EFFECTS = (-0.30, -0.10, 0.0, 0.10, 0.30)
-FIXED_T = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600)  # seconds per side
-TAUS = (0.0, 0.02, 0.05, 0.10, 0.20, 0.30, 0.50)
-QS = {"p50_us": 0.50, "p90_us": 0.90, "p99_us": 0.99, "p999_us": 0.999, "p9999_us": 0.9999}
+MIN_RUNS, MIN_BOOTS = 30, 3
+GOALS = {"false_keep_0": ("<=", 0.05), "power_m10": (">=", 0.95), "time_ratio": ("<=", 0.35)}
 
 
-@dataclass
-class Recorded:
-    name: str
-    values: np.ndarray  # bucket values (us), overflow pseudo-values included
-    counts: np.ndarray
-    overflows: int
-    max_us: int
-    hist_size: int
-    interval_us: int
-    samples: int
-    duration_s: float  # from -D (a late target runs fewer cycles than duration / interval)
+def choose_data(arg: Path | None) -> tuple[Path, str]:
+    if arg is not None:
+        return arg, "given with --data"
+    if LAB.is_dir() and run_files(LAB):
+        s = load_series(LAB)
+        if s.n_runs >= MIN_RUNS and len(s.boots) >= MIN_BOOTS:
+            return LAB, f"the lab recording ({s.n_runs} runs, {len(s.boots)} boots)"
+        return LOCAL, (f"the lab recording `{LAB.relative_to(REPO)}` has {s.n_runs} runs in {len(s.boots)} "
+                       f"boot(s) so far (used from {MIN_RUNS} runs across {MIN_BOOTS} boots on)")
+    return LOCAL, f"no lab recording at `{LAB.relative_to(REPO)}` yet"
 
 
-def load_json_run(path: Path) -> Recorded:
-    """One recorded run through the project's parser (all threads pooled, as `LatencyResult.all`)."""
-    res = parse_cyclictest_file(path)
-    stats = res.all
-    if not stats.histogram:
-        raise SystemExit(f"{path}: the run has no histogram (record with -h N --json=FILE)")
-    doc = json.loads(path.read_text())
-    cmd = doc.get("cmdline:") or doc.get("cmdline") or ""
-    m = re.search(r"(?:\s-h\s*|--histogram[= ]?)(\d+)", cmd)
-    i = re.search(r"(?:\s-i\s*|--interval[= ]?)(\d+)", cmd)
-    dur = re.search(r"(?:\s-D\s*|--duration[= ]?)(\d+(?:\.\d+)?(?:ms|s|m|h)?)(?:\s|$)", cmd)
-    size = int(m.group(1)) if m else max(stats.histogram) + 1
-    vals = sorted(stats.histogram)
-    counts = [stats.histogram[v] for v in vals]
-    mx = stats.max_us if stats.max_us is not None else size
-    if stats.overflows > 0:  # known only by count and max: one at the max, the others at the histogram size
-        vals += [size, max(mx, size)] if stats.overflows > 1 else [max(mx, size)]
-        counts += [stats.overflows - 1, 1] if stats.overflows > 1 else [1]
-    interval = int(i.group(1)) if i else 1000
-    seconds = parse_duration(dur.group(1)) if dur else stats.samples * interval / 1e6
-    return Recorded(path.name, np.asarray(vals, float), np.asarray(counts, float), stats.overflows, mx, size,
-                    interval, stats.samples, seconds)
+def fit(series: Series, sb_prior: float) -> NoiseModel:
+    return fit_model({m: series.logs(m) for m in METRICS}, series.spacing(), series.run_s, sb_prior=sb_prior)
 
 
-class Population:
-    """The fitted two-level model: per-run body histograms, tail rates and tail sizes (smoothed)."""
+def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict[str, dict[str, Any]]:
+    """Recorded figures per metric vs the same figures of `sims` simulated recordings of the same shape
+    (boots and runs per boot): median and 5..95% of the simulated, and the recorded one's percentile."""
+    rng = np.random.default_rng([seed, 5])
+    sizes = [len(b) for b in series.boots.values()]
+    sim = [model.simulate_logs(rng, sims, n, new_boot=True) for n in sizes]  # per boot: (sims, n, k)
+    out: dict[str, dict[str, Any]] = {}
+    for i, m in enumerate(METRICS):
+        rec = series.logs(m)
 
-    def __init__(self, runs: list[Recorded], tail_from_us: float | None = None, heterogeneity: float = 1.0):
-        self.runs = runs
-        self.heterogeneity = heterogeneity
-        self.hist_size = min(r.hist_size for r in runs)
-        if tail_from_us is None:  # the pooled p99.9 of all recorded samples: the tail is smoothed from there on
-            allv = np.concatenate([r.values for r in runs])
-            allc = np.concatenate([r.counts for r in runs])
-            order = np.argsort(allv, kind="stable")
-            cum = np.cumsum(allc[order])
-            tail_from_us = float(allv[order][np.searchsorted(cum, 0.999 * cum[-1])])
-        self.u = float(tail_from_us)
-        self.grid = np.unique(np.concatenate([r.values[r.values < self.u] for r in runs]))
-        # P[j]: run j's probabilities over the body grid, last column = "a tail sample >= u"
-        self.P = np.zeros((len(runs), len(self.grid) + 1))
-        self.tails: list[np.ndarray] = []  # per run: log(size - u + 1) of its tail samples (overflows included)
-        for j, r in enumerate(runs):
-            body = r.values < self.u
-            np.add.at(self.P[j], np.searchsorted(self.grid, r.values[body]), r.counts[body])
-            self.P[j, -1] = r.counts[~body].sum()
-            sizes = np.repeat(np.where(r.values[~body] < r.hist_size, r.values[~body] + 0.5, r.values[~body]),
-                              r.counts[~body].astype(int))
-            self.tails.append(np.log(sizes - self.u + 1.0))
-        self.pooled_tail = np.concatenate(self.tails)
-        self.n = np.array([r.samples for r in runs])
-        self.spike_rate = self.P[:, -1] / self.n
-        pooled = self.P.sum(axis=0) / self.P.sum()
-        self.P /= self.P.sum(axis=1, keepdims=True)
-        # heterogeneity < 1 shrinks every run toward the pooled distribution (tail sizes then come from the
-        # pooled tail): a what-if for calmer targets
-        self.P = heterogeneity * self.P + (1.0 - heterogeneity) * pooled
-        lt = self.pooled_tail
-        sd = float(np.std(lt))
-        iqr = float(np.subtract(*np.percentile(lt, [75, 25])))
-        # Silverman's rule, capped at 0.1 (+-10%): a multimodal tail (here a cluster near 4 ms on top of a
-        # decaying part) makes the rule oversmooth; the smoothing is there to avoid repeating recorded values
-        self.bandwidth = min(0.1, 0.9 * min(sd, iqr / 1.34 if iqr > 0 else sd) * len(lt) ** -0.2)
-        self.seg_s = float(np.median([r.duration_s for r in runs]))
-        self.seg_n = round(float(np.median(self.n)))
-        self.interval_us = runs[0].interval_us
+        def figures(boots: list[np.ndarray]) -> dict[str, float]:
+            allv = np.concatenate(boots)
+            f = series_figures(allv) if len(boots) == 1 else {
+                "lag1": pooled_lag1(boots), "sd": float(np.std(np.concatenate([b - b.mean() for b in boots]))),
+                "halves": max(series_figures(b)["halves"] for b in boots)}
+            f["lag1"] = pooled_lag1(boots) if len(boots) > 1 else f["lag1"]
+            f["boot_sd"] = float(np.std([b.mean() for b in boots], ddof=1)) if len(boots) > 1 else math.nan
+            return f
 
-    def draw(self, rng: np.random.Generator, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """(body counts over the grid, tail values) for one simulated run of `duration_s`."""
-        segs = max(1, round(duration_s / self.seg_s))
-        n_seg = self.seg_n if duration_s >= self.seg_s else max(1, round(self.seg_n * duration_s / self.seg_s))
-        picks = np.bincount(rng.integers(0, len(self.runs), size=segs), minlength=len(self.runs))
-        out = np.zeros(len(self.grid) + 1)
-        logs = []
-        for j in np.nonzero(picks)[0]:
-            c = rng.multinomial(int(picks[j]) * n_seg, self.P[j])
-            out += c
-            k = int(c[-1])
-            pool = self.tails[j] if self.heterogeneity >= 1.0 or not k else self.pooled_tail
-            if k:
-                logs.append(pool[rng.integers(0, len(pool), size=k)])
-        if not logs:
-            return out[:-1], np.empty(0)
-        lg = np.concatenate(logs)
-        return out[:-1], np.sort(self.u - 1.0 + np.exp(lg + rng.normal(0, self.bandwidth, len(lg))))
-
-
-class Effect:
-    """Tail stretch above m0 such that the population median of run-level p99.9 moves by exactly e."""
-
-    def __init__(self, grid: np.ndarray, m0: float, p999: float, e: float, hist_size: int):
-        self.e = e
-        self.m0 = m0
-        self.s = 1.0 + e * p999 / (p999 - m0)
-        self.values = self.apply(grid + 0.5)
-        self.hist_size = hist_size
-
-    def apply(self, cont: np.ndarray) -> np.ndarray:
-        return np.floor(np.where(cont > self.m0, self.m0 + (cont - self.m0) * self.s, cont))
-
-
-def metrics(run: tuple[np.ndarray, np.ndarray], eff: Effect) -> dict[str, float | None]:
-    """Exact run-level figures of one simulated run, as cyclictest's histogram would give them."""
-    counts, spikes = run
-    v = eff.values
-    sv = eff.apply(spikes)  # sorted, all above the body
-    nb = counts.sum()
-    n = nb + len(sv)
-    cum = np.cumsum(counts)
-    out: dict[str, float | None] = {}
-    for name, q in QS.items():
-        rank = math.ceil(q * n - 1e-9)
-        if rank <= nb:
-            val = v[int(np.searchsorted(cum, rank))]
-        else:
-            val = sv[rank - int(nb) - 1]
-        out[name] = None if val >= eff.hist_size else val
-    nz = np.nonzero(counts)[0]
-    out["max_us"] = sv[-1] if len(sv) else v[nz[-1]]
-    out["min_us"] = v[nz[0]] if len(nz) else sv[0]
-    out["avg_us"] = float(((counts * v).sum() + sv.sum()) / n)
-    out["overflows"] = float(counts[v >= eff.hist_size].sum() + np.count_nonzero(sv >= eff.hist_size))
-    out["samples"] = float(n)
+        r = figures(rec)
+        s = [figures([sim[b][j, :, i] for b in range(len(sizes))]) for j in range(sims)]
+        out[m] = {}
+        for key, val in r.items():
+            if key == "n":
+                continue
+            vals = np.array([x[key] for x in s], float)
+            vals = vals[np.isfinite(vals)]
+            if not math.isfinite(val) or not len(vals):
+                continue
+            lo, med, hi = np.percentile(vals, [5, 50, 95])
+            out[m][key] = {"recorded": val, "sim_median": float(med), "sim_5": float(lo), "sim_95": float(hi),
+                           "percentile": float(np.mean(vals < val) * 100)}
     return out
 
 
-def recorded_metrics(r: Recorded) -> dict[str, float | None]:
-    """The same figures for a recorded run, straight from its histogram (overflows stay censored)."""
-    ident = Effect(r.values, 0.0, 2.0, 0.0, r.hist_size)
-    ident.values = r.values.copy()
-    return metrics((r.counts, np.empty(0)), ident)
+def goal_text(key: str, value: float, power: float = 1.0) -> str:
+    op, g = GOALS[key]
+    if not math.isfinite(value):
+        return "n/a"
+    ok = value <= g if op == "<=" else value >= g
+    if ok and key == "time_ratio" and power < 0.5:
+        return f"met, but moot: at {power:.0%} power the fixed design of equal error is just as short and weak"
+    if ok:
+        return "met"
+    if key == "time_ratio":
+        return f"missed by {value - g:.2f} ({value / g:.1f}x the goal)"
+    return f"missed by {abs(value - g) * 100:.1f} points"
 
 
-def to_result(m: dict[str, float | None], settings: CyclictestSettings) -> LatencyResult:
-    ints = {k: (None if m[k] is None else int(m[k])) for k in (*QS, "max_us", "min_us")}
-    stats = LatencyStats(samples=int(m["samples"]), avg_us=m["avg_us"], overflows=int(m["overflows"]), **ints)
-    return LatencyResult(form="json", threads=[stats.model_copy(update={"thread": 0})], all=stats,
-                         settings=settings, duration_s=settings.duration_s)
+def print_model(p: Any, series: Series, model: NoiseModel, check: dict, title: str) -> None:
+    where = series.folder.relative_to(REPO) if series.folder.is_relative_to(REPO) else series.folder
+    p(f"### {title}: `{where}`\n")
+    boots = ", ".join(f"{len(b)}" for b in series.boots.values())
+    cens = {m: sum(r.censored[m] for r in series.runs) for m in METRICS}
+    p(f"{series.n_runs} runs of {series.run_s:g} s in {len(series.boots)} boot(s) (runs per boot: {boots}), "
+      f"over {series.span_h():.2f} h; runs with a percentile among the overflows (taken as the histogram size): "
+      + ", ".join(f"{LABEL[m]} {c}" for m, c in cens.items()) + ".\n")
+    for n in model.note:
+        p(f"**Note: {n}.**\n")
+    p("| metric (log) | mean (us) | boot SD sb | drift SD sa | drift phi (lag 1) | run spread se | "
+      "within-boot SD | implied lag-1 | REML loglik |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for m, f in zip(METRICS, model.fits, strict=True):
+        sb = f"{f.sb:.3f}" + ("" if f.sb_fitted else " (prior, not fitted)")
+        p(f"| {LABEL[m]} | {math.exp(f.mu):.0f} | {sb} | {f.sa:.3f} | {f.phi:.3f} | {f.se:.3f} | "
+          f"{f.within_sd:.3f} | {f.lag1:.2f} | {f.loglik:.1f} |")
+    names = [LABEL[m] for m in METRICS]
 
+    def corr(r: np.ndarray) -> str:
+        return ", ".join(f"{names[i]}-{names[j]} {r[i, j]:+.2f}" for i in range(3) for j in range(i + 1, 3))
 
-def lb(x: float | None, h: int) -> float:
-    return float(h) if x is None else max(float(x), 1.0)
-
-
-def run_rule(pop: Population, effects: list[Effect], rule: DecisionRule, trials: int, seed: int) -> dict:
-    settings = CyclictestSettings(duration_s=rule.run_duration_s, histogram_us=pop.hist_size,
-                                  interval_us=pop.interval_us)
-    res = {e.e: {"action": [], "verdict": [], "runs": [], "time": []} for e in effects}
-    for t in range(trials):
-        rng = np.random.default_rng([seed, 1, t])
-        pools = {s: [pop.draw(rng, rule.run_duration_s) for _ in range(rule.k_max)] for s in ("before", "after")}
-        r = rule.model_copy(update={"seed": seed * 100003 + t})
-        for eff in effects:
-            seq = SequentialDecision(r)
-            used = {"before": 0, "after": 0}
-            while (side := seq.next_side()) is not None:
-                counts = pools[side][used[side]]
-                used[side] += 1
-                m = metrics(counts, effects[EFFECTS.index(0.0)] if side == "before" else eff)
-                seq.add(side, to_result(m, settings))
-            d = seq.decision
-            res[eff.e]["action"].append(d.action)
-            res[eff.e]["verdict"].append(d.verdict)
-            res[eff.e]["runs"].append(d.runs_before + d.runs_after)
-            res[eff.e]["time"].append(d.measuring_time_s)
-    return res
-
-
-def run_fixed(pop: Population, effects: list[Effect], T: float, trials: int, seed: int) -> dict:
-    """Per effect: arrays of (after/before - 1) for max and for p99.9 of one long run per side."""
-    zero = effects[EFFECTS.index(0.0)]
-    out = {e.e: {"max": np.empty(trials), "p999": np.empty(trials)} for e in effects}
-    for t in range(trials):
-        rng = np.random.default_rng([seed, 2, int(T), t])
-        b, a = pop.draw(rng, T), pop.draw(rng, T)
-        mb = metrics(b, zero)
-        for eff in effects:
-            ma = metrics(a, eff)
-            out[eff.e]["max"][t] = ma["max_us"] / max(mb["max_us"], 1.0) - 1
-            out[eff.e]["p999"][t] = lb(ma["p999_us"], pop.hist_size) / lb(mb["p999_us"], pop.hist_size) - 1
-    return out
-
-
-def wrong(e: float, action: str, eps: float) -> bool:
-    return (action == "keep" and e >= 0) or (action == "rollback" and e <= -eps)
-
-
-def fixed_rates(diffs: dict, metric: str, eps: float) -> tuple[float, float, dict]:
-    """Best tau in hindsight: (tau, worst wrong rate, per-effect keep rate)."""
-    best = None
-    for tau in TAUS:
-        keep = {e: float(np.mean(d[metric] < -tau)) for e, d in diffs.items()}
-        worst = max((keep[e] if e >= 0 else (1 - keep[e]) if e <= -eps else 0.0) for e in keep)
-        if best is None or worst < best[1] - 1e-12:
-            best = (tau, worst, keep)
-    return best
-
-
-@dataclass
-class Scenario:
-    pop: Population
-    rule: DecisionRule
-    effects: list[Effect]
-    med: dict[str, float]
-    spread: dict[str, float]
-    guard_truth: dict[float, tuple[float, float]]
-
-
-def scenario(pop: Population, rule: DecisionRule, seed: int) -> Scenario:
-    """Pilot of 2000 simulated runs: the population medians that define the true effects."""
-    rng = np.random.default_rng([seed, 0])
-    ident = Effect(pop.grid, 0.0, 2.0, 0.0, pop.hist_size)
-    pilot = [metrics(pop.draw(rng, rule.run_duration_s), ident) for _ in range(2000)]
-    keys = ("p50_us", "p99_us", "p999_us", "max_us")
-    med = {k: float(np.median([lb(p[k], pop.hist_size) for p in pilot])) for k in keys}
-    spread = {k: float(np.std(np.log([lb(p[k], pop.hist_size) for p in pilot]))) for k in keys}
-    m0, p999 = med["p50_us"], med["p999_us"]
-    effects = [Effect(pop.grid, m0, p999, e, pop.hist_size) for e in EFFECTS]
-
-    def moved(k: str, eff: Effect) -> float:
-        v = med[k]
-        return (m0 + (v + 0.5 - m0) * eff.s) / (v + 0.5) - 1 if v > m0 else 0.0
-
-    truth = {eff.e: (moved("p99_us", eff), moved("max_us", eff)) for eff in effects}
-    return Scenario(pop, rule, effects, med, spread, truth)
-
-
-def evaluate(sc: Scenario, trials: int, fixed_trials: int, seed: int, fixed_t=FIXED_T) -> dict:
-    eps = sc.rule.min_effect
-    ours = run_rule(sc.pop, sc.effects, sc.rule, trials, seed)
-    out = {"ours": ours}
-    out["wrong"] = {e: float(np.mean([wrong(e, a, eps) for a in ours[e]["action"]])) for e in EFFECTS}
-    out["worst"] = max(out["wrong"].values())
-    out["false_keep"] = max(out["wrong"][e] for e in EFFECTS if e >= 0)
-    out["time"] = {e: float(np.mean(ours[e]["time"])) for e in EFFECTS}
-    out["mean_time"] = float(np.mean(list(out["time"].values())))
-    cal = {}
-    for T in fixed_t:
-        diffs = run_fixed(sc.pop, sc.effects, T, fixed_trials, seed)
-        cal[T] = {"max": fixed_rates(diffs, "max", eps), "p999": fixed_rates(diffs, "p999", eps),
-                  "safe": at_safety(diffs, "p999", eps, max(out["false_keep"], 1.0 / fixed_trials)),
-                  "max0": max(float(np.mean(d["max"] < 0)) if e >= 0 else float(np.mean(d["max"] >= 0))
-                              for e, d in diffs.items() if e >= 0 or e <= -eps)}
-    out["cal"] = cal
-    for metric in ("max", "p999"):
-        hit = [T for T in fixed_t if cal[T][metric][1] <= out["worst"] + 1e-12]
-        out[f"T_{metric}"] = (hit[0], True) if hit else (fixed_t[-1], False)
-    return out
-
-
-def at_safety(diffs: dict, metric: str, eps: float, false_keep: float) -> tuple[float, dict]:
-    """Threshold that keeps the false-keep rate <= `false_keep` for every e >= 0; its keep rate per effect."""
-    tau = max(-float(np.quantile(d[metric], false_keep)) for e, d in diffs.items() if e >= 0)
-    return tau, {e: float(np.mean(d[metric] < -tau)) for e, d in diffs.items()}
+    p(f"\nCorrelations between metrics: drift {corr(model.r_drift)}; run spread {corr(model.r_run)}; boot "
+      "offsets taken as the drift's.\n")
+    p("Check: the recorded figures vs the same figures of 400 recordings of the same shape simulated from the "
+      "fit (median [5%..95%]; the recorded figure's percentile among them):\n")
+    p("| metric | figure | recorded | simulated | recorded's percentile |")
+    p("|---|---|---|---|---|")
+    what = {"lag1": "lag-1 autocorrelation (within boots)", "halves": "halves' ratio (geometric means; the "
+            "largest boot's when several)", "sd": "run-to-run log-SD (within boots)", "boot_sd": "SD of boot means"}
+    for m in METRICS:
+        for key, c in check[m].items():
+            p(f"| {LABEL[m]} | {what.get(key, key)} | {c['recorded']:.2f} | {c['sim_median']:.2f} "
+              f"[{c['sim_5']:.2f}..{c['sim_95']:.2f}] | {c['percentile']:.0f} |")
+    p("")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=300, help="simulated decisions per effect (default 300)")
-    ap.add_argument("--fixed-trials", type=int, default=300, help="baseline comparisons per effect and length")
-    ap.add_argument("--seed", type=int, default=20261125)
-    ap.add_argument("--data", type=Path, default=None, help="folder of recorded cyclictest --json runs")
-    ap.add_argument("--pattern", default=None, help="file name pattern of the runs to fit (one load condition)")
-    ap.add_argument("--playbook", type=Path, default=PLAYBOOK, help="measurement plan whose decision rule is judged")
-    ap.add_argument("--what-if", type=str, default="1:60,0.25:0,0:0",
-                    help="heterogeneity:run-seconds cases for the what-if table (0 s = the rule's; '' to skip)")
+    ap.add_argument("--data", type=Path, default=None, help="folder of recorded runs (default: see the docstring)")
+    ap.add_argument("--trials", type=int, default=None, help="simulated decisions per effect and rule (400)")
+    ap.add_argument("--fixed-trials", type=int, default=None, help="simulated fixed-length comparisons (2000)")
+    ap.add_argument("--boot-trials", type=int, default=None, help="simulated boot-change decisions (300)")
+    ap.add_argument("--n-max", type=int, default=150, help="largest fixed-length n per side simulated")
+    ap.add_argument("--seed", type=int, default=20261206)
+    ap.add_argument("--boot-sd-prior", type=float, default=0.0,
+                    help="boot-to-boot SD of log values assumed when the data has one boot (not estimable)")
+    ap.add_argument("--quick", action="store_true", help="few trials (for the unit test): figures are rough")
+    ap.add_argument("--json", action="store_true", help='print {"rules": {NAME: {...}}, ...} only')
     args = ap.parse_args(argv)
-    t0 = time.process_time()
+    t0 = time.monotonic()
+    trials = args.trials or (30 if args.quick else 400)
+    fixed_trials = args.fixed_trials or (150 if args.quick else 2000)
+    boot_trials = args.boot_trials or (20 if args.quick else 300)
+    n_max = min(args.n_max, 60) if args.quick else args.n_max
+    lines: list[str] = []
+    p = lines.append
 
-    lab_files = sorted(LAB.glob(LAB_PATTERN)) if LAB.is_dir() else []
-    note = ""
-    if args.data:
-        folder = args.data
-    elif len(lab_files) >= MIN_RUNS:
-        folder = LAB
-    else:
-        folder = LOCAL
-        if lab_files:
-            note = (f" (the lab folder `{LAB.relative_to(REPO)}` has only {len(lab_files)} runs so far; it is used "
-                    f"from {MIN_RUNS} on)")
-    pattern = args.pattern or (LAB_PATTERN if folder == LAB else "run*.json")
-    files = sorted(folder.glob(pattern))
-    runs = [load_json_run(p) for p in files]
-    if len(runs) < MIN_RUNS:
-        print(f"need at least {MIN_RUNS} recorded runs in {folder}, found {len(runs)}", file=sys.stderr)
+    folder, why = choose_data(args.data)
+    series = load_series(folder)
+    if series.n_runs < 8:
+        print(f"need at least 8 recorded runs in {folder}, found {series.n_runs}", file=sys.stderr)
         return 2
-    longs = [load_json_run(p) for p in sorted(folder.glob("long*.json"))]
-    rule = load_decision_rule(args.playbook)
-    eps = rule.min_effect
-    pop = Population(runs)
-    sc = scenario(pop, rule, args.seed)
+    model = fit(series, args.boot_sd_prior)
+    sims = 100 if args.quick else 400
+    check = check_model(series, model, args.seed, sims)
+    p("## Decision benchmark\n")
+    p(f"`python benchmarks/decision_bench.py{' ' + ' '.join(argv) if argv else ''}` (seed {args.seed}; "
+      f"{trials} decisions per effect and rule, {fixed_trials} fixed-length comparisons per effect, "
+      f"{boot_trials} boot-change decisions per effect). Data: {why}.\n")
+    print_model(p, series, model, check, "Noise model fitted to")
+    out: dict[str, Any] = {"data": {"folder": str(folder), "runs": series.n_runs, "boots": len(series.boots),
+                                    "run_s": series.run_s, "span_h": series.span_h()},
+                           "model": {m: vars(f) for m, f in zip(METRICS, model.fits, strict=True)},
+                           "model_check": check}
+    if folder.resolve() != LOCAL.resolve() and not args.quick:
+        local = load_series(LOCAL)
+        lm = fit(local, args.boot_sd_prior)
+        out["local_check"] = check_model(local, lm, args.seed, sims)
+        print_model(p, local, lm, out["local_check"], "The development-machine series, fitted and checked alike")
 
-    where = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
-    print("## Decision benchmark\n")
-    print(f"`python benchmarks/decision_bench.py` (seed {args.seed}; {args.trials} simulated decisions per effect "
-          f"for the rule, {args.fixed_trials} per effect and length for each baseline).\n")
-    print(f"Data: {len(runs)} recorded cyclictest runs `{where}/{pattern}` ({pop.seg_s:g} s each, {pop.seg_n} samples "
-          f"at {pop.interval_us} us, histogram {pop.hist_size} us, {sum(r.overflows > 0 for r in runs)} runs with "
-          f"overflows){note}.\n")
-    print("Fitted model: median and log-SD across runs, recorded vs simulated runs of "
-          f"{rule.run_duration_s:g} s:\n")
-    print("| metric | recorded median (us) | recorded log-SD | simulated median (us) | simulated log-SD |")
-    print("|---|---|---|---|---|")
-    rec = {k: [lb(recorded_metrics(r)[k], r.hist_size) for r in runs] for k in ("p99_us", "p999_us", "max_us")}
-    for k, vals in rec.items():
-        print(f"| {k} | {np.median(vals):g} | {np.std(np.log(vals)):.2f} | {sc.med[k]:g} | "
-              f"{sc.spread[k]:.2f} |")
-    print(f"\nTail (samples >= {pop.u:g} us, the pooled p99.9): per-run rate median "
-          f"{np.median(pop.spike_rate) * 1e4:.2f} per 10^4 samples (range {pop.spike_rate.min() * 1e4:.2f}.."
-          f"{pop.spike_rate.max() * 1e4:.2f}); sizes: each run's own {len(pop.pooled_tail)} recorded tail samples "
-          f"in all, jittered on log(size - {pop.u - 1:g} us) with bandwidth {pop.bandwidth:.3f}.")
-    if longs:
-        rng = np.random.default_rng([args.seed, 9])
-        ident = Effect(pop.grid, 0.0, 2.0, 0.0, pop.hist_size)
-        sim = [metrics(pop.draw(rng, longs[0].duration_s), ident) for _ in range(1000)]
-        real = [recorded_metrics(r) for r in longs]
-        print(f"\nModel check against {len(longs)} real runs of {longs[0].duration_s:.0f} s (not used in the fit), "
-              "median / log-SD: " + "; ".join(
-                  f"{k} real {np.median([lb(m[k], pop.hist_size) for m in real]):g} / "
-                  f"{np.std(np.log([lb(m[k], pop.hist_size) for m in real])):.2f}, simulated "
-                  f"{np.median([lb(m[k], pop.hist_size) for m in sim]):g} / "
-                  f"{np.std(np.log([lb(m[k], pop.hist_size) for m in sim])):.2f}" for k in ("p999_us", "max_us")))
-    print(f"\nEffects: values above m0 = {sc.med['p50_us']:g} us (median p50) stretched so the median run-level "
-          f"p99.9 ({sc.med['p999_us']:g} us) moves by e; p99 and max then move by:\n")
-    print("| e on p99.9 | stretch | p99 | max |")
-    print("|---|---|---|---|")
-    for eff in sc.effects:
-        g = sc.guard_truth[eff.e]
-        print(f"| {eff.e:+.0%} | {eff.s:.3f} | {g[0]:+.1%} | {g[1]:+.1%} |")
-    print(f"\nRule (`decision:` of `{args.playbook.name}`): `{rule.model_dump_json()}`\n")
-    print(f"Wrong = keep when e >= 0, or rollback when e <= -{eps:.0%} (the action after the inconclusive policy).\n")
+    med = {m: float(np.median([r.values[m] for r in series.runs])) for m in METRICS}
+    eff = Effects.build(float(np.median([r.p50_us for r in series.runs])), med)
+    p(f"Effects: the tail above the median p50 ({eff.m0:g} us) stretched so that the median p99.9 "
+      f"({med['p999_us']:g} us) moves by e; p99 ({med['p99_us']:g} us) and max ({med['max_us']:g} us) move by: "
+      + "; ".join(f"{e:+.0%}: p99 {mv[0]:+.1%}, max {mv[2]:+.1%}" for e, mv in eff.moves.items()) + ".\n")
 
-    res = evaluate(sc, args.trials, args.fixed_trials, args.seed)
-    cal = res["cal"]
-    print("Baselines, one long run per side. Best threshold tau in hindsight and the worst wrong rate over the "
-          f"effects; last columns: fixed p99.9 held to the rule's false-keep rate ({res['false_keep']:.1%}), "
-          "its wrong rollbacks:\n")
-    print("| T per side (s) | rteval max, tau = 0 (as practiced): worst wrong | rteval max: best tau | worst wrong | "
-          "fixed p99.9: best tau | worst wrong | fixed p99.9 at equal false keeps: wrong at -30% / -10% |")
-    print("|---|---|---|---|---|---|---|")
-    for T in FIXED_T:
-        keep_safe = cal[T]["safe"][1]
-        print(f"| {T} | {cal[T]['max0']:.1%} | {cal[T]['max'][0]:.2f} | {cal[T]['max'][1]:.1%} | "
-              f"{cal[T]['p999'][0]:.2f} | "
-              f"{cal[T]['p999'][1]:.1%} | {1 - keep_safe[-0.30]:.0%} / {1 - keep_safe[-0.10]:.0%} |")
-    (t_max, ok_max), (t_p, ok_p) = res["T_max"], res["T_p999"]
-    t_same = min(FIXED_T, key=lambda T: abs(2 * T - res["mean_time"]))
-    print(f"\nThe rule, and the baselines at the rule's mean measuring time (T = {t_same} s per side):\n")
-    print("| e on p99.9 | wrong if | rule: keep / rollback / inconclusive | rule wrong | rule runs (both sides) | "
-          f"rule time (s) | rteval max (best tau) @{t_same} s: keep | wrong | "
-          f"fixed p99.9 (best tau) @{t_same} s: keep | "
-          "wrong |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    new, new_label, new_boot = new_rule_factory(series.run_s)
+    old = OldRule()
+    length = 2 * 100 + 4  # runs per trial: both sides at the API's largest k_max
+    fixed = fixed_curves(model, eff, fixed_trials, args.seed, n_max)
+    results = {}
+    for rule in (new, old):
+        r = run_rule(rule, model, eff, trials, args.seed, length)
+        results[rule.name] = summarise(r, fixed, old.min_effect)
+    results["fixed"] = fixed_row(fixed)
+    out["rules"] = results
+    out["new_rule"] = new_label
 
-    def keep_wrong(T: int, metric: str, e: float) -> tuple[float, float]:
-        k = cal[T][metric][2][e]
-        return k, (k if e >= 0 else (1 - k) if e <= -eps else 0.0)
+    p(f"New rule: {new_label}. Old rule: decide.py at 61f7220 (frozen in benchmarks/decision/rules.py). "
+      f"Runs of {series.run_s:g} s.\n")
+    p("| rule | false keeps at 0 | power at -10% | power at -30% | keeps at +10% | time at 0 (s) | "
+      "time at -10% (s) | mean time (s) | max time (s) | fixed reference of equal error (n per side, time) | "
+      "time ratio |")
+    p("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ref = (f"{r['ref_n_per_side']:.1f} ({r['ref_how']}; alpha {r['ref_alpha']:.1%}), {r['ref_time_s']:.0f} s"
+               if name != "fixed" else f"itself: n = {r['ref_n_per_side']:.1f} ({r['ref_how']}); rates "
+               f"simulated at n = {r['rates_at_n']}"
+               + (" (the grid's end)" if r["rates_at_n"] < round(r["ref_n_per_side"]) else ""))
+        p(f"| {name} | {r['false_keep_0']:.1%} | {r['power_m10']:.1%} | {r['power_m30']:.1%} | "
+          f"{r['keep_p10']:.1%} | {r['time_0_s']:.0f} | {r['time_m10_s']:.0f} | {r['mean_time_s']:.0f} | "
+          f"{r['max_time_s']:.0f} | {ref} | {r['time_ratio']:.2f} |")
+    p("\nGoals (false keeps <= 5% at 0, power >= 95% at -10%, mean time <= 0.35 of the fixed-length time):\n")
+    p("| rule | false keeps | power at -10% | time ratio |")
+    p("|---|---|---|---|")
+    for name in ("new", "old"):
+        r = results[name]
+        p(f"| {name} | {goal_text('false_keep_0', r['false_keep_0'])} | {goal_text('power_m10', r['power_m10'])} "
+          f"| {goal_text('time_ratio', r['time_ratio'], r['power_m10'])} |")
 
-    for e in EFFECTS:
-        verds = res["ours"][e]["verdict"]
-        shares = " / ".join(f"{np.mean([v == x for v in verds]):.0%}" for x in ("keep", "rollback", "inconclusive"))
-        km, wm = keep_wrong(t_same, "max", e)
-        kp, wp = keep_wrong(t_same, "p999", e)
-        wrong_if = "keep" if e >= 0 else "rollback" if e <= -eps else "never"
-        print(f"| {e:+.0%} | {wrong_if} | {shares} | {res['wrong'][e]:.1%} | {np.mean(res['ours'][e]['runs']):.1f} | "
-              f"{res['time'][e]:.0f} | {km:.0%} | {wm:.1%} | {kp:.0%} | {wp:.1%} |")
-    print(f"| **worst / mean** | | | **{res['worst']:.1%}** | | **{res['mean_time']:.0f}** | | "
-          f"**{cal[t_same]['max'][1]:.1%}** | | **{cal[t_same]['p999'][1]:.1%}** |")
-
-    def same_error(name: str, T: int, ok: bool) -> str:
-        if not ok:
-            return (f"{name} does not reach it within {T} s per side (worst wrong there "
-                    f"{cal[T]['max' if 'max' in name else 'p999'][1]:.1%}): time ratio rule / {name} < "
-                    f"{res['mean_time'] / (2 * T):.2f}")
-        return f"{name} needs T* = {T} s per side: time ratio rule / {name} = {res['mean_time'] / (2 * T):.2f}"
-
-    print(f"\nSame max error as the rule ({res['worst']:.1%}): {same_error('rteval max', t_max, ok_max)}; "
-          f"{same_error('fixed p99.9', t_p, ok_p)}. Measuring time only: switching the change on and off is not "
-          "counted for any method.")
-    ratio = res["mean_time"] / (2 * t_p)
-    met = res["worst"] <= 0.05 and ok_p and ratio <= 1 / 3
-    print(f"\nGoal (<= 5% wrong decisions with <= 1/3 of the fixed-length time): {'met' if met else 'NOT met'} on "
-          f"this data: the rule's worst wrong rate is {res['worst']:.1%} (false keeps at most "
-          f"{res['false_keep']:.1%}), its mean time {res['mean_time']:.0f} s is {ratio:.2f} of the fixed p99.9 "
-          "time at the same max error.")
-
-    cases = [tuple(float(v) for v in c.split(":")) for c in args.what_if.split(",") if c.strip()]
-    if cases:
-        print("\nWhat if the target were calmer (every recorded run's distribution shrunk toward the pooled one: "
-              "heterogeneity 1 = as recorded, 0 = runs differ only by sampling) or the runs longer; same rule "
-              f"otherwise, {max(args.trials // 2, 20)} decisions per effect:\n")
-        print("| heterogeneity | run (s) | run p99.9 log-SD | rule wrong at -30% / -10% / 0% | "
-              "rule false keeps (worst) | "
-              "rule mean time (s) | fixed p99.9: T* per side for the same max error | time ratio |")
-        print("|---|---|---|---|---|---|---|---|")
-        for lam, dur in cases:
-            dur = dur or rule.run_duration_s
-            rule2 = rule.model_copy(update={"run_duration_s": dur})
-            sc2 = scenario(Population(runs, heterogeneity=lam), rule2, args.seed)
-            grid = tuple(T for T in FIXED_T if T >= dur)
-            r2 = evaluate(sc2, max(args.trials // 2, 20), max(args.fixed_trials // 2, 20), args.seed, fixed_t=grid)
-            T2, ok2 = r2["T_p999"]
-            fk = max(r2["wrong"][e] for e in EFFECTS if e >= 0)
-            w = " / ".join(f"{r2['wrong'][e]:.0%}" for e in (-0.30, -0.10, 0.0))
-            print(f"| {lam:g} | {dur:g} | {sc2.spread['p999_us']:.2f} | {w} | {fk:.1%} | {r2['mean_time']:.0f} | "
-                  f"{'' if ok2 else '> '}{T2} (worst wrong {r2['cal'][T2]['p999'][1]:.0%}) | "
-                  f"{'' if ok2 else '< '}{r2['mean_time'] / (2 * T2):.2f} |")
-    print(f"\nCPU time: {time.process_time() - t0:.0f} s")
+    out["boot_change"] = boot_change(p, model, eff, new_boot, boot_trials, args.seed)
+    out["cpu_s"] = time.process_time()
+    out["wall_s"] = time.monotonic() - t0
+    p(f"\nWall time {out['wall_s']:.0f} s, CPU {out['cpu_s']:.0f} s.")
+    if args.json:
+        print(json.dumps(out, indent=1, default=float))
+    else:
+        print("\n".join(lines))
     return 0
+
+
+def boot_change(p: Any, model: NoiseModel, eff: Effects, new_boot: Any, trials: int, seed: int
+                ) -> dict[str, Any]:
+    """A boot change: blocked order, a new boot at each side switch, the boot effect present."""
+    f = model.fits[1]
+    cases = [(f"fitted (p99.9: sb = {f.sb:.3f})", model)]
+    if not f.sb_fitted:
+        cases = [(f"prior sb = {f.sb:g} (one boot: not estimable)", model),
+                 ("illustrative prior sb = 0.5 x within-boot SD (p99.9: "
+                  f"{0.5 * f.within_sd:.3f}), not data", model.with_boot_sd(0.5))]
+    p("\n### Boot changes (order blocked, runs grouped by boot, a new boot at every side switch, boot effect "
+      "present)\n")
+    rules: list[Any] = [OldRule(name="old", order="blocked")]
+    if new_boot is not None:
+        rules.insert(0, new_boot)
+    out: dict[str, Any] = {}
+    p("| boot effect | rule | false keeps at 0 | power at -10% | power at -30% | boots used at 0 (mean) | "
+      "time at 0 (s) |")
+    p("|---|---|---|---|---|---|---|")
+    for label, m in cases:
+        out[label] = {}
+        for rule in rules:
+            r = run_rule(rule, m, eff, trials, seed + 1, 0, boot_change=True)
+            d = {"false_keep_0": r.rate(0.0, "keep"), "power_m10": r.rate(-0.10, "keep"),
+                 "power_m30": r.rate(-0.30, "keep"), "boots_0": float(np.mean(r.boots[0.0])),
+                 "time_0_s": r.time(0.0)}
+            out[label][rule.name] = d
+            p(f"| {label} | {rule.name} | {d['false_keep_0']:.1%} | {d['power_m10']:.1%} | "
+              f"{d['power_m30']:.1%} | {d['boots_0']:.1f} | {d['time_0_s']:.0f} |")
+    if new_boot is None:
+        p("\n(The committed rule has no boot handling yet (no `boots_per_side`): only the old rule is shown.)")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""benchmarks/decision_bench.py, small: it runs in --quick mode and prints its JSON; its noise model's fit recovers
+known parameters from a simulated recording; the frozen old rule decides as decide.py at 61f7220 did."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from benchmarks.decision.model import MetricFit, NoiseModel, fit_metric, fit_model
+from benchmarks.decision.rules import OldRule, SeqRule, u_upper_tail
+from benchmarks.decision.sim import Effects, run_rule
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+OLD_COMMIT = "61f7220"
+
+
+@pytest.fixture(scope="module")
+def quick() -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decision_bench.py"), "--quick", "--json",
+                          "--data", str(REPO / "benchmarks" / "data" / "local-x86")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_the_quick_run_prints_every_rule_with_its_figures(quick):
+    assert set(quick["rules"]) >= {"new", "old", "fixed"}
+    for name, r in quick["rules"].items():
+        for key in ("false_keep_0", "power_m10", "power_m30", "keep_p10", "mean_time_s", "max_time_s",
+                    "time_ratio", "time_0_s", "time_m10_s"):
+            assert key in r, (name, key)
+        assert 0.0 <= r["false_keep_0"] <= 1.0 and 0.0 <= r["power_m10"] <= 1.0
+        assert r["mean_time_s"] > 0 and r["max_time_s"] >= r["mean_time_s"] - 1e-9
+    # at no effect, a rule with a 5% (old: 2.5%) one-sided budget keeps rarely: 30 trials, so at most ~20%
+    assert quick["rules"]["old"]["false_keep_0"] <= 0.2
+    assert quick["rules"]["new"]["false_keep_0"] <= 0.2
+    # a -30% effect is kept at least as often as no effect (the simulation's effects reach the rule)
+    assert quick["rules"]["old"]["power_m30"] >= quick["rules"]["old"]["false_keep_0"]
+    assert quick["data"]["runs"] == 40 and quick["data"]["boots"] == 1
+    assert quick["boot_change"]
+
+
+def test_the_benchmark_reproduces_the_issues_figures_of_the_development_series(quick):
+    check = quick["model_check"]["p999_us"]
+    assert check["lag1"]["recorded"] == pytest.approx(0.40, abs=0.01)  # issue #18: lag-1 0.40
+    assert check["halves"]["recorded"] == pytest.approx(2.6, abs=0.05)  # and halves differing 2.6x
+
+
+def test_the_fit_recovers_known_drift_boot_and_spread():
+    true = MetricFit(mu=5.0, sb=0.3, sa=0.5, phi=0.6, se=0.3)
+    sim = NoiseModel(("x",), [true], np.eye(1), np.eye(1), np.eye(1), 10.0)
+    logs = sim.simulate_logs(np.random.default_rng(7), 24, 40)[:, :, 0]
+    fit = fit_metric(list(logs))
+    assert fit.sb == pytest.approx(0.3, abs=0.12)
+    assert fit.sa == pytest.approx(0.5, abs=0.12)
+    assert fit.phi == pytest.approx(0.6, abs=0.15)
+    assert fit.se == pytest.approx(0.3, abs=0.1)
+    assert fit.mu == pytest.approx(5.0, abs=0.2)
+
+
+def test_one_boot_leaves_the_boot_effect_at_the_prior_and_says_so():
+    true = MetricFit(mu=4.0, sb=0.0, sa=0.4, phi=0.5, se=0.2)
+    sim = NoiseModel(("a", "b", "c"), [true] * 3, np.eye(3), np.eye(3), np.eye(3), 10.0)
+    logs = sim.simulate_logs(np.random.default_rng(3), 1, 60)[0]
+    m = fit_model({k: [logs[:, i]] for i, k in enumerate("abc")}, [np.arange(60.0)], 10.0, sb_prior=0.25)
+    assert all(f.sb == 0.25 and not f.sb_fitted for f in m.fits)
+    assert any("not estimable" in n for n in m.note)
+
+
+def test_the_exact_rank_null_is_the_exact_one():
+    tail = u_upper_tail(3, 4)  # 35 arrangements; P(U >= 12) = 1/35, P(U >= 0) = 1
+    assert tail[0] == pytest.approx(1.0) and tail[12] == pytest.approx(1 / 35) and tail[13] == 0.0
+    assert u_upper_tail(20, 20)[200] == pytest.approx(0.5 + 0.5 * (u_upper_tail(20, 20)[200] - u_upper_tail(
+        20, 20)[201]), abs=1e-12)  # symmetric around mn/2
+
+
+def _old_module() -> types.ModuleType:
+    try:
+        src = subprocess.run(["git", "show", f"{OLD_COMMIT}:orchestrator/stats/decide.py"], cwd=REPO,
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip(f"no git history with {OLD_COMMIT} here")
+    spec = importlib.util.spec_from_loader("old_decide_61f7220", loader=None)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # pydantic resolves the postponed annotations through it
+    try:
+        exec(compile(src, f"{OLD_COMMIT}:orchestrator/stats/decide.py", "exec"), mod.__dict__)
+    except ImportError as exc:  # the modules it imported have moved since
+        pytest.skip(f"decide.py at {OLD_COMMIT} no longer imports: {exc}")
+    return mod
+
+
+def test_the_frozen_old_rule_decides_as_the_old_code_did():
+    old = _old_module()
+    true = MetricFit(mu=5.0, sb=0.0, sa=0.15, phi=0.4, se=0.12)
+    model = NoiseModel(("p99_us", "p999_us", "max_us"),
+                       [MetricFit(3.8, 0, 0.1, 0.5, 0.1), true, MetricFit(7.0, 0, 0.5, 0.2, 0.4)],
+                       np.eye(3) * 0.5 + 0.5, np.eye(3) * 0.6 + 0.4, np.eye(3), 10.0)
+    eff = Effects.build(20.0, {"p99_us": 45.0, "p999_us": 150.0, "max_us": 1100.0})
+    frozen = run_rule(OldRule(), model, eff, 6, 5, 60)
+    real = SeqRule("real", lambda seed: old.SequentialDecision(old.DecisionRule(seed=seed, run_duration_s=10.0)),
+                   10.0)
+    ref = run_rule(real, model, eff, 6, 5, 60)
+    assert frozen.actions == ref.actions and frozen.runs == ref.runs and frozen.verdicts == ref.verdicts
+    assert "keep" in frozen.actions[-0.30]  # the comparison covers keeps, not only rollbacks
