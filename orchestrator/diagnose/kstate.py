@@ -10,6 +10,11 @@ from pydantic import BaseModel
 
 from orchestrator.core.errors import ParseError
 
+# The KVM per-VM debugfs counters' parser lives in facts/ (measure/ reads them around every run too); the
+# diagnosis imports it from here as before.
+from orchestrator.facts.kvm import VmCounters as VmCounters
+from orchestrator.facts.kvm import parse_kvm_vms as parse_kvm_vms
+
 # --------------------------------------------------------------------------------------------------------
 # /proc/timer_list (field notes §3: "which timers are active on that CPU, and whether tick_stopped is 1")
 
@@ -173,40 +178,3 @@ def parse_service_states(text: str) -> dict[str, ServiceState]:
                                        sub_state=kv.get("SubState", ""), unit_file_state=kv.get("UnitFileState", ""),
                                        result=kv.get("Result", ""), main_pid=pid)
     return units
-
-
-# --------------------------------------------------------------------------------------------------------
-# KVM per-VM debugfs counters (reference.md: `wfi_exit_stat`, `wfe_exit_stat`, `exits`)
-
-
-class VmCounters(BaseModel):
-    vm: str  # the debugfs directory "<pid>-<fd>"
-    pid: int
-    comm: str
-    name: str  # QEMU's -name (e.g. "rtguest,debug-threads=on" -> "rtguest"), or "-"
-    counters: dict[str, int]
-
-
-def parse_kvm_vms(text: str) -> dict[str, VmCounters]:
-    """The window's `kvm` section: `vm <pid>-<fd> COMM NAME` then `<counter> <value>` lines, per VM."""
-    vms: dict[str, VmCounters] = {}
-    cur: VmCounters | None = None
-    for line in text.split("\n"):
-        if not line.strip():
-            continue
-        m = re.fullmatch(r"vm (\d+)-(\d+) (.*?) (\S+)", line)
-        if m:
-            name = m.group(4)
-            if name != "-":
-                fields = dict(tuple(p.split("=", 1)) if "=" in p else ("guest", p) for p in name.split(","))
-                name = fields.get("guest", name)
-            cur = VmCounters(vm=f"{m.group(1)}-{m.group(2)}", pid=int(m.group(1)), comm=m.group(3), name=name,
-                             counters={})
-            vms[cur.vm] = cur
-            continue
-        c = re.fullmatch(r"([a-z_]+) (\d+)", line)
-        if c and cur is not None:
-            cur.counters[c.group(1)] = int(c.group(2))
-            continue
-        raise ParseError(f"unexpected line in the KVM counters section: {line[:120]!r}")
-    return vms

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.measure.counters import CounterDeltas
+
 PERCENTILES: dict[str, float] = {"p50_us": 0.50, "p90_us": 0.90, "p99_us": 0.99, "p999_us": 0.999,
                                  "p9999_us": 0.9999}
 OutputForm = Literal["summary", "histogram", "json"]
@@ -236,6 +238,9 @@ class LatencyResult(BaseModel):
     boot_id: str | None = None
     cmdline: str | None = None
     raw_artifact: str | None = None  # path of the raw cyclictest output kept beside the result
+    #: the target's mechanism counters over the run (measure/counters.py); None in results made before them
+    counters: CounterDeltas | None = None
+    counters_artifact: str | None = None  # path of the raw counter snapshots kept beside the result
 
     @model_validator(mode="after")
     def _threads_and_pool_agree(self) -> LatencyResult:

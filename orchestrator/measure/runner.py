@@ -21,6 +21,8 @@ from orchestrator.core.cpulist import CpuListError, parse_cpulist
 from orchestrator.core.errors import InputError, TransportError, TuneError
 from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.facts.base import BOOT_ID, CMDLINE
+from orchestrator.measure.counters import CounterDeltas, CounterSnapshot, counter_deltas, marker, parse_snapshot
+from orchestrator.measure.counters import split_sections as split_counter_sections
 from orchestrator.measure.model import CyclictestSettings, LatencyResult, LoadSpec
 from orchestrator.measure.parse import parse_cyclictest
 from orchestrator.remote.remote_scripts import MEASURE_RUN
@@ -132,10 +134,15 @@ TOOL_PACKAGES = {"cyclictest": "rt-tests", "hackbench": "rt-tests", "stress-ng":
                  "systemd-run": "systemd"}
 
 # One round trip per run (a nested guest reached through its host pays seconds per command): check the tools,
-# read the boot and the cmdline the run belongs to, start the load, let it settle, run cyclictest, stop the load.
-# Arguments: the number of tools, of load words, the settle time, the load's unit, then the tools, the load's
-# command and cyclictest's. The words are only ever expanded as "${N}" (eval sees the references, never a value),
-# so no argument is parsed by the remote shell. The load unit is stopped on every exit of the script.
+# read the boot and the cmdline the run belongs to, start the load, let it settle, snapshot the counters
+# (measure/counters.py), run cyclictest, snapshot them again, stop the load.
+# Arguments: the counters' section marker, the number of tools, of load words, the settle time, the load's unit,
+# the number of thread ids, then the tools, the thread ids (digits only, checked), the load's command and
+# cyclictest's. The words are only ever expanded as "${N}" (eval sees the references, never a value), so no
+# argument is parsed by the remote shell. The load unit is stopped on every exit of the script. Output: the tool
+# check, `@@`, the boot_id, `@@`, the cmdline, `@@`, then `\n<marker> NAME\n` sections: the snapshot before
+# (uptime0, boot_id0, interrupts0, softirqs0, stat0, kvm0, threads0), `run` (cyclictest's output, exactly), the
+# snapshot after (NAME1), `end`. Without a command the script only takes snapshot 0 (`read_counters`).
 _RUN = MEASURE_RUN
 
 
@@ -150,16 +157,34 @@ class RunOutput:
     boot_id: str
     cmdline: str
     result: CommandResult
+    #: the counters right before and right after the command (None: the output did not hold them)
+    counters_before: CounterSnapshot | None = None
+    counters_after: CounterSnapshot | None = None
+    #: the counters' sections as the unit printed them (kept beside cyclictest's output)
+    counters_raw: str = ""
+
+    def counter_deltas(self) -> CounterDeltas | None:
+        if self.counters_before is None or self.counters_after is None:
+            return None
+        return counter_deltas(self.counters_before, self.counters_after)
 
 
 def run_under_load(transport: Transport, tools: Sequence[str], load_cmd: Sequence[str] | None, load_unit: str,
-                   settle_s: float, command: Sequence[str], *, timeout_s: float) -> RunOutput:
+                   settle_s: float, command: Sequence[str], *, timeout_s: float, tids: Sequence[int] = ()
+                   ) -> RunOutput:
     """Run `command` on the target under `load_cmd` (started as it is, e.g. a `systemd-run` of unit `load_unit`,
-    stopped afterwards), in one round trip. TuneError naming the Debian packages when a tool is missing (nothing
-    is started then), or when the load does not start."""
+    stopped afterwards), in one round trip, with the counters read right before and right after it (`tids`:
+    threads whose scheduling counters to read as well). TuneError naming the Debian packages when a tool is
+    missing (nothing is started then), or when the load does not start."""
+    if not command:
+        raise ValueError("run_under_load needs a command (without one the script only reads the counters)")
+    for t in tids:
+        if type(t) is not int or t < 1:
+            raise ValueError(f"a thread id is a positive integer, not {t!r}")
     load_words = list(load_cmd or [])
-    argv = ["sh", "-c", _RUN, "-", str(len(tools)), str(len(load_words)), f"{settle_s:g}", load_unit,
-            *tools, *load_words, *command]
+    mark = marker()
+    argv = ["sh", "-c", _RUN, "-", mark, str(len(tools)), str(len(load_words)), f"{settle_s:g}", load_unit,
+            str(len(tids)), *tools, *map(str, tids), *load_words, *command]
     res = transport.run(argv, timeout_s=timeout_s, check=False)
     parts = res.stdout.split("@@\n", 3)
     missing = [w for line in parts[0].splitlines() if line.startswith("missing ") for w in line.split()[1:]]
@@ -172,15 +197,28 @@ def run_under_load(transport: Transport, tools: Sequence[str], load_cmd: Sequenc
     if parts[3].startswith("load-failed "):
         raise TuneError(f"{transport.label}: the load did not start ({' '.join(load_words)}; exit "
                         f"{parts[3].split()[1]}): {res.stderr[-500:]}")
+    head, sections = split_counter_sections(parts[3], mark)
+    if head or "run" not in sections:
+        raise TuneError(f"{transport.label}: unexpected output from the measurement run (exit "
+                        f"{res.exit_status}): {(res.stdout + res.stderr)[-300:]!r}")
+    before_raw, _, after_raw = parts[3].partition(f"\n{mark} run\n")
+    after_raw = after_raw[after_raw.find(f"\n{mark} ") if f"\n{mark} " in after_raw else len(after_raw):]
+    complete = "end" in sections  # the snapshot after the command is whole only up to the end marker
     return RunOutput(BOOT_ID.parse(parts[1]), CMDLINE.parse(parts[2]),
-                     CommandResult(argv=res.argv, exit_status=res.exit_status, stdout=parts[3],
-                                   stderr=res.stderr, duration_s=res.duration_s))
+                     CommandResult(argv=res.argv, exit_status=res.exit_status, stdout=sections["run"],
+                                   stderr=res.stderr, duration_s=res.duration_s),
+                     counters_before=parse_snapshot(sections, "0") if "uptime0" in sections else None,
+                     counters_after=parse_snapshot(sections, "1") if complete and "uptime1" in sections else None,
+                     counters_raw=before_raw + after_raw)
 
 
 def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, *, target: str,
-            artifacts: Path, events: EventSink = discard) -> LatencyResult:
+            artifacts: Path, events: EventSink = discard, tids: Sequence[int] = ()) -> LatencyResult:
     """One cyclictest run under `load`, in one round trip; raw output kept in `artifacts`; the load is always
-    stopped afterwards (by the run itself, by `systemctl stop` after an interruption, else by RuntimeMaxSec)."""
+    stopped afterwards (by the run itself, by `systemctl stop` after an interruption, else by RuntimeMaxSec).
+    The target's counters are read right before and right after cyclictest in the same round trip
+    (measure/counters.py; `tids`: threads whose scheduling counters to read too): `result.counters` holds their
+    deltas, the raw snapshots are kept beside cyclictest's output (`result.counters_artifact`)."""
     artifacts.mkdir(parents=True, exist_ok=True)
     load_cmd = load_argv(load, settings.duration_s)
     load_unit = _unit_name("load")
@@ -195,7 +233,7 @@ def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, 
                 _transient(load_unit, settings.duration_s + 60, load_cmd, wait=False) if load_cmd else None,
                 load_unit, load.settle_s,
                 _transient(ct_unit, settings.duration_s + 60, cyclictest_argv(settings), wait=True),
-                timeout_s=settings.duration_s + load.settle_s + 120)
+                timeout_s=settings.duration_s + load.settle_s + 120, tids=tids)
         except BaseException as exc:  # re-raised in the caller's thread
             outcome["error"] = exc
 
@@ -224,6 +262,10 @@ def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, 
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
     raw_path = artifacts / f"{target}-{stamp}-cyclictest.txt"
     raw_path.write_text(res.stdout)
+    counters_path = None
+    if run.counters_raw:
+        counters_path = artifacts / f"{target}-{stamp}-counters.txt"
+        counters_path.write_text(run.counters_raw)
     if res.exit_status != 0:
         raise TuneError(f"{transport.label}: cyclictest failed (exit {res.exit_status}): "
                         f"{(res.stderr or res.stdout)[-500:]}")
@@ -231,7 +273,8 @@ def measure(transport: Transport, settings: CyclictestSettings, load: LoadSpec, 
     result = result.model_copy(update={
         "target": target, "settings": settings, "load": load, "started_at": started,
         "duration_s": round(time.time() - started, 2), "boot_id": boot_id, "cmdline": cmdline,
-        "raw_artifact": str(raw_path),
+        "raw_artifact": str(raw_path), "counters": run.counter_deltas(),
+        "counters_artifact": str(counters_path) if counters_path else None,
     })
     raw_path.with_suffix(".json").write_text(result.model_dump_json(indent=2))
     events(Event("measure.done", target, f"p99.9 {result.all.p999_us} us, max {result.all.max_us} us",

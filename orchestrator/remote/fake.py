@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,11 +39,25 @@ class FakeUnit:
     cmdline: str = ""
     #: cyclictest outputs (recorded from real runs) answered in turn by measurement runs
     cyclictest_outputs: list[str] = field(default_factory=list)
+    #: counter snapshots (recorded): (the recording's section marker, the text of its snapshot-0 sections, as
+    #: measure_run.sh printed them), answered in turn, two per measurement run and one per counters read. None
+    #: given: the runs' answers hold no counter sections (their results have no counters)
+    counter_snapshots: list[tuple[str, str]] = field(default_factory=list)
     #: sysctls whose writes are accepted and do not take (as a kernel may do): a change's verify must catch it
     stuck_sysctls: set[str] = field(default_factory=set)
     #: every command the unit received, in order (argv as sent)
     log: list[tuple[str, ...]] = field(default_factory=list)
     _outputs: Iterator[str] | None = field(default=None, repr=False)
+    _snapshots: Iterator[tuple[str, str]] | None = field(default=None, repr=False)
+
+    def next_counter_sections(self, marker: str, suffix: str) -> str:
+        """The next recorded snapshot's sections under `marker`, each name's trailing 0 replaced by `suffix`."""
+        if not self.counter_snapshots:
+            return ""
+        self._snapshots = self._snapshots or itertools.cycle(self.counter_snapshots)
+        recorded_marker, text = next(self._snapshots)
+        return re.sub(rf"(?m)^{re.escape(recorded_marker)} ([a-z_]+)0$", lambda m: f"{marker} {m.group(1)}{suffix}",
+                      text)
 
     def next_cyclictest_output(self) -> str:
         if not (self.cyclictest_outputs and self.boot_id and self.cmdline):
@@ -122,14 +137,23 @@ class FakeTransport(_CommandTransport):
         return 127, "", f"fake unit {self._label}: no handler for `{' '.join(argv)[:200]}`\n"
 
     def _measurement(self, args: list[str]) -> tuple[int, str, str]:
-        """measure.runner's one round trip (NTOOLS NLOAD SETTLE LOADUNIT TOOLS... LOAD... COMMAND...): its
-        tools checked, the boot and the cmdline, then a recorded cyclictest output."""
-        n_tools = int(args[0])
-        tools = args[4:4 + n_tools]
+        """measure.runner's one round trip (MARKER NTOOLS NLOAD SETTLE LOADUNIT NTIDS TOOLS... TIDS... LOAD...
+        COMMAND...): its tools checked, the boot and the cmdline, the recorded counter snapshots (if the unit has
+        any) around a recorded cyclictest output; without a command, one counter snapshot alone."""
+        marker, n_tools, n_load, n_tids = args[0], int(args[1]), int(args[2]), int(args[5])
+        tools = args[6:6 + n_tools]
         missing = [t for t in tools if t not in self.unit.programs]
         if missing:
             return 0, "missing " + " ".join(missing) + "\n", ""
+        command = args[6 + n_tools + n_tids + n_load:]
+        head = f"@@\n{self.unit.boot_id}\n@@\n{self.unit.cmdline}\n@@\n"
+        if not command:
+            if not (self.unit.counter_snapshots and self.unit.boot_id and self.unit.cmdline):
+                raise AssertionError("this FakeUnit has no recorded counter snapshot, boot_id and cmdline to "
+                                     "answer a counters read with")
+            return 0, head + self.unit.next_counter_sections(marker, "0") + f"\n{marker} end\n", ""
         if self.run_s:
             time.sleep(self.run_s)
-        return 0, (f"@@\n{self.unit.boot_id}\n@@\n{self.unit.cmdline}\n@@\n"
-                   + self.unit.next_cyclictest_output()), ""
+        output = self.unit.next_cyclictest_output()
+        return 0, (head + self.unit.next_counter_sections(marker, "0") + f"\n{marker} run\n" + output
+                   + self.unit.next_counter_sections(marker, "1") + f"\n{marker} end\n"), ""
