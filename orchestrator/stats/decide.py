@@ -98,17 +98,16 @@ lower bound above 1 / (1 - r), budget alpha); stop when every mechanism is shown
 the change declares none); else inconclusive -> policy. The false-keep guarantee is then alpha for "some
 declared mechanism reduced below 1 - r"; nothing is claimed about latency.
 
-Boots (order "blocked", for boot changes). `boots_per_side` boots per side (default 3) of `runs_per_boot` runs,
-in the balanced order F S S F F S ... (first side F random from the seed); `next_step()` says when the next
-run must come from a new boot. Runs are grouped by `LatencyResult.boot_id` (the planned boot when it is
-missing); each boot's runs give one value per metric (the median of its runs; a rate: the mean of its runs'
-log(rate + c)), and the rule above runs once, on the boot values, at the end (no interim looks: with a
-handful of boots one analysis is all the error budget affords). The guarantee needs at least 3 boots per
-side and 1 / C(2b, b) <= A1 (the exact test can reach the level at all; A1 = alpha unless the mechanism path
-is usable with that many boots, i.e. 1 / C(2b, b) <= A2 too). When either fails,
-`guarantee_holds` is False, the reason says so, and the rule runs once on the run values, as if the runs were
-independent (which ignores the boot-to-boot variation: a keep or rollback then says what the runs show, with
-no error rate attached).
+Boots (order "blocked", for boot changes). `boots_per_side` boots per side (default 3) of `runs_per_boot` runs, in
+the balanced order F S S F F S ... (first side F random from the seed); `next_step()` says when the next run must
+come from a new boot. Runs are grouped by `LatencyResult.boot_id` (the planned boot when it is missing, and the
+reason then says that a fresh boot was not checked); each boot's runs give one value per metric (the median of its
+runs; a rate: the mean of its runs' log(rate + c)), and the rule above runs once, on the boot values, at the end
+(no interim looks: with a handful of boots one analysis is all the error budget affords). The guarantee needs at
+least 3 boots per side and 1 / C(2b, b) <= A1 (the exact test can reach the level at all; A1 = alpha unless the
+mechanism path is usable with that many boots, i.e. 1 / C(2b, b) <= A2 too). When either fails, `guarantee_holds`
+is False, the reason says so, and the rule runs once on the run values, as if the runs were independent (which
+ignores the boot-to-boot variation: a keep or rollback then says what the runs show, with no error rate attached).
 
 Error guarantees (runs exchangeable within a side: no drift that the ABBA blocks do not cancel; the mechanism
 claims in addition need log(rate + c) per unit close enough to normal for the Welch interval):
@@ -970,4 +969,7 @@ class SequentialDecision:
                       f"independent, which ignores the boot-to-boot variation, so this says what the runs show "
                       f"with no error rate attached. ")
             d = d.model_copy(update={"reason": caveat + d.reason})
+        if any(r.boot_id is None for side in ("before", "after") for r in self.runs[side]):
+            d = d.model_copy(update={"reason": d.reason + " Boots are taken from the plan: some runs carry no "
+                                     "boot_id, so that each planned boot was a fresh one is not checked."})
         return d

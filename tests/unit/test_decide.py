@@ -267,6 +267,7 @@ def test_boot_plan_is_balanced_and_says_when_to_reboot():
     first, other = boots[0], boots[1]
     assert boots == [first, other, other, first, first, other] and first != other
     assert [s.new_boot for s in steps] == [True, False] * 6  # runs_per_boot 2
+    assert "not checked" not in seq.decision.reason  # every run carried its boot_id
     assert seq.next_side() is None
     sides = {SequentialDecision(RULE.model_copy(update={"order": "blocked", "seed": s})).boot_plan[0]
              for s in range(8)}
@@ -319,6 +320,16 @@ def test_runs_of_one_boot_are_one_unit_even_when_a_reboot_was_asked_for():
     d = boot_drive(SequentialDecision(RULE.model_copy(update={"order": "blocked"})), 100, 50, rng, reboot=False)
     assert d.boots_before == d.boots_after == 1 and not d.guarantee_holds
     assert "only 1 boot(s) on a side" in d.reason
+
+
+def test_runs_without_a_boot_id_are_grouped_by_the_plan_and_say_so():
+    seq = SequentialDecision(RULE.model_copy(update={"order": "blocked"}))
+    rng = np.random.default_rng(25)
+    while (step := seq.next_step()) is not None:
+        seq.add(step.side, one(rng, 100 if step.side == "before" else 50, 0.05))
+    d = seq.decision
+    assert d.boots_before == d.boots_after == 3 and d.guarantee_holds and d.verdict == "keep"
+    assert d.reason.endswith("that each planned boot was a fresh one is not checked.")
 
 
 def test_the_boot_plan_refuses_a_run_of_the_wrong_side():
