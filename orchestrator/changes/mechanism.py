@@ -14,8 +14,11 @@ PPI on arm64. `irq_class` maps a row to its class from the description or handle
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from orchestrator.measure.counters import CounterDeltas, Rate, rate_of
 
 #: IRQ classes a mechanism can count (/proc/interrupts rows, classified by `irq_class`).
 IrqClass = Literal["function_call_ipi", "irq_work_ipi", "reschedule_ipi", "tlb_ipi", "local_timer", "device"]
@@ -49,14 +52,25 @@ def irq_class(name: str, description: str | None, actions: list[str]) -> IrqClas
     return None
 
 
+#: Named /proc/interrupts rows of each IPI class, x86 and arm64 (only one of each pair exists on a unit; the rate
+#: sums what exists). The arm64 IPI numbers are the same on 6.1 and 6.12 for these three.
+_NAMED_ROWS: dict[str, tuple[str, ...]] = {
+    "function_call_ipi": ("CAL", "IPI1"),
+    "irq_work_ipi": ("IWI", "IPI5"),
+    "reschedule_ipi": ("RES", "IPI0"),
+    "tlb_ipi": ("TLB",),
+    "local_timer": ("LOC",),  # arm64: the arch_timer PPI, a numbered row found from its handler
+}
+
+
 @dataclass(frozen=True)
 class Mechanism:
     """One counter a change targets, summed over the CPUs it concerns and read as a rate around each run.
 
-    `source`: irq (classes of /proc/interrupts rows), softirq (/proc/softirqs rows, e.g. "RCU"), kvm (per-VM
-    counters in KVM's debugfs, read on the host: `wfi_exit_stat`), thread (scheduler counters of the guest's
-    vCPU threads on the host: `nr_migrations`). `on`: counted on the changed target, or on the unit's host (KVM
-    and vCPU threads live there). `cpus`: the target's RT CPUs, or all of them."""
+    `source`: irq (classes of /proc/interrupts rows, IrqClass), softirq (/proc/softirqs rows, e.g. "RCU"), kvm
+    (per-VM counters in KVM's debugfs, read on the host: `wfi_exit_stat`), thread (scheduler counters of the
+    guest's vCPU threads on the host: `nr_migrations`). `on`: counted on the changed target, or on the unit's
+    host (KVM and vCPU threads live there). `cpus`: the RT CPUs of where it is counted, or all of them."""
 
     label: str
     source: Source
@@ -68,6 +82,34 @@ class Mechanism:
     def public(self) -> dict[str, Any]:
         return {"label": self.label, "source": self.source, "names": list(self.names), "on": self.on,
                 "cpus": self.cpus, "direction": self.direction}
+
+    def counters(self, deltas: CounterDeltas, vm: str | None = None) -> list[str]:
+        """The counter key patterns (measure/counters.py) this mechanism sums on a unit whose counters are
+        `deltas`: IRQ classes become the row names that unit has (its numbered rows by their handlers); `vm`:
+        the guest VM's name among the host's KVM counters (None: every VM)."""
+        if self.source == "irq":
+            out = [f"irq:{row}" for cls in self.names for row in _NAMED_ROWS.get(cls, ())]
+            out += [f"irq:{n}" for n, actions in sorted(deltas.irq_actions.items())
+                    if irq_class(n, None, actions) in self.names]
+            return out
+        if self.source == "softirq":
+            return [f"softirq:{n}" for n in self.names]
+        if self.source == "kvm":
+            return [f"kvm:{vm or '*'}:{n}" for n in self.names]
+        return [f"thread:*:{n}" for n in self.names]
+
+    def rate(self, deltas: CounterDeltas | None, rt_cpus: Sequence[int], vm: str | None = None) -> Rate:
+        """Events per second over one run, or None with the reason (no counters, a reset, none on the unit)."""
+        if deltas is None:
+            return Rate(value=None, keys=[], total=None, interval_s=None, reason="no counters were read")
+        patterns = self.counters(deltas, vm)
+        if not patterns:
+            return Rate(value=None, keys=[], total=None, interval_s=deltas.interval_s,
+                        reason=f"{self.label}: no such counter on this unit")
+        if self.cpus == "rt" and not rt_cpus:
+            return Rate(value=None, keys=[], total=None, interval_s=deltas.interval_s,
+                        reason=f"{self.label}: the unit declares no RT CPUs for it")
+        return rate_of(deltas, patterns, sorted(rt_cpus) if self.cpus == "rt" else None)
 
 
 _RESCHED = Mechanism("reschedule IPIs on the RT CPUs", "irq", ("reschedule_ipi",))

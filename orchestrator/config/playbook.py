@@ -26,6 +26,29 @@ def load_decision_rule(path: Path) -> DecisionRule:
     return load_measurement_plan(path).decision
 
 
+def check_keep_on(plan: MeasurementPlan, path: Path | None, changes: list[tuple[str, str, bool]]) -> None:
+    """A playbook that asks, in so many words, for `keep_on: latency_or_mechanism` cannot be used with a change
+    whose kind declares no mechanism (a mechanism keep is impossible for it): an InputError naming the file, line
+    and key, before anything is touched. `changes`: (change id, kind, declares a mechanism). Left at its default,
+    the rule keeps such a change on latency alone and its outcome says so."""
+    rule = plan.decision
+    if rule.keep_on != "latency_or_mechanism" or "keep_on" not in rule.model_fields_set:
+        return
+    none = [f"{cid} ({kind})" for cid, kind, declares in changes if not declares]
+    if not none:
+        return
+    where = "measurement plan"
+    if path is not None:
+        from orchestrator.config.yamlio import line_of, read_yaml
+
+        line = line_of(read_yaml(path), ("decision", "keep_on"))
+        where = f"{path}:{line}" if line else str(path)
+    raise InputError(f"{where}: decision.keep_on: a mechanism keep is asked for (got 'latency_or_mechanism'), but "
+                     f"{', '.join(none)} declare{'s' if len(none) == 1 else ''} no mechanism to keep on; expected "
+                     f"`keep_on: latency` for a profile with such changes, or leave keep_on out (then those are "
+                     f"kept on latency alone)")
+
+
 #: The metrics a rollout's regression rule may name.
 METRICS = ("p99_us", "p999_us", "max_us", "avg_us")
 

@@ -51,7 +51,8 @@ def make_engine(paths: Paths, inv: Inventory, playbook: Path | None, events: Eve
     plan = load_measurement_plan(playbook or DEFAULT_PLAN)
     artifacts = paths.state / "artifacts" / time.strftime("%Y%m%dT%H%M%S")
     journal = open_controller_journal(paths, db, read_only=read_only)
-    return Engine(inventory=inv, journal=journal, plan=plan, artifacts=artifacts, events=events, connect=connect)
+    return Engine(inventory=inv, journal=journal, plan=plan, artifacts=artifacts, events=events, connect=connect,
+                  plan_path=Path(playbook or DEFAULT_PLAN))
 
 
 def read_inventory(paths: Paths, inventory: Path, source: str) -> Inventory:

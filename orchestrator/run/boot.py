@@ -416,6 +416,9 @@ class BootActive:
     def measure_on(self) -> Transport:
         return self.r.shared.get(self.unit, self.ctx.measure_target(self.unit))
 
+    def connection(self, target: str) -> Transport:
+        return self.r.shared.get(self.unit, target)
+
     def mark(self) -> None:
         with self.r._conn(self.unit, self.spec.target)() as t:
             self.ctx.write_marker(t, self.unit, self.spec.target)

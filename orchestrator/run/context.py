@@ -48,6 +48,11 @@ class ChangeOutcome(BaseModel):
     before: list[LatencyResult] = []
     after: list[LatencyResult] = []
     evidence: dict[str, Any] | None = None  # what a trial showed besides latency (wfx_notrap: WFI exit rates)
+    #: the mechanisms the change targets (orchestrator.changes.mechanism), and each run's rate of each
+    mechanisms: list[dict[str, Any]] = []
+    rates: dict[str, list[dict[str, float | None]]] = {}
+    #: False: a host change measured in a guest that does not run on that host (its latency is not evidence)
+    latency_applicable: bool = True
 
     def figures(self) -> dict[str, float | None]:
         import statistics
@@ -72,6 +77,8 @@ class RunContext:
     accept_boot_risk: bool = False
     #: How long to wait for a unit to come back from a reboot (then power-cycle it, then as long again).
     boot_timeout_s: float = 300.0
+    #: The file the measurement plan was read from (its errors name file and line).
+    plan_path: Path | None = None
 
     def publish(self, event: Event) -> None:
         """The one publish path: the journal (the record) first, then whoever listens (progress, reports)."""

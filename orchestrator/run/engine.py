@@ -16,7 +16,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from orchestrator.changes.base import Change, Plan
+from orchestrator.changes.mechanism import mechanisms_for
 from orchestrator.changes.registry import build_change, is_boot_kind
+from orchestrator.config.playbook import check_keep_on
 from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal.records import ChangeRecord, UnitStateName
@@ -95,6 +97,9 @@ class RuntimeActive:
     def measure_on(self) -> Transport:
         return self.shared.get(self.unit, self.ctx.measure_target(self.unit))
 
+    def connection(self, target: str) -> Transport:
+        return self.shared.get(self.unit, target)
+
     def mark(self) -> None:
         self.ctx.write_marker(self.t, self.unit, self.spec.target)
 
@@ -118,6 +123,8 @@ class Engine(RunContext):
         specs = resolve(profile, unit, spec)
         if self.plan.boot.cmdline == "per_key":  # one trial boot per argument (playbook `boot.cmdline`)
             specs = [part for s in specs for part in split_cmdline(s)]
+        check_keep_on(self.plan, self.plan_path,
+                      [(s.id, s.kind, bool(mechanisms_for(s.kind, s.params))) for s in specs])
         return specs
 
     def apply(self, unit: str, profile_path: Path, *, dry_run: bool = False,

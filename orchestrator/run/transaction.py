@@ -25,6 +25,7 @@ from orchestrator.measure.model import LatencyResult
 from orchestrator.measure.runner import measure
 from orchestrator.remote.transport import Transport
 from orchestrator.run.context import ChangeOutcome, RunContext, Status
+from orchestrator.run.evidence import MechanismProbe
 from orchestrator.stats.decide import SequentialDecision
 
 
@@ -161,6 +162,9 @@ class ActiveChange(Protocol):
     def measure_on(self) -> Transport:
         """The connection the measurement runs go through (kept until the unit reboots)."""
 
+    def connection(self, target: str) -> Transport:
+        """The shared connection to the unit's `target` (host or guest), kept until the unit reboots."""
+
     def mark(self) -> None:
         """Write the unit's marker of rt-tune's changes on the changed target."""
 
@@ -197,37 +201,48 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
     rule = ctx.plan.decision
     if active.order is not None:
         rule = rule.model_copy(update={"order": active.order})
-    seq = SequentialDecision(rule)
+    probe = MechanismProbe(ctx, unit, spec, active.connection)
+    seq = SequentialDecision(rule, latency_applicable=probe.latency_applicable, mechanisms=probe.labels)
     runs: dict[str, list[LatencyResult]] = seq.runs
+    rates: dict[str, list[dict[str, float | None]]] = {"before": [], "after": []}
     dec: dict[str, Any] | None = None
 
     def outcome(status: Status, reason: str) -> ChangeOutcome:
         return ChangeOutcome(**base, status=status, reason=reason, decision=dec, evidence=active.evidence,
-                             before=runs["before"], after=runs["after"])
+                             before=runs["before"], after=runs["after"], mechanisms=probe.declared(),
+                             rates=rates, latency_applicable=probe.latency_applicable)
 
     on = False
     applied = False
+    measured_this_boot = False  # a run was taken on the boot the unit is on now
     try:
         active.prepare()
         if active.eager:
             change.applied(active.apply())
             change.verified(active.verify())
             on = applied = True
-        while (side := seq.next_side()) is not None:
+        while (step := seq.next_step()) is not None:
+            side = step.side
             want = side == "after"
             if want and not applied:
                 change.applied(active.apply())
                 on = applied = True
                 change.verified(active.verify())
-            elif want != on:
+                measured_this_boot = False
+            elif want != on or (step.new_boot and measured_this_boot):
                 on = want  # set first: a switch that fails halfway is undone as if it had happened
-                active.switch(want)
-            result = measure(active.measure_on(), ctx.plan.cyclictest, ctx.plan.load,
-                             target=f"{unit}.{ctx.measure_target(unit)}", artifacts=ctx.artifacts,
-                             events=ctx.events)
-            seq.add(side, result)
-            ctx.emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us",
-                     side=side, p999_us=result.all.p999_us, max_us=result.all.max_us)
+                active.switch(want)  # a boot change reboots, also into the same side (boots are the replicates)
+                measured_this_boot = False
+            result, evidence = probe.around(lambda: measure(
+                active.measure_on(), ctx.plan.cyclictest, ctx.plan.load, target=f"{unit}.{ctx.measure_target(unit)}",
+                artifacts=ctx.artifacts, events=ctx.events))
+            measured_this_boot = True
+            rates[side].append(evidence.rates)
+            seq.add(side, result, evidence.rates)
+            ctx.emit("change.run", subject, f"{spec.id}: {side} run, p99.9 {result.all.p999_us} us"
+                     + "".join(f"; {label} {_per_s(v)}" for label, v in evidence.rates.items()),
+                     side=side, p999_us=result.all.p999_us, max_us=result.all.max_us, rates=evidence.rates,
+                     missing=evidence.missing)
         decision = seq.decision
         assert decision is not None
         dec = json.loads(decision.model_dump_json())
@@ -256,6 +271,10 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
     ctx.emit("change.kept" if status == "kept" else "change.rolled_back", subject,
              f"{plan.summary}: {decision.verdict} -> {status}", journal_id=change.rec)
     return outcome(status, decision.reason)
+
+
+def _per_s(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}/s"
 
 
 def _undo_after(change: JournaledChange, active: ActiveChange, exc: BaseException) -> str:
