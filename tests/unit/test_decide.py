@@ -546,8 +546,9 @@ def test_the_existing_playbooks_still_load(path):
 
 
 def test_old_looks_key_maps_to_the_look_spacing():
-    rule = load_decision_rule(REPO / "playbooks" / "measurement.yaml")  # k_min 5, k_max 20, looks 3
+    rule = DecisionRule(k_min=5, k_max=20, looks=3)  # the production playbook's values before issue #18
     assert rule.look_schedule() == [5, 13, 20]
+    assert load_decision_rule(REPO / "playbooks" / "measurement.yaml").look_schedule() == list(range(6, 41, 2))
     assert DecisionRule(k_min=4, k_max=4, looks=1).look_schedule() == [4]
     assert DecisionRule().look_schedule() == list(range(6, 41, 2))
 

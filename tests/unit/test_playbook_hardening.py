@@ -116,10 +116,14 @@ PLAN_MUTATIONS = [
     ("confidence: 0.95 ", "confidence: 1 ", "decision.confidence", "1", "less than 1"),
     ("confidence: 0.95 ", "confidence: .nan ", "decision.confidence", "nan", "finite number"),
     ("confidence: 0.95 ", 'confidence: "0.95" ', "decision.confidence", "'0.95'", "valid number"),
-    ("k_min: 5 ", "k_min: 1 ", "decision.k_min", "1", "greater than or equal to 2"),
-    ("k_min: 5 ", "k_min: 5.0 ", "decision.k_min", "5.0", "valid integer"),
-    ("k_max: 20 ", "k_max: 4 ", "decision", "", "k_min (5) is larger than k_max (4)"),
-    ("looks: 3 ", "looks: 0 ", "decision.looks", "0", "greater than or equal to 1"),
+    ("k_min: 6 ", "k_min: 1 ", "decision.k_min", "1", "greater than or equal to 2"),
+    ("k_min: 6 ", "k_min: 6.0 ", "decision.k_min", "6.0", "valid integer"),
+    ("k_max: 40 ", "k_max: 4 ", "decision", "", "k_min (6) is larger than k_max (4)"),
+    ("look_every: 2 ", "look_every: 0 ", "decision.look_every", "0", "greater than or equal to 1"),
+    ("power: 0.95 ", "power: 1 ", "decision.power", "1", "less than 1"),
+    ("power: 0.95 ", "power: 0 ", "decision.power", "0", "greater than 0"),
+    ("boots_per_side: 3 ", "boots_per_side: 0 ", "decision.boots_per_side", "0", "greater than or equal to 1"),
+    ("max_time_s: 1600 ", "max_time_s: 100 ", "decision", "", "below k_min (6)"),
     ("min_effect: 0.05 ", "min_effect: -0.1 ", "decision.min_effect", "-0.1", "greater than 0"),
     ("max_us: 0.25 ", "max_us: -1 ", "decision.guards.max_us", "-1", "greater than or equal to 0"),
     ("max_us: 0.25 ", "max_us: .inf ", "decision.guards.max_us", "inf", "finite number"),
@@ -145,8 +149,8 @@ def test_a_bad_plan_is_refused_with_file_line_key_and_value(tmp_path, old, new, 
 
 
 def test_the_rule_alone_is_read_with_the_same_checks(tmp_path):
-    path = write(tmp_path, changed(PLAN, "looks: 3 ", "looks: 100 "))
-    with pytest.raises(InputError, match=r"decision\.looks: Input should be less than or equal to 20"):
+    path = write(tmp_path, changed(PLAN, "k_max: 40 ", "k_max: 101 "))
+    with pytest.raises(InputError, match=r"decision\.k_max: Input should be less than or equal to 100"):
         load_decision_rule(path)
 
 
