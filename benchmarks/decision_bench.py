@@ -81,7 +81,8 @@ def choose_data(arg: Path | None) -> tuple[Path, str]:
 
 
 def fit(series: Series, sb_prior: float) -> NoiseModel:
-    return fit_model({m: series.logs(m) for m in METRICS}, series.spacing(), series.run_s, sb_prior=sb_prior)
+    return fit_model({m: series.logs(m) for m in METRICS}, series.spacing(), series.run_s, sb_prior=sb_prior,
+                     spacing_s=series.spacing_s)
 
 
 def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict[str, dict[str, Any]]:
@@ -124,8 +125,9 @@ def goal_text(key: str, value: float, power: float = 1.0) -> str:
     if not math.isfinite(value):
         return "n/a"
     ok = value <= g if op == "<=" else value >= g
-    if ok and key == "time_ratio" and power < 0.5:
-        return f"met, but moot: at {power:.0%} power the fixed design of equal error is just as short and weak"
+    if key == "time_ratio" and power < 0.5:
+        return (f"{value:.2f}, moot: at {power:.0%} power the fixed design of equal error is as weak (and "
+                "its n is extrapolated from near-zero power)")
     if ok:
         return "met"
     if key == "time_ratio":
@@ -178,15 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boot-trials", type=int, default=None, help="simulated boot-change decisions (300)")
     ap.add_argument("--n-max", type=int, default=150, help="largest fixed-length n per side simulated")
     ap.add_argument("--seed", type=int, default=20261206)
+    ap.add_argument("--playbook", type=Path, default=None,
+                    help="judge this measurement plan's decision settings as 'new' (default: the rule's defaults)")
     ap.add_argument("--boot-sd-prior", type=float, default=0.0,
                     help="boot-to-boot SD of log values assumed when the data has one boot (not estimable)")
     ap.add_argument("--quick", action="store_true", help="few trials (for the unit test): figures are rough")
     ap.add_argument("--json", action="store_true", help='print {"rules": {NAME: {...}}, ...} only')
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    trials = args.trials or (30 if args.quick else 400)
+    trials = args.trials or (20 if args.quick else 400)
     fixed_trials = args.fixed_trials or (150 if args.quick else 2000)
-    boot_trials = args.boot_trials or (20 if args.quick else 300)
+    boot_trials = args.boot_trials or (10 if args.quick else 300)
     n_max = min(args.n_max, 60) if args.quick else args.n_max
     lines: list[str] = []
     p = lines.append
@@ -220,19 +224,25 @@ def main(argv: list[str] | None = None) -> int:
       f"({med['p999_us']:g} us) moves by e; p99 ({med['p99_us']:g} us) and max ({med['max_us']:g} us) move by: "
       + "; ".join(f"{e:+.0%}: p99 {mv[0]:+.1%}, max {mv[2]:+.1%}" for e, mv in eff.moves.items()) + ".\n")
 
-    new, new_label, new_boot = new_rule_factory(series.run_s)
+    sim = model.at_step(series.wall_s)
+    p(f"Simulated runs are {series.wall_s:.1f} s apart (a run's wall time as the rule measures back to back; the "
+      f"recording's runs were {series.spacing_s:.1f} s apart): the drift is taken as an Ornstein-Uhlenbeck "
+      "process, phi per simulated step = phi ** (step / recorded spacing): "
+      + ", ".join(f"{LABEL[m]} {ph:.3f}" for m, ph in zip(METRICS, sim.phis(), strict=True)) + ".\n")
+    new = new_rule_factory(series.run_s, noise_sd=model.fits[1].within_sd, playbook=args.playbook)
     old = OldRule()
     length = 2 * 100 + 4  # runs per trial: both sides at the API's largest k_max
-    fixed = fixed_curves(model, eff, fixed_trials, args.seed, n_max)
+    fixed = fixed_curves(sim, eff, fixed_trials, args.seed, n_max)
     results = {}
-    for rule in (new, old):
-        r = run_rule(rule, model, eff, trials, args.seed, length)
+    rules: list[Any] = [new.run, old] + ([new.profile] if new.profile is not None and not args.quick else [])
+    for rule in rules:
+        r = run_rule(rule, sim, eff, trials, args.seed, length)
         results[rule.name] = summarise(r, fixed, old.min_effect)
     results["fixed"] = fixed_row(fixed)
     out["rules"] = results
-    out["new_rule"] = new_label
+    out["new_rule"] = new.label
 
-    p(f"New rule: {new_label}. Old rule: decide.py at 61f7220 (frozen in benchmarks/decision/rules.py). "
+    p(f"New rule: {new.label}. Old rule: decide.py at 61f7220 (frozen in benchmarks/decision/rules.py). "
       f"Runs of {series.run_s:g} s.\n")
     p("| rule | false keeps at 0 | power at -10% | power at -30% | keeps at +10% | time at 0 (s) | "
       "time at -10% (s) | mean time (s) | max time (s) | fixed reference of equal error (n per side, time) | "
@@ -249,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     p("\nGoals (false keeps <= 5% at 0, power >= 95% at -10%, mean time <= 0.35 of the fixed-length time):\n")
     p("| rule | false keeps | power at -10% | time ratio |")
     p("|---|---|---|---|")
-    for name in ("new", "old"):
-        r = results[name]
+    for name, r in results.items():
+        if name == "fixed":
+            continue
         p(f"| {name} | {goal_text('false_keep_0', r['false_keep_0'])} | {goal_text('power_m10', r['power_m10'])} "
           f"| {goal_text('time_ratio', r['time_ratio'], r['power_m10'])} |")
 
-    out["boot_change"] = boot_change(p, model, eff, new_boot, boot_trials, args.seed)
+    out["boot_change"] = boot_change(p, sim, eff, [new.boot, new.boot_more], boot_trials, args.seed)
     out["cpu_s"] = time.process_time()
     out["wall_s"] = time.monotonic() - t0
     p(f"\nWall time {out['wall_s']:.0f} s, CPU {out['cpu_s']:.0f} s.")
@@ -265,35 +276,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def boot_change(p: Any, model: NoiseModel, eff: Effects, new_boot: Any, trials: int, seed: int
+def boot_change(p: Any, model: NoiseModel, eff: Effects, new_boot: list[Any], trials: int, seed: int
                 ) -> dict[str, Any]:
     """A boot change: blocked order, a new boot at each side switch, the boot effect present."""
     f = model.fits[1]
-    cases = [(f"fitted (p99.9: sb = {f.sb:.3f})", model)]
+    cases = [("fitted", f"fitted (p99.9: sb = {f.sb:.3f})", model)]
     if not f.sb_fitted:
-        cases = [(f"prior sb = {f.sb:g} (one boot: not estimable)", model),
-                 ("illustrative prior sb = 0.5 x within-boot SD (p99.9: "
+        cases = [("prior", f"prior sb = {f.sb:g} (one boot: not estimable)", model),
+                 ("illustrative", "illustrative prior sb = 0.5 x within-boot SD (p99.9: "
                   f"{0.5 * f.within_sd:.3f}), not data", model.with_boot_sd(0.5))]
     p("\n### Boot changes (order blocked, runs grouped by boot, a new boot at every side switch, boot effect "
       "present)\n")
-    rules: list[Any] = [OldRule(name="old", order="blocked")]
-    if new_boot is not None:
-        rules.insert(0, new_boot)
+    rules = [r for r in new_boot if r is not None] + [OldRule(name="old", order="blocked")]
     out: dict[str, Any] = {}
     p("| boot effect | rule | false keeps at 0 | power at -10% | power at -30% | boots used at 0 (mean) | "
       "time at 0 (s) |")
     p("|---|---|---|---|---|---|---|")
-    for label, m in cases:
-        out[label] = {}
+    for key, label, m in cases:
+        out[key] = {"boot_effect": label, "boot_sd_p999": m.fits[1].sb, "rules": {}}
         for rule in rules:
             r = run_rule(rule, m, eff, trials, seed + 1, 0, boot_change=True)
             d = {"false_keep_0": r.rate(0.0, "keep"), "power_m10": r.rate(-0.10, "keep"),
                  "power_m30": r.rate(-0.30, "keep"), "boots_0": float(np.mean(r.boots[0.0])),
                  "time_0_s": r.time(0.0)}
-            out[label][rule.name] = d
+            out[key]["rules"][rule.name] = d
             p(f"| {label} | {rule.name} | {d['false_keep_0']:.1%} | {d['power_m10']:.1%} | "
               f"{d['power_m30']:.1%} | {d['boots_0']:.1f} | {d['time_0_s']:.0f} |")
-    if new_boot is None:
+    if not any(new_boot):
         p("\n(The committed rule has no boot handling yet (no `boots_per_side`): only the old rule is shown.)")
     return out
 

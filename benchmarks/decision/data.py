@@ -30,6 +30,7 @@ class Run:
     boot: str
     start: float  # seconds since the epoch (NaN when unknown)
     length_s: float  # cyclictest -D (the measuring time of the run)
+    wall_s: float  # the run's wall time as measure() took it (load settling and round trip included), or NaN
     values: dict[str, float]  # metric -> us (a percentile among the overflows: the histogram size, flagged)
     censored: dict[str, bool]
     p50_us: float
@@ -53,6 +54,22 @@ class Series:
     @property
     def run_s(self) -> float:
         return float(np.median([r.length_s for r in self.runs]))
+
+    @property
+    def spacing_s(self) -> float:
+        """The typical time between the starts of consecutive runs of a boot (the drift's time unit)."""
+        steps = [np.diff([r.start for r in b]) for b in self.boots.values() if len(b) > 1]
+        flat = np.concatenate(steps) if steps else np.empty(0)
+        flat = flat[np.isfinite(flat) & (flat > 0)]
+        return float(np.median(flat)) if len(flat) else self.run_s
+
+    @property
+    def wall_s(self) -> float:
+        """A run's wall time when the rule measures runs back to back (measure()'s duration), else the recorded
+        spacing (consecutive runs)."""
+        w = np.array([r.wall_s for r in self.runs], float)
+        w = w[np.isfinite(w)]
+        return float(np.median(w)) if len(w) else self.spacing_s
 
     def logs(self, metric: str) -> list[np.ndarray]:
         """Per boot, log(value) in measuring order."""
@@ -101,9 +118,11 @@ def load_run(path: Path, root: Path) -> Run:
         res = LatencyResult.model_validate_json(path.read_text())
         start = res.started_at if res.started_at is not None else math.nan
         length = res.settings.duration_s if res.settings is not None else (res.duration_s or math.nan)
+        wall = res.duration_s if res.duration_s is not None else math.nan
     else:  # cyclictest --json
         res = parse_cyclictest_file(path)
         start = _cyclictest_start(doc)
+        wall = math.nan
         length = res.all.samples * 1e-3  # 1 kHz unless told otherwise
         cmd = doc.get("cmdline:") or doc.get("cmdline") or ""
         for tok in cmd.split():
@@ -118,7 +137,7 @@ def load_run(path: Path, root: Path) -> Run:
         cens[m] = v is None
         vals[m] = float(size if v is None else v)
     p50 = float(res.all.p50_us if res.all.p50_us is not None else size)
-    return Run(path, boot, float(start), float(length), vals, cens, p50)
+    return Run(path, boot, float(start), float(length), float(wall), vals, cens, p50)
 
 
 def run_files(folder: Path) -> list[Path]:

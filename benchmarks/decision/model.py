@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -209,6 +209,15 @@ class NoiseModel:
     r_boot: np.ndarray
     run_s: float
     note: list[str] = field(default_factory=list)
+    spacing_s: float = 1.0  # the recording's time between consecutive runs: phi is per this much time
+    step_s: float = 1.0  # the simulated time between consecutive runs (the drift as an Ornstein-Uhlenbeck process)
+
+    def at_step(self, step_s: float) -> NoiseModel:
+        """The same model simulated with runs `step_s` apart (phi -> phi ** (step_s / spacing_s))."""
+        return replace(self, step_s=step_s)
+
+    def phis(self) -> np.ndarray:
+        return np.array([f.phi ** (self.step_s / self.spacing_s) for f in self.fits])
 
     def _chol(self, r: np.ndarray, sd: np.ndarray) -> np.ndarray:
         cov = r * np.outer(sd, sd)
@@ -219,7 +228,7 @@ class NoiseModel:
 
         new_boot=False leaves out the boot offset (the same boot for everything compared)."""
         k = len(self.fits)
-        phi = np.array([f.phi for f in self.fits])
+        phi = self.phis()
         sa = np.array([f.sa for f in self.fits])
         se = np.array([f.se for f in self.fits])
         sb = np.array([f.sb for f in self.fits])
@@ -249,21 +258,21 @@ class NoiseModel:
     def scaled(self, boot: float = 1.0, drift: float = 1.0) -> NoiseModel:
         """The same model with the boot effect / the drift scaled (what-if cases)."""
         fits = [MetricFit(f.mu, f.sb * boot, f.sa * drift, f.phi, f.se, f.sb_fitted, f.loglik) for f in self.fits]
-        return NoiseModel(self.metrics, fits, self.r_drift, self.r_run, self.r_boot, self.run_s, list(self.note))
+        return replace(self, fits=fits)
 
     def with_boot_sd(self, fraction: float) -> NoiseModel:
         """The same model with each metric's boot SD set to `fraction` x its within-boot SD (a stated prior
         where the data cannot estimate it)."""
         fits = [MetricFit(f.mu, fraction * f.within_sd, f.sa, f.phi, f.se, False, f.loglik) for f in self.fits]
-        return NoiseModel(self.metrics, fits, self.r_drift, self.r_run, self.r_boot, self.run_s, list(self.note))
+        return replace(self, fits=fits)
 
 
 def fit_model(series_by_metric: dict[str, list[np.ndarray]], ts: list[np.ndarray], run_s: float,
-              sb_prior: float = 0.0) -> NoiseModel:
+              sb_prior: float = 0.0, spacing_s: float = 1.0) -> NoiseModel:
     names = tuple(series_by_metric)
     fits = [fit_metric(series_by_metric[m], ts, sb_prior=sb_prior) for m in names]
     ra, re = cross_corr([series_by_metric[m] for m in names], fits)
     note = []
     if len(ts) < 2:
         note.append(f"one boot: the boot-to-boot effect is not estimable; sb fixed at the prior {sb_prior:g}")
-    return NoiseModel(names, fits, ra, re, ra.copy(), run_s, note)
+    return NoiseModel(names, fits, ra, re, ra.copy(), run_s, note, spacing_s, spacing_s)

@@ -1,18 +1,21 @@
 """"new": the rule in orchestrator/stats as it is in this checkout, through its own driving API.
 
-The rule's settings are the playbook's (`playbooks/measurement.yaml`, `decision:`), with the run length set
-to the recorded runs' and a seed per simulated decision."""
+The rule's settings are its own defaults (`DecisionRule()`: the design the rule was built for; the playbook may
+lag behind it), or a playbook's `decision:` section when given, with the run length set to the recorded runs'
+and a seed per simulated decision. "new+profile" is the same rule given the unit's stored noise profile
+(`noise_sd` = the fitted within-boot SD of log p99.9), which fixes its K before the first run."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.decision.rules import SeqRule
 
 REPO = Path(__file__).resolve().parents[2]
-PLAYBOOK = REPO / "playbooks" / "measurement.yaml"
 
 
 def stats_revision() -> str:
@@ -28,26 +31,46 @@ def stats_revision() -> str:
     return f"{rev or 'unknown'}{' + uncommitted changes in the checkout' if dirty else ''}"
 
 
-def new_rule_factory(run_s: float) -> tuple[SeqRule, str, SeqRule | None]:
-    """(the rule for run changes, a label saying what it is, the rule for boot changes or None when the
-    committed API has no boot handling)."""
+@dataclass
+class NewRules:
+    run: SeqRule  # runtime changes
+    label: str
+    profile: SeqRule | None = None  # the same with a stored noise profile (`noise_sd`), when the API takes one
+    boot: SeqRule | None = None  # boot changes (boots as units), when the API has them
+    boot_more: SeqRule | None = None  # the same with twice the boots per side
+
+
+def new_rule_factory(run_s: float, noise_sd: float | None = None, playbook: Path | None = None) -> NewRules:
+    """The committed rule with its own defaults (or a playbook's `decision:` settings), run length `run_s`, a
+    seed per simulated decision."""
     from orchestrator.config.playbook import load_decision_rule
     from orchestrator.stats import decide
 
-    rule = load_decision_rule(PLAYBOOK)
+    rule = load_decision_rule(playbook) if playbook is not None else decide.DecisionRule()
     fields = set(type(rule).model_fields)
     upd: dict[str, Any] = {"run_duration_s": run_s} if "run_duration_s" in fields else {}
+    takes_sd = "noise_sd" in inspect.signature(decide.SequentialDecision).parameters
 
-    def make(seed: int, **extra: Any) -> Any:
+    grouped = "boots_per_side" in fields and hasattr(decide.SequentialDecision, "next_step")
+    if grouped and "bootstrap_resamples" in fields:
+        # the new rule reports its bootstrap interval and decides without it: 200 resamples (the least it
+        # takes) give the same decisions 4x faster (checked by tests/unit/test_decision_bench.py)
+        upd["bootstrap_resamples"] = 200
+
+    def make(seed: int, sd: float | None = None, **extra: Any) -> Any:
         r = rule.model_copy(update={**upd, "seed": seed % (2**63), **extra})
-        return decide.SequentialDecision(r)
+        return decide.SequentialDecision(r, noise_sd=sd) if sd is not None else decide.SequentialDecision(r)
 
-    grouped = "boots_per_side" in fields
     what = ("group-sequential" if grouped else
             "the pre-#18 rule: the group-sequential rule has not landed, so new = old here")
-    label = f"orchestrator/stats at {stats_revision()} ({what}), playbook decision settings"
-    run_rule = SeqRule("new", make, run_s)
-    boot_rule = None
+    where = f"the decision settings of {playbook.name}" if playbook is not None else "its default settings"
+    label = f"orchestrator/stats at {stats_revision()} ({what}), {where}"
+    out = NewRules(SeqRule("new", make, run_s), label)
+    if takes_sd and noise_sd is not None:
+        out.profile = SeqRule("new+profile", lambda seed: make(seed, noise_sd), run_s)
     if grouped:
-        boot_rule = SeqRule("new (boots)", lambda seed: make(seed, order="blocked"), run_s)
-    return run_rule, label, boot_rule
+        out.boot = SeqRule(f"new ({rule.boots_per_side} boots/side)", lambda seed: make(seed, order="blocked"), run_s)
+        more = 2 * rule.boots_per_side
+        out.boot_more = SeqRule(f"new ({more} boots/side)",
+                                lambda seed: make(seed, order="blocked", boots_per_side=more), run_s)
+    return out

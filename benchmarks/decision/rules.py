@@ -206,8 +206,7 @@ class SeqRule:
     """A rule driven through the project's API: `seq = make(seed)`, `seq.next_side()`, `seq.add(side, result)`,
     `seq.decision.action` / `.verdict`. Results carry the boot (`boot_id`) they were measured in."""
 
-    def __init__(self, name: str, make: Callable[[int], Any], run_s: float, histogram_us: int = 20000,
-                 new_boot: Callable[[Any], bool] | None = None):
+    def __init__(self, name: str, make: Callable[[int], Any], run_s: float, histogram_us: int = 20000):
         from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats
 
         self.name = name
@@ -216,7 +215,6 @@ class SeqRule:
         self._settings = CyclictestSettings(duration_s=run_s, histogram_us=histogram_us)
         self._stats = LatencyStats
         self._result = LatencyResult
-        self.new_boot = new_boot  # asks the driven object whether its next run wants a fresh boot
 
     def result(self, v: np.ndarray, boot: int, start: float) -> Any:
         st = self._stats.model_construct(thread=None, samples=int(self.run_s * 1000), min_us=1, avg_us=1.0,
@@ -228,10 +226,19 @@ class SeqRule:
                                             duration_s=self.run_s, boot_id=f"boot{boot}", cmdline=None,
                                             raw_artifact=None)
 
+    @staticmethod
+    def _next(seq: Any) -> tuple[str, bool] | None:
+        """(side, reboot first) from `next_step()` where the API has it (boot changes), else `next_side()`."""
+        if hasattr(seq, "next_step"):
+            step = seq.next_step()
+            return None if step is None else (step.side, bool(getattr(step, "new_boot", False)))
+        side = seq.next_side()
+        return None if side is None else (side, False)
+
     def decide(self, src: Source, seed: int) -> Outcome:
         seq = self.make(seed)
-        while (side := seq.next_side()) is not None:
-            fresh = bool(self.new_boot(seq)) if self.new_boot is not None else False
+        while (nxt := self._next(seq)) is not None:
+            side, fresh = nxt
             v = src.take(side, new_boot=fresh)
             seq.add(side, self.result(v, src.boot_of[-1], 1e9 + src.i * (self.run_s + 5)))
         d = seq.decision

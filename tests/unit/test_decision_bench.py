@@ -112,3 +112,54 @@ def test_the_frozen_old_rule_decides_as_the_old_code_did():
     ref = run_rule(real, model, eff, 6, 5, 60)
     assert frozen.actions == ref.actions and frozen.runs == ref.runs and frozen.verdicts == ref.verdicts
     assert "keep" in frozen.actions[-0.30]  # the comparison covers keeps, not only rollbacks
+
+
+def test_a_folder_of_measure_results_is_read_as_boots_in_measuring_order(tmp_path):
+    from benchmarks.decision.data import load_series
+    from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats
+
+    def result(p999: int | None, start: float, boot: str) -> str:
+        st = LatencyStats(samples=20000, min_us=5, avg_us=20.0, p50_us=18, p90_us=30, p99_us=60,
+                          p999_us=p999, max_us=25000 if p999 is None else 900, overflows=30 if p999 is None else 0)
+        return LatencyResult(form="json", threads=[st.model_copy(update={"thread": 0})], all=st,
+                             settings=CyclictestSettings(duration_s=20.0, histogram_us=20000), started_at=start,
+                             duration_s=23.5, boot_id=boot).model_dump_json()
+
+    for b, boot in enumerate(("aaa", "bbb")):
+        (tmp_path / f"boot{b + 1}").mkdir()
+        for i in range(3):  # written out of order: read back by start time
+            name = tmp_path / f"boot{b + 1}" / f"run{3 - i:02d}.json"
+            name.write_text(result(None if (b, i) == (1, 0) else 100 + i, 1000.0 * b + 120.0 * i, boot))
+    s = load_series(tmp_path)
+    assert list(s.boots) == ["aaa", "bbb"] and s.n_runs == 6
+    assert [r.values["p999_us"] for r in s.boots["aaa"]] == [100.0, 101.0, 102.0]
+    first = s.boots["bbb"][0]
+    assert first.censored["p999_us"] and first.values["p999_us"] == 20000.0  # the histogram size: a lower bound
+    assert s.spacing_s == 120.0 and s.wall_s == 23.5 and s.run_s == 20.0
+    assert [list(t) for t in s.spacing()] == [[0.0, 1.0, 2.0]] * 2
+
+
+def test_the_drift_is_rescaled_to_the_simulated_run_spacing():
+    f = MetricFit(mu=0.0, sb=0.0, sa=1.0, phi=0.5, se=0.0)
+    m = NoiseModel(("x",), [f], np.eye(1), np.eye(1), np.eye(1), 20.0, spacing_s=120.0, step_s=120.0)
+    assert m.phis()[0] == pytest.approx(0.5)
+    assert m.at_step(30.0).phis()[0] == pytest.approx(0.5 ** 0.25)  # four steps of 30 s make one of 120 s
+
+
+def test_the_new_rule_decides_alike_with_fewer_bootstrap_resamples():
+    """The benchmark runs "new" with 200 bootstrap resamples: the interval is reported, never decides."""
+    from orchestrator.stats import decide
+
+    if "boots_per_side" not in decide.DecisionRule.model_fields:
+        pytest.skip("the committed rule still decides with its bootstrap")
+    model = NoiseModel(("p99_us", "p999_us", "max_us"),
+                       [MetricFit(3.8, 0, 0.1, 0.5, 0.1), MetricFit(5.0, 0, 0.15, 0.4, 0.12),
+                        MetricFit(7.0, 0, 0.5, 0.2, 0.4)], np.eye(3) * 0.5 + 0.5, np.eye(3), np.eye(3), 10.0)
+    eff = Effects.build(20.0, {"p99_us": 45.0, "p999_us": 150.0, "max_us": 1100.0})
+
+    def rule(resamples: int) -> SeqRule:
+        return SeqRule(str(resamples), lambda seed: decide.SequentialDecision(decide.DecisionRule(
+            run_duration_s=10.0, seed=seed, bootstrap_resamples=resamples)), 10.0)
+
+    a, b = run_rule(rule(2000), model, eff, 4, 9, 204), run_rule(rule(200), model, eff, 4, 9, 204)
+    assert a.actions == b.actions and a.runs == b.runs and a.verdicts == b.verdicts
