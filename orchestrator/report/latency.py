@@ -24,7 +24,8 @@ from orchestrator.core.errors import InputError
 from orchestrator.core.validation import validation_problems
 from orchestrator.measure.model import METRIC_LABEL, PERCENTILES, LatencyResult, LatencyStats
 from orchestrator.measure.pooled import PooledRuns, histogram_limit, run_median
-from orchestrator.report.html import escape, fmt_time, img_tag, page, write_page
+from orchestrator.report.html import BASE_CSS, escape, fmt_time, img_tag, page, write_page
+from orchestrator.report.mechanism import decision_path, mechanism_section, power_html
 from orchestrator.report.plots import overflow_note, render_ccdf_png, render_histogram_png
 
 __all__ = [
@@ -67,6 +68,13 @@ class ChangeReport(BaseModel):
     after: list[LatencyResult] = Field(default_factory=list)
     decision: dict[str, Any] | None = None  # Decision.model_dump(mode="json"); loosely typed on purpose
     note: str = ""
+    #: the mechanisms the change targets (label, source, names, on, cpus, direction, read_on), as the outcome has
+    #: them; each run's rate of each ({"before": [{label: events/s or None}, ...], "after": [...]}); and whether
+    #: its latency was evidence (False: a host change measured in a guest not on that host). Reports written
+    #: before these were recorded load without them.
+    mechanisms: list[dict[str, Any]] = Field(default_factory=list)
+    rates: dict[str, list[dict[str, float | None]]] = Field(default_factory=dict)
+    latency_applicable: bool = True
 
     @field_validator("decision", mode="before")
     @classmethod
@@ -209,6 +217,14 @@ def summary_rows(report: Report) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ HTML
 
+REPORT_CSS = """
+p.path { background: #f3f6fb; border-left: 4px solid #1f77b4; padding: 0.35em 0.8em; }
+p.path.latency, p.path.mechanism { border-left-color: #2c7a3f; } p.path.rollback { border-left-color: #b3261e; }
+p.path.inconclusive { border-left-color: #7a6a2c; }
+p.warn.na, p.warn.guarantee { border-color: #b3261e; background: #fdecea; }
+td.finding.good { color: #2c7a3f; font-weight: 600; } td.finding.bad { color: #b3261e; font-weight: 600; }
+"""
+
 
 def fmt_value(metric: str, value: Any, *, overflows: int = 0, limit: int | None = None,
                has_hist: bool = True) -> tuple[str, str]:
@@ -302,7 +318,8 @@ def _decision_html(decision: dict[str, Any] | None) -> str:
         facts.append(f"look {decision['look']}/{decision['looks_planned']}")
     if "runs_before" in decision and "runs_after" in decision:
         facts.append(f"{decision['runs_before']} before / {decision['runs_after']} after runs")
-    if isinstance(decision.get("confidence_per_look"), (int, float)):
+    if isinstance(decision.get("confidence_per_look"), (int, float)) and decision["confidence_per_look"] < 1:
+        # (1: no latency keep claim at all, as when the latency is not applicable)
         facts.append(f"intervals at {decision['confidence_per_look'] * 100:.2f}%")
     if decision.get("stopped_early"):
         facts.append("stopped early")
@@ -349,23 +366,34 @@ def _change_html(index: int, change: ChangeReport) -> str:
                f"{len(change.after)} run(s) after</p>")
     if change.note:
         out.append(f'<p class="note">{escape(change.note)}</p>')
+    applicable = change.latency_applicable and (change.decision or {}).get("latency_applicable") is not False
+    if not applicable:
+        out.append('<p class="warn na" data-latency="not applicable"><b>Latency not applicable:</b> a host change '
+                   "measured in a guest that does not run on that host, so its latency is shown below but is no "
+                   "evidence; the decision rested on the mechanism.</p>")
+    kind, path = decision_path(change.decision)
+    out.append(f'<p class="path {kind}" data-path="{kind}"><b>How it was decided:</b> {escape(path)}</p>')
+    out.append(power_html(change.decision))
     out.append(_decision_html(change.decision))
+    out.append(mechanism_section(cid, change.name, change.mechanisms, change.rates, change.decision, change.before,
+                                 change.after))
     sides = {"before": change.before, "after": change.after}
     dists = {side: PooledRuns(runs) for side, runs in sides.items()}
-    out.append(overflow_warning(list(dists.items())))
     if any(d.plottable for d in dists.values()):
         out.append("<h3>Distribution (all threads, pooled over the runs of each side)</h3>")
+        out.append(overflow_warning(list(dists.items())))
         out.append(img_tag(render_histogram_png(sides, f"{change.name}: latency histogram"),
                         f"histogram before/after {change.name}"))
         out.append(img_tag(render_ccdf_png(sides, f"{change.name}: latency tail (1 - CDF)"),
                         f"tail (complementary CDF) before/after {change.name}"))
     else:
+        out.append(overflow_warning(list(dists.items())))
         out.append("<p>No histogram recorded (summary form): nothing to plot.</p>")
     without = sum(d.without_hist for d in dists.values())
     if without:
         out.append(f"<p>{without} run(s) without a histogram (summary form) are not in the plots.</p>")
 
-    out.append("<h3>Figures (us, all threads)</h3>")
+    out.append("<h3>Figures (us, all threads)" + (": latency not applicable" if not applicable else "") + "</h3>")
     rows = [_figures_header("run", ("started",))]
     for side, runs in sides.items():
         for i, res in enumerate(runs):
@@ -456,7 +484,15 @@ def _summary_html(report: Report) -> str:
                 cells.append(f"<td>{escape(ARROW.join(pair))}</td>")
             verdict = r["verdict"] or "none"
             cls = verdict if verdict in ("keep", "rollback", "inconclusive") else "none"
-            cells.append(f'<td class="l"><span class="verdict {cls}">{escape(verdict)}</span></td>')
+            change = report.changes[i]
+            how = []
+            kept_on = (change.decision or {}).get("kept_on")
+            if kept_on:
+                how.append(f"on {kept_on}")
+            if not change.latency_applicable or (change.decision or {}).get("latency_applicable") is False:
+                how.append("latency not applicable")
+            cells.append(f'<td class="l"><span class="verdict {cls}">{escape(verdict)}</span>'
+                         + (f' <span class="meta">{escape(", ".join(how))}</span>' if how else "") + "</td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
         out.append("<h3>Changes (medians over runs, us)</h3><table class=\"summary\"><tr>"
                    + "".join(f'<th class="l">{escape(h)}</th>' for h in head) + "</tr>" + "".join(body) + "</table>")
@@ -489,6 +525,6 @@ def render_html(report: Report, path: Path) -> Path:
             _summary_html(report)]
     body += [_change_html(i, c) for i, c in enumerate(report.changes)]
     body += [_measurement_html(i, m) for i, m in enumerate(report.measurements)]
-    return write_page(path, page(report.title, body))
+    return write_page(path, page(report.title, body, css=BASE_CSS + REPORT_CSS))
 
 

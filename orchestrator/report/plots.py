@@ -1,6 +1,6 @@
-"""The latency plots every report draws (histogram, tail as 1 - CDF) and the plotting plumbing the other reports
-share, so all of them look alike. matplotlib is imported only when a plot is drawn, with the Agg backend,
-without pyplot.
+"""The latency plots every report draws (histogram, tail as 1 - CDF), the per-CPU rates of a change's targeted
+mechanisms before and after, and the plotting plumbing the other reports share, so all of them look alike.
+matplotlib is imported only when a plot is drawn, with the Agg backend, without pyplot.
 
 Plots are drawn from the exact histograms of the results (all threads pooled; for a change, pooled over the runs
 of each side). Samples beyond the histogram range (cyclictest's overflows) cannot be plotted: every plot says
@@ -9,7 +9,9 @@ how many there were."""
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from orchestrator.measure.model import METRIC_LABEL, PERCENTILES, LatencyResult
@@ -253,4 +255,93 @@ def render_ccdf_png(sides: Mapping[str, Sequence[LatencyResult]] | Sequence[Late
     ax.grid(True, which="major", alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8, frameon=False)  # below the axes: hides no data
     note_box(ax, notes, 0.99, "right")
+    return figure_png(fig)
+
+
+# ------------------------------------------------------------------------------------------- per-CPU rates
+
+
+@dataclass(frozen=True)
+class RatePanel:
+    """One mechanism's per-CPU rates: side -> CPU -> events per second (the median over that side's runs; None:
+    no run could tell), and side -> the runs that had counters."""
+
+    title: str
+    rates: Mapping[str, Mapping[int, float | None]]
+    runs: Mapping[str, int]
+
+
+def short_rate(v: float) -> str:
+    if v >= 1000:
+        return f"{v / 1000:.3g}k"
+    if v >= 10:
+        return f"{v:.0f}"
+    if v >= 1:
+        return f"{v:.1f}"
+    return f"{v:.2g}"
+
+
+def render_cpu_rates_png(panels: Sequence[RatePanel], title: str = "Targeted interrupts per CPU", *,
+                         marked: Sequence[int] = (), colors: Mapping[str, str] = SIDE_COLOR) -> bytes:
+    """Grouped bars, one group per CPU, one bar per side (before, after), one panel per mechanism; log y when the
+    rates span more than a decade and a half. A zero rate is written as 0 at the foot of its bar, a rate no run
+    could tell as n/a; above each group the change after / before. `marked`: CPUs named in the tick labels (where
+    cyclictest ran). PNG bytes."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    drawn = [p for p in panels if any(p.rates.get(s) for s in p.rates)]
+    if not drawn:
+        return no_data_png(title, "no per-CPU counters recorded: nothing to plot")
+    fig = new_figure(8.0, 1.2 + 2.9 * len(drawn))
+    axes = fig.subplots(len(drawn), 1, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, drawn, strict=True):
+        sides = [s for s in ("before", "after") if s in panel.rates] + [
+            s for s in panel.rates if s not in ("before", "after")]
+        cpus = sorted({c for s in sides for c in panel.rates[s]})
+        values = [v for s in sides for v in panel.rates[s].values() if v is not None]
+        positive = [v for v in values if v > 0]
+        log_y = bool(positive) and (max(positive) / min(positive) > 30 or len(positive) < len(values))
+        width = 0.8 / max(len(sides), 1)
+        top = max(values, default=1.0) or 1.0
+        floor = min(positive) / 4 if positive else 0.1
+        for i, side in enumerate(sides):
+            xs = [j + (i - (len(sides) - 1) / 2) * width for j in range(len(cpus))]
+            hs = [panel.rates[side].get(c) for c in cpus]
+            n = panel.runs.get(side, 0)
+            base = floor if log_y else 0.0  # on a log axis the bars start at the floor, below every rate
+            ax.bar(xs, [max((h or 0) - base, 0) for h in hs], width=width * 0.92, bottom=base, alpha=0.85,
+                   color=colors.get(side, SINGLE_COLOR), label=f"{side}: {n} run{'s' if n != 1 else ''}")
+            for x, h in zip(xs, hs, strict=True):
+                text = "n/a" if h is None else "0" if h == 0 else short_rate(h) if len(cpus) <= 16 else None
+                if text is None:
+                    continue
+                y = floor if log_y and not h else (h or 0)
+                ax.annotate(text, xy=(x, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=7, color="#333333")
+        if {"before", "after"} <= set(sides) and len(cpus) <= 32:
+            for j, c in enumerate(cpus):
+                b, a = panel.rates["before"].get(c), panel.rates["after"].get(c)
+                if b and a is not None:
+                    change = a / b - 1
+                    ax.annotate(f"{change * 100:+.0f}%", xy=(j, 1.0), xycoords=("data", "axes fraction"),
+                                xytext=(0, -3), textcoords="offset points", ha="center", va="top", fontsize=8,
+                                fontweight="bold", color="#2c7a3f" if change < 0 else "#b3261e")
+        ax.set_xticks(range(len(cpus)))
+        ax.set_xticklabels([f"CPU {c}" + ("\ncyclictest" if c in marked else "") for c in cpus], fontsize=8)
+        ax.set_xlim(-0.6, len(cpus) - 0.4)
+        if log_y:
+            ax.set_yscale("log")
+            ax.set_ylim(floor, top * 12)
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            fmt = ScalarFormatter()
+            fmt.set_scientific(False)
+            ax.yaxis.set_major_formatter(fmt)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.set_ylim(0, top * 1.3 if math.isfinite(top) else 1)
+        ax.set_ylabel("events/s" + (" (log)" if log_y else ""))
+        ax.set_title(panel.title, fontsize=10)
+        ax.grid(True, axis="y", which="major", alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.95, bbox_to_anchor=(1.0, 0.9))
+    fig.suptitle(title)
     return figure_png(fig)
