@@ -82,7 +82,7 @@ def choose_data(arg: Path | None) -> tuple[Path, str]:
 
 def fit(series: Series, sb_prior: float) -> NoiseModel:
     return fit_model({m: series.logs(m) for m in METRICS}, series.spacing(), series.run_s, sb_prior=sb_prior,
-                     spacing_s=series.spacing_s)
+                     spacing_s=series.spacing_s, histogram_us=series.histogram_us)
 
 
 def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict[str, dict[str, Any]]:
@@ -90,7 +90,8 @@ def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict
     (boots and runs per boot): median and 5..95% of the simulated, and the recorded one's percentile."""
     rng = np.random.default_rng([seed, 5])
     sizes = [len(b) for b in series.boots.values()]
-    sim = [model.simulate_logs(rng, sims, n, new_boot=True) for n in sizes]  # per boot: (sims, n, k)
+    # per boot: (sims, n, k), as recorded: whole us, percentiles censored at the histogram size
+    sim = [np.log(model.to_values(model.simulate_logs(rng, sims, n, new_boot=True))) for n in sizes]
     out: dict[str, dict[str, Any]] = {}
     for i, m in enumerate(METRICS):
         rec = series.logs(m)
@@ -120,14 +121,25 @@ def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict
     return out
 
 
+def issue_figures(p: Any, local: Series) -> dict[str, float]:
+    """Issue #18's figures for the development-machine series, recomputed from its files."""
+    x = local.logs("p999_us")[0]
+    f = series_figures(x)
+    h = len(x) // 2
+    p(f"Issue #18's figures for `benchmarks/data/local-x86` (lag-1 autocorrelation 0.40, halves differing 2.6x), "
+      f"from the files: lag-1 autocorrelation of log p99.9 {f['lag1']:.3f} (Pearson r of runs t and t+1 over "
+      f"the {len(x)} consecutive runs); geometric mean p99.9 of runs {h + 1}-{len(x)} / runs 1-{h} = "
+      f"{f['halves']:.2f}x; run-to-run log-SD {f['sd']:.2f}.\n")
+    return f
+
+
 def goal_text(key: str, value: float, power: float = 1.0) -> str:
     op, g = GOALS[key]
     if not math.isfinite(value):
         return "n/a"
     ok = value <= g if op == "<=" else value >= g
     if key == "time_ratio" and power < 0.5:
-        return (f"{value:.2f}, moot: at {power:.0%} power the fixed design of equal error is as weak (and "
-                "its n is extrapolated from near-zero power)")
+        return f"{value:.2f}, moot: at {power:.0%} power the fixed design of equal error is as weak"
     if ok:
         return "met"
     if key == "time_ratio":
@@ -212,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "run_s": series.run_s, "span_h": series.span_h()},
                            "model": {m: vars(f) for m, f in zip(METRICS, model.fits, strict=True)},
                            "model_check": check}
+    local = series if folder.resolve() == LOCAL.resolve() else load_series(LOCAL)
+    out["issue_figures"] = issue_figures(p, local)
     if folder.resolve() != LOCAL.resolve() and not args.quick:
-        local = load_series(LOCAL)
         lm = fit(local, args.boot_sd_prior)
         out["local_check"] = check_model(local, lm, args.seed, sims)
         print_model(p, local, lm, out["local_check"], "The development-machine series, fitted and checked alike")
@@ -229,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
       f"recording's runs were {series.spacing_s:.1f} s apart): the drift is taken as an Ornstein-Uhlenbeck "
       "process, phi per simulated step = phi ** (step / recorded spacing): "
       + ", ".join(f"{LABEL[m]} {ph:.3f}" for m, ph in zip(METRICS, sim.phis(), strict=True)) + ".\n")
-    new = new_rule_factory(series.run_s, noise_sd=model.fits[1].within_sd, playbook=args.playbook)
+    new = new_rule_factory(series.run_s, noise_sd=model.fits[1].within_sd, playbook=args.playbook,
+                           histogram_us=series.histogram_us)
     old = OldRule()
     length = 2 * 100 + 4  # runs per trial: both sides at the API's largest k_max
     fixed = fixed_curves(sim, eff, fixed_trials, args.seed, n_max)
@@ -265,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         p(f"| {name} | {goal_text('false_keep_0', r['false_keep_0'])} | {goal_text('power_m10', r['power_m10'])} "
           f"| {goal_text('time_ratio', r['time_ratio'], r['power_m10'])} |")
 
+    out["goals"] = {name: {k: goal_text(k, r[k], r["power_m10"]) for k in GOALS}
+                    for name, r in results.items() if name != "fixed"}
     out["boot_change"] = boot_change(p, sim, eff, [new.boot, new.boot_more], boot_trials, args.seed)
     out["cpu_s"] = time.process_time()
     out["wall_s"] = time.monotonic() - t0

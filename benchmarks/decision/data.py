@@ -34,6 +34,7 @@ class Run:
     values: dict[str, float]  # metric -> us (a percentile among the overflows: the histogram size, flagged)
     censored: dict[str, bool]
     p50_us: float
+    histogram_us: float = math.inf
 
 
 @dataclass
@@ -70,6 +71,10 @@ class Series:
         w = np.array([r.wall_s for r in self.runs], float)
         w = w[np.isfinite(w)]
         return float(np.median(w)) if len(w) else self.spacing_s
+
+    @property
+    def histogram_us(self) -> float:
+        return min((r.histogram_us for r in self.runs), default=math.inf)
 
     def logs(self, metric: str) -> list[np.ndarray]:
         """Per boot, log(value) in measuring order."""
@@ -137,7 +142,7 @@ def load_run(path: Path, root: Path) -> Run:
         cens[m] = v is None
         vals[m] = float(size if v is None else v)
     p50 = float(res.all.p50_us if res.all.p50_us is not None else size)
-    return Run(path, boot, float(start), float(length), float(wall), vals, cens, p50)
+    return Run(path, boot, float(start), float(length), float(wall), vals, cens, p50, float(size))
 
 
 def run_files(folder: Path) -> list[Path]:

@@ -211,6 +211,7 @@ class NoiseModel:
     note: list[str] = field(default_factory=list)
     spacing_s: float = 1.0  # the recording's time between consecutive runs: phi is per this much time
     step_s: float = 1.0  # the simulated time between consecutive runs (the drift as an Ornstein-Uhlenbeck process)
+    histogram_us: float = math.inf  # percentiles at or beyond it are censored there (cyclictest's overflows)
 
     def at_step(self, step_s: float) -> NoiseModel:
         """The same model simulated with runs `step_s` apart (phi -> phi ** (step_s / spacing_s))."""
@@ -251,9 +252,11 @@ class NoiseModel:
         return out + mu
 
     def to_values(self, logs: np.ndarray) -> np.ndarray:
-        """Logs -> whole microseconds (>= 1), each run ordered p99 <= p99.9 <= max as a real run is."""
-        v = np.maximum(np.rint(np.exp(logs)), 1.0)
-        return np.maximum.accumulate(v, axis=-1)
+        """Logs -> whole microseconds (>= 1), each run ordered p99 <= p99.9 <= max as a real run is; the
+        percentiles (not the max) censored at the histogram size, as a real run's overflows are."""
+        v = np.maximum.accumulate(np.maximum(np.rint(np.exp(logs)), 1.0), axis=-1)
+        v[..., :-1] = np.minimum(v[..., :-1], self.histogram_us)
+        return v
 
     def scaled(self, boot: float = 1.0, drift: float = 1.0) -> NoiseModel:
         """The same model with the boot effect / the drift scaled (what-if cases)."""
@@ -268,11 +271,11 @@ class NoiseModel:
 
 
 def fit_model(series_by_metric: dict[str, list[np.ndarray]], ts: list[np.ndarray], run_s: float,
-              sb_prior: float = 0.0, spacing_s: float = 1.0) -> NoiseModel:
+              sb_prior: float = 0.0, spacing_s: float = 1.0, histogram_us: float = math.inf) -> NoiseModel:
     names = tuple(series_by_metric)
     fits = [fit_metric(series_by_metric[m], ts, sb_prior=sb_prior) for m in names]
     ra, re = cross_corr([series_by_metric[m] for m in names], fits)
     note = []
     if len(ts) < 2:
         note.append(f"one boot: the boot-to-boot effect is not estimable; sb fixed at the prior {sb_prior:g}")
-    return NoiseModel(names, fits, ra, re, ra.copy(), run_s, note, spacing_s, spacing_s)
+    return NoiseModel(names, fits, ra, re, ra.copy(), run_s, note, spacing_s, spacing_s, histogram_us)

@@ -40,7 +40,8 @@ class NewRules:
     boot_more: SeqRule | None = None  # the same with twice the boots per side
 
 
-def new_rule_factory(run_s: float, noise_sd: float | None = None, playbook: Path | None = None) -> NewRules:
+def new_rule_factory(run_s: float, noise_sd: float | None = None, playbook: Path | None = None,
+                     histogram_us: float = 20000) -> NewRules:
     """The committed rule with its own defaults (or a playbook's `decision:` settings), run length `run_s`, a
     seed per simulated decision."""
     from orchestrator.config.playbook import load_decision_rule
@@ -65,12 +66,14 @@ def new_rule_factory(run_s: float, noise_sd: float | None = None, playbook: Path
             "the pre-#18 rule: the group-sequential rule has not landed, so new = old here")
     where = f"the decision settings of {playbook.name}" if playbook is not None else "its default settings"
     label = f"orchestrator/stats at {stats_revision()} ({what}), {where}"
-    out = NewRules(SeqRule("new", make, run_s), label)
+    out = NewRules(SeqRule("new", make, run_s, histogram_us), label)
     if takes_sd and noise_sd is not None:
-        out.profile = SeqRule("new+profile", lambda seed: make(seed, noise_sd), run_s)
+        out.profile = SeqRule("new+profile", lambda seed: make(seed, noise_sd), run_s, histogram_us)
     if grouped:
-        out.boot = SeqRule(f"new ({rule.boots_per_side} boots/side)", lambda seed: make(seed, order="blocked"), run_s)
+        out.boot = SeqRule(f"new ({rule.boots_per_side} boots/side)", lambda seed: make(seed, order="blocked"), run_s,
+                           histogram_us)
         more = 2 * rule.boots_per_side
         out.boot_more = SeqRule(f"new ({more} boots/side)",
-                                lambda seed: make(seed, order="blocked", boots_per_side=more), run_s)
+                                lambda seed: make(seed, order="blocked", boots_per_side=more), run_s,
+                                histogram_us)
     return out

@@ -206,21 +206,27 @@ class SeqRule:
     """A rule driven through the project's API: `seq = make(seed)`, `seq.next_side()`, `seq.add(side, result)`,
     `seq.decision.action` / `.verdict`. Results carry the boot (`boot_id`) they were measured in."""
 
-    def __init__(self, name: str, make: Callable[[int], Any], run_s: float, histogram_us: int = 20000):
+    def __init__(self, name: str, make: Callable[[int], Any], run_s: float, histogram_us: float = 20000):
         from orchestrator.measure.model import CyclictestSettings, LatencyResult, LatencyStats
 
         self.name = name
         self.make = make
         self.run_s = run_s
-        self._settings = CyclictestSettings(duration_s=run_s, histogram_us=histogram_us)
+        self.histogram_us = int(min(histogram_us, 1_000_000))
+        self._settings = CyclictestSettings(duration_s=run_s, histogram_us=self.histogram_us)
         self._stats = LatencyStats
         self._result = LatencyResult
 
     def result(self, v: np.ndarray, boot: int, start: float) -> Any:
+        h = self.histogram_us
+
+        def pct(x: float) -> int | None:  # a percentile among the overflows is None, as the parser gives it
+            return None if x >= h else int(x)
+
         st = self._stats.model_construct(thread=None, samples=int(self.run_s * 1000), min_us=1, avg_us=1.0,
-                                         p50_us=1, p90_us=1, p99_us=int(v[M_P99]), p999_us=int(v[M_P999]),
-                                         p9999_us=int(v[M_MAX]), max_us=int(v[M_MAX]), overflows=0,
-                                         histogram=None)
+                                         p50_us=1, p90_us=1, p99_us=pct(v[M_P99]), p999_us=pct(v[M_P999]),
+                                         p9999_us=pct(v[M_MAX]), max_us=int(v[M_MAX]),
+                                         overflows=int(v[M_MAX] >= h), histogram=None)
         return self._result.model_construct(target="sim", form="json", threads=[st], all=st,
                                             settings=self._settings, load=None, started_at=start,
                                             duration_s=self.run_s, boot_id=f"boot{boot}", cmdline=None,
@@ -253,15 +259,16 @@ def abba_sides(length: int) -> np.ndarray:
     return np.array(["ABBA"[i % 4] == "B" for i in range(length)])
 
 
-def fixed_z(primary: np.ndarray, shift: float, n_max: int) -> np.ndarray:
+def fixed_z(primary: np.ndarray, shift: float, n_max: int, histogram_us: float = math.inf) -> np.ndarray:
     """z statistics of the one-sided Mann-Whitney test "after is lower" after n = 1..n_max runs per side.
 
     primary: (trials, 2 n_max) log p99.9 in ABBA measuring order (the first 2n runs hold n of each side);
     shift: the effect's log shift of the after runs. Returns (trials, n_max): z > z_alpha means keep.
-    Whole-microsecond ties count 1/2, the variance is the untied one (ties are rare in p99.9)."""
+    Whole-microsecond ties (and runs censored at the histogram size) count 1/2, the variance is the untied
+    one."""
     after = abba_sides(primary.shape[1])
-    x = np.maximum(np.rint(np.exp(primary[:, ~after])), 1.0)
-    y = np.maximum(np.rint(np.exp(primary[:, after] + shift)), 1.0)
+    x = np.clip(np.rint(np.exp(primary[:, ~after])), 1.0, histogram_us)
+    y = np.clip(np.rint(np.exp(primary[:, after] + shift)), 1.0, histogram_us)
     s = (y[:, None, :] < x[:, :, None]).astype(float) + 0.5 * (y[:, None, :] == x[:, :, None])
     cs = s.cumsum(axis=1).cumsum(axis=2)
     n = np.arange(1, n_max + 1)

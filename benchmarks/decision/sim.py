@@ -116,7 +116,7 @@ def fixed_curves(model: NoiseModel, eff: Effects, trials: int, seed: int, n_max:
         block = np.array([noise_for_trial(model, seed, t, 2 * n_max)[:, M_P999]
                           for t in range(start, min(trials, start + chunk))])
         for e, shift in eff.shifts.items():
-            z[e].append(fixed_z(block, float(shift[M_P999]), n_max))
+            z[e].append(fixed_z(block, float(shift[M_P999]), n_max, model.histogram_us))
     return FixedCurves({e: np.concatenate(v) for e, v in z.items()}, np.arange(1, n_max + 1), model.run_s)
 
 
