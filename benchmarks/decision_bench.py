@@ -82,7 +82,8 @@ def choose_data(arg: Path | None) -> tuple[Path, str]:
 
 def fit(series: Series, sb_prior: float) -> NoiseModel:
     return fit_model({m: series.logs(m) for m in METRICS}, series.spacing(), series.run_s, sb_prior=sb_prior,
-                     spacing_s=series.spacing_s, histogram_us=series.histogram_us)
+                     spacing_s=series.spacing_s, histogram_us=series.histogram_us,
+                     censored={m: series.censored(m) for m in METRICS})
 
 
 def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict[str, dict[str, Any]]:

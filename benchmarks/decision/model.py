@@ -270,12 +270,46 @@ class NoiseModel:
         return replace(self, fits=fits)
 
 
+def impute_censored(ys: Sequence[np.ndarray], cens: Sequence[np.ndarray], ts: Sequence[np.ndarray],
+                    sb_prior: float, rounds: int = 4) -> tuple[list[np.ndarray], MetricFit]:
+    """Runs whose percentile is beyond the histogram are known only to be >= log H (they are at log H in ys).
+    Tobit-style approximation: fit, replace each censored value by its conditional mean above log H under the
+    fit's marginal normal (mu, total SD), refit; a few rounds. (The conditional variance is not added back, so
+    the spread of a heavily censored metric is still somewhat underestimated.)"""
+    cur = [np.asarray(y, float).copy() for y in ys]
+    fit = fit_metric(cur, ts, sb_prior=sb_prior)
+    if not any(np.any(c) for c in cens):
+        return cur, fit
+    for _ in range(rounds):
+        sd = max(fit.total_sd, SD_FLOOR)
+        for y, y0, c in zip(cur, ys, cens, strict=True):
+            if not np.any(c):
+                continue
+            a = (y0[c] - fit.mu) / sd
+            pdf = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+            tail = np.array([0.5 * math.erfc(v / math.sqrt(2)) for v in a])
+            y[c] = fit.mu + sd * pdf / np.maximum(tail, 1e-12)
+            y[c] = np.maximum(y[c], y0[c])
+        fit = fit_metric(cur, ts, sb_prior=sb_prior)
+    return cur, fit
+
+
 def fit_model(series_by_metric: dict[str, list[np.ndarray]], ts: list[np.ndarray], run_s: float,
-              sb_prior: float = 0.0, spacing_s: float = 1.0, histogram_us: float = math.inf) -> NoiseModel:
+              sb_prior: float = 0.0, spacing_s: float = 1.0, histogram_us: float = math.inf,
+              censored: dict[str, list[np.ndarray]] | None = None) -> NoiseModel:
     names = tuple(series_by_metric)
-    fits = [fit_metric(series_by_metric[m], ts, sb_prior=sb_prior) for m in names]
-    ra, re = cross_corr([series_by_metric[m] for m in names], fits)
+    filled: dict[str, list[np.ndarray]] = {}
+    fits = []
     note = []
+    for m in names:
+        cens = (censored or {}).get(m) or [np.zeros(len(y), bool) for y in series_by_metric[m]]
+        filled[m], f = impute_censored(series_by_metric[m], cens, ts, sb_prior)
+        fits.append(f)
+        n_c = int(sum(int(np.sum(c)) for c in cens))
+        if n_c:
+            note.append(f"{m}: {n_c} of {sum(len(y) for y in series_by_metric[m])} runs beyond the histogram "
+                        f"({histogram_us:g} us), imputed at their conditional mean above it (Tobit-style)")
+    ra, re = cross_corr([filled[m] for m in names], fits)
     if len(ts) < 2:
         note.append(f"one boot: the boot-to-boot effect is not estimable; sb fixed at the prior {sb_prior:g}")
     return NoiseModel(names, fits, ra, re, ra.copy(), run_s, note, spacing_s, spacing_s, histogram_us)

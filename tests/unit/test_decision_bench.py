@@ -163,3 +163,17 @@ def test_the_new_rule_decides_alike_with_fewer_bootstrap_resamples():
 
     a, b = run_rule(rule(2000), model, eff, 4, 9, 204), run_rule(rule(200), model, eff, 4, 9, 204)
     assert a.actions == b.actions and a.runs == b.runs and a.verdicts == b.verdicts
+
+
+def test_runs_beyond_the_histogram_are_imputed_not_left_at_its_size():
+    from benchmarks.decision.model import impute_censored
+
+    true = MetricFit(mu=5.0, sb=0.0, sa=0.3, phi=0.5, se=0.2)
+    logs = NoiseModel(("x",), [true], np.eye(1), np.eye(1), np.eye(1), 10.0).simulate_logs(
+        np.random.default_rng(2), 6, 40)[:, :, 0]
+    h = float(np.quantile(logs, 0.7))  # 30% of the runs beyond the "histogram"
+    ys, cens = [np.minimum(y, h) for y in logs], [y >= h for y in logs]
+    full = fit_metric(list(logs)).within_sd
+    at_h = fit_metric(ys).within_sd
+    imputed = impute_censored(ys, cens, [np.arange(40.0)] * 6, 0.0)[1].within_sd
+    assert at_h < 0.85 * full and abs(imputed - full) < 0.5 * abs(at_h - full)
