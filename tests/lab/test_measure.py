@@ -44,7 +44,13 @@ def test_guest_measured_10s_under_stress_ng(guest, tmp_path):
     assert sum(a.histogram.values()) + a.overflows == a.samples
     for key, fraction in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
         assert getattr(a, key) == _brute_percentile(a.histogram, a.overflows, fraction), key
-    assert a.min_us <= a.p50_us <= a.p99_us <= a.p999_us <= a.max_us
+    # a percentile among the overflows (beyond the 20 ms histogram: seen when this machine is overloaded) is
+    # unknown, never guessed; the known ones are ordered
+    known = [v for v in (a.min_us, a.p50_us, a.p99_us, a.p999_us, a.max_us) if v is not None]
+    assert known == sorted(known) and a.min_us is not None and a.max_us is not None
+    for key, fraction in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
+        if getattr(a, key) is None:
+            assert a.overflows > a.samples * (1 - fraction) - 1, (key, a.overflows, a.samples)
     assert result.load.kind == "stress-ng" and result.settings.cpus == [1]
     assert result.boot_id and "panic=10" in result.cmdline
     again = parse_cyclictest_file(tmp_path / result.raw_artifact.split("/")[-1])
