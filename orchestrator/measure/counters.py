@@ -2,7 +2,9 @@
 on its host) while the run lasted.
 
 A measurement run (runner.py, remote/scripts/measure_run.sh) snapshots the counters in its one round trip right
-before cyclictest starts (after the load settled) and right after it ends. `read_counters(transport)` takes one
+before cyclictest starts (after the load settled) and right after it ends. The interval is /proc/uptime's (to
+0.01 s) and includes systemd-run starting and collecting cyclictest's unit (tens of ms on the lab guest): the
+rates are over slightly more than cyclictest's `-D`, the same way for every run. `read_counters(transport)` takes one
 snapshot alone, in one round trip, with the same script and parser: the engine calls it on the HOST of a guest
 target right before and right after the guest's run, for the KVM per-VM counters and the vCPU threads:
 

@@ -39,7 +39,7 @@ class FakeUnit:
     cmdline: str = ""
     #: cyclictest outputs (recorded from real runs) answered in turn by measurement runs
     cyclictest_outputs: list[str] = field(default_factory=list)
-    #: counter snapshots (recorded): (the recording's section marker, the text of its snapshot-0 sections, as
+    #: counter snapshots (recorded): (the recording's section marker, the text of one snapshot's sections as
     #: measure_run.sh printed them), answered in turn, two per measurement run and one per counters read. None
     #: given: the runs' answers hold no counter sections (their results have no counters)
     counter_snapshots: list[tuple[str, str]] = field(default_factory=list)
@@ -51,13 +51,13 @@ class FakeUnit:
     _snapshots: Iterator[tuple[str, str]] | None = field(default=None, repr=False)
 
     def next_counter_sections(self, marker: str, suffix: str) -> str:
-        """The next recorded snapshot's sections under `marker`, each name's trailing 0 replaced by `suffix`."""
+        """The next recorded snapshot's sections under `marker`, each name's suffix (0 or 1) replaced by `suffix`."""
         if not self.counter_snapshots:
             return ""
         self._snapshots = self._snapshots or itertools.cycle(self.counter_snapshots)
         recorded_marker, text = next(self._snapshots)
-        return re.sub(rf"(?m)^{re.escape(recorded_marker)} ([a-z_]+)0$", lambda m: f"{marker} {m.group(1)}{suffix}",
-                      text)
+        return re.sub(rf"(?m)^{re.escape(recorded_marker)} ([a-z_]+)[01]$",
+                      lambda m: f"{marker} {m.group(1)}{suffix}", text)
 
     def next_cyclictest_output(self) -> str:
         if not (self.cyclictest_outputs and self.boot_id and self.cmdline):

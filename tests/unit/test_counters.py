@@ -223,3 +223,93 @@ def test_bad_kernel_files_are_refused_by_their_parsers():
         parse_proc_stat(s["interrupts0"])
     with pytest.raises(TuneError, match="cut"):
         parse_counters_output("@@\nx\n@@\ny\n@@\n\n@@m uptime0\n1.00 1.00\n", "@@m")
+
+
+# ---- the x86 lab's recorded measurement run and counter reads (tests/recorded/counters) ----------------------
+
+
+@functools.cache
+def recorded(name: str) -> tuple[str, str]:
+    """(marker, stdout) of a recording in tests/recorded/counters."""
+    return (COUNTERS / f"{name}-marker.txt").read_text().strip(), (COUNTERS / f"{name}.txt").read_text()
+
+
+def run_sections(**replace: str) -> dict[str, str]:
+    mark, text = recorded("guest-run")
+    head, sections = split_sections(text.split("@@\n", 3)[3], mark)
+    assert head == "" and list(sections)[-1] == "end"
+    return {**sections, **replace}
+
+
+def run_deltas(**replace: str) -> CounterDeltas:
+    s = run_sections(**replace)
+    return counter_deltas(parse_snapshot(s, "0"), parse_snapshot(s, "1"))
+
+
+def test_the_recorded_run_has_every_section_around_cyclictest_and_they_all_parse():
+    s = run_sections()
+    names = list(s)
+    assert names[names.index("run") - 1] == "threads0" and names[names.index("run") + 1] == "uptime1"
+    assert "# Histogram" in s["run"] or "T:" in s["run"] or s["run"].strip()  # cyclictest's own output
+    d = run_deltas()
+    assert not d.issues and not d.notes and d.boot_id_before == d.boot_id_after
+    assert 1.0 <= d.interval_s < 3.0  # a 1 s cyclictest and systemd-run around it
+    assert d.deltas["ctxt"] > 0 and d.deltas["processes"] >= 1  # at least systemd-run's cyclictest forked
+    assert {"softirq:TIMER:cpu1", "softirq:RCU:cpu1", "softirq:SCHED:cpu1"} <= set(d.deltas)
+    assert {"cputime:user:cpu1", "cputime:idle:cpu1", "cputime:steal:cpu1"} <= set(d.deltas)
+    assert d.deltas["irq:LOC:cpu1"] > 0  # cyclictest's 1 kHz timer on CPU 1
+    # the per-CPU counts as the recording prints them
+    assert d.deltas["softirq:TIMER:cpu1"] == count(s, "softirqs1", "TIMER", 1) - count(s, "softirqs0", "TIMER", 1)
+
+
+def test_softirqs_and_stat_parse_as_recorded():
+    s = run_sections()
+    soft = parse_softirqs(s["softirqs0"])
+    assert list(soft) == ["HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED", "HRTIMER",
+                          "RCU"] and set(soft["RCU"]) == {0, 1}
+    stat = parse_proc_stat(s["stat0"])
+    assert set(stat.cputime) == {0, 1} and len(stat.cputime[1]) == 10 and set(stat.events) == {"ctxt", "processes"}
+    assert parse_uptime(s["uptime0"]) > 0
+
+
+def test_a_boot_id_change_between_the_reads_resets_every_key():
+    other = (RECORDED / "lab-x86" / "host-boot_id.txt").read_text()  # another machine's boot: a recorded one
+    d = run_deltas(boot_id1=other)
+    assert d.interval_s is None and not d.deltas
+    assert {i.status for i in d.issues.values()} == {"reset"}
+    assert "irq:LOC:cpu1: reset (rebooted between the reads" in rate_of(d, "irq:LOC", [1]).reason
+    assert rate(d, "ctxt") is None and "rebooted between the reads (boot_id" in d.notes[-1]
+
+
+def test_softirqs_cut_and_stat_cut_are_absent_keys():
+    s = run_sections()
+    cut = s["softirqs1"][: s["softirqs1"].index("RCU:") + 14]
+    d = run_deltas(softirqs1=cut)
+    assert d.status("softirq:RCU:cpu1") == "absent" and d.status("irq:LOC:cpu1") == "ok"
+    assert any(n.startswith("softirqs after: expected `NAME: 2 counts`") for n in d.notes)
+    d = run_deltas(stat1=s["stat1"][: s["stat1"].index("cpu1 ")])
+    assert d.status("ctxt") == "absent" and d.status("cputime:user:cpu1") == "absent"
+    assert rate(d, "ctxt") is None
+
+
+def test_thread_counters_of_the_host_vcpu_threads_as_linux_6_1_prints_them():
+    mark, text = recorded("host-read")
+    snap = parse_counters_output(text, mark, "lab1.host")
+    tids = [int(t) for t in (COUNTERS / "host-read-tids.txt").read_text().split()]
+    assert len(tids) == 2 and not snap.errors
+    for i, tid in enumerate(tids):
+        assert snap.identities[f"thread:{tid}"] == f"CPU {i}/TCG"
+        assert {f"thread:{tid}:{c}" for c in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches",
+                                              "nr_switches", "nr_voluntary_switches", "nr_involuntary_switches",
+                                              "nr_migrations")} <= set(snap.counters)
+    tasks = parse_task_counters(split_sections(text.split("@@\n", 3)[3], mark)[1]["threads0"])
+    assert tasks[tids[0]].counters["nr_switches"] == (tasks[tids[0]].counters["nr_voluntary_switches"]
+                                                      + tasks[tids[0]].counters["nr_involuntary_switches"])
+    # the same read twice is a zero-length interval: no rate, never a division by zero
+    d = counter_deltas(snap, snap)
+    assert d.interval_s is None and rate_of(d, "thread:*:nr_migrations").reason.startswith("no interval")
+    # a thread that exited by the second read (its lines gone): absent, and so is the rate over all threads
+    gone = parse_counters_output(re.sub(rf"(thread {tids[1]}\n)(?:(?!thread |@@).*\n)*", r"\1", text), mark)
+    d = counter_deltas(snap, gone)
+    assert d.status(f"thread:{tids[1]}:nr_migrations") == "absent"
+    assert "the thread was not there" in d.issues[f"thread:{tids[1]}:nr_migrations"].reason
