@@ -1,4 +1,4 @@
-"""Mechanism counters (measure/counters.py, measure/mechanism.py, facts/counters.py, facts/kvm.py) on recorded
+"""Mechanism counters (measure/counters.py, changes/mechanism.py's rates, facts/counters.py, facts/kvm.py) on recorded
 output only: the diagnosis windows' interrupts and KVM sections (tests/recorded/diagnose/README.md: the x86 and
 arm64 labs, Linux 6.1 and 6.12), the arm64 lab's /proc/interrupts (tests/recorded/lab-arm64), and the measurement
 runs and counter reads recorded from the x86 lab (tests/recorded/counters/README.md). Bad input is a recording
@@ -11,7 +11,6 @@ import functools
 import re
 
 import pytest
-from pydantic import ValidationError
 
 from orchestrator.core.errors import ParseError, TuneError
 from orchestrator.facts.counters import parse_proc_stat, parse_softirqs, parse_task_counters, parse_uptime
@@ -25,7 +24,6 @@ from orchestrator.measure.counters import (
     split_key,
     split_sections,
 )
-from orchestrator.measure.mechanism import EXAMPLES, MechanismSpec
 from tests.conftest import RECORDED
 
 pytestmark = pytest.mark.unit
@@ -95,7 +93,10 @@ def test_kvm_counters_per_vm_from_the_arm64_host_window():
     wfx = rate_of(d, "kvm:*:wfi_exit_stat,kvm:*:wfe_exit_stat")
     assert wfx.value == pytest.approx(892 / d.interval_s) and wfx.keys == ["kvm:rtguest:wfe_exit_stat",
                                                                           "kvm:rtguest:wfi_exit_stat"]
-    assert EXAMPLES["WFx exits"].rate(d).value == wfx.value
+    from orchestrator.changes.mechanism import mechanisms_for
+
+    (declared,) = mechanisms_for("wfx_notrap", {})
+    assert declared.rate(d, [], vm="rtguest").value == wfx.value  # the guest's VM, by its QEMU -name
     before = parse_snapshot(window("arm64-host"), "0")
     assert before.identities == {"kvm:rtguest": "316-10"}
     # the x86 guest has no KVM (TCG, and the guest is no host): no kvm key at all
@@ -192,20 +193,21 @@ def test_rate_needs_every_cpu_asked_for_and_says_why():
     assert rate(d, "irq:CAL") == pytest.approx(both.value)  # cpus None: every CPU
 
 
-def test_mechanism_specs_validate_and_read_the_rt_cpus():
+def test_declared_mechanisms_read_each_architectures_rows_on_the_rt_cpus():
+    """changes/mechanism.py's classes become the rows a unit has: IPI1/IPI5 on arm64, the arch_timer PPI (a
+    numbered row, found by its handler) for the local timer."""
+    from orchestrator.changes.mechanism import mechanisms_for
+
     d = window_deltas("arm64-guest")
-    spec = EXAMPLES["function-call IPIs"]
-    assert spec.rate(d, rt_cpus=[1]).value == pytest.approx(d.deltas["irq:IPI1:cpu1"] / d.interval_s)
-    assert spec.rate(None, [1]).reason == "no counters were read with this run"
-    with pytest.raises(ValueError, match="RT CPUs, but the unit has none"):
-        spec.rate(d, rt_cpus=[])
-    with pytest.raises(ValidationError, match="not counted per CPU: use cpus: all"):
-        MechanismSpec(label="x", counters=["kvm:*:exits"])
-    with pytest.raises(ValidationError, match="first field is one of"):
-        MechanismSpec(label="x", counters=["IPI1"])
-    with pytest.raises(ValidationError, match="distinct"):
-        MechanismSpec(label="x", counters=["irq:IPI1"], cpus=[1, 1])
-    assert MechanismSpec(label="x", counters=["irq:IPI1"], cpus=[0]).rate(d).keys == ["irq:IPI1:cpu0"]
+    (svc,) = mechanisms_for("service_disable", {"unit": "m.service"})
+    r = svc.rate(d, [1])
+    assert r.keys == ["irq:IPI1:cpu1", "irq:IPI5:cpu1"]
+    assert r.value == pytest.approx((d.deltas["irq:IPI1:cpu1"] + d.deltas["irq:IPI5:cpu1"]) / d.interval_s)
+    assert svc.rate(None, [1]).reason == "no counters were read"
+    assert svc.rate(d, []).value is None  # no RT CPUs declared: not every CPU instead
+    (tick,) = mechanisms_for("cmdline", {"add": {"nohz_full": "1"}})
+    timer_rows = [k for k in tick.rate(d, [1]).keys]
+    assert timer_rows and all(d.irq_actions[k.split(":")[1]] == ["arch_timer"] for k in timer_rows)
 
 
 # ---- the parsers of facts/counters.py on their own -----------------------------------------------------------
