@@ -83,7 +83,8 @@ def choose_data(arg: Path | None) -> tuple[Path, str]:
 def fit(series: Series, sb_prior: float) -> NoiseModel:
     return fit_model({m: series.logs(m) for m in METRICS}, series.spacing(), series.run_s, sb_prior=sb_prior,
                      spacing_s=series.spacing_s, histogram_us=series.histogram_us,
-                     censored={m: series.censored(m) for m in METRICS})
+                     censored={m: series.censored(m) for m in METRICS},
+                     upper={m: series.upper(m) for m in METRICS})
 
 
 def check_model(series: Series, model: NoiseModel, seed: int, sims: int) -> dict[str, dict[str, Any]]:
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     sims = 100 if args.quick else 400
     check = check_model(series, model, args.seed, sims)
     p("## Decision benchmark\n")
-    p(f"`python benchmarks/decision_bench.py{' ' + ' '.join(argv) if argv else ''}` (seed {args.seed}; "
+    shown = sys.argv[1:] if argv is None else argv
+    p(f"`python benchmarks/decision_bench.py{' ' + ' '.join(shown) if shown else ''}` (seed {args.seed}; "
       f"{trials} decisions per effect and rule, {fixed_trials} fixed-length comparisons per effect, "
       f"{boot_trials} boot-change decisions per effect). Data: {why}.\n")
     print_model(p, series, model, check, "Noise model fitted to")

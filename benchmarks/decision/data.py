@@ -84,6 +84,11 @@ class Series:
         """Per boot, True where the run's percentile is beyond the histogram (its value is the size)."""
         return [np.array([r.censored[metric] for r in b], bool) for b in self.boots.values()]
 
+    def upper(self, metric: str) -> list[np.ndarray]:
+        """Per boot, log of what a censored percentile can be at most: the run's max (known beyond the
+        histogram)."""
+        return [np.log([max(r.values["max_us"], 1.0) for r in b]) for b in self.boots.values()]
+
     def spacing(self) -> list[np.ndarray]:
         """Per boot, the distance of each run from the boot's first in units of the typical spacing between
         consecutive runs (1, 2, 3, ... when the start times are unknown or regular)."""

@@ -12,7 +12,9 @@ For metric m (log p99, log p99.9, log max) of run t in boot b:
 Fit, per metric: restricted maximum likelihood (REML: mu integrated out, which does not bias sb downward as plain
 ML does with few boots) over (sb, sa, phi, se) with the exact Gaussian likelihood of each boot's covariance
 sb^2 + sa^2 phi^|dt| + se^2 [t = t'], maximised by Nelder-Mead from several starts. With one boot, sb cannot be
-told apart from mu: it is fixed at a stated prior instead of fitted.
+told apart from mu: it is fixed at a stated prior instead of fitted. Bounds: no SD above 4 (in log units), and the
+within-boot SD (drift and spread) below twice the recorded one: on a short series with a trend the likelihood
+otherwise drifts to a near-unit-root AR(1) with an unbounded stationary SD.
 
 Jointly: the three metrics' components are correlated. The drift's cross-correlation comes from the lag-1
 cross-covariances (cov(a_i[t+1], a_j[t]) + cov(a_i[t], a_j[t+1]) = (phi_i + phi_j) cov(a_i, a_j)), the white
@@ -31,6 +33,8 @@ import numpy as np
 
 PHI_MAX = 0.99
 SD_FLOOR = 1e-3
+WITHIN_MAX = 2.0  # the fitted within-boot SD stays below twice the recorded one (short series, a trend in them)
+LOG_SD_MAX = math.log(4.0)  # no SD of a log value above 4 (a factor e^4 = 55 from run to run) is fitted
 
 
 @dataclass
@@ -138,8 +142,11 @@ def fit_metric(ys: Sequence[np.ndarray], ts: Sequence[np.ndarray] | None = None,
                 x0.append(math.log(max(sb0, 0.3 * math.sqrt(v))))
 
             def f(x: np.ndarray) -> float:
-                if np.any(np.abs(x) > 30):
+                if np.any(np.abs(x) > 30) or x[0] > LOG_SD_MAX or x[1] > LOG_SD_MAX or (
+                        len(x) > 3 and x[3] > LOG_SD_MAX):
                     return math.inf
+                if math.exp(2 * x[0]) + math.exp(2 * x[1]) > WITHIN_MAX ** 2 * v:
+                    return math.inf  # a near-unit-root drift with a huge SD: not what the runs show
                 return neg_reml(ys, ts, *_unpack(x, prior))[0]
 
             x, val = nelder_mead(f, np.array(x0))
@@ -271,44 +278,51 @@ class NoiseModel:
 
 
 def impute_censored(ys: Sequence[np.ndarray], cens: Sequence[np.ndarray], ts: Sequence[np.ndarray],
-                    sb_prior: float, rounds: int = 4) -> tuple[list[np.ndarray], MetricFit]:
-    """Runs whose percentile is beyond the histogram are known only to be >= log H (they are at log H in ys).
+                    sb_prior: float, rounds: int = 2, upper: Sequence[np.ndarray] | None = None
+                    ) -> tuple[list[np.ndarray], MetricFit]:
+    """Runs whose percentile is beyond the histogram are known only to be >= log H (they are at log H in ys),
+    and at most `upper` (the run's log max, which cyclictest reports even beyond the histogram).
     Tobit-style approximation: fit, replace each censored value by its conditional mean above log H under the
-    fit's marginal normal (mu, total SD), refit; a few rounds. (The conditional variance is not added back, so
-    the spread of a heavily censored metric is still somewhat underestimated.)"""
+    fit's marginal normal (mu, total SD), kept within [log H, upper] and within 2 SDs of the first fit above
+    log H (a few runs, one of them wild, must not feed on themselves), refit; two rounds. (The conditional
+    variance is not added back, so the spread of a heavily censored metric is still somewhat underestimated.)"""
     cur = [np.asarray(y, float).copy() for y in ys]
     fit = fit_metric(cur, ts, sb_prior=sb_prior)
     if not any(np.any(c) for c in cens):
         return cur, fit
+    reach = 2.0 * max(fit.total_sd, SD_FLOOR)
     for _ in range(rounds):
         sd = max(fit.total_sd, SD_FLOOR)
-        for y, y0, c in zip(cur, ys, cens, strict=True):
+        tops = [np.minimum(t, np.asarray(y0) + reach) for t, y0 in zip(
+            upper if upper is not None else [np.full(len(y), np.inf) for y in ys], ys, strict=True)]
+        for y, y0, c, top in zip(cur, ys, cens, tops, strict=True):
             if not np.any(c):
                 continue
             a = (y0[c] - fit.mu) / sd
             pdf = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
             tail = np.array([0.5 * math.erfc(v / math.sqrt(2)) for v in a])
-            y[c] = fit.mu + sd * pdf / np.maximum(tail, 1e-12)
-            y[c] = np.maximum(y[c], y0[c])
+            y[c] = np.clip(fit.mu + sd * pdf / np.maximum(tail, 1e-12), y0[c], np.maximum(top[c], y0[c]))
         fit = fit_metric(cur, ts, sb_prior=sb_prior)
     return cur, fit
 
 
 def fit_model(series_by_metric: dict[str, list[np.ndarray]], ts: list[np.ndarray], run_s: float,
               sb_prior: float = 0.0, spacing_s: float = 1.0, histogram_us: float = math.inf,
-              censored: dict[str, list[np.ndarray]] | None = None) -> NoiseModel:
+              censored: dict[str, list[np.ndarray]] | None = None,
+              upper: dict[str, list[np.ndarray]] | None = None) -> NoiseModel:
     names = tuple(series_by_metric)
     filled: dict[str, list[np.ndarray]] = {}
     fits = []
     note = []
     for m in names:
         cens = (censored or {}).get(m) or [np.zeros(len(y), bool) for y in series_by_metric[m]]
-        filled[m], f = impute_censored(series_by_metric[m], cens, ts, sb_prior)
+        filled[m], f = impute_censored(series_by_metric[m], cens, ts, sb_prior, upper=(upper or {}).get(m))
         fits.append(f)
         n_c = int(sum(int(np.sum(c)) for c in cens))
         if n_c:
             note.append(f"{m}: {n_c} of {sum(len(y) for y in series_by_metric[m])} runs beyond the histogram "
-                        f"({histogram_us:g} us), imputed at their conditional mean above it (Tobit-style)")
+                        f"({histogram_us:g} us), imputed at their conditional mean above it (Tobit-style, at "
+                        "most the run's max)")
     ra, re = cross_corr([filled[m] for m in names], fits)
     if len(ts) < 2:
         note.append(f"one boot: the boot-to-boot effect is not estimable; sb fixed at the prior {sb_prior:g}")
