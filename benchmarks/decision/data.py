@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -111,12 +112,13 @@ class Series:
         return float((t.max() - t.min()) / 3600) if len(t) else math.nan
 
 
-def _hist_size(res: LatencyResult) -> int:
+def _hist_size(res: LatencyResult, cmdline: str = "") -> float:
+    """The histogram size: from the settings, else cyclictest's -h in its command line, else unknown (inf:
+    nothing is censored; a percentile among the overflows then falls back to the run's max)."""
     if res.settings is not None:
-        return res.settings.histogram_us
-    if res.all.histogram:
-        return max(res.all.histogram) + 1
-    return res.all.max_us or 1
+        return float(res.settings.histogram_us)
+    m = re.search(r"(?:\s-h\s*|--histogram[= ]?)(\d+)", cmdline)
+    return float(m.group(1)) if m else math.inf
 
 
 def _cyclictest_start(doc: dict) -> float:
@@ -128,6 +130,7 @@ def _cyclictest_start(doc: dict) -> float:
 
 def load_run(path: Path, root: Path) -> Run:
     doc = json.loads(path.read_text())
+    cmd = ""
     if "all" in doc and "threads" in doc:  # a LatencyResult written by measure()
         res = LatencyResult.model_validate_json(path.read_text())
         start = res.started_at if res.started_at is not None else math.nan
@@ -144,13 +147,14 @@ def load_run(path: Path, root: Path) -> Run:
                 length = float(tok[2:].rstrip("s"))
     rel = path.parent.relative_to(root)
     boot = res.boot_id or (rel.parts[0] if rel.parts else "boot")
-    size = _hist_size(res)
+    size = _hist_size(res, cmd)
+    top = float(res.all.max_us or 1)
     vals, cens = {}, {}
     for m in METRICS:
         v = getattr(res.all, m)
         cens[m] = v is None
-        vals[m] = float(size if v is None else v)
-    p50 = float(res.all.p50_us if res.all.p50_us is not None else size)
+        vals[m] = float(min(size, top) if v is None else v)
+    p50 = float(res.all.p50_us if res.all.p50_us is not None else min(size, top))
     return Run(path, boot, float(start), float(length), float(wall), vals, cens, p50, float(size))
 
 

@@ -52,6 +52,8 @@ def test_the_benchmark_reproduces_the_issues_figures_of_the_development_series(q
     check = quick["model_check"]["p999_us"]
     assert check["lag1"]["recorded"] == pytest.approx(0.40, abs=0.01)  # issue #18: lag-1 0.40
     assert check["halves"]["recorded"] == pytest.approx(2.6, abs=0.05)  # and halves differing 2.6x
+    # the fitted model reproduces the spread (not clipped at a wrong histogram size: -h 5000 here)
+    assert 2.5 < check["sd"]["percentile"] < 97.5 and 2.5 < check["lag1"]["percentile"] < 97.5
 
 
 def test_the_fit_recovers_known_drift_boot_and_spread():
