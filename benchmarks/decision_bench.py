@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="judge this measurement plan's decision settings as 'new' (default: the rule's defaults)")
     ap.add_argument("--boot-sd-prior", type=float, default=0.0,
                     help="boot-to-boot SD of log values assumed when the data has one boot (not estimable)")
+    ap.add_argument("--what-if-sd", type=float, default=None,
+                    help="what-if, not the data: all SDs scaled so the within-boot SD of log p99.9 is this")
     ap.add_argument("--quick", action="store_true", help="few trials (for the unit test): figures are rough")
     ap.add_argument("--json", action="store_true", help='print {"rules": {NAME: {...}}, ...} only')
     args = ap.parse_args(argv)
@@ -241,11 +243,17 @@ def main(argv: list[str] | None = None) -> int:
       + "; ".join(f"{e:+.0%}: p99 {mv[0]:+.1%}, max {mv[2]:+.1%}" for e, mv in eff.moves.items()) + ".\n")
 
     sim = model.at_step(series.wall_s)
+    if args.what_if_sd is not None:
+        k = args.what_if_sd / max(model.fits[1].within_sd, 1e-9)
+        sim = sim.scaled(boot=k, drift=k, spread=k)
+        out["what_if_scale"] = k
+        p(f"**What-if, not the data: every fitted SD (boot, drift, run spread, all metrics) scaled by {k:.3f}, so "
+          f"the within-boot SD of log p99.9 is {args.what_if_sd:g}.**\n")
     p(f"Simulated runs are {series.wall_s:.1f} s apart (a run's wall time as the rule measures back to back; the "
       f"recording's runs were {series.spacing_s:.1f} s apart): the drift is taken as an Ornstein-Uhlenbeck "
       "process, phi per simulated step = phi ** (step / recorded spacing): "
       + ", ".join(f"{LABEL[m]} {ph:.3f}" for m, ph in zip(METRICS, sim.phis(), strict=True)) + ".\n")
-    new = new_rule_factory(series.run_s, noise_sd=model.fits[1].within_sd, playbook=args.playbook,
+    new = new_rule_factory(series.run_s, noise_sd=sim.fits[1].within_sd, playbook=args.playbook,
                            histogram_us=series.histogram_us)
     old = OldRule()
     length = 2 * 100 + 4  # runs per trial: both sides at the API's largest k_max

@@ -265,9 +265,10 @@ class NoiseModel:
         v[..., :-1] = np.minimum(v[..., :-1], self.histogram_us)
         return v
 
-    def scaled(self, boot: float = 1.0, drift: float = 1.0) -> NoiseModel:
-        """The same model with the boot effect / the drift scaled (what-if cases)."""
-        fits = [MetricFit(f.mu, f.sb * boot, f.sa * drift, f.phi, f.se, f.sb_fitted, f.loglik) for f in self.fits]
+    def scaled(self, boot: float = 1.0, drift: float = 1.0, spread: float = 1.0) -> NoiseModel:
+        """The same model with the boot effect / the drift / the run spread scaled (what-if cases)."""
+        fits = [MetricFit(f.mu, f.sb * boot, f.sa * drift, f.phi, f.se * spread, f.sb_fitted, f.loglik)
+                for f in self.fits]
         return replace(self, fits=fits)
 
     def with_boot_sd(self, fraction: float) -> NoiseModel:
