@@ -1,6 +1,7 @@
 """How often does a keep/rollback rule decide wrongly, and how much measuring time does it use?
 
-    python benchmarks/decision_bench.py [--data DIR] [--trials N] [--fixed-trials N] [--seed S] [--quick] [--json]
+    python benchmarks/decision_bench.py [--data DIR] [--trials N] [--fixed-trials N] [--boot-trials N] [--seed S]
+        [--playbook FILE] [--boot-sd-prior SD] [--what-if-sd SD] [--quick] [--json]
 
 Data. A folder of recorded runs (`runNN.json`: LatencyResult JSON as `orchestrator.measure.runner.measure()`
 writes it, or cyclictest's own `--json`), boots taken from `boot_id` or the subfolder. Default: the lab
@@ -11,7 +12,10 @@ is then not estimable and is set to the prior `--boot-sd-prior`, 0 unless told, 
 Model (benchmarks/decision/model.py): run-level log p99, log p99.9 and log max, each = mean + boot offset
 (random per boot) + AR(1) drift between consecutive runs + independent run-level spread, fitted by REML per
 metric; the components correlated across the three metrics (drift from lag-1 cross-covariances, run spread
-from what is left at lag 0; boots like the drift), so the guards move with the primary as recorded. Printed:
+from what is left at lag 0; boots like the drift), so the guards move with the primary as recorded.
+Percentiles beyond the histogram are imputed for the fit (Tobit-style) and censored again in the simulation, as
+cyclictest's overflows are. The drift's phi is per the recording's run spacing and rescaled (an
+Ornstein-Uhlenbeck process) to the spacing of back-to-back runs (measure()'s wall time per run). Printed:
 the fitted parameters and, as a check, the recorded series' lag-1 autocorrelation, halves' ratio and spread
 next to the same figures of series simulated from the fit (where the recorded figure falls among them).
 When the data is the lab's, the development-machine series is fitted and checked too.
