@@ -1,16 +1,16 @@
 """Record the x86 lab guest's run-to-run latency noise over several boots and hours (issue #18's noise data).
 
 Usage: RT_TUNE_STATE=DIR python tests/recorded/noise-lab-x86/record.py [--boots 3] [--runs-per-boot 18]
-       [--every 120] [--out tests/recorded/noise-lab-x86]
+       [--every 120] [--histogram-us 100000] [--out tests/recorded/noise-lab-x86]
 
-Each run is the product's own measurement path (orchestrator.measure.runner.measure: one round trip, the load as
-a transient unit, cyclictest as another) with the cyclictest settings and load of playbooks/measurement.yaml
-(20 s runs at 1 kHz on guest CPU 1 under stress-ng), started every `--every` seconds. Between boots the lab is
-reset with `tune lab reset --cold` (fresh disks, a real boot: a new boot_id), so the runs show the boot-to-boot
-effect as well as the spread and the drift within a boot. Writes, per run, `bootB/runNN.json` (the LatencyResult
-measure() returns: its parse of cyclictest's output plus the boot_id, cmdline, start time and duration) and
-`bootB/runNN-cyclictest.txt.gz` (cyclictest's unchanged stdout, gzipped: a -h20000 histogram is mostly zero
-rows). Files appear as runs finish, so a partial recording is usable.
+Each run is the product's own measurement path (orchestrator.measure.runner.measure: one round trip, the load as a
+transient unit, cyclictest as another) with the cyclictest settings and load of playbooks/measurement.yaml (20 s
+runs at 1 kHz on guest CPU 1 under stress-ng; the histogram 100 ms wide unless told), started every `--every`
+seconds. Between boots the lab is reset with `tune lab reset --cold` (fresh disks, a real boot: a new boot_id), so
+the runs show the boot-to-boot effect as well as the spread and the drift within a boot. Writes, per run,
+`bootB/runNN.json` (the LatencyResult measure() returns: its parse of cyclictest's output plus the boot_id, cmdline,
+start time and duration) and `bootB/runNN-cyclictest.txt.gz` (cyclictest's unchanged stdout, gzipped: a -h20000
+histogram is mostly zero rows). Files appear as runs finish, so a partial recording is usable.
 """
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=120.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--first-boot", type=int, default=1)
+    # the playbook's 20 ms histogram cuts the lab guest's p99.9 off when the machine is busy: record wider
+    ap.add_argument("--histogram-us", type=int, default=100_000)
     args = ap.parse_args()
     plan = load_measurement_plan(REPO / "playbooks" / "measurement.yaml")
+    plan = plan.model_copy(update={"cyclictest": plan.cyclictest.model_copy(
+        update={"histogram_us": args.histogram_us})})
     paths = Paths.from_env()
     tune = [sys.executable, "-m", "orchestrator"]
     for boot in range(args.first_boot, args.first_boot + args.boots):
