@@ -12,8 +12,8 @@ def qemu_threads(t, service: str = "rt-guest-vm.service") -> dict[str, list[str]
     threads: dict[str, list[str]] = {}
     for line in out.splitlines():
         name, allowed = line.split("\t")
-        if not name and not allowed:  # a thread that ended between the listing and the read (QEMU's workers)
-            continue
+        if not allowed:  # a thread that ended between the listing and the read of its status (QEMU's workers
+            continue     # come and go; its name may or may not have been read before it went)
         threads.setdefault(name, []).append(allowed)
     return threads
 
