@@ -91,6 +91,18 @@ def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_
         o = outcomes[cid]
         assert o["status"] in ("kept", "rolled_back"), o
         assert o["decision"]["runs_before"] == 4 and o["decision"]["runs_after"] == 4
+    # mechanism evidence (issue #18): each change's declared mechanisms, a rate per run; the x86 lab's guest is
+    # a sibling VM of its host, so a host change's latency there is not evidence (the host's counters are)
+    for cid in runtime + boot:
+        o = outcomes[cid]
+        labels = [m["label"] for m in o["mechanisms"]]
+        assert labels and set(o["decision"]["mechanisms"]) == set(labels), o["id"]
+        assert all(set(r) == set(labels) for side in ("before", "after") for r in o["rates"][side]), o["id"]
+        assert o["latency_applicable"] is (not cid.startswith("host.")), cid
+    crash = outcomes["guest.service.mirobot_teleoperate.service"]["rates"]  # the guest run's own counters
+    assert all(v is not None for side in ("before", "after") for r in crash[side] for v in r.values()), crash
+    irqs = outcomes["host.irq_affinity"]["rates"]  # the host's counters, read around each guest run
+    assert all(v is not None for side in ("before", "after") for r in irqs[side] for v in r.values()), irqs
     wfx = outcomes["host.wfx_notrap"]  # WFI/WFE are arm64's: nothing to do on this x86 lab (issue #6)
     assert wfx["status"] == "skipped" and "arm64" in wfx["reason"]
     assert os.path.exists(result["html"]) and os.path.exists(result["report"])
