@@ -486,9 +486,9 @@ def _summary_html(report: Report) -> str:
             cls = verdict if verdict in ("keep", "rollback", "inconclusive") else "none"
             change = report.changes[i]
             how = []
-            kept_on = (change.decision or {}).get("kept_on")
-            if kept_on:
-                how.append(f"on {kept_on}")
+            on = (change.decision or {}).get("kept_on") or (change.decision or {}).get("rolled_back_on")
+            if on:
+                how.append(f"on {on}")
             if not change.latency_applicable or (change.decision or {}).get("latency_applicable") is False:
                 how.append("latency not applicable")
             cells.append(f'<td class="l"><span class="verdict {cls}">{escape(verdict)}</span>'

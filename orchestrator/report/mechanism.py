@@ -98,7 +98,8 @@ def decision_path(decision: Mapping[str, Any] | None) -> tuple[str, str]:
     built = {"latency": f"Kept on latency: {label} shown better." if kept_on == "latency" else
              "Kept (a decision recorded before the mechanism path: on latency).",
              "mechanism": "Kept on mechanism.",
-             "rollback": "Rolled back.",
+             "rollback": f"Rolled back on {decision.get('rolled_back_on')}." if decision.get("rolled_back_on") else
+             "Rolled back.",
              "inconclusive": f"Inconclusive: policy -> {action}.",
              "interim": "Not final: an interim look that asked for more runs.",
              "none": f"Verdict {verdict or 'unknown'}, action {action or 'unknown'}."}

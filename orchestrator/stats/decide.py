@@ -55,7 +55,12 @@ change declares mechanisms, and the exact test can reach A2 at K), else A1 = alp
 before the first look.
 
 Verdict at a look:
-  - **rollback** if the primary is shown worse or a guard is shown to regress beyond its tolerance;
+  - **rollback** if the primary is shown worse or a guard is shown to regress beyond its tolerance
+    (`rolled_back_on: latency`), or, with `keep_on: latency_or_mechanism` and the primary not shown better, if
+    a targeted mechanism is shown increased at the rollback level alpha / number of mechanisms, at the last
+    look or once an improvement of eps is shown out of reach (`rolled_back_on: mechanism`: the change feeds
+    the very source of latency it claims to remove, e.g. moves a device's interrupts onto the RT CPU; the tail
+    may not show it in a short measurement, the counts do);
   - **keep** (`kept_on: latency`) if the primary is shown better, or (`kept_on: mechanism`) if the primary is
     shown not worse than +eps and at least one targeted mechanism is shown reduced; either only when no guard
     is shown to regress;
@@ -345,6 +350,7 @@ class Decision(BaseModel):
     metrics: dict[str, MetricComparison]
     reason: str
     kept_on: KeptOn | None = None
+    rolled_back_on: KeptOn | None = None
     mechanisms: dict[str, MechanismComparison] = Field(default_factory=dict)
     levels: dict[str, float] = Field(default_factory=dict)  # one-sided nominal levels used at this look
     power_at_min_effect: float | None = None
@@ -446,6 +452,7 @@ class _Judgement:
     mechanisms: dict[str, MechanismComparison]
     verdict: Verdict
     kept_on: KeptOn | None
+    rolled_back_on: KeptOn | None
     stop: str  # "", "futile", "harmless", "mechanism futile"
     regressed: list[MetricName]
     levels: dict[str, float]
@@ -455,8 +462,9 @@ def _judge(rule: DecisionRule, before: Sequence[Sequence[LatencyResult]], after:
            rates_before: Sequence[Sequence[Mapping[str, float | None] | None]],
            rates_after: Sequence[Sequence[Mapping[str, float | None] | None]], th: _Thresholds, *,
            declared: Sequence[str], extra_labels: Sequence[str], path2: bool, latency_applicable: bool,
-           units: Literal["runs", "boots"], rng_key: int) -> _Judgement:
-    """One analysis of unit-grouped runs (each unit a list of runs) at the given critical counts."""
+           units: Literal["runs", "boots"], rng_key: int, last: bool = True) -> _Judgement:
+    """One analysis of unit-grouped runs (each unit a list of runs) at the given critical counts (`last`: no
+    look follows this one)."""
     m, n = len(before), len(after)
     sf = _u_sf(m, n)
 
@@ -525,19 +533,25 @@ def _judge(rule: DecisionRule, before: Sequence[Sequence[LatencyResult]], after:
     p = shown[rule.primary]
     regressed = [g for g in rule.guards if shown[g]["regressed"]]
     kept_on: KeptOn | None = None
+    rolled_back_on: KeptOn | None = None
     stop = ""
     if not latency_applicable:
         if increased:
             verdict: Verdict = "rollback"
+            rolled_back_on = "mechanism"
         elif reduced:
             verdict, kept_on = "keep", "mechanism"
         else:
             verdict = "inconclusive"
             stop = "mechanism futile" if mech_futile else ""
     elif p["worse"] or regressed:
-        verdict = "rollback"
+        verdict, rolled_back_on = "rollback", "latency"
     elif p["better"]:
         verdict, kept_on = "keep", "latency"
+    elif increased and rule.keep_on == "latency_or_mechanism" and (last or p["futile"]):
+        # the latency path has had its chance: this is the last look, or an improvement of min_effect is
+        # already shown out of reach
+        verdict, rolled_back_on = "rollback", "mechanism"
     elif path2 and p["ni"] and reduced:
         verdict, kept_on = "keep", "mechanism"
     else:
@@ -554,7 +568,7 @@ def _judge(rule: DecisionRule, before: Sequence[Sequence[LatencyResult]], after:
     if not latency_applicable:
         levels = {"keep_mechanism": th.mech_keep, "rollback_mechanism": th.mech_rollback,
                   "futility_mechanism": th.mech_futility}
-    return _Judgement(metrics, mechs, verdict, kept_on, stop, regressed, levels)
+    return _Judgement(metrics, mechs, verdict, kept_on, rolled_back_on, stop, regressed, levels)
 
 
 def _describe(c: MetricComparison) -> str:
@@ -589,9 +603,11 @@ def _reason(rule: DecisionRule, j: _Judgement, action: str, final: bool, m: int,
                      "mechanism path's level at this number of units.)")
     if j.verdict == "rollback":
         why = []
-        if not latency_applicable:
-            why = [f"{mc.label} is shown increased" for mc in j.mechanisms.values() if mc.finding == "increased"]
-            tail = "Rolled back on mechanism: " + " and ".join(why) + "."
+        if j.rolled_back_on == "mechanism":
+            why = [f"{mc.describe()} is shown increased" for mc in j.mechanisms.values()
+                   if mc.finding == "increased"]
+            tail = "Rolled back on mechanism: " + " and ".join(why)
+            tail += (f" ({lab} not shown better)." if latency_applicable else " (latency not applicable).")
         else:
             if prim.finding == "worse":
                 why.append(f"{lab} is shown worse")
@@ -706,7 +722,8 @@ def _decision(rule: DecisionRule, j: _Judgement, *, m: int, n: int, look: int, l
         "look": look, "looks_planned": looks, "confidence_per_look": 1.0 - j.levels.get("keep_latency", 0.0),
         "runs_before": len(before), "runs_after": len(after),
         "measuring_time_s": sum(_run_time(r, rule) for r in [*before, *after]), "metrics": j.metrics,
-        "reason": reason, "kept_on": j.kept_on, "mechanisms": j.mechanisms, "levels": j.levels,
+        "reason": reason, "kept_on": j.kept_on, "rolled_back_on": j.rolled_back_on, "mechanisms": j.mechanisms,
+        "levels": j.levels,
         "latency_applicable": latency_applicable, "order_seed": rule.seed, **extra})
 
 
@@ -910,7 +927,8 @@ class SequentialDecision:
         jd = _judge(rule, [[r] for r in before], [[r] for r in after], [[r] for r in self.rates["before"][:k]],
                     [[r] for r in self.rates["after"][:k]], th, declared=self._declared or [],
                     extra_labels=self._seen, path2=a2 > 0 and self.latency_applicable,
-                    latency_applicable=self.latency_applicable, units="runs", rng_key=j + 1)
+                    latency_applicable=self.latency_applicable, units="runs", rng_key=j + 1,
+                    last=j == len(sched) - 1)
         pw, note, _ = self._power(self.k_eff or k, a1, rule.k_min if rule.looks != 1 else self.k_eff or k)
         return _decision(rule, jd, m=k, n=k, look=j + 1, looks=len(sched), final=j == len(sched) - 1,
                          before=before, after=after, units="runs", latency_applicable=self.latency_applicable,

@@ -376,6 +376,30 @@ def test_a_mechanism_does_not_carry_a_latency_regression():
     assert d.verdict == "rollback" and d.kept_on is None
 
 
+def test_a_mechanism_shown_increased_rolls_back_when_latency_does_not_show_better():
+    # a change that moves an interrupt source onto the RT CPU: the tail does not show it, the counts do
+    rng = np.random.default_rng(37)
+    d = drive(SequentialDecision(RULE), lambda: one(rng, 100, 0.05), lambda: one(rng, 100, 0.05),
+              rates_of(rng, 1.0, 400.0))
+    assert d.verdict == "rollback" and d.action == "rollback" and d.rolled_back_on == "mechanism"
+    assert d.kept_on is None and d.mechanisms[IPI].finding == "increased"
+    assert "Rolled back on mechanism: " + IPI + " +" in d.reason and "(p99.9 not shown better)" in d.reason
+    # under keep_on: latency the counts are reported, not used: the policy decides
+    d = drive(SequentialDecision(RULE.model_copy(update={"keep_on": "latency"})), lambda: one(rng, 100, 0.05),
+              lambda: one(rng, 100, 0.05), rates_of(rng, 1.0, 400.0))
+    assert d.verdict == "inconclusive" and d.rolled_back_on is None
+    # a latency rollback says so
+    d = drive(SequentialDecision(RULE), lambda: one(rng, 100, 0.02), lambda: one(rng, 130, 0.02))
+    assert d.verdict == "rollback" and d.rolled_back_on == "latency"
+
+
+def test_latency_shown_better_is_kept_even_if_a_mechanism_rose():
+    rng = np.random.default_rng(38)
+    d = drive(SequentialDecision(RULE), lambda: one(rng, 100, 0.02), lambda: one(rng, 50, 0.02),
+              rates_of(rng, 1.0, 400.0))
+    assert d.verdict == "keep" and d.kept_on == "latency" and d.rolled_back_on is None
+
+
 def test_a_modest_mechanism_drop_is_not_enough():
     rng = np.random.default_rng(33)
     d = decide(lognormal_runs(rng, 12, 100, 0.02), lognormal_runs(rng, 12, 100, 0.02), RULE,
