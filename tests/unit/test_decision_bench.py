@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import types
@@ -35,10 +36,15 @@ def test_the_quick_run_prints_every_rule_with_its_figures(quick):
     assert set(quick["rules"]) >= {"new", "old", "fixed"}
     for name, r in quick["rules"].items():
         for key in ("false_keep_0", "power_m10", "power_m30", "keep_p10", "mean_time_s", "max_time_s",
-                    "time_ratio", "time_0_s", "time_m10_s"):
+                    "time_ratio", "time_ratio_bound", "time_0_s", "time_m10_s"):
             assert key in r, (name, key)
         assert 0.0 <= r["false_keep_0"] <= 1.0 and 0.0 <= r["power_m10"] <= 1.0
         assert r["mean_time_s"] > 0 and r["max_time_s"] >= r["mean_time_s"] - 1e-9
+        bound = r["time_ratio_bound"]  # Wald's bound; not defined for a rule with less than 50% power
+        if name == "fixed":  # at the errors it is designed for: 5% and 95% power
+            assert bound == pytest.approx(0.4897, abs=1e-3)
+        else:
+            assert (0.3 < bound < 0.6) if r["power_m10"] >= 0.5 else math.isnan(bound), (name, bound)
     # at no effect, a rule with a 5% (old: 2.5%) one-sided budget keeps rarely: 30 trials, so at most ~20%
     assert quick["rules"]["old"]["false_keep_0"] <= 0.2
     assert quick["rules"]["new"]["false_keep_0"] <= 0.2
@@ -177,3 +183,29 @@ def test_runs_beyond_the_histogram_are_imputed_not_left_at_its_size():
     at_h = fit_metric(ys).within_sd
     imputed = impute_censored(ys, cens, [np.arange(40.0)] * 6, 0.0)[1].within_sd
     assert at_h < 0.85 * full and abs(imputed - full) < 0.5 * abs(at_h - full)
+
+
+def test_the_information_bound_is_walds_and_an_sprt_comes_close_to_it():
+    from benchmarks.decision.rules import z_alpha
+    from benchmarks.decision.sim import information_bound
+    assert information_bound(0.05, 0.05) == pytest.approx(0.4897, abs=1e-3)
+    assert information_bound(0.01, 0.05) < information_bound(0.05, 0.05)  # stricter errors: sequential gains more
+    # Wald's SPRT on normal data (shift 1, unit variance): its mean time over the fixed-length time of the same
+    # (measured) error rates is near the bound and not below it
+    rng = np.random.default_rng(5)
+    upper, lower = np.log(0.95 / 0.05), np.log(0.05 / 0.95)
+    mean_n, err = {}, {}
+    for mean in (0.0, 1.0):
+        ns, wrong = [], 0
+        for _ in range(2000):
+            llr, n = 0.0, 0
+            while lower < llr < upper:
+                llr += rng.normal(mean, 1.0) - 0.5  # log LR of N(1,1) vs N(0,1)
+                n += 1
+            ns.append(n)
+            wrong += (llr >= upper) != (mean == 1.0)
+        mean_n[mean], err[mean] = float(np.mean(ns)), wrong / 2000
+    a, b = err[0.0], err[1.0]
+    assert 0.01 < a < 0.05 and 0.01 < b < 0.05  # the overshoot makes both below the nominal 5%
+    ratio = (mean_n[0.0] + mean_n[1.0]) / 2 / (z_alpha(a) + z_alpha(b)) ** 2
+    assert information_bound(a, b) <= ratio < information_bound(a, b) + 0.08, (ratio, a, b)
