@@ -24,10 +24,17 @@ def test_verify_reports_drift_and_leaves_it(lab, lab_paths, guest, tmp_path):
     profile.write_text(PROFILE)
     tune(lab_paths, "rollback", "lab1", "--all")
     try:
-        applied = tune(lab_paths, "apply", str(profile), "--playbook", FAST, "--json")
-        assert applied.returncode == 0, applied.stderr[-3000:]
-        [outcome] = json.loads(applied.stdout)["results"][0]["outcomes"]
-        assert outcome["status"] == "kept", outcome  # the lab playbook keeps what is not shown to do harm
+        # the fast plan keeps what is not shown to do harm; a change that does nothing is still shown worse by
+        # chance in about 3-5% of applies (4 + 4 runs at 95%): then it is rolled back on that evidence, and the
+        # apply is repeated (this test is about verify, not the rule: three chance rollbacks in a row, ~1e-4)
+        for _ in range(3):
+            applied = tune(lab_paths, "apply", str(profile), "--playbook", FAST, "--json")
+            assert applied.returncode == 0, applied.stderr[-3000:]
+            [outcome] = json.loads(applied.stdout)["results"][0]["outcomes"]
+            if outcome["status"] == "kept":
+                break
+            assert outcome["status"] == "rolled_back" and outcome["decision"]["verdict"] == "rollback", outcome
+        assert outcome["status"] == "kept", outcome
 
         fine = tune(lab_paths, "verify", "lab1", "--json")
         assert fine.returncode == 0 and json.loads(fine.stdout)[0]["in_place"] is True
