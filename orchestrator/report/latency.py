@@ -486,10 +486,11 @@ def _summary_html(report: Report) -> str:
             cls = verdict if verdict in ("keep", "rollback", "inconclusive") else "none"
             change = report.changes[i]
             how = []
-            on = (change.decision or {}).get("kept_on") or (change.decision or {}).get("rolled_back_on")
+            dec = change.decision or {}
+            on = dec.get("kept_on") or dec.get("rolled_back_on")
             if on:
                 how.append(f"on {on}")
-            if not change.latency_applicable or (change.decision or {}).get("latency_applicable") is False:
+            if not change.latency_applicable or dec.get("latency_applicable") is False:
                 how.append("latency not applicable")
             cells.append(f'<td class="l"><span class="verdict {cls}">{escape(verdict)}</span>'
                          + (f' <span class="meta">{escape(", ".join(how))}</span>' if how else "") + "</td>")

@@ -188,7 +188,7 @@ MetricName = Literal["p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_u
 Side = Literal["before", "after"]
 Verdict = Literal["keep", "rollback", "inconclusive"]
 Action = Literal["keep", "rollback"]
-KeptOn = Literal["latency", "mechanism"]
+DecidedOn = Literal["latency", "mechanism"]  # the evidence a keep or a rollback rests on
 Tolerance = Annotated[Number, Field(ge=0.0, le=10.0)]  # 0.25 = 25% worse
 
 _DEFAULT_GUARDS: dict[MetricName, float] = {"max_us": 0.25, "p99_us": 0.10}
@@ -349,8 +349,8 @@ class Decision(BaseModel):
     measuring_time_s: float
     metrics: dict[str, MetricComparison]
     reason: str
-    kept_on: KeptOn | None = None
-    rolled_back_on: KeptOn | None = None
+    kept_on: DecidedOn | None = None
+    rolled_back_on: DecidedOn | None = None
     mechanisms: dict[str, MechanismComparison] = Field(default_factory=dict)
     levels: dict[str, float] = Field(default_factory=dict)  # one-sided nominal levels used at this look
     power_at_min_effect: float | None = None
@@ -451,8 +451,8 @@ class _Judgement:
     metrics: dict[str, MetricComparison]
     mechanisms: dict[str, MechanismComparison]
     verdict: Verdict
-    kept_on: KeptOn | None
-    rolled_back_on: KeptOn | None
+    kept_on: DecidedOn | None
+    rolled_back_on: DecidedOn | None
     stop: str  # "", "futile", "harmless", "mechanism futile"
     regressed: list[MetricName]
     levels: dict[str, float]
@@ -532,8 +532,8 @@ def _judge(rule: DecisionRule, before: Sequence[Sequence[LatencyResult]], after:
 
     p = shown[rule.primary]
     regressed = [g for g in rule.guards if shown[g]["regressed"]]
-    kept_on: KeptOn | None = None
-    rolled_back_on: KeptOn | None = None
+    kept_on: DecidedOn | None = None
+    rolled_back_on: DecidedOn | None = None
     stop = ""
     if not latency_applicable:
         if increased:
