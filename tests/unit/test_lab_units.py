@@ -222,3 +222,80 @@ def test_nested_guest_is_reached_through_its_host_in_the_inventory(tmp_path):
     assert spec.forwards == ((2231, 2222),) and spec.fw_cfg["guest_host_key"] == lab.host_key("lab1-guest")
     with pytest.raises(LabError, match="runs inside lab1-host"):
         lab.spec(state, state.vms[1])
+
+
+def _deb(tmp_path: Path, name: str, compression: str) -> Path:
+    """A real package built by the host's dpkg-deb: control, a maintainer script, a file, a symlink."""
+    root = tmp_path / name
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN/control").write_text(f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
+                                         "Maintainer: rt-tune <rt-tune@example.org>\nDescription: test\n")
+    (root / "DEBIAN/postinst").write_text("#!/bin/sh\necho configured\n")
+    (root / "DEBIAN/postinst").chmod(0o755)
+    (root / "usr/share/rt").mkdir(parents=True)
+    (root / "usr/share/rt/data.bin").write_bytes(os.urandom(300_001))  # odd size: ar pads members to even
+    (root / "usr/share/rt/link").symlink_to("data.bin")
+    deb = tmp_path / f"{name}.deb"
+    subprocess.run(["dpkg-deb", f"-Z{compression}", "--root-owner-group", "-b", root, deb], check=True,
+                   capture_output=True)
+    return deb
+
+
+def _extract(deb: Path, dest: Path) -> dict[str, bytes]:
+    subprocess.run(["dpkg-deb", "-R", deb, dest], check=True)
+    return {str(p.relative_to(dest)): (os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
+            for p in sorted(dest.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_a_deb_decompressed_for_the_second_stage_installs_the_same_files(tmp_path, compression):
+    """The foreign build decompresses each .deb natively so that dpkg under qemu-user unpacks plain tars: what
+    the host's dpkg-deb extracts from it must be what it extracts from the original, byte for byte."""
+    deb = _deb(tmp_path, "rt-plain", compression)
+    original = _extract(deb, tmp_path / "before")
+    size = deb.stat().st_size
+    assert images.repack_deb_uncompressed(deb)
+    assert [name for name, _, _ in images._ar_members(deb)] == ["debian-binary", "control.tar", "data.tar"]
+    assert deb.stat().st_size > size  # 300 kB of random data does not compress: the tars' padding grows
+    assert _extract(deb, tmp_path / "after") == original
+    assert images.repack_deb_uncompressed(deb) is False  # nothing left to decompress
+
+
+def test_a_zstd_deb_is_left_alone_and_debootstrap_s_list_is_followed(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "debootstrap").mkdir(parents=True)
+    (tree / "var/cache/apt/archives").mkdir(parents=True)
+    for name, comp in (("rt-a", "xz"), ("rt-b", "zstd")):
+        os.replace(_deb(tmp_path, name, comp), tree / f"var/cache/apt/archives/{name}.deb")
+    (tree / "debootstrap/debpaths").write_text("rt-a /var/cache/apt/archives/rt-a.deb\n"
+                                               "rt-b /var/cache/apt/archives/rt-b.deb\n")
+    zstd = (tree / "var/cache/apt/archives/rt-b.deb").read_bytes()
+    assert images.repack_debs_uncompressed(tree) == 1
+    assert (tree / "var/cache/apt/archives/rt-b.deb").read_bytes() == zstd
+
+
+def test_a_damaged_deb_is_a_lab_error_naming_it(tmp_path):
+    deb = _deb(tmp_path, "rt-cut", "xz")
+    deb.write_bytes(deb.read_bytes()[:100])
+    with pytest.raises(LabError, match="rt-cut.deb"):
+        images.repack_deb_uncompressed(deb)
+
+
+def test_a_deb_cut_inside_its_data_is_a_lab_error_and_left_as_it_was(tmp_path):
+    deb = _deb(tmp_path, "rt-short", "xz")
+    data = bytearray(deb.read_bytes())
+    offset, size = images._ar_members(deb)[2][1:]
+    data[offset + size // 2:offset + size] = bytes(size - size // 2)  # the xz stream's second half zeroed
+    deb.write_bytes(bytes(data))
+    with pytest.raises(LabError, match="rt-short.deb: cannot decompress"):
+        images.repack_deb_uncompressed(deb)
+    assert deb.read_bytes() == bytes(data) and not list(tmp_path.glob("*.plain"))
+
+
+def test_a_deb_whose_member_size_is_not_a_number_is_a_lab_error(tmp_path):
+    deb = _deb(tmp_path, "rt-size", "xz")
+    data = bytearray(deb.read_bytes())
+    data[8 + 60 + 4 + 48:8 + 60 + 4 + 58] = b"12x4      "  # control.tar.xz's size field
+    deb.write_bytes(bytes(data))
+    with pytest.raises(LabError, match=r"rt-size.deb: ar member 'control.tar.xz' has no size"):
+        images.repack_deb_uncompressed(deb)
