@@ -6,7 +6,6 @@ echo 'hist:keys=CRn,CRm,Op2 if Op0 == 3 && Op1 == 0' > $I/events/kvm/kvm_sys_acc
 echo "# uname -r: $(uname -r)"
 echo "# date: $(date -u +%FT%TZ)"
 echo "# hist trigger on kvm:kvm_sys_access in a private instance, 5 s while the nested guest runs stress-ng"
-ssh_guest_load=0
 sleep 5
 echo '# --- hist ---'
 cat $I/events/kvm/kvm_sys_access/hist
