@@ -224,6 +224,8 @@ def _cyclictest_cpus(runs: Sequence[LatencyResult]) -> list[int]:
 def _where(m: Mapping[str, Any]) -> str:
     names = ", ".join(str(n) for n in m.get("names") or ())
     cpus = {"rt": "RT CPUs", "all": "all CPUs"}.get(str(m.get("cpus")), str(m.get("cpus", "")))
+    if m.get("source") == "sysreg":  # counted per thread, whichever CPU it ran on
+        cpus = "each vCPU thread of the guest"
     return (f"{m.get('read_on') or m.get('on') or '-'}: {_SOURCE.get(str(m.get('source')), m.get('source'))} "
             f"({names}), {cpus}")
 

@@ -332,8 +332,16 @@ def test_a_mechanism_the_unit_could_not_count_is_named_in_the_report_with_why(tm
     left = {"label": "IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)", "source": "sysreg",
             "why": "the host's kernel has no kvm:kvm_sys_access tracepoint (not an arm64 KVM host)"}
     run = parse_cyclictest_file(REPO / "tests/recorded/cyclictest/lab/guest-stress-h20000-run1.json")
+    sgi = {"label": "IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)", "source": "sysreg",
+           "names": ["ICC_SGI1R_EL1"], "on": "host", "cpus": "all", "direction": "down", "read_on": "host"}
     outcome = ChangeOutcome(id="guest.service.m", target="guest", kind="service_disable", description="d",
                             status="rolled_back", before=[run], after=[run], mechanisms_left_out=[left])
+    counted = outcome.model_copy(update={"id": "guest.cmdline", "mechanisms_left_out": [], "mechanisms": [sgi],
+                                         "rates": {"before": [{sgi["label"]: 28.4}], "after": [{sgi["label"]: 0.0}]}})
+    page = render_html(_report([ApplyResult(unit="u1", profile="p", dry_run=False, outcomes=[counted])], "t"),
+                       tmp_path / "counted.html").read_text()
+    assert "host: kvm:kvm_sys_access hist of the vCPU threads (ICC_SGI1R_EL1), each vCPU thread of the guest" \
+        in htmllib.unescape(page)
     report = _report([ApplyResult(unit="u1", profile="p", dry_run=False, outcomes=[outcome])], "t")
     assert report.changes[0].mechanisms_left_out == [left]
     page = render_html(report, tmp_path / "r.html").read_text()
