@@ -192,7 +192,7 @@ def test_the_host_counts_the_sgi_register_traps_of_each_vcpu_thread_around_a_gue
     before = read_counters(ahost, tids, sysreg=("start", inst))
     assert inst in ahost.run(["ls", "/sys/kernel/tracing/instances"]).stdout.split()
     # the guest's scheduler wakes its other CPU: each wake-up of a sleeping vCPU is an IPI, a trapped SGI1R write
-    aguest.run(["sh", "-c", "for i in $(seq 200); do taskset -c 1 true; done"], timeout_s=120)
+    aguest.run(["sh", "-c", "for i in $(seq 60); do taskset -c 1 true; done"], timeout_s=120)
     after = read_counters(ahost, tids, sysreg=("stop", inst))
     d = counter_deltas(before, after)
     assert not before.errors and not after.errors, (before.errors, after.errors)
