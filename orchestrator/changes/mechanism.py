@@ -22,7 +22,7 @@ from orchestrator.measure.counters import CounterDeltas, Rate, rate_of
 
 #: IRQ classes a mechanism can count (/proc/interrupts rows, classified by `irq_class`).
 IrqClass = Literal["function_call_ipi", "irq_work_ipi", "reschedule_ipi", "tlb_ipi", "local_timer", "device"]
-Source = Literal["irq", "softirq", "kvm", "thread"]
+Source = Literal["irq", "softirq", "kvm", "thread", "sysreg"]
 
 _IPI_DESCRIPTIONS: dict[str, IrqClass] = {
     "function call interrupts": "function_call_ipi",
@@ -69,8 +69,10 @@ class Mechanism:
 
     `source`: irq (classes of /proc/interrupts rows, IrqClass), softirq (/proc/softirqs rows, e.g. "RCU"), kvm
     (per-VM counters in KVM's debugfs, read on the host: `wfi_exit_stat`), thread (scheduler counters of the
-    guest's vCPU threads on the host: `nr_migrations`). `on`: counted on the changed target, or on the unit's
-    host (KVM and vCPU threads live there). `cpus`: the RT CPUs of where it is counted, or all of them."""
+    guest's vCPU threads on the host: `nr_migrations`), sysreg (system-register traps of the guest's vCPU threads
+    on an arm64 host, by register: `ICC_SGI1R_EL1`, the IPIs the guest sends). `on`: counted on the changed target,
+    or on the unit's host (KVM and vCPU threads live there). `cpus`: the RT CPUs of where it is counted, or all of
+    them. `guest_only`: it counts the guest's doing, so only a change of the guest targets it."""
 
     label: str
     source: Source
@@ -78,15 +80,17 @@ class Mechanism:
     on: Literal["target", "host"] = "target"
     cpus: Literal["rt", "all"] = "rt"
     direction: Literal["down"] = "down"
+    guest_only: bool = False
 
     def public(self) -> dict[str, Any]:
         return {"label": self.label, "source": self.source, "names": list(self.names), "on": self.on,
                 "cpus": self.cpus, "direction": self.direction}
 
-    def counters(self, deltas: CounterDeltas, vm: str | None = None) -> list[str]:
+    def counters(self, deltas: CounterDeltas, vm: str | None = None, tids: Sequence[int] = ()) -> list[str]:
         """The counter key patterns (measure/counters.py) this mechanism sums on a unit whose counters are
         `deltas`: IRQ classes become the row names that unit has (its numbered rows by their handlers); `vm`:
-        the guest VM's name among the host's KVM counters (None: every VM)."""
+        the guest VM's name among the host's KVM counters (None: every VM); `tids`: the guest's vCPU threads on
+        the host (none: every thread)."""
         if self.source == "irq":
             out = [f"irq:{row}" for cls in self.names for row in _NAMED_ROWS.get(cls, ())]
             out += [f"irq:{n}" for n, actions in sorted(deltas.irq_actions.items())
@@ -96,13 +100,16 @@ class Mechanism:
             return [f"softirq:{n}" for n in self.names]
         if self.source == "kvm":
             return [f"kvm:{vm or '*'}:{n}" for n in self.names]
+        if self.source == "sysreg":
+            return [f"sysreg:{t}:{n}" for t in ([str(t) for t in tids] or ["*"]) for n in self.names]
         return [f"thread:*:{n}" for n in self.names]
 
-    def rate(self, deltas: CounterDeltas | None, rt_cpus: Sequence[int], vm: str | None = None) -> Rate:
+    def rate(self, deltas: CounterDeltas | None, rt_cpus: Sequence[int], vm: str | None = None,
+             tids: Sequence[int] = ()) -> Rate:
         """Events per second over one run, or None with the reason (no counters, a reset, none on the unit)."""
         if deltas is None:
             return Rate(value=None, keys=[], total=None, interval_s=None, reason="no counters were read")
-        patterns = self.counters(deltas, vm)
+        patterns = self.counters(deltas, vm, tids)
         if not patterns:
             return Rate(value=None, keys=[], total=None, interval_s=deltas.interval_s,
                         reason=f"{self.label}: no such counter on this unit")
@@ -120,11 +127,15 @@ _DEVICE = Mechanism("device interrupts on the RT CPUs", "irq", ("device",))
 _WFX = Mechanism("WFI/WFE exits of the guest's VM", "kvm", ("wfi_exit_stat", "wfe_exit_stat"), on="host",
                  cpus="all")
 _EXITS = Mechanism("KVM exits of the guest's VM", "kvm", ("exits",), on="host", cpus="all")
+#: every IPI an arm64 guest sends is a write of ICC_SGI1R_EL1 that traps to the host (field notes section 1: the
+#: trap stays even with GICv4.1, so the fix is fewer IPIs): a guest change that removes IPIs removes these traps
+_SGI_TRAPS = Mechanism("IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)", "sysreg", ("ICC_SGI1R_EL1",),
+                       on="host", cpus="all", guest_only=True)
 
 #: cmdline argument -> what it acts through (isolation stops the scheduler's IPIs and IRQ work there, nohz_full
 #: the tick, rcu_nocbs the RCU callbacks, the trap policies the WFx exits, GICv4 direct injection the exits).
 CMDLINE_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
-    "isolcpus": (_RESCHED, _IRQ_WORK),
+    "isolcpus": (_RESCHED, _IRQ_WORK, _SGI_TRAPS),
     "nohz_full": (_TIMER,),
     "rcu_nocbs": (_RCU,),
     "irqaffinity": (_DEVICE,),
@@ -136,17 +147,22 @@ CMDLINE_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
 #: sysctl -> what it acts through: with timer migration on, a timer armed for a nohz CPU fires elsewhere and an
 #: IPI wakes the CPU (field notes section 4).
 SYSCTL_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
-    "kernel.timer_migration": (_RESCHED,),
+    "kernel.timer_migration": (_RESCHED, _SGI_TRAPS),
 }
 
 
-def mechanisms_for(kind: str, params: dict[str, Any]) -> tuple[Mechanism, ...]:
-    """The mechanisms a resolved profile entry targets (empty: the kind or this entry declares none, so only
-    its latency can be evidence)."""
+def mechanisms_for(kind: str, params: dict[str, Any], target: str) -> tuple[Mechanism, ...]:
+    """The mechanisms a resolved profile entry of `target` ("host" or "guest") targets (empty: the kind or this
+    entry declares none, so only its latency can be evidence). Whether the unit has each counter is the
+    measuring's question (run/evidence.py drops the system-register traps where the host has no tracepoint)."""
+    return tuple(m for m in _declared(kind, params) if target == "guest" or not m.guest_only)
+
+
+def _declared(kind: str, params: dict[str, Any]) -> tuple[Mechanism, ...]:
     if kind == "service_disable":
         # a crash loop's core dumps kick every CPU (kick_all_cpus_sync: function-call IPIs) and queue IRQ work
         return (Mechanism("function-call and IRQ-work IPIs on the RT CPUs", "irq",
-                          ("function_call_ipi", "irq_work_ipi")),)
+                          ("function_call_ipi", "irq_work_ipi")), _SGI_TRAPS)
     if kind == "sysctl":
         return SYSCTL_MECHANISMS.get(str(params.get("name", "")).replace("/", "."), ())
     if kind == "vcpu_pinning":

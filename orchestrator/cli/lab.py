@@ -74,7 +74,10 @@ def lab_status(as_json: bool) -> None:
 @click.option("--user", default="root", show_default=True)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def lab_ssh(name: str, user: str, command: tuple[str, ...]) -> None:
-    """Open a shell (or run COMMAND) on lab VM NAME, host key checked."""
+    """Open a shell (or run COMMAND) on lab VM NAME, host key checked.
+
+    COMMAND is OpenSSH's: its words are joined with spaces and run by the VM's shell, so quote a pipeline as
+    one word (`tune lab ssh lab1-host -- 'dpkg -l | grep -c ^ii'`)."""
     argv = _lab().ssh_argv(name, list(command), user=user)
     os.execvp(argv[0], argv)
 

@@ -29,6 +29,13 @@ Counter keys (flat strings; `:cpu<N>` last when the count is per CPU; width: whe
   `voluntary_ctxt_switches`, `nonvoluntary_ctxt_switches` (/proc/TID/status, every kernel), `nr_switches`,
   `nr_voluntary_switches`, `nr_involuntary_switches`, `nr_migrations` (/proc/TID/sched: CONFIG_SCHED_DEBUG,
   which Debian's 6.1 and 6.12 have).
+- `sysreg:<TID>:<REGISTER>` (64 bit): system-register accesses of thread TID that trapped to KVM, by register
+  (`ICC_SGI1R_EL1`: the guest sent an IPI; other GIC CPU-interface registers by name or as `S3_0_C12_C<m>_<n>`),
+  counted by a hist trigger on the host's `kvm:kvm_sys_access` tracepoint (arm64) in a private tracefs instance:
+  `read_counters(sysreg="start")` creates it (every count is 0 then), `read_counters(sysreg="stop")` reads and
+  removes it. The hist lists only what was hit, so a missing key between the two reads of one instance is 0, and
+  the IPI registers of each thread read (`tids`) are always there. A snapshot with another instance (or none)
+  makes the keys `reset`; a hist that dropped events gives no keys (`absent`).
 
 Per key, `CounterDeltas` holds the count over the interval (`deltas`) or why there is none (`issues`):
 `reset` (a reboot between the reads: the boot_id changed; or the VM or thread behind the key is another one: its
@@ -58,18 +65,20 @@ from orchestrator.facts.counters import (
     parse_uptime,
 )
 from orchestrator.facts.irqs import parse_interrupts
-from orchestrator.facts.kvm import parse_kvm_vms
+from orchestrator.facts.kvm import SGI_SYSREGS, parse_hist, parse_kvm_vms, sysreg_traps
 from orchestrator.remote.remote_scripts import MEASURE_RUN
 from orchestrator.remote.transport import Transport
 
 #: The sections of one snapshot, each named with the snapshot's suffix (0 before the run, 1 after).
 SNAPSHOT_SECTIONS = ("uptime", "boot_id", "interrupts", "softirqs", "stat", "kvm", "threads")
+#: Sections a snapshot has only when asked for (the system-register traps: `read_counters(sysreg=...)`).
+OPTIONAL_SECTIONS = ("sysreg",)
 #: Key prefixes whose counts the kernel keeps in 32 bits (they wrap at 2^32).
 BITS32_PREFIXES = ("irq:", "softirq:")
 #: Key prefixes counted per CPU (their keys end with `:cpu<N>`).
 PER_CPU_PREFIXES = ("irq", "softirq", "cputime")
 #: Every key prefix (the first field of a key).
-PREFIXES = (*PER_CPU_PREFIXES, "ctxt", "processes", "kvm", "thread")
+PREFIXES = (*PER_CPU_PREFIXES, "ctxt", "processes", "kvm", "thread", "sysreg")
 #: Thread counters asked for when a listed thread was not found (so a pattern on them sees it `absent`).
 THREAD_COUNTERS = ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "nr_switches", "nr_voluntary_switches",
                    "nr_involuntary_switches", "nr_migrations")
@@ -154,7 +163,9 @@ def parse_snapshot(sections: dict[str, str], suffix: str = "0", raw: str = "") -
             return text
         return None
 
-    for name in SNAPSHOT_SECTIONS:
+    for name in (*SNAPSHOT_SECTIONS, *OPTIONAL_SECTIONS):
+        if name in OPTIONAL_SECTIONS and name + suffix not in sections:
+            continue
         text = text_of(name, may_be_empty=name in ("kvm", "threads"))
         if text is None:
             continue
@@ -184,14 +195,40 @@ def parse_snapshot(sections: dict[str, str], suffix: str = "0", raw: str = "") -
                 kvm, ids = _kvm_keys(text)
                 counters.update(kvm)
                 identities.update(ids)
-            else:
+            elif name == "threads":
                 for tid, task in parse_task_counters(text).items():
                     identities[f"thread:{tid}"] = task.name
                     counters.update({f"thread:{tid}:{c}": n for c, n in task.counters.items()})
+            else:
+                instance, traps = parse_sysreg_section(text)
+                identities["sysreg"] = instance
+                tids = [int(who.split(":")[1]) for who in identities if who.startswith("thread:")]
+                counters.update({f"sysreg:{tid}:{reg}": 0 for tid in tids for reg in SGI_SYSREGS})
+                counters.update({f"sysreg:{tid}:{reg}": n for (tid, reg), n in traps.items()})
         except ParseError as exc:
             errors[name] = str(exc)
     return CounterSnapshot(boot_id=boot_id, uptime_s=uptime, counters=counters, identities=identities,
                            irq_actions=actions, errors=errors, raw=raw)
+
+
+def parse_sysreg_section(text: str) -> tuple[str, dict[tuple[int, str], int]]:
+    """measure_run.sh's `sysreg` section -> (the tracefs instance, (thread id, register) -> traps): `started INST`
+    (no traps yet) or `instance INST` and its hist. ParseError with the script's reason when there is no count
+    (`none no kvm:kvm_sys_access tracepoint`: not an arm64 KVM host), when the hist dropped events, or when the
+    text is neither."""
+    lines = [ln for ln in text.split("\n") if ln.strip() and not ln.startswith("stale ")]
+    head = lines[0].split(" ", 1) if lines else ["", ""]
+    if head[0] == "none":
+        raise ParseError(head[1] if len(head) > 1 else "no system-register counts")
+    if head[0] == "started" and len(head) == 2 and len(lines) == 1:
+        return head[1], {}
+    if head[0] == "instance" and len(head) == 2:
+        body = [ln for ln in lines[1:] if ln != "not-removed"]
+        hist = parse_hist("\n".join(body))
+        if hist.dropped:
+            raise ParseError(f"the hist dropped {hist.dropped} events (its counts are short)")
+        return head[1], sysreg_traps(hist)
+    raise ParseError(f"expected `started INST` or `instance INST` and a hist, got {text.strip()[:160]!r}")
 
 
 class CounterIssue(BaseModel):
@@ -229,7 +266,7 @@ def _owner(key: str) -> str | None:
     """The identity a key's counts belong to (`kvm:<VM>`, `thread:<TID>`), if any."""
     if key.startswith(("kvm:", "thread:")):
         return key.rsplit(":", 1)[0]
-    return None
+    return "sysreg" if key.startswith("sysreg:") else None
 
 
 def counter_deltas(before: CounterSnapshot, after: CounterSnapshot) -> CounterDeltas:
@@ -261,8 +298,13 @@ def counter_deltas(before: CounterSnapshot, after: CounterSnapshot) -> CounterDe
             if who.startswith("thread:") and name is None:
                 expected[who] = [f"{who}:{c}" for c in THREAD_COUNTERS]
     keys = set(before.counters) | set(after.counters) | {k for ks in expected.values() for k in ks}
+    # one hist instance at both reads: a key it does not list at one read was not hit (0)
+    one_hist = before.identities.get("sysreg") is not None and \
+        before.identities.get("sysreg") == after.identities.get("sysreg")
     for key in sorted(keys):
         b, a = before.counters.get(key), after.counters.get(key)
+        if one_hist and key.startswith("sysreg:") and not (b is None and a is None):
+            b, a = b or 0, a or 0
         owner = _owner(key)
         if rebooted:
             issues[key] = CounterIssue(status="reset", reason=f"rebooted between the reads ({reboot})")
@@ -293,7 +335,7 @@ def counter_deltas(before: CounterSnapshot, after: CounterSnapshot) -> CounterDe
 def _section_of(key: str) -> str:
     prefix = key.split(":", 1)[0]
     return {"irq": "interrupts", "softirq": "softirqs", "cputime": "stat", "ctxt": "stat", "processes": "stat",
-            "kvm": "kvm", "thread": "threads"}.get(prefix, prefix)
+            "kvm": "kvm", "thread": "threads", "sysreg": "sysreg"}.get(prefix, prefix)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -367,9 +409,24 @@ def rate(deltas: CounterDeltas, counters: str | Iterable[str], cpus: Sequence[in
 # One snapshot alone (the host of a guest target, before and after the guest's run)
 
 
-def counters_argv(mark: str, tids: Sequence[int] = ()) -> list[str]:
-    """measure_run.sh with no tools, no load and no command: it reads the counters once."""
-    return ["sh", "-c", MEASURE_RUN, "-", mark, "0", "0", "0", "-", str(len(tids)), *map(str, _tids(tids))]
+SysregStep = tuple[Literal["start", "stop"], str]
+
+
+def sysreg_instance() -> str:
+    """A fresh name for the tracefs instance that counts one run's system-register traps."""
+    return "rt-tune-sysreg-" + secrets.token_hex(6)
+
+
+def counters_argv(mark: str, tids: Sequence[int] = (), sysreg: SysregStep | None = None) -> list[str]:
+    """measure_run.sh with no tools, no load and no command: it reads the counters once (`sysreg`: and starts
+    or stops counting system-register traps in the named instance)."""
+    step = "-"
+    if sysreg is not None:
+        mode, inst = sysreg
+        if mode not in ("start", "stop") or not re.fullmatch(r"rt-tune-sysreg-[0-9a-f]{1,32}", inst):
+            raise ValueError(f"a sysreg step is ('start' or 'stop', 'rt-tune-sysreg-<hex>'), not {sysreg!r}")
+        step = f"{mode}:{inst}"
+    return ["sh", "-c", MEASURE_RUN, "-", mark, "0", "0", "0", "-", str(len(tids)), step, *map(str, _tids(tids))]
 
 
 def _tids(tids: Sequence[int]) -> list[int]:
@@ -391,12 +448,15 @@ def parse_counters_output(text: str, mark: str, label: str = "unit") -> CounterS
     return parse_snapshot(sections, "0", raw=parts[3])
 
 
-def read_counters(transport: Transport, tids: Sequence[int] = (), *, timeout_s: float = 30.0) -> CounterSnapshot:
+def read_counters(transport: Transport, tids: Sequence[int] = (), *, sysreg: SysregStep | None = None,
+                  timeout_s: float = 30.0) -> CounterSnapshot:
     """One snapshot of the unit's counters in one round trip (run as the transport's default user: KVM debugfs
-    needs root, so on a host reached as a user with `become`, sudo applies). `tids`: threads (e.g. the vCPU
-    threads of a QEMU, facts/qemu.py) whose scheduling counters to read. The raw text is `snapshot.raw`."""
+    and tracefs need root, so on a host reached as a user with `become`, sudo applies). `tids`: threads (e.g. the
+    vCPU threads of a QEMU, facts/qemu.py) whose scheduling counters to read. `sysreg`: ("start", INSTANCE) before
+    a run, ("stop", INSTANCE) after it: the system-register traps (module docstring). The raw text is
+    `snapshot.raw`."""
     mark = marker()
-    res = transport.run(counters_argv(mark, tids), timeout_s=timeout_s, check=False)
+    res = transport.run(counters_argv(mark, tids, sysreg), timeout_s=timeout_s, check=False)
     if res.exit_status != 0:
         raise TuneError(f"{transport.label}: reading the counters failed (exit {res.exit_status}): "
                         f"{(res.stderr or res.stdout)[-300:]!r}")

@@ -184,7 +184,7 @@ def run_under_load(transport: Transport, tools: Sequence[str], load_cmd: Sequenc
     load_words = list(load_cmd or [])
     mark = marker()
     argv = ["sh", "-c", _RUN, "-", mark, str(len(tools)), str(len(load_words)), f"{settle_s:g}", load_unit,
-            str(len(tids)), *tools, *map(str, tids), *load_words, *command]
+            str(len(tids)), "-", *tools, *map(str, tids), *load_words, *command]
     res = transport.run(argv, timeout_s=timeout_s, check=False)
     parts = res.stdout.split("@@\n", 3)
     missing = [w for line in parts[0].splitlines() if line.startswith("missing ") for w in line.split()[1:]]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator.remote.remote_scripts import MEASURE_RUN as MEASUREMENT_RUN
+from orchestrator.remote.remote_scripts import SYSREG_TRACEPOINT_SCRIPT
 from orchestrator.remote.transport import (
     _READ_FILES,
     _WRITE_SCRIPT,
@@ -43,6 +44,8 @@ class FakeUnit:
     #: measure_run.sh printed them), answered in turn, two per measurement run and one per counters read. None
     #: given: the runs' answers hold no counter sections (their results have no counters)
     counter_snapshots: list[tuple[str, str]] = field(default_factory=list)
+    #: what remote/scripts/sysreg_tracepoint.sh prints on this unit (yes, no, no-tracefs; "": not asked for)
+    sysreg_tracepoint: str = ""
     #: sysctls whose writes are accepted and do not take (as a kernel may do): a change's verify must catch it
     stuck_sysctls: set[str] = field(default_factory=set)
     #: every command the unit received, in order (argv as sent)
@@ -113,6 +116,8 @@ class FakeTransport(_CommandTransport):
                 return 0, "", ""
             if script == MEASUREMENT_RUN:
                 return self._measurement(args)
+            if script == SYSREG_TRACEPOINT_SCRIPT and self.unit.sysreg_tracepoint:
+                return 0, self.unit.sysreg_tracepoint + "\n", ""
         program = argv[0]
         if program == "cat" and argv[1:2] == ["--"] and len(argv) == 3:
             if argv[2] not in files:  # the fake's own words: no tool output is imitated
@@ -137,15 +142,15 @@ class FakeTransport(_CommandTransport):
         return 127, "", f"fake unit {self._label}: no handler for `{' '.join(argv)[:200]}`\n"
 
     def _measurement(self, args: list[str]) -> tuple[int, str, str]:
-        """measure.runner's one round trip (MARKER NTOOLS NLOAD SETTLE LOADUNIT NTIDS TOOLS... TIDS... LOAD...
+        """measure.runner's one round trip (MARKER NTOOLS NLOAD SETTLE LOADUNIT NTIDS SYSREG TOOLS... TIDS... LOAD...
         COMMAND...): its tools checked, the boot and the cmdline, the recorded counter snapshots (if the unit has
         any) around a recorded cyclictest output; without a command, one counter snapshot alone."""
         marker, n_tools, n_load, n_tids = args[0], int(args[1]), int(args[2]), int(args[5])
-        tools = args[6:6 + n_tools]
+        tools = args[7:7 + n_tools]
         missing = [t for t in tools if t not in self.unit.programs]
         if missing:
             return 0, "missing " + " ".join(missing) + "\n", ""
-        command = args[6 + n_tools + n_tids + n_load:]
+        command = args[7 + n_tools + n_tids + n_load:]
         head = f"@@\n{self.unit.boot_id}\n@@\n{self.unit.cmdline}\n@@\n"
         if not command:
             if not (self.unit.counter_snapshots and self.unit.boot_id and self.unit.cmdline):

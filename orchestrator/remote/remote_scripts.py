@@ -22,3 +22,5 @@ def load_script(name: str) -> str:
 PIN_VCPUS = load_script("pin_vcpus.py").replace("@QA_COPY@", QA_COPY)
 #: one measurement run in one round trip: tools checked, boot and cmdline read, load started, cyclictest, load stopped
 MEASURE_RUN = load_script("measure_run.sh")
+#: whether a host has the tracepoint that counts its guests' system-register traps (measure_run.sh's sysreg step)
+SYSREG_TRACEPOINT_SCRIPT = load_script("sysreg_tracepoint.sh")

@@ -75,6 +75,8 @@ class ChangeReport(BaseModel):
     mechanisms: list[dict[str, Any]] = Field(default_factory=list)
     rates: dict[str, list[dict[str, float | None]]] = Field(default_factory=dict)
     latency_applicable: bool = True
+    #: declared mechanisms the unit could not count, each with `why` (not in the decision)
+    mechanisms_left_out: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("decision", mode="before")
     @classmethod
@@ -376,7 +378,7 @@ def _change_html(index: int, change: ChangeReport) -> str:
     out.append(power_html(change.decision))
     out.append(_decision_html(change.decision))
     out.append(mechanism_section(cid, change.name, change.mechanisms, change.rates, change.decision, change.before,
-                                 change.after))
+                                 change.after, change.mechanisms_left_out))
     sides = {"before": change.before, "after": change.after}
     dists = {side: PooledRuns(runs) for side, runs in sides.items()}
     if any(d.plottable for d in dists.values()):

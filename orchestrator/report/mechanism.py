@@ -34,7 +34,7 @@ _PATH_MARKERS = ("Kept on latency:", "Kept on mechanism:", "Rolled back on mecha
                  "Inconclusive", "Nothing is shown yet")
 _PATH_END = " Boots are taken from the plan"  # a remark the boot analysis appends after the rule's last part
 _SOURCE = {"irq": "/proc/interrupts", "softirq": "/proc/softirqs", "kvm": "KVM debugfs, per VM",
-           "thread": "vCPU threads' scheduler counters"}
+           "thread": "vCPU threads' scheduler counters", "sysreg": "kvm:kvm_sys_access hist of the vCPU threads"}
 _PLOTTED = ("irq", "softirq")
 _SD_SOURCE = {"first look": "estimated from the first look's runs", "noise profile": "from the unit's noise profile",
               "boots": "estimated from the boots"}
@@ -224,6 +224,8 @@ def _cyclictest_cpus(runs: Sequence[LatencyResult]) -> list[int]:
 def _where(m: Mapping[str, Any]) -> str:
     names = ", ".join(str(n) for n in m.get("names") or ())
     cpus = {"rt": "RT CPUs", "all": "all CPUs"}.get(str(m.get("cpus")), str(m.get("cpus", "")))
+    if m.get("source") == "sysreg":  # counted per thread, whichever CPU it ran on
+        cpus = "each vCPU thread of the guest"
     return (f"{m.get('read_on') or m.get('on') or '-'}: {_SOURCE.get(str(m.get('source')), m.get('source'))} "
             f"({names}), {cpus}")
 
@@ -236,16 +238,19 @@ def _run_medians(rates: Mapping[str, Sequence[Mapping[str, float | None]]], labe
 def mechanism_section(cid: str, name: str, mechanisms: Sequence[Mapping[str, Any]],
                       rates: Mapping[str, Sequence[Mapping[str, float | None]]],
                       decision: Mapping[str, Any] | None, before: Sequence[LatencyResult],
-                      after: Sequence[LatencyResult]) -> str:
+                      after: Sequence[LatencyResult], left_out: Sequence[Mapping[str, Any]] = ()) -> str:
     """The mechanisms' table (label, where read, before and after rate: the median over runs, the ratio with its
-    interval, the finding), the per-run rates, and the per-CPU plot."""
+    interval, the finding), the per-run rates, and the per-CPU plot; `left_out`: declared mechanisms the unit
+    could not count, each with why."""
+    gone = "".join(f'<p class="meta" data-left-out="{escape(str(m.get("label")))}">Left out of the decision: '
+                   f'{escape(str(m.get("label")))} ({escape(str(m.get("why")))}).</p>' for m in left_out)
     compared: Mapping[str, Any] = (decision or {}).get("mechanisms") or {}
     labels = [str(m.get("label")) for m in mechanisms]
     labels += [lb for lb in compared if lb not in labels]
     labels += [lb for side in ("before", "after") for r in rates.get(side, []) for lb in r if lb not in labels]
     if not labels:
         return ("<h3>Mechanism</h3><p class=\"meta\">No mechanism declared or recorded for this change: only its "
-                "latency is evidence.</p>")
+                "latency is evidence.</p>" + gone)
     declared = {str(m.get("label")): m for m in mechanisms}
     out = ["<h3>Mechanism (events per second, before &rarr; after)</h3>"]
     head = ("mechanism", "where read", "before /s", "after /s", "after / before - 1 [interval]", "level",
@@ -286,6 +291,7 @@ def mechanism_section(cid: str, name: str, mechanisms: Sequence[Mapping[str, Any
                    "</summary><table class=\"rates\"><tr><th class=\"l\">run</th>"
                    + "".join(f"<th>{escape(lb)}</th>" for lb in labels) + "</tr>" + "".join(prow)
                    + "</table></details>")
+    out.append(gone)
     out.append(_cpu_plot(name, mechanisms, before, after))
     return "".join(out)
 

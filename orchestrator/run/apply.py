@@ -128,7 +128,8 @@ def _report(results: list[ApplyResult], title: str) -> Report:
     return Report(title=title, changes=[
         ChangeReport(name=o.id, target=f"{r.unit}.{o.target}", before=o.before, after=o.after,
                      decision=o.decision, note=(f"{o.status}: {o.reason}" + evidence_note(o))[:2000],
-                     mechanisms=o.mechanisms, rates=o.rates, latency_applicable=o.latency_applicable)
+                     mechanisms=o.mechanisms, rates=o.rates, latency_applicable=o.latency_applicable,
+                     mechanisms_left_out=o.mechanisms_left_out)
         for r in results for o in r.outcomes if o.before or o.after])
 
 

@@ -51,6 +51,8 @@ class ChangeOutcome(BaseModel):
     #: the mechanisms the change targets (orchestrator.changes.mechanism), and each run's rate of each
     mechanisms: list[dict[str, Any]] = []
     rates: dict[str, list[dict[str, float | None]]] = {}
+    #: declared mechanisms the unit cannot count (e.g. no kvm:kvm_sys_access on an x86 host), with why
+    mechanisms_left_out: list[dict[str, Any]] = []
     #: False: a host change measured in a guest that does not run on that host (its latency is not evidence)
     latency_applicable: bool = True
 

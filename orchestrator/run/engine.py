@@ -124,7 +124,7 @@ class Engine(RunContext):
         if self.plan.boot.cmdline == "per_key":  # one trial boot per argument (playbook `boot.cmdline`)
             specs = [part for s in specs for part in split_cmdline(s)]
         check_keep_on(self.plan, self.plan_path,
-                      [(s.id, s.kind, bool(mechanisms_for(s.kind, s.params))) for s in specs])
+                      [(s.id, s.kind, bool(mechanisms_for(s.kind, s.params, s.target))) for s in specs])
         return specs
 
     def apply(self, unit: str, profile_path: Path, *, dry_run: bool = False,

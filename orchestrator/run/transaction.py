@@ -195,13 +195,13 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
         ctx.emit("change.refused", subject, f"{spec.id}: {reason}")
         return ChangeOutcome(**base, status="refused", reason=reason)
     extra: dict[str, Any] = {"preflight_overridden": plan.problems} if plan.problems else {}
+    probe = MechanismProbe(ctx, unit, spec, active.connection)  # may ask the host what it can count
     change = JournaledChange.begin(ctx, run_id, unit, spec, before=plan.before, state=plan.state,
                                    summary=plan.summary, **extra)
     base["journal_id"] = change.rec
     rule = ctx.plan.decision
     if active.order is not None:
         rule = rule.model_copy(update={"order": active.order})
-    probe = MechanismProbe(ctx, unit, spec, active.connection)
     seq = SequentialDecision(rule, latency_applicable=probe.latency_applicable, mechanisms=probe.labels)
     runs: dict[str, list[LatencyResult]] = seq.runs
     rates: dict[str, list[dict[str, float | None]]] = {"before": [], "after": []}
@@ -210,7 +210,8 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
     def outcome(status: Status, reason: str) -> ChangeOutcome:
         return ChangeOutcome(**base, status=status, reason=reason, decision=dec, evidence=active.evidence,
                              before=runs["before"], after=runs["after"], mechanisms=probe.declared(),
-                             rates=rates, latency_applicable=probe.latency_applicable)
+                             mechanisms_left_out=probe.left_out(), rates=rates,
+                             latency_applicable=probe.latency_applicable)
 
     on = False
     applied = False

@@ -178,6 +178,33 @@ def test_arm64_unit_is_an_el2_host_with_a_nested_kvm_guest_reached_through_it(ar
 # The order saves boots: both diagnoses run on the guest up since the lab's boot (the lab boots it with
 # nohz_full=1, so its diagnosis needs no restart of its own, which took 4-8 minutes in CI); the apply's trial boot
 # and rollback reboot the host after them; the guest's power cycle is last, when nothing waits for its boot.
+def test_the_host_counts_the_sgi_register_traps_of_each_vcpu_thread_around_a_guest_run(arm64_lab, ahost, aguest):
+    """Issue #18: every IPI the nested guest sends is an ICC_SGI1R_EL1 write that traps to the host; rt-tune's
+    counters read starts a hist trigger in a private tracefs instance, the next read counts and removes it."""
+    from orchestrator.facts.kvm import SYSREG_TRACEPOINT
+    from orchestrator.measure.counters import counter_deltas, read_counters, sysreg_instance
+
+    assert SYSREG_TRACEPOINT.gather(ahost) is None  # the 6.12 arm64 host has kvm:kvm_sys_access
+    threads = ahost.run(["sh", "-c", "ps -eLo tid=,comm= | grep -E ' CPU [0-9]+/KVM$'"]).stdout
+    tids = sorted(int(line.split()[0]) for line in threads.splitlines())
+    assert len(tids) == 2, threads  # the nested guest's two vCPU threads
+    inst = sysreg_instance()
+    before = read_counters(ahost, tids, sysreg=("start", inst))
+    assert inst in ahost.run(["ls", "/sys/kernel/tracing/instances"]).stdout.split()
+    # the guest's scheduler wakes its other CPU: each wake-up of a sleeping vCPU is an IPI, a trapped SGI1R write
+    aguest.run(["sh", "-c", "for i in $(seq 60); do taskset -c 1 true; done"], timeout_s=120)
+    after = read_counters(ahost, tids, sysreg=("stop", inst))
+    d = counter_deltas(before, after)
+    assert not before.errors and not after.errors, (before.errors, after.errors)
+    traps = {t: d.deltas[f"sysreg:{t}:ICC_SGI1R_EL1"] for t in tids}
+    assert sum(traps.values()) > 0, traps
+    left = ahost.run(["ls", "/sys/kernel/tracing/instances"]).stdout.split()
+    assert not [i for i in left if i.startswith("rt-tune-sysreg-")], left  # counted, read and removed
+    # nothing reads it after a stop: the instance is gone, and a second stop says so instead of a count
+    again = read_counters(ahost, tids, sysreg=("stop", inst))
+    assert "is gone" in again.errors["sysreg"]
+
+
 def test_diagnose_arm64_host_shows_wfi_exits_per_vm_and_ipi_senders(arm64_lab, arm64_paths, arm64_inventory,
                                                                      ahost, tmp_path):
     """The host while its nested guest idles: WFI traps per VM, IPIs per CPU and who sent them (6.12 tracepoints)."""

@@ -95,7 +95,7 @@ def test_kvm_counters_per_vm_from_the_arm64_host_window():
                                                                           "kvm:rtguest:wfi_exit_stat"]
     from orchestrator.changes.mechanism import mechanisms_for
 
-    (declared,) = mechanisms_for("wfx_notrap", {})
+    (declared,) = mechanisms_for("wfx_notrap", {}, "host")
     assert declared.rate(d, [], vm="rtguest").value == wfx.value  # the guest's VM, by its QEMU -name
     before = parse_snapshot(window("arm64-host"), "0")
     assert before.identities == {"kvm:rtguest": "316-10"}
@@ -199,13 +199,13 @@ def test_declared_mechanisms_read_each_architectures_rows_on_the_rt_cpus():
     from orchestrator.changes.mechanism import mechanisms_for
 
     d = window_deltas("arm64-guest")
-    (svc,) = mechanisms_for("service_disable", {"unit": "m.service"})
+    (svc,) = mechanisms_for("service_disable", {"unit": "m.service"}, "host")
     r = svc.rate(d, [1])
     assert r.keys == ["irq:IPI1:cpu1", "irq:IPI5:cpu1"]
     assert r.value == pytest.approx((d.deltas["irq:IPI1:cpu1"] + d.deltas["irq:IPI5:cpu1"]) / d.interval_s)
     assert svc.rate(None, [1]).reason == "no counters were read"
     assert svc.rate(d, []).value is None  # no RT CPUs declared: not every CPU instead
-    (tick,) = mechanisms_for("cmdline", {"add": {"nohz_full": "1"}})
+    (tick,) = mechanisms_for("cmdline", {"add": {"nohz_full": "1"}}, "host")
     timer_rows = [k for k in tick.rate(d, [1]).keys]
     assert timer_rows and all(d.irq_actions[k.split(":")[1]] == ["arch_timer"] for k in timer_rows)
 

@@ -209,3 +209,27 @@ def test_the_information_bound_is_walds_and_an_sprt_comes_close_to_it():
     assert 0.01 < a < 0.05 and 0.01 < b < 0.05  # the overshoot makes both below the nominal 5%
     ratio = (mean_n[0.0] + mean_n[1.0]) / 2 / (z_alpha(a) + z_alpha(b)) ** 2
     assert information_bound(a, b) <= ratio < information_bound(a, b) + 0.08, (ratio, a, b)
+
+
+def test_the_lab_recording_is_the_default_data_and_its_runs_are_the_parse_of_their_raw_output():
+    """tests/recorded/noise-lab-x86 (issue #18: at least 30 runs across 3 boots and 2 hours) is what the benchmark
+    reads by default, and each run's JSON holds what the project's parser reads from cyclictest's own output."""
+    import lzma
+
+    from benchmarks import decision_bench
+    from benchmarks.decision.data import load_series
+    from orchestrator.measure.model import LatencyResult
+    from orchestrator.measure.parse import parse_cyclictest
+
+    lab = REPO / "tests" / "recorded" / "noise-lab-x86"
+    series = load_series(lab)
+    assert series.n_runs >= 30 and len(series.boots) >= 3 and series.span_h() >= 2.0
+    assert len(series.boots) == len(list(lab.glob("boot*")))  # boots by boot_id: one per cold reset, none merged
+    assert decision_bench.choose_data(None)[0] == lab
+    for run in (series.runs[0], series.runs[len(series.runs) // 2], series.runs[-1]):
+        saved = LatencyResult.model_validate_json(run.path.read_text())
+        raw = lzma.open(run.path.parent / saved.raw_artifact).read().decode()
+        parsed = parse_cyclictest(raw, expected_threads=1)
+        assert parsed.all.samples == saved.all.samples > 10_000, run.path
+        assert (parsed.all.p999_us, parsed.all.max_us) == (saved.all.p999_us, saved.all.max_us), run.path
+        assert saved.settings is not None and saved.settings.histogram_us == 100_000

@@ -37,25 +37,42 @@ def test_arm64_rows_are_classified_by_description_and_handler(which):
 
 
 def test_each_kind_of_the_rt_profile_declares_its_mechanism():
-    (svc,) = mechanisms_for("service_disable", {"unit": "mirobot_teleoperate.service"})
+    (svc,) = mechanisms_for("service_disable", {"unit": "mirobot_teleoperate.service"}, "host")
     assert svc.names == ("function_call_ipi", "irq_work_ipi") and svc.on == "target" and svc.cpus == "rt"
-    assert mechanisms_for("sysctl", {"name": "kernel.timer_migration", "value": "0"})[0].names == ("reschedule_ipi",)
-    assert mechanisms_for("sysctl", {"name": "kernel/timer_migration", "value": "0"})  # the /proc/sys spelling
-    assert mechanisms_for("sysctl", {"name": "vm.swappiness", "value": "10"}) == ()  # nothing declared
-    (pin,) = mechanisms_for("vcpu_pinning", {"cpus": [1]})
+    tm = mechanisms_for("sysctl", {"name": "kernel.timer_migration", "value": "0"}, "host")
+    assert tm[0].names == ("reschedule_ipi",)
+    assert mechanisms_for("sysctl", {"name": "kernel/timer_migration", "value": "0"}, "host")  # the /proc/sys spelling
+    assert mechanisms_for("sysctl", {"name": "vm.swappiness", "value": "10"}, "host") == ()  # nothing declared
+    (pin,) = mechanisms_for("vcpu_pinning", {"cpus": [1]}, "host")
     assert (pin.source, pin.names, pin.on) == ("thread", ("nr_migrations",), "host")
-    assert mechanisms_for("irq_affinity", {"housekeeping": [0]})[0].names == ("device",)
-    (wfx,) = mechanisms_for("wfx_notrap", {})
+    assert mechanisms_for("irq_affinity", {"housekeeping": [0]}, "host")[0].names == ("device",)
+    (wfx,) = mechanisms_for("wfx_notrap", {}, "host")
     assert (wfx.source, wfx.on, set(wfx.names)) == ("kvm", "host", {"wfi_exit_stat", "wfe_exit_stat"})
-    assert mechanisms_for("kernel", {"deb": "/x.deb"}) == ()
+    assert mechanisms_for("kernel", {"deb": "/x.deb"}, "host") == ()
+
+
+def test_a_guest_change_that_removes_ipis_also_targets_the_sgi_register_traps_they_cost_the_host():
+    sgi = "IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)"
+    for kind, params in (("service_disable", {"unit": "m.service"}),
+                         ("sysctl", {"name": "kernel.timer_migration", "value": "0"}),
+                         ("cmdline", {"add": {"isolcpus": "1", "nohz_full": "1"}})):
+        guest = {m.label: m for m in mechanisms_for(kind, params, "guest")}
+        host = [m.label for m in mechanisms_for(kind, params, "host")]
+        assert sgi in guest and sgi not in host, kind  # a host change does not make its guest send fewer IPIs
+        assert set(guest) - {sgi} == set(host), kind
+        assert (guest[sgi].source, guest[sgi].on, guest[sgi].names) == ("sysreg", "host", ("ICC_SGI1R_EL1",))
+    # GICv4.1 does not remove the trap (field notes section 1): vgic_v4_enable stays on the VM's exits
+    (v4,) = mechanisms_for("cmdline", {"add": {"kvm-arm.vgic_v4_enable": "1"}}, "guest")
+    assert v4.names == ("exits",)
+    assert [m.source for m in mechanisms_for("vcpu_pinning", {"cpus": [1]}, "guest")] == ["thread"]
 
 
 def test_a_cmdline_change_targets_the_union_of_its_arguments_once_each():
     mechs = mechanisms_for("cmdline", {"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1",
-                                               "rcu_nocbs": "1", "quiet": None}})
+                                               "rcu_nocbs": "1", "quiet": None}}, "host")
     names = [m.names for m in mechs]
     assert names == [("reschedule_ipi",), ("irq_work_ipi",), ("local_timer",), ("RCU",)]
     both = mechanisms_for("cmdline", {"add": {"kvm-arm.wfi_trap_policy": "notrap",
-                                              "kvm-arm.wfe_trap_policy": "notrap"}})
+                                              "kvm-arm.wfe_trap_policy": "notrap"}}, "host")
     assert len(both) == 1 and both == CMDLINE_MECHANISMS["kvm-arm.wfi_trap_policy"]
-    assert mechanisms_for("cmdline", {"add": {"quiet": None}}) == ()
+    assert mechanisms_for("cmdline", {"add": {"quiet": None}}, "host") == ()

@@ -33,7 +33,7 @@ from orchestrator.run.apply import _report
 from orchestrator.run.context import ChangeOutcome
 from orchestrator.run.engine import ApplyResult
 from orchestrator.stats.decide import DecisionRule, SequentialDecision
-from tests.conftest import RECORDED
+from tests.conftest import RECORDED, REPO
 from tests.unit.test_counters import count, window, window_deltas
 
 pytestmark = pytest.mark.unit
@@ -95,9 +95,9 @@ def outcome(change_id: str, kind: str, target: str, mech: Mechanism, read_on: st
                          latency_applicable=latency_applicable)
 
 
-SERVICE = mechanisms_for("service_disable", {})[0]
-TIMER_MIGRATION = mechanisms_for("sysctl", {"name": "kernel.timer_migration"})[0]
-(NOHZ,) = mechanisms_for("cmdline", {"add": {"nohz_full": "1"}})
+SERVICE = mechanisms_for("service_disable", {}, "host")[0]
+TIMER_MIGRATION = mechanisms_for("sysctl", {"name": "kernel.timer_migration"}, "host")[0]
+(NOHZ,) = mechanisms_for("cmdline", {"add": {"nohz_full": "1"}}, "host")
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +326,27 @@ def test_decision_path_of_each_verdict(service, host_sysctl, boot_change):
     assert decision_path(interim) == ("interim", "Nothing is shown yet at this look: measure more runs.")
     old = {"verdict": "keep", "action": "keep", "reason": "p99.9 is shown better"}
     assert decision_path(old)[0] == "latency"
+
+
+def test_a_mechanism_the_unit_could_not_count_is_named_in_the_report_with_why(tmp_path):
+    left = {"label": "IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)", "source": "sysreg",
+            "why": "the host's kernel has no kvm:kvm_sys_access tracepoint (not an arm64 KVM host)"}
+    run = parse_cyclictest_file(REPO / "tests/recorded/cyclictest/lab/guest-stress-h20000-run1.json")
+    sgi = {"label": "IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)", "source": "sysreg",
+           "names": ["ICC_SGI1R_EL1"], "on": "host", "cpus": "all", "direction": "down", "read_on": "host"}
+    outcome = ChangeOutcome(id="guest.service.m", target="guest", kind="service_disable", description="d",
+                            status="rolled_back", before=[run], after=[run], mechanisms_left_out=[left])
+    counted = outcome.model_copy(update={"id": "guest.cmdline", "mechanisms_left_out": [], "mechanisms": [sgi],
+                                         "rates": {"before": [{sgi["label"]: 28.4}], "after": [{sgi["label"]: 0.0}]}})
+    page = render_html(_report([ApplyResult(unit="u1", profile="p", dry_run=False, outcomes=[counted])], "t"),
+                       tmp_path / "counted.html").read_text()
+    assert "host: kvm:kvm_sys_access hist of the vCPU threads (ICC_SGI1R_EL1), each vCPU thread of the guest" \
+        in htmllib.unescape(page)
+    report = _report([ApplyResult(unit="u1", profile="p", dry_run=False, outcomes=[outcome])], "t")
+    assert report.changes[0].mechanisms_left_out == [left]
+    page = render_html(report, tmp_path / "r.html").read_text()
+    assert 'data-left-out="IPIs the guest sends (ICC_SGI1R_EL1 traps on the host)"' in page
+    assert "no kvm:kvm_sys_access tracepoint" in page
+    path = tmp_path / "r.json"
+    path.write_text(report.model_dump_json())
+    assert load_report(path).changes[0].mechanisms_left_out == [left]  # the saved report keeps it

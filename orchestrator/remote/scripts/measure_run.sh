@@ -1,4 +1,4 @@
-M=$1 nt=$2 nl=$3 settle=$4 lu=$5 nx=$6; shift 6
+M=$1 nt=$2 nl=$3 settle=$4 lu=$5 nx=$6 sr=$7; shift 7
 missing=
 while [ "$nt" -gt 0 ]; do command -v "$1" >/dev/null 2>&1 || missing="$missing $1"; shift; nt=$((nt - 1)); done
 if [ -n "$missing" ]; then echo "missing$missing"; exit 0; fi
@@ -12,8 +12,37 @@ sec() { printf '\n%s %s\n' "$M" "$1"; }
 # a file's lines, read by the shell itself: on a small or emulated unit a fork costs more than the read (the x86
 # lab's TCG guest: 13 ms for /proc/interrupts, softirqs and stat this way, 160 ms with a cat each)
 rd() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done 2>/dev/null < "$1"; }
+# the host's system-register traps of its guests (sr `start:INST` / `stop:INST`, `-`: none): a hist trigger on
+# kvm:kvm_sys_access per trapping thread and GIC CPU-interface register (a hist takes at most 3 keys, so Op0, Op1
+# and CRn are the filter), in a private tracefs instance created by `start` and read and removed by `stop`
+SRT='hist:keys=common_pid,CRm,Op2 if Op0 == 3 && Op1 == 0 && CRn == 12'
+sysreg() {
+  T=
+  for d in /sys/kernel/tracing /sys/kernel/debug/tracing; do [ -e "$d/instances" ] && { T=$d; break; }; done
+  [ -n "$T" ] || { echo "none no tracefs with instances"; return; }
+  mode=${1%%:*} inst=${1#*:} ev=events/kvm/kvm_sys_access
+  case $inst in rt-tune-sysreg-*) ;; *) echo "none bad instance name"; return;; esac
+  I=$T/instances/$inst
+  if [ "$mode" = start ]; then
+    # one left by an rt-tune that died mid-run (the unit lock makes this run the only one on the unit)
+    for o in "$T"/instances/rt-tune-sysreg-*; do
+      [ -d "$o" ] || continue
+      echo "!$SRT" > "$o/$ev/trigger" 2>/dev/null; rmdir "$o" 2>/dev/null && echo "stale ${o##*/}"
+    done
+    [ -e "$T/$ev" ] || { echo "none no kvm:kvm_sys_access tracepoint"; return; }
+    mkdir "$I" 2>/dev/null || { echo "none could not create $I"; return; }
+    if echo "$SRT" > "$I/$ev/trigger" 2>/dev/null; then echo "started $inst"
+    else rmdir "$I"; echo "none the hist trigger was refused"; fi
+  elif [ -d "$I" ]; then
+    echo "instance $inst"; rd "$I/$ev/hist"
+    echo "!$SRT" > "$I/$ev/trigger" 2>/dev/null; rmdir "$I" 2>/dev/null || echo "not-removed"
+  else
+    echo "none the instance $inst is gone"
+  fi
+}
 # one counter snapshot: sections NAME$1 (measure/counters.py parses them)
 snap() {
+  if [ "$sr" != - ]; then sec "sysreg$1"; sysreg "$sr"; fi
   sec "uptime$1"; rd /proc/uptime
   sec "boot_id$1"; rd /proc/sys/kernel/random/boot_id
   sec "interrupts$1"; rd /proc/interrupts

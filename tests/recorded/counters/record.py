@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
 # times N snapshots ($2 = the script) and N `sh -c true` by /proc/uptime inside the unit: "SNAPSHOTS TRUES" seconds
 IN_UNIT = ('up() { read -r u _ < /proc/uptime; echo "$u"; }; n=$1; s=$2; '
-           'a=$(up); i=0; while [ $i -lt "$n" ]; do sh -c "$s" - @@m 0 0 0 - 0 >/dev/null; i=$((i+1)); done; '
+           'a=$(up); i=0; while [ $i -lt "$n" ]; do sh -c "$s" - @@m 0 0 0 - 0 - >/dev/null; i=$((i+1)); done; '
            'b=$(up); i=0; while [ $i -lt "$n" ]; do sh -c true; i=$((i+1)); done; c=$(up); '
            'echo "snapshots $a..$b true $b..$c"')
 

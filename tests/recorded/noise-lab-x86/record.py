@@ -9,14 +9,15 @@ runs at 1 kHz on guest CPU 1 under stress-ng; the histogram 100 ms wide unless t
 seconds. Between boots the lab is reset with `tune lab reset --cold` (fresh disks, a real boot: a new boot_id), so
 the runs show the boot-to-boot effect as well as the spread and the drift within a boot. Writes, per run,
 `bootB/runNN.json` (the LatencyResult measure() returns: its parse of cyclictest's output plus the boot_id, cmdline,
-start time and duration) and `bootB/runNN-cyclictest.txt.gz` (cyclictest's unchanged stdout, gzipped: a -h20000
-histogram is mostly zero rows). Files appear as runs finish, so a partial recording is usable.
+start time and duration) and `bootB/runNN-cyclictest.txt.xz` (cyclictest's unchanged stdout, xz-compressed: a
+-h100000 histogram is mostly zero rows, 1.4 MB raw, about 25 kB as xz). Files appear as runs finish, so a partial
+recording is usable.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import lzma
 import shutil
 import subprocess
 import sys
@@ -62,9 +63,9 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp, SSHTransport(inv.endpoint("lab1", "guest")) as t:
                 res = measure(t, plan.cyclictest, plan.load, target="lab1.guest", artifacts=Path(tmp))
                 raw = Path(res.raw_artifact or "")
-                with raw.open("rb") as src, gzip.open(folder / f"run{i:02d}-cyclictest.txt.gz", "wb") as dst:
+                with raw.open("rb") as src, lzma.open(folder / f"run{i:02d}-cyclictest.txt.xz", "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            public = res.model_copy(update={"raw_artifact": f"run{i:02d}-cyclictest.txt.gz"})
+            public = res.model_copy(update={"raw_artifact": f"run{i:02d}-cyclictest.txt.xz"})
             (folder / f"run{i:02d}.json").write_text(public.model_dump_json(indent=1) + "\n")
             print(f"boot {boot} run {i}: p99.9 {res.all.p999_us} us, max {res.all.max_us} us, "
                   f"{res.all.samples} samples", flush=True)
