@@ -3,15 +3,17 @@ construction; rt-tune keeps the helpful one, rolls back the harmful one and does
 with the evidence the change kind declares, and the unit ends with the harmful change undone.
 
 The unit is found with two real sources of latency on its RT CPU 1 that a field engineer meets:
-- a vendor service, enabled and running, whose task wakes every 120 ms at SCHED_FIFO 99 pinned to CPU 1 and
-  works 30 ms (above cyclictest's priority 95: about one sample in four waits for it, up to 30 ms; a busy
-  machine alone puts this TCG guest's p99.9 at 13-15 ms, so the wait must be longer to be a known effect);
+- a vendor service, enabled and running, whose task wakes every 150 ms at SCHED_FIFO 99 pinned to CPU 1 and
+  works 50 ms (above cyclictest's priority 95: about one sample in three waits for it, up to 50 ms; a busy
+  machine alone puts this TCG guest's p99.9 at 13-15 ms and a stall of CI's loaded host can reach 40 ms, so the
+  wait must be longer to be a known effect);
 - its movable IRQs steered to CPU 0 (as an image that keeps devices off the RT CPU does), among them the serial
   port's, with a writer on CPU 0 keeping the UART busy at a bounded rate (128 bytes every 10 ms: an IRQ per
   FIFO's worth of bytes, a hundred or more a second, a few % of CPU 0).
 
 The profile:
-- helpful: disable the vendor service (`services.disable`): the tail loses the 30 ms waits; kept on latency.
+- helpful: disable the vendor service (`services.disable`): the tail loses the 50 ms waits; kept on latency
+  (p99, the playbook's primary: a 2 s run's p99.9 is its second-largest sample, one host stall moves it).
   (The lab's crash-looping `mirobot_teleoperate`, one core dump per 10 s, is too mild for a short plan: measured
   on this lab on 2026-12-06 with 6 + 6 runs of 5 s, disabling it moved p99.9 4220 -> 4285 us and its IPIs on
   CPU 1 -19% [-62%, +74%]; it stays as found.)
@@ -56,17 +58,17 @@ guest:
     housekeeping: "1"
 """
 
-# 30 ms of work every 120 ms (time.sleep after the work: the period drifts a little, which does not matter)
+# 50 ms of work every 150 ms (time.sleep after the work: the period drifts a little, which does not matter)
 HOG_TASK = """import time
 while True:
-    end = time.monotonic() + 0.030
+    end = time.monotonic() + 0.050
     while time.monotonic() < end:
         pass
-    time.sleep(0.090)
+    time.sleep(0.100)
 """
 HOG_SCRIPT = "/usr/local/lib/rt-lab-vendor-watchdog.py"
 HOG_UNIT = f"""[Unit]
-Description=lab: a vendor service whose task works 30 ms every 120 ms at SCHED_FIFO 99 on CPU 1
+Description=lab: a vendor service whose task works 50 ms every 150 ms at SCHED_FIFO 99 on CPU 1
 
 [Service]
 ExecStart=/usr/bin/python3 {HOG_SCRIPT}
@@ -88,6 +90,13 @@ while True:
 
 def sh(t, script: str) -> str:
     return t.run(["sh", "-c", script]).stdout.strip()
+
+
+def runs(outcome: dict) -> str:
+    """Each run's p99 / p99.9 / max in us, for a failure message: which run broke the order."""
+    def one(r: dict) -> str:
+        return "/".join(str(r["all"].get(k)) for k in ("p99_us", "p999_us", "max_us"))
+    return "; ".join(f"{side}: " + ", ".join(one(r) for r in outcome[side]) for side in ("before", "after"))
 
 
 def irq_count(t, irq: int, cpu: int) -> int:
@@ -143,16 +152,17 @@ def test_helpful_kept_harmful_rolled_back_neutral_not_kept_each_on_its_evidence(
         assert d["runs_before"] == 5 and d["runs_after"] == 5 and o["latency_applicable"] is True, o["id"]
         assert all(len(o["rates"][side]) == 5 for side in ("before", "after")) or not o["mechanisms"], o["id"]
 
-    # helpful: kept on latency (the tail without the 30 ms waits), its declared mechanism read in every run
-    assert helpful["status"] == "kept", helpful["decision"]["reason"]
+    # helpful: kept on latency (the tail without the 50 ms waits), its declared mechanism read in every run
+    assert helpful["status"] == "kept", f"{helpful['decision']['reason']} Runs p99/p99.9/max: {runs(helpful)}"
     assert helpful["decision"]["verdict"] == "keep" and helpful["decision"]["kept_on"] == "latency"
-    p999 = helpful["decision"]["metrics"]["p999_us"]
-    assert p999["after_median_us"] < 0.8 * p999["before_median_us"], p999
+    p99 = helpful["decision"]["metrics"]["p99_us"]
+    assert p99["after_median_us"] < 0.5 * p99["before_median_us"] and p99["role"] == "primary", p99
     (label,) = [m["label"] for m in helpful["mechanisms"]]
     assert all(r[label] is not None for side in ("before", "after") for r in helpful["rates"][side])
 
     # neutral: nothing to keep it on (no mechanism, latency shows nothing) -> not kept
-    assert neutral["mechanisms"] == [] and neutral["decision"]["verdict"] != "keep", neutral["decision"]["reason"]
+    assert neutral["mechanisms"] == [] and neutral["decision"]["verdict"] != "keep", \
+        f"{neutral['decision']['reason']} Runs: {runs(neutral)}"
     assert neutral["status"] == "rolled_back"
 
     # harmful: rolled back on its mechanism: device interrupts on the RT CPU went up several-fold
