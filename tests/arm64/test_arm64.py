@@ -175,9 +175,10 @@ def test_arm64_unit_is_an_el2_host_with_a_nested_kvm_guest_reached_through_it(ar
     assert (b - a) / (tb - ta) > 5.0, (a, b)
 
 
-# The order saves boots: both diagnoses run on the guest up since the lab's boot (the lab boots it with
-# nohz_full=1, so its diagnosis needs no restart of its own, which took 4-8 minutes in CI); the apply's trial boot
-# and rollback reboot the host after them; the guest's power cycle is last, when nothing waits for its boot.
+# The order saves boots and idle CPU: the trap count and the host's diagnosis on the guest up since the lab's
+# boot; the apply's trial boot and rollback reboot the host; the guest's power cycle; last, the guest's diagnosis,
+# which boots the guest with nohz_full=1 (its timekeeping CPU 0 then ticks at 250 Hz, 55% of a host CPU while the
+# lab idles, so only for that test; its boot replaces the power cycle's, which nothing waited for).
 def test_the_host_counts_the_sgi_register_traps_of_each_vcpu_thread_around_a_guest_run(arm64_lab, ahost, aguest):
     """Issue #18: every IPI the nested guest sends is an ICC_SGI1R_EL1 write that traps to the host; rt-tune's
     counters read starts a hist trigger in a private tracefs instance, the next read counts and removes it."""
@@ -256,61 +257,6 @@ def _guest_cmdline(arm64_inventory, deadline: float) -> str:
             time.sleep(3)
 
 
-@pytest.fixture()
-def nohz_nested_guest(arm64_lab, arm64_inventory):
-    """Two busy loops pinned to the nested guest's CPU 1, which the lab boots with nohz_full=1 (its QEMU's
-    -append), once the guest's crash loop has restarted at least once; stopped afterwards."""
-    from orchestrator.remote.ssh import SSHTransport
-
-    assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 400).split()
-    units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
-    with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
-        # the crash loop restarts once a minute here: wait for its first restart (a core dump and NRestarts 1),
-        # before the busy loops take CPU 1. A run lives 4 s, less than the diagnosis window, so from then on
-        # the window either sees a restart or ends in the restart wait after a core dump.
-        deadline = time.monotonic() + 300
-        while int(g.run(["systemctl", "show", "-p", "NRestarts", "--value", "mirobot_teleoperate.service"],
-                        timeout_s=120).stdout) < 1:
-            assert time.monotonic() < deadline, "the nested guest's crash loop did not restart in 5 minutes"
-            time.sleep(5)
-        try:
-            for u in units:
-                g.run(["systemd-run", f"--unit={u}", "--property=CPUAffinity=1", "sh", "-c", "while :; do :; done"],
-                      timeout_s=120)
-            yield [int(g.run(["systemctl", "show", "-p", "MainPID", "--value", u], timeout_s=120).stdout)
-                   for u in units]
-        finally:
-            g.run(["systemctl", "stop", *units], timeout_s=300)
-
-
-def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
-                                                                       nohz_nested_guest, tmp_path):
-    from orchestrator.remote.ssh import SSHTransport
-    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
-
-    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
-        before = tracing_state(g)
-    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "guest", "--duration", "10s", "--json", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    d = json.loads(proc.stdout)
-    [guest] = d["targets"]
-    kinds = {f["kind"]: f for f in d["findings"]}
-
-    assert {"IPI0", "IPI1", "IPI5"} <= {r["row"] for r in guest["ipis"]}
-    assert guest["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), guest["tracing"]
-    loop = kinds["crash_loop"]
-    assert loop["change"] == "guest.service.mirobot_teleoperate.service"
-    [cpu1] = [n for n in guest["nohz"] if n["cpu"] == 1]
-    assert cpu1["tick_stopped"] is False and not cpu1["tick_ok"], cpu1
-    listed = " ".join(cpu1["runnable"] + [cpu1["current"] or ""])
-    assert all(str(p) in listed for p in nohz_nested_guest), (nohz_nested_guest, cpu1)
-    assert "CPU 1" in kinds["nohz_tick"]["title"]
-
-    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
-        assert_same_tracing_state(before, tracing_state(g))
-        no_leftovers(g, "10")
-
-
 @pytest.mark.timeout(3600)  # two host reboots with its nested guest: 10-18 min, over 30 on a slow machine
 def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(arm64_lab, arm64_paths, ahost,
                                                                               nested_playbook):
@@ -372,8 +318,8 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
 
 def test_lab_power_cycle_restarts_the_nested_guest_s_qemu(arm64_lab, arm64_paths, ahost):
     """`tune lab power-cycle lab1-guest`: the inventory's guest_power_cycle, which a trial boot runs for a guest
-    that does not come back with its host. Its QEMU is killed and systemd starts a new one (last in the module:
-    nothing waits for the guest's boot)."""
+    that does not come back with its host. Its QEMU is killed and systemd starts a new one (nothing waits for the
+    guest's boot: the next test restarts the guest with nohz_full=1)."""
     def qemu() -> tuple[str, str]:
         out = ahost.run(["systemctl", "show", "-p", "MainPID", "-p", "ActiveState", "rt-guest-vm.service"]).stdout
         props = dict(line.split("=", 1) for line in out.split())
@@ -389,6 +335,91 @@ def test_lab_power_cycle_restarts_the_nested_guest_s_qemu(arm64_lab, arm64_paths
         time.sleep(1)
     comm = ahost.run(["cat", f"/proc/{qemu()[0]}/comm"]).stdout.strip()
     assert comm.startswith("qemu-system"), comm
+
+
+NOHZ_DROPIN = "/run/systemd/system/rt-guest-vm.service.d/rt-test-nohz.conf"
+
+
+@pytest.fixture()
+def nohz_nested_guest(arm64_lab, arm64_inventory):
+    """Two busy loops pinned to the nested guest's CPU 1, with the guest restarted once with nohz_full=1 (a
+    runtime drop-in with its QEMU's -append plus nohz_full=1: the lab boots it without, since then its CPU 0
+    ticks at 250 Hz, which costs the idle lab 55% of a host CPU instead of 7%), once the guest's crash loop has
+    restarted at least once; stopped afterwards, the drop-in removed and the guest restarted as the lab has it
+    (nothing waits for that boot: this is the module's last test)."""
+    from orchestrator.remote.ssh import SSHTransport
+
+    with SSHTransport(arm64_inventory.endpoint("lab1", "host")) as h:
+        unit = h.run(["cat", "/etc/systemd/system/rt-guest-vm.service"]).stdout
+        lines = unit.splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("ExecStart="))
+        last = next(i for i in range(first, len(lines)) if not lines[i].endswith("\\"))
+        exec_start = "\n".join(lines[first:last + 1])
+        assert exec_start.count('panic=10 quiet"') == 1, exec_start
+        dropin = "[Service]\nExecStart=\n" + exec_start.replace('panic=10 quiet"', 'panic=10 quiet nohz_full=1"')
+        h.run(["mkdir", "-p", NOHZ_DROPIN.rsplit("/", 1)[0]])
+        h.run(["tee", NOHZ_DROPIN], stdin=(dropin + "\n").encode())
+        h.run(["systemctl", "daemon-reload"])
+        h.run(["systemctl", "restart", "rt-guest-vm.service"])
+    try:
+        assert "nohz_full=1" in _guest_cmdline(arm64_inventory, time.monotonic() + 900).split()
+        yield from _busy_nohz_cpu(arm64_inventory)
+    finally:
+        with SSHTransport(arm64_inventory.endpoint("lab1", "host")) as h:
+            h.run(["rm", "-f", NOHZ_DROPIN])
+            h.run(["systemctl", "daemon-reload"])
+            h.run(["systemctl", "restart", "--no-block", "rt-guest-vm.service"])
+
+
+def _busy_nohz_cpu(arm64_inventory):
+    from orchestrator.remote.ssh import SSHTransport
+
+    units = ["rt-tune-test-burn-a", "rt-tune-test-burn-b"]
+    with SSHTransport(arm64_inventory.endpoint("lab1", "guest")) as g:
+        # the crash loop restarts once a minute here: wait for its first restart (a core dump and NRestarts 1),
+        # before the busy loops take CPU 1. A run lives 4 s, less than the diagnosis window, so from then on
+        # the window either sees a restart or ends in the restart wait after a core dump.
+        deadline = time.monotonic() + 300
+        while int(g.run(["systemctl", "show", "-p", "NRestarts", "--value", "mirobot_teleoperate.service"],
+                        timeout_s=120).stdout) < 1:
+            assert time.monotonic() < deadline, "the nested guest's crash loop did not restart in 5 minutes"
+            time.sleep(5)
+        try:
+            for u in units:
+                g.run(["systemd-run", f"--unit={u}", "--property=CPUAffinity=1", "sh", "-c", "while :; do :; done"],
+                      timeout_s=120)
+            yield [int(g.run(["systemctl", "show", "-p", "MainPID", "--value", u], timeout_s=120).stdout)
+                   for u in units]
+        finally:
+            g.run(["systemctl", "stop", *units], timeout_s=300)
+
+
+def test_diagnose_arm64_guest_shows_its_crash_loop_and_a_busy_nohz_cpu(arm64_lab, arm64_paths, arm64_inventory,
+                                                                       nohz_nested_guest, tmp_path):
+    from orchestrator.remote.ssh import SSHTransport
+    from tests.lab.test_diagnose import assert_same_tracing_state, no_leftovers, tracing_state
+
+    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
+        before = tracing_state(g)
+    proc = tune(arm64_paths, "diagnose", "lab1", "--target", "guest", "--duration", "10s", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d = json.loads(proc.stdout)
+    [guest] = d["targets"]
+    kinds = {f["kind"]: f for f in d["findings"]}
+
+    assert {"IPI0", "IPI1", "IPI5"} <= {r["row"] for r in guest["ipis"]}
+    assert guest["tracing"].startswith("tracepoints ipi:ipi_send_cpu"), guest["tracing"]
+    loop = kinds["crash_loop"]
+    assert loop["change"] == "guest.service.mirobot_teleoperate.service"
+    [cpu1] = [n for n in guest["nohz"] if n["cpu"] == 1]
+    assert cpu1["tick_stopped"] is False and not cpu1["tick_ok"], cpu1
+    listed = " ".join(cpu1["runnable"] + [cpu1["current"] or ""])
+    assert all(str(p) in listed for p in nohz_nested_guest), (nohz_nested_guest, cpu1)
+    assert "CPU 1" in kinds["nohz_tick"]["title"]
+
+    with SSHTransport(load_guest_endpoint(arm64_paths)) as g:
+        assert_same_tracing_state(before, tracing_state(g))
+        no_leftovers(g, "10")
 
 
 def load_guest_endpoint(paths: Paths):
