@@ -12,6 +12,9 @@ Runs its own lab (a private RT_TUNE_STATE; the image cache is the user's, built 
   cold_reset       `Lab.reset(cold=True)`: stop, fresh overlay and UEFI vars, boot, snapshot (the old path)
   snapshot_reset   `Lab.reset()`: restore the pristine snapshot (disk and RAM), resync the clock, check the
                    host key and boot_id
+  idle CPU         after the first boot has settled (30 s), the VM's QEMU process's CPU time over 30 s, as % of
+                   one host CPU: what an idle lab takes from the tests beside it (the arm64 host's QEMU runs its
+                   nested guest too)
 
 The peer is the cold reset, measured in the same run: the table shows snapshot_reset / cold_reset.
 Goals (issue #16): an x86 VM alone at SSH <= 20 s, a snapshot reset <= 10 s, an arm64 host reboot with its
@@ -78,6 +81,29 @@ def _reboot(lab: Lab, name: str, also: list[str]) -> float:
     return round(time.monotonic() - t0 - 1.0, 1)  # the reboot starts 1 s after the command
 
 
+def cpu_seconds(stat: str, ticks_per_s: float) -> float:
+    """User + system CPU seconds of a process from its /proc/PID/stat line (fields 14 and 15, counted after the
+    command name, which is in parentheses and may hold spaces)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def _idle_cpu(lab: Lab, name: str, settle_s: float = 30.0, window_s: float = 30.0) -> float:
+    """% of one host CPU that `name`'s QEMU process takes while the VM idles."""
+    import os
+
+    pid = lab.record(lab.load_state(), name).pid
+    if pid is None:
+        raise SystemExit(f"{name}: no QEMU process recorded")
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = Path(f"/proc/{pid}/stat")
+    time.sleep(settle_s)
+    a, t0 = cpu_seconds(stat.read_text(), ticks), time.monotonic()
+    time.sleep(window_s)
+    b, t1 = cpu_seconds(stat.read_text(), ticks), time.monotonic()
+    return round(100.0 * (b - a) / (t1 - t0), 1)
+
+
 def _timed(fn) -> float:
     t0 = time.monotonic()
     fn()
@@ -99,6 +125,7 @@ def bench_arch(arch: str, repeat: int, progress) -> dict[str, dict[str, list[flo
                  "arm64": {"arm64-host": "lab1-host"}}[arch]
         out: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
         analyze: dict[str, str] = {}
+        idle: dict[str, list[float]] = {}
         try:
             for i in range(repeat):
                 for kind, name in kinds.items():
@@ -107,6 +134,8 @@ def bench_arch(arch: str, repeat: int, progress) -> dict[str, dict[str, list[flo
                     names = [name] + (["lab1-guest"] if arch == "arm64" else [])
                     out[kind].setdefault("ssh_alone", []).append(_fresh_start(lab, names)[names[-1]])
                     analyze[kind] = _analyze(lab, name)
+                    progress(f"{arch} {i + 1}/{repeat}: {name} idle CPU")
+                    idle.setdefault(kind, []).append(_idle_cpu(lab, name))
                     if arch == "arm64":
                         analyze["arm64-nested-guest"] = _analyze(lab, "lab1-guest")
                 if arch == "amd64":
@@ -141,6 +170,8 @@ def bench_arch(arch: str, repeat: int, progress) -> dict[str, dict[str, list[flo
             lab.down()
         for kind, text in analyze.items():
             out.setdefault(kind, {})["systemd_analyze"] = text  # type: ignore[assignment]
+        for kind, values in idle.items():
+            out[kind]["idle_cpu_pct"] = values
         return out
 
 
@@ -149,7 +180,7 @@ def summarize(results: dict[str, dict[str, object]]) -> list[dict[str, object]]:
     for kind, measures in results.items():
         cold = measures.get("cold_reset")
         for measure, values in measures.items():
-            if measure == "systemd_analyze":
+            if measure in ("systemd_analyze", "idle_cpu_pct"):
                 continue
             assert isinstance(values, list)
             median = statistics.median(values)
@@ -182,8 +213,11 @@ def main() -> int:
         results.update(bench_arch(arch, args.repeat, progress))  # type: ignore[arg-type]
     rows = summarize(results)
     analyze = {k: v.get("systemd_analyze") for k, v in results.items() if v.get("systemd_analyze")}
+    idle = {k: {"median_pct": statistics.median(v["idle_cpu_pct"]), "runs": v["idle_cpu_pct"]}  # type: ignore
+            for k, v in results.items() if v.get("idle_cpu_pct")}
     if args.json:
-        print(json.dumps({"repeat": args.repeat, "rows": rows, "systemd_analyze": analyze}, indent=2))
+        print(json.dumps({"repeat": args.repeat, "rows": rows, "systemd_analyze": analyze, "idle_cpu": idle},
+                         indent=2))
         return 0
     print(f"{'VM kind':<14} {'measure':<17} {'median s':>9} {'min':>6} {'max':>6}  {'goal':>6}  note")
     for r in rows:
@@ -193,6 +227,9 @@ def main() -> int:
             note += f"  {r['vs_cold_reset']:.3f}x the cold reset"
         print(f"{r['kind']:<14} {r['measure']:<17} {r['median_s']:>9.1f} {r['min_s']:>6.1f} {r['max_s']:>6.1f}  "
               f"{goal:>6}  {note}")
+    print("\nidle CPU (the VM's QEMU, % of one host CPU, median):")
+    for kind, v in idle.items():
+        print(f"  {kind:<20} {v['median_pct']:.1f}%")
     print("\nsystemd-analyze (last boot of each kind):")
     for kind, text in analyze.items():
         print(f"  {kind:<20} {text}")
