@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.lab_bench import cpu_seconds
+
 TICK = os.sysconf("SC_CLK_TCK")
 TOP = 25
 
@@ -29,10 +31,10 @@ def _qemu_ticks(needles: list[bytes]) -> dict[int, int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
             if not argv or b"qemu-system" not in argv[0] or not any(n in a for n in needles for a in argv):
                 continue
-            fields = (proc / "stat").read_bytes().rsplit(b")", 1)[1].split()
+            stat = (proc / "stat").read_text()
         except OSError:
             continue
-        out[int(proc.name)] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        out[int(proc.name)] = round(cpu_seconds(stat, 1))  # ticks: utime + stime
     return out
 
 

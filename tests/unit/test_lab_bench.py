@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from benchmarks.lab_bench import cpu_seconds
 
 pytestmark = pytest.mark.unit
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from lab_bench import cpu_seconds  # noqa: E402
 
 
 def test_cpu_seconds_of_a_real_process_match_what_the_kernel_reports_to_it():
