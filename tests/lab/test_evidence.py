@@ -14,9 +14,9 @@ The unit is found with two real sources of latency on its RT CPU 1 that a field 
 The profile:
 - helpful: disable the vendor service (`services.disable`): the tail loses the 50 ms waits; kept on latency
   (p99, the playbook's primary: a 2 s run's p99.9 is its second-largest sample, one host stall moves it).
-  (The lab's crash-looping `mirobot_teleoperate`, one core dump per 10 s, is too mild for a short plan: measured
-  on this lab on 2026-12-06 with 6 + 6 runs of 5 s, disabling it moved p99.9 4220 -> 4285 us and its IPIs on
-  CPU 1 -19% [-62%, +74%]; it stays as found.)
+  (The lab's crash-looping `mirobot_teleoperate`, one core dump per 20 s, is too mild for a short plan: measured
+  on this lab on 2026-12-06, at one per 10 s, with 6 + 6 runs of 5 s, disabling it moved p99.9 4220 -> 4285 us
+  and its IPIs on CPU 1 -19% [-62%, +74%]; it stays as found.)
 - harmful: IRQ affinity with the RT CPU named as housekeeping (a careless profile): the serial IRQ, and every
   other movable one, moves onto CPU 1. The tail of a TCG guest hardly shows it in seconds; its declared mechanism
   does: device interrupts on CPU 1 go up several-fold, and the change is rolled back on that mechanism;

@@ -28,7 +28,7 @@ RT_GUEST_VM = "rt-guest-vm.service"
 
 
 def _wait_for(what: str, probe: Callable[[], T], ok: Callable[[T], bool], timeout_s: float = 90) -> T:
-    """Poll `probe` until `ok` (the guest's service crashes every ~10-15 s, QEMU may be restarting)."""
+    """Poll `probe` until `ok` (the guest's service crashes every ~20 s, QEMU may be restarting)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = probe()

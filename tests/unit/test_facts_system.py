@@ -318,6 +318,38 @@ def test_no_qemu_on_the_guest():
     assert QEMU_PROCESSES.parse(rec("guest-facts-qemu-processes.txt")) == []
 
 
+def test_the_qemu_script_finds_qemu_by_its_exe_on_this_machine(tmp_path):
+    """The script itself (not a recording), through a LocalTransport: a process whose exe is named qemu-system-*
+    (a copy of `sleep`) is found with its argv and every thread; a decoy whose path only mentions qemu-system in a
+    directory name, and one that only says so in its argv, are not."""
+    import shutil
+    import subprocess
+
+    from orchestrator.remote.local import LocalTransport
+
+    sleep = shutil.which("sleep")
+    assert sleep
+    fake = tmp_path / "bin" / "qemu-system-x86_64"
+    decoy_dir = tmp_path / "qemu-system-tools"
+    for d in (fake.parent, decoy_dir):
+        d.mkdir()
+    shutil.copy(sleep, fake)
+    shutil.copy(sleep, decoy_dir / "sleep")
+    procs = [subprocess.Popen([str(fake), "30"]), subprocess.Popen([str(decoy_dir / "sleep"), "30"]),
+             subprocess.Popen(["sh", "-c", "exec -a qemu-system-aarch64 sleep 30"])]
+    try:
+        found = {q.pid: q for q in QEMU_PROCESSES.gather(LocalTransport())}
+        assert procs[0].pid in found, found.keys()
+        q = found[procs[0].pid]
+        assert q.exe == str(fake) and q.argv == [str(fake), "30"]
+        assert [t.tid for t in q.other_threads] == [procs[0].pid] and q.vcpus == []
+        assert procs[1].pid not in found and procs[2].pid not in found
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def test_qemu_processes_refuse_broken_output():
     good = rec("host-facts-qemu-processes.txt")
     lines = good.splitlines(keepends=True)
