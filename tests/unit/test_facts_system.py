@@ -5,6 +5,7 @@ which must raise ParseError instead of giving a silent partial answer."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -600,6 +601,43 @@ def test_thread_listing_fact_runs_the_shipped_helper_in_memory():
     assert QA_COPY in PIN_VCPUS and "@QA_COPY@" in (SCRIPTS_DIR / "pin_vcpus.py").read_text()
     with pytest.raises(ParseError):
         thread_listing_fact(0)
+
+
+def test_the_pin_helper_sweeps_threads_left_on_the_old_cpus(tmp_path):
+    """A thread QEMU starts while its threads are being pinned inherits the old affinity (CI, 2026-12-07: a
+    thread-pool `worker` on 0-1 after pinning made the change's verify fail): the helper's last pass moves every
+    thread but the pinned vCPUs to the housekeeping CPUs. Run on a real process of this machine."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.remote.remote_scripts import SCRIPTS_DIR
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to tell the housekeeping CPU from the rest")
+    spec = importlib.util.spec_from_file_location("pin_vcpus", SCRIPTS_DIR / "pin_vcpus.py")
+    assert spec and spec.loader
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    code = ("import threading, time\n"
+            "for _ in range(3): threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+            "time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(100):
+            tids = sorted(helper.tasks(child.pid))
+            if len(tids) == 4:
+                break
+            time.sleep(0.05)
+        assert len(tids) == 4, tids
+        all_cpus = os.sched_getaffinity(child.pid)
+        vcpu = tids[-1]
+        helper.sweep(child.pid, {vcpu}, {0})
+        assert {t: os.sched_getaffinity(t) for t in tids} == {**{t: {0} for t in tids[:-1]}, vcpu: all_cpus}
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ---- IRQ affinity with movability (what the IRQ-affinity change reads) --------------------------------------

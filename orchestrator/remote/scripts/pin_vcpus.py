@@ -137,9 +137,28 @@ def pin(pid, vmap, hk, fifo):
                 os.sched_setaffinity(tid, {rt[tid]} if tid in rt else hk)
             except ProcessLookupError:
                 pass  # a worker thread that just ended
+    if hk is not None:
+        sweep(pid, {vcpus[v][0] for v in vmap}, hk)
     if fifo:
         for v in vmap:
             set_policy(vcpus[v][0], "fifo", fifo)
+
+def sweep(pid, vtids, hk):
+    # a thread QEMU started while the threads were being pinned (a thread-pool worker spawned by a thread not yet
+    # moved) inherited the old affinity: pin the stragglers until a pass finds none. Threads started afterwards
+    # inherit the housekeeping CPUs from the thread that starts them.
+    for _ in range(10):
+        strays = 0
+        for tid in tasks(pid):
+            try:
+                if tid not in vtids and os.sched_getaffinity(tid) != hk:
+                    os.sched_setaffinity(tid, hk)
+                    strays += 1
+            except ProcessLookupError:
+                pass  # a worker thread that just ended
+        if not strays:
+            return
+        time.sleep(0.05)
 
 def restore(pid, before):
     vcpus, _ = find_vcpus(pid, len(before["vcpus"]))
