@@ -74,10 +74,12 @@ def sshd_server(
     *,
     config: Sequence[str] = (),
     extra_host_keys: Sequence[str] = (),
+    wrap: Sequence[str] = (),
 ) -> Iterator[Sshd]:
     """Start sshd with its keys and config in `d`; `force_commands` maps an extra port's name to its command.
     `config`: more sshd_config lines (e.g. a pre-auth `Banner`); `extra_host_keys`: key types the server
-    offers besides its ed25519 key (hostkey-<type>; only the ed25519 one is in `known_hosts`)."""
+    offers besides its ed25519 key (hostkey-<type>; only the ed25519 one is in `known_hosts`); `wrap`: a command
+that runs sshd (`exec "$@"`), e.g. in a mount namespace with its own /etc/hosts."""
     if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
         pytest.fail("transport tests need a real sshd: apt-get install -y openssh-server")
     if os.geteuid() != 0:
@@ -119,7 +121,7 @@ def sshd_server(
     subprocess.run([SSHD, "-t", "-f", str(config)], check=True, capture_output=True)
     log = d / "sshd.log"
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log_file, stderr=log_file)
+        proc = subprocess.Popen([*wrap, SSHD, "-D", "-e", "-f", str(config)], stdout=log_file, stderr=log_file)
     try:
         deadline = time.monotonic() + 10
         while True:

@@ -21,6 +21,7 @@ integer or a boolean (never null, a float, a list or a mapping).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -46,6 +47,8 @@ from orchestrator.core.cpulist import (
 )
 from orchestrator.core.errors import InputError
 from orchestrator.core.names import InvalidName, check_unit_name, with_unit_suffix
+from orchestrator.remote import sshconfig
+from orchestrator.remote.sshconfig import Hop, SSHClientConfig
 from orchestrator.remote.transport import Endpoint
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)  # unit and group names, whole-string
@@ -289,40 +292,30 @@ class Inventory(_Strict):
         return _endpoint(spec.guest, host if spec.guest.via_host else None)
 
 
-def ssh_config_lookup(address: str, path: Path | None = None) -> dict[str, Any]:
-    """What ~/.ssh/config says about `address` (HostName, Port, User, IdentityFile, UserKnownHostsFile)."""
-    import paramiko
-
-    path = path or Path.home() / ".ssh" / "config"
-    if not path.is_file():
-        return {}
-    try:
-        config = paramiko.SSHConfig.from_path(str(path))
-        return config.lookup(address)
-    except (OSError, ValueError, paramiko.SSHException) as exc:  # UnicodeDecodeError is a ValueError
-        raise InputError(f"{path}: cannot read this SSH config (rt-tune takes what the inventory leaves out of "
-                         f"an endpoint from it): {type(exc).__name__}: {str(exc)[:200]}") from None
-
-
 def _endpoint(spec: EndpointSpec, jump: Endpoint | None, ssh_config: Path | None = None) -> Endpoint:
-    """The inventory's explicit settings win; what it leaves out comes from ~/.ssh/config, then defaults."""
-    config = ssh_config or Path.home() / ".ssh" / "config"
-    cfg = ssh_config_lookup(spec.address, config)
+    """The inventory's explicit settings win; what it leaves out comes from the user's SSH config (~/.ssh/config
+    and /etc/ssh/ssh_config, or only `ssh_config`), then the defaults. `jump` (the unit's host, for a guest with
+    `via_host`) replaces the config's ProxyJump; otherwise the config's ProxyJump chain is the endpoint's."""
+    config = sshconfig.load(ssh_config)
     given = spec.model_fields_set
-    host = cfg.get("hostname", spec.address)
-    port = spec.port if "port" in given or "port" not in cfg else cfg["port"]
-    if not (isinstance(port, int) or port.isascii() and port.isdigit()):
-        raise InputError(f"{config}: Port {port!r} for {spec.address}: expected a port number 1..65535")
-    user = spec.user if "user" in given or "user" not in cfg else cfg["user"]
-    key = spec.key if spec.key or not cfg.get("identityfile") else cfg["identityfile"][0]
-    known = spec.known_hosts
-    if not known and cfg.get("userknownhostsfile"):
-        known = cfg["userknownhostsfile"].split()[0]
+    hop = sshconfig.resolve(config, spec.address, port=spec.port if "port" in given else None,
+                            user=spec.user if "user" in given else None, jump=jump is None)
+    return _hop_endpoint(config, hop, spec, jump)
+
+
+def _hop_endpoint(config: SSHClientConfig, hop: Hop, spec: EndpointSpec | None, jump: Endpoint | None) -> Endpoint:
+    """An Endpoint for a resolved hop, with its jump chain unless `jump` is given: the inventory's `spec` (the
+    target's) wins where it says something."""
+    if jump is None and hop.jump is not None:
+        jump = _hop_endpoint(config, hop.jump, None, None)
+    key = spec.key if spec is not None and spec.key else hop.key_file
+    known = spec.known_hosts if spec is not None and spec.known_hosts else hop.known_hosts
     try:
-        return Endpoint(host=host, port=int(port), user=user, key_file=key, known_hosts=known,
-                        become=spec.become, jump=jump)
+        endpoint = Endpoint(host=hop.host, port=hop.port, user=hop.user or "root", key_file=key,
+                            known_hosts=known, become=spec.become if spec is not None else False, jump=jump)
+        return replace(endpoint, connect_timeout=hop.connect_timeout) if hop.connect_timeout else endpoint
     except ValueError as exc:  # the inventory's values are checked already: a bad one came from the SSH config
-        raise InputError(f"{config}: for {spec.address}: {exc}") from None
+        raise InputError(f"{config.where}: for {hop.alias}: {exc}") from None
 
 
 def load_inventory(path: Path) -> Inventory:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from orchestrator.core.errors import InputError
+from orchestrator.core.textfile import read_text_file
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -69,27 +69,6 @@ def key_path(loc: tuple[Any, ...]) -> str:
     parts = [p if isinstance(p, str) and p and p.isprintable() else repr(p) if isinstance(p, str) else str(p)
              for p in loc]
     return ".".join(parts) or "(top level)"
-
-
-def _read_text(path: Path, max_bytes: int) -> str:
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise InputError(f"{path}: {st.st_size} bytes is larger than the {max_bytes} bytes rt-tune reads "
-                             "from a YAML file")
-        with path.open("rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
-    if len(data) > max_bytes:
-        raise InputError(f"{path}: larger than the {max_bytes} bytes rt-tune reads from a YAML file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
 
 
 def _check_events(yaml: YAML, text: str, path: Path, max_depth: int) -> None:
@@ -140,7 +119,7 @@ def read_yaml(path: Path, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DE
     """The round-trip document of a config file (CommentedMap/Seq: they know their lines), within the
     limits of the module docstring; any problem is an InputError naming the file (and line)."""
     path = Path(path)
-    text = _read_text(path, max_bytes)
+    text = read_text_file(path, max_bytes, "a YAML file")
     yaml = _loader()
     try:
         _check_events(yaml, text, path, max_depth)

@@ -729,6 +729,17 @@ def _open_client(
     return client, jump_clients
 
 
+def _fabric_connection(endpoint: Endpoint, timeout: float, connect_kwargs: dict):
+    """A fabric Connection for one hop, settled already: the endpoint is resolved (the inventory and the user's
+    SSH config, orchestrator/remote/sshconfig.py), so fabric reads no config file of its own (no ~/.fabric.yaml,
+    no ssh_config a second time), and the jump chain is rt-tune's (gateway=False)."""
+    import fabric
+
+    config = fabric.Config(ssh_config=paramiko.SSHConfig(), lazy=True)
+    return fabric.Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config, gateway=False,
+                             connect_timeout=math.ceil(timeout), connect_kwargs=connect_kwargs)
+
+
 def _connect_client(
     endpoint: Endpoint,
     *,
@@ -739,11 +750,9 @@ def _connect_client(
 ) -> paramiko.SSHClient:
     label = endpoint.label
     trust = _Trust.load(endpoint, defaults)
-    client = paramiko.SSHClient()
-    # No keys loaded into the client: the policy decides every key from the files that decide (see _Trust).
-    client.set_missing_host_key_policy(_KnownHostsPolicy(trust))
     pkey = _load_private_key(endpoint, passphrase)
     with_key = pkey is not None
+    client = paramiko.SSHClient()  # replaced by the fabric Connection's own below, once the socket is open
     log.debug("%s: connecting%s", label, f" via {endpoint.jump.label}" if endpoint.jump else "")
     try:
         conn: _JumpChannel | socket.socket
@@ -753,21 +762,21 @@ def _connect_client(
             conn = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
-            conn = sock
-        client.connect(
-            endpoint.host,
-            port=endpoint.port,
-            username=endpoint.user,
-            pkey=pkey,
-            allow_agent=not with_key,
-            look_for_keys=not with_key,
-            timeout=timeout,
-            banner_timeout=timeout,
-            auth_timeout=timeout,
-            channel_timeout=timeout,
-            sock=conn,  # type: ignore[arg-type]  # paramiko wants a socket-like object
-            transport_factory=trust.transport,
-        )
+            conn = sock  # the jump chain is opened by _open_client, which names the hop that failed
+        connection = _fabric_connection(endpoint, timeout, {
+            "pkey": pkey,
+            "allow_agent": not with_key,  # no key named: the agent's keys (SSH_AUTH_SOCK), then the default files
+            "look_for_keys": not with_key,
+            "banner_timeout": timeout,
+            "auth_timeout": timeout,
+            "channel_timeout": timeout,
+            "sock": conn,
+            "transport_factory": trust.transport,
+        })
+        client = connection.client
+        # No keys loaded into the client: the policy decides every key from the files that decide (see _Trust).
+        client.set_missing_host_key_policy(_KnownHostsPolicy(trust))
+        connection.open()
     except _HostKeyRefused as exc:
         client.close()
         raise HostKeyError(str(exc)) from None

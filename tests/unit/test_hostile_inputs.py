@@ -176,7 +176,7 @@ def test_an_html_report_into_a_directory_that_does_not_exist_yet_is_written(d):
     ("Host 127.0.0.1\n  Port \u0662\u0662\n", "expected a port number 1..65535"),  # Arabic-Indic "22"
     ("Host 127.0.0.1\n  Port 99999\n", "invalid SSH port 99999"),
     ('Host 127.0.0.1\n  HostName "evil host"\n', "invalid SSH host 'evil host'"),
-    (b"\xff\xfe Host x\n", "cannot read this SSH config"),
+    (b"\xff\xfe Host x\n", ":1: not UTF-8 text"),
 ])
 def test_a_bad_value_from_the_users_ssh_config_is_an_input_error_naming_it(tmp_path, config, message):
     """Before: ValueError/UnicodeDecodeError from int() or paramiko, an internal error (exit 70)."""
@@ -187,7 +187,7 @@ def test_a_bad_value_from_the_users_ssh_config_is_an_input_error_naming_it(tmp_p
     path.write_bytes(config if isinstance(config, bytes) else config.encode())
     with pytest.raises(InputError) as exc:
         _endpoint(EndpointSpec(address="127.0.0.1"), None, ssh_config=path)
-    assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value)
+    assert str(exc.value).startswith(f"{path}") and message in str(exc.value)
 
 
 def test_a_bad_port_in_the_users_ssh_config_is_exit_2_through_the_cli(d):
@@ -196,7 +196,7 @@ def test_a_bad_port_in_the_users_ssh_config_is_exit_2_through_the_cli(d):
     (d / "inv.yaml").write_text("units:\n  lab1:\n    host: {address: 127.0.0.1}\n")
     proc = tune(d, "facts", "lab1", "-i", str(d / "inv.yaml"))
     assert proc.returncode == 2, proc.stderr
-    assert f"{d}/.ssh/config: Port 'abc' for 127.0.0.1" in proc.stderr and "internal error" not in proc.stderr
+    assert f"{d}/.ssh/config line 2: Port 'abc' for 127.0.0.1" in proc.stderr and "internal error" not in proc.stderr
 
 
 # ---- inventories that can only be mistakes --------------------------------------------------------------------

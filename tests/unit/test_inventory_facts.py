@@ -97,18 +97,16 @@ def test_truncated_output_is_an_error_not_an_empty_fact():
 
 
 def test_ssh_config_fills_what_the_inventory_leaves_out(tmp_path, monkeypatch):
-    from orchestrator.config import inventory as inv_mod
-
-    cfg = tmp_path / "config"
-    cfg.write_text("Host robot1-host\n  HostName 10.1.2.3\n  Port 2222\n  User tuner\n"
-                   "  IdentityFile /keys/robot\n")
-    monkeypatch.setattr(inv_mod, "ssh_config_lookup",
-                        lambda address, path=None, real=inv_mod.ssh_config_lookup: real(address, cfg))
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.ssh/config
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / "robot").write_text("a key file")
+    (tmp_path / ".ssh" / "config").write_text("Host robot1-host\n  HostName 10.1.2.3\n  Port 2222\n  User tuner\n"
+                                              f"  IdentityFile {tmp_path}/robot\n")
     p = tmp_path / "inv.yaml"
     p.write_text("units:\n  r1:\n    host: {address: robot1-host}\n  r2:\n    host: {address: robot1-host, "
                  "port: 22, user: root}\n")
     inv = load_inventory(p)
     e1 = inv.endpoint("r1")
-    assert (e1.host, e1.port, e1.user, e1.key_file) == ("10.1.2.3", 2222, "tuner", "/keys/robot")
+    assert (e1.host, e1.port, e1.user, e1.key_file) == ("10.1.2.3", 2222, "tuner", f"{tmp_path}/robot")
     e2 = inv.endpoint("r2")  # explicit inventory values win
     assert (e2.host, e2.port, e2.user) == ("10.1.2.3", 22, "root")
