@@ -21,7 +21,7 @@ from orchestrator.cli.common import (
     err,
     new_progress,
 )
-from orchestrator.core.errors import ExitStatus
+from orchestrator.core.errors import ExitStatus, InputError
 
 
 @click.command("facts")
@@ -219,15 +219,41 @@ def rollback_cmd(unit: str, all_: bool, change_id: str | None, inventory_file: s
 @click.command("verify")
 @click.argument("unit")
 @click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--checks", "with_checks", is_flag=True,
+              help="Also run the health checks (as `tune check UNIT`): the shipped ones and --profile's files.")
+@click.option("--profile", "profile_name", default=None, help="With --checks: the profile whose check files run.")
 @_db_option
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(unit: str, inventory_file: str | None, as_json: bool, db: str | None = None) -> None:
-    """Compare UNIT's live state with the journal; drift marks the unit degraded (nothing is overwritten)."""
+def verify_cmd(unit: str, inventory_file: str | None, as_json: bool, with_checks: bool = False,
+               profile_name: str | None = None, db: str | None = None) -> None:
+    """Compare UNIT's live state with the journal; drift marks the unit degraded (nothing is overwritten).
+    With --checks, the health checks run too; a failing one exits 12 when nothing drifted."""
     engine, _ = _engine(inventory_file, db, (unit,))
+    profile = None
+    if profile_name is not None:
+        if not with_checks:
+            raise InputError("--profile names check files: use it with --checks")
+        from orchestrator.config.profile import find_profile, load_profile
+
+        profile = load_profile(find_profile(profile_name))
     report = engine.verify(unit)
     table = Table("change", "target", "in place")
     for r in report:
         table.add_row(r["change"], r["target"], "yes" if r["in_place"] else "DRIFTED")
-    emit(report, as_json, table)
+    checks_ok = True
+    if with_checks:
+        from orchestrator.run.checks import check_units
+
+        reports = check_units(engine.inventory, engine.journal, [unit], profile)
+        checks_ok = all(r.ok for r in reports)
+        for r in reports:
+            table.add_row(f"health checks ({r.summary()})", r.target, "yes" if r.ok else "FAILED")
+        emit({"changes": report, "checks": [{"target": r.target, "ok": r.ok, "error": r.error,
+                                             "counts": r.counts(), "failed": [o.model_dump() for o in r.failed]}
+                                            for r in reports]}, as_json, table)
+    else:
+        emit(report, as_json, table)
     if any(not r["in_place"] for r in report):
         sys.exit(ExitStatus.DRIFT)
+    if not checks_ok:
+        sys.exit(ExitStatus.CHECK_FAILED)

@@ -21,6 +21,7 @@ from orchestrator.cli.apply import (
     status_cmd,
     verify_cmd,
 )
+from orchestrator.cli.check import check_cmd
 from orchestrator.cli.common import Cli
 from orchestrator.cli.diagnose import diagnose_cmd
 from orchestrator.cli.lab import lab
@@ -45,7 +46,7 @@ def cli(verbose: bool) -> None:
 
 
 for _command in (lab, facts_cmd, apply_cmd, rollout_cmd, ab_cmd, plan_cmd, profile, status_cmd, rollback_cmd,
-                 verify_cmd, cyclictest_parse_cmd, measure_cmd, report_cmd, diagnose_cmd):
+                 verify_cmd, cyclictest_parse_cmd, measure_cmd, report_cmd, diagnose_cmd, check_cmd):
     cli.add_command(_command)
 
 

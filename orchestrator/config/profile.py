@@ -262,6 +262,8 @@ def _wfx_switch(v: Any) -> Any:
 
 class GuestSection(_Strict):
     cmdline: dict[str, CmdlineValue | None] = Field(default_factory=dict)
+    #: the user's check files (pytest-testinfra modules) for this target, relative to the file that lists them
+    checks: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list)
     sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
     services: Services = Field(default_factory=Services)
     irq_affinity: IrqAffinity | None = None
@@ -314,6 +316,19 @@ class Profile(_Strict):
         """The files this profile was merged from, in the order they were applied."""
         return [self._source.files[i][0] for i in self._source.applied] if self._source else []
 
+    def check_files(self, target: str) -> list[tuple[Path, str]]:
+        """The user's check files for `target` (host or guest), each with where the profile lists it
+        (FILE:LINE): relative paths are relative to the directory of the file that lists them."""
+        sec = getattr(self, target, None)
+        out = []
+        for i, raw in enumerate(sec.checks if sec is not None else []):
+            loc = (target, "checks", i)
+            base = self._source.file_of(loc).parent if self._source else Path.cwd()
+            path = Path(raw).expanduser()
+            out.append(((path if path.is_absolute() else base / path).resolve(),
+                        self._source.where(loc) if self._source else raw))
+        return out
+
 
 class ChangeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -323,6 +338,8 @@ class ChangeSpec(BaseModel):
     kind: Kind
     params: dict[str, Any]
     needs_reboot: bool = False
+    #: the user's check files for this target (absolute): part of a trial boot's health gate
+    checks: list[str] = []
 
 
 # ---- problems ------------------------------------------------------------------------------------------
@@ -492,6 +509,11 @@ def load_profile(path: Path, unit_vars: dict | None = None, unit_cpus: int | Non
         problems.raise_if_any(f"invalid profile {path}")
         raise  # pragma: no cover - errors() is never empty
     profile._source = source
+    for target in ("host", "guest"):
+        for i, (check, _) in enumerate(profile.check_files(target)):
+            if not check.is_file():
+                problems.add((target, "checks", i), f"check file {check} does not exist (a pytest-testinfra "
+                             "module; relative paths are relative to this profile file)", str(check))
 
     host_cpus = unit_cpus
     guest_cpus = None

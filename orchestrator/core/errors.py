@@ -21,6 +21,7 @@ class ExitStatus(IntEnum):
     ROLLOUT = 9  # FleetError: a rollout could not go on
     ROLLOUT_HALTED = 10  # RolloutHalted: too many failures or a latency regression
     TRACING_CHANGED = 11  # a diagnosis left the target's tracing state changed
+    CHECK_FAILED = 12  # `tune check`: a health check failed, or a target could not be checked
     INTERNAL = 70  # sysexits.h EX_SOFTWARE: a bug in rt-tune (the traceback is logged, never printed)
     IO = 74  # sysexits.h EX_IOERR: a file or directory of the controller's own could not be read or written
     INTERRUPTED = 130  # 128 + SIGINT

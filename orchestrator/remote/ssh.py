@@ -471,6 +471,14 @@ class SSHTransport(_CommandTransport):
             except Exception as exc:  # noqa: BLE001 - closing a dead client must not fail the caller
                 log.debug("%s: error while closing client: %s", self.label, exc)
 
+    def paramiko_client(self) -> paramiko.SSHClient:
+        """The connected client (connecting now if needed), for a library that talks paramiko itself
+        (testinfra's paramiko backend, orchestrator/checks/backend.py): verified as every connection is."""
+        with self._lock:
+            self._transport()
+            assert self._client is not None
+            return self._client
+
     def _transport(self) -> paramiko.Transport:
         with self._lock:
             if self._client is not None:

@@ -375,6 +375,10 @@ class BootActive:
             problem = r.wfx_evidence(self.unit, spec, plan)
             if problem is not None:
                 out = out.model_copy(update={"result": "unhealthy", "reason": f"booted the trial, but: {problem}"})
+        if out.result == "healthy" and spec.checks:
+            problem = self.user_checks()
+            if problem is not None:
+                out = out.model_copy(update={"result": "unhealthy", "reason": f"booted the trial, but: {problem}"})
         if out.result == "healthy":
             return out.health.model_dump() if out.health else None
         if out.result == "lost":
@@ -386,6 +390,26 @@ class BootActive:
         r.undo(self.unit, spec.target, self.before, plan.target, on_trial=out.result == "unhealthy")
         raise ChangeUndone("rolled back by fallback: " + out.reason if out.result == "fallback"
                            else "rolled back: " + out.reason)
+
+    def user_checks(self) -> str | None:
+        """The profile's check files for the rebooted target, on the trial boot: None when they all pass, else
+        which failed (an unhealthy trial, rolled back)."""
+        from pathlib import Path
+
+        from orchestrator.checks.promises import TargetPromise
+        from orchestrator.checks.runner import run_checks
+
+        unit_spec = self.ctx.inventory.unit(self.unit)
+        report = run_checks(self.unit, self.spec.target, self.ctx.inventory.endpoint(self.unit, self.spec.target),
+                            TargetPromise(target=self.spec.target), user_files=[Path(f) for f in self.spec.checks],
+                            variables=dict(unit_spec.vars), shipped=False)
+        self.ctx.emit("trial.checks", self.subject, f"the profile's checks on the trial: {report.summary()}",
+                      passed=report.ok, failed=[o.nodeid.split("::", 1)[-1] for o in report.failed])
+        if report.ok:
+            return None
+        failed = "; ".join(f"{o.nodeid.split('::', 1)[-1]}: {o.message.splitlines()[0] if o.message else ''}"
+                           for o in report.failed[:5])
+        return f"the profile's checks failed ({report.summary()}): {failed or report.error}"
 
     def switch(self, on: bool) -> None:
         if on:

@@ -24,6 +24,7 @@ from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal.records import ChangeRecord, UnitStateName
 from orchestrator.remote.transport import Transport
 from orchestrator.run.boot import BootChangeRunner
+from orchestrator.run.checks import preflight_check_files, user_check_files
 from orchestrator.run.context import ChangeOutcome, RunContext, SharedConnections, Status
 from orchestrator.run.transaction import JournaledChange, Planned, run_change
 
@@ -121,6 +122,9 @@ class Engine(RunContext):
         spec = self.inventory.unit(unit)  # an unknown unit: InputError listing the known ones
         profile = load_profile(profile_path, spec.vars)  # checks the `cpus` var itself (no int() traceback)
         specs = resolve(profile, unit, spec)
+        preflight_check_files(profile)  # the user's checks load and define tests, before anything is touched
+        specs = [s.model_copy(update={"checks": [str(f) for f in user_check_files(profile, s.target)]})
+                 if s.needs_reboot else s for s in specs]
         if self.plan.boot.cmdline == "per_key":  # one trial boot per argument (playbook `boot.cmdline`)
             specs = [part for s in specs for part in split_cmdline(s)]
         check_keep_on(self.plan, self.plan_path,

@@ -246,3 +246,39 @@ def test_controller_killed_while_the_unit_reboots_is_reconciled_from_the_units_s
     assert kinds == ["trial.reboot"]
     assert json.loads(tune(lab_paths, "status", "--json").stdout)["lab1"]["in_flight"] == []
     assert cmdline_of(guest) == old
+
+
+CHECK_REFUSES_NOHZ = '''\
+"""The robot's own invariant, as its integrator writes it: its controller cannot run with nohz_full."""
+
+
+def test_the_controller_runs_without_nohz_full(host, rt_vars, rt_target):
+    assert rt_target == "guest" and rt_vars["guest_rt_cpus"]
+    assert "nohz_full=" not in host.file("/proc/cmdline").content_string
+'''
+
+
+def test_tune_check_on_the_lab_then_a_trial_whose_profile_check_fails_is_rolled_back(lab_paths, guest,
+                                                                                     pristine_guest, tmp_path):
+    """Issue #19: `tune check` runs the shipped checks (real systemd: the guest's crash loop is found) and the
+    profile's own check file (it passes on the old boot); then the same check fails on the trial boot, which is
+    rolled back like any unhealthy trial."""
+    _, old = pristine_guest
+    (tmp_path / "test_robot.py").write_text(CHECK_REFUSES_NOHZ)
+    profile = write_profile(tmp_path, "guest:\n  cmdline:\n    nohz_full: \"1\"\n  checks: [test_robot.py]\n")
+    check = tune(lab_paths, "check", "lab1", "--profile", profile, "--json", "--junit", str(tmp_path / "j.xml"))
+    assert check.returncode == 12, check.stderr[-2000:]  # the lab guest's crash loop
+    reports = {r["target"]: r for r in json.loads(check.stdout)["reports"]}
+    assert reports["host"]["ok"], reports["host"]
+    outcomes = {o["nodeid"].split("::")[-1]: o for o in reports["guest"]["outcomes"]}
+    assert outcomes["test_the_controller_runs_without_nohz_full"]["outcome"] == "passed"
+    assert outcomes["test_no_crash_loop"]["outcome"] == "failed"
+    assert "mirobot_teleoperate.service" in outcomes["test_no_crash_loop"]["message"]
+    assert "test_no_crash_loop" in (tmp_path / "j.xml").read_text()
+
+    proc = tune(lab_paths, "apply", profile, "--playbook", PLAYBOOK, "--json")
+    o = outcome(proc, "guest.cmdline")
+    assert o["status"] == "rolled_back", o
+    assert "the profile's checks failed" in o["reason"], o["reason"]
+    assert "test_the_controller_runs_without_nohz_full" in o["reason"] and "nohz_full=" in o["reason"]
+    assert cmdline_of(guest) == old  # (the fixture checks the boot files byte for byte)

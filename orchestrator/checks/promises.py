@@ -1,0 +1,60 @@
+"""What a unit's kept changes promise, per target, in the terms a check reads back: the data the shipped checks
+(orchestrator/checks/shipped/test_promises.py) test. Built from the journal's kept records (their desired params
+and state), so a check tests exactly what rt-tune says it keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from orchestrator.journal.records import ChangeRecord
+
+
+class VcpuPromise(BaseModel):
+    service: str
+    vcpus: dict[str, int]  # guest vCPU -> host CPU
+    housekeeping: list[int]
+
+
+class TargetPromise(BaseModel):
+    """One target's promises; empty when rt-tune keeps nothing there (the user's checks still run)."""
+
+    target: str
+    cmdline: dict[str, str | None] = Field(default_factory=dict)  # argument -> value (None: a bare flag)
+    sysctl: dict[str, str] = Field(default_factory=dict)
+    services_disabled: dict[str, bool] = Field(default_factory=dict)  # unit -> masked
+    vcpu_pinning: VcpuPromise | None = None
+    irq_housekeeping: list[int] | None = None
+    irqs_moved: list[str] = Field(default_factory=list)
+    wfx_notrap: bool = False
+    change_ids: list[str] = Field(default_factory=list)
+
+
+def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", "guest")) -> dict[str, TargetPromise]:
+    """The promises of the kept `records`, for each of `targets`."""
+    out = {t: TargetPromise(target=t) for t in targets}
+    for rec in records:
+        p = out.setdefault(rec.target, TargetPromise(target=rec.target))
+        params: dict[str, Any] = rec.desired.get("params", {})
+        state: dict[str, Any] = rec.desired.get("state") or {}
+        p.change_ids.append(rec.change_id)
+        if rec.kind == "cmdline":
+            p.cmdline.update(params.get("add", {}))
+        elif rec.kind == "sysctl":
+            p.sysctl[params["name"]] = str(params["value"])
+        elif rec.kind == "service_disable":
+            p.services_disabled[params["unit"]] = bool(params.get("mask"))
+        elif rec.kind == "vcpu_pinning":
+            p.vcpu_pinning = VcpuPromise(service=params["service"], vcpus=params["vcpus"],
+                                         housekeeping=params["housekeeping"])
+        elif rec.kind == "irq_affinity":
+            p.irq_housekeeping = list(params["housekeeping"])
+            p.irqs_moved = sorted(state.get("irqs", {}), key=lambda irq: (len(irq), irq))
+        elif rec.kind == "wfx_notrap":
+            p.wfx_notrap = True
+            if not params.get("kernel"):  # Linux >= 6.11: the boot parameters (a patched kernel has none)
+                p.cmdline.update({"kvm-arm.wfi_trap_policy": params.get("wfi", "notrap"),
+                                  "kvm-arm.wfe_trap_policy": params.get("wfe", "notrap")})
+    return out

@@ -1,0 +1,150 @@
+"""Health checks as testinfra tests (issue #19), against a REAL sshd on this machine (tests/sshd.py): the shipped
+checks read back what a promise says, a user's check file gets the testinfra `host` and the variables, a check
+cannot write (a read-only mount namespace), a hanging check is stopped and counts as failed, and bad check files
+are input errors before anything connects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.checks.promises import TargetPromise
+from orchestrator.checks.runner import check_files, run_checks
+from orchestrator.core.errors import InputError
+from tests.sshd import Sshd, sshd_server
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory) -> Iterator[Sshd]:
+    with sshd_server(tmp_path_factory.mktemp("checks-sshd")) as server:
+        yield server
+
+
+def outcomes(report) -> dict[str, str]:
+    return {o.nodeid.split("::", 1)[1]: o.outcome for o in report.outcomes}
+
+
+def test_shipped_checks_read_back_the_promise_and_name_what_drifted(sshd, tmp_path):
+    arg = Path("/proc/cmdline").read_text().split()[0]
+    value = Path("/proc/sys/kernel/timer_migration").read_text().strip()
+    promise = TargetPromise(target="host", cmdline={arg.split("=", 1)[0]: arg.split("=", 1)[1] if "=" in arg else None,
+                                                    "rt_tune_not_booted": "1"},
+                            sysctl={"kernel.timer_migration": value, "vm.swappiness": "-7"})
+    junit = tmp_path / "junit.xml"
+    report = run_checks("u1", "host", sshd.endpoint(), promise, junit=junit, check_timeout_s=30)
+    seen = outcomes(report)
+    assert seen[f"test_cmdline_argument[{arg}]"] == "passed", report
+    assert seen["test_cmdline_argument[rt_tune_not_booted=1]"] == "failed"
+    assert seen["test_sysctl[kernel.timer_migration]"] == "passed"
+    assert seen["test_sysctl[vm.swappiness]"] == "failed"
+    [swap] = [o for o in report.outcomes if "vm.swappiness" in o.nodeid]
+    assert "not '-7'" in swap.message and swap.shipped
+    assert not report.ok and report.error == "" and report.counts()["failed"] == 2
+    xml = junit.read_text()
+    assert 'failures="2"' in xml and "rt_tune_not_booted" in xml
+
+
+def test_a_users_check_gets_host_and_vars_cannot_write_and_is_stopped_when_it_hangs(sshd, tmp_path):
+    user = tmp_path / "test_robot.py"
+    user.write_text(
+        "import pytest\n"
+        "def test_hostname_file(host, rt_vars, rt_target):\n"
+        "    assert host.file('/proc/sys/kernel/hostname').exists and rt_vars['robot'] == 'r2d2'\n"
+        "    assert rt_target == 'host' and host.backend.get_connection_type() == 'paramiko'\n"
+        "def test_write_is_refused(host):\n"
+        "    r = host.run('touch /etc/rt-tune-check-wrote-this')\n"
+        "    assert r.rc == 0, r.stderr\n"
+        "def test_sysctl_write_is_refused(host):\n"
+        "    r = host.run('echo 0 > /proc/sys/kernel/timer_migration')\n"
+        "    assert r.rc == 0, r.stderr\n"
+        "def test_hangs(host):\n"
+        "    host.run('sleep 600')\n")
+    check_files([user], "profile.yaml")
+    report = run_checks("u1", "host", sshd.endpoint(), TargetPromise(target="host"), user_files=[user],
+                        variables={"robot": "r2d2"}, check_timeout_s=8, shipped=False)
+    seen = outcomes(report)
+    assert seen["test_hostname_file"] == "passed", report
+    assert seen["test_write_is_refused"] == "failed" and not Path("/etc/rt-tune-check-wrote-this").exists()
+    assert "Read-only file system" in next(o.message for o in report.outcomes if "write_is" in o.nodeid)
+    assert seen["test_sysctl_write_is_refused"] == "failed"
+    assert seen["test_hangs"] == "failed"
+    assert "Timeout" in next(o.message for o in report.outcomes if "hangs" in o.nodeid)
+
+
+@pytest.mark.parametrize("body, message", [
+    (None, "does not exist"),
+    ("import no_such_module_rt_tune\ndef test_x():\n    pass\n", "do not load"),
+    ("def helper():\n    pass\n", "defines no test"),
+    ("def test_x(:\n", "do not load"),
+])
+def test_bad_check_files_are_input_errors_before_anything_connects(tmp_path, body, message):
+    f = tmp_path / "test_bad.py"
+    if body is not None:
+        f.write_text(body)
+    with pytest.raises(InputError) as exc:
+        check_files([f], "profile.yaml:7")
+    assert str(exc.value).startswith("profile.yaml:7: ") and message in str(exc.value), str(exc.value)
+
+
+def test_a_target_that_cannot_be_reached_is_a_run_error_not_a_pass(sshd, tmp_path):
+    bad = sshd.endpoint(port=1)
+    report = run_checks("u1", "host", bad, TargetPromise(target="host", sysctl={"kernel.timer_migration": "1"}),
+                        check_timeout_s=20)
+    assert not report.ok and (report.failed or report.error)
+
+
+def _cli_setup(sshd: Sshd, d: Path, check_body: str) -> tuple[dict, Path]:
+    import os
+
+    (d / "inventory.yaml").write_text(
+        f"units:\n  u1:\n    host: {{address: 127.0.0.1, port: {sshd.port}, key: {sshd.client_key}, "
+        f"known_hosts: {sshd.known_hosts}}}\n    vars: {{robot: r2d2}}\n")
+    (d / "checks").mkdir()
+    (d / "checks" / "test_robot.py").write_text(check_body)
+    (d / "profile.yaml").write_text("name: with-checks\nhost:\n  checks:\n    - checks/test_robot.py\n")
+    env = {"HOME": str(d), "RT_TUNE_STATE": str(d / "state"), "PATH": os.environ["PATH"],
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return env, d / "inventory.yaml"
+
+
+def _tune(env: dict, d: Path, *args: str):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=d, capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_tune_check_runs_the_profiles_checks_writes_junit_and_exits_12_on_a_failure(sshd, tmp_path):
+    import json
+
+    env, inv = _cli_setup(sshd, tmp_path, "def test_robot_named(host, rt_vars):\n"
+                                          "    assert rt_vars['robot'] == 'r2d2'\n"
+                                          "    assert host.file('/proc/self/status').exists\n")
+    ok = _tune(env, tmp_path, "check", "u1", "-i", str(inv), "--profile", "profile.yaml", "--json",
+               "--junit", "out/junit.xml")
+    assert ok.returncode == 0, ok.stderr
+    [report] = json.loads(ok.stdout)["reports"]
+    assert report["ok"] and report["counts"]["passed"] >= 1
+    assert any(o["nodeid"].endswith("test_robot_named") and o["outcome"] == "passed" for o in report["outcomes"])
+    assert "<testsuites" in (tmp_path / "out" / "junit.xml").read_text()
+
+    (tmp_path / "checks" / "test_robot.py").write_text("def test_robot_named(rt_vars):\n"
+                                                       "    assert rt_vars['robot'] == 'c3po'\n")
+    bad = _tune(env, tmp_path, "check", "--all", "-i", str(inv), "--profile", "profile.yaml",
+                "--junit", "out/junit.xml")
+    assert bad.returncode == 12, bad.stderr
+    assert "test_robot_named" in bad.stdout and "failed" in bad.stdout
+    assert 'failures="1"' in (tmp_path / "out" / "junit.xml").read_text()
+
+    (tmp_path / "profile.yaml").write_text("name: with-checks\nhost:\n  checks:\n    - checks/test_missing.py\n")
+    missing = _tune(env, tmp_path, "check", "u1", "-i", str(inv), "--profile", "profile.yaml")
+    assert missing.returncode == 2 and "profile.yaml:4" in missing.stderr and "does not exist" in missing.stderr
+    usage = _tune(env, tmp_path, "check", "-i", str(inv))
+    assert usage.returncode == 2 and "name one UNIT or --all" in usage.stderr
