@@ -36,6 +36,8 @@ def check_cmd(unit: str | None, all_units: bool, profile_name: str | None, inven
 
     if bool(unit) == all_units:
         raise InputError("name one UNIT or --all")
+    if junit is not None:
+        _writable(junit)
     engine, chosen = _engine(inventory_file, db, (unit,) if unit else (), read_only=True)
     profile = load_profile(find_profile(profile_name)) if profile_name else None
 
@@ -57,3 +59,13 @@ def check_cmd(unit: str | None, all_units: bool, profile_name: str | None, inven
     emit({"reports": data, "junit": str(junit) if junit else None}, as_json, table)
     if not all(r.ok for r in reports):
         sys.exit(ExitStatus.CHECK_FAILED)
+
+
+def _writable(path: Path) -> None:
+    """--junit's file can be written: checked before any unit is touched, not after every check ran."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise InputError(f"--junit {path}: cannot write it: {exc.strerror or exc}") from None

@@ -114,6 +114,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -260,10 +261,17 @@ def _wfx_switch(v: Any) -> Any:
                       "{kernel: {deb: FILE}} or {kernel: {package: NAME}}")
 
 
+def _check_file_name(v: str) -> str:
+    if not v or not v.isprintable() or not v.endswith(".py"):
+        raise PydanticCustomError("check_file", "a check file is the path of a Python file (`test_*.py`), on one "
+                                                "line, without control characters")
+    return v
+
+
 class GuestSection(_Strict):
     cmdline: dict[str, CmdlineValue | None] = Field(default_factory=dict)
     #: the user's check files (pytest-testinfra modules) for this target, relative to the file that lists them
-    checks: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list)
+    checks: list[Annotated[StrictStr, AfterValidator(_check_file_name)]] = Field(default_factory=list)
     sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
     services: Services = Field(default_factory=Services)
     irq_affinity: IrqAffinity | None = None

@@ -79,8 +79,8 @@ def load(path: Path | str | None = None) -> SSHClientConfig:
     lines: list[_Line] = []
     read: list[str] = []
     for top in tops:
-        if not os.path.isfile(top):
-            continue
+        if not os.path.lexists(top):
+            continue  # a FIFO, a directory or a dangling link is not skipped: read_text_file says what it is
         read.append(top)
         lines += _expand(top, depth=0, stack=(), base=_base_dir(top))
     parsed = paramiko.SSHConfig()

@@ -148,3 +148,30 @@ def test_tune_check_runs_the_profiles_checks_writes_junit_and_exits_12_on_a_fail
     assert missing.returncode == 2 and "profile.yaml:4" in missing.stderr and "does not exist" in missing.stderr
     usage = _tune(env, tmp_path, "check", "-i", str(inv))
     assert usage.returncode == 2 and "name one UNIT or --all" in usage.stderr
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('""', "a check file is the path of a Python file"),
+    ('"test_a\\u0000b.py"', "without control characters"),
+    ("notes.txt", "a check file is the path of a Python file"),
+    ("[test_a.py]", "Input should be a valid string"),
+    ("checks_dir.py", "does not exist"),
+])
+def test_bad_check_entries_in_a_profile_name_file_and_line(tmp_path, entry, message):
+    from orchestrator.config.profile import load_profile
+
+    (tmp_path / "checks_dir.py").mkdir()
+    p = tmp_path / "profile.yaml"
+    p.write_text(f"name: x\nguest:\n  checks:\n    - {entry}\n")
+    with pytest.raises(InputError) as exc:
+        load_profile(p)
+    assert f"{p}:4" in str(exc.value) and message in str(exc.value), str(exc.value)
+
+
+def test_an_unwritable_junit_path_is_refused_before_anything_runs(tmp_path):
+    env = {"HOME": str(tmp_path), "RT_TUNE_STATE": str(tmp_path / "state"), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    (tmp_path / "a-dir").mkdir()
+    for junit, message in ((str(tmp_path / "a-dir"), "is a directory"), ("/proc/rt-tune.xml", "cannot write it")):
+        proc = _tune(env, tmp_path, "check", "u1", "--junit", junit)
+        assert proc.returncode == 2 and message in proc.stderr and junit in proc.stderr, proc.stderr

@@ -220,3 +220,11 @@ def test_sshconfig_load_reads_the_users_and_the_systems_files(tmp_path, monkeypa
     config = sshconfig.load()
     assert config.files[0] == str(tmp_path / ".ssh" / "config")
     assert config.lookup("x")["port"] == "1"
+
+
+def test_a_config_that_is_not_a_regular_file_is_an_error_not_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    os.mkfifo(tmp_path / ".ssh" / "config")  # would block a reader forever
+    with pytest.raises(InputError, match="not a regular file"):
+        _endpoint(EndpointSpec(address="robot"), None)
