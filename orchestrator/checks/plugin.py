@@ -64,6 +64,8 @@ def host(rt_spec: CheckSpec):
         backend = RtTuneBackend(t, command_timeout_s=rt_spec.command_timeout_s, read_only=rt_spec.read_only)
         the_host = Host(backend)
         backend.set_host(the_host)
+        with open(rt_spec.results, "a") as f:  # whether the commands ran read-only: the report says it
+            f.write(json.dumps({"read_only": backend.read_only}) + "\n")
         yield the_host
 
 

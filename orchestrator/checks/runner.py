@@ -42,6 +42,8 @@ class CheckReport(BaseModel):
     target: str
     outcomes: list[CheckOutcome] = Field(default_factory=list)
     error: str = ""  # the run itself failed (could not connect, pytest crashed)
+    #: whether the checks' commands ran in a read-only mount namespace (None: no check connected)
+    read_only: bool | None = None
 
     @property
     def failed(self) -> list[CheckOutcome]:
@@ -60,6 +62,8 @@ class CheckReport(BaseModel):
     def summary(self) -> str:
         c = self.counts()
         text = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
+        if self.read_only is False:
+            text += " (NOT read-only: no `unshare` or no root on the target)"
         return f"{text}; {self.error}" if self.error else text
 
 
@@ -132,6 +136,9 @@ def run_checks(unit: str, target: str, endpoint: Endpoint, promise: TargetPromis
         if results.exists():
             for line in results.read_text().splitlines():
                 r = json.loads(line)
+                if "read_only" in r:
+                    report.read_only = r["read_only"]
+                    continue
                 prior = seen.get(r["nodeid"])
                 if prior is not None and prior.outcome == "failed":
                     continue  # a failed call stays failed whatever its teardown did

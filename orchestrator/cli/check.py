@@ -55,6 +55,7 @@ def check_cmd(unit: str | None, all_units: bool, profile_name: str | None, inven
                 table.add_row(r.unit, r.target, escape(o.nodeid.split("::", 1)[-1]), o.outcome,
                               escape(o.message.splitlines()[0][:120] if o.message else ""))
     data = [{"unit": r.unit, "target": r.target, "ok": r.ok, "error": r.error, "counts": r.counts(),
+             "read_only": r.read_only,
              "outcomes": [o.model_dump() for o in r.outcomes]} for r in reports]
     emit({"reports": data, "junit": str(junit) if junit else None}, as_json, table)
     if not all(r.ok for r in reports):

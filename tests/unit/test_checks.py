@@ -68,6 +68,7 @@ def test_a_users_check_gets_host_and_vars_cannot_write_and_is_stopped_when_it_ha
                         variables={"robot": "r2d2"}, check_timeout_s=8, shipped=False)
     seen = outcomes(report)
     assert seen["test_hostname_file"] == "passed", report
+    assert report.read_only is True and "NOT read-only" not in report.summary()
     assert seen["test_write_is_refused"] == "failed" and not Path("/etc/rt-tune-check-wrote-this").exists()
     assert "Read-only file system" in next(o.message for o in report.outcomes if "write_is" in o.nodeid)
     assert seen["test_sysctl_write_is_refused"] == "failed"
