@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "trial.healthy": "the trial booted with the intended cmdline and kernel, healthy",
     "trial.fallback": "the unit came back on its old cmdline: the trial fell back by itself",
     "trial.unhealthy": "the trial booted but is not healthy (or came back on neither cmdline)",
+    "trial.checks": "the profile's health checks ran on the trial boot (a failure makes it unhealthy)",
     "trial.lost": "the unit did not come back at all",
     # measurement runs (orchestrator.measure.runner)
     "measure.load": "the load a run starts before cyclictest",
