@@ -1,6 +1,6 @@
 """What a unit's kept changes promise, per target, in the terms a check reads back: the data the shipped checks
-(orchestrator/checks/shipped/test_promises.py) test. Built from the journal's kept records (their desired params
-and state), so a check tests exactly what rt-tune says it keeps."""
+(orchestrator/checks/shipped/test_promises.py) test. Built from the journal's kept records (their desired
+params), so a check tests exactly what rt-tune says it keeps."""
 
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ class TargetPromise(BaseModel):
     sysctl: dict[str, str] = Field(default_factory=dict)
     services_disabled: dict[str, bool] = Field(default_factory=dict)  # unit -> masked
     vcpu_pinning: VcpuPromise | None = None
-    irq_housekeeping: list[int] | None = None
-    irqs_moved: list[str] = Field(default_factory=list)
     wfx_notrap: bool = False
     change_ids: list[str] = Field(default_factory=list)
 
@@ -38,7 +36,6 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
     for rec in records:
         p = out.setdefault(rec.target, TargetPromise(target=rec.target))
         params: dict[str, Any] = rec.desired.get("params", {})
-        state: dict[str, Any] = rec.desired.get("state") or {}
         p.change_ids.append(rec.change_id)
         if rec.kind == "cmdline":
             p.cmdline.update(params.get("add", {}))
@@ -49,9 +46,7 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
         elif rec.kind == "vcpu_pinning":
             p.vcpu_pinning = VcpuPromise(service=params["service"], vcpus=params["vcpus"],
                                          housekeeping=params["housekeeping"])
-        elif rec.kind == "irq_affinity":
-            p.irq_housekeeping = list(params["housekeeping"])
-            p.irqs_moved = sorted(state.get("irqs", {}), key=lambda irq: (len(irq), irq))
+        # irq_affinity: no promise a read-only check can test (orchestrator/checks/shipped/test_promises.py)
         elif rec.kind == "wfx_notrap":
             p.wfx_notrap = True
             if not params.get("kernel"):  # Linux >= 6.11: the boot parameters (a patched kernel has none)

@@ -16,7 +16,7 @@ import glob
 import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,15 +202,11 @@ def resolve(config: SSHClientConfig, alias: str, *, port: int | None = None, use
             # as `ssh -J a,b`: b is reached through a, whatever b's own config says; a through its own ProxyJump
             hop_resolved = resolve(config, m["host"].strip("[]"), port=hop_port, user=m["user"],
                                    jump=i == 0, _path=path)
-            previous = hop_resolved if i == 0 else _with_jump(hop_resolved, previous)
+            previous = hop_resolved if i == 0 else replace(hop_resolved, jump=previous)
     known = settings.get("userknownhostsfile")
     return Hop(alias=alias, host=settings["hostname"], port=port or 22,
                user=user or settings.get("user"), key_file=_first_identity(settings.get("identityfile") or []),
                known_hosts=known.split()[0] if known else None, connect_timeout=timeout, jump=previous)
-
-
-def _with_jump(hop: Hop, jump: Hop | None) -> Hop:
-    return Hop(hop.alias, hop.host, hop.port, hop.user, hop.key_file, hop.known_hosts, hop.connect_timeout, jump)
 
 
 def _first_identity(files: list[str]) -> str | None:
