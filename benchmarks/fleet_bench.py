@@ -33,8 +33,8 @@ Ansible runs twice: with full facts (gather_subset all, Ansible's default) and w
 still has kernel, arch, hostname and CPU count (!all,!min,platform,hardware). The goals are judged on both.
 
 After the timed rounds rt-tune is profiled (unless --no-profile): per phase and per remote command, connect
-cost, process start; then what-ifs that are NOT rt-tune's code (TCP_NODELAY on the connection; the work
-batched into 2 round trips per target), interleaved with rt-tune as is, to show what each change would save.
+cost, process start; then a what-if that is NOT rt-tune's code (the work hand-batched into 2 shell commands per
+target), interleaved with rt-tune as is, to show what is left above that floor.
 
 All tools run as processes (rt-tune's side is benchmarks/fleet/rt_tune_run.py, which calls
 `rt_tune_fleet(endpoints)` - SSHTransport, gather_basic, SysctlChange plan/apply/verify - on a thread pool of
@@ -185,9 +185,10 @@ def make_tools(fleet: SshFleet, work: Path, wl: Workload, ansible_variants: list
     env = base_env(work)
     n = fleet.count
     tools = [Tool("rt-tune", "rt-tune", [sys.executable, str(RT_TUNE_RUN), str(specs), "--workers", str(n)], env,
-                  f"SSHTransport (paramiko {metadata.version('paramiko')}) per target, one connection each, "
-                  f"thread pool of {n}; gather_basic (6 commands: hostname, uname -r, uname -m, cpus online, "
-                  f"cmdline, boot_id); SysctlChange plan/apply/verify")]
+                  f"SSHTransport (fabric {metadata.version('fabric')}, paramiko {metadata.version('paramiko')}) "
+                  f"per target, one connection each, thread pool of {n}; plan_all (hostname, uname -r, uname -m, "
+                  f"cpus online and the SysctlChange's state: one command), then unless a no-op "
+                  f"SysctlChange.apply_and_read + verify (one command)")]
 
     # Ansible: ansible.cfg, inventory and extra vars in work/ansible
     adir = work / "ansible"
@@ -306,7 +307,7 @@ def run_json(argv: list[str], env: dict[str, str]) -> tuple[float, dict]:
 
 def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> dict:
     """Where rt-tune's time goes (phases, remote commands, connects, process start), and what-ifs that are NOT
-    rt-tune's code: TCP_NODELAY on the connection, and the same work batched into 2 round trips per target."""
+    rt-tune's code: the same work hand-batched into 2 round trips per target."""
     env = base_env(work)
     specs = work / "specs.json"
     one = work / "specs-one.json"
@@ -329,7 +330,7 @@ def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> d
         wall, doc = run_json([sys.executable, str(RT_TUNE_RUN), str(spec), "--profile", "--workers", str(n),
                               *extra], env)
         outs = doc["outcomes"]
-        phases = [p for p in ("connect", "facts", "plan", "apply", "verify", "close")
+        phases = [p for p in ("connect", "facts+plan", "apply+verify", "close")
                   if any(p in o["phases"] for o in outs)]
         cmds: dict[str, list[float]] = {}
         for o in outs:
@@ -350,11 +351,8 @@ def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> d
 
     progress("profile: rt-tune instrumented, 1 target alone (no contention)")
     prof["one_target"] = instrumented(one, "1 target", [])
-    prof["one_target_nodelay"] = instrumented(one, "1 target, what-if TCP_NODELAY", ["--what-if-nodelay"])
     progress(f"profile: rt-tune instrumented, {n} targets")
     prof["fleet"] = instrumented(specs, f"{n} targets", [])
-    progress(f"profile: rt-tune instrumented, {n} targets, what-if TCP_NODELAY")
-    prof["fleet_nodelay"] = instrumented(specs, f"{n} targets, what-if TCP_NODELAY", ["--what-if-nodelay"])
 
     progress(f"profile: connect + auth only, {n} targets at once (x{rounds})")
     walls, per, cpus = [], [], []
@@ -371,9 +369,7 @@ def profile_rt_tune(fleet: SshFleet, wl: Workload, work: Path, rounds: int) -> d
 
     # what-ifs, and the real thing again between them, so all of them see the same load; CPU of each run
     variants = [("connect + auth only", ["--connect-only"]), ("rt-tune as is", []),
-                ("what-if TCP_NODELAY", ["--what-if-nodelay"]),
-                ("what-if batched (2 round trips)", ["--what-if-batched"]),
-                ("what-if batched + TCP_NODELAY", ["--what-if-batched", "--what-if-nodelay"])]
+                ("what-if hand-batched (2 shell commands)", ["--what-if-batched"])]
     keys = ("process", "in_process", "ok", "controller_cpu", "targets_cpu")
     acc: dict[str, dict[str, list]] = {label: {k: [] for k in keys} for label, _ in variants}
     for r in range(rounds):
@@ -515,7 +511,7 @@ def print_report(doc: dict) -> None:
         print(f"- paramiko connect + host key check + auth only: {c['one_target_ms']:.0f} ms for 1 target alone; "
               f"{n} at once: {c['in_process_wall_s']:.2f} s in process (median per target "
               f"{c['per_target_median_ms']:.0f} ms), controller CPU {c['controller_cpu_s']:.2f} s")
-        for key in ("one_target", "one_target_nodelay", "fleet", "fleet_nodelay"):
+        for key in ("one_target", "fleet"):
             f = p[key]
             print(f"- instrumented run, {f['label']}: {f['process_wall_s']:.2f} s process, "
                   f"{f['in_process_wall_s']:.2f} s in process, controller CPU {f['controller_cpu_s']:.2f} s, "
@@ -545,14 +541,12 @@ def print_report(doc: dict) -> None:
               f"{k['targets']:.1f} ms (sshd fork + re-exec, key exchange, auth).")
         a = p["what_if"]["rt-tune as is"]
         cpu = a["controller_cpu_s"] + a["targets_cpu_s"]
-        one, one_nd = p["one_target"], p["one_target_nodelay"]
+        one = p["one_target"]
         print(f"rt-tune as is used {cpu:.2f} CPU-seconds (controller + targets) in {a['process_wall_s']:.2f} s of "
               f"wall on {os.cpu_count()} CPUs, {100 * cpu / (a['process_wall_s'] * (os.cpu_count() or 1)):.0f}% of "
               f"them by itself (other sessions' load comes on top). Where that share is high, a round trip costs "
-              f"mostly CPU here and TCP_NODELAY saves little; on a real fleet each target has its own CPUs and a "
-              f"round trip costs latency, as in the 1-target runs (median per command "
-              f"{one['all_commands_median_ms']:.0f} ms as is, {one_nd['all_commands_median_ms']:.0f} ms with "
-              f"TCP_NODELAY).")
+              f"mostly CPU here; on a real fleet each target has its own CPUs and a round trip costs latency, as "
+              f"in the 1-target run (median per command {one['all_commands_median_ms']:.0f} ms).")
         print()
     sc = doc.get("scale")
     if sc and "error" not in sc:

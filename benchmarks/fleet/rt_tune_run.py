@@ -1,18 +1,19 @@
 """The fleet workload done with rt-tune's real code path, for `benchmarks/fleet_bench.py`.
 
-Per target: an `SSHTransport` (paramiko, host key checked against the known_hosts file), `gather_basic`,
-then `SysctlChange(name, value)`: `plan` (reads the live value and the drop-in; a no-op when both are in
-place), `apply` unless the plan is a no-op (writes /etc/sysctl.d/90-rt-tune-NAME.conf and runs `sysctl -w`),
-`verify` (reads both again). All targets at once on a thread pool (32 workers by default): the shape the fleet
-runner reuses. `rt_tune_fleet(endpoints)` is the one function to swap for the fleet module later.
+Per target: an `SSHTransport` (fabric/paramiko, host key checked against the known_hosts file), then
+`SysctlChange(name, value)` planned together with the workload's facts (`plan_all`: hostname, kernel, arch,
+CPUs online and the change's live value and drop-in, one round trip), and unless the plan is a no-op
+`apply_and_read` (writes /etc/sysctl.d/90-rt-tune-NAME.conf, runs `sysctl -w` and reads both back: one round
+trip) and `verify` on what it read. A no-op's verification is the plan's own read, as in `tune apply`. These
+are the calls `tune plan` and `tune apply` make (run/engine.py). All targets at once on a thread pool (32
+workers by default): the shape the fleet runner reuses.
 
 As a script (what the benchmark times, so rt-tune pays its interpreter start and imports like the CLI tools):
 
-    python benchmarks/fleet/rt_tune_run.py SPECS.json [--profile] [--connect-only]
-                                           [--what-if-batched] [--what-if-nodelay]
+    python benchmarks/fleet/rt_tune_run.py SPECS.json [--profile] [--connect-only] [--what-if-batched]
 
-(--profile records every remote command; the --what-if-* options are NOT rt-tune's code path: they show what
-a change to it would save.)
+(--profile records every remote command; --what-if-batched is NOT rt-tune's code path: the same work in two
+hand-written commands, the floor of any design with two round trips.)
 
 SPECS.json is a list of {"host", "port", "user", "key_file", "known_hosts"}; prints one JSON document.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,13 +34,16 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from orchestrator.changes.base import plan_all
 from orchestrator.changes.sysctl import SysctlChange
-from orchestrator.facts.base import gather_basic
+from orchestrator.facts.base import ARCH, CPUS_ONLINE, HOSTNAME, KERNEL_RELEASE
 from orchestrator.remote.ssh import SSHTransport  # noqa: E402
 from orchestrator.remote.transport import Endpoint  # noqa: E402
 
 SYSCTL_NAME = "net.ipv4.ip_forward"
 SYSCTL_VALUE = "1"
+#: the workload's facts, as pyinfra and Ansible gather them (rt-tune's `tune facts` adds cmdline and boot id)
+WORKLOAD_FACTS = (HOSTNAME, KERNEL_RELEASE, ARCH, CPUS_ONLINE)
 
 
 @dataclass
@@ -72,36 +75,13 @@ class CountingSSHTransport(SSHTransport):
             self.log.append((self.phase, _command_kind(argv), time.monotonic() - start))
 
 
-def enable_nodelay_what_if() -> None:
-    """WHAT-IF (profiling only, patches this process): every direct SSH connection gets a socket with
-    TCP_NODELAY set before the handshake (passed to paramiko as `sock=`). Neither paramiko nor rt-tune sets it;
-    without it, a command that follows another on the same connection waits for the peer's delayed ACK of the
-    previous channel's last small packet (Nagle), about 40 ms per command. This is the change proposed for
-    orchestrator/remote/ssh.py's `_connect_client`."""
-    import orchestrator.remote.ssh as tr
-    from orchestrator.core.errors import ConnectError
-
-    original = tr._connect_client
-
-    def connect_client(endpoint, *, sock, timeout, passphrase):
-        if sock is None:
-            try:
-                sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-            except OSError as exc:
-                raise ConnectError(f"{endpoint.label}: cannot connect: {exc}") from exc
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return original(endpoint, sock=sock, timeout=timeout, passphrase=passphrase)
-
-    tr._connect_client = connect_client
-
-
 def _command_kind(argv: Sequence[str]) -> str:
     if argv[:2] == ["sh", "-c"]:
         script = argv[2]
-        if script.startswith("umask 077; tmp=$1"):
-            return "write_file (sh: cat > tmp; chmod; sync; mv)"
-        if script.startswith("if [ -e"):
-            return "read_optional probe (sh: [ -e ] && cat)"
+        if script.startswith("set -f; m=$1"):
+            return "gather (sh: facts and the change's state)"
+        if script.startswith("m=$1; tmp=$2"):
+            return "write_run_read (sh: write drop-in; sysctl -w; read back)"
         return "sh -c " + script[:30]
     if argv[0] == "cat" and argv[-1].startswith("/etc/"):
         return "read_file " + argv[-1]
@@ -125,20 +105,20 @@ def run_target(
     value: str = SYSCTL_VALUE,
     transport_factory: Callable[[Endpoint], SSHTransport] = SSHTransport,
 ) -> TargetOutcome:
-    """Facts, then one sysctl change planned, applied (unless already in place) and verified, on one target."""
+    """Facts and one sysctl change planned in one round trip; applied, read back and verified in another unless
+    already in place."""
     outcome = TargetOutcome(target=endpoint.label, ok=False)
     t = transport_factory(endpoint)
     try:
         _phase(t, outcome, "connect", t.connect)
-        facts = _phase(t, outcome, "facts", lambda: gather_basic(t, endpoint.label))
-        outcome.facts = {"hostname": facts.hostname, "kernel_release": facts.kernel_release, "arch": facts.arch,
-                         "cpu_count": len(facts.cpus_online)}
         change = SysctlChange(name, value)
-        plan = _phase(t, outcome, "plan", lambda: change.plan(t))
+        facts, [plan] = _phase(t, outcome, "facts+plan", lambda: plan_all(t, [change], WORKLOAD_FACTS))
+        outcome.facts = {"hostname": facts["hostname"], "kernel_release": facts["kernel_release"],
+                         "arch": facts["arch"], "cpu_count": len(facts["cpus_online"])}
         outcome.noop = plan.noop
         if not plan.noop:
-            _phase(t, outcome, "apply", lambda: change.apply(t, plan.before))
-        _phase(t, outcome, "verify", lambda: change.verify(t, plan))
+            live = _phase(t, outcome, "apply+verify", lambda: change.apply_and_read(t, plan.before))
+            change.verify(t, plan, live)
         outcome.ok = True
     except Exception as exc:  # noqa: BLE001 - one failed target is reported, the others go on
         outcome.error = f"{type(exc).__name__}: {exc}"
@@ -255,11 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="record every remote command (CountingSSHTransport)")
     ap.add_argument("--what-if-batched", action="store_true", help="the 2-round-trip what-if instead")
     ap.add_argument("--connect-only", action="store_true", help="only connect and authenticate")
-    ap.add_argument("--what-if-nodelay", action="store_true", help="set TCP_NODELAY on each connection")
     args = ap.parse_args(argv)
     endpoints = load_endpoints(args.specs)
-    if args.what_if_nodelay:
-        enable_nodelay_what_if()
     cpu0, start = time.process_time(), time.monotonic()
     if args.connect_only:
         secs = connect_only(endpoints, args.workers)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.core.errors import TuneError
+from orchestrator.facts.base import Fact, gather_facts
 from orchestrator.remote.transport import Transport
 
 State = dict[str, Any]
@@ -84,14 +86,29 @@ class Change(ABC):
         """Does the live state already satisfy the desired one? (Default: every desired key matches.)"""
         return all(live.get(k) == v for k, v in desired.items())
 
+    def state_fact(self) -> Fact[State] | None:
+        """`read` as a Fact (one command and a pure parser), so that planning gathers several changes' states
+        and the unit's facts in one round trip (`plan_all`). None: this kind reads in several steps."""
+        return None
+
     def plan(self, t: Transport) -> Plan:
-        before = self.read(t)
+        return self.plan_from(self.read(t))
+
+    def plan_from(self, before: State) -> Plan:
         want = self.desired(before)
         noop = self.in_place(before, want)
         return Plan(self.change_id, before, want, noop, self.describe() + (" (already in place)" if noop else ""))
 
-    def verify(self, t: Transport, plan: Plan) -> State:
-        live = self.read(t)
+    def apply_and_read(self, t: Transport, before: State) -> State:
+        """Apply, then read the live state back for `verify`: in one round trip where the kind can (a sysctl
+        writes its drop-in, sets the value and reads both in one command); by default `apply`, then `read`."""
+        self.apply(t, before)
+        return self.read(t)
+
+    def verify(self, t: Transport, plan: Plan, live: State | None = None) -> State:
+        """The live state (read now, or `live` just read by `apply_and_read`) satisfies the plan, or ChangeError."""
+        if live is None:
+            live = self.read(t)
         if not self.in_place(live, plan.desired):
             raise ChangeError(f"{t.label}: {self.describe()}: verify failed: live {live} != desired {plan.desired}")
         return live
@@ -101,3 +118,14 @@ class Change(ABC):
         if live != before:
             raise ChangeError(f"{t.label}: {self.describe()}: rollback did not restore the previous state: "
                               f"live {live} != before {before}")
+
+
+def plan_all(t: Transport, changes: Sequence[Change], facts: Sequence[Fact[Any]] = ()) -> tuple[dict[str, Any],
+                                                                                              list[Plan]]:
+    """The unit's `facts` and a plan for each change, in one round trip for the facts and every change whose
+    kind reads with a `state_fact` (the others read on their own). For changes that do not depend on each
+    other: each plan sees the state before any of them is applied."""
+    batched = {i: f for i, c in enumerate(changes) if (f := c.state_fact()) is not None}
+    values = gather_facts(t, [*facts, *batched.values()]) if facts or batched else {}
+    plans = [c.plan_from(values[batched[i].name]) if i in batched else c.plan(t) for i, c in enumerate(changes)]
+    return {f.name: values[f.name] for f in facts}, plans

@@ -6,10 +6,11 @@ import re
 from dataclasses import dataclass, field
 
 from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
-from orchestrator.core.errors import InputError
+from orchestrator.core.errors import InputError, ParseError
 from orchestrator.core.names import SYSCTL_NAME  # whole-string, systemd's rules
+from orchestrator.facts.base import Fact, files_fact
 from orchestrator.facts.sysctl import sysctl_path
-from orchestrator.remote.transport import Transport, read_files
+from orchestrator.remote.transport import Transport, read_files, write_run_read
 
 
 @dataclass
@@ -36,10 +37,24 @@ class SysctlChange(Change):
         return f"/etc/sysctl.d/90-rt-tune-{self.name}.conf"
 
     def read(self, t: Transport) -> State:
-        files = read_files(t, [self.proc_path, self.dropin])  # one round trip
+        return self._state(t.label, read_files(t, [self.proc_path, self.dropin]))  # one round trip
+
+    def state_fact(self) -> Fact[State]:
+        files = files_fact(f"change:{self.change_id}", [self.proc_path, self.dropin])
+
+        def parse(text: str) -> State:
+            try:
+                return self._state("", files.parse(text))
+            except ChangeError as exc:
+                raise ParseError(str(exc)) from exc
+
+        return Fact(files.name, files.argv, parse)
+
+    def _state(self, label: str, files: dict[str, bytes | None]) -> State:
         value = files[self.proc_path]
         if value is None:
-            raise ChangeError(f"{t.label}: no sysctl {self.name} ({self.proc_path} does not exist)")
+            raise ChangeError(f"{label + ': ' if label else ''}no sysctl {self.name} ({self.proc_path} does not "
+                              "exist)")
         return {"value": value.decode().strip(), "dropin": b64(files[self.dropin])}
 
     def _dropin_bytes(self) -> bytes:
@@ -54,8 +69,15 @@ class SysctlChange(Change):
             live["dropin"] == desired["dropin"]
 
     def apply(self, t: Transport, before: State) -> None:
-        t.write_file(self.dropin, self._dropin_bytes())
-        t.run(["sysctl", "-q", "-w", f"{self.name}={self.value}"], timeout_s=30)
+        self._write_and_set(t, read=())
+
+    def apply_and_read(self, t: Transport, before: State) -> State:
+        """The drop-in written, the value set and both read back: one round trip."""
+        return self._state(t.label, self._write_and_set(t, read=(self.proc_path, self.dropin)))
+
+    def _write_and_set(self, t: Transport, read: tuple[str, ...]) -> dict[str, bytes | None]:
+        return write_run_read(t, self.dropin, self._dropin_bytes(), timeout_s=30, read=read,
+                              command=("sysctl", "-q", "-w", f"{self.name}={self.value}"))
 
     def rollback(self, t: Transport, before: State) -> None:
         t.run(["sysctl", "-q", "-w", f"{self.name}={before['value']}"], timeout_s=30)

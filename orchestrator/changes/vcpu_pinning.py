@@ -141,8 +141,9 @@ class VcpuPinningChange(Change):
         return not self.misplaced(live["threads"]) \
             and all(live.get(k) == desired[k] for k in ("dropin", "script", "qa_copy"))
 
-    def verify(self, t: Transport, plan: Plan) -> State:
-        live = self.read(t)
+    def verify(self, t: Transport, plan: Plan, live: State | None = None) -> State:
+        if live is None:
+            live = self.read(t)
         wrong = self.misplaced(live["threads"])
         if wrong or not self.in_place(live, plan.desired):
             raise ChangeError(f"{t.label}: {self.describe()}: verify failed: "

@@ -14,7 +14,13 @@ from orchestrator.core.cpulist import (
     parse_kernel_cpulist as parse_cpu_list,  # for kernel output
 )
 from orchestrator.core.errors import ParseError
-from orchestrator.remote.transport import Transport
+from orchestrator.remote.transport import (
+    COMMAND_SEP,
+    FILE_RECORDS,
+    GATHER_SCRIPT,
+    Transport,
+    parse_file_records,
+)
 
 T = TypeVar("T")
 
@@ -71,36 +77,28 @@ class BasicFacts(BaseModel):
     boot_id: str
 
 
-# Several facts in one round trip. Each fact's argv travels as one argument joined by the unit separator
-# (\x1f); the script splits it with IFS (globbing off), so nothing is re-quoted here: the transport quotes the
-# arguments, as for every command. Each fact's record starts with a random marker line (name and exit status);
-# its exact stdout follows, up to the next marker. One fork per fact (its command substitution), no pipes: on a
-# small unit every fork in a round trip counts.
-_SEP = "\x1f"
-_GATHER = ('set -f; m=$1; shift; IFS=$(printf "\\037"); for spec in "$@"; do name=${spec%%"$IFS"*}; '
-           'cmd=${spec#*"$IFS"}; o=$($cmd 2>/dev/null; rc=$?; echo x; exit $rc); rc=$?; '
-           'printf "%s %s %s\\n%s" "$m" "$name" "$rc" "${o%x}"; done')
-
-
 def gather_facts(transport: Transport, facts: Sequence[Fact[Any]], timeout_s: float = 30.0) -> dict[str, Any]:
     """Gather facts with one command per sudo setting (one round trip), each parsed by its own parser."""
     values: dict[str, Any] = {}
     for sudo in sorted({f.sudo for f in facts}):
         group = [f for f in facts if f.sudo == sudo]
         for f in group:
-            if any(_SEP in a or not a for a in (f.name, *f.argv)) or " " in f.name:
+            if any(COMMAND_SEP in a or not a for a in (f.name, *f.argv)) or " " in f.name:
                 raise ValueError(f"fact {f.name!r} cannot be gathered in a batch (separator or empty argument)")
         marker = "@@rt-tune-fact-" + secrets.token_hex(8)
-        specs = [_SEP.join((f.name, *f.argv)) for f in group]
-        out = transport.run(["sh", "-c", _GATHER, "-", marker, *specs], timeout_s=timeout_s, sudo=sudo).stdout
+        specs = [COMMAND_SEP.join((f.name, *f.argv)) for f in group]
+        out = transport.run(["sh", "-c", GATHER_SCRIPT, "-", marker, *specs], timeout_s=timeout_s,
+                            sudo=sudo).stdout
         records = out.split(marker + " ")
-        if records[0] != "" or len(records) != len(group) + 1:
+        if records[0] != "" or len(records) != 2 * len(group) + 1:
             raise ParseError(f"{transport.label}: unexpected answer gathering {len(group)} facts: {out[:200]!r}")
-        for f, record in zip(group, records[1:], strict=False):
-            head, _, text = record.partition("\n")
-            name, _, rc = head.partition(" ")
-            if name != f.name or not rc.isdigit():
-                raise ParseError(f"{transport.label}: fact {f.name}: unexpected answer {head[:100]!r}")
+        for i, f in enumerate(group):
+            name, nl, text = records[2 * i + 1].partition("\n")
+            rc = records[2 * i + 2]
+            if name != f.name or not nl or not rc.endswith("\n") or not rc[:-1].isdigit():
+                raise ParseError(f"{transport.label}: fact {f.name}: unexpected answer "
+                                 f"{(name + nl + rc)[:100]!r}")
+            rc = rc[:-1]
             if rc != "0":
                 raise ParseError(f"{transport.label}: fact {f.name}: `{' '.join(f.argv)}` exited with status {rc}")
             try:
@@ -110,9 +108,30 @@ def gather_facts(transport: Transport, facts: Sequence[Fact[Any]], timeout_s: fl
     return values
 
 
+BASIC_FACTS: tuple[Fact[Any], ...] = (HOSTNAME, KERNEL_RELEASE, ARCH, CPUS_ONLINE, CMDLINE, BOOT_ID)
+
+
 def gather_basic(transport: Transport, target: str) -> BasicFacts:
-    facts = gather_facts(transport, (HOSTNAME, KERNEL_RELEASE, ARCH, CPUS_ONLINE, CMDLINE, BOOT_ID))
-    return BasicFacts(target=target, **facts)
+    return basic_facts(target, gather_facts(transport, BASIC_FACTS))
+
+
+def basic_facts(target: str, values: dict[str, Any]) -> BasicFacts:
+    """BasicFacts from gathered values that include BASIC_FACTS (gathered alone or with others)."""
+    return BasicFacts(target=target, **{f.name: values[f.name] for f in BASIC_FACTS})
+
+
+def files_fact(name: str, paths: Sequence[str]) -> Fact[dict[str, bytes | None]]:
+    """The exact bytes of each file (None: it does not exist), as a Fact to gather with others."""
+    if not paths:
+        raise ValueError(f"fact {name}: no paths")
+
+    def parse(text: str) -> dict[str, bytes | None]:
+        try:
+            return parse_file_records(paths, text)
+        except ValueError as exc:
+            raise ParseError(str(exc)) from exc
+
+    return Fact(name, ("sh", "-c", FILE_RECORDS, "-", *paths), parse)
 
 
 def one_line(what: str, text: str) -> str:

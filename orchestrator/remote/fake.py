@@ -21,7 +21,11 @@ from orchestrator.remote.remote_scripts import MEASURE_RUN as MEASUREMENT_RUN
 from orchestrator.remote.remote_scripts import SYSREG_TRACEPOINT_SCRIPT
 from orchestrator.remote.transport import (
     _READ_FILES,
+    _WRITE_RUN_READ,
     _WRITE_SCRIPT,
+    COMMAND_SEP,
+    FILE_RECORDS,
+    GATHER_SCRIPT,
     _CommandTransport,
     _Raw,
 )
@@ -107,13 +111,27 @@ class FakeTransport(_CommandTransport):
         if argv[:2] == ["sh", "-c"] and len(argv) > 2:
             script, args = argv[2], argv[4:]
             if script == _READ_FILES:
-                marker, paths = args[0], args[1:]
-                lines = ["absent" if files.get(p) is None
-                         else "present " + base64.b64encode(files[p]).decode() for p in paths]
-                return 0, "".join(f"{line}\n" for line in [marker, *lines, marker]), ""
+                return 0, self._file_records(args[1:], marker=args[0]), ""
+            if script == FILE_RECORDS:
+                return 0, self._file_records(args), ""
             if script == _WRITE_SCRIPT:  # sh TMP MODE PATH
                 files[args[2]] = stdin or b""
                 return 0, "", ""
+            if script == _WRITE_RUN_READ:  # MARKER TMP MODE PATH COMMAND PATHS...
+                files[args[3]] = stdin or b""
+                if args[4]:
+                    status, _out, err = self._answer(args[4].split(COMMAND_SEP), None)
+                    if status:
+                        return 1, "", err
+                return 0, self._file_records(args[5:], marker=args[0]), ""
+            if script == GATHER_SCRIPT:  # MARKER NAME<sep>ARGV...: each command answered by what it is
+                out = ""
+                for spec in args[1:]:
+                    name, *cmd = spec.split(COMMAND_SEP)
+                    status, text, _err = self._answer(cmd, None)
+                    text = text.decode() if isinstance(text, bytes) else text
+                    out += f"{args[0]} {name}\n{text}{args[0]} {status}\n"
+                return 0, out, ""
             if script == MEASUREMENT_RUN:
                 return self._measurement(args)
             if script == SYSREG_TRACEPOINT_SCRIPT and self.unit.sysreg_tracepoint:
@@ -140,6 +158,12 @@ class FakeTransport(_CommandTransport):
         if program == "systemctl" and argv[1:2] in (["stop"], ["daemon-reload"]):
             return 0, "", ""
         return 127, "", f"fake unit {self._label}: no handler for `{' '.join(argv)[:200]}`\n"
+
+    def _file_records(self, paths: list[str], *, marker: str | None = None) -> str:
+        files = self.unit.files
+        lines = ["absent" if files.get(p) is None else "present " + base64.b64encode(files[p]).decode()
+                 for p in paths]
+        return "".join(f"{line}\n" for line in ([marker, *lines, marker] if marker else lines))
 
     def _measurement(self, args: list[str]) -> tuple[int, str, str]:
         """measure.runner's one round trip (MARKER NTOOLS NLOAD SETTLE LOADUNIT NTIDS SYSREG TOOLS... TIDS... LOAD...

@@ -454,26 +454,21 @@ class _CommandTransport:
 
 
 # ---- reading files in one round trip ------------------------------------------------------------------------
-# Each path: "absent", or "present " + its exact bytes in base64 (so no content can be mistaken for a
+# Each path ("$@"): "absent", or "present " + its exact bytes in base64 (so no content can be mistaken for a
 # separator). One command for any number of files: on a unit reached through a jump host, a round trip costs.
+FILE_RECORDS = ('for p in "$@"; do if [ -e "$p" ]; then printf "present "; base64 -w0 -- "$p" || exit 1; echo; '
+                'else echo absent; fi; done')
 # The records sit between two lines holding a random marker ($1): SSHTransport already cuts off what a login
 # shell prints around a command, but read_files takes any Transport.
-_READ_FILES = ('m=$1; shift; echo "$m"; for p in "$@"; do if [ -e "$p" ]; then printf "present "; '
-               'base64 -w0 -- "$p" || exit 1; echo; else echo absent; fi; done; echo "$m"')
+_READ_FILES = 'm=$1; shift; echo "$m"; ' + FILE_RECORDS + '; echo "$m"'
 
 
-def read_files(t: Transport, paths: Sequence[str], *, timeout_s: float = 60.0) -> dict[str, bytes | None]:
-    """The exact bytes of each file, or None for a file that does not exist (distinct from an empty one)."""
-    if not paths:
-        return {}
-    marker = "@@rt-tune-files-" + secrets.token_hex(8)
-    out = t.run(["sh", "-c", _READ_FILES, "-", marker, *paths], timeout_s=timeout_s).stdout
-    parts = out.split(marker + "\n")
-    lines = parts[1].split("\n") if len(parts) == 3 else []
+def parse_file_records(paths: Sequence[str], text: str) -> dict[str, bytes | None]:
+    """FILE_RECORDS' answer for `paths` (exactly one line per path); ValueError saying what is wrong."""
+    lines = text.split("\n")
     if len(lines) != len(paths) + 1 or lines[-1] != "":
-        shown = out if len(out) <= 300 else out[:300] + f"... ({len(out)} characters in all)"
-        raise TransportError(f"{t.label}: unexpected answer reading {len(paths)} file(s) (expected one line per "
-                             f"file between two {marker!r} lines): {shown!r}")
+        shown = text if len(text) <= 300 else text[:300] + f"... ({len(text)} characters in all)"
+        raise ValueError(f"unexpected answer reading {len(paths)} file(s) (expected one line per file): {shown!r}")
     result: dict[str, bytes | None] = {}
     for path, line in zip(paths, lines, strict=False):
         if line == "absent":
@@ -482,10 +477,77 @@ def read_files(t: Transport, paths: Sequence[str], *, timeout_s: float = 60.0) -
             try:
                 result[path] = base64.b64decode(line[8:], validate=True)
             except ValueError as exc:
-                raise TransportError(f"{t.label}: reading {path}: bad base64 from the unit: {exc}") from exc
+                raise ValueError(f"reading {path}: bad base64 from the unit: {exc}") from exc
         else:
-            raise TransportError(f"{t.label}: unexpected answer reading {path}: {line[:100]!r}")
+            raise ValueError(f"unexpected answer reading {path}: {line[:100]!r}")
     return result
+
+
+def _marked_records(t: Transport, out: str, marker: str, paths: Sequence[str]) -> dict[str, bytes | None]:
+    parts = out.split(marker + "\n")
+    if len(parts) != 3:
+        shown = out if len(out) <= 300 else out[:300] + f"... ({len(out)} characters in all)"
+        raise TransportError(f"{t.label}: unexpected answer reading {len(paths)} file(s) (expected one line per "
+                             f"file between two {marker!r} lines): {shown!r}")
+    try:
+        return parse_file_records(paths, parts[1])
+    except ValueError as exc:
+        raise TransportError(f"{t.label}: {exc}") from exc
+
+
+def read_files(t: Transport, paths: Sequence[str], *, timeout_s: float = 60.0) -> dict[str, bytes | None]:
+    """The exact bytes of each file, or None for a file that does not exist (distinct from an empty one)."""
+    if not paths:
+        return {}
+    marker = "@@rt-tune-files-" + secrets.token_hex(8)
+    out = t.run(["sh", "-c", _READ_FILES, "-", marker, *paths], timeout_s=timeout_s).stdout
+    return _marked_records(t, out, marker, paths)
+
+
+COMMAND_SEP = "\x1f"  # joins one command's argv into one argument (split again with IFS on the unit)
+
+
+# ---- several commands' outputs in one round trip (facts.base.gather_facts) -----------------------------------
+# Several facts in one round trip. Each fact's argv travels as one argument joined by the unit separator
+# (\x1f); the script splits it with IFS (globbing off), so nothing is re-quoted here: the transport quotes the
+# arguments, as for every command. Each fact's record is a line "MARKER NAME", its command's exact stdout, then
+# "MARKER STATUS" and a newline (on the same line as the output's end when the output has no final newline): the
+# marker is random, so no output can be taken for it. No fork but each command's own, no pipes: on a small unit
+# every process in a round trip counts.
+GATHER_SCRIPT = ('set -f; m=$1; shift; IFS="' + COMMAND_SEP + '"; for spec in "$@"; do name=${spec%%"$IFS"*}; '
+                 'cmd=${spec#*"$IFS"}; printf "%s %s\\n" "$m" "$name"; $cmd 2>/dev/null; '
+                 'printf "%s %s\\n" "$m" "$?"; done')
+
+
+# ---- write, run, read back: one round trip ------------------------------------------------------------------
+# $1 marker, $2 temp file, $3 mode, $4 path, $5 the command as one argument joined by the unit separator (\x1f;
+# empty: none), then the paths to read. The file is replaced as write_file does (umask 077 only while the temp
+# file exists); the command's stdout is dropped (its stderr is the error message); FILE_RECORDS follow.
+_WRITE_RUN_READ = (
+    "m=$1; tmp=$2; u=$(umask); umask 077; trap 'rm -f -- \"$tmp\"' EXIT; "
+    'cat > "$tmp" && chmod -- "$3" "$tmp" && { sync -- "$tmp" 2>/dev/null || true; } && mv -f -- "$tmp" "$4" '
+    '|| exit 1; umask "$u"; cmd=$5; shift 5; '
+    'if [ -n "$cmd" ]; then set -f; IFS="' + COMMAND_SEP + '"; $cmd >/dev/null || exit 1; fi; '
+    'echo "$m"; ' + FILE_RECORDS + '; echo "$m"'
+)
+
+
+def write_run_read(t: Transport, path: str, data: bytes, *, mode: int = 0o644, command: Sequence[str] = (),
+                   read: Sequence[str] = (), timeout_s: float = 60.0) -> dict[str, bytes | None]:
+    """Replace `path` atomically (as `write_file`), then run `command` (no shell), then read the files `read`
+    back (as `read_files`): one round trip where three would be. A change applies and verifies with it."""
+    if not path or path.endswith("/") or "\0" in path:
+        raise ValueError(f"invalid file path {path!r}")
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"invalid file mode {mode!r}")
+    if any(not a or COMMAND_SEP in a for a in command):
+        raise ValueError(f"command {list(command)!r}: empty argument or unit separator")
+    directory, base = posixpath.split(path)
+    tmp = posixpath.join(directory, f".{base}.rt-tune-{secrets.token_hex(6)}.tmp")
+    marker = "@@rt-tune-files-" + secrets.token_hex(8)
+    out = t.run(["sh", "-c", _WRITE_RUN_READ, "-", marker, tmp, format(mode, "04o"), path,
+                 COMMAND_SEP.join(command), *read], timeout_s=timeout_s, stdin=bytes(data)).stdout
+    return _marked_records(t, out, marker, read)
 
 
 def read_optional(t: Transport, path: str) -> bytes | None:

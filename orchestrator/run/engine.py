@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator.changes.base import Change, Plan
+from orchestrator.changes.base import Change, Plan, State, plan_all
 from orchestrator.changes.mechanism import mechanisms_for
 from orchestrator.changes.registry import build_change, is_boot_kind
 from orchestrator.config.playbook import check_keep_on
@@ -49,6 +49,7 @@ class RuntimeActive:
         self.ctx, self.unit, self.spec, self.change = ctx, unit, spec, change
         self.shared = SharedConnections(lambda u, target: ctx.connect(ctx.inventory, u, target))
         self._plan: Plan | None = None
+        self._read_after_apply: State | None = None  # what apply() read back, for the verify() that follows
 
     def __enter__(self) -> RuntimeActive:
         return self
@@ -74,11 +75,12 @@ class RuntimeActive:
         pass
 
     def apply(self) -> str | None:
-        self.change.apply(self.t, self.planned.before)
+        self._read_after_apply = self.change.apply_and_read(self.t, self.planned.before)
         return None
 
     def verify(self) -> dict | None:
-        return self.change.verify(self.t, self.planned)
+        live, self._read_after_apply = self._read_after_apply, None
+        return self.change.verify(self.t, self.planned, live)
 
     def switch(self, on: bool) -> None:
         self.change.switch(self.t, self.planned.before, on)
@@ -157,20 +159,26 @@ class Engine(RunContext):
                            outcomes=outcomes)
 
     def _plan_only(self, unit: str, specs: list[ChangeSpec]) -> list[ChangeOutcome]:
-        out = []
+        """Every change planned, nothing applied; a target's runtime changes read in one round trip (they are
+        planned against the state before any of them, as a dry run shows it)."""
+        out: dict[int, ChangeOutcome] = {}
+        runtime: dict[str, list[tuple[int, ChangeSpec]]] = {}
+        for i, spec in enumerate(specs):
+            if is_boot_kind(spec.kind):
+                out[i] = self._plan_boot(unit, spec)
+            else:
+                runtime.setdefault(spec.target, []).append((i, spec))
         shared = SharedConnections(lambda u, target: self.connect(self.inventory, u, target))
         try:
-            for spec in specs:
-                if is_boot_kind(spec.kind):
-                    out.append(self._plan_boot(unit, spec))
-                    continue
-                plan = build_change(spec.kind, spec.params).plan(shared.get(unit, spec.target))
-                out.append(ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, description=plan.summary,
-                                         status="noop" if plan.noop else "planned",
-                                         reason=json.dumps({"before": plan.before, "desired": plan.desired})[:500]))
+            for target, group in runtime.items():
+                _, plans = plan_all(shared.get(unit, target), [build_change(s.kind, s.params) for _, s in group])
+                for (i, spec), plan in zip(group, plans, strict=True):
+                    out[i] = ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, description=plan.summary,
+                                           status="noop" if plan.noop else "planned",
+                                           reason=json.dumps({"before": plan.before, "desired": plan.desired})[:500])
         finally:
             shared.drop()
-        return out
+        return [out[i] for i in range(len(specs))]
 
     def _plan_boot(self, unit: str, spec: ChangeSpec) -> ChangeOutcome:
         base = dict(id=spec.id, target=spec.target, kind=spec.kind)

@@ -138,3 +138,14 @@ def test_an_unreachable_unit_ends_the_apply_and_a_change_that_cannot_be_planned_
     assert "no sysctl" in missing.reason
     assert missing.journal_id is None  # refused before anything was journaled
     assert by_id["host.sysctl.kernel.sched_rt_runtime_us"].status == "kept"
+
+
+def test_a_dry_run_reads_all_of_a_targets_runtime_changes_in_one_command_and_changes_nothing(world):
+    unit, engine, profile, _ = world
+    before = dict(unit.files)
+    result = engine.apply("u1", profile, dry_run=True)
+    assert [(o.id, o.status) for o in result.outcomes] == [("host.sysctl.kernel.timer_migration", "planned"),
+                                                           ("host.sysctl.kernel.sched_rt_runtime_us", "planned")]
+    assert '"value": "1"' in result.outcomes[0].reason and '"dropin": null' in result.outcomes[0].reason
+    assert len(unit.log) == 1 and unit.log[0][:2] == ("sh", "-c")  # both states in one round trip
+    assert unit.files == before
