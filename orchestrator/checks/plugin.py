@@ -29,6 +29,8 @@ class CheckSpec(BaseModel):
     vars: dict[str, Any]
     command_timeout_s: float = 60.0
     read_only: bool = True
+    #: the longest the run can take: the read-only namespace's holder ends by itself after it
+    lifetime_s: float = 3600.0
     results: str
 
 
@@ -61,12 +63,16 @@ def host(rt_spec: CheckSpec):
     from orchestrator.remote.ssh import SSHTransport
 
     with SSHTransport(endpoint_from_dict(rt_spec.endpoint), connect_deadline_s=30) as t:
-        backend = RtTuneBackend(t, command_timeout_s=rt_spec.command_timeout_s, read_only=rt_spec.read_only)
+        backend = RtTuneBackend(t, command_timeout_s=rt_spec.command_timeout_s, read_only=rt_spec.read_only,
+                                lifetime_s=rt_spec.lifetime_s)
         the_host = Host(backend)
         backend.set_host(the_host)
         with open(rt_spec.results, "a") as f:  # whether the commands ran read-only: the report says it
             f.write(json.dumps({"read_only": backend.read_only}) + "\n")
-        yield the_host
+        try:
+            yield the_host
+        finally:
+            backend.close()
 
 
 @pytest.fixture(scope="session")

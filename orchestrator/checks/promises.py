@@ -18,6 +18,12 @@ class VcpuPromise(BaseModel):
     housekeeping: list[int]
 
 
+class IrqPromise(BaseModel):
+    housekeeping: list[int]
+    #: the IRQs the kernel let rt-tune move when the change was applied -> their CPU list before it
+    moved: dict[str, str]
+
+
 class TargetPromise(BaseModel):
     """One target's promises; empty when rt-tune keeps nothing there (the user's checks still run)."""
 
@@ -26,6 +32,7 @@ class TargetPromise(BaseModel):
     sysctl: dict[str, str] = Field(default_factory=dict)
     services_disabled: dict[str, bool] = Field(default_factory=dict)  # unit -> masked
     vcpu_pinning: VcpuPromise | None = None
+    irq_affinity: IrqPromise | None = None
     wfx_notrap: bool = False
     change_ids: list[str] = Field(default_factory=list)
 
@@ -46,7 +53,10 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
         elif rec.kind == "vcpu_pinning":
             p.vcpu_pinning = VcpuPromise(service=params["service"], vcpus=params["vcpus"],
                                          housekeeping=params["housekeeping"])
-        # irq_affinity: no promise a read-only check can test (orchestrator/checks/shipped/test_promises.py)
+        elif rec.kind == "irq_affinity":
+            moved = rec.desired.get("state", {}).get("irqs", {})
+            p.irq_affinity = IrqPromise(housekeeping=params["housekeeping"],
+                                        moved={irq: rec.before.get("irqs", {}).get(irq, "") for irq in moved})
         elif rec.kind == "wfx_notrap":
             p.wfx_notrap = True
             if not params.get("kernel"):  # Linux >= 6.11: the boot parameters (a patched kernel has none)

@@ -114,9 +114,10 @@ def run_checks(unit: str, target: str, endpoint: Endpoint, promise: TargetPromis
         return report
     with tempfile.TemporaryDirectory(prefix="rt-tune-checks-") as tmp:
         results = Path(tmp) / "results.jsonl"
+        run_timeout_s = check_timeout_s * 50 + PROCESS_GRACE_S
         spec = CheckSpec(unit=unit, target=target, endpoint=endpoint_to_dict(endpoint), promise=promise,
                          vars=variables or {}, command_timeout_s=min(check_timeout_s, 300.0), read_only=read_only,
-                         results=str(results))
+                         lifetime_s=run_timeout_s, results=str(results))
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(spec.model_dump_json())
         ini = Path(tmp) / "pytest.ini"
@@ -126,7 +127,7 @@ def run_checks(unit: str, target: str, endpoint: Endpoint, promise: TargetPromis
             extra += ["--junitxml", str(junit), "-o", f"junit_suite_name=rt-tune {unit}.{target}"]
         try:
             proc = subprocess.run(_pytest_argv(files, ini, extra), capture_output=True, text=True, env=_env(),
-                                  cwd=tmp, timeout=check_timeout_s * 50 + PROCESS_GRACE_S, check=False)
+                                  cwd=tmp, timeout=run_timeout_s, check=False)
         except subprocess.TimeoutExpired:
             report.error = "the check run did not finish"
             return report

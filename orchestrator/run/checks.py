@@ -3,17 +3,21 @@ run on each target of each unit; a result per unit and target, never a silent ea
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
-from orchestrator.checks.promises import promises
+from orchestrator.checks.promises import TargetPromise, promises
 from orchestrator.checks.runner import DEFAULT_CHECK_TIMEOUT_S, CheckReport, check_files, run_checks
 from orchestrator.config.inventory import Inventory
 from orchestrator.config.profile import Profile
-from orchestrator.core.errors import InputError
+from orchestrator.core.errors import InputError, TuneError
 from orchestrator.journal.journal import Journal
+from orchestrator.remote.transport import Endpoint
 
 
 def user_check_files(profile: Profile | None, target: str) -> list[Path]:
@@ -30,36 +34,58 @@ def preflight_check_files(profile: Profile | None) -> None:
             check_files([f for f, _ in listed], ", ".join(sorted({w for _, w in listed})))
 
 
+#: check runs at once (each a pytest process and an SSH connection on the controller)
+CHECK_WORKERS = 8
+
+
 def check_units(inventory: Inventory, journal: Journal, units: Sequence[str], profile: Profile | None, *,
                 check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S, junit: Path | None = None,
-                on_report: Callable[[CheckReport], None] | None = None) -> list[CheckReport]:
-    """The checks of every target of `units` (host, and guest where the inventory has one)."""
+                on_report: Callable[[CheckReport], None] | None = None,
+                workers: int = CHECK_WORKERS) -> list[CheckReport]:
+    """The checks of every target of `units` (host, and guest where the inventory has one), up to `workers`
+    targets at once; reports in the order of `units` and targets, `on_report` called as each one ends."""
     preflight_check_files(profile)
-    reports: list[CheckReport] = []
-    suites: list[Path] = []
+    jobs: list[Callable[[Path | None], CheckReport]] = []
+    names: list[str] = []
+    for unit in units:
+        spec = inventory.unit(unit)
+        targets = ["host"] + (["guest"] if spec.guest is not None else [])
+        promised = promises(journal.active_changes(unit), targets)
+        for target in targets:
+            names.append(f"{unit}.{target}")
+            try:
+                endpoint = inventory.endpoint(unit, target)  # type: ignore[arg-type]
+            except InputError as exc:
+                jobs.append(functools.partial(_unreachable, CheckReport(unit=unit, target=target, error=str(exc))))
+                continue
+            jobs.append(functools.partial(_run_target, unit, target, endpoint, promised[target],
+                                          user_check_files(profile, target), dict(spec.vars), check_timeout_s))
+    reports: list[CheckReport | None] = [None] * len(jobs)
     with tempfile.TemporaryDirectory(prefix="rt-tune-junit-") as tmp:
-        for unit in units:
-            spec = inventory.unit(unit)
-            targets = ["host"] + (["guest"] if spec.guest is not None else [])
-            promised = promises(journal.active_changes(unit), targets)
-            for target in targets:
-                xml = Path(tmp) / f"{unit}.{target}.xml" if junit is not None else None
-                try:
-                    endpoint = inventory.endpoint(unit, target)  # type: ignore[arg-type]
-                except InputError as exc:
-                    report = CheckReport(unit=unit, target=target, error=str(exc))
-                else:
-                    report = run_checks(unit, target, endpoint, promised[target],
-                                        user_files=user_check_files(profile, target), variables=dict(spec.vars),
-                                        junit=xml, check_timeout_s=check_timeout_s)
-                reports.append(report)
-                if xml is not None and xml.exists():
-                    suites.append(xml)
+        xmls = [Path(tmp) / f"{name}.xml" if junit is not None else None for name in names]
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+            futures = {pool.submit(job, xml): i for i, (job, xml) in enumerate(zip(jobs, xmls, strict=True))}
+            for future in as_completed(futures):
+                reports[futures[future]] = report = future.result()
                 if on_report is not None:
                     on_report(report)
+        done = [r for r in reports if r is not None]
         if junit is not None:
-            write_junit(junit, suites, reports)
-    return reports
+            write_junit(junit, [x for x in xmls if x is not None and x.exists()], done)
+    return done
+
+
+def _unreachable(report: CheckReport, _junit: Path | None) -> CheckReport:
+    return report
+
+
+def _run_target(unit: str, target: str, endpoint: Endpoint, promise: TargetPromise, user_files: list[Path],
+                variables: dict[str, Any], check_timeout_s: float, junit: Path | None) -> CheckReport:
+    try:
+        return run_checks(unit, target, endpoint, promise, user_files=user_files, variables=variables, junit=junit,
+                          check_timeout_s=check_timeout_s)
+    except TuneError as exc:  # this target's run could not happen: its report says so, the others go on
+        return CheckReport(unit=unit, target=target, error=str(exc))
 
 
 def write_junit(path: Path, suites: Sequence[Path], reports: Sequence[CheckReport]) -> None:

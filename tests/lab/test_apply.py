@@ -136,9 +136,20 @@ def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_
     marker = json.loads(guest.run(["cat", "/var/lib/rt-tune/changes.json"]).stdout)
     assert {c["id"] for c in marker["changes"]} == {c for c in kept | kept_boot if c.startswith("guest.")}
 
-    # the runtime changes kept before the host's trial boots survived them
-    verify = tune(lab_paths, "verify", "lab1", "--json")
-    assert verify.returncode == 0, verify.stdout + verify.stderr[-2000:]
+    # the runtime changes kept before the host's trial boots survived them; rt-tune's shipped health checks
+    # (testinfra, read-only) find each kept promise in place on both targets
+    verify = tune(lab_paths, "verify", "lab1", "--checks", "--json")
+    looping = "guest.service.mirobot_teleoperate.service" not in kept  # rolled back: the lab's crash loop is on
+    assert verify.returncode == (12 if looping else 0), verify.stdout + verify.stderr[-2000:]
+    checks = {c["target"]: c for c in json.loads(verify.stdout)["checks"]}
+    assert set(checks) == {"host", "guest"} and checks["host"]["ok"], checks
+    failed = [(f["nodeid"].split("::")[1], f["message"]) for f in checks["guest"]["failed"]]
+    assert [name for name, _ in failed] == (["test_no_crash_loop"] if looping else []), failed
+    assert not looping or "mirobot_teleoperate.service" in failed[0][1]
+    promised = {"guest": sum(3 if c == "guest.cmdline" else 1 for c in kept | kept_boot if c.startswith("guest.")),
+                "host": len([c for c in kept | kept_boot if c.startswith("host.")])}
+    for target, c in checks.items():  # at least one passing test per kept change (three for the guest cmdline)
+        assert c["counts"]["passed"] >= promised[target], (target, c, promised)
 
     # a second apply: what was kept is in place (no-op) and nothing is changed again, no reboot either; a change
     # the first apply rolled back on evidence is tried again (for a boot change, a new trial boot: a full run on

@@ -5,14 +5,23 @@ are input errors before anything connects."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator.checks.promises import TargetPromise
-from orchestrator.checks.runner import check_files, run_checks
+from orchestrator.checks.backend import _ENTER, RtTuneBackend
+from orchestrator.checks.promises import IrqPromise, TargetPromise, promises
+from orchestrator.checks.runner import PROCESS_GRACE_S, check_files, run_checks
+from orchestrator.config.inventory import Inventory
+from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpulist
 from orchestrator.core.errors import InputError
+from orchestrator.journal.journal import Journal
+from orchestrator.remote.ssh import SSHTransport
+from orchestrator.run.checks import check_units
 from tests.sshd import Sshd, sshd_server
 
 pytestmark = pytest.mark.unit
@@ -48,6 +57,58 @@ def test_shipped_checks_read_back_the_promise_and_name_what_drifted(sshd, tmp_pa
     assert 'failures="2"' in xml and "rt_tune_not_booted" in xml
 
 
+def _irq_and_cpus() -> tuple[str, str]:
+    for d in sorted(Path("/proc/irq").glob("[0-9]*"), key=lambda p: int(p.name)):
+        try:
+            return d.name, (d / "smp_affinity_list").read_text().strip()
+        except OSError:
+            continue
+    pytest.skip("no readable /proc/irq/N/smp_affinity_list on this machine")
+
+
+def test_the_irq_check_passes_on_housekeeping_or_earlier_cpus_and_names_an_irq_moved_elsewhere(sshd):
+    irq, cpus = _irq_and_cpus()  # this machine's, read back over SSH by the check
+    live = parse_cpulist(cpus)
+    other = sorted(set(range(max(live) + 2)) - set(live))[:1]  # a CPU list the IRQ is not on
+    cases = {"housekeeping": IrqPromise(housekeeping=live, moved={irq: "0"}),
+             "earlier": IrqPromise(housekeeping=other, moved={irq: cpus}),
+             "elsewhere": IrqPromise(housekeeping=other, moved={irq: ",".join(map(str, other))})}
+    results = {}
+    for name, promise in cases.items():
+        report = run_checks("u1", "host", sshd.endpoint(), TargetPromise(target="host", irq_affinity=promise),
+                            check_timeout_s=30)
+        results[name] = outcomes(report)["test_irqs_on_the_housekeeping_cpus"], report
+    assert results["housekeeping"][0] == "passed" and results["earlier"][0] == "passed", results
+    assert results["elsewhere"][0] == "failed"
+    [msg] = [o.message for o in results["elsewhere"][1].outcomes if "housekeeping_cpus" in o.nodeid]
+    assert f"IRQ {irq} on {cpus}" in msg and "by someone else" in msg
+    # this machine has no rt-tune boot unit: the other IRQ check fails, naming it
+    [unit] = [o for o in results["housekeeping"][1].outcomes if "boot_unit_enabled" in o.nodeid]
+    assert unit.outcome == "failed" and "rt-tune-irq-affinity.service" in unit.message
+
+
+def test_promises_are_what_the_kept_records_say(tmp_path):
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        run = journal.begin_run("u1", "p.yaml", controller="test")
+        for target, kind, cid, before, desired in (
+                ("host", "irq_affinity", "host.irq_affinity",
+                 {"irqs": {"24": "0-1", "25": "1", "26": "0-1"}, "fixed": ["25"], "unit": None, "enabled": False},
+                 {"params": {"housekeeping": [0]}, "state": {"irqs": {"24": "0", "26": "0"}}}),
+                ("guest", "sysctl", "guest.sysctl.kernel.timer_migration", {"value": "1"},
+                 {"params": {"name": "kernel.timer_migration", "value": "0"}, "state": {}}),
+                ("guest", "cmdline", "guest.cmdline", {}, {"params": {"add": {"nohz_full": "1", "quiet": None}}})):
+            rec = journal.record_intent(run, "u1", target, cid, kind, before=before, desired=desired)
+            for state in ("applied", "verified", "kept"):
+                journal.mark(rec, state)
+        got = promises(journal.active_changes("u1"))
+    finally:
+        journal.close()
+    assert got["host"].irq_affinity == IrqPromise(housekeeping=[0], moved={"24": "0-1", "26": "0-1"})
+    assert got["guest"].sysctl == {"kernel.timer_migration": "0"}
+    assert got["guest"].cmdline == {"nohz_full": "1", "quiet": None} and got["guest"].irq_affinity is None
+
+
 def test_a_users_check_gets_host_and_vars_cannot_write_and_is_stopped_when_it_hangs(sshd, tmp_path):
     user = tmp_path / "test_robot.py"
     user.write_text(
@@ -74,6 +135,65 @@ def test_a_users_check_gets_host_and_vars_cannot_write_and_is_stopped_when_it_ha
     assert seen["test_sysctl_write_is_refused"] == "failed"
     assert seen["test_hangs"] == "failed"
     assert "Timeout" in next(o.message for o in report.outcomes if "hangs" in o.nodeid)
+    assert _sleepers(f"{8 * 50 + PROCESS_GRACE_S:.0f}") == []  # the read-only namespace's holder is gone
+
+
+def _sleepers(seconds: str) -> list[int]:
+    """PIDs of `sleep SECONDS` processes on this machine."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", seconds.encode()]:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_one_read_only_namespace_per_run_entered_by_each_command_and_ended_by_close(sshd):
+    with SSHTransport(sshd.endpoint()) as t:
+        backend = RtTuneBackend(t, lifetime_s=777)
+        assert backend.read_only and backend.holder is not None
+        assert _sleepers("777") == [backend.holder]
+        ns = os.readlink(f"/proc/{backend.holder}/ns/mnt")
+        assert ns != os.readlink("/proc/self/ns/mnt")
+        first = backend.run("readlink /proc/self/ns/mnt")
+        assert first.stdout.strip() == ns == backend.run("readlink /proc/self/ns/mnt").stdout.strip()
+        wrote = backend.run("touch /etc/rt-tune-check-wrote-this")
+        assert wrote.rc != 0 and "Read-only file system" in wrote.stderr
+        holder = backend.holder
+        backend.close()
+        assert backend.holder is None and _sleepers("777") == []
+        for _ in range(100):  # killed; its parent (init or a subreaper) reaps it
+            if not Path(f"/proc/{holder}").exists():
+                break
+            time.sleep(0.02)
+        assert not Path(f"/proc/{holder}").exists()
+
+
+def test_a_command_is_never_run_in_a_namespace_that_can_be_written():
+    """What each command checks after entering: the holder's PID, reused by a process of the normal (writable)
+    mount namespace, is refused."""
+    proc = subprocess.run(["nsenter", "-t", str(os.getpid()), "-m", "sh", "-c", _ENTER, "echo ran"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 125 and proc.stdout == "" and "read-only namespace is gone" in proc.stderr
+
+
+def test_check_units_reports_every_target_in_order_while_runs_overlap(sshd, tmp_path):
+    inv = Inventory.model_validate({"units": {
+        name: {"host": {"address": "127.0.0.1", "port": port, "key": str(sshd.client_key),
+                        "known_hosts": str(sshd.known_hosts)}}
+        for name, port in (("down", 1), ("up", sshd.port), ("up2", sshd.port))}})
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        seen: list[str] = []
+        reports = check_units(inv, journal, ["down", "up", "up2"], None, check_timeout_s=20,
+                              on_report=lambda r: seen.append(r.unit))
+    finally:
+        journal.close()
+    assert [r.unit for r in reports] == ["down", "up", "up2"] and sorted(seen) == ["down", "up", "up2"]
+    assert not reports[0].ok and (reports[0].error or reports[0].failed)  # the unreachable one, in its place
+    assert reports[1].ok and reports[2].ok and reports[1].read_only is True
 
 
 @pytest.mark.parametrize("body, message", [
