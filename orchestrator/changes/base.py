@@ -86,6 +86,11 @@ class Change(ABC):
         """Does the live state already satisfy the desired one? (Default: every desired key matches.)"""
         return all(live.get(k) == v for k, v in desired.items())
 
+    def not_applicable(self, before: State) -> str | None:
+        """Why the change has nothing to act on here (a knob the unit's kernel lacks), or None. The plan then
+        skips it, saying why: not an error, not a no-op."""
+        return None
+
     def state_fact(self) -> Fact[State] | None:
         """`read` as a Fact (one command and a pure parser), so that planning gathers several changes' states
         and the unit's facts in one round trip (`plan_all`). None: this kind reads in several steps."""

@@ -151,6 +151,20 @@ SYSCTL_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
 }
 
 
+_TLB = Mechanism("TLB shootdowns on the RT CPUs", "irq", ("tlb_ipi",))
+
+#: sysfs knob -> what it acts through: unbound and writeback kworkers woken on an RT CPU (reschedule IPIs);
+#: khugepaged, compaction and ksmd changing mappings (TLB shootdown IPIs on x86; arm64 invalidates by broadcast
+#: in hardware, so there it has no counter); cpufreq and cpuidle act on wake-up latency alone.
+SYSFS_MECHANISMS: dict[str, tuple[Mechanism, ...]] = {
+    "workqueue_cpumask": (_RESCHED,),
+    "writeback_cpumask": (_RESCHED,),
+    "transparent_hugepage": (_TLB,),
+    "transparent_hugepage_defrag": (_TLB,),
+    "ksm_run": (_TLB,),
+}
+
+
 def mechanisms_for(kind: str, params: dict[str, Any], target: str) -> tuple[Mechanism, ...]:
     """The mechanisms a resolved profile entry of `target` ("host" or "guest") targets (empty: the kind or this
     entry declares none, so only its latency can be evidence). Whether the unit has each counter is the
@@ -170,6 +184,8 @@ def _declared(kind: str, params: dict[str, Any]) -> tuple[Mechanism, ...]:
                           cpus="all"),)
     if kind == "irq_affinity":
         return (_DEVICE,)
+    if kind == "sysfs":
+        return SYSFS_MECHANISMS.get(str(params.get("knob", "")), ())
     if kind == "wfx_notrap":
         return (_WFX,)
     if kind == "cmdline":

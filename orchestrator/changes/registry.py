@@ -10,6 +10,7 @@ from orchestrator.changes.base import Change
 from orchestrator.changes.irq_affinity import IrqAffinityChange
 from orchestrator.changes.service import ServiceDisableChange
 from orchestrator.changes.sysctl import SysctlChange
+from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
 from orchestrator.core.errors import InputError
 
@@ -21,6 +22,7 @@ RUNTIME_KINDS: dict[str, Callable[[dict[str, Any]], Change]] = {
     "service_disable": lambda p: ServiceDisableChange(p["unit"], mask=bool(p.get("mask", False))),
     "vcpu_pinning": VcpuPinningChange.from_params,
     "irq_affinity": lambda p: IrqAffinityChange(list(p["housekeeping"])),
+    "sysfs": SysfsChange.from_params,
 }
 
 

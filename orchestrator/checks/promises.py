@@ -24,6 +24,12 @@ class IrqPromise(BaseModel):
     moved: dict[str, str]
 
 
+class SysfsPromise(BaseModel):
+    knob: str
+    #: file -> the value rt-tune wrote there (the files the unit had when the change was applied)
+    values: dict[str, str]
+
+
 class TargetPromise(BaseModel):
     """One target's promises; empty when rt-tune keeps nothing there (the user's checks still run)."""
 
@@ -33,6 +39,7 @@ class TargetPromise(BaseModel):
     services_disabled: dict[str, bool] = Field(default_factory=dict)  # unit -> masked
     vcpu_pinning: VcpuPromise | None = None
     irq_affinity: IrqPromise | None = None
+    sysfs: list[SysfsPromise] = Field(default_factory=list)
     wfx_notrap: bool = False
     change_ids: list[str] = Field(default_factory=list)
 
@@ -53,6 +60,8 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
         elif rec.kind == "vcpu_pinning":
             p.vcpu_pinning = VcpuPromise(service=params["service"], vcpus=params["vcpus"],
                                          housekeeping=params["housekeeping"])
+        elif rec.kind == "sysfs":
+            p.sysfs.append(SysfsPromise(knob=params["knob"], values=rec.desired.get("state", {}).get("values", {})))
         elif rec.kind == "irq_affinity":
             moved = rec.desired.get("state", {}).get("irqs", {})
             p.irq_affinity = IrqPromise(housekeeping=params["housekeeping"],

@@ -12,6 +12,11 @@ A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/
         nosoftlockup:               # null / empty value: a bare flag
       sysctl:                       # one change per key; value: a string or an integer, never a boolean
         kernel.timer_migration: "0"
+      sysfs:                        # one change per knob of rt-tune's allow-list (config/knobs.py)
+        transparent_hugepage: never
+        workqueue_cpumask: "${housekeeping_cpus}"
+        cpufreq_governor: {cpus: "${rt_cpus}", value: performance}
+        cpuidle_disable: {cpus: "${rt_cpus}", states: "1-3"}
       services:
         disable: [foo.service]      # one change per unit: stop + disable (+ mask when `mask: true`)
         mask: false
@@ -89,8 +94,9 @@ cannot print a file of the machine it runs on.
 
 Changes. `resolve(profile, unit, unit_spec)` turns a profile into ChangeSpecs, each one change that rt-tune
 applies, measures and keeps or rolls back on its own. ids are stable: `host.cmdline`, `guest.cmdline`,
-`host.sysctl.<name>`, `guest.service.<unit>`, `host.vcpu_pinning`, `host.irq_affinity`, `guest.irq_affinity`,
-`host.kernel`, `host.wfx_notrap`. `wfx_notrap: false` (the default) means "leave as it is", not "force trapping".
+`host.sysctl.<name>`, `host.sysfs.<knob>`, `guest.service.<unit>`, `host.vcpu_pinning`, `host.irq_affinity`,
+`guest.irq_affinity`, `host.kernel`, `host.wfx_notrap`. `wfx_notrap: false` (the default) means "leave as it
+is", not "force trapping".
 Params of the boot changes: cmdline {"add": {key: value-or-None}}; kernel {"deb": absolute path or None,
 "package": NAME or None, "release": STRING or None}; wfx_notrap {"wfi": "notrap", "wfe": "notrap", "kernel":
 the same artifact dict or None}.
@@ -98,8 +104,8 @@ the same artifact dict or None}.
 Order. Default: by kind, guest before host within a kind (the guest runs the RT code and is measured; its
 changes are cheaper to try), file order within a section:
   1. service_disable: a crash-looping service distorts every other measurement (field notes, do_nothing)
-  2. sysctl  3. vcpu_pinning  4. irq_affinity   (runtime changes, no reboot)
-  5. cmdline  6. kernel  7. wfx_notrap           (boot changes last: each needs a reboot; a kernel named by
+  2. sysctl  3. sysfs  4. vcpu_pinning  5. irq_affinity   (runtime changes, no reboot)
+  6. cmdline  7. kernel  8. wfx_notrap           (boot changes last: each needs a reboot; a kernel named by
                                                  `host.kernel` is in place before wfx_notrap picks its method)
 `order:` lists change ids to run first, in that order; the changes it does not name follow in the default
 order. An id the profile does not produce for the unit, or listed twice, is an error.
@@ -127,6 +133,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from orchestrator.config.knobs import KNOBS, check_knob
 from orchestrator.config.yamlio import key_path, line_of, plain, read_yaml
 from orchestrator.config.yamlio import shown as short_repr
 from orchestrator.core.cpulist import (
@@ -151,9 +158,10 @@ from orchestrator.core.paths import shipped
 PROFILES_DIR = shipped("profiles")
 
 Target = Literal["host", "guest"]
-Kind = Literal["service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "kernel", "wfx_notrap"]
-KIND_ORDER: tuple[str, ...] = ("service_disable", "sysctl", "vcpu_pinning", "irq_affinity", "cmdline", "kernel",
-                               "wfx_notrap")
+Kind = Literal["service_disable", "sysctl", "sysfs", "vcpu_pinning", "irq_affinity", "cmdline", "kernel",
+               "wfx_notrap"]
+KIND_ORDER: tuple[str, ...] = ("service_disable", "sysctl", "sysfs", "vcpu_pinning", "irq_affinity", "cmdline",
+                               "kernel", "wfx_notrap")
 TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
 NEEDS_REBOOT = frozenset({"cmdline", "kernel", "wfx_notrap"})
 
@@ -261,6 +269,36 @@ def _wfx_switch(v: Any) -> Any:
                       "{kernel: {deb: FILE}} or {kernel: {package: NAME}}")
 
 
+KnobValue = Annotated[str, BeforeValidator(_scalar_text(
+    "a sysfs value", 'quote the value you mean, e.g. "never" or "0"'))]
+
+
+class PerCpuKnob(_Strict):
+    """A per-CPU sysfs knob's value on `cpus` (e.g. a cpufreq governor on the RT CPUs)."""
+
+    cpus: CpuText
+    value: KnobValue
+
+
+class CpuidleDisable(_Strict):
+    """Idle states `states` (their numbers under cpuidle/, e.g. "1-3": all but polling) disabled on `cpus`."""
+
+    cpus: CpuText
+    states: CpuText
+
+
+class Sysfs(_Strict):
+    """Kernel knobs under /sys from rt-tune's allow-list (orchestrator/changes/sysfs.py, KNOBS), one change each."""
+
+    transparent_hugepage: KnobValue | None = None
+    transparent_hugepage_defrag: KnobValue | None = None
+    workqueue_cpumask: CpuText | None = None
+    writeback_cpumask: CpuText | None = None
+    ksm_run: KnobValue | None = None
+    cpufreq_governor: PerCpuKnob | None = None
+    cpuidle_disable: CpuidleDisable | None = None
+
+
 def _check_file_name(v: str) -> str:
     if not v or not v.isprintable() or not v.endswith(".py"):
         raise PydanticCustomError("check_file", "a check file is the path of a Python file (`test_*.py`), on one "
@@ -273,6 +311,7 @@ class GuestSection(_Strict):
     #: the user's check files (pytest-testinfra modules) for this target, relative to the file that lists them
     checks: list[Annotated[StrictStr, AfterValidator(_check_file_name)]] = Field(default_factory=list)
     sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
+    sysfs: Sysfs = Field(default_factory=Sysfs)
     services: Services = Field(default_factory=Services)
     irq_affinity: IrqAffinity | None = None
     kernel: KernelArtifactSpec | None = None  # accepted here only to refuse it with a clear message
@@ -735,6 +774,9 @@ class _Resolver:
                 continue
             change(loc, f"{t}.sysctl.{name}", "sysctl", {"name": name, "value": value})
 
+        for knob, params in self.sysfs(t, sec.sysfs):
+            change((t, "sysfs", knob), f"{t}.sysfs.{knob}", "sysfs", params)
+
         rt_sets: list[tuple[str, list[int], str]] = []  # (key path, cpus, text) of RT CPU sets
         pin = getattr(sec, "vcpu_pinning", None)
         pin_params = None
@@ -780,6 +822,52 @@ class _Resolver:
             if wfx.kernel is None or artifact is not None:
                 change((t, "wfx_notrap"), f"{t}.wfx_notrap", "wfx_notrap",
                        {"wfi": "notrap", "wfe": "notrap", "kernel": artifact})
+        return out
+
+    def sysfs(self, t: Target, sec: Sysfs) -> list[tuple[str, dict[str, Any]]]:
+        """(knob, params) of each sysfs knob set, checked against its type (changes/sysfs.py); problems recorded."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for knob in KNOBS:
+            raw = getattr(sec, knob)
+            if raw is None:
+                continue
+            loc = (t, "sysfs", knob)
+            params: dict[str, Any] = {"knob": knob}
+            if isinstance(raw, PerCpuKnob | CpuidleDisable):
+                text = self.sub(loc + ("cpus",), raw.cpus)
+                cpus = self.cpus(t, loc + ("cpus",), text, raw.cpus) if text is not None else None
+                if cpus is None:
+                    continue
+                params["cpus"] = cpus
+                if isinstance(raw, CpuidleDisable):
+                    states_text = self.sub(loc + ("states",), raw.states)
+                    try:
+                        params["states"] = parse_cpulist(states_text or "", max_cpu=63)
+                    except CpuListError:
+                        self.p.add(loc + ("states",), "not a list of idle state numbers 0..63 (e.g. \"1-3\")",
+                                   states_text, raw.states)
+                        continue
+                    params["value"] = "1"
+                else:
+                    value = self.sub(loc + ("value",), raw.value)
+                    if value is None:
+                        continue
+                    params["value"] = value
+            else:
+                value = self.sub(loc, raw)
+                if value is None:
+                    continue
+                if KNOBS[knob].type == "cpumask":
+                    cpus = self.cpus(t, loc, value, raw)
+                    if cpus is None:
+                        continue
+                    value = format_cpulist(cpus)
+                params["value"] = value
+            problem = check_knob(knob, params["value"], params.get("cpus", ()), params.get("states", ()))
+            if problem:
+                self.p.add(loc, problem, params["value"])
+                continue
+            out.append((knob, params))
         return out
 
     def artifact(self, loc: tuple, spec: KernelArtifactSpec) -> dict[str, str | None] | None:

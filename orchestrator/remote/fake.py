@@ -26,6 +26,7 @@ from orchestrator.remote.transport import (
     COMMAND_SEP,
     FILE_RECORDS,
     GATHER_SCRIPT,
+    WRITE_VALUES,
     _CommandTransport,
     _Raw,
 )
@@ -124,6 +125,12 @@ class FakeTransport(_CommandTransport):
                     if status:
                         return 1, "", err
                 return 0, self._file_records(args[5:], marker=args[0]), ""
+            if script == WRITE_VALUES:  # PATH VALUE ...: only files the unit has (sysfs files are never created)
+                for path, value in zip(args[0::2], args[1::2], strict=False):
+                    if path not in files:
+                        return 1, "", f"fake unit {self._label}: no file {path}\n"
+                    files[path] = (value + "\n").encode()
+                return 0, "", ""
             if script == GATHER_SCRIPT:  # MARKER NAME<sep>ARGV...: each command answered by what it is
                 out = ""
                 for spec in args[1:]:

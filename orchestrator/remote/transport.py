@@ -519,6 +519,17 @@ GATHER_SCRIPT = ('set -f; m=$1; shift; IFS="' + COMMAND_SEP + '"; for spec in "$
                  'printf "%s %s\\n" "$m" "$?"; done')
 
 
+# ---- small values written to files (sysfs, procfs): one process for all ------------------------------------
+# Arguments: PATH VALUE pairs; each VALUE and a newline in one write(2), as `echo VALUE > PATH` does (a sysfs
+# file takes one write).
+WRITE_VALUES = 'while [ $# -gt 1 ]; do printf "%s\\n" "$2" > "$1" || exit 1; shift 2; done'
+
+
+def write_values_command(pairs: Sequence[tuple[str, str]]) -> tuple[str, ...]:
+    """The command writing each (path, value): give it to `run` or `write_run_read`."""
+    return ("sh", "-c", WRITE_VALUES, "-", *[x for pair in pairs for x in pair])
+
+
 # ---- write, run, read back: one round trip ------------------------------------------------------------------
 # $1 marker, $2 temp file, $3 mode, $4 path, $5 the command as one argument joined by the unit separator (\x1f;
 # empty: none), then the paths to read. The file is replaced as write_file does (umask 077 only while the temp

@@ -69,7 +69,7 @@ class RuntimeActive:
     def plan(self) -> Planned:
         self._plan = p = self.change.plan(self.t)
         return Planned(summary=self.change.describe(), noop_message=p.summary, before=p.before, state=p.desired,
-                       noop=p.noop)
+                       noop=p.noop, skip_reason=self.change.not_applicable(p.before) or "")
 
     def prepare(self) -> None:
         pass
@@ -171,11 +171,14 @@ class Engine(RunContext):
         shared = SharedConnections(lambda u, target: self.connect(self.inventory, u, target))
         try:
             for target, group in runtime.items():
-                _, plans = plan_all(shared.get(unit, target), [build_change(s.kind, s.params) for _, s in group])
-                for (i, spec), plan in zip(group, plans, strict=True):
+                changes = [build_change(s.kind, s.params) for _, s in group]
+                _, plans = plan_all(shared.get(unit, target), changes)
+                for (i, spec), change, plan in zip(group, changes, plans, strict=True):
+                    skip = change.not_applicable(plan.before)
                     out[i] = ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, description=plan.summary,
-                                           status="noop" if plan.noop else "planned",
-                                           reason=json.dumps({"before": plan.before, "desired": plan.desired})[:500])
+                                           status="skipped" if skip else "noop" if plan.noop else "planned",
+                                           reason=skip or json.dumps({"before": plan.before,
+                                                                      "desired": plan.desired})[:500])
         finally:
             shared.drop()
         return [out[i] for i in range(len(specs))]

@@ -11,7 +11,9 @@ import pytest
 from orchestrator.changes.irq_affinity import IrqAffinityChange
 from orchestrator.changes.service import ServiceDisableChange
 from orchestrator.changes.sysctl import SysctlChange
+from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
+from orchestrator.config.knobs import KNOBS
 from orchestrator.remote.transport import read_optional
 from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
@@ -145,15 +147,29 @@ def test_vcpu_map_with_sched_fifo(host):
     assert "SCHED_OTHER" in host.run(["chrt", "-p", tid]).stdout
 
 
-def test_irq_affinity_to_housekeeping_survives_a_reboot_and_back(lab, host):
-    """/proc/irq settings die with the boot; rt-tune's oneshot unit puts them back at every boot (trial boots of
-    later boot changes reboot the unit)."""
+def test_irq_affinity_and_sysfs_knobs_survive_a_reboot_and_back(lab, host):
+    """/proc/irq and /sys settings die with the boot; rt-tune's oneshot unit puts the IRQs back at every boot
+    (trial boots of later boot changes reboot the unit), its tmpfiles.d entries the sysfs knobs. One reboot for
+    both kinds."""
     from orchestrator.facts.base import BOOT_ID
     from tests.lab.test_lab import _reboot, _wait_new_boot
 
+    thp, wq = KNOBS["transparent_hugepage"].path, KNOBS["workqueue_cpumask"].path
+    knobs = [SysfsChange("transparent_hugepage", "never"), SysfsChange("workqueue_cpumask", "0")]
+    original = {p: host.read_file(p) for p in (thp, wq)}  # as the kernel prints them
+    assert b"[never]" not in original[thp] and original[wq].strip() != b"1", original  # so the change shows
+    absent = SysfsChange("cpufreq_governor", "performance", cpus=[1])  # a QEMU VM has no cpufreq
+    assert "no /sys/devices/system/cpu/cpu1/cpufreq/scaling_governor" in absent.not_applicable(absent.read(host))
+    knob_plans = [k.plan(host) for k in knobs]
     change = IrqAffinityChange([0])
     plan = change.plan(host)
     try:
+        for k, kp in zip(knobs, knob_plans, strict=True):
+            assert not kp.noop
+            k.verify(host, kp, k.apply_and_read(host, kp.before))
+        assert host.run(["cat", thp, wq]).stdout.split("\n")[:2] == ["always madvise [never]", "1"]
+        assert host.read_file("/etc/tmpfiles.d/90-rt-tune-sysfs-transparent_hugepage.conf").endswith(
+            f"w {thp} - - - - never\n".encode())
         change.apply(host, plan.before)
         change.verify(host, plan)
         assert host.run(["systemctl", "is-enabled", "rt-tune-irq-affinity.service"]).stdout.strip() == "enabled"
@@ -173,9 +189,16 @@ def test_irq_affinity_to_housekeeping_survives_a_reboot_and_back(lab, host):
         assert change.in_place(live, plan.desired), live
         moved = [irq for irq, cpus in live["irqs"].items() if irq not in live["fixed"]]
         assert moved and all(live["irqs"][irq] == "0" for irq in moved)
+        # systemd-tmpfiles wrote the knobs at boot: read with cat, not through rt-tune
+        assert host.run(["cat", thp, wq]).stdout.split("\n")[:2] == ["always madvise [never]", "1"]
+        assert all(k.plan(host).noop for k in knobs)  # a fresh plan finds them in place
     finally:
         change.rollback(host, plan.before)
+        for k, kp in zip(knobs, knob_plans, strict=True):
+            k.rollback(host, kp.before)
     change.verify_rolled_back(host, plan.before)
+    assert {p: host.read_file(p) for p in (thp, wq)} == original  # byte for byte, as the kernel prints them
+    assert "rt-tune" not in host.run(["ls", "/etc/tmpfiles.d"]).stdout
     assert "rt-tune-irq-affinity" not in host.run(["ls", "/etc/systemd/system",
                                                    "/etc/systemd/system/multi-user.target.wants"]).stdout
 

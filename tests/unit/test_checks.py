@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checks.backend import _ENTER, RtTuneBackend
-from orchestrator.checks.promises import IrqPromise, TargetPromise, promises
+from orchestrator.checks.promises import IrqPromise, SysfsPromise, TargetPromise, promises
 from orchestrator.checks.runner import PROCESS_GRACE_S, check_files, run_checks
 from orchestrator.config.inventory import Inventory
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpulist
@@ -87,6 +87,28 @@ def test_the_irq_check_passes_on_housekeeping_or_earlier_cpus_and_names_an_irq_m
     assert unit.outcome == "failed" and "rt-tune-irq-affinity.service" in unit.message
 
 
+def test_the_sysfs_check_reads_each_knob_in_its_own_terms(sshd):
+    thp, wq = "/sys/kernel/mm/transparent_hugepage/enabled", "/sys/devices/virtual/workqueue/cpumask"
+    if not (Path(thp).exists() and Path(wq).exists()):
+        pytest.skip("this machine's kernel has no THP or workqueue cpumask")
+    selected = Path(thp).read_text().split("[")[1].split("]")[0]  # "always [madvise] never" -> madvise
+    mask = Path(wq).read_text().strip()
+    other = "never" if selected != "never" else "always"
+    promise = TargetPromise(target="host", sysfs=[
+        SysfsPromise(knob="transparent_hugepage", values={thp: selected}),
+        SysfsPromise(knob="workqueue_cpumask", values={wq: "0" * 7 + mask}),  # leading zeros: the same CPUs
+        SysfsPromise(knob="transparent_hugepage_defrag", values={"/sys/kernel/mm/transparent_hugepage/defrag":
+                                                                 "no-such-word"})])
+    seen = outcomes(run_checks("u1", "host", sshd.endpoint(), promise, check_timeout_s=30))
+    assert seen["test_sysfs_knob[transparent_hugepage]"] == "passed"
+    assert seen["test_sysfs_knob[workqueue_cpumask]"] == "passed"
+    assert seen["test_sysfs_knob[transparent_hugepage_defrag]"] == "failed"
+    report = run_checks("u1", "host", sshd.endpoint(), TargetPromise(target="host", sysfs=[
+        SysfsPromise(knob="transparent_hugepage", values={thp: other})]), check_timeout_s=30)
+    [o] = [o for o in report.outcomes if "test_sysfs_knob" in o.nodeid]
+    assert o.outcome == "failed" and thp in o.message and repr(other) in o.message
+
+
 def test_promises_are_what_the_kept_records_say(tmp_path):
     journal = Journal(tmp_path / "journal.sqlite")
     try:
@@ -97,7 +119,10 @@ def test_promises_are_what_the_kept_records_say(tmp_path):
                  {"params": {"housekeeping": [0]}, "state": {"irqs": {"24": "0", "26": "0"}}}),
                 ("guest", "sysctl", "guest.sysctl.kernel.timer_migration", {"value": "1"},
                  {"params": {"name": "kernel.timer_migration", "value": "0"}, "state": {}}),
-                ("guest", "cmdline", "guest.cmdline", {}, {"params": {"add": {"nohz_full": "1", "quiet": None}}})):
+                ("guest", "cmdline", "guest.cmdline", {}, {"params": {"add": {"nohz_full": "1", "quiet": None}}}),
+                ("host", "sysfs", "host.sysfs.workqueue_cpumask", {"values": {"/sys/x/cpumask": "3\n"}},
+                 {"params": {"knob": "workqueue_cpumask", "value": "0"},
+                  "state": {"values": {"/sys/x/cpumask": "1"}}})):
             rec = journal.record_intent(run, "u1", target, cid, kind, before=before, desired=desired)
             for state in ("applied", "verified", "kept"):
                 journal.mark(rec, state)
@@ -106,6 +131,7 @@ def test_promises_are_what_the_kept_records_say(tmp_path):
         journal.close()
     assert got["host"].irq_affinity == IrqPromise(housekeeping=[0], moved={"24": "0-1", "26": "0-1"})
     assert got["guest"].sysctl == {"kernel.timer_migration": "0"}
+    assert got["host"].sysfs == [SysfsPromise(knob="workqueue_cpumask", values={"/sys/x/cpumask": "1"})]
     assert got["guest"].cmdline == {"nohz_full": "1", "quiet": None} and got["guest"].irq_affinity is None
 
 

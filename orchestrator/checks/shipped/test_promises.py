@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.knobs import KNOBS, normal_value
 from orchestrator.core.cpulist import parse_cpulist
 from orchestrator.remote.remote_scripts import PIN_SCRIPT
 
@@ -37,6 +38,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("cmdline_arg", args)
     if "sysctl_item" in metafunc.fixturenames:
         metafunc.parametrize("sysctl_item", sorted(p.get("sysctl", {}).items()), ids=lambda kv: kv[0])
+    if "sysfs_knob" in metafunc.fixturenames:
+        metafunc.parametrize("sysfs_knob", p.get("sysfs", []), ids=lambda k: k["knob"])
     if "disabled_unit" in metafunc.fixturenames:
         metafunc.parametrize("disabled_unit", sorted(p.get("services_disabled", {}).items()), ids=lambda kv: kv[0])
 
@@ -69,6 +72,19 @@ def test_sysctl(host, sysctl_item):
     name, value = sysctl_item
     live = host.file("/proc/sys/" + name.replace(".", "/")).content_string
     assert live.split() == value.split(), f"{name} is {live.strip()!r}, not {value!r}"
+
+
+def test_sysfs_knob(host, sysfs_knob):
+    """Each file of the knob reads as what rt-tune wrote (in the knob's terms: a cpumask's CPUs, a choice's
+    selected word)."""
+    spec = KNOBS[sysfs_knob["knob"]]
+    wrong = []
+    for path, want in sysfs_knob["values"].items():
+        f = host.file(path)
+        live = f.content_string if f.exists else None
+        if normal_value(spec, live) != normal_value(spec, want):
+            wrong.append(f"{path} is {live.strip() if live is not None else 'missing'!r}, not {want!r}")
+    assert not wrong, "; ".join(wrong)
 
 
 def test_service_disabled(host, disabled_unit):

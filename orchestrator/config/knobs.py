@@ -1,0 +1,125 @@
+"""The sysfs knobs rt-tune may write (its allow-list) and what each one takes: data and pure checks, shared by
+the profile's resolver (errors with file and line) and the change (orchestrator/changes/sysfs.py)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orchestrator.core.cpulist import CpuListError, parse_cpulist
+
+CPU_DIR = "/sys/devices/system/cpu"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One allow-listed knob: where it lives and what it takes."""
+
+    #: "choice" (one of `choices`; a bracketed list when read), "cpumask" (a CPU list, written as the kernel's
+    #: hex mask), "word" (a name such as a cpufreq governor), "flag" (0 or 1)
+    type: str
+    #: the file (a fixed knob) or, for a per-CPU knob, a pattern with {cpu} and maybe {state}
+    path: str
+    choices: tuple[str, ...] = ()
+    per_cpu: bool = False
+    #: why a real-time unit sets it (shown in `tune plan` and the profile docs)
+    why: str = ""
+
+
+KNOBS: dict[str, Knob] = {
+    "transparent_hugepage": Knob(
+        "choice", "/sys/kernel/mm/transparent_hugepage/enabled", ("always", "madvise", "never"),
+        why="khugepaged collapsing pages and THP faults stall RT tasks (tuned realtime: never)"),
+    "transparent_hugepage_defrag": Knob(
+        "choice", "/sys/kernel/mm/transparent_hugepage/defrag",
+        ("always", "defer", "defer+madvise", "madvise", "never"),
+        why="direct compaction on a page fault is an unbounded stall"),
+    "workqueue_cpumask": Knob(
+        "cpumask", "/sys/devices/virtual/workqueue/cpumask",
+        why="unbound kworkers run only on the housekeeping CPUs (kernel-per-CPU-kthreads.rst)"),
+    "writeback_cpumask": Knob(
+        "cpumask", "/sys/bus/workqueue/devices/writeback/cpumask",
+        why="dirty-page writeback kworkers off the RT CPUs (kernel-per-CPU-kthreads.rst)"),
+    "ksm_run": Knob(
+        "choice", "/sys/kernel/mm/ksm/run", ("0", "1", "2"),
+        why="ksmd scanning and merging pages interferes with every CPU's memory (tuned realtime-virtual-host: 0)"),
+    "cpufreq_governor": Knob(
+        "word", CPU_DIR + "/cpu{cpu}/cpufreq/scaling_governor", per_cpu=True,
+        why="a fixed frequency: no ramp-up delay when the RT task wakes (tuned: performance)"),
+    "cpuidle_disable": Knob(
+        "flag", CPU_DIR + "/cpu{cpu}/cpuidle/state{state}/disable", per_cpu=True,
+        why="deep idle states' exit latency adds to every wake-up of an RT CPU"),
+}
+
+GOVERNOR = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def check_knob(knob: str, value: str, cpus: Sequence[int] = (), states: Sequence[int] = ()) -> str | None:
+    """What is wrong with setting `knob` to `value` (on `cpus`, idle `states`), or None."""
+    spec = KNOBS.get(knob)
+    if spec is None:
+        return f"not a knob rt-tune knows; known: {', '.join(KNOBS)}"
+    ok = {"choice": lambda: value in spec.choices, "cpumask": lambda: bool(_cpus(value)),
+          "word": lambda: bool(GOVERNOR.fullmatch(value)), "flag": lambda: value in ("0", "1")}[spec.type]
+    if not ok():
+        expected = {"choice": "one of " + ", ".join(spec.choices), "cpumask": "a non-empty CPU list",
+                    "word": "a name of lowercase letters, digits and _ (e.g. performance)",
+                    "flag": "0 or 1"}[spec.type]
+        return f"{value!r}: expected {expected}"
+    if spec.per_cpu and not cpus:
+        return "a per-CPU knob needs its CPUs"
+    if "{state}" in spec.path and not states:
+        return "name the idle states to disable"
+    return None
+
+
+def _cpus(text: str) -> list[int]:
+    try:
+        return parse_cpulist(text)
+    except CpuListError:
+        return []
+
+
+def cpumask_of(cpus: Sequence[int]) -> str:
+    """The kernel's hex cpumask of `cpus`: 32-bit groups, most significant first, comma-separated ("3",
+    "1,00000000")."""
+    bits = 0
+    for c in cpus:
+        bits |= 1 << c
+    text = format(bits, "x")
+    groups: list[str] = []
+    while text:
+        groups.insert(0, text[-8:])
+        text = text[:-8]
+    return ",".join([groups[0]] + [g.rjust(8, "0") for g in groups[1:]]) if groups else "0"
+
+
+def cpus_of_mask(text: str) -> list[int] | None:
+    """The CPUs of a hex cpumask as the kernel prints it; None when it is not one."""
+    raw = text.strip().replace(",", "")
+    if not raw or not re.fullmatch(r"[0-9a-fA-F]+", raw):
+        return None
+    bits = int(raw, 16)
+    return [i for i in range(bits.bit_length()) if bits >> i & 1]
+
+
+
+
+def selected_choice(text: str) -> str:
+    """The selected word of a bracketed choice file ("always [madvise] never" -> "madvise"); the text itself
+    (stripped) when it has no brackets (`ksm/run` prints "0")."""
+    m = re.search(r"\[([^\]]+)\]", text)
+    return m.group(1) if m else text.strip()
+
+
+def normal_value(spec: Knob, text: str | None) -> object:
+    """A knob file's content in the knob's terms, for comparing: a cpumask's CPUs, a choice's selected word,
+    else the stripped text (None: the file does not exist)."""
+    if text is None:
+        return None
+    if spec.type == "cpumask":
+        return cpus_of_mask(text)
+    if spec.type == "choice":
+        return selected_choice(text)
+    return text.strip()
