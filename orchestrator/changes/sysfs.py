@@ -41,7 +41,7 @@ class SysfsChange(Change):
         self.value = str(self.value)
         problem = check_knob(self.knob, self.value, self.cpus, self.states)
         if problem:
-            raise InputError(f"sysfs {self.knob}: {problem}")
+            raise InputError(f"sysfs {self.knob} = {self.value!r}: {problem}")
         self.spec = KNOBS[self.knob]
         self.change_id = f"sysfs.{self.knob}"
 

@@ -169,6 +169,34 @@ def profile_validate(name: str, inventory_file: str | None, units: tuple[str, ..
     emit(out, as_json, human)
 
 
+@profile.command("show")
+@click.argument("name", metavar="PROFILE")
+@click.option("--unit", default=None, help="Resolve it for this unit (its inventory vars): the change each line "
+                                           "becomes, as it would be applied.")
+@click.option("--inventory", "-i", "inventory_file", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def profile_show(name: str, unit: str | None, inventory_file: str | None, as_json: bool) -> None:
+    """PROFILE merged (its includes applied), every value with the file and line that set it, what it
+    overrode, and the change kind it becomes."""
+    from orchestrator.config.profile import find_profile, load_profile, profile_lines, resolve
+
+    file = find_profile(name)
+    prof = load_profile(file)
+    specs = None
+    if unit is not None:
+        inv = _load_inventory(inventory_file)
+        specs = resolve(prof, unit, inv.unit(unit))
+    lines = profile_lines(prof, specs)
+    table = Table("key", "value", "set in", "overrides", "change" if unit is None else "change (resolved)",
+                  title=f"{prof.name}: {', '.join(str(f) for f in prof.files)}")
+    for line in lines:
+        change = line.resolved or (f"{line.change} ({line.kind})" if line.change else "")
+        table.add_row(escape(line.key), escape(str(line.value)), escape(line.source),
+                      escape("\n".join(line.overrides)), escape(change))
+    emit({"profile": prof.name, "files": [str(f) for f in prof.files], "unit": unit,
+          "lines": [line.model_dump() for line in lines]}, as_json, table)
+
+
 @click.command("status")
 @click.option("--inventory", "-i", "inventory_file", default=None)
 @click.option("--unit", "units", multiple=True)

@@ -66,7 +66,7 @@ def check_knob(knob: str, value: str, cpus: Sequence[int] = (), states: Sequence
         expected = {"choice": "one of " + ", ".join(spec.choices), "cpumask": "a non-empty CPU list",
                     "word": "a name of lowercase letters, digits and _ (e.g. performance)",
                     "flag": "0 or 1"}[spec.type]
-        return f"{value!r}: expected {expected}"
+        return f"expected {expected}"
     if spec.per_cpu and not cpus:
         return "a per-CPU knob needs its CPUs"
     if "{state}" in spec.path and not states:

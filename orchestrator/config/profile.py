@@ -330,6 +330,8 @@ class _Source:
     files: list[tuple[Path, Any]] = field(default_factory=list)  # (path as reached, its round-trip document)
     origin: dict[tuple, int] = field(default_factory=dict)  # key path -> index into files
     applied: list[int] = field(default_factory=list)  # indexes into files, in the order they were merged
+    #: key path -> (index into files, value) of each earlier setting a later file replaced, oldest first
+    overridden: dict[tuple, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def where(self, loc: tuple) -> str:
         for n in range(len(loc), 0, -1):
@@ -458,15 +460,18 @@ def _mark(v: Any, loc: tuple, idx: int, origin: dict[tuple, int]) -> None:
             _mark(x, loc + (i,), idx, origin)
 
 
-def _merge(dst: dict, src: Mapping, prefix: tuple, idx: int, origin: dict[tuple, int]) -> None:
+def _merge(dst: dict, src: Mapping, prefix: tuple, idx: int, origin: dict[tuple, int],
+           overridden: dict[tuple, list[tuple[int, Any]]] | None = None) -> None:
     for k, v in src.items():
         if not prefix and k == "include":
             continue
         loc = prefix + (k,)
         if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
             origin[loc] = idx
-            _merge(dst[k], v, loc, idx, origin)
+            _merge(dst[k], v, loc, idx, origin, overridden)
             continue
+        if overridden is not None and k in dst and loc in origin:
+            overridden.setdefault(loc, []).append((origin[loc], dst[k]))
         for stale in [o for o in origin if o[:len(loc)] == loc]:
             del origin[stale]
         dst[k] = _plain(v)
@@ -531,7 +536,7 @@ def _read_tree(path: Path) -> tuple[dict, _Source, _Problems]:
             visit(target, stack + [(real, p)], (idx, ("include", i), str(name)))
         applied.add(real)
         source.applied.append(idx)
-        _merge(merged, doc, (), idx, source.origin)
+        _merge(merged, doc, (), idx, source.origin, source.overridden)
 
     visit(path, [], None)
     return merged, source, problems
@@ -1034,6 +1039,10 @@ def describe(spec: ChangeSpec) -> str:
         text = f"pin the threads of {p['service']}: {describe_vcpu_map(p)}"
     elif spec.kind == "irq_affinity":
         text = f"move IRQs to housekeeping CPUs {format_cpulist(p['housekeeping'])}"
+    elif spec.kind == "sysfs":
+        where = f" on CPUs {format_cpulist(p['cpus'])}" if p.get("cpus") else ""
+        states = f" (idle states {format_cpulist(p['states'])})" if p.get("states") else ""
+        text = f"sysfs {p['knob']} = {p['value']}{where}{states}"
     elif spec.kind == "cmdline":
         text = "add kernel arguments " + " ".join(k if v is None else f"{k}={v}" for k, v in p["add"].items())
     elif spec.kind == "kernel":
@@ -1045,3 +1054,70 @@ def describe(spec: ChangeSpec) -> str:
     else:  # pragma: no cover - Kind is closed
         text = f"{spec.kind} {p}"
     return f"{spec.target}: {text}" + (" (reboot)" if spec.needs_reboot else "")
+
+
+# ---- provenance: `tune profile show` ----------------------------------------------------------------------
+class ProfileLine(BaseModel):
+    """One value of a merged profile: where it was set, what it replaced, and the change it becomes."""
+
+    key: str  # dotted key path, e.g. host.sysctl.kernel.timer_migration
+    value: Any  # as written (variables not substituted)
+    source: str  # FILE:LINE of the file that set it (the last one, after includes and overrides)
+    overrides: list[str] = Field(default_factory=list)  # "FILE:LINE: VALUE" of each earlier setting, oldest first
+    change: str | None = None  # the change id it becomes (None: not a change, e.g. name, checks, order)
+    kind: str | None = None
+    resolved: str | None = None  # for a unit: the change as resolved (`describe`)
+
+
+_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "cmdline": "cmdline", "services": "service_disable",
+                  "vcpu_pinning": "vcpu_pinning", "irq_affinity": "irq_affinity", "kernel": "kernel",
+                  "wfx_notrap": "wfx_notrap"}
+
+
+def _change_id(loc: tuple, value: Any) -> str | None:
+    if len(loc) < 2 or loc[0] not in ("host", "guest") or loc[1] not in _SECTION_KINDS:
+        return None
+    t, sec = loc[0], loc[1]
+    if sec in ("sysctl", "sysfs"):
+        return f"{t}.{sec}.{loc[2]}" if len(loc) > 2 else None
+    if sec == "services":
+        if loc[2:3] == ("disable",) and len(loc) == 4 and isinstance(value, str):
+            try:
+                return f"{t}.service.{with_unit_suffix(value)}"
+            except InvalidName:
+                return None
+        return None  # `mask` applies to every disabled service of the section
+    return f"{t}.{sec}"
+
+
+def _leaves(v: Any, loc: tuple) -> list[tuple[tuple, Any]]:
+    if isinstance(v, Mapping) and v:
+        return [leaf for k, x in v.items() for leaf in _leaves(x, loc + (k,))]
+    if isinstance(v, list) and v:
+        return [leaf for i, x in enumerate(v) for leaf in _leaves(x, loc + (i,))]
+    return [(loc, v)]
+
+
+def profile_lines(profile: Profile, specs: list[ChangeSpec] | None = None) -> list[ProfileLine]:
+    """Every value of `profile` with its provenance (sections in the order of the profile format); `specs` (the profile
+    resolved for a unit) adds each line's change as resolved."""
+    source = profile._source
+    by_id = {s.id: s for s in specs or []}
+    lines = []
+    for loc, value in _leaves(profile.model_dump(exclude_unset=True), ()):
+        cid = _change_id(loc, value)
+        spec = by_id.get(cid) if cid else None
+        overrides = []
+        for n in range(len(loc), 0, -1):  # a replaced value, or the replaced list or mapping it was part of
+            for idx, old in (source.overridden.get(loc[:n], []) if source else []):
+                path, doc = source.files[idx]  # type: ignore[union-attr]
+                line = line_of(doc, loc[:n])
+                overrides.append(f"{path}:{line}: {short_repr(old)}" if line else f"{path}: {short_repr(old)}")
+            if overrides:
+                break
+        lines.append(ProfileLine(
+            key=".".join(str(k) for k in loc), value=value, source=source.where(loc) if source else "",
+            overrides=overrides, change=cid if (spec or specs is None) else None,
+            kind=(spec.kind if spec else _SECTION_KINDS.get(loc[1]) if cid and specs is None else None),
+            resolved=describe(spec) if spec else None))
+    return lines

@@ -93,8 +93,8 @@ def test_the_profile_section_resolves_one_change_per_knob(tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("host:\n  sysfs:\n    transparent_hugepage: off\n", "p.yaml:4: host.sysfs.transparent_hugepage: 'off': "
-                                                          "expected one of always, madvise, never"),
+    ("host:\n  sysfs:\n    transparent_hugepage: off\n", "p.yaml:4: host.sysfs.transparent_hugepage: expected "
+                                                          "one of always, madvise, never (got 'off')"),
     ("host:\n  sysfs:\n    numa_balancing: 0\n", "p.yaml:4: host.sysfs.numa_balancing"),
     ("host:\n  sysfs:\n    transparent_hugepage: true\n", "cannot be a boolean"),
     ("host:\n  sysfs:\n    workqueue_cpumask: \"0-9\"\n", "outside the unit's host CPUs 0-3"),
