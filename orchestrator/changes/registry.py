@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.changes.base import Change
 from orchestrator.changes.irq_affinity import IrqAffinityChange
-from orchestrator.changes.service import ServiceDisableChange
+from orchestrator.changes.service import ServiceDisableChange, ServiceEnableChange
 from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
@@ -20,6 +20,7 @@ BOOT_KINDS = ("cmdline", "kernel", "wfx_notrap")
 RUNTIME_KINDS: dict[str, Callable[[dict[str, Any]], Change]] = {
     "sysctl": lambda p: SysctlChange(p["name"], str(p["value"])),
     "service_disable": lambda p: ServiceDisableChange(p["unit"], mask=bool(p.get("mask", False))),
+    "service_enable": lambda p: ServiceEnableChange(p["unit"], start=bool(p.get("start", True))),
     "vcpu_pinning": VcpuPinningChange.from_params,
     "irq_affinity": lambda p: IrqAffinityChange(list(p["housekeeping"])),
     "sysfs": SysfsChange.from_params,

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.changes.base import Change, ChangeError, State
+from orchestrator.changes.base import Change, ChangeError, Plan, State
 from orchestrator.core.names import service_to_disable  # whole-string, systemd's rules
 from orchestrator.facts.systemd import unit_state_fact
 from orchestrator.remote.transport import Transport
+
+
+def read_service_state(t: Transport, unit: str) -> State:
+    """load, file_state and active ("active" or "inactive") of `unit`."""
+    st = unit_state_fact(unit).gather(t)
+    if not st.exists:
+        return {"load": "not-found", "file_state": "", "active": "inactive"}
+    # a crash-looping service is "activating" (auto-restart) most of the time: it counts as running
+    running = "active" if st.active_state in ("active", "activating", "reloading") else "inactive"
+    return {"load": st.load_state, "file_state": st.unit_file_state, "active": running}
 
 
 @dataclass
@@ -25,12 +35,7 @@ class ServiceDisableChange(Change):
         self.change_id = f"service.{self.unit}"
 
     def read(self, t: Transport) -> State:
-        st = unit_state_fact(self.unit).gather(t)
-        if not st.exists:
-            return {"load": "not-found", "file_state": "", "active": "inactive"}
-        # a crash-looping service is "activating" (auto-restart) most of the time: it counts as running
-        running = "active" if st.active_state in ("active", "activating", "reloading") else "inactive"
-        return {"load": st.load_state, "file_state": st.unit_file_state, "active": running}
+        return read_service_state(t, self.unit)
 
     def desired(self, before: State) -> State:
         if before["load"] == "not-found":
@@ -86,3 +91,65 @@ class ServiceDisableChange(Change):
 
     def describe(self) -> str:
         return f"{'mask' if self.mask else 'disable'} {self.unit}"
+
+
+@dataclass
+class ServiceEnableChange(Change):
+    """Enable a service (and with `start`, start it now): e.g. stalld beside RT throttling off. Rollback restores
+    the file state it had (disabled, masked) and stops it if it was not running."""
+
+    unit: str
+    start: bool = True
+    kind: str = field(default="service_enable", init=False)
+
+    def __post_init__(self) -> None:
+        self.unit = service_to_disable(self.unit)  # the same unit types: service, socket, timer, path
+        self.change_id = f"service.{self.unit}"
+
+    def read(self, t: Transport) -> State:
+        return read_service_state(t, self.unit)
+
+    def desired(self, before: State) -> State:
+        return {"file_state": "enabled", "active": "active" if self.start else before["active"]}
+
+    def in_place(self, live: State, desired: State) -> bool:
+        return live.get("load") != "not-found" and live.get("file_state") == "enabled" and \
+            live.get("active") == desired["active"]
+
+    def plan(self, t: Transport) -> Plan:
+        plan = super().plan(t)
+        if plan.before["load"] == "not-found":
+            raise ChangeError(f"{t.label}: {self.unit} does not exist on this unit: nothing to enable (install it "
+                              "first, e.g. the distribution's stalld package)")
+        return plan
+
+    def apply(self, t: Transport, before: State) -> None:
+        if before["file_state"] == "masked":
+            t.run(["systemctl", "unmask", "--quiet", self.unit], timeout_s=30)
+        t.run(["systemctl", "enable", "--quiet", *(["--now"] if self.start else []), self.unit], timeout_s=90)
+
+    def rollback(self, t: Transport, before: State) -> None:
+        if before["active"] != "active":
+            t.run(["systemctl", "stop", self.unit], timeout_s=90, check=False)
+        if before["file_state"] != "enabled":
+            t.run(["systemctl", "disable", "--quiet", self.unit], timeout_s=30)
+        if before["file_state"] == "masked":
+            t.run(["systemctl", "mask", "--quiet", self.unit], timeout_s=30)
+
+    switch_keeps_persistence = True
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        """Start or stop the service, leaving it enabled between runs (enablement acts at the next boot)."""
+        if on and self.start:
+            t.run(["systemctl", "start", self.unit], timeout_s=90)
+        elif not on and before["active"] != "active":
+            t.run(["systemctl", "stop", self.unit], timeout_s=90)
+
+    def verify_rolled_back(self, t: Transport, before: State) -> None:
+        live = self.read(t)
+        if (live["file_state"], live["active"]) != (before["file_state"], before["active"]):
+            raise ChangeError(f"{t.label}: {self.unit}: {live['file_state']}/{live['active']}, not "
+                              f"{before['file_state']}/{before['active']} as before")
+
+    def describe(self) -> str:
+        return f"enable{' and start' if self.start else ''} {self.unit}"

@@ -37,6 +37,7 @@ class TargetPromise(BaseModel):
     cmdline: dict[str, str | None] = Field(default_factory=dict)  # argument -> value (None: a bare flag)
     sysctl: dict[str, str] = Field(default_factory=dict)
     services_disabled: dict[str, bool] = Field(default_factory=dict)  # unit -> masked
+    services_enabled: dict[str, bool] = Field(default_factory=dict)  # unit -> started
     vcpu_pinning: VcpuPromise | None = None
     irq_affinity: IrqPromise | None = None
     sysfs: list[SysfsPromise] = Field(default_factory=list)
@@ -55,6 +56,8 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
             p.cmdline.update(params.get("add", {}))
         elif rec.kind == "sysctl":
             p.sysctl[params["name"]] = str(params["value"])
+        elif rec.kind == "service_enable":
+            p.services_enabled[params["unit"]] = bool(params.get("start", True))
         elif rec.kind == "service_disable":
             p.services_disabled[params["unit"]] = bool(params.get("mask"))
         elif rec.kind == "vcpu_pinning":

@@ -20,6 +20,7 @@ A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/
       services:
         disable: [foo.service]      # one change per unit: stop + disable (+ mask when `mask: true`)
         mask: false
+        enable: [stalld]            # one change per unit: enable (+ start now unless `start: false`)
       vcpu_pinning:                 # the vCPU map (see VcpuPinning): guest RT vCPU vcpus[i] -> host CPU cpus[i]
         service: "${qemu_service}"  # the systemd unit running the guest's QEMU
         cpus: "${rt_cpus}"          # isolated host CPUs, one per guest RT vCPU
@@ -104,8 +105,9 @@ the same artifact dict or None}.
 Order. Default: by kind, guest before host within a kind (the guest runs the RT code and is measured; its
 changes are cheaper to try), file order within a section:
   1. service_disable: a crash-looping service distorts every other measurement (field notes, do_nothing)
-  2. sysctl  3. sysfs  4. vcpu_pinning  5. irq_affinity   (runtime changes, no reboot)
-  6. cmdline  7. kernel  8. wfx_notrap           (boot changes last: each needs a reboot; a kernel named by
+  2. service_enable (stalld before RT throttling goes off)
+  3. sysctl  4. sysfs  5. vcpu_pinning  6. irq_affinity   (runtime changes, no reboot)
+  7. cmdline  8. kernel  9. wfx_notrap           (boot changes last: each needs a reboot; a kernel named by
                                                  `host.kernel` is in place before wfx_notrap picks its method)
 `order:` lists change ids to run first, in that order; the changes it does not name follow in the default
 order. An id the profile does not produce for the unit, or listed twice, is an error.
@@ -158,10 +160,10 @@ from orchestrator.core.paths import shipped
 PROFILES_DIR = shipped("profiles")
 
 Target = Literal["host", "guest"]
-Kind = Literal["service_disable", "sysctl", "sysfs", "vcpu_pinning", "irq_affinity", "cmdline", "kernel",
-               "wfx_notrap"]
-KIND_ORDER: tuple[str, ...] = ("service_disable", "sysctl", "sysfs", "vcpu_pinning", "irq_affinity", "cmdline",
-                               "kernel", "wfx_notrap")
+Kind = Literal["service_disable", "service_enable", "sysctl", "sysfs", "vcpu_pinning", "irq_affinity", "cmdline",
+               "kernel", "wfx_notrap"]
+KIND_ORDER: tuple[str, ...] = ("service_disable", "service_enable", "sysctl", "sysfs", "vcpu_pinning",
+                               "irq_affinity", "cmdline", "kernel", "wfx_notrap")
 TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
 NEEDS_REBOOT = frozenset({"cmdline", "kernel", "wfx_notrap"})
 
@@ -209,6 +211,9 @@ class _Strict(BaseModel):
 class Services(_Strict):
     disable: list[StrictStr] = Field(default_factory=list)
     mask: StrictBool = False
+    #: services to enable (e.g. stalld), started now too unless `start: false`
+    enable: list[StrictStr] = Field(default_factory=list)
+    start: StrictBool = True
 
 
 class VcpuPinning(_Strict):
@@ -764,6 +769,11 @@ class _Resolver:
             unit = self.service(loc, raw, DISABLE_TYPES)
             if unit:
                 change(loc, f"{t}.service.{unit}", "service_disable", {"unit": unit, "mask": sec.services.mask})
+        for i, raw in enumerate(sec.services.enable):
+            loc = (t, "services", "enable", i)
+            unit = self.service(loc, raw, DISABLE_TYPES)
+            if unit:
+                change(loc, f"{t}.service.{unit}", "service_enable", {"unit": unit, "start": sec.services.start})
 
         for name, raw in sec.sysctl.items():
             loc = (t, "sysctl", name)
@@ -1035,6 +1045,8 @@ def describe(spec: ChangeSpec) -> str:
         text = f"sysctl {p['name']}={p['value']}"
     elif spec.kind == "service_disable":
         text = f"stop, disable{' and mask' if p.get('mask') else ''} {p['unit']}"
+    elif spec.kind == "service_enable":
+        text = f"enable{' and start' if p.get('start', True) else ''} {p['unit']}"
     elif spec.kind == "vcpu_pinning":
         text = f"pin the threads of {p['service']}: {describe_vcpu_map(p)}"
     elif spec.kind == "irq_affinity":
@@ -1069,9 +1081,14 @@ class ProfileLine(BaseModel):
     resolved: str | None = None  # for a unit: the change as resolved (`describe`)
 
 
-_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "cmdline": "cmdline", "services": "service_disable",
+_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "cmdline": "cmdline", "services": "service",
                   "vcpu_pinning": "vcpu_pinning", "irq_affinity": "irq_affinity", "kernel": "kernel",
                   "wfx_notrap": "wfx_notrap"}
+
+
+def _section_kind(loc: tuple) -> str | None:
+    kind = _SECTION_KINDS.get(loc[1])
+    return f"service_{loc[2]}" if kind == "service" else kind
 
 
 def _change_id(loc: tuple, value: Any) -> str | None:
@@ -1081,7 +1098,7 @@ def _change_id(loc: tuple, value: Any) -> str | None:
     if sec in ("sysctl", "sysfs"):
         return f"{t}.{sec}.{loc[2]}" if len(loc) > 2 else None
     if sec == "services":
-        if loc[2:3] == ("disable",) and len(loc) == 4 and isinstance(value, str):
+        if loc[2] in ("disable", "enable") and len(loc) == 4 and isinstance(value, str):
             try:
                 return f"{t}.service.{with_unit_suffix(value)}"
             except InvalidName:
@@ -1118,6 +1135,6 @@ def profile_lines(profile: Profile, specs: list[ChangeSpec] | None = None) -> li
         lines.append(ProfileLine(
             key=".".join(str(k) for k in loc), value=value, source=source.where(loc) if source else "",
             overrides=overrides, change=cid if (spec or specs is None) else None,
-            kind=(spec.kind if spec else _SECTION_KINDS.get(loc[1]) if cid and specs is None else None),
+            kind=(spec.kind if spec else _section_kind(loc) if cid and specs is None else None),
             resolved=describe(spec) if spec else None))
     return lines

@@ -40,6 +40,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("sysctl_item", sorted(p.get("sysctl", {}).items()), ids=lambda kv: kv[0])
     if "sysfs_knob" in metafunc.fixturenames:
         metafunc.parametrize("sysfs_knob", p.get("sysfs", []), ids=lambda k: k["knob"])
+    if "enabled_unit" in metafunc.fixturenames:
+        metafunc.parametrize("enabled_unit", sorted(p.get("services_enabled", {}).items()), ids=lambda kv: kv[0])
     if "disabled_unit" in metafunc.fixturenames:
         metafunc.parametrize("disabled_unit", sorted(p.get("services_disabled", {}).items()), ids=lambda kv: kv[0])
 
@@ -85,6 +87,15 @@ def test_sysfs_knob(host, sysfs_knob):
         if normal_value(spec, live) != normal_value(spec, want):
             wrong.append(f"{path} is {live.strip() if live is not None else 'missing'!r}, not {want!r}")
     assert not wrong, "; ".join(wrong)
+
+
+def test_service_enabled(host, enabled_unit):
+    unit, started = enabled_unit
+    enabled = host.run("systemctl is-enabled %s", unit).stdout.strip()
+    assert enabled == "enabled", f"{unit} is-enabled: {enabled!r}"
+    if started:
+        active = host.run("systemctl is-active %s", unit).stdout.strip()
+        assert active == "active", f"{unit} is {active}"
 
 
 def test_service_disabled(host, disabled_unit):

@@ -1,4 +1,4 @@
-"""The sysfs change kind (issue #20): its knobs' values read as kernels print them (recorded), the profile's
+"""The sysfs and service_enable change kinds (issue #20): the knobs' values read as kernels print them (recorded), the
 `sysfs:` section resolved or refused with file and line, and the change through the engine on the fake unit:
 applied, persisted in a tmpfiles.d entry, a knob the unit lacks skipped, rolled back byte for byte."""
 
@@ -152,3 +152,17 @@ def test_applied_persisted_skipped_where_absent_and_rolled_back_byte_for_byte(wo
     left = {p: c for p, c in unit.files.items() if not p.startswith("/var/lib/rt-tune")}
     assert left == {THP: b"madvise\n" if "host.sysfs.transparent_hugepage" in kept else original[THP],
                     WQ: b"3\n" if "host.sysfs.workqueue_cpumask" in kept else original[WQ]}
+
+
+def test_services_enable_resolves_and_a_unit_both_enabled_and_disabled_is_refused(tmp_path):
+    path = _profile(tmp_path, "host:\n  services:\n    enable: [stalld]\n    start: false\n")
+    [spec] = resolve(load_profile(path), "u", _unit(4))
+    assert (spec.id, spec.kind, spec.params) == ("host.service.stalld.service", "service_enable",
+                                                 {"unit": "stalld.service", "start": False})
+    both = _profile(tmp_path, "host:\n  services:\n    disable: [stalld]\n    enable: [stalld.service]\n")
+    with pytest.raises(InputError, match=r"p.yaml:5: host.services.enable.0: change host.service.stalld.service "
+                                         r"is listed twice"):
+        resolve(load_profile(both), "u", _unit(4))
+    bad = _profile(tmp_path, "host:\n  services:\n    enable: [dev-sda.swap]\n")
+    with pytest.raises(InputError, match="p.yaml:4: host.services.enable.0"):
+        resolve(load_profile(bad), "u", _unit(4))
