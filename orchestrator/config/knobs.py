@@ -123,3 +123,47 @@ def normal_value(spec: Knob, text: str | None) -> object:
     if spec.type == "choice":
         return selected_choice(text)
     return text.strip()
+
+
+# ---- sysctls with a type: where a wrong value is costly ---------------------------------------------------
+@dataclass(frozen=True)
+class SysctlType:
+    """What a known sysctl takes: "int" (lo..hi), "flag" (0 or 1) or "cpulist" (the target's CPUs)."""
+
+    type: str
+    lo: int = 0
+    hi: int = 1
+    why: str = ""
+
+
+SYSCTL_TYPES: dict[str, SysctlType] = {
+    "kernel.sched_rt_runtime_us": SysctlType(
+        "int", -1, 1_000_000, "RT throttling: how much of each period SCHED_FIFO/RR tasks may run; -1 turns it "
+                              "off (then a runaway RT task starves the CPU's kernel threads unless stalld runs)"),
+    "kernel.sched_rt_period_us": SysctlType("int", 1, 2**31 - 1, "the RT throttling period"),
+    "kernel.timer_migration": SysctlType("flag", why="timers armed on a nohz CPU fire where they were armed"),
+    "kernel.nmi_watchdog": SysctlType("flag", why="the NMI watchdog's perf interrupts on every CPU (tuned: 0)"),
+    "kernel.watchdog": SysctlType("flag", why="the soft and NMI lockup detectors"),
+    "kernel.watchdog_cpumask": SysctlType("cpulist", why="lockup detectors on the housekeeping CPUs only"),
+    "kernel.numa_balancing": SysctlType("flag", why="NUMA hinting faults unmap pages under running tasks"),
+    "vm.stat_interval": SysctlType("int", 1, 3600, "seconds between per-CPU vmstat updates (tuned realtime: 10)"),
+}
+
+#: acknowledgements a profile section can give (`acknowledge: [...]`) for a setting rt-tune refuses without one
+ACKNOWLEDGEMENTS = {
+    "rt_throttling_off": "kernel.sched_rt_runtime_us: -1 without stalld enabled in the same section",
+}
+STALLD = "stalld.service"
+
+
+def check_sysctl_value(name: str, value: str) -> str | None:
+    """What is wrong with `value` for a typed sysctl (a cpulist is the resolver's to check), or None."""
+    spec = SYSCTL_TYPES.get(name)
+    if spec is None or spec.type == "cpulist":
+        return None
+    if not re.fullmatch(r"-?[0-9]+", value.strip()):
+        return f"expected {'0 or 1' if spec.type == 'flag' else 'an integer'}"
+    n = int(value)
+    if not spec.lo <= n <= spec.hi:
+        return "expected 0 or 1" if spec.type == "flag" else f"expected an integer in {spec.lo}..{spec.hi}"
+    return None

@@ -11,7 +11,8 @@ A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/
         nohz_full: "${rt_cpus}"
         nosoftlockup:               # null / empty value: a bare flag
       sysctl:                       # one change per key; value: a string or an integer, never a boolean
-        kernel.timer_migration: "0"
+        kernel.timer_migration: "0" # known sysctls are typed (config/knobs.py SYSCTL_TYPES)
+      acknowledge: [rt_throttling_off]  # sched_rt_runtime_us -1 without stalld enabled here
       sysfs:                        # one change per knob of rt-tune's allow-list (config/knobs.py)
         transparent_hugepage: never
         workqueue_cpumask: "${housekeeping_cpus}"
@@ -135,7 +136,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-from orchestrator.config.knobs import KNOBS, check_knob
+from orchestrator.config.knobs import (
+    ACKNOWLEDGEMENTS,
+    KNOBS,
+    STALLD,
+    SYSCTL_TYPES,
+    check_knob,
+    check_sysctl_value,
+)
 from orchestrator.config.yamlio import key_path, line_of, plain, read_yaml
 from orchestrator.config.yamlio import shown as short_repr
 from orchestrator.core.cpulist import (
@@ -313,6 +321,8 @@ def _check_file_name(v: str) -> str:
 
 class GuestSection(_Strict):
     cmdline: dict[str, CmdlineValue | None] = Field(default_factory=dict)
+    #: settings rt-tune refuses without an acknowledgement (config/knobs.py ACKNOWLEDGEMENTS)
+    acknowledge: list[StrictStr] = Field(default_factory=list)
     #: the user's check files (pytest-testinfra modules) for this target, relative to the file that lists them
     checks: list[Annotated[StrictStr, AfterValidator(_check_file_name)]] = Field(default_factory=list)
     sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
@@ -787,8 +797,29 @@ class _Resolver:
                 self.p.add(loc, "a sysctl value must be non-empty, on one line, without control characters "
                                 "(a printable string; spaces are fine)", value, raw)
                 continue
+            typed = SYSCTL_TYPES.get(name)
+            if typed is not None and typed.type == "cpulist":
+                cpus = self.cpus(t, loc, value, raw)
+                if cpus is None:
+                    continue
+                value = format_cpulist(cpus)
+            problem = check_sysctl_value(name, value)
+            if problem:
+                self.p.add(loc, problem, value, raw)
+                continue
+            if name == "kernel.sched_rt_runtime_us" and int(value) == -1 \
+                    and "rt_throttling_off" not in sec.acknowledge \
+                    and not any(with_unit_suffix(u) == STALLD for u in sec.services.enable):
+                self.p.add(loc, "-1 turns RT throttling off: a runaway SCHED_FIFO task then starves this CPU's "
+                                "kernel threads for good. Enable stalld in the same section (services: enable: "
+                                "[stalld]) or acknowledge it (acknowledge: [rt_throttling_off])", value, raw)
+                continue
             change(loc, f"{t}.sysctl.{name}", "sysctl", {"name": name, "value": value})
 
+        for i, ack in enumerate(sec.acknowledge):
+            if ack not in ACKNOWLEDGEMENTS:
+                self.p.add((t, "acknowledge", i), "not an acknowledgement rt-tune knows; known: "
+                           + "; ".join(f"{k} ({v})" for k, v in ACKNOWLEDGEMENTS.items()), ack)
         for knob, params in self.sysfs(t, sec.sysfs):
             change((t, "sysfs", knob), f"{t}.sysfs.{knob}", "sysfs", params)
 

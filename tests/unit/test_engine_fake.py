@@ -42,8 +42,8 @@ def world(tmp_path):
     engine = Engine(inventory=inv, journal=journal, plan=load_measurement_plan(PLAYBOOK),
                     artifacts=tmp_path / "artifacts", connect=connect)
     profile = tmp_path / "profile.yaml"
-    profile.write_text('name: t\nhost:\n  sysctl:\n    kernel.timer_migration: "0"\n'
-                       '    kernel.sched_rt_runtime_us: "-1"\n')
+    profile.write_text('name: t\nhost:\n  acknowledge: [rt_throttling_off]\n  sysctl:\n'
+                       '    kernel.timer_migration: "0"\n    kernel.sched_rt_runtime_us: "-1"\n')
     yield unit, engine, profile, connections
     journal.close()
 

@@ -166,3 +166,26 @@ def test_services_enable_resolves_and_a_unit_both_enabled_and_disabled_is_refuse
     bad = _profile(tmp_path, "host:\n  services:\n    enable: [dev-sda.swap]\n")
     with pytest.raises(InputError, match="p.yaml:4: host.services.enable.0"):
         resolve(load_profile(bad), "u", _unit(4))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("host:\n  sysctl:\n    kernel.sched_rt_runtime_us: -1\n",
+     "p.yaml:4: host.sysctl.kernel.sched_rt_runtime_us: -1 turns RT throttling off"),
+    ("host:\n  sysctl:\n    kernel.nmi_watchdog: 2\n", "p.yaml:4: host.sysctl.kernel.nmi_watchdog: expected 0 or 1"),
+    ("host:\n  sysctl:\n    vm.stat_interval: 0\n", "expected an integer in 1..3600 (got '0')"),
+    ("host:\n  sysctl:\n    kernel.sched_rt_runtime_us: 95%\n", "expected an integer (got '95%')"),
+    ("host:\n  sysctl:\n    kernel.watchdog_cpumask: \"0-5\"\n", "outside the unit's host CPUs 0-3"),
+    ("host:\n  acknowledge: [yolo]\n", "p.yaml:3: host.acknowledge.0: not an acknowledgement rt-tune knows"),
+])
+def test_typed_sysctls_refuse_costly_mistakes_with_file_line_and_key(tmp_path, body, message):
+    with pytest.raises(InputError) as exc:
+        resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))
+    assert message in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("extra", ["  acknowledge: [rt_throttling_off]\n", "  services: {enable: [stalld]}\n"])
+def test_rt_throttling_off_with_stalld_or_an_acknowledgement(tmp_path, extra):
+    body = "host:\n" + extra + "  sysctl:\n    kernel.sched_rt_runtime_us: -1\n    kernel.watchdog_cpumask: 0\n"
+    specs = {s.id: s.params for s in resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))}
+    assert specs["host.sysctl.kernel.sched_rt_runtime_us"] == {"name": "kernel.sched_rt_runtime_us", "value": "-1"}
+    assert specs["host.sysctl.kernel.watchdog_cpumask"]["value"] == "0"
