@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from orchestrator.changes.base import ChangeError
 from orchestrator.changes.irq_affinity import IrqAffinityChange
-from orchestrator.changes.service import ServiceDisableChange
+from orchestrator.changes.service import ServiceDisableChange, ServiceEnableChange
 from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
@@ -83,6 +84,33 @@ def test_disable_crash_looping_service_and_restore(guest):
     change.rollback(guest, plan.before)
     change.verify_rolled_back(guest, plan.before)
     assert _wait_active(guest, change, "active") == plan.before  # running (crash-looping) again, enabled again
+
+
+def test_enable_and_start_a_service_then_restore(guest):
+    """services.enable (e.g. stalld): a disabled unit enabled and started, a fresh plan a no-op, rolled back to
+    disabled and stopped; a unit the guest lacks is an error at plan, before anything is touched."""
+    unit = "rt-tune-test-enable.service"
+    path = f"/etc/systemd/system/{unit}"
+    guest.write_file(path, b"[Unit]\nDescription=rt-tune test\n[Service]\nExecStart=/bin/sleep infinity\n"
+                           b"[Install]\nWantedBy=multi-user.target\n")
+    guest.run(["systemctl", "daemon-reload"])
+    try:
+        change = ServiceEnableChange(unit)
+        plan = change.plan(guest)
+        assert plan.before == {"load": "loaded", "file_state": "disabled", "active": "inactive"} and not plan.noop
+        change.apply(guest, plan.before)
+        change.verify(guest, plan)
+        assert guest.run(["systemctl", "is-active", unit]).stdout.strip() == "active"
+        assert guest.run(["systemctl", "is-enabled", unit]).stdout.strip() == "enabled"
+        assert dataclasses.replace(change).plan(guest).noop
+        change.rollback(guest, plan.before)
+        change.verify_rolled_back(guest, plan.before)
+        assert guest.run(["systemctl", "is-active", unit], check=False).stdout.strip() == "inactive"
+        with pytest.raises(ChangeError, match="rt-tune-no-such-unit.service does not exist"):
+            ServiceEnableChange("rt-tune-no-such-unit").plan(guest)
+    finally:
+        guest.run(["sh", "-c", f"systemctl disable --now {unit}; rm -f {path}; systemctl daemon-reload"],
+                  check=False)
 
 
 def test_mask_and_unmask(guest):
