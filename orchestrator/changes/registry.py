@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.changes.base import Change
 from orchestrator.changes.irq_affinity import IrqAffinityChange
+from orchestrator.changes.kthreads import KthreadsChange
 from orchestrator.changes.service import ServiceDisableChange, ServiceEnableChange
 from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.changes.sysfs import SysfsChange
@@ -24,6 +25,7 @@ RUNTIME_KINDS: dict[str, Callable[[dict[str, Any]], Change]] = {
     "vcpu_pinning": VcpuPinningChange.from_params,
     "irq_affinity": lambda p: IrqAffinityChange(list(p["housekeeping"])),
     "sysfs": SysfsChange.from_params,
+    "kthreads": KthreadsChange.from_params,
 }
 
 

@@ -41,6 +41,8 @@ class TargetPromise(BaseModel):
     vcpu_pinning: VcpuPromise | None = None
     irq_affinity: IrqPromise | None = None
     sysfs: list[SysfsPromise] = Field(default_factory=list)
+    #: kthreads rules ({match, policy, priority, cpus}), later ones winning
+    kthreads: list[dict[str, Any]] = Field(default_factory=list)
     wfx_notrap: bool = False
     change_ids: list[str] = Field(default_factory=list)
 
@@ -63,6 +65,8 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
         elif rec.kind == "vcpu_pinning":
             p.vcpu_pinning = VcpuPromise(service=params["service"], vcpus=params["vcpus"],
                                          housekeeping=params["housekeeping"])
+        elif rec.kind == "kthreads":
+            p.kthreads = list(params.get("rules", []))
         elif rec.kind == "sysfs":
             p.sysfs.append(SysfsPromise(knob=params["knob"], values=rec.desired.get("state", {}).get("values", {})))
         elif rec.kind == "irq_affinity":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.core.cpulist import CpuListError, parse_cpulist
 
@@ -166,4 +167,26 @@ def check_sysctl_value(name: str, value: str) -> str | None:
     n = int(value)
     if not spec.lo <= n <= spec.hi:
         return "expected 0 or 1" if spec.type == "flag" else f"expected an integer in {spec.lo}..{spec.hi}"
+    return None
+
+
+# ---- kernel thread rules (orchestrator/changes/kthreads.py) ---------------------------------------------------
+#: what a thread name pattern may hold: a name's characters and the shell's * ? [ ]
+KTHREAD_PATTERN = re.compile(r"[A-Za-z0-9_./:+*?\[\]-]{1,64}")
+
+
+def check_kthread_rule(r: dict[str, Any]) -> str | None:
+    """What is wrong with a kthreads rule {match, policy, priority, cpus}, or None."""
+    if not isinstance(r.get("match"), str) or not KTHREAD_PATTERN.fullmatch(r["match"]):
+        return ("match: a thread name pattern of letters, digits, `_./:+-` and the shell's `* ? [ ]`, at most 64 "
+                "characters")
+    policy, priority = r.get("policy"), r.get("priority")
+    if policy not in (None, "fifo", "rr", "other"):
+        return f"policy {policy!r}: expected fifo, rr or other"
+    if (policy in ("fifo", "rr")) != (priority is not None):
+        return "fifo and rr need a priority (1..99); other takes none"
+    if priority is not None and not 1 <= priority <= 99:
+        return f"priority {priority}: expected 1..99"
+    if policy is None and r.get("cpus") is None:
+        return "set a policy, CPUs or both"
     return None

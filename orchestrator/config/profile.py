@@ -18,6 +18,9 @@ A profile is a YAML 1.2 file (ruamel: `off`/`no`/`on` stay strings; only `true`/
         workqueue_cpumask: "${housekeeping_cpus}"
         cpufreq_governor: {cpus: "${rt_cpus}", value: performance}
         cpuidle_disable: {cpus: "${rt_cpus}", states: "1-3"}
+      kthreads:                     # one change: kernel threads by name pattern (changes/kthreads.py)
+        - {match: "ksoftirqd/*", policy: fifo, priority: 2}
+        - {match: "rcuop/*", cpus: "${housekeeping_cpus}"}
       services:
         disable: [foo.service]      # one change per unit: stop + disable (+ mask when `mask: true`)
         mask: false
@@ -142,6 +145,7 @@ from orchestrator.config.knobs import (
     STALLD,
     SYSCTL_TYPES,
     check_knob,
+    check_kthread_rule,
     check_sysctl_value,
 )
 from orchestrator.config.yamlio import key_path, line_of, plain, read_yaml
@@ -168,9 +172,9 @@ from orchestrator.core.paths import shipped
 PROFILES_DIR = shipped("profiles")
 
 Target = Literal["host", "guest"]
-Kind = Literal["service_disable", "service_enable", "sysctl", "sysfs", "vcpu_pinning", "irq_affinity", "cmdline",
-               "kernel", "wfx_notrap"]
-KIND_ORDER: tuple[str, ...] = ("service_disable", "service_enable", "sysctl", "sysfs", "vcpu_pinning",
+Kind = Literal["service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning", "irq_affinity",
+               "cmdline", "kernel", "wfx_notrap"]
+KIND_ORDER: tuple[str, ...] = ("service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning",
                                "irq_affinity", "cmdline", "kernel", "wfx_notrap")
 TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
 NEEDS_REBOOT = frozenset({"cmdline", "kernel", "wfx_notrap"})
@@ -300,6 +304,16 @@ class CpuidleDisable(_Strict):
     states: CpuText
 
 
+class KthreadRuleSpec(_Strict):
+    """Kernel threads whose name matches `match` (a shell pattern: `ksoftirqd/*`): `policy` (fifo, rr, other)
+    with `priority` (1..99 for fifo/rr), and/or `cpus`."""
+
+    match: StrictStr
+    policy: StrictStr | None = None
+    priority: Annotated[int, Field(strict=True)] | None = None
+    cpus: CpuText | None = None
+
+
 class Sysfs(_Strict):
     """Kernel knobs under /sys from rt-tune's allow-list (orchestrator/changes/sysfs.py, KNOBS), one change each."""
 
@@ -327,6 +341,7 @@ class GuestSection(_Strict):
     checks: list[Annotated[StrictStr, AfterValidator(_check_file_name)]] = Field(default_factory=list)
     sysctl: dict[str, SysctlValue] = Field(default_factory=dict)
     sysfs: Sysfs = Field(default_factory=Sysfs)
+    kthreads: list[KthreadRuleSpec] = Field(default_factory=list)
     services: Services = Field(default_factory=Services)
     irq_affinity: IrqAffinity | None = None
     kernel: KernelArtifactSpec | None = None  # accepted here only to refuse it with a clear message
@@ -823,6 +838,23 @@ class _Resolver:
         for knob, params in self.sysfs(t, sec.sysfs):
             change((t, "sysfs", knob), f"{t}.sysfs.{knob}", "sysfs", params)
 
+        rules = []
+        for i, rule in enumerate(sec.kthreads):
+            loc = (t, "kthreads", i)
+            r: dict[str, Any] = {"match": rule.match, "policy": rule.policy, "priority": rule.priority, "cpus": None}
+            if rule.cpus is not None:
+                text = self.sub(loc + ("cpus",), rule.cpus)
+                r["cpus"] = self.cpus(t, loc + ("cpus",), text, rule.cpus) if text is not None else None
+                if r["cpus"] is None:
+                    continue
+            problem = check_kthread_rule(r)
+            if problem:
+                self.p.add(loc, problem, {k: v for k, v in r.items() if v is not None})
+                continue
+            rules.append(r)
+        if rules and len(rules) == len(sec.kthreads):
+            change((t, "kthreads"), f"{t}.kthreads", "kthreads", {"rules": rules})
+
         rt_sets: list[tuple[str, list[int], str]] = []  # (key path, cpus, text) of RT CPU sets
         pin = getattr(sec, "vcpu_pinning", None)
         pin_params = None
@@ -1076,6 +1108,12 @@ def describe(spec: ChangeSpec) -> str:
         text = f"sysctl {p['name']}={p['value']}"
     elif spec.kind == "service_disable":
         text = f"stop, disable{' and mask' if p.get('mask') else ''} {p['unit']}"
+    elif spec.kind == "kthreads":
+        text = "kernel threads: " + "; ".join(
+            f"{r['match']} -> " + ", ".join(x for x in (
+                f"{r['policy']}{' ' + str(r['priority']) if r.get('priority') else ''}" if r.get("policy") else "",
+                f"CPUs {format_cpulist(r['cpus'])}" if r.get("cpus") is not None else "") if x)
+            for r in p["rules"])
     elif spec.kind == "service_enable":
         text = f"enable{' and start' if p.get('start', True) else ''} {p['unit']}"
     elif spec.kind == "vcpu_pinning":
@@ -1112,9 +1150,9 @@ class ProfileLine(BaseModel):
     resolved: str | None = None  # for a unit: the change as resolved (`describe`)
 
 
-_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "cmdline": "cmdline", "services": "service",
-                  "vcpu_pinning": "vcpu_pinning", "irq_affinity": "irq_affinity", "kernel": "kernel",
-                  "wfx_notrap": "wfx_notrap"}
+_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "kthreads": "kthreads", "cmdline": "cmdline",
+                  "services": "service", "vcpu_pinning": "vcpu_pinning", "irq_affinity": "irq_affinity",
+                  "kernel": "kernel", "wfx_notrap": "wfx_notrap"}
 
 
 def _section_kind(loc: tuple) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.changes.base import ChangeError
 from orchestrator.changes.irq_affinity import IrqAffinityChange
+from orchestrator.changes.kthreads import KthreadRule, KthreadsChange
 from orchestrator.changes.service import ServiceDisableChange, ServiceEnableChange
 from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.changes.sysfs import SysfsChange
@@ -188,6 +189,8 @@ def test_irq_affinity_and_sysfs_knobs_survive_a_reboot_and_back(lab, host):
     assert b"[never]" not in original[thp] and original[wq].strip() != b"1", original  # so the change shows
     absent = SysfsChange("cpufreq_governor", "performance", cpus=[1])  # a QEMU VM has no cpufreq
     assert "no /sys/devices/system/cpu/cpu1/cpufreq/scaling_governor" in absent.not_applicable(absent.read(host))
+    kthreads = KthreadsChange([KthreadRule("ksoftirqd/*", "fifo", 2), KthreadRule("kcompactd*", cpus=(0,))])
+    knobs.append(kthreads)  # the same round trip: plan, apply, verify, reboot, rollback
     knob_plans = [k.plan(host) for k in knobs]
     change = IrqAffinityChange([0])
     plan = change.plan(host)
@@ -198,6 +201,7 @@ def test_irq_affinity_and_sysfs_knobs_survive_a_reboot_and_back(lab, host):
         assert host.run(["cat", thp, wq]).stdout.split("\n")[:2] == ["always madvise [never]", "1"]
         assert host.read_file("/etc/tmpfiles.d/90-rt-tune-sysfs-transparent_hugepage.conf").endswith(
             f"w {thp} - - - - never\n".encode())
+        assert _kthreads(host) == {"ksoftirqd": {("FF", "2")}, "kcompactd": {("0",)}}
         change.apply(host, plan.before)
         change.verify(host, plan)
         assert host.run(["systemctl", "is-enabled", "rt-tune-irq-affinity.service"]).stdout.strip() == "enabled"
@@ -219,16 +223,34 @@ def test_irq_affinity_and_sysfs_knobs_survive_a_reboot_and_back(lab, host):
         assert moved and all(live["irqs"][irq] == "0" for irq in moved)
         # systemd-tmpfiles wrote the knobs at boot: read with cat, not through rt-tune
         assert host.run(["cat", thp, wq]).stdout.split("\n")[:2] == ["always madvise [never]", "1"]
+        assert _kthreads(host) == {"ksoftirqd": {("FF", "2")}, "kcompactd": {("0",)}}  # by rt-tune's boot unit
         assert all(k.plan(host).noop for k in knobs)  # a fresh plan finds them in place
     finally:
         change.rollback(host, plan.before)
         for k, kp in zip(knobs, knob_plans, strict=True):
             k.rollback(host, kp.before)
     change.verify_rolled_back(host, plan.before)
-    assert {p: host.read_file(p) for p in (thp, wq)} == original  # byte for byte, as the kernel prints them
-    assert "rt-tune" not in host.run(["ls", "/etc/tmpfiles.d"]).stdout
+    for k, kp in zip(knobs, knob_plans, strict=True):
+        k.verify_rolled_back(host, kp.before)
     assert "rt-tune-irq-affinity" not in host.run(["ls", "/etc/systemd/system",
                                                    "/etc/systemd/system/multi-user.target.wants"]).stdout
+    assert {p: host.read_file(p) for p in (thp, wq)} == original  # byte for byte, as the kernel prints them
+    assert "rt-tune" not in host.run(["ls", "/etc/tmpfiles.d"]).stdout
+    assert _kthreads(host) == {"ksoftirqd": {("TS", "-")}, "kcompactd": {("0-1",)}}
+    assert "rt-tune-kthreads" not in host.run(["ls", "/etc/systemd/system", "/usr/local/sbin"]).stdout
+
+
+def _kthreads(t) -> dict[str, set[tuple[str, ...]]]:
+    """ksoftirqd/N's scheduling class and RT priority, and kcompactd's CPUs, read with ps and taskset."""
+    out = t.run(["sh", "-c", "ps -e -o comm=,cls=,rtprio= | grep '^ksoftirqd/'; "
+                             "for p in $(pgrep '^kcompactd'); do taskset -pc $p; done"]).stdout
+    seen: dict[str, set[tuple[str, ...]]] = {"ksoftirqd": set(), "kcompactd": set()}
+    for line in out.splitlines():
+        if line.startswith("ksoftirqd/"):
+            seen["ksoftirqd"].add(tuple(line.split()[1:3]))
+        elif "current affinity list:" in line:
+            seen["kcompactd"].add((line.rsplit(":", 1)[1].strip(),))
+    return seen
 
 
 def test_vcpu_pinning_without_debug_threads_falls_back_to_qmp(host):

@@ -109,6 +109,18 @@ def test_the_sysfs_check_reads_each_knob_in_its_own_terms(sshd):
     assert o.outcome == "failed" and thp in o.message and repr(other) in o.message
 
 
+def test_the_kthreads_check_reads_this_machines_kernel_threads_by_name(sshd):
+    holds = TargetPromise(target="host", kthreads=[{"match": "ksoftirqd/*", "policy": "other", "priority": None,
+                                                    "cpus": None}])
+    seen = outcomes(run_checks("u1", "host", sshd.endpoint(), holds, check_timeout_s=30))
+    assert seen["test_kernel_threads_as_the_rules_say"] == "passed"
+    broken = TargetPromise(target="host", kthreads=[{"match": "ksoftirqd/*", "policy": "fifo", "priority": 2,
+                                                     "cpus": None}])
+    report = run_checks("u1", "host", sshd.endpoint(), broken, check_timeout_s=30)
+    [o] = [o for o in report.outcomes if "kernel_threads" in o.nodeid]
+    assert o.outcome == "failed" and "ksoftirqd/0" in o.message and "not fifo 2" in o.message
+
+
 def test_promises_are_what_the_kept_records_say(tmp_path):
     journal = Journal(tmp_path / "journal.sqlite")
     try:

@@ -4,14 +4,18 @@ applied, persisted in a tmpfiles.d entry, a knob the unit lacks skipped, rolled 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from orchestrator.changes.kthreads import KthreadRule, KthreadsChange
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.config.inventory import Inventory
 from orchestrator.config.knobs import KNOBS, cpumask_of, cpus_of_mask, selected_choice
 from orchestrator.config.playbook import load_measurement_plan
 from orchestrator.config.profile import load_profile, resolve
-from orchestrator.core.errors import InputError
+from orchestrator.core.errors import InputError, ParseError
+from orchestrator.facts.kthreads import parse_kthreads
 from orchestrator.journal.journal import Journal
 from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.run.engine import Engine
@@ -189,3 +193,80 @@ def test_rt_throttling_off_with_stalld_or_an_acknowledgement(tmp_path, extra):
     specs = {s.id: s.params for s in resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))}
     assert specs["host.sysctl.kernel.sched_rt_runtime_us"] == {"name": "kernel.sched_rt_runtime_us", "value": "-1"}
     assert specs["host.sysctl.kernel.watchdog_cpumask"]["value"] == "0"
+
+
+# ---- kthreads ---------------------------------------------------------------------------------------------------
+KTHREADS_RECORDED = REPO / "tests" / "recorded" / "kthreads" / "controller-6.18.txt"
+
+
+def test_kernel_threads_parsed_from_a_real_read():
+    threads = {k.comm: k for k in parse_kthreads(KTHREADS_RECORDED.read_text())}
+    assert threads["kthreadd"].pid == 2 and threads["kthreadd"].movable
+    assert threads["ksoftirqd/0"].cpus == "0" and not threads["ksoftirqd/0"].movable  # per-CPU: PF_NO_SETAFFINITY
+    assert threads["rcu_preempt"].movable and threads["rcu_preempt"].policy == "other"
+    assert all(k.comm not in ("systemd", "sshd", "init") for k in threads.values())  # user processes left out
+    with pytest.raises(ParseError, match="@@ stat"):
+        parse_kthreads("no separator\n")
+
+
+def test_kthreads_rules_plan_per_thread_later_rules_win_and_per_cpu_threads_keep_their_cpu():
+    before = {"threads": {str(k.pid): k.model_dump() for k in parse_kthreads(KTHREADS_RECORDED.read_text())},
+              "unit": None, "script": None, "enabled": False}
+    change = KthreadsChange([KthreadRule("ksoftirqd/*", "fifo", 2, (0,)), KthreadRule("rcu_preempt", cpus=(0,)),
+                             KthreadRule("ksoftirqd/1", "fifo", 3), KthreadRule("rcuc/*", "fifo", 4)])
+    want = change.desired(before)["threads"]
+    by_comm = {before["threads"][pid]["comm"]: w for pid, w in want.items()}
+    assert by_comm["ksoftirqd/0"] == {"policy": "fifo", "priority": 2}  # per-CPU: no "cpus"
+    assert by_comm["ksoftirqd/1"] == {"policy": "fifo", "priority": 3}  # the later rule wins
+    assert by_comm["rcu_preempt"] == {"cpus": "0"}
+    assert change.unmatched(before) == ["rcuc/*"]  # reported in the plan, not an error
+    assert not change.in_place(before, change.desired(before))
+    script = change._script_bytes().decode()
+    assert "apply 'ksoftirqd/*' fifo 2 0\n" in script and "apply 'rcu_preempt' - 0 0\n" in script
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"match": "ksoftirqd/*", "policy": "fifo"}, "need a priority"),
+    ({"match": "ksoftirqd/*", "policy": "fifo", "priority": 100}, "expected 1..99"),
+    ({"match": "ksoftirqd/*", "policy": "deadline", "priority": 1}, "expected fifo, rr or other"),
+    ({"match": "k'; rm -rf /", "policy": "other"}, "a thread name pattern"),
+    ({"match": "ksoftirqd/*"}, "set a policy, CPUs or both"),
+])
+def test_a_bad_kthreads_rule_is_refused_with_file_line_and_key(tmp_path, rule, message):
+    body = "host:\n  kthreads:\n    - " + json.dumps(rule) + "\n"
+    with pytest.raises(InputError) as exc:
+        resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))
+    assert "p.yaml:4: host.kthreads.0: " in str(exc.value) and message in str(exc.value), str(exc.value)
+
+
+def test_kthreads_rules_resolve_to_one_change_with_cpus_checked(tmp_path):
+    body = ('host:\n  kthreads:\n    - {match: "ksoftirqd/*", policy: fifo, priority: 2}\n'
+            '    - {match: "kcompactd*", cpus: "0"}\n')
+    [spec] = resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))
+    assert (spec.id, spec.kind) == ("host.kthreads", "kthreads")
+    assert spec.params["rules"][1] == {"match": "kcompactd*", "policy": None, "priority": None, "cpus": [0]}
+    wide = body.replace('cpus: "0"', 'cpus: "0-7"')
+    with pytest.raises(InputError, match="host.kthreads.1.cpus: CPUs 4-7 outside"):
+        resolve(load_profile(_profile(tmp_path, wide)), "u", _unit(4))
+
+
+def test_kthreads_are_held_and_restored_by_name_because_pids_change_with_the_boot():
+    threads = {str(k.pid): k.model_dump() for k in parse_kthreads(KTHREADS_RECORDED.read_text())}
+    change = KthreadsChange([KthreadRule("ksoftirqd/*", "fifo", 2), KthreadRule("rcu_preempt", cpus=(0,))])
+    before = {"threads": threads, "unit": None, "script": None, "enabled": False}
+    desired = change.desired(before)
+    # the next boot: the same threads under other PIDs, set by rt-tune's boot unit
+    rebooted = {str(int(pid) + 1000): dict(k, pid=int(pid) + 1000) for pid, k in threads.items()}
+    for k in rebooted.values():
+        if k["comm"].startswith("ksoftirqd/"):
+            k.update(policy="fifo", priority=2)
+        if k["comm"] == "rcu_preempt":
+            k["cpus"] = "0"
+    live = {"threads": rebooted, **{key: desired[key] for key in ("unit", "script", "enabled")}}
+    assert change.in_place(live, desired)
+    back = change._as_before(rebooted, before)
+    soft = next(pid for pid, k in rebooted.items() if k["comm"] == "ksoftirqd/0")
+    rcu = next(pid for pid, k in rebooted.items() if k["comm"] == "rcu_preempt")
+    assert back[soft] == {"policy": "other", "priority": 0} and back[rcu] == {"cpus": "0-1"}
+    rebooted[soft]["priority"] = 1  # someone changed one thread: no longer in place
+    assert not change.in_place(live, desired)

@@ -11,6 +11,7 @@ else (irqbalance, a script) and fails."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from orchestrator.config.knobs import KNOBS, normal_value
 from orchestrator.core.cpulist import parse_cpulist
+from orchestrator.facts.kthreads import KTHREADS_SCRIPT, parse_kthreads
 from orchestrator.remote.remote_scripts import PIN_SCRIPT
 
 #: Seconds a crash loop is watched for: samples at the start, middle and end.
@@ -217,3 +219,24 @@ def test_irqs_on_the_housekeeping_cpus(host, promise):
 
 def format_cpus(cpus: set[int]) -> str:
     return ",".join(map(str, sorted(cpus)))
+
+
+def test_kernel_threads_as_the_rules_say(host, promise):
+    """Every kernel thread a rule matches (by name) has its policy and priority, and its CPUs where it can move."""
+    if not promise.kthreads:
+        pytest.skip("no kernel thread rules promised on this target")
+    threads = parse_kthreads(host.check_output("sh -c %s", KTHREADS_SCRIPT) + "\n")
+    wrong = []
+    for k in threads:
+        want: dict = {}
+        for r in promise.kthreads:
+            if fnmatch.fnmatchcase(k.comm, r["match"]):
+                if r.get("policy"):
+                    want.update(policy=r["policy"], priority=r.get("priority") or 0)
+                if r.get("cpus") is not None and k.movable:
+                    want["cpus"] = set(r["cpus"])
+        if "policy" in want and (k.policy, k.priority) != (want["policy"], want["priority"]):
+            wrong.append(f"{k.comm} ({k.pid}) is {k.policy} {k.priority}, not {want['policy']} {want['priority']}")
+        if "cpus" in want and set(parse_cpulist(k.cpus)) != want["cpus"]:
+            wrong.append(f"{k.comm} ({k.pid}) on CPUs {k.cpus}, not {format_cpus(want['cpus'])}")
+    assert not wrong, "; ".join(wrong)
