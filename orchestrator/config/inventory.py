@@ -8,7 +8,7 @@ vars: the known ones are typed and checked here, so a profile or a command never
   cpus, guest_cpus                        CPU counts of host and guest, 1..8192
   rt_cpus, housekeeping_cpus              host CPU lists (kernel syntax, "1-3"), within 0..cpus-1 when `cpus`
                                           is given, not overlapping
-  guest_rt_cpus                           guest CPU list, within 0..guest_cpus-1 when `guest_cpus` is given
+  guest_rt_cpus, guest_housekeeping_cpus  guest CPU lists, within 0..guest_cpus-1 when `guest_cpus` is given
   qemu_service                            the systemd .service running the guest's QEMU (".service" may be
                                           left out)
   bootloader / guest_bootloader           a bootloader kind (BOOTLOADERS / GUEST_BOOTLOADERS)
@@ -176,6 +176,7 @@ class UnitVars(BaseModel):
     rt_cpus: CpuListVar = None  # type: ignore[assignment]
     housekeeping_cpus: CpuListVar = None  # type: ignore[assignment]
     guest_rt_cpus: CpuListVar = None  # type: ignore[assignment]
+    guest_housekeeping_cpus: CpuListVar = None  # type: ignore[assignment]
     qemu_service: Annotated[StrictStr, AfterValidator(_service)] = None  # type: ignore[assignment]
     bootloader: Literal[BOOTLOADERS] = None  # type: ignore[assignment,valid-type]
     guest_bootloader: Literal[GUEST_BOOTLOADERS] = None  # type: ignore[assignment,valid-type]
@@ -187,7 +188,7 @@ class UnitVars(BaseModel):
     def _host_cpus(cls, v: str, info: ValidationInfo) -> str:
         return _cpus_within(v, info, "cpus")
 
-    @field_validator("guest_rt_cpus")
+    @field_validator("guest_rt_cpus", "guest_housekeeping_cpus")
     @classmethod
     def _guest_cpus(cls, v: str, info: ValidationInfo) -> str:
         return _cpus_within(v, info, "guest_cpus")
@@ -195,13 +196,23 @@ class UnitVars(BaseModel):
     @field_validator("housekeeping_cpus")
     @classmethod
     def _apart(cls, v: str, info: ValidationInfo) -> str:
-        rt = info.data.get("rt_cpus")
-        if rt is not None:
-            both = set(parse_cpulist(rt)) & set(parse_cpulist(v))
-            if both:
-                raise _error("cpu_overlap", "{cpus} also in rt_cpus ({rt}): housekeeping and RT CPUs must "
-                                            "not overlap", cpus=_cpus_are(both), rt=rt)
-        return v
+        return _apart_from(v, info, "rt_cpus")
+
+    @field_validator("guest_housekeeping_cpus")
+    @classmethod
+    def _guest_apart(cls, v: str, info: ValidationInfo) -> str:
+        return _apart_from(v, info, "guest_rt_cpus")
+
+
+def _apart_from(v: str, info: ValidationInfo, rt_key: str) -> str:
+    """`v` (housekeeping CPUs) when it shares no CPU with the RT CPUs of `rt_key`."""
+    rt = info.data.get(rt_key)
+    if rt is not None:
+        both = set(parse_cpulist(rt)) & set(parse_cpulist(v))
+        if both:
+            raise _error("cpu_overlap", "{cpus} also in {key} ({rt}): housekeeping and RT CPUs must not overlap",
+                         cpus=_cpus_are(both), key=rt_key, rt=rt)
+    return v
 
 
 def _vars_dict(v: UnitVars) -> dict[str, Any]:
