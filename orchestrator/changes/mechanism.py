@@ -182,7 +182,7 @@ def _declared(kind: str, params: dict[str, Any]) -> tuple[Mechanism, ...]:
     if kind == "vcpu_pinning":
         return (Mechanism("migrations of the guest's vCPU threads", "thread", ("nr_migrations",), on="host",
                           cpus="all"),)
-    if kind == "irq_affinity":
+    if kind in ("irq_affinity", "irqbalance"):
         return (_DEVICE,)
     if kind == "sysfs":
         return SYSFS_MECHANISMS.get(str(params.get("knob", "")), ())

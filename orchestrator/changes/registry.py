@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.changes.base import Change
 from orchestrator.changes.irq_affinity import IrqAffinityChange
+from orchestrator.changes.irqbalance import IrqbalanceChange
 from orchestrator.changes.kthreads import KthreadsChange
 from orchestrator.changes.service import ServiceDisableChange, ServiceEnableChange
 from orchestrator.changes.sysctl import SysctlChange
@@ -26,6 +27,7 @@ RUNTIME_KINDS: dict[str, Callable[[dict[str, Any]], Change]] = {
     "irq_affinity": lambda p: IrqAffinityChange(list(p["housekeeping"])),
     "sysfs": SysfsChange.from_params,
     "kthreads": KthreadsChange.from_params,
+    "irqbalance": IrqbalanceChange.from_params,
 }
 
 

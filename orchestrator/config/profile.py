@@ -172,10 +172,10 @@ from orchestrator.core.paths import shipped
 PROFILES_DIR = shipped("profiles")
 
 Target = Literal["host", "guest"]
-Kind = Literal["service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning", "irq_affinity",
-               "cmdline", "kernel", "wfx_notrap"]
+Kind = Literal["service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning", "irqbalance",
+               "irq_affinity", "cmdline", "kernel", "wfx_notrap"]
 KIND_ORDER: tuple[str, ...] = ("service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning",
-                               "irq_affinity", "cmdline", "kernel", "wfx_notrap")
+                               "irqbalance", "irq_affinity", "cmdline", "kernel", "wfx_notrap")
 TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
 NEEDS_REBOOT = frozenset({"cmdline", "kernel", "wfx_notrap"})
 
@@ -248,6 +248,14 @@ class VcpuPinning(_Strict):
 
 class IrqAffinity(_Strict):
     housekeeping: CpuText
+
+
+class Irqbalance(_Strict):
+    """irqbalance off the `banned` (RT) CPUs, or stopped (`stop: true`); new IRQs on `housekeeping`."""
+
+    housekeeping: CpuText
+    banned: CpuText | None = None
+    stop: StrictBool = False
 
 
 def _release_text(v: Any) -> Any:
@@ -344,6 +352,7 @@ class GuestSection(_Strict):
     kthreads: list[KthreadRuleSpec] = Field(default_factory=list)
     services: Services = Field(default_factory=Services)
     irq_affinity: IrqAffinity | None = None
+    irqbalance: Irqbalance | None = None
     kernel: KernelArtifactSpec | None = None  # accepted here only to refuse it with a clear message
 
 
@@ -879,6 +888,10 @@ class _Resolver:
                         break
             if hk:
                 change(loc[:2], f"{t}.irq_affinity", "irq_affinity", {"housekeeping": hk})
+        if sec.irqbalance is not None:
+            balance = self.irqbalance(t, sec.irqbalance)
+            if balance is not None:
+                change((t, "irqbalance"), f"{t}.irqbalance", "irqbalance", balance)
         if pin_params:
             change((t, "vcpu_pinning"), f"{t}.vcpu_pinning", "vcpu_pinning", pin_params)
         if add and cmdline_ok:
@@ -901,6 +914,28 @@ class _Resolver:
                 change((t, "wfx_notrap"), f"{t}.wfx_notrap", "wfx_notrap",
                        {"wfi": "notrap", "wfe": "notrap", "kernel": artifact})
         return out
+
+    def irqbalance(self, t: Target, sec: Irqbalance) -> dict[str, Any] | None:
+        """{housekeeping, rt, stop} or None (problems recorded): the banned CPUs are needed unless irqbalance is
+        stopped, and never overlap the housekeeping CPUs."""
+        loc = (t, "irqbalance")
+        text = self.sub(loc + ("housekeeping",), sec.housekeeping)
+        hk = self.cpus(t, loc + ("housekeeping",), text, sec.housekeeping) if text is not None else None
+        rt: list[int] | None = []
+        if sec.banned is not None:
+            btext = self.sub(loc + ("banned",), sec.banned)
+            rt = self.cpus(t, loc + ("banned",), btext, sec.banned) if btext is not None else None
+        elif not sec.stop:
+            self.p.add(loc, "name the RT CPUs irqbalance must not use (banned: \"${rt_cpus}\"), or stop it "
+                            "(stop: true)")
+            return None
+        if hk is None or rt is None:
+            return None
+        if set(hk) & set(rt):
+            self.p.add(loc + ("banned",), f"CPUs {format_cpulist(sorted(set(hk) & set(rt)))} are both banned and "
+                                          "housekeeping", sec.banned)
+            return None
+        return {"housekeeping": hk, "rt": rt, "stop": sec.stop}
 
     def sysfs(self, t: Target, sec: Sysfs) -> list[tuple[str, dict[str, Any]]]:
         """(knob, params) of each sysfs knob set, checked against its type (changes/sysfs.py); problems recorded."""
@@ -1108,6 +1143,9 @@ def describe(spec: ChangeSpec) -> str:
         text = f"sysctl {p['name']}={p['value']}"
     elif spec.kind == "service_disable":
         text = f"stop, disable{' and mask' if p.get('mask') else ''} {p['unit']}"
+    elif spec.kind == "irqbalance":
+        ban = "stop irqbalance" if p.get("stop") else f"irqbalance off CPUs {format_cpulist(p['rt'])}"
+        text = f"{ban}; new IRQs on CPUs {format_cpulist(p['housekeeping'])}"
     elif spec.kind == "kthreads":
         text = "kernel threads: " + "; ".join(
             f"{r['match']} -> " + ", ".join(x for x in (
@@ -1150,7 +1188,8 @@ class ProfileLine(BaseModel):
     resolved: str | None = None  # for a unit: the change as resolved (`describe`)
 
 
-_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "kthreads": "kthreads", "cmdline": "cmdline",
+_SECTION_KINDS = {"sysctl": "sysctl", "sysfs": "sysfs", "kthreads": "kthreads", "irqbalance": "irqbalance",
+                  "cmdline": "cmdline",
                   "services": "service", "vcpu_pinning": "vcpu_pinning", "irq_affinity": "irq_affinity",
                   "kernel": "kernel", "wfx_notrap": "wfx_notrap"}
 

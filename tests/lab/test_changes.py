@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.changes.base import ChangeError
 from orchestrator.changes.irq_affinity import IrqAffinityChange
+from orchestrator.changes.irqbalance import IrqbalanceChange
 from orchestrator.changes.kthreads import KthreadRule, KthreadsChange
 from orchestrator.changes.service import ServiceDisableChange, ServiceEnableChange
 from orchestrator.changes.sysctl import SysctlChange
@@ -112,6 +113,24 @@ def test_enable_and_start_a_service_then_restore(guest):
     finally:
         guest.run(["sh", "-c", f"systemctl disable --now {unit}; rm -f {path}; systemctl daemon-reload"],
                   check=False)
+
+
+def test_irqbalance_where_the_unit_has_none_sets_the_default_affinity_and_restores_it(guest):
+    """The lab guest has no irqbalance: only /proc/irq/default_smp_affinity (new IRQs' CPUs) changes."""
+    before_mask = guest.read_file("/proc/irq/default_smp_affinity")
+    change = IrqbalanceChange([0], [1])
+    plan = change.plan(guest)
+    assert plan.before["service"]["load"] == "not-found" and "dropin" not in plan.desired
+    change.apply(guest, plan.before)
+    change.verify(guest, plan)
+    assert guest.run(["cat", "/proc/irq/default_smp_affinity"]).stdout.strip().lstrip("0") == "1"
+    assert b"w /proc/irq/default_smp_affinity - - - - 1\n" in guest.read_file(
+        "/etc/tmpfiles.d/90-rt-tune-irq-default-affinity.conf")
+    assert dataclasses.replace(change).plan(guest).noop
+    change.rollback(guest, plan.before)
+    change.verify_rolled_back(guest, plan.before)
+    assert guest.read_file("/proc/irq/default_smp_affinity") == before_mask
+    assert "rt-tune" not in guest.run(["ls", "/etc/tmpfiles.d"]).stdout
 
 
 def test_mask_and_unmask(guest):

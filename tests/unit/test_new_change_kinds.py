@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from orchestrator.changes.base import unb64
+from orchestrator.changes.irqbalance import IrqbalanceChange
 from orchestrator.changes.kthreads import KthreadRule, KthreadsChange
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.config.inventory import Inventory
@@ -270,3 +272,33 @@ def test_kthreads_are_held_and_restored_by_name_because_pids_change_with_the_boo
     assert back[soft] == {"policy": "other", "priority": 0} and back[rcu] == {"cpus": "0-1"}
     rebooted[soft]["priority"] = 1  # someone changed one thread: no longer in place
     assert not change.in_place(live, desired)
+
+
+# ---- irqbalance ---------------------------------------------------------------------------------------------------
+def test_irqbalance_resolves_and_refuses_what_would_leave_it_on_the_rt_cpus(tmp_path):
+    ok = _profile(tmp_path, 'host:\n  irqbalance: {housekeeping: "0", banned: "1-3"}\n')
+    [spec] = resolve(load_profile(ok), "u", _unit(4))
+    assert (spec.id, spec.kind, spec.params) == ("host.irqbalance", "irqbalance",
+                                                 {"housekeeping": [0], "rt": [1, 2, 3], "stop": False})
+    for body, message in (('host:\n  irqbalance: {housekeeping: "0"}\n', "host.irqbalance: name the RT CPUs"),
+                          ('host:\n  irqbalance: {housekeeping: "0-1", banned: "1-3"}\n',
+                           "host.irqbalance.banned: CPUs 1 are both banned and housekeeping")):
+        with pytest.raises(InputError, match=message):
+            resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))
+    stop = _profile(tmp_path, 'host:\n  irqbalance: {housekeeping: "0", stop: true}\n')
+    assert resolve(load_profile(stop), "u", _unit(4))[0].params == {"housekeeping": [0], "rt": [], "stop": True}
+
+
+def test_irqbalance_plans_the_default_affinity_and_the_ban_where_irqbalance_exists():
+    change = IrqbalanceChange([0], [1, 2, 3])
+    with_it = {"default_affinity": "f", "dropin": None, "tmpfiles": None,
+               "service": {"load": "loaded", "file_state": "enabled", "active": "active"}}
+    want = change.desired(with_it)
+    assert want["default_affinity"] == "1" and "IRQBALANCE_BANNED_CPULIST=1-3" in unb64(want["dropin"]).decode()
+    assert not change.in_place(with_it, want)
+    without = dict(with_it, service={"load": "not-found", "file_state": "", "active": "inactive"})
+    assert "dropin" not in change.desired(without)  # no irqbalance: only the default affinity
+    assert change.in_place(dict(without, default_affinity="00000001",
+                                tmpfiles=change.desired(without)["tmpfiles"]), change.desired(without))
+    assert change.not_applicable(dict(without, default_affinity=None)) == "this unit has no " \
+                                                                          "/proc/irq/default_smp_affinity"
