@@ -11,11 +11,12 @@ by PID as it was and removes both.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
+from orchestrator.changes.base import Change, ChangeError, Plan, State, b64, restore_file, unb64
 from orchestrator.config.knobs import check_kthread_rule
 from orchestrator.core.cpulist import format_cpulist, parse_kernel_cpulist
 from orchestrator.core.errors import InputError
@@ -105,6 +106,14 @@ class KthreadsChange(Change):
                 if fnmatch.fnmatchcase(k["comm"], r.match):
                     out.setdefault(pid, {}).update(r.want(Kthread(**k)))
         return {pid: w for pid, w in out.items() if w}
+
+    def plan_from(self, before: State) -> Plan:
+        """The plan; a rule whose pattern matches no thread here is named in its summary (not an error)."""
+        plan = super().plan_from(before)
+        missing = self.unmatched(before)
+        if not missing:
+            return plan
+        return dataclasses.replace(plan, summary=f"{plan.summary} (no thread here matches {', '.join(missing)})")
 
     def unmatched(self, before: State) -> list[str]:
         names = [k["comm"] for k in before["threads"].values()]

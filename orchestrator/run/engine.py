@@ -68,7 +68,8 @@ class RuntimeActive:
 
     def plan(self) -> Planned:
         self._plan = p = self.change.plan(self.t)
-        return Planned(summary=self.change.describe(), noop_message=p.summary, before=p.before, state=p.desired,
+        return Planned(summary=self.change.describe() if p.noop else p.summary, noop_message=p.summary,
+                       before=p.before, state=p.desired,
                        noop=p.noop, skip_reason=self.change.not_applicable(p.before) or "")
 
     def prepare(self) -> None:

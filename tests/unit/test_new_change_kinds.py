@@ -302,3 +302,10 @@ def test_irqbalance_plans_the_default_affinity_and_the_ban_where_irqbalance_exis
                                 tmpfiles=change.desired(without)["tmpfiles"]), change.desired(without))
     assert change.not_applicable(dict(without, default_affinity=None)) == "this unit has no " \
                                                                           "/proc/irq/default_smp_affinity"
+
+
+def test_a_kthreads_pattern_matching_nothing_is_named_in_the_plan_not_an_error():
+    before = {"threads": {str(k.pid): k.model_dump() for k in parse_kthreads(KTHREADS_RECORDED.read_text())},
+              "unit": None, "script": None, "enabled": False}
+    plan = KthreadsChange([KthreadRule("rcuc/*", "fifo", 4), KthreadRule("ksoftirqd/*", "fifo", 2)]).plan_from(before)
+    assert plan.summary.endswith("(no thread here matches rcuc/*)") and not plan.noop
