@@ -7,15 +7,19 @@ import re
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 
+from orchestrator.config.knobs import selected_choice
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import ParseError
 from orchestrator.diagnose.findings import findings
 from orchestrator.diagnose.kstate import (
     ServiceState,
+    parse_irqbalance,
     parse_kvm_vms,
+    parse_rt_throttling,
     parse_sched_debug,
     parse_service_states,
     parse_timer_list,
+    parse_vmstat,
 )
 from orchestrator.diagnose.model import (
     CrashLoop,
@@ -27,6 +31,7 @@ from orchestrator.diagnose.model import (
 from orchestrator.diagnose.probe import decode_trace
 from orchestrator.diagnose.tracing import TraceSummary, parse_trace, summarize_trace
 from orchestrator.facts.irqs import Irq, is_ipi_row, parse_interrupts
+from orchestrator.facts.kthreads import parse_kthreads
 from orchestrator.facts.systemd import parse_coredumps
 
 CRASH_RESTARTS = 3  # NRestarts at least this, with core dumps in the last hour: a crash loop even if quiet now
@@ -155,11 +160,19 @@ def analyse(sections: dict[str, str], *, target: str, label: str, rt_hint: list[
     nohz = _nohz(nohz_full, timer_list, sched, trace, timer_irq)
     wfx = _wfx(parse_kvm_vms(sections.get("kvm0", "")), parse_kvm_vms(sections.get("kvm1", "")), seconds)
     notes = tracing_state_notes(state_before, state_after)
+    threads = parse_kthreads(sections["kthreads"]) if sections.get("kthreads", "").strip() else []
+    on_rt = sorted({k.comm for k in threads if k.movable and not k.comm.startswith("kworker/")
+                    and set(parse_cpu_list(k.cpus)) & set(rt_cpus)})
+    rt_runtime, rt_throttled = parse_rt_throttling(sections.get("rt_throttling", ""))
+    vm0, vm1 = parse_vmstat(sections.get("vmstat0", "")), parse_vmstat(sections.get("vmstat1", ""))
     diag = TargetDiagnosis(
         target=target, label=label, kernel=meta.get("kernel", "?"), arch=meta.get("arch", "?"), duration_s=seconds,
         cpus=online, rt_cpus=rt_cpus, nohz_full=nohz_full, isolated=isolated, timer_migration=timer_migration,
         cmdline=sections.get("cmdline", "").strip(), tracing=tracing, ipis=ipis, timer_irq_per_s=timer_irq,
-        trace=trace, nohz=nohz, crash_loops=loops, wfx=wfx, findings=[], tracing_state_before=state_before,
+        trace=trace, nohz=nohz, crash_loops=loops, wfx=wfx, findings=[], kthreads_on_rt=on_rt,
+        irqbalance=parse_irqbalance(sections.get("irqbalance", "")), rt_throttled=rt_throttled,
+        rt_runtime_us=rt_runtime, thp=selected_choice(sections["thp"]) if sections.get("thp", "").strip() else None,
+        vmstat_delta={k: vm1[k] - vm0[k] for k in vm1 if k in vm0}, tracing_state_before=state_before,
         tracing_state_after=state_after, tracing_state_notes=notes)
     diag.findings = findings(diag)
     return diag

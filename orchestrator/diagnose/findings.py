@@ -3,9 +3,13 @@ addresses it (or why no tuning does)."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from orchestrator.boot.wfx import NEAR_ZERO_PER_S, POLICY_SINCE, parse_kernel_version
+from orchestrator.config.knobs import cpus_of_mask
+from orchestrator.core.cpulist import CpuListError
+from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import ParseError
 from orchestrator.diagnose.model import SEVERITY_ORDER, Finding, TargetDiagnosis
 from orchestrator.diagnose.tracing import TraceSummary
@@ -44,7 +48,8 @@ def findings(d: TargetDiagnosis) -> list[Finding]:
     per kind of finding, most severe first."""
     out: list[Finding] = []
     for find in (_find_crash_loops, _find_kick_all_cpus, _find_page_table_teardown, _find_nohz_ticks,
-                 _find_no_nohz_full, _find_timer_migration, _find_rt_cpu_ipis, _find_vcpu_wakeups, _find_wfx_traps):
+                 _find_no_nohz_full, _find_timer_migration, _find_rt_cpu_ipis, _find_vcpu_wakeups, _find_wfx_traps,
+                 _find_rt_throttling, _find_irqbalance, _find_thp_compaction, _find_kthreads_on_rt_cpus):
         out += find(d)
     return sorted(out, key=lambda f: SEVERITY_ORDER[f.severity])
 
@@ -246,3 +251,76 @@ def _find_wfx_traps(d: TargetDiagnosis) -> list[Finding]:
                 change="host.wfx_notrap", profile="host:\n  wfx_notrap: true\n",
                 advice=f"stop trapping WFI/WFE with {how} (field notes §2)"))
     return out
+
+
+# ---- issue #20's kinds ------------------------------------------------------------------------------------------
+def _housekeeping_var(target: str) -> str:
+    return "${housekeeping_cpus}" if target == "host" else "${guest_housekeeping_cpus}"
+
+
+def _find_rt_throttling(d: TargetDiagnosis) -> list[Finding]:
+    if not d.rt_throttled:
+        return []
+    t = d.target
+    return [Finding(
+        target=t, kind="rt_throttling", severity="high",
+        title=f"RT throttling activated ({d.rt_throttled} time(s) since boot): an RT task used its whole share of "
+              "a CPU and was stopped for the rest of the period",
+        evidence=[f"kernel log: 'sched: RT throttling activated' x{d.rt_throttled}",
+                  f"kernel.sched_rt_runtime_us = {d.rt_runtime_us}"],
+        change=f"{t}.sysctl.kernel.sched_rt_runtime_us",
+        profile=f"{t}:\n  services:\n    enable: [stalld]\n  sysctl:\n    kernel.sched_rt_runtime_us: -1\n",
+        advice="An RT task that never sleeps is a bug or a busy poll: with throttling off it starves its CPU's "
+               "kernel threads for good unless stalld boosts them, which is why rt-tune wants stalld enabled in "
+               "the same section (or `acknowledge: [rt_throttling_off]`)")]
+
+
+def _find_irqbalance(d: TargetDiagnosis) -> list[Finding]:
+    ib = d.irqbalance
+    if ib is None or not ib.active or not d.rt_cpus:
+        return []
+    banned: set[int] = set()
+    if ib.banned:
+        try:
+            banned = set(parse_cpu_list(ib.banned))
+        except (CpuListError, ParseError):
+            banned = set(cpus_of_mask(ib.banned) or [])
+    exposed = sorted(set(d.rt_cpus) - banned)
+    if not exposed:
+        return []
+    t = d.target
+    return [Finding(
+        target=t, kind="irqbalance", severity="medium",
+        title=f"irqbalance runs and may move IRQs onto RT CPUs {_cpus(exposed)}",
+        evidence=["irqbalance.service active", f"banned CPUs: {ib.banned or 'none'}"],
+        change=f"{t}.irqbalance",
+        profile=(f"{t}:\n  irqbalance:\n    housekeeping: \"{_housekeeping_var(t)}\"\n"
+                 f"    banned: \"{_cpus(d.rt_cpus)}\"\n"))]
+
+
+def _find_thp_compaction(d: TargetDiagnosis) -> list[Finding]:
+    stalls, collapses = d.vmstat_delta.get("compact_stall", 0), d.vmstat_delta.get("thp_collapse_alloc", 0)
+    if d.thp in (None, "never") or not (stalls or collapses):
+        return []
+    t = d.target
+    return [Finding(
+        target=t, kind="thp_compaction", severity="medium",
+        title=f"transparent hugepages ({d.thp}) compacted or collapsed memory during the window",
+        evidence=[f"/proc/vmstat in the window: compact_stall +{stalls}, thp_collapse_alloc +{collapses}"],
+        change=f"{t}.sysfs.transparent_hugepage",
+        profile=f"{t}:\n  sysfs:\n    transparent_hugepage: never\n")]
+
+
+def _find_kthreads_on_rt_cpus(d: TargetDiagnosis) -> list[Finding]:
+    if not d.rt_cpus or not d.kthreads_on_rt:
+        return []
+    t = d.target
+    patterns = sorted({re.sub(r"\d+$", "*", n) for n in d.kthreads_on_rt})
+    shown = ", ".join(d.kthreads_on_rt[:12]) + (f" and {len(d.kthreads_on_rt) - 12} more"
+                                               if len(d.kthreads_on_rt) > 12 else "")
+    rules = "".join(f"    - {{match: \"{p}\", cpus: \"{_housekeeping_var(t)}\"}}\n" for p in patterns[:8])
+    return [Finding(
+        target=t, kind="kthreads_on_rt_cpus", severity="info",
+        title=f"{len(d.kthreads_on_rt)} movable kernel thread(s) may run on the RT CPUs {_cpus(d.rt_cpus)}",
+        evidence=[f"allowed on an RT CPU: {shown}"],
+        change=f"{t}.kthreads", profile=f"{t}:\n  kthreads:\n{rules}")]

@@ -9,6 +9,7 @@ import re
 from pydantic import BaseModel
 
 from orchestrator.core.errors import ParseError
+from orchestrator.diagnose.model import IrqbalanceState
 
 # The KVM per-VM debugfs counters' parser lives in facts/ (measure/ reads them around every run too); the
 # diagnosis imports it from here as before.
@@ -178,3 +179,39 @@ def parse_service_states(text: str) -> dict[str, ServiceState]:
                                        sub_state=kv.get("SubState", ""), unit_file_state=kv.get("UnitFileState", ""),
                                        result=kv.get("Result", ""), main_pid=pid)
     return units
+
+
+# ---- issue #20's probes: irqbalance, RT throttling, THP and compaction -------------------------------------------
+def parse_irqbalance(text: str) -> IrqbalanceState | None:
+    """The `irqbalance` section (systemctl show ActiveState/Environment, then any IRQBALANCE_BANNED_* line of
+    /etc/default/irqbalance): None where the unit has no irqbalance."""
+    kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("IRQBALANCE"))
+    state = kv.get("ActiveState", "")
+    if not state or state == "inactive" and "Environment" not in kv and "IRQBALANCE" not in text:
+        return None
+    banned = None
+    for word in kv.get("Environment", "").split() + [x for x in text.splitlines() if x.startswith("IRQBALANCE")]:
+        key, _, value = word.partition("=")
+        if key in ("IRQBALANCE_BANNED_CPULIST", "IRQBALANCE_BANNED_CPUS") and value.strip('"'):
+            banned = value.strip('"')
+    return IrqbalanceState(active=state in ("active", "activating", "reloading"), banned=banned)
+
+
+def parse_rt_throttling(text: str) -> tuple[int | None, int | None]:
+    """(sched_rt_runtime_us, `RT throttling activated` messages in the kernel log) from `rt_throttling`."""
+    kv = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    runtime = kv.get("runtime_us", "").strip()
+    throttled = kv.get("throttled", "").strip()
+    return (int(runtime) if re.fullmatch(r"-?\d+", runtime) else None,
+            int(throttled) if throttled.isdigit() else None)
+
+
+def parse_vmstat(text: str) -> dict[str, int]:
+    """`name value` lines of /proc/vmstat."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ParseError(f"unexpected /proc/vmstat line {line[:100]!r}")
+        out[parts[0]] = int(parts[1])
+    return out

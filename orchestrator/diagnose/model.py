@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from orchestrator.diagnose.tracing import TraceSummary
 
@@ -64,6 +64,11 @@ class Finding(BaseModel):
     advice: str | None = None  # where no tuning removes it: why, and what the application can do
 
 
+class IrqbalanceState(BaseModel):
+    active: bool
+    banned: str | None  # IRQBALANCE_BANNED_CPULIST / _CPUS as configured (None: no ban)
+
+
 class TargetDiagnosis(BaseModel):
     target: str  # "host" or "guest"
     label: str
@@ -84,6 +89,14 @@ class TargetDiagnosis(BaseModel):
     crash_loops: list[CrashLoop]
     wfx: list[VmWfx]
     findings: list[Finding]
+    #: issue #20's probes (absent in older windows): movable kernel threads allowed on RT CPUs (names), whether
+    #: irqbalance runs and with which ban, RT throttling events since boot, THP mode and compaction in the window
+    kthreads_on_rt: list[str] = Field(default_factory=list)
+    irqbalance: IrqbalanceState | None = None
+    rt_throttled: int | None = None
+    rt_runtime_us: int | None = None
+    thp: str | None = None
+    vmstat_delta: dict[str, int] = Field(default_factory=dict)
     tracing_state_before: dict[str, str]
     tracing_state_after: dict[str, str]
     tracing_state_notes: list[str]

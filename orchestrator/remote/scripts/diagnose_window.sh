@@ -28,6 +28,9 @@ sample() {
   sec "units$1"
   systemctl show --no-pager -p Id,NRestarts,ActiveState,SubState,UnitFileState,Result,ExecMainPID \
     '*.service' 2>/dev/null
+  sec "vmstat$1"
+  grep -E '^(compact_stall|compact_fail|compact_success|thp_fault_alloc|thp_collapse_alloc|thp_split_page) ' \
+    /proc/vmstat 2>/dev/null
   sec "kvm$1"
   for v in /sys/kernel/debug/kvm/[0-9]*-[0-9]*; do
     [ -d "$v" ] || continue
@@ -76,6 +79,16 @@ sec online; cat /sys/devices/system/cpu/online
 sec timer_migration; cat /proc/sys/kernel/timer_migration 2>/dev/null
 sec cmdline; cat /proc/cmdline
 sec coredumps; eval "$cdcmd" 2>/dev/null
+# issue #20's kinds: kernel threads (the format of orchestrator/facts/kthreads.py), irqbalance, RT throttling, THP
+sec kthreads
+grep -s -H -E '^(Name|PPid|Cpus_allowed_list):' /proc/[0-9]*/status; echo '@@ stat'; cat /proc/[0-9]*/stat 2>/dev/null
+sec irqbalance
+systemctl show --no-pager -p ActiveState -p Environment irqbalance.service 2>/dev/null
+grep -h '^IRQBALANCE_BANNED' /etc/default/irqbalance /etc/sysconfig/irqbalance 2>/dev/null
+sec rt_throttling
+printf 'runtime_us %s\n' "$(cat /proc/sys/kernel/sched_rt_runtime_us 2>/dev/null)"
+printf 'throttled %s\n' "$(dmesg 2>/dev/null | grep -c 'RT throttling activated')"
+sec thp; cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
 if [ -n "$I" ]; then
   sec trace_stats
   for c in "$I"/per_cpu/cpu*; do printf 'cpu %s\n' "${c##*cpu}"; cat "$c/stats"; done
