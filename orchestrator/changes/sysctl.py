@@ -69,11 +69,25 @@ class SysctlChange(Change):
             live["dropin"] == desired["dropin"]
 
     def apply(self, t: Transport, before: State) -> None:
+        self._check_fits(t, before)
         self._write_and_set(t, read=())
 
     def apply_and_read(self, t: Transport, before: State) -> State:
         """The drop-in written, the value set and both read back: one round trip."""
+        self._check_fits(t, before)
         return self._state(t.label, self._write_and_set(t, read=(self.proc_path, self.dropin)))
+
+    def _check_fits(self, t: Transport, before: State) -> None:
+        """vm.nr_hugepages: the pages it adds must fit in the unit's available memory, else ChangeError before
+        anything is written (the kernel would reserve what it can and starve everything else)."""
+        if self.name != "vm.nr_hugepages":
+            return
+        meminfo = parse_meminfo(t.read_file("/proc/meminfo").decode())
+        add_kib = (int(self.value) - int(before["value"])) * meminfo.get("Hugepagesize", 0)
+        if add_kib > meminfo.get("MemAvailable", 0):
+            raise ChangeError(f"{t.label}: vm.nr_hugepages {before['value']} -> {self.value} needs "
+                              f"{add_kib // 1024} MiB more; the unit has {meminfo.get('MemAvailable', 0) // 1024} MiB "
+                              "available")
 
     def _write_and_set(self, t: Transport, read: tuple[str, ...]) -> dict[str, bytes | None]:
         return write_run_read(t, self.dropin, self._dropin_bytes(), timeout_s=30, read=read,
@@ -91,3 +105,14 @@ class SysctlChange(Change):
 
     def describe(self) -> str:
         return f"sysctl {self.name}={self.value}"
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo -> {field: kB} (fields without a number are left out)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0])
+    return out

@@ -148,7 +148,22 @@ SYSCTL_TYPES: dict[str, SysctlType] = {
     "kernel.watchdog_cpumask": SysctlType("cpulist", why="lockup detectors on the housekeeping CPUs only"),
     "kernel.numa_balancing": SysctlType("flag", why="NUMA hinting faults unmap pages under running tasks"),
     "vm.stat_interval": SysctlType("int", 1, 3600, "seconds between per-CPU vmstat updates (tuned realtime: 10)"),
+    "vm.nr_hugepages": SysctlType("int", 0, 2**31 - 1, "hugepages of the default size reserved now (checked "
+                                                       "against the unit's free memory at plan)"),
 }
+
+#: hugepage sizes a kernel argument may name: a number and K, M or G (the architecture decides which exist)
+HUGEPAGE_SIZE = re.compile(r"[1-9][0-9]{0,5}[KMG]")
+
+
+def check_hugepage_arg(key: str, value: str) -> str | None:
+    """What is wrong with a boot-time hugepage argument (`hugepagesz`, `default_hugepagesz`: a size such as 2M
+    or 1G; `hugepages`: a count), or None (other arguments: None)."""
+    if key in ("hugepagesz", "default_hugepagesz") and not HUGEPAGE_SIZE.fullmatch(value):
+        return "expected a hugepage size such as 2M or 1G (arm64 with 4K pages: 64K, 2M, 32M, 1G)"
+    if key == "hugepages" and not re.fullmatch(r"[0-9]{1,9}", value):
+        return "expected a number of hugepages"
+    return None
 
 #: acknowledgements a profile section can give (`acknowledge: [...]`) for a setting rt-tune refuses without one
 ACKNOWLEDGEMENTS = {

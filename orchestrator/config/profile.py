@@ -144,6 +144,7 @@ from orchestrator.config.knobs import (
     KNOBS,
     STALLD,
     SYSCTL_TYPES,
+    check_hugepage_arg,
     check_knob,
     check_kthread_rule,
     check_sysctl_value,
@@ -1065,6 +1066,11 @@ class _Resolver:
                 ok = False
                 continue
             add[key] = value
+            problem = check_hugepage_arg(norm, value)
+            if problem:
+                self.p.add(loc, problem, value, raw)
+                ok = False
+                continue
             if norm in CPU_LIST_KEYS:
                 text = value
                 if norm == "isolcpus":

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from orchestrator.changes.base import unb64
+from orchestrator.changes.base import ChangeError, unb64
 from orchestrator.changes.irqbalance import IrqbalanceChange
 from orchestrator.changes.kthreads import KthreadRule, KthreadsChange
+from orchestrator.changes.sysctl import SysctlChange, parse_meminfo
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.config.inventory import Inventory
 from orchestrator.config.knobs import KNOBS, cpumask_of, cpus_of_mask, selected_choice
@@ -309,3 +310,31 @@ def test_a_kthreads_pattern_matching_nothing_is_named_in_the_plan_not_an_error()
               "unit": None, "script": None, "enabled": False}
     plan = KthreadsChange([KthreadRule("rcuc/*", "fifo", 4), KthreadRule("ksoftirqd/*", "fifo", 2)]).plan_from(before)
     assert plan.summary.endswith("(no thread here matches rcuc/*)") and not plan.noop
+
+
+# ---- hugepages ------------------------------------------------------------------------------------------------------
+def test_hugepage_arguments_and_nr_hugepages_are_typed(tmp_path):
+    good = _profile(tmp_path, "host:\n  cmdline: {default_hugepagesz: 2M, hugepagesz: 1G, hugepages: 4}\n"
+                              "  sysctl: {vm.nr_hugepages: 16}\n")
+    assert len(resolve(load_profile(good), "u", _unit(4))) == 2
+    for body, message in (("host:\n  cmdline: {hugepagesz: 2MB}\n",
+                           "host.cmdline.hugepagesz: expected a hugepage size"),
+                          ("host:\n  cmdline: {hugepages: lots}\n", "expected a number of hugepages"),
+                          ("host:\n  sysctl: {vm.nr_hugepages: -1}\n", "expected an integer in 0..")):
+        with pytest.raises(InputError, match=message):
+            resolve(load_profile(_profile(tmp_path, body)), "u", _unit(4))
+
+
+def test_nr_hugepages_that_do_not_fit_in_available_memory_are_refused_before_anything_is_written():
+    meminfo = (RECORDED / "meminfo.txt").read_text()
+    info = parse_meminfo(meminfo)
+    fits = info["MemAvailable"] // info["Hugepagesize"] // 2
+    too_many = info["MemAvailable"] // info["Hugepagesize"] + 10
+    unit = FakeUnit(files={"/proc/meminfo": meminfo.encode(), "/proc/sys/vm/nr_hugepages": b"0\n"})
+    t = FakeTransport(unit)
+    with pytest.raises(ChangeError, match=r"vm.nr_hugepages 0 -> \d+ needs \d+ MiB more; the unit has \d+ MiB"):
+        big = SysctlChange("vm.nr_hugepages", str(too_many))
+        big.apply_and_read(t, big.read(t))
+    assert unit.files["/proc/sys/vm/nr_hugepages"] == b"0\n" and not any("sysctl.d" in p for p in unit.files)
+    ok = SysctlChange("vm.nr_hugepages", str(fits))
+    assert ok.apply_and_read(t, ok.read(t))["value"] == str(fits)
