@@ -183,18 +183,17 @@ def parse_service_states(text: str) -> dict[str, ServiceState]:
 
 # ---- issue #20's probes: irqbalance, RT throttling, THP and compaction -------------------------------------------
 def parse_irqbalance(text: str) -> IrqbalanceState | None:
-    """The `irqbalance` section (systemctl show ActiveState/Environment, then any IRQBALANCE_BANNED_* line of
-    /etc/default/irqbalance): None where the unit has no irqbalance."""
+    """The `irqbalance` section (systemctl show LoadState/ActiveState/Environment, then any IRQBALANCE_BANNED_*
+    line of /etc/default/irqbalance): None where the unit has no irqbalance (or no systemd)."""
     kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("IRQBALANCE"))
-    state = kv.get("ActiveState", "")
-    if not state or state == "inactive" and "Environment" not in kv and "IRQBALANCE" not in text:
+    if kv.get("LoadState", "not-found") == "not-found":
         return None
     banned = None
     for word in kv.get("Environment", "").split() + [x for x in text.splitlines() if x.startswith("IRQBALANCE")]:
         key, _, value = word.partition("=")
         if key in ("IRQBALANCE_BANNED_CPULIST", "IRQBALANCE_BANNED_CPUS") and value.strip('"'):
             banned = value.strip('"')
-    return IrqbalanceState(active=state in ("active", "activating", "reloading"), banned=banned)
+    return IrqbalanceState(active=kv.get("ActiveState") in ("active", "activating", "reloading"), banned=banned)
 
 
 def parse_rt_throttling(text: str) -> tuple[int | None, int | None]:

@@ -83,7 +83,7 @@ sec coredumps; eval "$cdcmd" 2>/dev/null
 sec kthreads
 grep -s -H -E '^(Name|PPid|Cpus_allowed_list):' /proc/[0-9]*/status; echo '@@ stat'; cat /proc/[0-9]*/stat 2>/dev/null
 sec irqbalance
-systemctl show --no-pager -p ActiveState -p Environment irqbalance.service 2>/dev/null
+systemctl show --no-pager -p LoadState -p ActiveState -p Environment irqbalance.service 2>/dev/null
 grep -h '^IRQBALANCE_BANNED' /etc/default/irqbalance /etc/sysconfig/irqbalance 2>/dev/null
 sec rt_throttling
 printf 'runtime_us %s\n' "$(cat /proc/sys/kernel/sched_rt_runtime_us 2>/dev/null)"
