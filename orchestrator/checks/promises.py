@@ -41,6 +41,8 @@ class TargetPromise(BaseModel):
     vcpu_pinning: VcpuPromise | None = None
     irq_affinity: IrqPromise | None = None
     sysfs: list[SysfsPromise] = Field(default_factory=list)
+    #: irqbalance: new IRQs' default CPUs, and the RT CPUs irqbalance must not use (or `stop`)
+    irqbalance: dict[str, Any] | None = None
     #: kthreads rules ({match, policy, priority, cpus}), later ones winning
     kthreads: list[dict[str, Any]] = Field(default_factory=list)
     wfx_notrap: bool = False
@@ -65,6 +67,9 @@ def promises(records: Iterable[ChangeRecord], targets: Iterable[str] = ("host", 
         elif rec.kind == "vcpu_pinning":
             p.vcpu_pinning = VcpuPromise(service=params["service"], vcpus=params["vcpus"],
                                          housekeeping=params["housekeeping"])
+        elif rec.kind == "irqbalance":
+            p.irqbalance = {"housekeeping": params["housekeeping"], "rt": params.get("rt") or [],
+                            "stop": bool(params.get("stop"))}
         elif rec.kind == "kthreads":
             p.kthreads = list(params.get("rules", []))
         elif rec.kind == "sysfs":

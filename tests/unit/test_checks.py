@@ -17,6 +17,7 @@ from orchestrator.checks.backend import _ENTER, RtTuneBackend
 from orchestrator.checks.promises import IrqPromise, SysfsPromise, TargetPromise, promises
 from orchestrator.checks.runner import PROCESS_GRACE_S, check_files, run_checks
 from orchestrator.config.inventory import Inventory
+from orchestrator.config.knobs import cpus_of_mask
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.journal.journal import Journal
@@ -334,3 +335,15 @@ def test_an_unwritable_junit_path_is_refused_before_anything_runs(tmp_path):
     for junit, message in ((str(tmp_path / "a-dir"), "is a directory"), ("/proc/rt-tune.xml", "cannot write it")):
         proc = _tune(env, tmp_path, "check", "u1", "--junit", junit)
         assert proc.returncode == 2 and message in proc.stderr and junit in proc.stderr, proc.stderr
+
+
+def test_the_irqbalance_check_reads_the_default_affinity_of_this_machine(sshd):
+    mask = Path("/proc/irq/default_smp_affinity").read_text().strip()
+    cpus = cpus_of_mask(mask) or []
+    good = TargetPromise(target="host", irqbalance={"housekeeping": cpus, "rt": [], "stop": False})
+    assert outcomes(run_checks("u1", "host", sshd.endpoint(), good, check_timeout_s=30))[
+        "test_irqbalance_off_the_rt_cpus_and_new_irqs_on_housekeeping"] == "passed"
+    bad = TargetPromise(target="host", irqbalance={"housekeeping": [max(cpus) + 1], "rt": [], "stop": False})
+    report = run_checks("u1", "host", sshd.endpoint(), bad, check_timeout_s=30)
+    [o] = [o for o in report.outcomes if "irqbalance" in o.nodeid]
+    assert o.outcome == "failed" and f"is {mask}" in o.message

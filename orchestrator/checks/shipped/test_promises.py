@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.knobs import KNOBS, normal_value
+from orchestrator.config.knobs import KNOBS, cpus_of_mask, normal_value
 from orchestrator.core.cpulist import parse_cpulist
 from orchestrator.facts.kthreads import KTHREADS_SCRIPT, parse_kthreads
 from orchestrator.remote.remote_scripts import PIN_SCRIPT
@@ -240,3 +240,22 @@ def test_kernel_threads_as_the_rules_say(host, promise):
         if "cpus" in want and set(parse_cpulist(k.cpus)) != want["cpus"]:
             wrong.append(f"{k.comm} ({k.pid}) on CPUs {k.cpus}, not {format_cpus(want['cpus'])}")
     assert not wrong, "; ".join(wrong)
+
+
+def test_irqbalance_off_the_rt_cpus_and_new_irqs_on_housekeeping(host, promise):
+    ib = promise.irqbalance
+    if ib is None:
+        pytest.skip("no irqbalance promise on this target")
+    mask = host.file("/proc/irq/default_smp_affinity").content_string.strip()
+    assert cpus_of_mask(mask) == sorted(ib["housekeeping"]), \
+        f"/proc/irq/default_smp_affinity is {mask}, not the housekeeping CPUs {format_cpus(set(ib['housekeeping']))}"
+    show = host.run("systemctl show -p LoadState -p ActiveState -p Environment irqbalance.service").stdout
+    kv = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+    if kv.get("LoadState", "not-found") == "not-found":
+        return  # no irqbalance on this target: the default affinity is the whole promise
+    if ib["stop"]:
+        assert kv.get("ActiveState") != "active", "irqbalance runs, though rt-tune stopped it"
+    else:
+        banned = format_cpus(set(ib["rt"]))
+        assert f"IRQBALANCE_BANNED_CPULIST={banned}" in kv.get("Environment", "").split(), \
+            f"irqbalance's environment does not ban the RT CPUs {banned}: {kv.get('Environment', '')!r}"
