@@ -17,6 +17,7 @@ from orchestrator.changes.sysctl import SysctlChange
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.changes.vcpu_pinning import VcpuPinningChange
 from orchestrator.config.knobs import KNOBS
+from orchestrator.core.cpulist import format_cpulist, parse_kernel_cpulist
 from orchestrator.remote.transport import read_optional
 from tests.qemu_threads import assert_vcpu_map, qemu_threads
 
@@ -260,7 +261,8 @@ def test_irq_affinity_and_sysfs_knobs_survive_a_reboot_and_back(lab, host):
 
 
 def _kthreads(t) -> dict[str, set[tuple[str, ...]]]:
-    """ksoftirqd/N's scheduling class and RT priority, and kcompactd's CPUs, read with ps and taskset."""
+    """ksoftirqd/N's scheduling class and RT priority, and kcompactd's CPUs (as a range: taskset prints "0,1"),
+    read with ps and taskset."""
     out = t.run(["sh", "-c", "ps -e -o comm=,cls=,rtprio= | grep '^ksoftirqd/'; "
                              "for p in $(pgrep '^kcompactd'); do taskset -pc $p; done"]).stdout
     seen: dict[str, set[tuple[str, ...]]] = {"ksoftirqd": set(), "kcompactd": set()}
@@ -268,7 +270,7 @@ def _kthreads(t) -> dict[str, set[tuple[str, ...]]]:
         if line.startswith("ksoftirqd/"):
             seen["ksoftirqd"].add(tuple(line.split()[1:3]))
         elif "current affinity list:" in line:
-            seen["kcompactd"].add((line.rsplit(":", 1)[1].strip(),))
+            seen["kcompactd"].add((format_cpulist(parse_kernel_cpulist(line.rsplit(":", 1)[1].strip())),))
     return seen
 
 
