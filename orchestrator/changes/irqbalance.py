@@ -17,8 +17,7 @@ from typing import Any
 
 from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
 from orchestrator.changes.service import read_service_state
-from orchestrator.config.knobs import cpumask_of, cpus_of_mask
-from orchestrator.core.cpulist import format_cpulist
+from orchestrator.core.cpulist import cpumask_of, cpus_of_mask, format_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.remote.transport import Transport, read_files, write_values_command
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
-from orchestrator.config.knobs import KNOBS, Knob, check_knob, cpumask_of, normal_value, selected_choice
-from orchestrator.core.cpulist import CpuListError, format_cpulist, parse_cpulist
+from orchestrator.config.knobs import KNOBS, Knob, check_knob, normal_value, selected_choice
+from orchestrator.core.cpulist import CpuListError, cpumask_of, format_cpulist, parse_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.remote.transport import Transport, read_files, write_run_read, write_values_command
 

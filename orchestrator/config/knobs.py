@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.core.cpulist import CpuListError, parse_cpulist
+from orchestrator.core.cpulist import CpuListError, cpus_of_mask, parse_cpulist
 
 CPU_DIR = "/sys/devices/system/cpu"
 
@@ -80,31 +80,6 @@ def _cpus(text: str) -> list[int]:
         return parse_cpulist(text)
     except CpuListError:
         return []
-
-
-def cpumask_of(cpus: Sequence[int]) -> str:
-    """The kernel's hex cpumask of `cpus`: 32-bit groups, most significant first, comma-separated ("3",
-    "1,00000000")."""
-    bits = 0
-    for c in cpus:
-        bits |= 1 << c
-    text = format(bits, "x")
-    groups: list[str] = []
-    while text:
-        groups.insert(0, text[-8:])
-        text = text[:-8]
-    return ",".join([groups[0]] + [g.rjust(8, "0") for g in groups[1:]]) if groups else "0"
-
-
-def cpus_of_mask(text: str) -> list[int] | None:
-    """The CPUs of a hex cpumask as the kernel prints it; None when it is not one."""
-    raw = text.strip().replace(",", "")
-    if not raw or not re.fullmatch(r"[0-9a-fA-F]+", raw):
-        return None
-    bits = int(raw, 16)
-    return [i for i in range(bits.bit_length()) if bits >> i & 1]
-
-
 
 
 def selected_choice(text: str) -> str:

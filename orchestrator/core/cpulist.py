@@ -15,7 +15,7 @@ megabyte of groups costs no memory and little time.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from orchestrator.core.errors import InputError, ParseError
 
@@ -131,3 +131,26 @@ def format_cpulist(cpus: Iterable[int]) -> str:
     if run:
         out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
     return ",".join(out)
+
+
+def cpumask_of(cpus: Sequence[int]) -> str:
+    """The kernel's hex cpumask of `cpus`: 32-bit groups, most significant first, comma-separated ("3",
+    "1,00000000")."""
+    bits = 0
+    for c in cpus:
+        bits |= 1 << c
+    text = format(bits, "x")
+    groups: list[str] = []
+    while text:
+        groups.insert(0, text[-8:])
+        text = text[:-8]
+    return ",".join([groups[0]] + [g.rjust(8, "0") for g in groups[1:]]) if groups else "0"
+
+
+def cpus_of_mask(text: str) -> list[int] | None:
+    """The CPUs of a hex cpumask as the kernel prints it; None when it is not one."""
+    raw = text.strip().replace(",", "")
+    if not raw or not re.fullmatch(r"[0-9a-fA-F]+", raw):
+        return None
+    bits = int(raw, 16)
+    return [i for i in range(bits.bit_length()) if bits >> i & 1]

@@ -7,8 +7,7 @@ import re
 from collections import Counter
 
 from orchestrator.boot.wfx import NEAR_ZERO_PER_S, POLICY_SINCE, parse_kernel_version
-from orchestrator.config.knobs import cpus_of_mask
-from orchestrator.core.cpulist import CpuListError
+from orchestrator.core.cpulist import CpuListError, cpus_of_mask
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import ParseError
 from orchestrator.diagnose.model import SEVERITY_ORDER, Finding, TargetDiagnosis

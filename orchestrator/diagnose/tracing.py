@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from pydantic import BaseModel
 
+from orchestrator.core.cpulist import cpus_of_mask
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpu_list
 from orchestrator.core.errors import ParseError
 from orchestrator.diagnose.probe import CALLBACK_FUNCTIONS, SEND_FUNCTIONS
@@ -83,12 +84,6 @@ def fields(args: str) -> dict[str, str]:
     for m in re.finditer(r"(?:^|\s)([a-z_]+)=(.*?)(?=,?\s+[a-z_]+=|$)", args):
         out[m.group(1)] = m.group(2).rstrip(",")
     return out
-
-
-def _hex_mask_cpus(mask: str) -> list[int]:
-    """ipi_raise's `target_mask=00000000,00000002` -> [1]."""
-    value = int(mask.replace(",", ""), 16)
-    return [i for i in range(value.bit_length()) if value >> i & 1]
 
 
 class IpiSend(BaseModel):
@@ -185,7 +180,7 @@ def summarize_trace(records: list[TraceRecord], lost: dict[int, int]) -> TraceSu
             m = re.fullmatch(r"target_mask=([0-9a-f,]+) \((.*)\)", r.args)
             if not m:
                 raise ParseError(f"expected `target_mask=HEX (reason)` in ipi_raise, got {r.args[:200]!r}")
-            for cpu in _hex_mask_cpus(m.group(1)):
+            for cpu in cpus_of_mask(m.group(1)) or []:  # `00000000,00000002` -> [1]
                 sends.append((cpu, m.group(2), "-", r.comm, r.cpu))
             sources.add("ipi_raise")
         elif r.event == "csd_function_entry":

@@ -17,7 +17,7 @@ from orchestrator.checks.backend import _ENTER, RtTuneBackend
 from orchestrator.checks.promises import IrqPromise, SysfsPromise, TargetPromise, promises
 from orchestrator.checks.runner import PROCESS_GRACE_S, check_files, run_checks
 from orchestrator.config.inventory import Inventory
-from orchestrator.config.knobs import cpus_of_mask
+from orchestrator.core.cpulist import cpus_of_mask
 from orchestrator.core.cpulist import parse_kernel_cpulist as parse_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.journal.journal import Journal

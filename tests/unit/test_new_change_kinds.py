@@ -14,9 +14,10 @@ from orchestrator.changes.kthreads import KthreadRule, KthreadsChange
 from orchestrator.changes.sysctl import SysctlChange, parse_meminfo
 from orchestrator.changes.sysfs import SysfsChange
 from orchestrator.config.inventory import Inventory
-from orchestrator.config.knobs import KNOBS, cpumask_of, cpus_of_mask, selected_choice
+from orchestrator.config.knobs import KNOBS, selected_choice
 from orchestrator.config.playbook import load_measurement_plan
 from orchestrator.config.profile import load_profile, resolve
+from orchestrator.core.cpulist import cpumask_of, cpus_of_mask
 from orchestrator.core.errors import InputError, ParseError
 from orchestrator.facts.kthreads import parse_kthreads
 from orchestrator.journal.journal import Journal

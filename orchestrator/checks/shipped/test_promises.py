@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.knobs import KNOBS, cpus_of_mask, normal_value
-from orchestrator.core.cpulist import parse_cpulist
+from orchestrator.config.knobs import KNOBS, normal_value
+from orchestrator.core.cpulist import cpus_of_mask, parse_cpulist
 from orchestrator.facts.kthreads import KTHREADS_SCRIPT, parse_kthreads
 from orchestrator.remote.remote_scripts import PIN_SCRIPT
 
