@@ -119,9 +119,8 @@ def evidence_note(outcome) -> str:
     wfi = (outcome.evidence or {}).get("wfi_exits")
     if not wfi:
         return ""
-    after = "unreadable" if wfi.get("rate_after") is None else f"{wfi['rate_after']:.1f}/s"
-    return f" | WFI exits (host, all VMs): {wfi.get('rate_before') or 0:.1f}/s before, {after} on the trial " \
-           f"boot: {wfi.get('reason', '')}"
+    before, after = ("unreadable" if wfi.get(k) is None else f"{wfi[k]:.1f}/s" for k in ("rate_before", "rate_after"))
+    return f" | WFI exits (host, all VMs): {before} before, {after} on the trial boot: {wfi.get('reason', '')}"
 
 
 def _report(results: list[ApplyResult], title: str) -> Report:

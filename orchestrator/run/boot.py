@@ -60,6 +60,7 @@ class BootPlan:
     skip_reason: str = ""
     artifact: dict | None = None  # the kernel artifact to install (kernel targets)
     wfi_rate_before: float | None = None  # wfx_notrap: the guest's idle WFI exit rate before (exits/s)
+    wfi_unread_why: str = ""  # wfx_notrap: why that rate could not be read
     install_package: str | None = None  # the package rt-tune will install (None: the kernel is already there)
     evidence: dict | None = None  # what the trial showed beyond health (wfx_notrap: the WFI exit-rate verdict)
 
@@ -187,7 +188,11 @@ class BootChangeRunner:
         from orchestrator.boot.wfx import verify_notrap
 
         if plan.wfi_rate_before is None:
-            return "no WFI exit rate from before the change (KVM debugfs counters unreadable): cannot verify"
+            why = ("no WFI exit rate from before the change (KVM debugfs counters unreadable"
+                   + (f": {plan.wfi_unread_why}" if plan.wfi_unread_why else "") + "): cannot verify")
+            plan.evidence = {"wfi_exits": {"rate_before": None, "rate_after": None, "in_effect": False,
+                                           "reason": why}}
+            return why
         with self._conn(unit, plan.control_target)() as c:
             after, why = self.wfi_rate(c)
         if after is None:
@@ -339,6 +344,7 @@ class BootActive:
             snap = plan.loader.snapshot(c)
             if spec.kind == "wfx_notrap":
                 plan.wfi_rate_before, why = r.wfi_rate(c)
+                plan.wfi_unread_why = why
                 if why:
                     self.ctx.emit("wfx.evidence", self.subject,
                                   f"WFI exit counters unreadable before the change: {why}")

@@ -274,6 +274,7 @@ def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(ar
     wfx = outcomes["host.wfx_notrap"]
     assert wfx["status"] in ("kept", "rolled_back"), wfx
     # a trial boot of the host whose WFI exit rate fell: the verdict is recorded and in the report
+    assert wfx["evidence"] is not None, wfx  # None: the trial never got to the evidence (its reason says why)
     verdict = wfx["evidence"]["wfi_exits"]
     assert verdict["in_effect"] is True, verdict
     assert verdict["rate_before"] > 5.0 and verdict["rate_after"] <= max(1.0, verdict["rate_before"] / 10), verdict

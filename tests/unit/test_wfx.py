@@ -254,3 +254,24 @@ def test_verdict_when_wfi_did_not_trap_before_either():
     assert not worse.in_effect and worse.already_untrapped and "appeared after the change" in worse.reason
     with pytest.raises(ValueError):
         verify_notrap(-1.0, 0.0)
+
+
+def test_a_trial_without_a_rate_from_before_records_why_and_the_report_says_unreadable():
+    """CI, 2026-12-07: a wfx_notrap trial ended with no evidence at all. Now an unreadable 'before' is recorded
+    with its reason, and the report line says "unreadable", not "0.0/s"."""
+    from types import SimpleNamespace
+
+    from orchestrator.run.apply import evidence_note
+    from orchestrator.run.boot import BootChangeRunner
+
+    plan = SimpleNamespace(wfi_rate_before=None, wfi_unread_why="debugfs is not mounted", evidence=None)
+    problem = BootChangeRunner.wfx_evidence(SimpleNamespace(), "u1", SimpleNamespace(target="host"), plan)
+    assert problem is not None and "debugfs is not mounted" in problem and "cannot verify" in problem
+    wfi = plan.evidence["wfi_exits"]
+    assert wfi["in_effect"] is False and wfi["rate_before"] is None and wfi["reason"] == problem
+    note = evidence_note(SimpleNamespace(evidence=plan.evidence))
+    assert "unreadable before, unreadable on the trial boot" in note and "0.0/s" not in note
+    note = evidence_note(SimpleNamespace(evidence={"wfi_exits": {"rate_before": 26.4, "rate_after": 0.2,
+                                                                 "reason": "dropped"}}))
+    assert "26.4/s before, 0.2/s on the trial boot: dropped" in note
+    assert evidence_note(SimpleNamespace(evidence=None)) == ""
