@@ -169,6 +169,12 @@ def mechanisms_for(kind: str, params: dict[str, Any], target: str) -> tuple[Mech
     """The mechanisms a resolved profile entry of `target` ("host" or "guest") targets (empty: the kind or this
     entry declares none, so only its latency can be evidence). Whether the unit has each counter is the
     measuring's question (run/evidence.py drops the system-register traps where the host has no tracepoint)."""
+    if kind == "bundle":  # its members' mechanisms, each once
+        found: dict[str, Mechanism] = {}
+        for member in params.get("members", []):
+            for m in mechanisms_for(str(member.get("kind")), member.get("params", {}), target):
+                found.setdefault(m.label, m)
+        return tuple(found.values())
     return tuple(m for m in _declared(kind, params) if target == "guest" or not m.guest_only)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.changes.base import Change
+from orchestrator.changes.bundle import BundleChange
 from orchestrator.changes.irq_affinity import IrqAffinityChange
 from orchestrator.changes.irqbalance import IrqbalanceChange
 from orchestrator.changes.kthreads import KthreadsChange
@@ -31,6 +32,9 @@ RUNTIME_KINDS: dict[str, Callable[[dict[str, Any]], Change]] = {
 }
 
 
+BUNDLE = "bundle"  # several runtime changes of a target as one (the measurement plan's `runtime.together`)
+
+
 def is_boot_kind(kind: str) -> bool:
     return kind in BOOT_KINDS
 
@@ -39,6 +43,12 @@ def build_change(kind: str, params: dict[str, Any]) -> Change:
     """The runtime Change for a resolved profile entry (or a journaled record's params)."""
     if kind in RUNTIME_KINDS:
         return RUNTIME_KINDS[kind](params)
+    if kind == BUNDLE:
+        inner = [m["kind"] for m in params["members"] if m["kind"] not in RUNTIME_KINDS]
+        if inner:
+            raise InputError(f"a bundle holds runtime changes only, not {', '.join(map(repr, inner))}")
+        return BundleChange(str(params["id"]), [(str(m["id"]), RUNTIME_KINDS[m["kind"]](m["params"]))
+                                                 for m in params["members"]])
     if kind in BOOT_KINDS:
         raise InputError(f"a {kind} change is a boot change: it is run by a trial boot, not built as a runtime change")
     raise InputError(f"unknown change kind {kind!r}; known: {', '.join([*RUNTIME_KINDS, *BOOT_KINDS])}")

@@ -174,7 +174,7 @@ PROFILES_DIR = shipped("profiles")
 
 Target = Literal["host", "guest"]
 Kind = Literal["service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning", "irqbalance",
-               "irq_affinity", "cmdline", "kernel", "wfx_notrap"]
+               "irq_affinity", "cmdline", "kernel", "wfx_notrap", "bundle"]  # bundle: runtime ones measured together
 KIND_ORDER: tuple[str, ...] = ("service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning",
                                "irqbalance", "irq_affinity", "cmdline", "kernel", "wfx_notrap")
 TARGET_ORDER: tuple[Target, ...] = ("guest", "host")
@@ -1176,6 +1176,10 @@ def describe(spec: ChangeSpec) -> str:
         text = "stop trapping guest WFI/WFE"
         if p.get("kernel"):
             text += f" (Linux < 6.11: with patched kernel {_describe_artifact(p['kernel'])})"
+    elif spec.kind == "bundle":
+        text = f"{len(p['members'])} changes together: " + "; ".join(
+            describe(ChangeSpec(id=m["id"], target=spec.target, kind=m["kind"], params=m["params"])).split(": ", 1)[1]
+            for m in p["members"])
     else:  # pragma: no cover - Kind is closed
         text = f"{spec.kind} {p}"
     return f"{spec.target}: {text}" + (" (reboot)" if spec.needs_reboot else "")

@@ -542,7 +542,7 @@ class Lab:
                                 "--no-wait"],
                 "guest_power_cycle": [sys.executable, "-m", "orchestrator", "lab", "power-cycle",
                                       f"{rec.unit}-guest", "--no-wait"],
-                "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "guest_rt_cpus": "1",
+                "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "guest_rt_cpus": "1", "guest_housekeeping_cpus": "0",
                          "cpus": ROLE_CPUS["host"], "guest_cpus": ROLE_CPUS["guest"],
                          "qemu_service": QEMU_SERVICE, "lab": True, "arch": state.arch},
             })

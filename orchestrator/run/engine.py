@@ -9,6 +9,7 @@ two controllers off one unit.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from orchestrator.changes.base import Change, Plan, State, plan_all
 from orchestrator.changes.mechanism import mechanisms_for
-from orchestrator.changes.registry import build_change, is_boot_kind
+from orchestrator.changes.registry import BUNDLE, build_change, is_boot_kind
 from orchestrator.config.playbook import check_keep_on
 from orchestrator.config.profile import ChangeSpec, load_profile, resolve
 from orchestrator.core.errors import InputError, TuneError
@@ -35,6 +36,27 @@ def split_cmdline(spec: ChangeSpec) -> list[ChangeSpec]:
         return [spec]
     return [spec.model_copy(update={"id": f"{spec.id}.{key}", "params": {"add": {key: value}}})
             for key, value in spec.params["add"].items()]
+
+
+def bundle_runtime(specs: list[ChangeSpec], kinds: Sequence[str]) -> list[ChangeSpec]:
+    """Each target's runtime specs of `kinds` as one bundle spec (`host.bundle`), where the first of them was;
+    a target with one such spec keeps it as it is (the playbook's `runtime.together`)."""
+    if not kinds:
+        return specs
+    groups: dict[str, list[ChangeSpec]] = {}
+    for s in specs:
+        if s.kind in kinds:
+            groups.setdefault(s.target, []).append(s)
+    out: list[ChangeSpec] = []
+    for s in specs:
+        group = groups.get(s.target, [])
+        if s.kind not in kinds or len(group) < 2:
+            out.append(s)
+        elif s is group[0]:
+            bid = f"{s.target}.{BUNDLE}"
+            out.append(ChangeSpec(id=bid, target=s.target, kind=BUNDLE, params={"id": bid, "members": [
+                {"id": m.id, "kind": m.kind, "params": m.params} for m in group]}))
+    return out
 
 
 class RuntimeActive:
@@ -130,6 +152,7 @@ class Engine(RunContext):
                  if s.needs_reboot else s for s in specs]
         if self.plan.boot.cmdline == "per_key":  # one trial boot per argument (playbook `boot.cmdline`)
             specs = [part for s in specs for part in split_cmdline(s)]
+        specs = bundle_runtime(specs, self.plan.runtime.together)
         check_keep_on(self.plan, self.plan_path,
                       [(s.id, s.kind, bool(mechanisms_for(s.kind, s.params, s.target))) for s in specs])
         return specs

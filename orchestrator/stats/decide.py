@@ -286,6 +286,22 @@ class BootPolicy(BaseModel):
     cmdline: Literal["per_target", "per_key"] = "per_target"
 
 
+RuntimeKindName = Literal["service_disable", "service_enable", "sysctl", "sysfs", "kthreads", "vcpu_pinning",
+                          "irqbalance", "irq_affinity"]
+
+
+class RuntimePolicy(BaseModel):
+    """How runtime changes are tried. Each alone by default: its own before and after runs, its own decision.
+    `together: [kinds]` makes a target's changes of those kinds one change (a bundle): applied together,
+    measured as one, kept or rolled back together, each member's previous state journaled and restored byte for
+    byte. For a base profile's small knobs, none of which a short plan could show alone, at the cost of a
+    decision per knob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    together: list[RuntimeKindName] = []
+
+
 class MeasurementPlan(BaseModel):
     """`playbooks/measurement.yaml`: how each run is measured, and how the runs are judged."""
 
@@ -295,6 +311,7 @@ class MeasurementPlan(BaseModel):
     load: LoadSpec
     decision: DecisionRule = Field(default_factory=DecisionRule)
     boot: BootPolicy = Field(default_factory=BootPolicy)
+    runtime: RuntimePolicy = Field(default_factory=RuntimePolicy)
 
     @field_validator("decision")
     @classmethod

@@ -48,18 +48,34 @@ def snapshot(host, guest) -> dict:
         "host.vcpu_affinity": sh(host, f'grep -h Cpus_allowed_list /proc/{pid}/task/*/status | sort | uniq -c'),
         "host.dropins": sh(host, "ls /etc/systemd/system/rt-guest-vm.service.d 2>/dev/null || true"),
         # movable IRQs only: which IRQs the kernel manages itself can differ from one boot to the next
-        "host.irqs": sh(host, 'for d in /proc/irq/[0-9]*; do f=$d/smp_affinity_list; c=$(cat $f); '
-                              'echo "$c" > $f 2>/dev/null && echo ${d##*/} $c; done'),
+        "host.irqs": sh(host, MOVABLE_IRQS),
+        "guest.irqs": sh(guest, MOVABLE_IRQS),
+        # the base profiles' knobs (measured together as one change per target in the lab's plans)
+        **{f"{name}.knobs": sh(t, KNOBS) for name, t in (("host", host), ("guest", guest))},
     }
+
+
+MOVABLE_IRQS = ('for d in /proc/irq/[0-9]*; do f=$d/smp_affinity_list; c=$(cat $f); '
+                'echo "$c" > $f 2>/dev/null && echo ${d##*/} $c; done')
+KNOBS = ("cd /proc/sys; grep -H . kernel/nmi_watchdog kernel/watchdog_cpumask vm/stat_interval "
+         "kernel/numa_balancing 2>&1; cd /sys; grep -H . devices/virtual/workqueue/cpumask "
+         "bus/workqueue/devices/writeback/cpumask kernel/mm/transparent_hugepage/enabled kernel/mm/ksm/run "
+         "/proc/irq/default_smp_affinity 2>&1; ls /etc/tmpfiles.d /etc/systemd/system | grep rt-tune; "
+         # kernel threads the bases touch: policy, priority and CPUs, by name (PIDs change with a reboot)
+         "ps -e -o pid=,comm=,cls=,rtprio= | while read p c cl pr; do case $c in ksoftirqd/*|rcuop/*|rcuc/*) "
+         "echo $c $cl $pr $(taskset -pc $p 2>&1 | sed 's/.*: //');; esac; done | sort")
 
 
 def same_state(before: dict, after: dict) -> bool:
     """Equal, except that an IRQ movable on one boot and kernel-managed on another is not compared."""
     def irqs(text):
         return dict(line.split() for line in text.splitlines())
-    b, a = irqs(before["host.irqs"]), irqs(after["host.irqs"])
-    rest = {k: v for k, v in before.items() if k != "host.irqs"} == {k: v for k, v in after.items() if k != "host.irqs"}
-    return rest and all(b[i] == a[i] for i in b.keys() & a.keys()) and len(b.keys() & a.keys()) >= len(b) - 4
+    keys = ("host.irqs", "guest.irqs")
+    rest = {k: v for k, v in before.items() if k not in keys} == {k: v for k, v in after.items() if k not in keys}
+    for k in keys:
+        b, a = irqs(before[k]), irqs(after[k])
+        rest = rest and all(b[i] == a[i] for i in b.keys() & a.keys()) and len(b.keys() & a.keys()) >= len(b) - 4
+    return rest
 
 
 @pytest.fixture()
@@ -78,8 +94,14 @@ def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     outcomes = {o["id"]: o for o in result["results"][0]["outcomes"]}
-    runtime = ["guest.service.mirobot_teleoperate.service", "guest.sysctl.kernel.timer_migration",
-               "host.sysctl.kernel.timer_migration", "host.vcpu_pinning", "host.irq_affinity"]
+    # the base profiles' small knobs of each target are one change (the fast plan's `runtime.together`)
+    runtime = ["guest.service.mirobot_teleoperate.service", "guest.bundle", "host.bundle", "host.vcpu_pinning",
+               "guest.irq_affinity", "host.irq_affinity"]
+    assert [o["id"] for o in result["results"][0]["outcomes"]] == [
+        "guest.service.mirobot_teleoperate.service", "guest.bundle", "host.bundle", "host.vcpu_pinning",
+        "guest.irq_affinity", "host.irq_affinity", "guest.cmdline", "host.cmdline", "host.wfx_notrap"]
+    for target, n in (("guest", 9), ("host", 11)):  # sysctls, sysfs knobs, kernel threads and irqbalance
+        assert outcomes[f"{target}.bundle"]["description"].startswith(f"{n} changes together: sysctl "), target
     boot = ["guest.cmdline", "host.cmdline"]
     for cid in runtime:
         o = outcomes[cid]
@@ -110,7 +132,11 @@ def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_
     # the live state matches each decision
     kept = {cid for cid in runtime if outcomes[cid]["status"] == "kept"}
     tm = guest.run(["cat", "/proc/sys/kernel/timer_migration"]).stdout.strip()
-    assert tm == ("0" if "guest.sysctl.kernel.timer_migration" in kept else "1")
+    assert tm == ("0" if "guest.bundle" in kept else "1")
+    thp = host.run(["cat", "/sys/kernel/mm/transparent_hugepage/enabled"]).stdout
+    assert ("[never]" in thp) == ("host.bundle" in kept), thp
+    ksoftirqd = host.run(["sh", "-c", "ps -e -o comm=,cls=,rtprio= | grep ksoftirqd/ | sort -u -k2"]).stdout.split()
+    assert ksoftirqd[1:] == (["FF", "2"] if "host.bundle" in kept else ["TS", "-"]), ksoftirqd
     enabled = guest.run(["systemctl", "is-enabled", "mirobot_teleoperate.service"], check=False).stdout.strip()
     assert enabled == ("disabled" if "guest.service.mirobot_teleoperate.service" in kept else "enabled")
     threads = qemu_threads(host)
@@ -119,7 +145,7 @@ def test_apply_keeps_or_rolls_back_each_change_then_second_apply_is_a_noop_then_
     else:
         unpinned = "0" if outcomes["host.cmdline"]["status"] == "kept" else "0-1"  # isolcpus=1: new threads off 1
         assert threads["CPU 1/TCG"] == [unpinned], threads
-    guest_args = "isolcpus=domain,managed_irq,1 nohz_full=1 rcu_nocbs=1"
+    guest_args = "isolcpus=domain,managed_irq,1 nohz_full=1 rcu_nocbs=1 nosoftlockup irqaffinity=0"
     live = guest.run(["cat", "/proc/cmdline"]).stdout.split()
     if outcomes["guest.cmdline"]["status"] == "kept":
         assert all(live.count(a) == 1 for a in guest_args.split()), live

@@ -12,6 +12,7 @@ from orchestrator.config.playbook import load_measurement_plan
 from orchestrator.journal.journal import Journal
 from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.run.engine import Engine
+from orchestrator.stats.decide import RuntimePolicy
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -39,8 +40,9 @@ def world(tmp_path):
     inv = Inventory.model_validate({"units": {"u1": {"host": {"address": "fake.invalid"},
                                                      "vars": {"cpus": 2}}}})
     journal = Journal(tmp_path / "journal.sqlite")
-    engine = Engine(inventory=inv, journal=journal, plan=load_measurement_plan(PLAYBOOK),
-                    artifacts=tmp_path / "artifacts", connect=connect)
+    plan = load_measurement_plan(PLAYBOOK)  # each runtime change alone, as playbooks/measurement.yaml
+    plan = plan.model_copy(update={"runtime": RuntimePolicy()})
+    engine = Engine(inventory=inv, journal=journal, plan=plan, artifacts=tmp_path / "artifacts", connect=connect)
     profile = tmp_path / "profile.yaml"
     profile.write_text('name: t\nhost:\n  acknowledge: [rt_throttling_off]\n  sysctl:\n'
                        '    kernel.timer_migration: "0"\n    kernel.sched_rt_runtime_us: "-1"\n')

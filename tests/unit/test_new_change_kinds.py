@@ -23,6 +23,7 @@ from orchestrator.facts.kthreads import parse_kthreads
 from orchestrator.journal.journal import Journal
 from orchestrator.remote.fake import FakeTransport, FakeUnit
 from orchestrator.run.engine import Engine
+from orchestrator.stats.decide import RuntimePolicy
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -123,9 +124,10 @@ def world(tmp_path):
                     cmdline=(LAB_X86 / "host-proc-cmdline.txt").read_text().strip())
     inv = Inventory.model_validate({"units": {"u1": {"host": {"address": "fake.invalid"}, "vars": {"cpus": 2}}}})
     journal = Journal(tmp_path / "journal.sqlite")
-    engine = Engine(inventory=inv, journal=journal, plan=load_measurement_plan(REPO / "tests" / "lab" /
-                                                                               "playbook-fast.yaml"),
-                    artifacts=tmp_path / "artifacts", connect=lambda inv, name, target: FakeTransport(unit, name))
+    plan = load_measurement_plan(REPO / "tests" / "lab" / "playbook-fast.yaml")
+    plan = plan.model_copy(update={"runtime": RuntimePolicy()})  # each change alone: this test is about each kind
+    engine = Engine(inventory=inv, journal=journal, plan=plan, artifacts=tmp_path / "artifacts",
+                    connect=lambda inv, name, target: FakeTransport(unit, name))
     yield unit, engine
     journal.close()
 

@@ -28,7 +28,7 @@ BAD = Path(__file__).resolve().parent / "profiles_bad"
 
 # What `tune lab up` writes, plus the vars rt-profile needs that the lab inventory must gain.
 LAB_VARS = {"rt_cpus": "1", "housekeeping_cpus": "0", "qemu_service": "rt-guest-vm.service", "lab": True,
-            "guest_rt_cpus": "1", "cpus": 2, "guest_cpus": 2}
+            "guest_rt_cpus": "1", "guest_housekeeping_cpus": "0", "cpus": 2, "guest_cpus": 2}
 
 
 def unit(vars: dict, guest: bool = True) -> UnitSpec:
@@ -54,39 +54,43 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def test_rt_profile_resolves_for_the_lab_in_order():
     profile = load_profile(RT_PROFILE, LAB_VARS)  # checks every value for these vars too
     specs = resolve(profile, "lab1", unit(LAB_VARS))
-    assert [s.model_dump(exclude={"checks"}) for s in specs] == [
-        {"id": "guest.service.mirobot_teleoperate.service", "target": "guest", "kind": "service_disable",
-         "params": {"unit": "mirobot_teleoperate.service", "mask": False}, "needs_reboot": False},
-        {"id": "guest.sysctl.kernel.timer_migration", "target": "guest", "kind": "sysctl",
-         "params": {"name": "kernel.timer_migration", "value": "0"}, "needs_reboot": False},
-        {"id": "host.sysctl.kernel.timer_migration", "target": "host", "kind": "sysctl",
-         "params": {"name": "kernel.timer_migration", "value": "0"}, "needs_reboot": False},
-        {"id": "host.vcpu_pinning", "target": "host", "kind": "vcpu_pinning",
-         "params": {"service": "rt-guest-vm.service", "vcpus": {"1": 1}, "housekeeping": [0], "rt_priority": None},
-         "needs_reboot": False},
-        {"id": "host.irq_affinity", "target": "host", "kind": "irq_affinity",
-         "params": {"housekeeping": [0]}, "needs_reboot": False},
-        {"id": "guest.cmdline", "target": "guest", "kind": "cmdline",
-         "params": {"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1", "rcu_nocbs": "1"}},
-         "needs_reboot": True},
-        {"id": "host.cmdline", "target": "host", "kind": "cmdline",
-         "params": {"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1", "rcu_nocbs": "1",
-                            "kvm-arm.vgic_v4_enable": "1"}},
-         "needs_reboot": True},
-        {"id": "host.wfx_notrap", "target": "host", "kind": "wfx_notrap",
-         "params": {"wfi": "notrap", "wfe": "notrap", "kernel": None}, "needs_reboot": True},
-    ]
-    assert [describe(s) for s in specs][3:5] == [
+    # the bases' entries and the field notes' steps, by kind in the default order, the guest first in each kind
+    assert [s.id for s in specs] == [
+        "guest.service.mirobot_teleoperate.service",
+        *(f"guest.sysctl.{k}" for k in ("kernel.timer_migration", "kernel.nmi_watchdog", "vm.stat_interval",
+                                        "kernel.watchdog_cpumask")),
+        *(f"host.sysctl.{k}" for k in ("kernel.timer_migration", "kernel.nmi_watchdog", "kernel.numa_balancing",
+                                       "vm.stat_interval", "kernel.watchdog_cpumask")),
+        *(f"guest.sysfs.{k}" for k in ("transparent_hugepage", "workqueue_cpumask", "writeback_cpumask")),
+        *(f"host.sysfs.{k}" for k in ("transparent_hugepage", "workqueue_cpumask", "writeback_cpumask", "ksm_run")),
+        "guest.kthreads", "host.kthreads", "host.vcpu_pinning", "guest.irqbalance", "host.irqbalance",
+        "guest.irq_affinity", "host.irq_affinity", "guest.cmdline", "host.cmdline", "host.wfx_notrap"]
+    spec_of = {s.id: s for s in specs}
+    by_id = {s.id: s.model_dump(exclude={"checks"}) for s in specs}
+    assert by_id["host.vcpu_pinning"] == {
+        "id": "host.vcpu_pinning", "target": "host", "kind": "vcpu_pinning",
+        "params": {"service": "rt-guest-vm.service", "vcpus": {"1": 1}, "housekeeping": [0], "rt_priority": None},
+        "needs_reboot": False}
+    assert by_id["guest.cmdline"]["params"] == {"add": {"isolcpus": "domain,managed_irq,1", "nohz_full": "1",
+                                                        "rcu_nocbs": "1", "nosoftlockup": None, "irqaffinity": "0"}}
+    assert by_id["host.cmdline"]["params"] == {"add": {
+        "isolcpus": "domain,managed_irq,1", "nohz_full": "1", "rcu_nocbs": "1", "rcu_nocb_poll": None,
+        "nosoftlockup": None, "skew_tick": "1", "irqaffinity": "0", "kvm-arm.vgic_v4_enable": "1"}}
+    assert by_id["host.wfx_notrap"]["params"] == {"wfi": "notrap", "wfe": "notrap", "kernel": None}
+    assert by_id["guest.sysctl.kernel.watchdog_cpumask"]["params"] == {"name": "kernel.watchdog_cpumask",
+                                                                       "value": "0"}
+    assert all(s.needs_reboot == (s.kind in ("cmdline", "wfx_notrap")) for s in specs)
+    assert [describe(spec_of[i]) for i in ("host.vcpu_pinning", "host.irq_affinity")] == [
         "host: pin the threads of rt-guest-vm.service: vCPU 1 (guest RT CPU 1) -> host CPU 1; other vCPUs, main loop, "
         "I/O threads -> 0",
         "host: move IRQs to housekeeping CPUs 0",
     ]
-    assert describe(specs[6]).endswith("kvm-arm.vgic_v4_enable=1 (reboot)")
+    assert describe(spec_of["host.cmdline"]).endswith("kvm-arm.vgic_v4_enable=1 (reboot)")
 
 
 def test_rt_profile_for_a_robot_and_found_by_name():
     assert find_profile("rt-profile", search=(REPO / "profiles",)) == REPO / "profiles" / "rt-profile.yaml"
-    robot = {"rt_cpus": "1-3", "housekeeping_cpus": "0", "guest_rt_cpus": "1-3",
+    robot = {"rt_cpus": "1-3", "housekeeping_cpus": "0", "guest_rt_cpus": "1-3", "guest_housekeeping_cpus": "0",
              "qemu_service": "robot-vm", "cpus": 8, "guest_cpus": 4}
     specs = {s.id: s for s in resolve(load_profile(RT_PROFILE), "r1", unit(robot))}
     assert specs["host.vcpu_pinning"].params == {"service": "robot-vm.service", "vcpus": {"1": 1, "2": 2, "3": 3},
@@ -99,8 +103,10 @@ def test_rt_profile_needs_guest_rt_cpus_which_the_lab_inventory_lacks_today():
     with pytest.raises(InputError) as exc:
         resolve(load_profile(RT_PROFILE), "lab1", unit(today))
     msg = str(exc.value)
-    assert f"{RT_PROFILE}:35: host.vcpu_pinning.vcpus: undefined variable ${{guest_rt_cpus}}" in msg
-    assert f"{RT_PROFILE}:47: guest.cmdline.isolcpus: undefined variable ${{guest_rt_cpus}}" in msg
+    assert f"{RT_PROFILE}:41: host.vcpu_pinning.vcpus: undefined variable ${{guest_rt_cpus}}" in msg
+    assert f"{RT_PROFILE}:53: guest.cmdline.isolcpus: undefined variable ${{guest_rt_cpus}}" in msg
+    base = RT_PROFILE.parent / "realtime-virtual-guest.yaml"  # the included base's lines are named as its own
+    assert f"{base}:20: guest.cmdline.irqaffinity: undefined variable ${{guest_housekeeping_cpus}}" in msg
     assert "unit lab1's inventory vars define housekeeping_cpus, lab, qemu_service, rt_cpus" in msg
     assert "(got 'domain,managed_irq,${guest_rt_cpus}')" in msg
 

@@ -1,0 +1,115 @@
+"""Several runtime changes of one target as one change: applied together, measured as one, kept or rolled back
+together (the measurement plan's `runtime.together`).
+
+Why: a base profile sets a dozen small knobs (vmstat interval, NMI watchdog, workqueue cpumasks, THP, kernel
+thread priorities ...). Alone, none moves a short plan's latency figures measurably, and measuring each costs
+its own before and after runs; together they are one decision with the power the plan has. Each member keeps
+its own contract: the bundle journals every member's exact previous state (`{member id: state}`), and its
+rollback is each member's byte-exact rollback, newest first.
+
+A member already in place, or with nothing to act on here (a sysfs knob the kernel lacks), is left out of the
+bundle's apply, switch and rollback; which ones are is a pure function of the journaled previous state, so a
+rollback from the journal alone leaves out the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from orchestrator.changes.base import Change, ChangeError, Plan, State
+from orchestrator.facts.base import gather_facts
+from orchestrator.remote.transport import Transport
+
+
+class BundleChange(Change):
+    kind = "bundle"
+
+    def __init__(self, change_id: str, members: Sequence[tuple[str, Change]]) -> None:
+        if not members:
+            raise ChangeError(f"{change_id}: a bundle of no changes")
+        ids = [i for i, _ in members]
+        if len(set(ids)) != len(ids):
+            raise ChangeError(f"{change_id}: member ids repeat: {ids}")
+        self.change_id = change_id
+        self.members = list(members)
+
+    # ---- which members act ------------------------------------------------------------------------------
+    def _skip(self, member: Change, before: State) -> str | None:
+        """Why `member` is left out (its journaled `before`): not applicable here, or already in place."""
+        why = member.not_applicable(before)
+        if why:
+            return f"not applicable: {why}"
+        return "already in place" if member.in_place(before, member.desired(before)) else None
+
+    def acting(self, before: State) -> list[tuple[str, Change]]:
+        return [(i, m) for i, m in self.members if self._skip(m, before[i]) is None]
+
+    # ---- the Change contract ----------------------------------------------------------------------------
+    def read(self, t: Transport) -> State:
+        facts = {i: f for i, m in self.members if (f := m.state_fact()) is not None}
+        names = [f.name for f in facts.values()]
+        got = gather_facts(t, list(facts.values())) if facts and len(set(names)) == len(names) else {}
+        return {i: got[facts[i].name] if i in facts and got else m.read(t) for i, m in self.members}
+
+    def desired(self, before: State) -> State:
+        return {i: m.desired(before[i]) for i, m in self.acting(before)}
+
+    def in_place(self, live: State, desired: State) -> bool:
+        members = dict(self.members)
+        return all(i in live and members[i].in_place(live[i], want) for i, want in desired.items())
+
+    def not_applicable(self, before: State) -> str | None:
+        whys = [(i, m.not_applicable(before[i])) for i, m in self.members]
+        if all(why for _, why in whys):
+            return "; ".join(f"{i}: {why}" for i, why in whys)
+        return None
+
+    def plan_from(self, before: State) -> Plan:
+        plan = super().plan_from(before)
+        left = [f"{i} {why}" for i, m in self.members if (why := self._skip(m, before[i]))]
+        if left and not plan.noop:
+            return Plan(plan.change_id, plan.before, plan.desired, plan.noop,
+                        plan.summary + " (left out: " + "; ".join(left) + ")")
+        return plan
+
+    def apply(self, t: Transport, before: State) -> None:
+        for i, m in self.acting(before):
+            m.apply(t, before[i])
+
+    def verify(self, t: Transport, plan: Plan, live: State | None = None) -> State:
+        live = self.read(t) if live is None else live
+        for i, m in self.acting(plan.before):
+            live[i] = m.verify(t, Plan(i, plan.before[i], plan.desired[i], False, m.describe()), live[i])
+        return live
+
+    def rollback(self, t: Transport, before: State) -> None:
+        """Every acting member back, newest first; one that fails does not stop the others (the first error is
+        raised after all were tried)."""
+        errors: list[Exception] = []
+        for i, m in reversed(self.acting(before)):
+            try:
+                m.rollback(t, before[i])
+            except (ChangeError, OSError) as exc:
+                errors.append(exc)
+        if errors:
+            raise ChangeError(f"{t.label}: {self.change_id}: {len(errors)} member(s) not rolled back; first: "
+                              f"{errors[0]}")
+
+    def verify_rolled_back(self, t: Transport, before: State) -> None:
+        for i, m in self.acting(before):
+            m.verify_rolled_back(t, before[i])
+
+    @property
+    def switch_keeps_persistence(self) -> bool:  # type: ignore[override]
+        """True when any member's switch leaves its persistence: the transaction then rolls the bundle back
+        after an "off" side (each member's rollback is harmless where its switch already undid everything)."""
+        return any(m.switch_keeps_persistence for _, m in self.members)
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        acting = self.acting(before)
+        for i, m in acting if on else reversed(acting):
+            m.switch(t, before[i], on)
+
+    def describe(self) -> str:
+        return f"{len(self.members)} changes together: " + "; ".join(m.describe() for _, m in self.members)
+

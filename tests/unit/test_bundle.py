@@ -1,0 +1,128 @@
+"""Runtime changes measured together (the measurement plan's `runtime.together`): one bundle per target on the
+fake transport, with the same contract as any change: journaled first with every member's exact previous state,
+measured once, kept or rolled back together byte for byte, reconciled after a dead controller, a no-op when
+every member is in place. Measurements answer with real cyclictest outputs recorded on the x86 lab guest."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.changes.registry import build_change
+from orchestrator.checks.promises import promises
+from orchestrator.config.playbook import load_measurement_plan
+from orchestrator.core.errors import InputError
+from orchestrator.run.engine import bundle_runtime
+from orchestrator.stats.decide import RuntimePolicy
+from tests.unit.test_engine_fake import DROPIN, MARKER, PLAYBOOK, TM, states, world  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.unit
+RT = "/proc/sys/kernel/sched_rt_runtime_us"
+
+
+def together(engine, kinds=("sysctl",)):
+    engine.plan = engine.plan.model_copy(update={"runtime": RuntimePolicy(together=list(kinds))})
+
+
+def test_a_targets_sysctls_are_one_change_measured_once_kept_then_a_noop_then_rolled_back_byte_exact(world):
+    unit, engine, profile, connections = world
+    together(engine)
+    original = dict(unit.files)
+    result = engine.apply("u1", profile)
+    assert [o.id for o in result.outcomes] == ["host.bundle"]
+    o = result.outcomes[0]
+    assert o.kind == "bundle" and o.status == "kept" and len(o.before) == 4 and len(o.after) == 4, o
+    assert "2 changes together: sysctl kernel.timer_migration=0; sysctl kernel.sched_rt_runtime_us=-1" in \
+        o.description
+    assert unit.files[TM] == b"0\n" and unit.files[RT] == b"-1\n" and DROPIN in unit.files
+    rec = engine.journal.get(o.journal_id)
+    assert set(rec.before) == {"host.sysctl.kernel.timer_migration", "host.sysctl.kernel.sched_rt_runtime_us"}
+    assert rec.before["host.sysctl.kernel.timer_migration"] == {"value": "1", "dropin": None}
+    assert states(engine) == {"host.bundle": "kept"}
+    # the shipped checks promise each member
+    p = promises(engine.journal.active_changes("u1"))["host"]
+    assert p.sysctl == {"kernel.timer_migration": "0", "kernel.sched_rt_runtime_us": "-1"}
+    assert p.change_ids == ["host.bundle"]
+    assert all(c.closed for c in connections)
+
+    sent = len(unit.log)
+    assert [x.status for x in engine.apply("u1", profile).outcomes] == ["noop"]
+    assert not any(argv[0] == "sysctl" for argv in unit.log[sent:])
+    assert engine.verify("u1") == [{"change": "host.bundle", "target": "host", "in_place": True, "live": None}]
+
+    assert engine.rollback("u1") == ["host.bundle"]
+    assert {k: v for k, v in unit.files.items() if k != MARKER} == original
+
+
+def test_a_member_whose_verify_fails_undoes_the_whole_bundle(world):
+    unit, engine, profile, _ = world
+    together(engine)
+    original = dict(unit.files)
+    unit.stuck_sysctls.add("kernel.sched_rt_runtime_us")
+    (o,) = engine.apply("u1", profile).outcomes
+    assert o.status == "failed" and "verify failed" in o.reason and "rolled back" in o.reason, o
+    assert o.before == [] and o.after == []
+    assert {k: v for k, v in unit.files.items() if k != MARKER} == original  # the other member undone too
+
+
+def test_a_member_already_in_place_is_left_out_and_its_bytes_are_never_touched(world):
+    unit, engine, profile, _ = world
+    together(engine)
+    unit.files[TM] = b"0\n"
+    mine = b"# managed by rt-tune: sysctl.kernel.timer_migration\nkernel.timer_migration = 0\n"
+    unit.files[DROPIN] = mine
+    (o,) = engine.apply("u1", profile).outcomes
+    assert o.status == "kept" and "left out: host.sysctl.kernel.timer_migration already in place" in o.description
+    rec = engine.journal.get(o.journal_id)
+    assert list(rec.desired["state"]) == ["host.sysctl.kernel.sched_rt_runtime_us"]  # the acting member only
+    engine.rollback("u1")
+    assert unit.files[TM] == b"0\n" and unit.files[DROPIN] == mine and unit.files[RT] == b"950000\n"
+
+
+def test_reconcile_undoes_a_bundle_a_dead_controller_left_applied(world):
+    unit, engine, profile, _ = world
+    together(engine)
+    spec = engine.specs("u1", profile)[0]
+    run = engine.journal.begin_run("u1", str(profile), controller="tune apply")
+    before = {"host.sysctl.kernel.timer_migration": {"value": "1", "dropin": None},
+              "host.sysctl.kernel.sched_rt_runtime_us": {"value": "950000", "dropin": None}}
+    change = build_change(spec.kind, spec.params)
+    rec = engine.journal.record_intent(run, "u1", "host", spec.id, spec.kind, before=before,
+                                       desired={"params": spec.params, "state": change.desired(before)})
+    engine.journal.mark(rec, "applied")
+    unit.files[TM], unit.files[RT] = b"0\n", b"-1\n"  # what it had done before it died
+    unit.files[DROPIN] = b"kernel.timer_migration = 0\n"
+    assert engine.reconcile("u1") == [rec]
+    assert unit.files[TM] == b"1\n" and unit.files[RT] == b"950000\n" and DROPIN not in unit.files
+
+
+def test_grouping_keeps_order_and_leaves_single_members_and_other_kinds_alone(world):
+    _, engine, profile, _ = world
+    specs = engine.specs("u1", profile)
+    assert bundle_runtime(specs, []) == specs
+    assert bundle_runtime(specs, ["sysfs"]) == specs  # no member of that kind
+    assert bundle_runtime(specs[:1], ["sysctl"]) == specs[:1]  # one member: no bundle
+    (b,) = bundle_runtime(specs, ["sysctl"])
+    assert b.id == "host.bundle" and [m["id"] for m in b.params["members"]] == [s.id for s in specs]
+
+
+def test_a_bundle_of_a_boot_kind_or_of_a_bundle_is_refused():
+    with pytest.raises(InputError, match="runtime changes only"):
+        build_change("bundle", {"id": "host.bundle", "members": [{"id": "x", "kind": "cmdline", "params": {}}]})
+    with pytest.raises(InputError, match="runtime changes only"):
+        build_change("bundle", {"id": "host.bundle", "members": [{"id": "x", "kind": "bundle", "params": {}}]})
+
+
+@pytest.mark.parametrize(("together_yaml", "expected"), [
+    ("[cmdline]", "runtime.together"),
+    ("sysctl", "runtime.together"),
+    ("[sysctls]", "runtime.together"),
+])
+def test_the_playbook_names_runtime_kinds_only(tmp_path, together_yaml, expected):
+    text = PLAYBOOK.read_text().replace("  together: [sysctl, sysfs, kthreads, irqbalance]",
+                                        f"  together: {together_yaml}")
+    assert together_yaml in text
+    path = tmp_path / "pb.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_measurement_plan(path)
+    assert expected in str(err.value) and f"{path}:" in str(err.value), str(err.value)
