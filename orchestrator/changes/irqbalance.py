@@ -107,6 +107,8 @@ class IrqbalanceChange(Change):
         if not self._has_irqbalance(before):
             return
         restore_file(t, DROPIN, unb64(before["dropin"]))
+        if before["dropin"] is None:  # the directory apply made for it, when nothing else is in it
+            t.run(["rmdir", "--ignore-fail-on-non-empty", "--", DROPIN.rsplit("/", 1)[0]], timeout_s=30, check=False)
         t.run(["systemctl", "daemon-reload"], timeout_s=60)
         svc = before["service"]
         if self.stop and svc["file_state"] == "enabled":

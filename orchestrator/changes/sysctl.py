@@ -58,24 +58,30 @@ class SysctlChange(Change):
         return {"value": value.decode().strip(), "dropin": b64(files[self.dropin])}
 
     def _dropin_bytes(self) -> bytes:
-        return f"# managed by rt-tune: {self.change_id}\n{self.name} = {self.value}\n".encode()
+        """`-name = value`: systemd-sysctl logs a write the kernel refuses at boot instead of failing its unit
+        (kernel.nmi_watchdog without a hard-lockup detector answers ENOTSUPP, even to its own value); a value
+        that did not take is drift, which `tune verify` reads."""
+        return f"# managed by rt-tune: {self.change_id}\n-{self.name} = {self.value}\n".encode()
+
+    @staticmethod
+    def _same(a: str, b: str) -> bool:
+        return " ".join(str(a).split()) == " ".join(str(b).split())
 
     def desired(self, before: State) -> State:
         return {"value": self.value, "dropin": b64(self._dropin_bytes())}
 
     def in_place(self, live: State, desired: State) -> bool:
         # compare numbers by value: the kernel prints "0", a profile may say "0" or " 0"
-        return " ".join(live["value"].split()) == " ".join(str(desired["value"]).split()) and \
-            live["dropin"] == desired["dropin"]
+        return self._same(live["value"], desired["value"]) and live["dropin"] == desired["dropin"]
 
     def apply(self, t: Transport, before: State) -> None:
         self._check_fits(t, before)
-        self._write_and_set(t, read=())
+        self._write_and_set(t, before, read=())
 
     def apply_and_read(self, t: Transport, before: State) -> State:
         """The drop-in written, the value set and both read back: one round trip."""
         self._check_fits(t, before)
-        return self._state(t.label, self._write_and_set(t, read=(self.proc_path, self.dropin)))
+        return self._state(t.label, self._write_and_set(t, before, read=(self.proc_path, self.dropin)))
 
     def _check_fits(self, t: Transport, before: State) -> None:
         """vm.nr_hugepages: the pages it adds must fit in the unit's available memory, else ChangeError before
@@ -89,19 +95,29 @@ class SysctlChange(Change):
                               f"{add_kib // 1024} MiB more; the unit has {meminfo.get('MemAvailable', 0) // 1024} MiB "
                               "available")
 
-    def _write_and_set(self, t: Transport, read: tuple[str, ...]) -> dict[str, bytes | None]:
-        return write_run_read(t, self.dropin, self._dropin_bytes(), timeout_s=30, read=read,
-                              command=("sysctl", "-q", "-w", f"{self.name}={self.value}"))
+    def _write_and_set(self, t: Transport, before: State, read: tuple[str, ...]) -> dict[str, bytes | None]:
+        """The drop-in, and the value where it is not already the one wanted: a kernel may refuse any write of
+        a knob it cannot act on, its current value included."""
+        set_value = () if self._same(before["value"], self.value) else \
+            ("sysctl", "-q", "-w", f"{self.name}={self.value}")
+        return write_run_read(t, self.dropin, self._dropin_bytes(), timeout_s=30, read=read, command=set_value)
+
+    def _set(self, t: Transport, value: str) -> None:
+        """The runtime value, written only when it differs (see `_write_and_set`): one more read, no refusal."""
+        live = read_files(t, [self.proc_path])[self.proc_path]
+        if live is None or not self._same(live.decode(), value):
+            t.run(["sysctl", "-q", "-w", f"{self.name}={value}"], timeout_s=30)
 
     def rollback(self, t: Transport, before: State) -> None:
-        t.run(["sysctl", "-q", "-w", f"{self.name}={before['value']}"], timeout_s=30)
+        self._set(t, before["value"])
         restore_file(t, self.dropin, unb64(before["dropin"]))
 
     switch_keeps_persistence = True
 
     def switch(self, t: Transport, before: State, on: bool) -> None:
         """The runtime value only: the drop-in acts at the next boot, and a measurement run does not boot."""
-        t.run(["sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}"], timeout_s=30)
+        if not self._same(before["value"], self.value):
+            t.run(["sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}"], timeout_s=30)
 
     def describe(self) -> str:
         return f"sysctl {self.name}={self.value}"

@@ -34,7 +34,7 @@ from orchestrator.core.errors import LabError
 from orchestrator.core.events import Event, EventSink, discard
 from orchestrator.lab import sh
 
-BUILDER_VERSION = 5  # bump when the build steps change in a way the recipe does not show
+BUILDER_VERSION = 6  # bump when the build steps change in a way the recipe does not show
 FILES_DIR = Path(__file__).parent / "files"
 ROLES = ("host", "guest")
 
@@ -42,6 +42,9 @@ BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "procps", "iproute2", "zstd", "python3",
     "openssh-server", "sudo", "rt-tests", "stress-ng", "systemd-coredump",
     "initramfs-tools", "grub2-common",
+    # installed, not enabled: the irqbalance change's drop-in path is tested on a real irqbalance, and no other
+    # test has IRQs moved under it (Debian has no stalld package in bookworm)
+    "irqbalance",
 )
 ARCH_PACKAGES = {
     "amd64": ("linux-image-amd64", "grub-efi-amd64-bin", "qemu-system-x86"),
@@ -475,6 +478,7 @@ def _configure_common(tree: Path, arch: str, foreign: bool) -> str:
     _chroot(tree, "usermod", "--password", "*", "tuner", log=log)  # no password, not locked: key login only
     _chroot(tree, "systemctl", "enable", "systemd-networkd.service", "rt-lab-provision.service", log=log)
     _chroot(tree, "systemctl", "mask", *MASKED_UNITS, log=log)  # nothing a lab unit needs, slow under TCG
+    _chroot(tree, "systemctl", "disable", "irqbalance.service", log=log)  # started by the tests that want it
     if not foreign:
         # debootstrap's kernel postinst made an initramfs with most modules (30 MB: GRUB reads it and the
         # kernel unpacks it under TCG, about 10 s of each boot); the foreign build set this up before its

@@ -53,6 +53,9 @@ class FakeUnit:
     sysreg_tracepoint: str = ""
     #: sysctls whose writes are accepted and do not take (as a kernel may do): a change's verify must catch it
     stuck_sysctls: set[str] = field(default_factory=set)
+    #: sysctls whose every write the kernel refuses, its current value too (kernel.nmi_watchdog on a VM without
+    #: a hard-lockup detector: the x86 lab's `sysctl -w kernel.nmi_watchdog=0` failed, 2026-12-07)
+    refused_sysctls: set[str] = field(default_factory=set)
     #: every command the unit received, in order (argv as sent)
     log: list[tuple[str, ...]] = field(default_factory=list)
     _outputs: Iterator[str] | None = field(default=None, repr=False)
@@ -152,13 +155,15 @@ class FakeTransport(_CommandTransport):
             for path in argv[3:]:
                 files.pop(path, None)
             return 0, "", ""
-        if program == "mkdir":
+        if program in ("mkdir", "rmdir"):  # the fake's files have no directories of their own
             return 0, "", ""
         if program == "sysctl" and argv[-1].count("=") >= 1 and "-w" in argv:
             name, _, value = argv[-1].partition("=")
             path = self.unit.sysctl_path(name)
             if path not in files:
                 return 255, "", f"fake unit {self._label}: no file {path}\n"
+            if name in self.unit.refused_sysctls:
+                return 255, "", f"fake unit {self._label}: the kernel refuses writes to {name}\n"
             if name not in self.unit.stuck_sysctls:
                 files[path] = (value + "\n").encode()
             return 0, "", ""

@@ -116,22 +116,40 @@ def test_enable_and_start_a_service_then_restore(guest):
                   check=False)
 
 
-def test_irqbalance_where_the_unit_has_none_sets_the_default_affinity_and_restores_it(guest):
-    """The lab guest has no irqbalance: only /proc/irq/default_smp_affinity (new IRQs' CPUs) changes."""
+def test_irqbalance_running_is_banned_from_the_rt_cpus_and_given_back_as_it_was(guest):
+    """The lab images have irqbalance (1.9, Debian's), installed but not enabled. Started here, as on a unit
+    that runs it: the change's drop-in bans RT CPU 1 (IRQBALANCE_BANNED_CPULIST in the restarted daemon's
+    environment) and new IRQs start on CPU 0; rollback restarts it without the ban and removes every file."""
+    svc = "irqbalance.service"
     before_mask = guest.read_file("/proc/irq/default_smp_affinity")
-    change = IrqbalanceChange([0], [1])
-    plan = change.plan(guest)
-    assert plan.before["service"]["load"] == "not-found" and "dropin" not in plan.desired
-    change.apply(guest, plan.before)
-    change.verify(guest, plan)
-    assert guest.run(["cat", "/proc/irq/default_smp_affinity"]).stdout.strip().lstrip("0") == "1"
-    assert b"w /proc/irq/default_smp_affinity - - - - 1\n" in guest.read_file(
-        "/etc/tmpfiles.d/90-rt-tune-irq-default-affinity.conf")
-    assert dataclasses.replace(change).plan(guest).noop
-    change.rollback(guest, plan.before)
-    change.verify_rolled_back(guest, plan.before)
-    assert guest.read_file("/proc/irq/default_smp_affinity") == before_mask
-    assert "rt-tune" not in guest.run(["ls", "/etc/tmpfiles.d"]).stdout
+
+    def environ() -> str:
+        pid = guest.run(["systemctl", "show", "-p", "MainPID", "--value", svc]).stdout.strip()
+        assert pid not in ("", "0"), f"{svc} is not running"
+        return guest.read_file(f"/proc/{pid}/environ").decode().replace("\0", "\n")
+
+    guest.run(["systemctl", "start", svc])
+    try:
+        assert "IRQBALANCE_BANNED_CPULIST" not in environ()
+        change = IrqbalanceChange([0], [1])
+        plan = change.plan(guest)
+        assert plan.before["service"] == {"load": "loaded", "file_state": "disabled", "active": "active"}, plan
+        assert plan.before["dropin"] is None and "dropin" in plan.desired and not plan.noop
+        change.apply(guest, plan.before)
+        change.verify(guest, plan)
+        assert "IRQBALANCE_BANNED_CPULIST=1" in environ().splitlines()
+        assert guest.run(["cat", "/proc/irq/default_smp_affinity"]).stdout.strip().lstrip("0") == "1"
+        assert b"w /proc/irq/default_smp_affinity - - - - 1\n" in guest.read_file(
+            "/etc/tmpfiles.d/90-rt-tune-irq-default-affinity.conf")
+        assert dataclasses.replace(change).plan(guest).noop
+        change.rollback(guest, plan.before)
+        change.verify_rolled_back(guest, plan.before)
+        assert "IRQBALANCE_BANNED_CPULIST" not in environ()  # restarted without the ban, still running
+        assert guest.read_file("/proc/irq/default_smp_affinity") == before_mask
+        assert "rt-tune" not in guest.run(["ls", "/etc/tmpfiles.d"]).stdout
+        assert guest.run(["ls", "/etc/systemd/system"]).stdout.split().count("irqbalance.service.d") == 0
+    finally:
+        guest.run(["systemctl", "stop", svc], check=False)
 
 
 def test_mask_and_unmask(guest):

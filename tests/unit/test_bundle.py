@@ -68,7 +68,7 @@ def test_a_member_already_in_place_is_left_out_and_its_bytes_are_never_touched(w
     unit, engine, profile, _ = world
     together(engine)
     unit.files[TM] = b"0\n"
-    mine = b"# managed by rt-tune: sysctl.kernel.timer_migration\nkernel.timer_migration = 0\n"
+    mine = b"# managed by rt-tune: sysctl.kernel.timer_migration\n-kernel.timer_migration = 0\n"
     unit.files[DROPIN] = mine
     (o,) = engine.apply("u1", profile).outcomes
     assert o.status == "kept" and "left out: host.sysctl.kernel.timer_migration already in place" in o.description
@@ -126,3 +126,31 @@ def test_the_playbook_names_runtime_kinds_only(tmp_path, together_yaml, expected
     with pytest.raises(InputError) as err:
         load_measurement_plan(path)
     assert expected in str(err.value) and f"{path}:" in str(err.value), str(err.value)
+
+
+def test_a_knob_the_kernel_will_not_write_is_kept_where_it_already_has_the_value_and_undone_cleanly_where_not(
+        world):
+    """kernel.nmi_watchdog on a VM without a hard-lockup detector refuses every write, 0 included (the x86 lab,
+    2026-12-07: the bases' bundle failed there, and its rollback with it). Already 0: only the drop-in is
+    written (`-` prefix: systemd-sysctl logs a refusal at boot, no failed unit), nothing written to the kernel.
+    Wanting 1: the bundle fails and is rolled back whole, the refused member included, and no rollback fails."""
+    unit, engine, profile, _ = world
+    together(engine)
+    nmi = "/proc/sys/kernel/nmi_watchdog"
+    unit.files[nmi] = b"0\n"
+    unit.refused_sysctls.add("kernel.nmi_watchdog")
+    original = dict(unit.files)
+    profile.write_text(profile.read_text() + '    kernel.nmi_watchdog: "0"\n')
+    (o,) = engine.apply("u1", profile).outcomes
+    assert o.status == "kept", o
+    assert not any("kernel.nmi_watchdog=" in a for argv in unit.log for a in argv)  # nor in a batched command
+    assert any("kernel.timer_migration=0" in a for argv in unit.log for a in argv)
+    assert unit.files["/etc/sysctl.d/90-rt-tune-kernel.nmi_watchdog.conf"].endswith(b"\n-kernel.nmi_watchdog = 0\n")
+    engine.rollback("u1")
+    assert {k: v for k, v in unit.files.items() if k != MARKER} == original
+
+    profile.write_text(profile.read_text().replace('kernel.nmi_watchdog: "0"', 'kernel.nmi_watchdog: "1"'))
+    (o,) = engine.apply("u1", profile).outcomes
+    assert o.status == "failed" and "refuses writes to kernel.nmi_watchdog" in o.reason, o
+    assert "ROLLBACK FAILED" not in o.reason and "rolled back" in o.reason
+    assert {k: v for k, v in unit.files.items() if k != MARKER} == original

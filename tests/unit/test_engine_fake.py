@@ -68,7 +68,7 @@ def test_fresh_apply_then_a_second_apply_of_no_ops_then_rollback_to_the_original
         assert {r.boot_id for r in o.before + o.after} == {unit.boot_id}  # each run read the unit's boot
     assert unit.files[TM] == b"0\n" and unit.files["/proc/sys/kernel/sched_rt_runtime_us"] == b"-1\n"
     assert unit.files[DROPIN] == (b"# managed by rt-tune: sysctl.kernel.timer_migration\n"
-                                  b"kernel.timer_migration = 0\n")
+                                  b"-kernel.timer_migration = 0\n")
     assert b'"managed_by": "rt-tune"' in unit.files[MARKER]
     assert set(states(engine).values()) == {"kept"}
     assert all(c.closed for c in connections)  # every connection the loop opened was closed

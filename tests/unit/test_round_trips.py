@@ -75,7 +75,7 @@ def test_a_sysctl_planned_with_the_facts_in_one_round_trip_applied_and_verified_
     assert len(t.calls) == 2
     assert change.verify(t, plan, live) == live and len(t.calls) == 2  # verified on what apply read back
     dropin = sysctl_d / "90-rt-tune-net.ipv4.ip_forward.conf"
-    assert dropin.read_bytes() == b"# managed by rt-tune: sysctl.net.ipv4.ip_forward\nnet.ipv4.ip_forward = 1\n"
+    assert dropin.read_bytes() == b"# managed by rt-tune: sysctl.net.ipv4.ip_forward\n-net.ipv4.ip_forward = 1\n"
     assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
     assert sorted(p.name for p in sysctl_d.iterdir()) == [dropin.name]  # no temp file left
     assert t.run(["cat", FORWARD]).stdout == "1\n"

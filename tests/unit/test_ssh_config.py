@@ -121,7 +121,7 @@ def bastion_and_target(tmp_path_factory) -> Iterator[tuple[Sshd, Sshd]]:
     sysctl_d.mkdir()
     value = Path("/proc/sys/kernel/timer_migration").read_text().strip()
     (sysctl_d / "90-rt-tune-kernel.timer_migration.conf").write_text(
-        f"# managed by rt-tune: sysctl.kernel.timer_migration\nkernel.timer_migration = {value}\n")
+        f"# managed by rt-tune: sysctl.kernel.timer_migration\n-kernel.timer_migration = {value}\n")
     private = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/sysctl.d && exec "$@"', str(sysctl_d)]
     with sshd_server(base / "target", wrap=private) as target:
         hosts = base / "bastion-hosts"
