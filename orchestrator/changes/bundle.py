@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from orchestrator.changes.base import Change, ChangeError, Plan, State
+from orchestrator.core.errors import CommandFailed, ParseError
 from orchestrator.facts.base import gather_facts
 from orchestrator.remote.transport import Transport
 
@@ -89,7 +90,7 @@ class BundleChange(Change):
         for i, m in reversed(self.acting(before)):
             try:
                 m.rollback(t, before[i])
-            except (ChangeError, OSError) as exc:
+            except (ChangeError, CommandFailed, ParseError) as exc:  # a lost connection ends it at once
                 errors.append(exc)
         if errors:
             raise ChangeError(f"{t.label}: {self.change_id}: {len(errors)} member(s) not rolled back; first: "

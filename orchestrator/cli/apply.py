@@ -187,12 +187,18 @@ def profile_show(name: str, unit: str | None, inventory_file: str | None, as_jso
         inv = _load_inventory(inventory_file)
         specs = resolve(prof, unit, inv.unit(unit))
     lines = profile_lines(prof, specs)
-    table = Table("key", "value", "set in", "overrides", "change" if unit is None else "change (resolved)",
-                  title=f"{prof.name}: {', '.join(str(f) for f in prof.files)}")
+    here = f"{file.parent}/"  # the table names files beside the profile by name alone (the JSON in full)
+
+    def short(text: str) -> str:
+        return text.replace(here, "")
+
+    table = Table(title=f"{prof.name}: {', '.join(short(str(f)) for f in prof.files)} (in {file.parent})")
+    for col in ("key", "value", "set in", "overrides", "change" if unit is None else "change (resolved)"):
+        table.add_column(col, overflow="fold")  # a file and line is never cut short
     for line in lines:
         change = line.resolved or (f"{line.change} ({line.kind})" if line.change else "")
-        table.add_row(escape(line.key), escape(str(line.value)), escape(line.source),
-                      escape("\n".join(line.overrides)), escape(change))
+        table.add_row(escape(line.key), escape(str(line.value)), escape(short(line.source)),
+                      escape("\n".join(short(o) for o in line.overrides)), escape(change))
     emit({"profile": prof.name, "files": [str(f) for f in prof.files], "unit": unit,
           "lines": [line.model_dump() for line in lines]}, as_json, table)
 

@@ -154,3 +154,21 @@ def test_a_knob_the_kernel_will_not_write_is_kept_where_it_already_has_the_value
     assert o.status == "failed" and "refuses writes to kernel.nmi_watchdog" in o.reason, o
     assert "ROLLBACK FAILED" not in o.reason and "rolled back" in o.reason
     assert {k: v for k, v in unit.files.items() if k != MARKER} == original
+
+
+def test_a_member_whose_rollback_fails_does_not_stop_the_others():
+    """The x86 lab, 2026-12-07 (before sysctls skipped writing a value in place): one member's rollback failed
+    on a refused write and the members after it in rollback order kept their drop-ins."""
+    from orchestrator.changes.bundle import BundleChange
+    from orchestrator.changes.sysctl import SysctlChange
+    from orchestrator.remote.fake import FakeTransport, FakeUnit
+
+    tm, nmi = SysctlChange("kernel.timer_migration", "0"), SysctlChange("kernel.nmi_watchdog", "0")
+    unit = FakeUnit(files={TM: b"0\n", "/proc/sys/kernel/nmi_watchdog": b"0\n", DROPIN: b"x\n",
+                           "/etc/sysctl.d/90-rt-tune-kernel.nmi_watchdog.conf": b"y\n"},
+                    refused_sysctls={"kernel.nmi_watchdog"})
+    bundle = BundleChange("host.bundle", [("tm", tm), ("nmi", nmi)])
+    before = {"tm": {"value": "1", "dropin": None}, "nmi": {"value": "1", "dropin": None}}
+    with pytest.raises(Exception, match=r"(?s)1 member\(s\) not rolled back; first: .*refuses writes to kernel.nmi"):
+        bundle.rollback(FakeTransport(unit, "u1.host"), before)
+    assert unit.files[TM] == b"1\n" and DROPIN not in unit.files  # rolled back after the one that failed
