@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from orchestrator.changes.base import Change, ChangeError, State, b64, restore_file, unb64
+from orchestrator.config.knobs import SYSCTL_TYPES
 from orchestrator.core.errors import InputError, ParseError
 from orchestrator.core.names import SYSCTL_NAME  # whole-string, systemd's rules
 from orchestrator.facts.base import Fact, files_fact
@@ -52,10 +53,17 @@ class SysctlChange(Change):
 
     def _state(self, label: str, files: dict[str, bytes | None]) -> State:
         value = files[self.proc_path]
-        if value is None:
+        if value is None and self.name not in SYSCTL_TYPES:  # a name rt-tune does not know may be a typo
             raise ChangeError(f"{label + ': ' if label else ''}no sysctl {self.name} ({self.proc_path} does not "
                               "exist)")
-        return {"value": value.decode().strip(), "dropin": b64(files[self.dropin])}
+        return {"value": None if value is None else value.decode().strip(), "dropin": b64(files[self.dropin])}
+
+    def not_applicable(self, before: State) -> str | None:
+        """A knob rt-tune knows (SYSCTL_TYPES) that this kernel was built without (kernel.numa_balancing needs
+        CONFIG_NUMA_BALANCING): skipped, as a sysfs knob the unit lacks; a base profile applies across kernels."""
+        if before["value"] is None:
+            return f"this kernel has no sysctl {self.name} ({self.proc_path} does not exist)"
+        return None
 
     def _dropin_bytes(self) -> bytes:
         """`-name = value`: systemd-sysctl logs a write the kernel refuses at boot instead of failing its unit

@@ -257,6 +257,44 @@ def _guest_cmdline(arm64_inventory, deadline: float) -> str:
             time.sleep(3)
 
 
+def test_the_host_bases_runtime_knobs_round_trip_on_the_arm64_host_as_one_bundle(arm64_inventory, ahost):
+    """realtime-virtual-host.yaml's sysctls, sysfs knobs, kernel threads and irqbalance on the arm64 host, as the
+    lab plans bundle them: plan, apply, verify, a fresh bundle's no-op, rollback byte for byte (read by shell).
+    What differs from x86: the host's kernel (bookworm-backports 6.12 on arm64) has a hard-lockup detector, so
+    kernel.nmi_watchdog is 1 and is written here (the x86 lab's VMs refuse any write of it), the GIC's IRQs, a
+    2-CPU virt machine's workqueue masks. Persistence across a reboot is the x86 lab's round trip
+    (tests/lab/test_changes.py), with the same files."""
+    from orchestrator.changes.registry import build_change
+    from orchestrator.config.profile import PROFILES_DIR, load_profile, resolve
+    from orchestrator.run.engine import bundle_runtime
+    from tests.lab.test_apply import KNOBS
+
+    unit = arm64_inventory.unit("lab1")
+    specs = [s for s in resolve(load_profile(PROFILES_DIR / "realtime-virtual-host.yaml", unit.vars), "lab1", unit)
+             if not s.needs_reboot]
+    (spec,) = bundle_runtime([s for s in specs if s.kind != "irq_affinity"], ["sysctl", "sysfs", "kthreads",
+                                                                               "irqbalance"])
+    assert spec.id == "host.bundle" and len(spec.params["members"]) == 11
+    before_shell = ahost.run(["sh", "-c", KNOBS]).stdout
+    change = build_change(spec.kind, spec.params)
+    plan = change.plan(ahost)
+    assert not plan.noop, plan.summary
+    assert plan.before["host.sysctl.kernel.nmi_watchdog"]["value"] == "1", plan.before
+    try:
+        change.apply(ahost, plan.before)
+        change.verify(ahost, plan)
+        knobs = ahost.run(["sh", "-c", KNOBS]).stdout
+        assert "kernel/mm/transparent_hugepage/enabled:always madvise [never]" in knobs, knobs
+        assert "devices/virtual/workqueue/cpumask:1" in knobs and "kernel/mm/ksm/run:2" in knobs, knobs
+        assert "ksoftirqd/1 FF 2" in knobs and "/proc/irq/default_smp_affinity:1" in knobs, knobs
+        assert "kernel/nmi_watchdog:0" in knobs and "vm/stat_interval:10" in knobs, knobs
+        assert build_change(spec.kind, spec.params).plan(ahost).noop
+    finally:
+        change.rollback(ahost, plan.before)
+    change.verify_rolled_back(ahost, plan.before)
+    assert ahost.run(["sh", "-c", KNOBS]).stdout == before_shell
+
+
 @pytest.mark.timeout(3600)  # two host reboots with its nested guest: 10-18 min, over 30 on a slow machine
 def test_apply_pins_kvm_vcpu_threads_and_untraps_wfi_wfe_through_a_trial_boot(arm64_lab, arm64_paths, ahost,
                                                                               nested_playbook):

@@ -172,3 +172,17 @@ def test_a_member_whose_rollback_fails_does_not_stop_the_others():
     with pytest.raises(Exception, match=r"(?s)1 member\(s\) not rolled back; first: .*refuses writes to kernel.nmi"):
         bundle.rollback(FakeTransport(unit, "u1.host"), before)
     assert unit.files[TM] == b"1\n" and DROPIN not in unit.files  # rolled back after the one that failed
+
+
+def test_a_known_sysctl_the_kernel_lacks_is_left_out_of_the_bundle_saying_why(world):
+    """A base profile applies across kernels: kernel.numa_balancing needs CONFIG_NUMA_BALANCING."""
+    unit, engine, profile, _ = world
+    together(engine)
+    profile.write_text(profile.read_text() + '    kernel.numa_balancing: "0"\n')
+    (o,) = engine.apply("u1", profile).outcomes
+    assert o.status == "kept", o
+    assert ("left out: host.sysctl.kernel.numa_balancing not applicable: this kernel has no sysctl "
+            "kernel.numa_balancing") in o.description
+    assert "/etc/sysctl.d/90-rt-tune-kernel.numa_balancing.conf" not in unit.files
+    assert list(engine.journal.get(o.journal_id).desired["state"]) == [
+        "host.sysctl.kernel.timer_migration", "host.sysctl.kernel.sched_rt_runtime_us"]

@@ -133,12 +133,16 @@ def test_an_unreachable_unit_ends_the_apply_and_a_change_that_cannot_be_planned_
     assert [r.status for r in engine.journal.runs("u1")] == ["interrupted"]
 
     engine.connect = lambda inv, name, target: FakeTransport(unit, f"{name}.{target}")
-    del unit.files[TM]  # a kernel without this sysctl
+    del unit.files[TM]  # a kernel without this sysctl, which rt-tune knows (SYSCTL_TYPES): skipped, saying why
+    profile.write_text(profile.read_text() + '    kernel.sched_autogroup_enabled: "0"\n')  # unknown, absent
     by_id = {o.id: o for o in engine.apply("u1", profile).outcomes}
-    missing = by_id["host.sysctl.kernel.timer_migration"]
+    missing = by_id["host.sysctl.kernel.sched_autogroup_enabled"]  # perhaps a typo: an error, never a skip
     assert missing.status == "failed" and missing.reason.startswith("not started:")
     assert "no sysctl" in missing.reason
     assert missing.journal_id is None  # refused before anything was journaled
+    skipped = by_id["host.sysctl.kernel.timer_migration"]
+    assert skipped.status == "skipped" and "this kernel has no sysctl kernel.timer_migration" in skipped.reason
+    assert skipped.journal_id is None and TM not in unit.files
     assert by_id["host.sysctl.kernel.sched_rt_runtime_us"].status == "kept"
 
 
