@@ -184,5 +184,5 @@ def test_a_known_sysctl_the_kernel_lacks_is_left_out_of_the_bundle_saying_why(wo
     assert ("left out: host.sysctl.kernel.numa_balancing not applicable: this kernel has no sysctl "
             "kernel.numa_balancing") in o.description
     assert "/etc/sysctl.d/90-rt-tune-kernel.numa_balancing.conf" not in unit.files
-    assert list(engine.journal.get(o.journal_id).desired["state"]) == [
-        "host.sysctl.kernel.timer_migration", "host.sysctl.kernel.sched_rt_runtime_us"]
+    assert set(engine.journal.get(o.journal_id).desired["state"]) == {
+        "host.sysctl.kernel.timer_migration", "host.sysctl.kernel.sched_rt_runtime_us"}
