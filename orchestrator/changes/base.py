@@ -82,6 +82,11 @@ class Change(ABC):
         else:
             self.rollback(t, before)
 
+    def switch_command(self, before: State, on: bool) -> Sequence[str] | None:
+        """`switch` as one command (an argv, no shell; empty when there is nothing to switch), so that a bundle
+        switches many members in one round trip. None: this kind switches in several steps (`switch`)."""
+        return None
+
     def in_place(self, live: State, desired: State) -> bool:
         """Does the live state already satisfy the desired one? (Default: every desired key matches.)"""
         return all(live.get(k) == v for k, v in desired.items())

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from orchestrator.changes.base import Change, ChangeError, Plan, State
 from orchestrator.core.errors import CommandFailed, ParseError
 from orchestrator.facts.base import gather_facts
-from orchestrator.remote.transport import Transport
+from orchestrator.remote.transport import Transport, run_commands
 
 
 class BundleChange(Change):
@@ -107,9 +107,14 @@ class BundleChange(Change):
         return any(m.switch_keeps_persistence for _, m in self.members)
 
     def switch(self, t: Transport, before: State, on: bool) -> None:
+        """Members that switch with one command (sysctls, sysfs knobs) in one round trip, then the others."""
         acting = self.acting(before)
-        for i, m in acting if on else reversed(acting):
-            m.switch(t, before[i], on)
+        ordered = acting if on else acting[::-1]
+        batched = {i: c for i, m in ordered if (c := m.switch_command(before[i], on)) is not None}
+        run_commands(t, list(batched.values()), timeout_s=60)
+        for i, m in ordered:
+            if i not in batched:
+                m.switch(t, before[i], on)
 
     def describe(self) -> str:
         return f"{len(self.members)} changes together: " + "; ".join(m.describe() for _, m in self.members)

@@ -122,10 +122,15 @@ class SysctlChange(Change):
 
     switch_keeps_persistence = True
 
-    def switch(self, t: Transport, before: State, on: bool) -> None:
+    def switch_command(self, before: State, on: bool) -> tuple[str, ...]:
         """The runtime value only: the drop-in acts at the next boot, and a measurement run does not boot."""
-        if not self._same(before["value"], self.value):
-            t.run(["sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}"], timeout_s=30)
+        if self._same(before["value"], self.value):
+            return ()
+        return ("sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}")
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        if command := self.switch_command(before, on):
+            t.run(list(command), timeout_s=30)
 
     def describe(self) -> str:
         return f"sysctl {self.name}={self.value}"

@@ -119,11 +119,14 @@ class SysfsChange(Change):
 
     switch_keeps_persistence = True
 
-    def switch(self, t: Transport, before: State, on: bool) -> None:
+    def switch_command(self, before: State, on: bool) -> tuple[str, ...]:
         """The values only: the tmpfiles.d entry acts at the next boot, and a measurement run does not boot."""
         pairs = list(self.desired(before)["values"].items()) if on else self._before_pairs(before)
-        if pairs:
-            t.run(list(write_values_command(pairs)), timeout_s=30)
+        return write_values_command(pairs) if pairs else ()
+
+    def switch(self, t: Transport, before: State, on: bool) -> None:
+        if command := self.switch_command(before, on):
+            t.run(list(command), timeout_s=30)
 
     def verify_rolled_back(self, t: Transport, before: State) -> None:
         live = self.read(t)

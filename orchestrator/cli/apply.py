@@ -69,7 +69,7 @@ def _apply_table(results) -> Table:
             wfi = (o.evidence or {}).get("wfi_exits")
             if wfi and wfi.get("rate_after") is not None:  # wfx_notrap's own evidence, besides latency
                 why = f"WFI exits {wfi.get('rate_before') or 0:.0f}/s -> {wfi['rate_after']:.0f}/s; {why}"
-            table.add_row(r.unit, o.description, o.status, fmt(f["before_p999_us"]), fmt(f["after_p999_us"]),
+            table.add_row(r.unit, escape(o.description), o.status, fmt(f["before_p999_us"]), fmt(f["after_p999_us"]),
                           fmt(f["before_max_us"]), fmt(f["after_max_us"]), escape(str(why)[:80]))
     return table
 

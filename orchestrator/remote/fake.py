@@ -26,6 +26,7 @@ from orchestrator.remote.transport import (
     COMMAND_SEP,
     FILE_RECORDS,
     GATHER_SCRIPT,
+    RUN_COMMANDS,
     WRITE_VALUES,
     _CommandTransport,
     _Raw,
@@ -133,6 +134,12 @@ class FakeTransport(_CommandTransport):
                     if path not in files:
                         return 1, "", f"fake unit {self._label}: no file {path}\n"
                     files[path] = (value + "\n").encode()
+                return 0, "", ""
+            if script == RUN_COMMANDS:  # each command answered by what it is; the first failure ends it
+                for spec in args:
+                    status, _out, err = self._answer(spec.split(COMMAND_SEP), None)
+                    if status:
+                        return 1, "", err
                 return 0, "", ""
             if script == GATHER_SCRIPT:  # MARKER NAME<sep>ARGV...: each command answered by what it is
                 out = ""

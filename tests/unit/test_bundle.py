@@ -186,3 +186,24 @@ def test_a_known_sysctl_the_kernel_lacks_is_left_out_of_the_bundle_saying_why(wo
     assert "/etc/sysctl.d/90-rt-tune-kernel.numa_balancing.conf" not in unit.files
     assert set(engine.journal.get(o.journal_id).desired["state"]) == {
         "host.sysctl.kernel.timer_migration", "host.sysctl.kernel.sched_rt_runtime_us"}
+
+
+def test_a_bundle_switches_its_sysctls_in_one_round_trip_and_a_failure_names_the_command():
+    from orchestrator.changes.bundle import BundleChange
+    from orchestrator.changes.sysctl import SysctlChange
+    from orchestrator.core.errors import CommandFailed
+    from orchestrator.remote.fake import FakeTransport, FakeUnit
+
+    unit = FakeUnit(files={TM: b"1\n", RT: b"950000\n"})
+    t = FakeTransport(unit, "u1.host")
+    bundle = BundleChange("host.bundle", [("tm", SysctlChange("kernel.timer_migration", "0")),
+                                          ("rt", SysctlChange("kernel.sched_rt_runtime_us", "900000"))])
+    before = bundle.read(t)
+    sent = len(unit.log)
+    bundle.switch(t, before, True)
+    assert len(unit.log) == sent + 1 and unit.files[TM] == b"0\n" and unit.files[RT] == b"900000\n"
+    bundle.switch(t, before, False)
+    assert len(unit.log) == sent + 2 and unit.files[TM] == b"1\n" and unit.files[RT] == b"950000\n"
+    unit.refused_sysctls.add("kernel.sched_rt_runtime_us")
+    with pytest.raises(CommandFailed, match="refuses writes to kernel.sched_rt_runtime_us"):
+        bundle.switch(t, before, True)

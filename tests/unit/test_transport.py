@@ -481,3 +481,20 @@ def test_verbose_logs_each_remote_command_with_its_status_and_time(sshd: Sshd, t
     quiet = facts()
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     assert json.loads(quiet.stdout) == json.loads(loud.stdout) | {"boot_id": json.loads(quiet.stdout)["boot_id"]}
+
+
+def test_run_commands_runs_each_argv_in_order_in_one_shell_and_stops_at_the_first_failure(tmp_path: Path) -> None:
+    """A real sh: arguments with spaces, quotes, globs and `$` travel as they are (set -f, no re-quoting)."""
+    from orchestrator.core.errors import CommandFailed
+    from orchestrator.remote.local import LocalTransport
+    from orchestrator.remote.transport import run_commands, write_values_command
+
+    a, b, c = (tmp_path / n for n in ("a b", "*", "c"))
+    t = LocalTransport()
+    run_commands(t, [write_values_command([(str(a), "x $HOME 'q' *")]), (), ["cp", "--", str(a), str(b)]])
+    assert a.read_text() == "x $HOME 'q' *\n" and b.read_text() == a.read_text()
+    with pytest.raises(CommandFailed, match="No such file"):
+        run_commands(t, [["cat", "--", str(tmp_path / "none")], ["cp", "--", str(a), str(c)]])
+    assert not c.exists()  # the command after the failing one never ran
+    with pytest.raises(ValueError, match="unit separator"):
+        run_commands(t, [["echo", "a\x1fb"]])
