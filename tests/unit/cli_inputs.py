@@ -3,8 +3,8 @@ nothing listens, so a command that gets past its input checks fails cleanly on c
 
 from __future__ import annotations
 
-VARS = ('{rt_cpus: "1", housekeeping_cpus: "0", guest_rt_cpus: "1", cpus: 2, guest_cpus: 2, '
-        'qemu_service: rt-guest-vm.service}')
+VARS = ('{rt_cpus: "1", housekeeping_cpus: "0", guest_rt_cpus: "1", guest_housekeeping_cpus: "0", cpus: 2, '
+        'guest_cpus: 2, qemu_service: rt-guest-vm.service}')
 
 
 def unit_yaml(name: str, guest: bool = True) -> str:

@@ -173,9 +173,11 @@ def test_includes_are_relative_to_the_including_file_and_may_use_the_shipped_pro
     top = write(tmp_path / "p" / "top.yaml", f"name: top\ninclude: [sub/mid.yaml, {shipped}]\n")
     monkeypatch.chdir(tmp_path)  # not the profile's directory
     prof = load_profile(top)
-    assert [f.name for f in prof.files] == ["base.yaml", "mid.yaml", "rt-profile.yaml", "top.yaml"]
+    assert [f.name for f in prof.files] == ["base.yaml", "mid.yaml", "realtime-virtual-host.yaml",
+                                            "realtime-virtual-guest.yaml", "rt-profile.yaml", "top.yaml"]
     assert prof.guest is not None
-    assert set(prof.guest.sysctl) == {"kernel.a", "kernel.b", "kernel.timer_migration"}
+    assert set(prof.guest.sysctl) == {"kernel.a", "kernel.b", "kernel.timer_migration", "kernel.nmi_watchdog",
+                                      "vm.stat_interval", "kernel.watchdog_cpumask"}
 
 
 def test_the_cli_never_prints_a_secret(tmp_path):
@@ -456,7 +458,7 @@ def test_hostile_profiles_through_the_cli(tmp_path):
 def test_the_shipped_profile_validates_for_the_lab_vars(tmp_path):
     inv = write(tmp_path / "inv.yaml", json.dumps({"units": {"lab1": {
         "host": {"address": "127.0.0.1", "port": 2230}, "guest": {"address": "127.0.0.1", "port": 2231},
-        "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "guest_rt_cpus": "1",
+        "vars": {"rt_cpus": "1", "housekeeping_cpus": "0", "guest_rt_cpus": "1", "guest_housekeeping_cpus": "0",
                  "qemu_service": "rt-guest-vm.service", "cpus": 2, "guest_cpus": 2}}}}))
     res = tune(tmp_path, "profile", "validate", str(REPO / "profiles" / "rt-profile.yaml"), "-i", str(inv))
     assert res.returncode == 0, res
