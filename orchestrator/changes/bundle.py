@@ -117,5 +117,6 @@ class BundleChange(Change):
                 m.switch(t, before[i], on)
 
     def describe(self) -> str:
-        return f"{len(self.members)} changes together: " + "; ".join(m.describe() for _, m in self.members)
+        """The members' own descriptions, " | " between them (theirs may hold "; ")."""
+        return f"{len(self.members)} changes together: " + " | ".join(m.describe() for _, m in self.members)
 

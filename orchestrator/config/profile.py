@@ -1177,7 +1177,7 @@ def describe(spec: ChangeSpec) -> str:
         if p.get("kernel"):
             text += f" (Linux < 6.11: with patched kernel {_describe_artifact(p['kernel'])})"
     elif spec.kind == "bundle":
-        text = f"{len(p['members'])} changes together: " + "; ".join(
+        text = f"{len(p['members'])} changes together: " + " | ".join(
             describe(ChangeSpec(id=m["id"], target=spec.target, kind=m["kind"], params=m["params"])).split(": ", 1)[1]
             for m in p["members"])
     else:  # pragma: no cover - Kind is closed

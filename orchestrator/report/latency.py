@@ -64,6 +64,8 @@ class ChangeReport(BaseModel):
 
     name: str  # e.g. "kernel.timer_migration=0"
     target: str | None = None  # e.g. "lab1.guest"
+    #: what the change does, for humans ("9 changes together: sysctl ...; sysfs ..." for a bundle)
+    description: str = ""
     before: list[LatencyResult] = Field(default_factory=list)
     after: list[LatencyResult] = Field(default_factory=list)
     decision: dict[str, Any] | None = None  # Decision.model_dump(mode="json"); loosely typed on purpose
@@ -366,6 +368,15 @@ def _change_html(index: int, change: ChangeReport) -> str:
     out = [f'<section id="{cid}" class="change"><h2>Change {index + 1}: {escape(change.name)}</h2>']
     out.append(f'<p class="meta">target {escape(change.target or "-")}; {len(change.before)} run(s) before, '
                f"{len(change.after)} run(s) after</p>")
+    if change.description:
+        members = change.description.split(": ", 1)
+        if len(members) == 2 and " changes together" in members[0]:  # a bundle: one member a line
+            listed, _, left = members[1].partition(" (left out: ")
+            out.append(f"<p><b>{escape(members[0])}:</b></p><ul>"
+                       + "".join(f"<li>{escape(m)}</li>" for m in listed.split(" | ")) + "</ul>"
+                       + (f'<p class="meta">left out: {escape(left.removesuffix(")"))}</p>' if left else ""))
+        else:
+            out.append(f"<p><b>{escape(change.description)}</b></p>")
     if change.note:
         out.append(f'<p class="note">{escape(change.note)}</p>')
     applicable = change.latency_applicable and (change.decision or {}).get("latency_applicable") is not False
@@ -474,7 +485,9 @@ def _summary_html(report: Report) -> str:
                 "verdict")
         body = []
         for i, r in enumerate(changes):
-            cells = [f'<td class="l"><a href="#change-{i + 1}">{escape(r["name"])}</a></td>',
+            what = report.changes[i].description
+            cells = [f'<td class="l"><a href="#change-{i + 1}"'
+                     + (f' title="{escape(what)}"' if what else "") + f'>{escape(r["name"])}</a></td>',
                      f'<td class="l">{escape(r["target"] or "-")}</td>',
                      f"<td>{r['runs_before']} / {r['runs_after']}</td>"]
             for m in CHANGE_METRICS:

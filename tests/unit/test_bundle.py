@@ -31,7 +31,7 @@ def test_a_targets_sysctls_are_one_change_measured_once_kept_then_a_noop_then_ro
     assert [o.id for o in result.outcomes] == ["host.bundle"]
     o = result.outcomes[0]
     assert o.kind == "bundle" and o.status == "kept" and len(o.before) == 4 and len(o.after) == 4, o
-    assert "2 changes together: sysctl kernel.timer_migration=0; sysctl kernel.sched_rt_runtime_us=-1" in \
+    assert "2 changes together: sysctl kernel.timer_migration=0 | sysctl kernel.sched_rt_runtime_us=-1" in \
         o.description
     assert unit.files[TM] == b"0\n" and unit.files[RT] == b"-1\n" and DROPIN in unit.files
     rec = engine.journal.get(o.journal_id)
