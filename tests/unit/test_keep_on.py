@@ -17,8 +17,10 @@ pytestmark = pytest.mark.unit
 FAST = REPO / "tests" / "lab" / "playbook-fast.yaml"
 
 
-def playbook(tmp_path, keep_on: str | None):
-    text = FAST.read_text()
+def playbook(tmp_path, keep_on: str | None, together: str = "[]"):
+    """The fast plan, each runtime change alone unless `together` says otherwise."""
+    text = FAST.read_text().replace("  together: [sysctl, sysfs, kthreads, irqbalance]", f"  together: {together}")
+    assert f"together: {together}" in text
     if keep_on is not None:
         text = text.replace("  inconclusive: keep\n", f"  inconclusive: keep\n  keep_on: {keep_on}\n")
     path = tmp_path / "plan.yaml"
@@ -65,3 +67,15 @@ def test_a_profile_whose_kinds_all_declare_a_mechanism_is_accepted(tmp_path):
     check_keep_on(plan, None, [("x", "sysctl", True)])  # no file known: nothing to name, nothing refused
     with pytest.raises(InputError, match="^measurement plan: decision.keep_on"):
         check_keep_on(plan, None, [("x", "kernel", False)])
+
+
+def test_a_bundle_declares_its_members_mechanisms_so_a_mechanism_keep_is_possible_for_it(tmp_path):
+    """Measured together, a sysctl without a mechanism rides with one that has one: the bundle can be kept on
+    its members' mechanisms, so the playbook is accepted; alone, the same plan is refused (test above)."""
+    e = engine(tmp_path, playbook(tmp_path, "latency_or_mechanism", together="[sysctl]"))
+    (spec,) = e.specs("u1", profile(tmp_path, '    kernel.timer_migration: "0"\n    vm.swappiness: "10"\n'))
+    assert spec.id == "host.bundle" and [m["id"] for m in spec.params["members"]] == [
+        "host.sysctl.kernel.timer_migration", "host.sysctl.vm.swappiness"]
+    e = engine(tmp_path, playbook(tmp_path, "latency_or_mechanism", together="[sysctl]"))
+    with pytest.raises(InputError, match=r"host.bundle \(bundle\)"):  # no member with a mechanism
+        e.specs("u1", profile(tmp_path, '    vm.swappiness: "10"\n    vm.dirty_ratio: "10"\n'))

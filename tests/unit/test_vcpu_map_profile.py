@@ -11,8 +11,8 @@ from tests.unit.test_profile import RT_PROFILE, unit, write
 
 pytestmark = pytest.mark.unit
 
-ROBOT = {"rt_cpus": "1-3", "housekeeping_cpus": "0", "guest_rt_cpus": "1-3", "qemu_service": "robot-vm",
-         "cpus": 8, "guest_cpus": 4}
+ROBOT = {"rt_cpus": "1-3", "housekeeping_cpus": "0", "guest_rt_cpus": "1-3", "guest_housekeeping_cpus": "0",
+         "qemu_service": "robot-vm", "cpus": 8, "guest_cpus": 4}
 
 
 def pinning(tmp_path, body: str, vars: dict):
