@@ -76,7 +76,12 @@ class Change(ABC):
 
     def switch(self, t: Transport, before: State, on: bool) -> None:
         """Between measurement runs: the change's effect on (an "after" run) or off (a "before" run); the caller
-        verifies an "on". By default the whole `apply` or `rollback`."""
+        verifies an "on". Its `switch_command` where the kind has one, else the whole `apply` or `rollback`."""
+        command = self.switch_command(before, on)
+        if command is not None:
+            if command:
+                t.run(list(command), timeout_s=30)
+            return
         if on:
             self.apply(t, before)
         else:

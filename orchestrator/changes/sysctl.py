@@ -128,10 +128,6 @@ class SysctlChange(Change):
             return ()
         return ("sysctl", "-q", "-w", f"{self.name}={self.value if on else before['value']}")
 
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        if command := self.switch_command(before, on):
-            t.run(list(command), timeout_s=30)
-
     def describe(self) -> str:
         return f"sysctl {self.name}={self.value}"
 

@@ -124,10 +124,6 @@ class SysfsChange(Change):
         pairs = list(self.desired(before)["values"].items()) if on else self._before_pairs(before)
         return write_values_command(pairs) if pairs else ()
 
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        if command := self.switch_command(before, on):
-            t.run(list(command), timeout_s=30)
-
     def verify_rolled_back(self, t: Transport, before: State) -> None:
         live = self.read(t)
         wrong = [p for p, v in before["values"].items() if self._normal(live["values"].get(p)) != self._normal(v)]

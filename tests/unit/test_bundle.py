@@ -116,6 +116,9 @@ def test_a_bundle_of_a_boot_kind_or_of_a_bundle_is_refused():
     ("[cmdline]", "runtime.together"),
     ("sysctl", "runtime.together"),
     ("[sysctls]", "runtime.together"),
+    ("7", "runtime.together"),
+    ("null", "runtime.together"),
+    ('[""]', "runtime.together.0"),
 ])
 def test_the_playbook_names_runtime_kinds_only(tmp_path, together_yaml, expected):
     text = PLAYBOOK.read_text().replace("  together: [sysctl, sysfs, kthreads, irqbalance]",
