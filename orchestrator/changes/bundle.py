@@ -47,9 +47,11 @@ class BundleChange(Change):
 
     # ---- the Change contract ----------------------------------------------------------------------------
     def read(self, t: Transport) -> State:
+        """Every member's state in one round trip where each reads by a fact (the lab's bases: all of them)."""
         facts = {i: f for i, m in self.members if (f := m.state_fact()) is not None}
         names = [f.name for f in facts.values()]
-        got = gather_facts(t, list(facts.values())) if facts and len(set(names)) == len(names) else {}
+        got = gather_facts(t, list(facts.values()), timeout_s=60) \
+            if facts and len(set(names)) == len(names) else {}
         return {i: got[facts[i].name] if i in facts and got else m.read(t) for i, m in self.members}
 
     def desired(self, before: State) -> State:

@@ -20,9 +20,10 @@ from orchestrator.changes.base import Change, ChangeError, Plan, State, b64, res
 from orchestrator.config.knobs import check_kthread_rule
 from orchestrator.core.cpulist import format_cpulist, parse_kernel_cpulist
 from orchestrator.core.errors import InputError
+from orchestrator.facts.base import Fact, compound_fact, files_fact
 from orchestrator.facts.kthreads import KTHREADS, Kthread
 from orchestrator.facts.systemd import symlink_fact
-from orchestrator.remote.transport import Transport, read_files
+from orchestrator.remote.transport import Transport
 
 UNIT = "/etc/systemd/system/rt-tune-kthreads.service"
 UNIT_LINK = "/etc/systemd/system/multi-user.target.wants/rt-tune-kthreads.service"
@@ -92,11 +93,18 @@ class KthreadsChange(Change):
                     for r in params.get("rules", [])])
 
     def read(self, t: Transport) -> State:
-        threads = KTHREADS.gather(t, timeout_s=60)
-        files = read_files(t, [UNIT, SCRIPT])
-        return {"threads": {str(k.pid): k.model_dump() for k in threads},
-                "unit": b64(files[UNIT]), "script": b64(files[SCRIPT]),
-                "enabled": symlink_fact(UNIT_LINK).gather(t) is not None}
+        return self.state_fact().gather(t, timeout_s=60)
+
+    def state_fact(self) -> Fact[State]:
+        """The threads, rt-tune's boot unit and script, and whether it is enabled: three commands, one fact."""
+        files, link = files_fact(f"change:{self.change_id}:files", [UNIT, SCRIPT]), symlink_fact(UNIT_LINK)
+
+        def combine(parts: dict[str, Any]) -> State:
+            got = parts[files.name]
+            return {"threads": {str(k.pid): k.model_dump() for k in parts[KTHREADS.name]},
+                    "unit": b64(got[UNIT]), "script": b64(got[SCRIPT]), "enabled": parts[link.name] is not None}
+
+        return compound_fact(f"change:{self.change_id}", [KTHREADS, files, link], combine)
 
     def _wanted(self, threads: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """PID -> the policy/priority/cpus each matched thread should have (later rules win)."""
@@ -148,17 +156,9 @@ class KthreadsChange(Change):
         return all(live.get(key) == desired[key] for key in ("unit", "script", "enabled"))
 
     def _set(self, t: Transport, threads: dict[str, dict[str, Any]], names: dict[str, str]) -> None:
-        """chrt and taskset for each PID whose name is still `names[pid]` (a PID reused by another thread is left
-        alone; a thread that exited is skipped): one command for all."""
-        args: list[str] = []
-        for pid, w in sorted(threads.items(), key=lambda kv: int(kv[0])):
-            args += [pid, names[pid], w.get("policy", "-"), str(w.get("priority", 0)), w.get("cpus", "-")]
-        if not args:
-            return
-        script = ('while [ $# -ge 5 ]; do n=$(cat /proc/$1/comm 2>/dev/null); [ "$n" = "$2" ] && { '
-                  '[ "$3" = - ] || chrt -p "--$3" "$4" "$1" >/dev/null || exit 1; '
-                  '[ "$5" = - ] || taskset -pc "$5" "$1" >/dev/null || exit 1; }; shift 5; done')
-        t.run(["sh", "-c", script, "-", *args], timeout_s=60)
+        command = _set_command(threads, names)
+        if command:
+            t.run(list(command), timeout_s=60)
 
     def _apply_rules(self, t: Transport, threads: dict[str, dict[str, Any]]) -> None:
         self._set(t, self._wanted(threads), {pid: k["comm"] for pid, k in threads.items()})
@@ -167,7 +167,7 @@ class KthreadsChange(Change):
         self._apply_rules(t, before["threads"])
         t.write_file(SCRIPT, self._script_bytes(), mode=0o755)
         t.write_file(UNIT, self._unit_bytes())
-        t.run(["systemctl", "daemon-reload"], timeout_s=60)
+        # `enable` reloads systemd's configuration itself (systemctl(1), --no-reload): no daemon-reload first
         t.run(["systemctl", "enable", "--quiet", "rt-tune-kthreads.service"], timeout_s=60)
 
     def _as_before(self, live: dict[str, dict[str, Any]], before: State) -> dict[str, dict[str, Any]]:
@@ -198,12 +198,12 @@ class KthreadsChange(Change):
 
     switch_keeps_persistence = True
 
-    def switch(self, t: Transport, before: State, on: bool) -> None:
-        """The threads only: the boot-time unit acts at the next boot."""
-        if on:
-            self._apply_rules(t, {str(k.pid): k.model_dump() for k in KTHREADS.gather(t, timeout_s=60)})
-        else:
-            self._restore_threads(t, before)
+    def switch_command(self, before: State, on: bool) -> tuple[str, ...]:
+        """The threads only (the boot-time unit acts at the next boot), those read before the change: kernel
+        threads of these names live as long as their CPU, and each PID is checked against its name."""
+        threads = before["threads"]
+        names = {pid: k["comm"] for pid, k in threads.items()}
+        return _set_command(self._wanted(threads) if on else self._as_before(threads, before), names)
 
     def verify_rolled_back(self, t: Transport, before: State) -> None:
         live = self.read(t)
@@ -221,3 +221,17 @@ class KthreadsChange(Change):
                     f"CPUs {format_cpulist(list(r.cpus))}" if r.cpus is not None else ""]
             parts.append(f"{r.match} -> {', '.join(w for w in what if w)}")
         return "kernel threads: " + "; ".join(parts)
+
+
+_SET_SCRIPT = ('while [ $# -ge 5 ]; do n=$(cat /proc/$1/comm 2>/dev/null); [ "$n" = "$2" ] && { '
+               '[ "$3" = - ] || chrt -p "--$3" "$4" "$1" >/dev/null || exit 1; '
+               '[ "$5" = - ] || taskset -pc "$5" "$1" >/dev/null || exit 1; }; shift 5; done')
+
+
+def _set_command(threads: dict[str, dict[str, Any]], names: dict[str, str]) -> tuple[str, ...]:
+    """chrt and taskset for each PID whose name is still `names[pid]` (a PID reused by another thread is left
+    alone; a thread that exited is skipped): one command for all (empty: nothing to set)."""
+    args: list[str] = []
+    for pid, w in sorted(threads.items(), key=lambda kv: int(kv[0])):
+        args += [pid, names[pid], w.get("policy", "-"), str(w.get("priority", 0)), w.get("cpus", "-")]
+    return ("sh", "-c", _SET_SCRIPT, "-", *args) if args else ()

@@ -6,13 +6,17 @@ from dataclasses import dataclass, field
 
 from orchestrator.changes.base import Change, ChangeError, Plan, State
 from orchestrator.core.names import service_to_disable  # whole-string, systemd's rules
-from orchestrator.facts.systemd import unit_state_fact
+from orchestrator.facts.systemd import UnitState, unit_state_fact
 from orchestrator.remote.transport import Transport
 
 
 def read_service_state(t: Transport, unit: str) -> State:
     """load, file_state and active ("active" or "inactive") of `unit`."""
-    st = unit_state_fact(unit).gather(t)
+    return service_state(unit_state_fact(unit).gather(t))
+
+
+def service_state(st: UnitState) -> State:
+    """`read_service_state` from the unit's gathered state."""
     if not st.exists:
         return {"load": "not-found", "file_state": "", "active": "inactive"}
     # a crash-looping service is "activating" (auto-restart) most of the time: it counts as running

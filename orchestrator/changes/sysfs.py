@@ -19,6 +19,7 @@ from orchestrator.changes.base import Change, ChangeError, State, b64, restore_f
 from orchestrator.config.knobs import KNOBS, Knob, check_knob, normal_value, selected_choice
 from orchestrator.core.cpulist import CpuListError, cpumask_of, format_cpulist, parse_cpulist
 from orchestrator.core.errors import InputError
+from orchestrator.facts.base import Fact, files_fact
 from orchestrator.remote.transport import Transport, read_files, write_run_read, write_values_command
 
 
@@ -76,6 +77,11 @@ class SysfsChange(Change):
     def read(self, t: Transport) -> State:
         files = read_files(t, [*self.paths(), self.tmpfiles])
         return self._state(files)
+
+    def state_fact(self) -> Fact[State]:
+        """`read` as a fact: a bundle reads all its sysfs and sysctl members in one round trip."""
+        files = files_fact(f"change:{self.change_id}", [*self.paths(), self.tmpfiles])
+        return Fact(files.name, files.argv, lambda text: self._state(files.parse(text)))
 
     def _state(self, files: dict[str, bytes | None]) -> State:
         values = {p: None if (data := files[p]) is None else data.decode("utf-8", "replace") for p in self.paths()}

@@ -31,13 +31,44 @@ class Fact(Generic[T]):
     argv: tuple[str, ...]
     parse: Callable[[str], T]
     sudo: bool = False
+    #: a compound fact (`compound_fact`): read by these facts, in the same round trip as whatever it is
+    #: gathered with, then `combine`d from {part name: value}; its own argv and parse are unused
+    parts: tuple[Fact[Any], ...] = ()
+    combine: Callable[[dict[str, Any]], T] | None = None
 
     def gather(self, transport: Transport, timeout_s: float = 30.0) -> T:
+        if self.parts:
+            value: T = gather_facts(transport, [self], timeout_s)[self.name]
+            return value
         result = transport.run(self.argv, timeout_s=timeout_s, sudo=self.sudo)
         try:
             return self.parse(result.stdout)
         except ParseError as exc:
             raise ParseError(f"{transport.label}: fact {self.name}: {exc}") from exc
+
+
+def _no_text(text: str) -> Any:
+    raise ParseError("a compound fact has no command of its own")
+
+
+def compound_fact(name: str, parts: Sequence[Fact[Any]], combine: Callable[[dict[str, Any]], T]) -> Fact[T]:
+    """A state read by several commands as one fact (a change's `state_fact`), so that gathering it with others
+    is still one round trip. `combine` is pure: {part name: parsed value} -> the fact's value."""
+    if not parts:
+        raise ValueError(f"fact {name}: a compound of no facts")
+    return Fact(name, (), _no_text, parts=tuple(parts), combine=combine)
+
+
+def _flat(facts: Sequence[Fact[Any]]) -> list[Fact[Any]]:
+    """The simple facts to run for `facts` (compounds expanded), each name once; one name for two different
+    commands is an error."""
+    out: dict[str, Fact[Any]] = {}
+    for f in facts:
+        for part in _flat(f.parts) if f.parts else [f]:
+            seen = out.setdefault(part.name, part)
+            if (seen.argv, seen.sudo) != (part.argv, part.sudo):
+                raise ValueError(f"two different facts are named {part.name!r}")
+    return list(out.values())
 
 
 def _single_line(what: str) -> Callable[[str], str]:
@@ -78,10 +109,12 @@ class BasicFacts(BaseModel):
 
 
 def gather_facts(transport: Transport, facts: Sequence[Fact[Any]], timeout_s: float = 30.0) -> dict[str, Any]:
-    """Gather facts with one command per sudo setting (one round trip), each parsed by its own parser."""
+    """Gather facts with one command per sudo setting (one round trip), each parsed by its own parser; a
+    compound fact's parts are gathered with the rest, then combined."""
     values: dict[str, Any] = {}
-    for sudo in sorted({f.sudo for f in facts}):
-        group = [f for f in facts if f.sudo == sudo]
+    simple = _flat(facts)
+    for sudo in sorted({f.sudo for f in simple}):
+        group = [f for f in simple if f.sudo == sudo]
         for f in group:
             if any(COMMAND_SEP in a or not a for a in (f.name, *f.argv)) or " " in f.name:
                 raise ValueError(f"fact {f.name!r} cannot be gathered in a batch (separator or empty argument)")
@@ -105,7 +138,17 @@ def gather_facts(transport: Transport, facts: Sequence[Fact[Any]], timeout_s: fl
                 values[f.name] = f.parse(text)
             except ParseError as exc:
                 raise ParseError(f"{transport.label}: fact {f.name}: {exc}") from exc
-    return values
+    return {f.name: _value(f, values, transport.label) for f in facts} | values
+
+
+def _value(fact: Fact[Any], values: dict[str, Any], label: str) -> Any:
+    if not fact.parts:
+        return values[fact.name]
+    assert fact.combine is not None, fact.name
+    try:
+        return fact.combine({p.name: _value(p, values, label) for p in fact.parts})
+    except ParseError as exc:
+        raise ParseError(f"{label}: fact {fact.name}: {exc}") from exc
 
 
 BASIC_FACTS: tuple[Fact[Any], ...] = (HOSTNAME, KERNEL_RELEASE, ARCH, CPUS_ONLINE, CMDLINE, BOOT_ID)

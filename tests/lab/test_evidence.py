@@ -22,12 +22,12 @@ The profile:
   does: device interrupts on CPU 1 go up several-fold, and the change is rolled back on that mechanism;
 - neutral: `vm.swappiness` (nothing in the measurement touches swap; no mechanism declared): not kept.
 
-The plan (tests/lab/playbook-evidence.yaml): 5 runs of 2 s a side, one look, confidence 0.99, inconclusive ->
-rollback. At 5 + 5 runs the exact rank test keeps when at most one of the 25 before/after pairs is out of order
-(p <= 2/252), so a change that does nothing is kept by chance in at most 0.8% of applies: the neutral change makes
-this test fail by chance that rarely (benchmarks/decision_bench.py measures the rule's false keeps at zero
-effect on recorded noise). The mechanism rollback needs the device-interrupt rate's ratio shown above 2 at 1%:
-here it is a hundredfold."""
+The plan (tests/lab/playbook-evidence.yaml): 5 runs of 2 s a side, one look, confidence 0.995, inconclusive ->
+rollback. At 5 + 5 runs the exact rank test keeps only when every after run beats every before run (p = 1/252),
+so a change that does nothing is kept by chance in at most 0.4% of applies: the neutral change makes this test
+fail by chance that rarely (benchmarks/decision_bench.py measures the rule's false keeps at zero effect on
+recorded noise). The mechanism rollback needs the device-interrupt rate's ratio shown above 2 at 0.5%: here it
+is a hundredfold."""
 
 from __future__ import annotations
 
@@ -92,11 +92,13 @@ def sh(t, script: str) -> str:
     return t.run(["sh", "-c", script]).stdout.strip()
 
 
-def runs(outcome: dict) -> str:
-    """Each run's p99 / p99.9 / max in us, for a failure message: which run broke the order."""
+def runs(report: dict, change_id: str) -> str:
+    """Each run's p99 / p99.9 / max in us from the JSON report (`--json` leaves the runs out), for a failure
+    message: which run broke the order."""
     def one(r: dict) -> str:
         return "/".join(str(r["all"].get(k)) for k in ("p99_us", "p999_us", "max_us"))
-    return "; ".join(f"{side}: " + ", ".join(one(r) for r in outcome[side]) for side in ("before", "after"))
+    (change,) = [c for c in report["changes"] if c["name"] == change_id]
+    return "; ".join(f"{side}: " + ", ".join(one(r) for r in change[side]) for side in ("before", "after"))
 
 
 def irq_count(t, irq: int, cpu: int) -> int:
@@ -145,7 +147,10 @@ def test_helpful_kept_harmful_rolled_back_neutral_not_kept_each_on_its_evidence(
     profile.write_text(PROFILE)
     proc = tune(lab_paths, "apply", str(profile), "--unit", "lab1", "--playbook", PLAYBOOK, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {o["id"]: o for o in json.loads(proc.stdout)["results"][0]["outcomes"]}
+    result = json.loads(proc.stdout)
+    out = {o["id"]: o for o in result["results"][0]["outcomes"]}
+    with open(result["report"]) as f:
+        report = json.load(f)
     helpful, neutral, harmful = out[HELPFUL], out[NEUTRAL], out[HARMFUL]
     for o in (helpful, neutral, harmful):
         d = o["decision"]
@@ -153,7 +158,7 @@ def test_helpful_kept_harmful_rolled_back_neutral_not_kept_each_on_its_evidence(
         assert all(len(o["rates"][side]) == 5 for side in ("before", "after")) or not o["mechanisms"], o["id"]
 
     # helpful: kept on latency (the tail without the 50 ms waits), its declared mechanism read in every run
-    assert helpful["status"] == "kept", f"{helpful['decision']['reason']} Runs p99/p99.9/max: {runs(helpful)}"
+    assert helpful["status"] == "kept", f"{helpful['decision']['reason']} Runs p99/p99.9/max: {runs(report, HELPFUL)}"
     assert helpful["decision"]["verdict"] == "keep" and helpful["decision"]["kept_on"] == "latency"
     p99 = helpful["decision"]["metrics"]["p99_us"]
     assert p99["after_median_us"] < 0.5 * p99["before_median_us"] and p99["role"] == "primary", p99
@@ -162,7 +167,7 @@ def test_helpful_kept_harmful_rolled_back_neutral_not_kept_each_on_its_evidence(
 
     # neutral: nothing to keep it on (no mechanism, latency shows nothing) -> not kept
     assert neutral["mechanisms"] == [] and neutral["decision"]["verdict"] != "keep", \
-        f"{neutral['decision']['reason']} Runs: {runs(neutral)}"
+        f"{neutral['decision']['reason']} Runs: {runs(report, NEUTRAL)}"
     assert neutral["status"] == "rolled_back"
 
     # harmful: rolled back on its mechanism: device interrupts on the RT CPU went up several-fold

@@ -9,7 +9,7 @@ from orchestrator.core.errors import ParseError
 from orchestrator.facts.base import CPUS_ONLINE, HOSTNAME, Fact, gather_facts
 from orchestrator.facts.cpus import CPU_COUNT
 from orchestrator.remote.local import LocalTransport
-from orchestrator.remote.transport import read_files, read_optional
+from orchestrator.remote.transport import COMMAND_SEP, read_files, read_optional
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +62,39 @@ def test_gather_facts_keeps_each_output_exact():
                                           Fact("lines", ("printf", "a\\n\\nb\\n\\n"), str),
                                           Fact("empty", ("true",), str)])
     assert got == {"bare": "abc", "lines": "a\n\nb\n\n", "empty": ""}
+
+
+def test_a_compound_fact_is_gathered_with_others_in_one_round_trip_its_shared_parts_once(tmp_path):
+    """A change that reads in several commands (kernel threads: the threads, two files, a symlink) is one fact:
+    a bundle reads all its members in one round trip. A part two compounds share runs once."""
+    from orchestrator.facts.base import compound_fact, files_fact
+
+    (tmp_path / "unit").write_bytes(b"[Unit]\n")
+    files = files_fact("files", [str(tmp_path / "unit"), str(tmp_path / "missing")])
+    one = compound_fact("one", [files, CPU_COUNT], lambda p: (p["files"], p["cpu_count"]))
+    two = compound_fact("two", [CPU_COUNT, HOSTNAME], lambda p: f"{p['hostname']}:{p['cpu_count']}")
+    t = CountingTransport()
+    got = gather_facts(t, [one, two, CPUS_ONLINE])
+    assert len(t.calls) == 1
+    specs = t.calls[0][5:]  # sh -c SCRIPT - MARKER, then one spec (name SEP argv) per simple fact
+    assert [s.split(COMMAND_SEP)[0] for s in specs] == ["files", "cpu_count", "hostname", "cpus_online"], specs
+    (mine, cpus) = got["one"]
+    assert mine == {str(tmp_path / "unit"): b"[Unit]\n", str(tmp_path / "missing"): None}
+    assert cpus == len(got["cpus_online"]) and got["two"] == f"{got['hostname']}:{cpus}"
+    t2 = CountingTransport()
+    assert one.gather(t2) == got["one"] and len(t2.calls) == 1  # alone: still one round trip
+
+
+def test_a_compound_fact_names_itself_when_combining_fails_and_refuses_a_name_for_two_commands(tmp_path):
+    from orchestrator.facts.base import compound_fact
+
+    def refuse(parts):
+        raise ParseError(f"{parts['cpu_count']} CPUs is not what this fact can read")
+
+    with pytest.raises(ParseError, match=r"fact picky: \d+ CPUs is not what"):
+        gather_facts(LocalTransport(), [compound_fact("picky", [CPU_COUNT], refuse)])
+    impostor = Fact("cpu_count", ("echo", "7"), int)  # the name of another command's fact
+    with pytest.raises(ValueError, match="two different facts are named 'cpu_count'"):
+        gather_facts(LocalTransport(), [compound_fact("a", [CPU_COUNT], len), impostor])
+    with pytest.raises(ValueError, match="a compound of no facts"):
+        compound_fact("empty", [], len)

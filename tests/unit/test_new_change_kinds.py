@@ -308,6 +308,28 @@ def test_irqbalance_plans_the_default_affinity_and_the_ban_where_irqbalance_exis
                                                                           "/proc/irq/default_smp_affinity"
 
 
+def test_irqbalance_switches_by_its_mask_alone_unless_irqbalance_runs_or_is_to_be_stopped():
+    """Between measurement runs the default mask is what acts where irqbalance is not running: one write, no
+    daemon-reload (3 s on the TCG lab guest, five times a change); a running one restarts with or without its ban."""
+    from orchestrator.remote.fake import FakeTransport, FakeUnit
+
+    change = IrqbalanceChange([0], [1])
+    idle = {"default_affinity": "3", "dropin": None, "tmpfiles": None,
+            "service": {"load": "loaded", "file_state": "disabled", "active": "inactive"}}
+    assert change.switch_keeps_persistence  # the drop-in and tmpfiles entry stay until keep or undo
+    assert change.switch_command(idle, True)[-2:] == ("/proc/irq/default_smp_affinity", "1")
+    assert change.switch_command(idle, False)[-2:] == ("/proc/irq/default_smp_affinity", "3")
+    running = dict(idle, service={"load": "loaded", "file_state": "enabled", "active": "active"})
+    assert change.switch_command(running, True) is None and IrqbalanceChange([0], [1], stop=True) \
+        .switch_command(idle, True) is None
+    unit = FakeUnit(files={"/proc/irq/default_smp_affinity": b"3\n"})
+    t = FakeTransport(unit, "u1.guest")
+    change.switch(t, idle, True)
+    assert len(unit.log) == 1 and unit.files["/proc/irq/default_smp_affinity"] == b"1\n"
+    change.switch(t, idle, False)
+    assert unit.files["/proc/irq/default_smp_affinity"] == b"3\n"
+
+
 def test_a_kthreads_pattern_matching_nothing_is_named_in_the_plan_not_an_error():
     before = {"threads": {str(k.pid): k.model_dump() for k in parse_kthreads(KTHREADS_RECORDED.read_text())},
               "unit": None, "script": None, "enabled": False}
