@@ -231,6 +231,28 @@ def test_kthreads_rules_plan_per_thread_later_rules_win_and_per_cpu_threads_keep
     assert "apply 'ksoftirqd/*' fifo 2 0\n" in script and "apply 'rcu_preempt' - 0 0\n" in script
 
 
+def test_kthreads_switch_between_runs_is_one_command_for_the_threads_read_before_each_checked_by_name():
+    """On: each matched thread gets what its rules say; off: what it had before; every PID goes with its name (the
+    script skips a PID another thread now holds). The boot unit stays (it acts at the next boot)."""
+    threads = {str(k.pid): k.model_dump() for k in parse_kthreads(KTHREADS_RECORDED.read_text())}
+    before = {"threads": threads, "unit": None, "script": None, "enabled": False}
+    change = KthreadsChange([KthreadRule("ksoftirqd/*", "fifo", 2), KthreadRule("rcu_preempt", cpus=(0,))])
+    assert change.switch_keeps_persistence
+
+    def quintuples(command):
+        assert command[:2] == ("sh", "-c") and command[3] == "-"
+        args = command[4:]
+        return {args[i + 1]: (args[i], *args[i + 2:i + 5]) for i in range(0, len(args), 5)}
+
+    on, off = quintuples(change.switch_command(before, True)), quintuples(change.switch_command(before, False))
+    soft0 = next(pid for pid, k in threads.items() if k["comm"] == "ksoftirqd/0")
+    assert on["ksoftirqd/0"] == (soft0, "fifo", "2", "-") and on["rcu_preempt"][1:] == ("-", "0", "0")
+    assert off["ksoftirqd/0"] == (soft0, threads[soft0]["policy"], str(threads[soft0]["priority"]), "-")
+    assert set(on) == set(off) == {k["comm"] for k in threads.values()
+                                   if k["comm"].startswith("ksoftirqd/") or k["comm"] == "rcu_preempt"}
+    assert KthreadsChange([KthreadRule("rcuc/*", "fifo", 4)]).switch_command(before, True) == ()  # none here
+
+
 @pytest.mark.parametrize("rule, message", [
     ({"match": "ksoftirqd/*", "policy": "fifo"}, "need a priority"),
     ({"match": "ksoftirqd/*", "policy": "fifo", "priority": 100}, "expected 1..99"),
