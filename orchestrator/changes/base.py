@@ -32,6 +32,9 @@ class Plan:
     desired: State
     noop: bool
     summary: str
+    #: a bundle's members, each as it describes itself, and those left out with why (empty for one change)
+    members: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
 
 
 def b64(data: bytes | None) -> str | None:

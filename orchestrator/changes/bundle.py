@@ -14,6 +14,7 @@ rollback from the journal alone leaves out the same ones.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from orchestrator.changes.base import Change, ChangeError, Plan, State
@@ -68,12 +69,13 @@ class BundleChange(Change):
         return None
 
     def plan_from(self, before: State) -> Plan:
+        """The plan, with the members listed (the report shows one a line) and, unless it is a no-op, those left
+        out and why, also in its summary."""
         plan = super().plan_from(before)
-        left = [f"{i} {why}" for i, m in self.members if (why := self._skip(m, before[i]))]
-        if left and not plan.noop:
-            return Plan(plan.change_id, plan.before, plan.desired, plan.noop,
-                        plan.summary + " (left out: " + "; ".join(left) + ")")
-        return plan
+        left = [f"{i} {why}" for i, m in self.members if (why := self._skip(m, before[i]))] if not plan.noop else []
+        summary = plan.summary + (" (left out: " + "; ".join(left) + ")" if left else "")
+        return dataclasses.replace(plan, summary=summary, members=tuple(m.describe() for _, m in self.members),
+                                   left_out=tuple(left))
 
     def apply(self, t: Transport, before: State) -> None:
         for i, m in self.acting(before):

@@ -66,6 +66,9 @@ class ChangeReport(BaseModel):
     target: str | None = None  # e.g. "lab1.guest"
     #: what the change does, for humans ("9 changes together: sysctl ...; sysfs ..." for a bundle)
     description: str = ""
+    #: a bundle's members, one line each in the report, and those left out with why
+    members: list[str] = Field(default_factory=list)
+    left_out: list[str] = Field(default_factory=list)
     before: list[LatencyResult] = Field(default_factory=list)
     after: list[LatencyResult] = Field(default_factory=list)
     decision: dict[str, Any] | None = None  # Decision.model_dump(mode="json"); loosely typed on purpose
@@ -368,15 +371,13 @@ def _change_html(index: int, change: ChangeReport) -> str:
     out = [f'<section id="{cid}" class="change"><h2>Change {index + 1}: {escape(change.name)}</h2>']
     out.append(f'<p class="meta">target {escape(change.target or "-")}; {len(change.before)} run(s) before, '
                f"{len(change.after)} run(s) after</p>")
-    if change.description:
-        members = change.description.split(": ", 1)
-        if len(members) == 2 and " changes together" in members[0]:  # a bundle: one member a line
-            listed, _, left = members[1].partition(" (left out: ")
-            out.append(f"<p><b>{escape(members[0])}:</b></p><ul>"
-                       + "".join(f"<li>{escape(m)}</li>" for m in listed.split(" | ")) + "</ul>"
-                       + (f'<p class="meta">left out: {escape(left.removesuffix(")"))}</p>' if left else ""))
-        else:
-            out.append(f"<p><b>{escape(change.description)}</b></p>")
+    if change.members:  # a bundle: one member a line
+        out.append(f"<p><b>{len(change.members)} changes together:</b></p><ul>"
+                   + "".join(f"<li>{escape(m)}</li>" for m in change.members) + "</ul>"
+                   + (f'<p class="meta">left out: {escape("; ".join(change.left_out))}</p>'
+                      if change.left_out else ""))
+    elif change.description:
+        out.append(f"<p><b>{escape(change.description)}</b></p>")
     if change.note:
         out.append(f'<p class="note">{escape(change.note)}</p>')
     applicable = change.latency_applicable and (change.decision or {}).get("latency_applicable") is not False

@@ -125,7 +125,8 @@ def evidence_note(outcome) -> str:
 
 def _report(results: list[ApplyResult], title: str) -> Report:
     return Report(title=title, changes=[
-        ChangeReport(name=o.id, target=f"{r.unit}.{o.target}", description=o.description, before=o.before,
+        ChangeReport(name=o.id, target=f"{r.unit}.{o.target}", description=o.description, members=o.members,
+                     left_out=o.left_out, before=o.before,
                      after=o.after,
                      decision=o.decision, note=(f"{o.status}: {o.reason}" + evidence_note(o))[:2000],
                      mechanisms=o.mechanisms, rates=o.rates, latency_applicable=o.latency_applicable,

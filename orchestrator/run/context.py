@@ -41,6 +41,9 @@ class ChangeOutcome(BaseModel):
     target: str
     kind: str
     description: str
+    #: a bundle's members, each as it describes itself, and those left out of it with why (`runtime.together`)
+    members: list[str] = []
+    left_out: list[str] = []
     status: Status
     reason: str = ""
     journal_id: int | None = None

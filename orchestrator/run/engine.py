@@ -92,7 +92,8 @@ class RuntimeActive:
         self._plan = p = self.change.plan(self.t)
         return Planned(summary=self.change.describe() if p.noop else p.summary, noop_message=p.summary,
                        before=p.before, state=p.desired,
-                       noop=p.noop, skip_reason=self.change.not_applicable(p.before) or "")
+                       noop=p.noop, skip_reason=self.change.not_applicable(p.before) or "",
+                       members=p.members, left_out=p.left_out)
 
     def prepare(self) -> None:
         pass
@@ -200,6 +201,7 @@ class Engine(RunContext):
                 for (i, spec), change, plan in zip(group, changes, plans, strict=True):
                     skip = change.not_applicable(plan.before)
                     out[i] = ChangeOutcome(id=spec.id, target=spec.target, kind=spec.kind, description=plan.summary,
+                                           members=list(plan.members), left_out=list(plan.left_out),
                                            status="skipped" if skip else "noop" if plan.noop else "planned",
                                            reason=skip or json.dumps({"before": plan.before,
                                                                       "desired": plan.desired})[:500])

@@ -120,6 +120,8 @@ class Planned:
     noop: bool = False
     skip_reason: str = ""
     problems: list[str] = field(default_factory=list)  # preflight: refused unless the user accepts the risk
+    members: tuple[str, ...] = ()  # a bundle's members, and those left out with why (Plan's)
+    left_out: tuple[str, ...] = ()
 
 
 class ActiveChange(Protocol):
@@ -182,7 +184,7 @@ def run_change(ctx: RunContext, unit: str, run_id: int, spec: ChangeSpec,
     except TuneError as exc:
         ctx.emit("change.failed", subject, f"{spec.id}: {exc}")
         return ChangeOutcome(**base, description=spec.id, status="failed", reason=f"not started: {exc}")
-    base["description"] = plan.summary
+    base.update(description=plan.summary, members=list(plan.members), left_out=list(plan.left_out))
     if plan.skip_reason:
         ctx.emit("change.skipped", subject, f"{spec.id}: {plan.skip_reason}")
         return ChangeOutcome(**{**base, "description": spec.id}, status="skipped", reason=plan.skip_reason)

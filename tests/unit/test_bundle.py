@@ -72,6 +72,8 @@ def test_a_member_already_in_place_is_left_out_and_its_bytes_are_never_touched(w
     unit.files[DROPIN] = mine
     (o,) = engine.apply("u1", profile).outcomes
     assert o.status == "kept" and "left out: host.sysctl.kernel.timer_migration already in place" in o.description
+    assert o.members == ["sysctl kernel.timer_migration=0", "sysctl kernel.sched_rt_runtime_us=-1"]
+    assert o.left_out == ["host.sysctl.kernel.timer_migration already in place"]  # what the report lists
     rec = engine.journal.get(o.journal_id)
     assert list(rec.desired["state"]) == ["host.sysctl.kernel.sched_rt_runtime_us"]  # the acting member only
     engine.rollback("u1")

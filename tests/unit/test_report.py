@@ -220,7 +220,8 @@ def test_html_escapes_all_text(runs, tmp_path):
     rep = Report(title=f"title {evil}", changes=[
         ChangeReport(name=f"sysctl {evil}", target=f"t&{evil}", before=[runs["h8000"]], after=[runs["h2000"]],
                      decision={"verdict": evil, "reason": evil, "metrics": {evil: {"finding": evil}}}, note=evil,
-                     description=f"2 changes together: {evil} | b\" onmouseover=\"x")],
+                     description=f"2 changes together: {evil} | b\" onmouseover=\"x",
+                     members=[evil, 'b" onmouseover="x'], left_out=[evil])],
         measurements=[runs["h8000"].model_copy(update={"target": evil, "cmdline": f"quiet {evil}",
                                                        "raw_artifact": f"/tmp/{evil}.txt"})])
     text = render_html(rep, tmp_path / "evil.html").read_text()
@@ -353,7 +354,10 @@ def test_load_report_result_from_a_recorded_file_roundtrip(tmp_path):
 def test_html_lists_a_bundles_members_and_what_was_left_out(runs, tmp_path):
     what = ("3 changes together: sysctl kernel.timer_migration=0 | kernel threads: ksoftirqd/* -> fifo 2; "
             "rcuop/* -> CPUs 0 | sysfs ksm_run = 2 (left out: host.sysfs.ksm_run not applicable: no ksm)")
-    rep = Report(changes=[ChangeReport(name="host.bundle", target="lab1.host", description=what,
+    members = ["sysctl kernel.timer_migration=0", "kernel threads: ksoftirqd/* -> fifo 2; rcuop/* -> CPUs 0",
+               "sysfs ksm_run = 2"]  # the outcome's own list: a member's text may hold " | " or ": "
+    rep = Report(changes=[ChangeReport(name="host.bundle", target="lab1.host", description=what, members=members,
+                                       left_out=["host.sysfs.ksm_run not applicable: no ksm"],
                                        before=[runs["h8000"]], after=[runs["h2000"]])])
     text = render_html(rep, tmp_path / "b.html").read_text()
     assert ("<ul><li>sysctl kernel.timer_migration=0</li><li>kernel threads: ksoftirqd/* -&gt; fifo 2; rcuop/* "
