@@ -20,7 +20,7 @@ from orchestrator.config.knobs import KNOBS, Knob, check_knob, normal_value, sel
 from orchestrator.core.cpulist import CpuListError, cpumask_of, format_cpulist, parse_cpulist
 from orchestrator.core.errors import InputError
 from orchestrator.facts.base import Fact, files_fact
-from orchestrator.remote.transport import Transport, read_files, write_run_read, write_values_command
+from orchestrator.remote.transport import Transport, write_run_read, write_values_command
 
 
 def tmpfiles_path(knob: str) -> str:
@@ -75,8 +75,7 @@ class SysfsChange(Change):
         return "".join(lines).encode()
 
     def read(self, t: Transport) -> State:
-        files = read_files(t, [*self.paths(), self.tmpfiles])
-        return self._state(files)
+        return self.state_fact().gather(t)
 
     def state_fact(self) -> Fact[State]:
         """`read` as a fact: a bundle reads all its sysfs and sysctl members in one round trip."""

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ def apply_playbook(tmp_path_factory) -> str:
     the new ones, irq_affinity those there) and declare the same mechanism, device interrupts on the RT CPUs, so
     in a test about applying they are one decision, two measured changes (about 2.5 min of a CI lane) fewer.
     README command (a)'s plan measures the IRQ moves alone."""
-    text = open(FAST).read()
+    text = Path(FAST).read_text()
     old = "  together: [sysctl, sysfs, kthreads, irqbalance]\n"
     assert text.count(old) == 1, "the fast plan's runtime.together moved: update this fixture"
     path = tmp_path_factory.mktemp("playbook") / "playbook-apply.yaml"
