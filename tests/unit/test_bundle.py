@@ -212,3 +212,68 @@ def test_a_bundle_switches_its_sysctls_in_one_round_trip_and_a_failure_names_the
     unit.refused_sysctls.add("kernel.sched_rt_runtime_us")
     with pytest.raises(CommandFailed, match="refuses writes to kernel.sched_rt_runtime_us"):
         bundle.switch(t, before, True)
+
+
+class _Recorder:
+    """Records each command; `systemctl` commands succeed, others too (this test is about their order)."""
+
+    label = "recorder"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def run(self, argv, *, timeout_s=60.0, check=True, stdin=None, sudo=None):
+        from orchestrator.remote.transport import CommandResult
+
+        self.sent.append(" ".join(argv))
+        return CommandResult(tuple(argv), 0, "", "", 0.0)
+
+    def write_file(self, path, data, mode=0o644):
+        self.sent.append(f"write {path}")
+
+    def read_file(self, path):
+        raise AssertionError("not read here")
+
+    def close(self):
+        pass
+
+
+def test_a_bundle_step_reloads_systemd_once_where_its_members_each_asked():
+    """The x86 host bundle's rollback as its members send it: irq_affinity (disable, rm, reload), irqbalance (rm
+    its drop-in, reload), kthreads (disable, rm, reload), then sysctls. Through ReloadOnce: `disable` reloads
+    itself, so only the last member's reload is left, run once at the end; a `systemctl restart` in between gets
+    the reload it needs first."""
+    from orchestrator.changes.bundle import ReloadOnce
+
+    rec = _Recorder()
+    with ReloadOnce(rec) as once:  # type: ignore[arg-type]
+        once.run(["systemctl", "disable", "rt-tune-irq-affinity.service"])
+        once.run(["rm", "-f", "--", "/etc/systemd/system/rt-tune-irq-affinity.service"])
+        once.run(["systemctl", "daemon-reload"])
+        once.run(["sh", "-c", 'for p in "$@"; do :; done', "-", "1=0-1"])  # IRQs back: no systemd in it
+        once.run(["rm", "-f", "--", "/etc/systemd/system/irqbalance.service.d/90-rt-tune.conf"])
+        once.run(["systemctl", "daemon-reload"])
+        once.run(["systemctl", "disable", "--quiet", "rt-tune-kthreads.service"])
+        once.run(["rm", "-f", "--", "/etc/systemd/system/rt-tune-kthreads.service"])
+        once.run(["systemctl", "daemon-reload"])
+        once.run(["sysctl", "-q", "-w", "kernel.timer_migration=1"])
+    assert [c for c in rec.sent if c.startswith("systemctl")] == [
+        "systemctl disable rt-tune-irq-affinity.service", "systemctl disable --quiet rt-tune-kthreads.service",
+        "systemctl daemon-reload"]
+    assert rec.sent[-1] == "systemctl daemon-reload" and once.reloads == 3  # two by `disable`, one held back
+
+    rec = _Recorder()
+    with ReloadOnce(rec) as once:  # type: ignore[arg-type]
+        once.write_file("/etc/systemd/system/irqbalance.service.d/90-rt-tune.conf", b"[Service]\n")
+        once.run(["systemctl", "daemon-reload"])
+        once.run(["systemctl", "restart", "irqbalance.service"])  # needs the new drop-in loaded: reload first
+        once.run(["systemctl", "daemon-reload"])
+        once.run(["sh", "-c", "systemctl show -p ActiveState irqbalance.service"])  # systemd read: reload first
+    assert rec.sent[1:] == ["systemctl daemon-reload", "systemctl restart irqbalance.service",
+                            "systemctl daemon-reload", "sh -c systemctl show -p ActiveState irqbalance.service"]
+
+    rec = _Recorder()
+    with pytest.raises(RuntimeError), ReloadOnce(rec) as once:  # type: ignore[arg-type]
+        once.run(["systemctl", "daemon-reload"])
+        raise RuntimeError("a member failed")
+    assert rec.sent == ["systemctl daemon-reload"]  # what its files changed is still loaded

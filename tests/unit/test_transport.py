@@ -235,6 +235,63 @@ def test_ssh_jump_host(sshd: Sshd) -> None:
         assert transport.read_file("/proc/sys/kernel/hostname").strip()
 
 
+def test_a_target_not_yet_up_is_retried_through_one_jump_connection(sshd: Sshd, monkeypatch, tmp_path) -> None:
+    """A guest still booting behind its host: each attempt at the guest goes through the same host connection.
+    (A new handshake with the host per attempt cost the emulated arm64 lab host 3.8 CPU-s each, taken from the
+    booting guest.) Here the target's port answers only after a few refused attempts."""
+    import orchestrator.remote.ssh as ssh_mod
+
+    late = free_port()
+    calls = {"chain": 0, "target": 0}
+    real_chain, real_target = ssh_mod._open_jump_chain, ssh_mod._open_target
+
+    def counting_chain(*args, **kwargs):
+        calls["chain"] += 1
+        return real_chain(*args, **kwargs)
+
+    def counting_target(*args, **kwargs):
+        calls["target"] += 1
+        return real_target(*args, **kwargs)
+
+    monkeypatch.setattr(ssh_mod, "_open_jump_chain", counting_chain)
+    monkeypatch.setattr(ssh_mod, "_open_target", counting_target)
+    stop = threading.Event()
+
+    def forward_later() -> None:  # the "guest's sshd": sshd's port, reachable on `late` from the 3rd attempt
+        while calls["target"] < 3 and not stop.is_set():
+            time.sleep(0.05)
+        with socket.create_server(("127.0.0.1", late)) as server:
+            server.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", sshd.port))
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=forward_later, daemon=True).start()
+    try:
+        known = tmp_path / "known_hosts"  # the target is the same sshd, on its late port
+        key = sshd.known_hosts.read_text().split("\n")[0].split(" ", 1)[1]
+        known.write_text(f"[127.0.0.1]:{late} {key}\n")
+        target = sshd.endpoint(port=late, known_hosts=str(known), jump=sshd.endpoint())
+        with SSHTransport(target, connect_deadline_s=30) as transport:
+            assert transport.run(["echo", "up at last"]).stdout == "up at last\n"
+    finally:
+        stop.set()
+    assert calls["target"] >= 3 and calls["chain"] == 1, calls
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
 def test_closing_a_connection_whose_jump_link_is_gone_raises_nothing(sshd: Sshd) -> None:
     """The arm64 host reboots with its guest: the guest connection's transport thread closes its socket, a
     channel of the host connection that can no longer send. paramiko then raised EOFError in that thread, and
