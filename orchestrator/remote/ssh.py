@@ -462,14 +462,10 @@ class SSHTransport(_CommandTransport):
             self._drop()
 
     def _drop(self) -> None:
-        clients = ([self._client] if self._client else []) + list(reversed(self._jump_clients))
+        clients = [*self._jump_clients, *([self._client] if self._client else [])]
         self._client = None
         self._jump_clients = []
-        for client in clients:
-            try:
-                client.close()
-            except Exception as exc:  # noqa: BLE001 - closing a dead client must not fail the caller
-                log.debug("%s: error while closing client: %s", self.label, exc)
+        _close_chain(clients)  # the target first, then its jump hosts
 
     def paramiko_client(self) -> paramiko.SSHClient:
         """The connected client (connecting now if needed), for a library that talks paramiko itself
@@ -744,11 +740,12 @@ def _chain_alive(chain: list[paramiko.SSHClient]) -> bool:
 
 
 def _close_chain(chain: list[paramiko.SSHClient]) -> None:
-    for jump_client in reversed(chain):
+    """Close a chain of clients, outermost first in the list, innermost first in time."""
+    for client in reversed(chain):
         try:
-            jump_client.close()
+            client.close()
         except Exception as exc:  # noqa: BLE001 - closing a dead client must not fail the caller
-            log.debug("error while closing a jump client: %s", exc)
+            log.debug("error while closing %s: %s", client, exc)
 
 
 def _open_target(
